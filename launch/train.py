@@ -1,0 +1,69 @@
+"""`resurgo-train` / `python -m resurgo.launch.train`: Hydra in, one training run out.
+
+Safe under torchrun: the run folder never depends on the time, only rank 0 writes Hydra's output,
+Hydra never changes directory, and torchelastic's `@record` sits inside `@hydra.main` so the
+error file is written before Hydra turns an exception into `sys.exit(1)`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from resurgo.trainer.config import JobConfig, load_config
+from resurgo.trainer.distributed import init_distributed, shutdown
+from resurgo.trainer.trainer import Trainer
+
+
+def run_name(name: str) -> str:
+    """The configured name, else torchrun's rendezvous id, else 'default'."""
+    return name or os.environ.get("TORCHELASTIC_RUN_ID", "") or "default"
+
+
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+
+
+@record
+def train(cfg: JobConfig) -> list[float]:
+    env = init_distributed(cfg.train.device)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, env=env, run_dir=Path(cfg.run.root) / run_name(cfg.run.name))
+        return trainer.fit()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        shutdown()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://resurgo.recipes", config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    train(load_config(cfg))
+
+
+def _torchrun_safe_argv(argv: list[str], rank: int) -> list[str]:
+    """Drop `--local_rank` (from torch.distributed.launch) and keep Hydra's files to rank 0."""
+    kept = []
+    for arg in argv:
+        if arg.startswith(("--local_rank", "--local-rank")):
+            if "=" in arg:
+                os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            continue
+        kept.append(arg)
+    if rank != 0:
+        kept += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return kept
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0]] + _torchrun_safe_argv(sys.argv[1:], int(os.environ.get("RANK", 0)))
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Compose the parallelisms for the Llama model, in a fixed order, and materialize it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from .dims import ParallelDims
+from .fsdp import apply_ddp, apply_fsdp, precision_policy
+from .pipeline import build_schedule, cut_stage, stage_ids_of
+from .tp import apply_tp
+
+
+@dataclass
+class ModelParts:
+    """What one rank runs: its stage modules and, under pipeline parallelism, the schedule."""
+
+    modules: list[nn.Module]
+    schedule: object | None
+    has_first_stage: bool
+    has_last_stage: bool
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.modules for p in m.parameters()]
+
+
+def parallelize(model: nn.Module, *, mesh: DeviceMesh, dims: ParallelDims, param_dtype: torch.dtype) -> None:
+    """TP first (it rewrites weights into DTensors), then data parallelism over the rest.
+
+    Data parallelism must come last: FSDP2 and replicate wrap whatever parameters they find,
+    tensor-parallel DTensors included, into one 2-D layout.
+    """
+    if dims.tp > 1:
+        apply_tp(model, mesh["tp"])
+    policy = precision_policy(param_dtype)
+    if dims.dp_shard > 1:
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+        apply_fsdp(model, dp_mesh, policy=policy, reshard_after_forward=dims.pp == 1)
+    elif dims.dp_replicate > 1:
+        apply_ddp(model, mesh["dp_replicate"], policy=policy)
+
+
+def build_model_parts(
+    *,
+    build: Callable[[], nn.Module],
+    mesh: DeviceMesh,
+    dims: ParallelDims,
+    device: torch.device,
+    param_dtype: torch.dtype,
+    seed: int,
+    pp_schedule: str,
+    stages_per_rank: int,
+    microbatches: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> ModelParts:
+    """Build on meta, cut into this rank's stages, parallelize, then materialize and init."""
+    if dims.pp == 1:
+        stage_ids, n_stages = [0], 1
+    else:
+        n_stages = dims.pp * stages_per_rank
+        stage_ids = stage_ids_of(mesh["pp"].get_local_rank(), pp=dims.pp, stages_per_rank=stages_per_rank)
+    modules = []
+    for stage_id in stage_ids:
+        with torch.device("meta"):
+            module = cut_stage(build(), stage_id=stage_id, n_stages=n_stages)
+        parallelize(module, mesh=mesh, dims=dims, param_dtype=param_dtype)
+        module.to_empty(device=device)
+        module.init_weights(seed=seed)
+        modules.append(module)
+    schedule = None
+    if dims.pp > 1:
+        schedule = build_schedule(
+            modules, stage_ids=stage_ids, n_stages=n_stages, pp_mesh=mesh["pp"], device=device,
+            schedule=pp_schedule, microbatches=microbatches, loss_fn=loss_fn,
+        )
+    return ModelParts(
+        modules=modules, schedule=schedule, has_first_stage=0 in stage_ids, has_last_stage=n_stages - 1 in stage_ids
+    )

@@ -1,0 +1,198 @@
+"""The training loop: built once in a fixed order, then a few short methods per step.
+
+Checkpointing plugs in through `StepHook`s: `before_optimizer_step` is the last moment the
+parameters and optimizer state of the previous step are still unchanged (a lazy snapshot fences
+there), `after_optimizer_step` the first moment the new ones exist (a snapshot begins there).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from resurgo.parallel.clip import clip_grad_norm_
+from resurgo.parallel.dims import ParallelDims
+from resurgo.parallel.parallelize import ModelParts, build_model_parts
+
+from .config import JobConfig
+from .data import GlobalSampler, load_tokens, make_tokenizer
+from .distributed import DistEnv
+from .metrics import MetricsLogger
+from .model import Transformer, count_params
+from .optim import build_optimizer, lr_at, set_lr
+from .state import TrainProgress
+
+
+class StepHook(Protocol):
+    def before_optimizer_step(self) -> None: ...
+
+    def after_optimizer_step(self, step: int) -> None: ...
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    step_time_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, *, env: DistEnv, run_dir: Path) -> None:
+        self.cfg, self.env, self.run_dir = cfg, env, run_dir
+        p, t = cfg.parallel, cfg.train
+        self.dims = ParallelDims.resolve(
+            pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, world_size=env.world_size
+        )
+        self._check_batch()
+        self.mesh = self.dims.build_mesh(env.device.type)
+        self.dp_rank = self.mesh["dp"].get_local_rank()
+        torch.manual_seed(t.seed)
+        self.sampler = self._build_sampler()
+        self.parts: ModelParts = build_model_parts(
+            build=lambda: Transformer(cfg.model), mesh=self.mesh, dims=self.dims, device=env.device,
+            param_dtype=self._param_dtype(), seed=t.seed, pp_schedule=p.pp_schedule,
+            stages_per_rank=p.stages_per_rank, microbatches=p.microbatches, loss_fn=self._pipeline_loss,
+        )
+        self.optimizer = build_optimizer(self.parts.parameters(), cfg.optim, device=env.device)
+        self.progress = TrainProgress(seed=t.seed, rank=env.rank, topology=self.dims.as_dict())
+        self.hooks: list[StepHook] = []
+        flops_per_token = 6 * count_params(cfg.model) + 12 * cfg.model.n_layers * cfg.model.dim * t.seq_len
+        self.metrics = MetricsLogger(
+            run_dir=run_dir, enabled=env.is_main, total_steps=t.steps, flops_per_token=flops_per_token,
+            device=env.device,
+        )
+
+    # ---- construction helpers -------------------------------------------------------------
+
+    def _check_batch(self) -> None:
+        t, p, dims = self.cfg.train, self.cfg.parallel, self.dims
+        per_pass = dims.dp * t.grad_accum * (p.microbatches if dims.pp > 1 else 1)
+        if t.batch_size % per_pass:
+            raise ValueError(
+                f"train.batch_size={t.batch_size} must be divisible by data-parallel degree {dims.dp} x "
+                f"train.grad_accum={t.grad_accum}" + (f" x parallel.microbatches={p.microbatches}" if dims.pp > 1 else "")
+            )
+        if self.cfg.model.tie_embeddings and (dims.pp > 1 or dims.tp > 1):
+            raise ValueError("model.tie_embeddings needs parallel.pp=1 and parallel.tp=1")
+        if t.seq_len > self.cfg.model.max_seq_len:
+            raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={self.cfg.model.max_seq_len}")
+
+    def _build_sampler(self) -> GlobalSampler:
+        tokenizer = make_tokenizer(self.cfg.data.tokenizer)
+        if tokenizer.vocab_size > self.cfg.model.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={self.cfg.model.vocab_size}"
+            )
+        tokens = load_tokens(self.cfg.data, tokenizer)
+        return GlobalSampler(tokens, seq_len=self.cfg.train.seq_len, seed=self.cfg.data.seed)
+
+    def _param_dtype(self) -> torch.dtype:
+        precision = self.cfg.train.precision
+        if precision == "auto":
+            precision = "bf16" if self.env.device.type == "cuda" else "fp32"
+        return torch.bfloat16 if precision == "bf16" else torch.float32
+
+    @property
+    def states(self) -> dict[str, Any]:
+        """Everything a checkpoint must hold, as Stateful objects (the sampler and the progress)."""
+        return {"data": self.sampler, "train": self.progress}
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> list[float]:
+        losses = []
+        while self.progress.step < self.cfg.train.steps:
+            losses.append(self.train_step().loss)
+        return losses
+
+    def train_step(self) -> StepResult:
+        start = time.perf_counter()
+        inputs, targets = self.next_batch()
+        loss = self.forward_backward(inputs, targets)
+        grad_norm = clip_grad_norm_(self.parts.parameters(), max_norm=self.cfg.optim.grad_clip, pp=self.dims.pp)
+        lr = self.optimizer_step()
+        result = StepResult(
+            step=self.progress.step, loss=self.global_mean(loss), grad_norm=grad_norm.item(), lr=lr,
+            step_time_s=time.perf_counter() - start,
+        )
+        self.log(result)
+        return result
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self.sampler.next_batch(
+            global_batch=self.cfg.train.batch_size, dp_rank=self.dp_rank, dp=self.dims.dp
+        )
+        return inputs.to(self.env.device), targets.to(self.env.device)
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean loss of this rank's batch (zero on ranks without the last pipeline stage)."""
+        accum = self.cfg.train.grad_accum
+        total = torch.zeros((), device=self.env.device)
+        for index, (x, y) in enumerate(zip(inputs.chunk(accum), targets.chunk(accum))):
+            self._sync_gradients(last=index == accum - 1)
+            if self.parts.schedule is None:
+                loss = cross_entropy(self.parts.modules[0](x), y) / accum
+                loss.backward()
+                total += loss.detach()
+            else:
+                losses: list[torch.Tensor] = []
+                args = (x,) if self.parts.has_first_stage else ()
+                target = y if self.parts.has_last_stage else None
+                self.parts.schedule.step(*args, target=target, losses=losses)
+                if losses:
+                    total += torch.stack(losses).mean().detach()
+        return total
+
+    def optimizer_step(self) -> float:
+        for hook in self.hooks:
+            hook.before_optimizer_step()
+        lr = lr_at(self.progress.step, cfg=self.cfg.optim, total_steps=self.cfg.train.steps)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.step += 1
+        for hook in self.hooks:
+            hook.after_optimizer_step(self.progress.step)
+        return lr
+
+    def log(self, result: StepResult) -> None:
+        every = self.cfg.train.log_every
+        if every and (result.step % every == 0 or result.step == self.cfg.train.steps):
+            tokens = self.cfg.train.batch_size * self.cfg.train.seq_len
+            record = {**result.__dict__, "tokens_per_s": tokens / result.step_time_s}
+            self.metrics.log(record)
+
+    # ---- small pieces -------------------------------------------------------------------------
+
+    def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits, targets) / self.cfg.train.grad_accum
+
+    def _sync_gradients(self, *, last: bool) -> None:
+        """Reduce gradients only on the last accumulation pass (FSDP2 / replicate)."""
+        for module in self.parts.modules:
+            if hasattr(module, "set_requires_gradient_sync"):
+                module.set_requires_gradient_sync(last)
+
+    def global_mean(self, loss: torch.Tensor) -> float:
+        """Average the per-rank losses over data parallelism (only last-stage ranks hold one)."""
+        value = loss.detach().double()
+        if self.env.world_size > 1:
+            dist.all_reduce(value)
+            value /= self.dims.dp * self.dims.tp
+        return value.item()
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
