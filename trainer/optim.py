@@ -10,11 +10,22 @@ from .config import OptimConfig
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, *, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; the fused kernel where the device has one (CUDA and CPU), else foreach."""
+    """AdamW with the fused kernel, one parameter group per mesh.
+
+    A fused (or foreach) kernel takes all tensors of a group at once and refuses to mix plain
+    tensors with DTensors or DTensors of different meshes, so parameters are grouped by mesh.
+    """
     return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+        mesh_groups(params), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
         fused=device.type in ("cuda", "cpu"),
     )
+
+
+def mesh_groups(params: list[torch.nn.Parameter]) -> list[dict]:
+    groups: dict[object, list[torch.nn.Parameter]] = {}
+    for param in params:
+        groups.setdefault(getattr(param, "device_mesh", None), []).append(param)
+    return [{"params": members} for members in groups.values()]
 
 
 def lr_at(step: int, *, cfg: OptimConfig, total_steps: int) -> float:
