@@ -1,0 +1,15 @@
+"""The one error type the checkpoint code raises for problems a user can act on."""
+
+from __future__ import annotations
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be saved or loaded as asked; the message says what to do."""
+
+
+def join_problems(problems: list[str], *, limit: int = 50) -> str:
+    """One problem per line, capped so a badly damaged checkpoint still gives a readable error."""
+    shown = [f"  - {p}" for p in problems[:limit]]
+    if len(problems) > limit:
+        shown.append(f"  ... and {len(problems) - limit} more")
+    return "\n".join(shown)

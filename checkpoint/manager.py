@@ -1,0 +1,253 @@
+"""What the trainer calls: save a dict of Stateful objects collectively, resume on any topology.
+
+Saving: every rank flattens its states into named tensors (with placements) and JSON, the ranks
+agree on one plan, rank 0 creates the arrays, every rank writes the chunks it owns, rank 0 commits.
+Loading: every rank reads only what its own tensors need into fresh buffers; only when every rank
+read everything successfully does any state's `load_state_dict` run, so a bad checkpoint changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from resurgo.trainer.config import CheckpointConfig
+
+from . import commit as commits
+from .comm import Comm, raise_failures
+from .dtypes import as_numpy, is_floating, torch_dtype
+from .errors import CheckpointError, join_problems
+from .flatten import flatten, merge_trees, restore
+from .grid import DEFAULT_MAX_CHUNK_BYTES
+from .layout import Fragment, fragment_of
+from .metadata import CheckpointMeta, StateTrees
+from .plan import plan_save
+from .reader import Checkpoint, ReadRequest, read_fragments
+from .states import OptimizerState
+from .store import DEFAULT_IO_THREADS, HostFragment, create_arrays, write_fragments
+
+log = logging.getLogger(__name__)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+class Checkpointer:
+    """Universal checkpoints of `states` under `root`; every method is collective over all ranks."""
+
+    def __init__(
+        self,
+        config: CheckpointConfig,
+        *,
+        root: Path,
+        states: Mapping[str, Stateful],
+        topology: Mapping[str, Any] | None = None,
+        strict: bool = True,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        io_threads: int = DEFAULT_IO_THREADS,
+        progress: bool = False,
+    ) -> None:
+        for key in states:
+            if not key or "/" in key:
+                raise CheckpointError(f"state key {key!r} is empty or contains '/': rename it")
+        self.config = config
+        self.root = Path(root)
+        self.states = dict(states)
+        self.comm = Comm.create()
+        self.topology = {**dict(topology or {}), "world_size": self.comm.world_size}
+        self.strict = strict
+        self.max_chunk_bytes = max_chunk_bytes
+        self.io_threads = io_threads
+        self.progress = progress and self.comm.rank == 0
+
+    def maybe_save(self, step: int) -> Path | None:
+        """Save when `step` is a multiple of `config.every` (never when it is 0)."""
+        if self.config.every > 0 and step % self.config.every == 0:
+            return self.save(step)
+        return None
+
+    def save(self, step: int) -> Path:
+        """Write a committed checkpoint of every state at `step`; the previous ones stay valid if it fails."""
+        start = time.perf_counter()
+        rank, comm = self.comm.rank, self.comm
+        error, fragments, host, trees = None, [], {}, {}
+        try:
+            for key, state in self.states.items():
+                tensors, trees[key] = flatten(key, state.state_dict())
+                for name, tensor in tensors.items():
+                    fragment = fragment_of(name, tensor, rank=rank)
+                    fragments.append(fragment)
+                    host[name] = HostFragment(fragment, _host_copy(tensor))
+        except CheckpointError as e:
+            error = str(e)
+        gathered = comm.all_gather({"error": error, "fragments": [f.to_json() for f in fragments], "state": trees})
+        raise_failures([g["error"] for g in gathered], action=f"saving step {step}")
+        plan = plan_save(
+            {r: [Fragment.from_json(f) for f in g["fragments"]] for r, g in enumerate(gathered)},
+            world_size=comm.world_size,
+            compression=self.config.compression,
+            max_chunk_bytes=self.max_chunk_bytes,
+        )
+        token, directory, error = commits.new_token(), None, None
+        if rank == 0:
+            try:
+                directory = commits.begin(self.root, step=step, token=token)
+                create_arrays(directory, plan)
+            except CheckpointError as e:
+                error = str(e)
+        token = comm.all_gather(token)[0]
+        directory = commits.tmp_dir(self.root, step, token)
+        try:
+            comm.agree(error, action=f"saving step {step}")
+            nbytes = _attempt(lambda: write_fragments(directory, plan, rank=rank, sources=host, threads=self.io_threads, progress=self.progress))
+            comm.agree(nbytes if isinstance(nbytes, str) else None, action=f"saving step {step}")
+            error = None
+            if rank == 0:
+                meta = CheckpointMeta.from_plan(plan, step=step, topology=self.topology, states=StateTrees.from_ranks([g["state"] for g in gathered]))
+                result = _attempt(lambda: commits.commit(directory, meta=meta))
+                error = result if isinstance(result, str) else None
+                if error is None:
+                    commits.prune(self.root, keep=self.config.keep, current=step)
+            comm.agree(error, action=f"committing step {step}")
+        except CheckpointError as e:
+            if rank == 0:
+                commits.abort(directory)
+            previous = commits.latest(self.root)
+            raise CheckpointError(f"{e}\nthe previous checkpoint ({previous or 'none'}) is unchanged") from None
+        final = commits.step_dir(self.root, step)
+        if rank == 0:
+            log.info("saved step %d to %s in %.2f s", step, final, time.perf_counter() - start)
+        return final
+
+    def resume(self) -> int | None:
+        """Load what `config.resume` names (none | latest | a path); the loaded step, None if nothing."""
+        spec = self.config.resume
+        if spec == "none":
+            return None
+        if spec == "latest":
+            path = commits.latest(self.root)
+            if path is None:
+                log.info("no committed checkpoint under %s: starting fresh", self.root)
+                return None
+        else:
+            path = Path(spec)
+        return self.load(path)
+
+    def load(self, path: Path) -> int:
+        """Load a committed checkpoint into the states (resharding as needed); returns its step."""
+        rank, comm = self.comm.rank, self.comm
+        result = _attempt(lambda: Checkpoint.open(path))
+        comm.agree(result if isinstance(result, str) else None, action=f"opening checkpoint {path}")
+        ckpt: Checkpoint = result
+        keys = [k for k, s in self.states.items() if self.config.load_optimizer or not isinstance(s, OptimizerState)]
+        templates = {k: self.states[k].state_dict() for k in keys}
+        targets: dict[str, torch.Tensor] = {}
+        for key in keys:
+            targets.update(flatten(key, templates[key])[0])
+        targets = {n: t for n, t in targets.items() if not self._excluded(n)}
+        all_targets = set().union(*comm.all_gather(sorted(targets)))
+        problems = _mismatches(ckpt.meta, targets, all_targets=all_targets, prefixes=keys, excluded=self._excluded)
+        saved_trees = self._saved_trees(ckpt.meta)
+        problems += [f"state {k!r} is not in the checkpoint" for k in keys if k not in saved_trees]
+        if problems and self.strict:
+            error = f"checkpoint {path} does not match the state being loaded:\n{join_problems(problems)}\n" + _ADVICE
+        else:
+            error = None
+            if problems and rank == 0:
+                log.warning("loading %s non-strictly; skipped:\n%s", path, join_problems(problems))
+            targets = {n: t for n, t in targets.items() if _loadable(ckpt.meta, n, t)}
+        comm.agree(error, action=f"loading {path}")
+        staged = {n: _staging(ckpt.meta, n, t, rank=rank) for n, t in targets.items()}
+        result = _attempt(
+            lambda: read_fragments(
+                ckpt, [ReadRequest(f, as_numpy(buf)) for f, buf in staged.values()], threads=self.io_threads, progress=self.progress
+            )
+        )
+        comm.agree(result if isinstance(result, str) else None, action=f"loading {path}")
+        loaded = {n: _as_target(buf, targets[n]) for n, (_, buf) in staged.items()}
+        for key in keys:
+            if key in saved_trees:
+                self.states[key].load_state_dict(restore(saved_trees[key], tensors=loaded, template=templates[key]))
+        if rank == 0:
+            log.info("loaded step %d from %s", ckpt.meta.step, path)
+        return ckpt.meta.step
+
+    def _excluded(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.config.exclude)
+
+    def _saved_trees(self, meta: CheckpointMeta) -> dict[str, Any]:
+        """Saved rank r's JSON state on the same topology, else the union over ranks (rank 0 first)."""
+        if not meta.states.trees:
+            return {}
+        if dict(meta.topology) == self.topology:
+            return meta.states.of_rank(self.comm.rank)
+        return merge_trees([meta.states.of_rank(r) for r in range(len(meta.states.rank_tree))])
+
+
+_ADVICE = (
+    "load with matching model/optimizer settings, exclude tensors with checkpoint.exclude (glob patterns), "
+    "set checkpoint.load_optimizer=false to load weights only, or load non-strictly"
+)
+
+
+def _attempt(fn):
+    """The result of `fn`, or its CheckpointError's message (so every rank can be told)."""
+    try:
+        return fn()
+    except CheckpointError as e:
+        return str(e)
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.detach().cpu()
+
+
+def _mismatches(meta: CheckpointMeta, targets: Mapping[str, torch.Tensor], *, all_targets: set[str], prefixes: list[str], excluded) -> list[str]:
+    problems = []
+    for name, t in sorted(targets.items()):
+        array = meta.arrays.get(name)
+        if array is None:
+            problems.append(f"{name}: missing from the checkpoint (expected shape {tuple(t.shape)})")
+        elif not _loadable(meta, name, t):
+            problems.append(f"{name}: saved {array.shape} {array.dtype}, expected {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}")
+    for name in sorted(meta.arrays):
+        if name.split("/", 1)[0] in prefixes and name not in all_targets and not excluded(name):
+            problems.append(f"{name}: in the checkpoint (shape {meta.arrays[name].shape}) but not in the state being loaded")
+    return problems
+
+
+def _loadable(meta: CheckpointMeta, name: str, target: torch.Tensor) -> bool:
+    array = meta.arrays.get(name)
+    if array is None or tuple(array.shape) != tuple(target.shape):
+        return False
+    dtype = str(target.dtype).removeprefix("torch.")
+    return array.dtype == dtype or (is_floating(array.dtype) and is_floating(dtype))
+
+
+def _staging(meta: CheckpointMeta, name: str, target: torch.Tensor, *, rank: int) -> tuple[Fragment, torch.Tensor]:
+    fragment = fragment_of(name, target, rank=rank)
+    return fragment, torch.empty(fragment.local_shape, dtype=torch_dtype(meta.arrays[name].dtype))
+
+
+def _as_target(buf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The staged data in the target's dtype, device and placement."""
+    from torch.distributed.tensor import DTensor
+
+    local = target.to_local() if isinstance(target, DTensor) else target
+    buf = buf.to(device=local.device, dtype=local.dtype)
+    if isinstance(target, DTensor):
+        return DTensor.from_local(buf, target.device_mesh, target.placements, run_check=False, shape=target.shape, stride=target.stride())
+    return buf

@@ -1,0 +1,148 @@
+"""Writing a checkpoint's arrays: create them once, then any process writes its own chunks.
+
+Layers, so a process without torch.distributed (the keeper) can persist host copies:
+`plan.plan_save` (pure) -> `create_arrays` (one process) -> `write_fragments` (each writer, from
+plain host arrays) -> `commit.commit` (one process, after every writer finished).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import warnings
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from tqdm import tqdm
+
+from .codec import ChunkCodec
+from .dtypes import as_numpy, storage_dtype
+from .errors import CheckpointError, join_problems
+from .fsio import write_buffers
+from .grid import ChunkIndex, chunk_key, chunks_in
+from .layout import Fragment
+from .plan import ArrayPlan, Piece, SavePlan
+
+DEFAULT_IO_THREADS = 4
+
+
+@dataclass(frozen=True)
+class HostFragment:
+    """One rank's local data of a tensor in host memory, with where it sits in the global tensor."""
+
+    fragment: Fragment
+    data: np.ndarray | torch.Tensor
+
+    def array(self) -> np.ndarray:
+        data = as_numpy(self.data) if isinstance(self.data, torch.Tensor) else self.data
+        if tuple(data.shape) != self.fragment.local_shape:
+            raise CheckpointError(
+                f"tensor {self.fragment.layout.name!r}: host data has shape {tuple(data.shape)}, its fragment "
+                f"says {self.fragment.local_shape}"
+            )
+        return data
+
+
+def create_arrays(directory: Path, plan: SavePlan) -> None:
+    """Create the zarr group and one array per tensor at its global shape (one process)."""
+    codec = ChunkCodec.parse(plan.compression)
+    try:
+        group = zarr.create_group(store=str(directory), zarr_format=3, overwrite=True)
+        for array in plan.arrays.values():
+            dtype = storage_dtype(array.dtype)
+            group.create_array(
+                array.path,
+                shape=array.shape,
+                chunks=array.chunks,
+                dtype=dtype,
+                fill_value=0,
+                attributes={"tensor": array.name, "torch_dtype": array.dtype},
+                # Every chunk is written: a skipped all-zero chunk would make a deleted one look valid.
+                config={"write_empty_chunks": True},
+                **codec.zarr_codecs(itemsize=dtype.itemsize),
+            )
+    except OSError as e:
+        raise io_error(e, action="creating the checkpoint arrays") from e
+
+
+def consolidate(directory: Path) -> None:
+    """Gather every array's metadata into the group document, so opening the group is one read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # consolidated metadata is a zarr-python extension of v3
+        zarr.consolidate_metadata(str(directory))
+
+
+def write_fragments(
+    directory: Path,
+    plan: SavePlan,
+    *,
+    rank: int,
+    sources: Mapping[str, HostFragment],
+    threads: int = DEFAULT_IO_THREADS,
+    progress: bool = False,
+) -> int:
+    """Write and fsync every chunk `plan` assigns to `rank`, from its host data; returns bytes written."""
+    codec = ChunkCodec.parse(plan.compression)
+    jobs = []
+    for array, piece in plan.writes_for(rank):
+        source = sources.get(array.name)
+        if source is None:
+            raise CheckpointError(f"tensor {array.name!r}: rank {rank} must write {piece.box} but was given no data for it")
+        data = source.array()
+        local = _local_slices(source.fragment, piece)
+        for index in chunks_in(piece.box, chunks=array.chunks):
+            jobs.append((array, index, data, local, piece))
+    bar = tqdm(total=sum(a.chunk_nbytes for a, *_ in jobs), unit="B", unit_scale=True, desc="save", disable=not progress)
+    results: list[int | str] = []
+    with bar, ThreadPoolExecutor(max(1, threads)) as pool:
+        for job, result in zip(jobs, pool.map(lambda job: _write_chunk(directory, codec, *job), jobs)):
+            results.append(result)
+            bar.update(job[0].chunk_nbytes)
+    problems = [r for r in results if isinstance(r, str)]
+    if problems:
+        raise CheckpointError(f"rank {rank} could not write its chunks:\n" + join_problems(problems))
+    return sum(r for r in results if isinstance(r, int))
+
+
+def io_error(e: OSError, *, action: str) -> CheckpointError:
+    """A file-system failure as an error that says what to do about it."""
+    hint = {
+        errno.ENOSPC: "the disk is full: free space or lower checkpoint.keep",
+        errno.EDQUOT: "the disk quota is exceeded: free space or lower checkpoint.keep",
+        errno.EACCES: "the directory is not writable: fix its permissions or choose another checkpoint.dir",
+        errno.EPERM: "the directory is not writable: fix its permissions or choose another checkpoint.dir",
+        errno.EROFS: "the file system is read-only: choose another checkpoint.dir",
+        errno.ENOTDIR: "a path component is a file, not a directory: choose another checkpoint.dir",
+    }.get(e.errno or 0, "check the file system")
+    return CheckpointError(f"{action} failed: {e}; {hint}")
+
+
+def _local_slices(fragment: Fragment, piece: Piece) -> tuple[slice, ...]:
+    for box, local in fragment.pieces():
+        if box == piece.box:
+            return local
+    raise CheckpointError(f"tensor {fragment.layout.name!r}: rank {fragment.rank} does not hold {piece.box} it must write")
+
+
+def _write_chunk(
+    directory: Path, codec: ChunkCodec, array: ArrayPlan, index: ChunkIndex, data: np.ndarray, local: tuple[slice, ...], piece: Piece
+) -> int | str:
+    region = array.chunk_box(index)
+    src = data[tuple(slice(l.start + o - b, l.start + o - b + s) for l, o, b, s in zip(local, region.offsets, piece.box.offsets, region.sizes))]
+    if region.sizes != array.chunks:
+        # zarr stores edge chunks at full chunk shape; the padding is never read back.
+        padded = np.zeros(array.chunks, dtype=src.dtype)
+        padded[tuple(slice(0, s) for s in region.sizes)] = src
+        src = padded
+    src = np.ascontiguousarray(src)
+    path = directory / array.path / chunk_key(index)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_buffers(path, codec.encode(src))
+    except OSError as e:
+        return str(io_error(e, action=f"writing chunk {chunk_key(index)} of tensor {array.name!r} to {path}"))
