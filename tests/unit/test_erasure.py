@@ -192,3 +192,12 @@ def test_decode_matrix_for_one_loss_is_xor() -> None:
     """With m=1 every rebuild is an XOR, so it takes the XOR path."""
     matrix = erasure._decode_matrix(5, 1, (1, 2, 3, 4, 5), (0,))
     assert (matrix == 1).all()
+
+
+def test_decode_into_preallocated_buffers() -> None:
+    stripe, b = _stripe_and_buffers()
+    out = {0: np.empty(8, np.uint8), 3: np.empty(8, np.uint8)}
+    decode({1: b[1], 2: b[2], 4: b[4]}, stripe, out=out)
+    assert np.array_equal(out[0], b[0]) and np.array_equal(out[3], b[3])
+    with pytest.raises(ValueError, match="exactly the rebuilt indices"):
+        decode({1: b[1], 2: b[2], 4: b[4]}, stripe, out={0: out[0]})
