@@ -43,9 +43,13 @@ class ModelConfig:
             )
         if (self.dim // self.n_heads) % 2:
             raise ValueError("RoPE needs an even head dimension: choose model.dim / model.n_heads even")
-        if self.ffn_hidden == 0:
-            hidden = int(2 * 4 * self.dim / 3)
-            self.ffn_hidden = -(-hidden // self.ffn_multiple_of) * self.ffn_multiple_of
+
+    @property
+    def hidden_dim(self) -> int:
+        """MLP width: `ffn_hidden`, or Llama's 8/3 * dim rounded up to `ffn_multiple_of`."""
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return -(-int(8 * self.dim / 3) // self.ffn_multiple_of) * self.ffn_multiple_of
 
     @property
     def head_dim(self) -> int:
@@ -68,12 +72,18 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.pp_schedule not in PP_SCHEDULES:
             raise ValueError(f"parallel.pp_schedule={self.pp_schedule!r}: choose one of {PP_SCHEDULES}")
-        if self.stages_per_rank == 0:
-            self.stages_per_rank = 2 if self.pp_schedule == "Interleaved1F1B" else 1
         if self.stages_per_rank > 1 and self.pp_schedule != "Interleaved1F1B":
             raise ValueError("parallel.stages_per_rank > 1 needs parallel.pp_schedule=Interleaved1F1B")
-        if self.microbatches == 0:
-            self.microbatches = 2 * self.pp
+
+    # Derived values are properties, not rewritten fields: the schema's defaults are built once,
+    # before the recipe is merged, so a rewritten default would ignore the user's other keys.
+    @property
+    def n_microbatches(self) -> int:
+        return self.microbatches or 2 * self.pp
+
+    @property
+    def n_stages_per_rank(self) -> int:
+        return self.stages_per_rank or (2 if self.pp_schedule == "Interleaved1F1B" else 1)
 
 
 @dataclass

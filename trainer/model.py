@@ -68,9 +68,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -151,7 +151,7 @@ def copy_global_into(param: torch.Tensor, full: torch.Tensor) -> None:
 def count_params(cfg: ModelConfig, *, exclude_embedding: bool = True) -> int:
     """Parameters of the whole model, computed from the config (for FLOP estimates)."""
     attn = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    ffn = 3 * cfg.dim * cfg.ffn_hidden
+    ffn = 3 * cfg.dim * cfg.hidden_dim
     body = cfg.n_layers * (attn + ffn + 2 * cfg.dim) + cfg.dim
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
     return body + head + (0 if exclude_embedding else cfg.vocab_size * cfg.dim)

@@ -60,7 +60,7 @@ class Trainer:
         self.parts: ModelParts = build_model_parts(
             build=lambda: Transformer(cfg.model), mesh=self.mesh, dims=self.dims, device=env.device,
             param_dtype=self._param_dtype(), seed=t.seed, pp_schedule=p.pp_schedule,
-            stages_per_rank=p.stages_per_rank, microbatches=p.microbatches, loss_fn=self._pipeline_loss,
+            stages_per_rank=p.n_stages_per_rank, microbatches=p.n_microbatches, loss_fn=self._pipeline_loss,
         )
         self.optimizer = build_optimizer(self.parts.parameters(), cfg.optim, device=env.device)
         self.progress = TrainProgress(seed=t.seed, rank=env.rank, topology=self.dims.as_dict())
@@ -75,11 +75,11 @@ class Trainer:
 
     def _check_batch(self) -> None:
         t, p, dims = self.cfg.train, self.cfg.parallel, self.dims
-        per_pass = dims.dp * t.grad_accum * (p.microbatches if dims.pp > 1 else 1)
+        per_pass = dims.dp * t.grad_accum * (p.n_microbatches if dims.pp > 1 else 1)
         if t.batch_size % per_pass:
             raise ValueError(
                 f"train.batch_size={t.batch_size} must be divisible by data-parallel degree {dims.dp} x "
-                f"train.grad_accum={t.grad_accum}" + (f" x parallel.microbatches={p.microbatches}" if dims.pp > 1 else "")
+                f"train.grad_accum={t.grad_accum}" + (f" x parallel.microbatches={p.n_microbatches}" if dims.pp > 1 else "")
             )
         if self.cfg.model.tie_embeddings and (dims.pp > 1 or dims.tp > 1):
             raise ValueError("model.tie_embeddings needs parallel.pp=1 and parallel.tp=1")
