@@ -1,10 +1,12 @@
 """Erasure coding throughput: resurgo's CPU path against pyeclib (ISA-L), zfec and a plain memory copy.
 
-Usage: python benchmarks/erasure.py [--mib 256] [--repeat 3]
+Usage: python benchmarks/erasure.py [--mib 256] [--repeat 5] [--numpy]
 
 Throughput is GB/s of data (the k data buffers). Decode rebuilds the worst case: m lost data buffers.
 The libraries get their best use: input prepared as bytes outside the timing, fed in segments of
---segment-mib (whole 256 MiB calls are several times slower for pyeclib).
+--segment-mib (one 256 MiB call is several times slower for pyeclib), results dropped as they come.
+Every contender of a (k, m) is timed in interleaved rounds and keeps its best round, so a load change
+on a shared machine hits all of them alike.
 """
 
 from __future__ import annotations
@@ -21,93 +23,105 @@ from resurgo.kernels import isal
 
 SHAPES = [(4, 1), (4, 2), (8, 2), (8, 3)]
 PYECLIB_TYPES = ["isa_l_rs_vand", "isa_l_rs_cauchy"]
+Task = Callable[[], object]
 
 
-def best_seconds(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm: first touch of output pages, table setup
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def race(tasks: dict[str, Task], repeat: int) -> dict[str, float]:
+    """Best seconds of each task over `repeat` interleaved rounds (after one warm-up round)."""
+    best = dict.fromkeys(tasks, float("inf"))
+    for round_ in range(repeat + 1):
+        for name, task in tasks.items():
+            start = time.perf_counter()
+            task()
+            if round_:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
-def resurgo_rows(data: np.ndarray, *, k: int, m: int, repeat: int, backend: str) -> tuple[float, float]:
+def each(fn: Callable[[object], object], items: list) -> Task:
+    """Call fn on every item, dropping results as a streaming user would (holding them all would
+    time page faults of fresh memory, not the codec)."""
+
+    def run() -> None:
+        for item in items:
+            fn(item)
+
+    return run
+
+
+def resurgo_tasks(data: np.ndarray, *, k: int, m: int, backend: str) -> tuple[Task, Task]:
     views = np.split(data, k)
     parity = [np.empty(views[0].size, dtype=np.uint8) for _ in range(m)]
-    group = encode(views, m=m, out=parity, backend=backend)
-    enc = best_seconds(lambda: encode(views, m=m, out=parity, backend=backend), repeat)
+    stripe = encode(views, m=m, out=parity, backend=backend).stripe
     survivors = {i: b for i, b in enumerate([*views, *parity]) if i >= m}
     out = {i: np.empty(views[0].size, dtype=np.uint8) for i in range(m)}
-    dec = best_seconds(lambda: decode(survivors, group.stripe, out=out, backend=backend), repeat)
+    decode(survivors, stripe, out=out, backend=backend)
     assert all(np.array_equal(out[i], views[i]) for i in range(m))
-    return enc, dec
+    return (
+        lambda: encode(views, m=m, out=parity, backend=backend),
+        lambda: decode(survivors, stripe, out=out, backend=backend),
+    )
 
 
-def segments(data: np.ndarray, segment: int) -> list[bytes]:
-    return [data[o : o + segment].tobytes() for o in range(0, data.size, segment)]
-
-
-def pyeclib_rows(chunks: list[bytes], *, k: int, m: int, repeat: int, ec_type: str) -> tuple[float, float]:
+def pyeclib_tasks(chunks: list[bytes], *, k: int, m: int, ec_type: str) -> tuple[Task, Task]:
     from pyeclib.ec_iface import ECDriver
 
     driver = ECDriver(k=k, m=m, ec_type=ec_type)
-    enc = best_seconds(lambda: [driver.encode(c) for c in chunks], repeat)
     fragments = [driver.encode(c)[m:] for c in chunks]
     lost = list(range(m))
-    dec = best_seconds(lambda: [driver.reconstruct(f, lost) for f in fragments], repeat)
-    return enc, dec
+    return each(driver.encode, chunks), each(lambda f: driver.reconstruct(f, lost), fragments)
 
 
-def zfec_rows(chunks: list[bytes], *, k: int, m: int, repeat: int) -> tuple[float, float]:
+def zfec_tasks(chunks: list[bytes], *, k: int, m: int) -> tuple[Task, Task]:
     import zfec
 
     encoder, decoder = zfec.Encoder(k, k + m), zfec.Decoder(k, k + m)
     blocks = [[c[i * (len(c) // k) : (i + 1) * (len(c) // k)] for i in range(k)] for c in chunks]
-    enc = best_seconds(lambda: [encoder.encode(b) for b in blocks], repeat)
     shares = [encoder.encode(b)[m:] for b in blocks]
     nums = list(range(m, k + m))
-    dec = best_seconds(lambda: [decoder.decode(s, nums) for s in shares], repeat)
-    return enc, dec
+    return each(encoder.encode, blocks), each(lambda s: decoder.decode(s, nums), shares)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=256, help="data size per (k, m) in MiB")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs; the best is kept")
+    parser.add_argument("--repeat", type=int, default=5, help="timed rounds; each contender keeps its best")
     parser.add_argument("--segment-mib", type=float, default=4.0, help="bytes per library call")
-    parser.add_argument("--numpy", action="store_true", help="also time resurgo's pure-numpy path (slow)")
+    parser.add_argument("--numpy", action="store_true", help="also time resurgo's pure-numpy fallback")
     args = parser.parse_args()
 
     size = args.mib * 2**20 // (8 * 64) * (8 * 64)
     data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
     copy = np.empty_like(data)
-    memcpy = size / best_seconds(lambda: np.copyto(copy, data), args.repeat) / 1e9
-    lib = isal.load()
-    backend = "ISA-L ec_encode_data via ctypes" if lib is not None else "numpy tables"
-    print(f"{args.mib} MiB of data, best of {args.repeat}, {os.cpu_count()} cores; chunk {CHUNK_BYTES // 1024} KiB/buffer")
-    print(f"resurgo CPU path: XOR on numpy uint64 for m=1, {backend} otherwise; threads over chunks")
-    print(f"libraries fed {args.segment_mib:g} MiB segments; pyeclib backends {', '.join(PYECLIB_TYPES)}")
-    print(f"memcpy (np.copyto, preallocated): {memcpy:.2f} GB/s\n")
+    chunks = [data[o : o + int(args.segment_mib * 2**20)].tobytes() for o in range(0, size, int(args.segment_mib * 2**20))]
+    backend = "ISA-L ec_encode_data via ctypes" if isal.load() is not None else "numpy (no libisal found)"
+    print(f"{args.mib} MiB of data per (k,m), best of {args.repeat} interleaved rounds, {os.cpu_count()} cores")
+    print(f"resurgo CPU path: {backend}, zero-copy, {CHUNK_BYTES // 2**20} MiB chunks per buffer, 1 thread")
+    print(f"libraries: pyeclib {', '.join(PYECLIB_TYPES)} and zfec, fed {args.segment_mib:g} MiB segments")
+    print(f"memcpy = np.copyto of the same bytes into a preallocated buffer, timed in the same rounds\n")
     print(f"{'k,m':>5} {'codec':<26} {'encode GB/s':>12} {'decode GB/s':>12}")
-    chunks = segments(data, int(args.segment_mib * 2**20) // 64 * 64)
     for k, m in SHAPES:
-        rows: dict[str, tuple[float, float]] = {"resurgo": resurgo_rows(data, k=k, m=m, repeat=args.repeat, backend="auto")}
+        pairs = {"resurgo": resurgo_tasks(data, k=k, m=m, backend="auto")}
         if args.numpy:
-            rows["resurgo (numpy only)"] = resurgo_rows(data, k=k, m=m, repeat=1, backend="numpy")
+            pairs["resurgo (numpy fallback)"] = resurgo_tasks(data, k=k, m=m, backend="numpy")
         for ec_type in PYECLIB_TYPES:
-            rows[f"pyeclib {ec_type}"] = pyeclib_rows(chunks, k=k, m=m, repeat=args.repeat, ec_type=ec_type)
-        rows["zfec"] = zfec_rows(chunks, k=k, m=m, repeat=args.repeat)
-        rates = {name: (size / e / 1e9, size / d / 1e9) for name, (e, d) in rows.items()}
-        for name, (e, d) in rates.items():
-            print(f"{k},{m:<3} {name:<26} {e:12.2f} {d:12.2f}")
-        libs = [r for name, r in rates.items() if not name.startswith("resurgo")]
-        best_enc, best_dec = max(e for e, _ in libs), max(d for _, d in libs)
-        enc, dec = rates["resurgo"]
-        line = f"      resurgo / best library: encode {enc / best_enc:.2f}x, decode {dec / best_dec:.2f}x"
+            pairs[f"pyeclib {ec_type}"] = pyeclib_tasks(chunks, k=k, m=m, ec_type=ec_type)
+        pairs["zfec"] = zfec_tasks(chunks, k=k, m=m)
+        tasks = {"memcpy": lambda: np.copyto(copy, data)}
+        for name, (enc, dec) in pairs.items():
+            tasks[f"{name}/enc"], tasks[f"{name}/dec"] = enc, dec
+        rate = {name: size / seconds / 1e9 for name, seconds in race(tasks, args.repeat).items()}
+        for name in pairs:
+            print(f"{k},{m:<3} {name:<26} {rate[name + '/enc']:12.2f} {rate[name + '/dec']:12.2f}")
+        print(f"{k},{m:<3} {'memcpy':<26} {rate['memcpy']:12.2f}")
+        libs = [n for n in pairs if not n.startswith("resurgo")]
+        best_enc = max(libs, key=lambda n: rate[n + "/enc"])
+        best_dec = max(libs, key=lambda n: rate[n + "/dec"])
+        enc, dec = rate["resurgo/enc"], rate["resurgo/dec"]
+        line = (f"      resurgo / best library: encode {enc / rate[best_enc + '/enc']:.2f}x ({best_enc}), "
+                f"decode {dec / rate[best_dec + '/dec']:.2f}x ({best_dec})")
         if m == 1:
-            line += f"; XOR / memcpy: encode {enc / memcpy:.2f}, decode {dec / memcpy:.2f}"
+            line += f"\n      XOR / memcpy: encode {enc / rate['memcpy']:.2f}, decode {dec / rate['memcpy']:.2f}"
         print(line)
 
 
