@@ -42,7 +42,7 @@ class Stripe:
     lengths: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        _check_km(self.k, self.m)
+        check_shape(self.k, self.m)
         if len(self.lengths) != self.k or any(n < 0 for n in self.lengths):
             raise ValueError(f"a stripe needs k={self.k} non-negative data lengths, got {self.lengths}")
 
@@ -85,7 +85,7 @@ def encode(
     threads > 1 runs host chunks in parallel; coding is memory-bound, so one thread already reaches
     most of the bandwidth and leaves the cores to training.
     """
-    _check_km(len(data), m)
+    check_shape(len(data), m)
     views = [as_bytes(b) for b in data]
     _cuda_device(views)
     stripe = Stripe(k=len(views), m=m, lengths=tuple(_size(v) for v in views))
@@ -130,7 +130,8 @@ def decode(
     return dict(zip(wanted, lost))
 
 
-def _check_km(k: int, m: int) -> None:
+def check_shape(k: int, m: int) -> None:
+    """Refuse codes outside 1 <= k <= 32, 1 <= m <= 4 (the range the generator is proven MDS for)."""
     if not 1 <= k <= MAX_DATA:
         raise ValueError(f"the number of data buffers k={k} must be within 1..{MAX_DATA}")
     if not 1 <= m <= MAX_PARITY:
