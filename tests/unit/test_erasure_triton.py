@@ -50,6 +50,19 @@ SCRIPT = textwrap.dedent(
     rebuilt = torch.empty((2, width), dtype=torch.uint8)
     combine_triton(rows, torch.cat([data[2:], parity]), rebuilt)
     assert torch.equal(rebuilt, data[:2])
+
+    # the device path's staging: ragged sources read as zero-extended, outputs cut to their lengths
+    from resurgo.checkpoint import erasure
+    ragged = [torch.from_numpy(rng.integers(0, 256, n, dtype=np.uint8)) for n in (70, 3, 0, 65)]
+    parity = [torch.empty(70, dtype=torch.uint8) for _ in range(3)]
+    matrix = gf256.cauchy_parity(4, 3)
+    for start in range(0, 70, 64):
+        erasure._cuda_chunk(matrix, ragged, parity, start=start, stop=min(start + 64, 70))
+    want = ref.encode([r.numpy().tobytes() for r in ragged], 3)
+    assert [p.numpy().tobytes() for p in parity] == want
+    short = torch.empty(5, dtype=torch.uint8)
+    erasure._cuda_chunk(matrix[:1], ragged, [short], start=0, stop=64)
+    assert short.numpy().tobytes() == want[0][:5]
     print("ok")
     """
 )
