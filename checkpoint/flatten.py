@@ -16,6 +16,7 @@ from .errors import CheckpointError
 
 TENSOR = "__tensor__"  # {"__tensor__": name} marks a tensor leaf
 ITEMS = "__items__"  # {"__items__": [[key, value], ...]} keeps a dict with non-string keys
+_ABSENT = object()
 
 
 def flatten(prefix: str, obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
@@ -24,26 +25,44 @@ def flatten(prefix: str, obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
     return tensors, _walk(prefix, obj, tensors)
 
 
-def restore(tree: Any, *, tensors: Mapping[str, torch.Tensor], template: Any = None) -> Any:
+def restore(tree: Any, *, tensors: Mapping[str, torch.Tensor], template: Any = None, prefix: str = "") -> Any:
     """The object `tree` describes, tensors taken from `tensors`, else from `template` at the same key.
 
-    Dict keys only in `template` are kept from it, so state added since the save keeps its value.
+    Dict keys only in `template` are kept from it (their tensors replaced by loaded ones of the same
+    name), so state that another rank saved, or that was added since the save, still loads.
     """
+    if prefix:
+        template = _substitute(prefix, template, tensors)
+    return _restore(tree, tensors=tensors, template=template)
+
+
+def _substitute(path: str, obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return tensors.get(path, obj)
+    if isinstance(obj, Mapping):
+        return {k: _substitute(f"{path}/{k}", v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_substitute(f"{path}/{i}", v, tensors) for i, v in enumerate(obj))
+    return obj
+
+
+def _restore(tree: Any, *, tensors: Mapping[str, torch.Tensor], template: Any) -> Any:
     if isinstance(tree, dict) and set(tree) == {TENSOR}:
         name = tree[TENSOR]
         if name in tensors:
             return tensors[name]
-        if isinstance(template, torch.Tensor):
-            return template
-        raise CheckpointError(f"tensor {name!r} is in the saved state but was not loaded: it is missing from the target state")
+        # Not loaded: excluded (keep the current value) or held by other ranks now (drop it).
+        return template if isinstance(template, torch.Tensor) else _ABSENT
     if isinstance(tree, dict):
         pairs = [(k, v) for k, v in tree[ITEMS]] if set(tree) == {ITEMS} else list(tree.items())
         base = template if isinstance(template, Mapping) else {}
-        out = {k: restore(v, tensors=tensors, template=base.get(k)) for k, v in pairs}
+        out = {k: _restore(v, tensors=tensors, template=base.get(k)) for k, v in pairs}
+        out = {k: v for k, v in out.items() if v is not _ABSENT}
         return {**{k: v for k, v in base.items() if k not in out}, **out}
     if isinstance(tree, list):
         base = template if isinstance(template, (list, tuple)) and len(template) == len(tree) else [None] * len(tree)
-        out_list = [restore(v, tensors=tensors, template=t) for v, t in zip(tree, base)]
+        out_list = [_restore(v, tensors=tensors, template=t) for v, t in zip(tree, base)]
+        out_list = [None if v is _ABSENT else v for v in out_list]
         return tuple(out_list) if isinstance(template, tuple) else out_list
     return tree
 

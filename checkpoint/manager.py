@@ -177,7 +177,7 @@ class Checkpointer:
         loaded = {n: _as_target(buf, targets[n]) for n, (_, buf) in staged.items()}
         for key in keys:
             if key in saved_trees:
-                self.states[key].load_state_dict(restore(saved_trees[key], tensors=loaded, template=templates[key]))
+                self.states[key].load_state_dict(restore(saved_trees[key], tensors=loaded, template=templates[key], prefix=key))
         if rank == 0:
             log.info("loaded step %d from %s", ckpt.meta.step, path)
         return ckpt.meta.step
@@ -201,11 +201,14 @@ _ADVICE = (
 
 
 def _attempt(fn):
-    """The result of `fn`, or its CheckpointError's message (so every rank can be told)."""
+    """The result of `fn`, or its error's message, so every rank is told instead of left waiting."""
     try:
         return fn()
     except CheckpointError as e:
         return str(e)
+    except Exception as e:  # an unexpected failure on one rank must not hang the others
+        log.exception("checkpoint operation failed")
+        return f"{type(e).__name__}: {e}"
 
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:

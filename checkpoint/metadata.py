@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import crc32c
+
 from .codec import ChunkCodec
 from .errors import CheckpointError
 from .plan import ArrayPlan, SavePlan
@@ -120,9 +122,16 @@ def read_metadata(directory: Path) -> CheckpointMeta:
         )
     doc = directory / METADATA_FILE
     try:
-        data = json.loads(doc.read_text())
+        raw = doc.read_bytes()
+        marker = json.loads((directory / COMMITTED_FILE).read_text())
+        data = json.loads(raw)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {doc} ({e}): the checkpoint is damaged; load an earlier one") from e
+    if not isinstance(marker, dict) or marker.get("metadata_crc32c") != crc32c.crc32c(raw):
+        raise CheckpointError(
+            f"{doc} does not match the checksum in its {COMMITTED_FILE} marker: the document was changed after "
+            "the save; load an earlier checkpoint"
+        )
     meta = CheckpointMeta.from_json(data, where=doc)
     real = os.path.realpath(directory)
     for name, array in meta.arrays.items():

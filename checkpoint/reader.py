@@ -152,7 +152,7 @@ def _read_direct(root: Path, codec: ChunkCodec, array: ArrayPlan, read: ChunkRea
     if codec.compressed or len(read.targets) != 1:
         return False
     overlap, dest = read.targets[0]
-    view = out[dest]
+    view = out[(*dest, ...)]  # '...' keeps a 0-d result an array view, not a scalar copy
     if overlap.sizes != array.chunks or not view.flags.c_contiguous:
         return False
     path = root / array.path / chunk_key(read.index)

@@ -133,7 +133,7 @@ def _write_chunk(
     directory: Path, codec: ChunkCodec, array: ArrayPlan, index: ChunkIndex, data: np.ndarray, local: tuple[slice, ...], piece: Piece
 ) -> int | str:
     region = array.chunk_box(index)
-    src = data[tuple(slice(l.start + o - b, l.start + o - b + s) for l, o, b, s in zip(local, region.offsets, piece.box.offsets, region.sizes))]
+    src = data[(*(slice(l.start + o - b, l.start + o - b + s) for l, o, b, s in zip(local, region.offsets, piece.box.offsets, region.sizes)), ...)]
     if region.sizes != array.chunks:
         # zarr stores edge chunks at full chunk shape; the padding is never read back.
         padded = np.zeros(array.chunks, dtype=src.dtype)
