@@ -55,7 +55,9 @@ class ParallelDims:
         return {axis: getattr(self, axis) for axis in AXES}
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """One mesh over all axes, plus the flattened 'dp' axis (replicate x shard) for data loading."""
-        mesh = init_device_mesh(device_type, tuple(getattr(self, a) for a in AXES), mesh_dim_names=AXES)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        return mesh
+        """One mesh over all axes; submeshes are taken by axis name, never as group globals."""
+        return init_device_mesh(device_type, tuple(getattr(self, a) for a in AXES), mesh_dim_names=AXES)
+
+    def dp_rank(self, mesh: DeviceMesh) -> int:
+        """This rank's index among the data-parallel ranks (replicate-major), for data loading."""
+        return mesh["dp_replicate"].get_local_rank() * self.dp_shard + mesh["dp_shard"].get_local_rank()

@@ -10,6 +10,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from .dims import ParallelDims
+from .activation import apply_activation_checkpointing
 from .fsdp import apply_ddp, apply_fsdp, precision_policy
 from .pipeline import build_schedule, cut_stage, stage_ids_of
 from .tp import apply_tp
@@ -28,16 +29,21 @@ class ModelParts:
         return [p for m in self.modules for p in m.parameters()]
 
 
-def parallelize(model: nn.Module, *, mesh: DeviceMesh, dims: ParallelDims, param_dtype: torch.dtype) -> None:
-    """TP first (it rewrites weights into DTensors), then data parallelism over the rest.
+def parallelize(
+    model: nn.Module, *, mesh: DeviceMesh, dims: ParallelDims, param_dtype: torch.dtype, activation_checkpoint: bool
+) -> None:
+    """TP first (it rewrites weights into DTensors), then activation checkpointing, then data parallelism.
 
     Data parallelism must come last: FSDP2 and replicate wrap whatever parameters they find,
-    tensor-parallel DTensors included, into one 2-D layout.
+    tensor-parallel DTensors included, into one 2-D layout. Without data parallelism, a one-rank
+    FSDP2 still applies mixed precision (bf16 compute, fp32 master weights).
     """
     if dims.tp > 1:
         apply_tp(model, mesh["tp"])
+    if activation_checkpoint:
+        apply_activation_checkpointing(model)
     policy = precision_policy(param_dtype)
-    if dims.dp_shard > 1:
+    if dims.dp_shard > 1 or (dims.dp_replicate == 1 and param_dtype != torch.float32):
         dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
         apply_fsdp(model, dp_mesh, policy=policy, reshard_after_forward=dims.pp == 1)
     elif dims.dp_replicate > 1:
@@ -51,6 +57,7 @@ def build_model_parts(
     dims: ParallelDims,
     device: torch.device,
     param_dtype: torch.dtype,
+    activation_checkpoint: bool,
     seed: int,
     pp_schedule: str,
     stages_per_rank: int,
@@ -67,7 +74,9 @@ def build_model_parts(
     for stage_id in stage_ids:
         with torch.device("meta"):
             module = cut_stage(build(), stage_id=stage_id, n_stages=n_stages)
-        parallelize(module, mesh=mesh, dims=dims, param_dtype=param_dtype)
+        parallelize(
+            module, mesh=mesh, dims=dims, param_dtype=param_dtype, activation_checkpoint=activation_checkpoint
+        )
         module.to_empty(device=device)
         module.init_weights(seed=seed)
         modules.append(module)

@@ -129,6 +129,7 @@ class TrainConfig:
     batch_size: int = 8  # global sequences per optimizer step, over all data-parallel ranks
     seq_len: int = 128
     grad_accum: int = 1  # forward/backward passes per optimizer step on each rank
+    activation_checkpoint: bool = False  # recompute block activations in backward to save memory
     precision: str = "auto"  # auto: bf16 params with fp32 reductions on GPU, fp32 on CPU
     log_every: int = 1
     device: str = "auto"  # auto | cpu | cuda

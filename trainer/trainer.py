@@ -54,12 +54,12 @@ class Trainer:
         )
         self._check_batch()
         self.mesh = self.dims.build_mesh(env.device.type)
-        self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.dp_rank = self.dims.dp_rank(self.mesh)
         torch.manual_seed(t.seed)
         self.sampler = self._build_sampler()
         self.parts: ModelParts = build_model_parts(
             build=lambda: Transformer(cfg.model), mesh=self.mesh, dims=self.dims, device=env.device,
-            param_dtype=self._param_dtype(), seed=t.seed, pp_schedule=p.pp_schedule,
+            param_dtype=self._param_dtype(), activation_checkpoint=t.activation_checkpoint, seed=t.seed, pp_schedule=p.pp_schedule,
             stages_per_rank=p.n_stages_per_rank, microbatches=p.n_microbatches, loss_fn=self._pipeline_loss,
         )
         self.optimizer = build_optimizer(self.parts.parameters(), cfg.optim, device=env.device)

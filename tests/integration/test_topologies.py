@@ -21,6 +21,7 @@ TOPOLOGIES = {
     "pp=2 x tp=2": (4, ["parallel.pp=2", "parallel.tp=2"]),
     "pp=2 x dp_shard=2": (4, ["parallel.pp=2", "parallel.dp_shard=2"]),
     "dp_replicate=2 x dp_shard=2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    "dp_shard=2 + activation checkpointing": (2, ["parallel.dp_shard=2", "train.activation_checkpoint=true"]),
     "pp=2 x tp=2 x dp_shard=2": (8, ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=2"]),
 }
 
