@@ -62,7 +62,8 @@ class Trainer:
             param_dtype=self._param_dtype(), activation_checkpoint=t.activation_checkpoint, seed=t.seed, pp_schedule=p.pp_schedule,
             stages_per_rank=p.n_stages_per_rank, microbatches=p.n_microbatches, loss_fn=self._pipeline_loss,
         )
-        self.optimizer = build_optimizer(self.parts.parameters(), cfg.optim, device=env.device)
+        # One optimizer per stage module: state stays keyed by the module that owns the parameter.
+        self.optimizers = [build_optimizer(list(m.parameters()), cfg.optim, device=env.device) for m in self.parts.modules]
         self.progress = TrainProgress(seed=t.seed, rank=env.rank, topology=self.dims.as_dict())
         self.hooks: list[StepHook] = []
         flops_per_token = 6 * count_params(cfg.model) + 12 * cfg.model.n_layers * cfg.model.dim * t.seq_len
@@ -156,9 +157,10 @@ class Trainer:
         for hook in self.hooks:
             hook.before_optimizer_step()
         lr = lr_at(self.progress.step, cfg=self.cfg.optim, total_steps=self.cfg.train.steps)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            set_lr(optimizer, lr)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
         for hook in self.hooks:
             hook.after_optimizer_step(self.progress.step)
