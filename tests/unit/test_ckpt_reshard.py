@@ -177,3 +177,53 @@ def test_every_chunk_file_exists_and_replicas_are_written_once(saved):
     assert sorted(len(p.holders) for p in w_rep.pieces) == [2, 2]
     writers = {p.writer for a in ckpt.meta.arrays.values() for p in a.pieces}
     assert writers == {0, 1, 2, 3}
+
+
+def partial_task(root: str) -> str:
+    from torch.distributed.tensor import DTensor, Partial
+
+    from resurgo.checkpoint.errors import CheckpointError
+
+    dp, _ = _meshes()
+    grads = {"g": DTensor.from_local(torch.ones(2), dp, [Partial()])}
+    try:
+        _checkpointer(root, {"t": TensorState(grads)}, mesh="dp4").save(1)
+    except CheckpointError as e:
+        return str(e)
+    raise AssertionError("a Partial tensor was saved")
+
+
+def test_partial_placement_is_refused_on_every_rank(tmp_path):
+    messages = workers().run(partial_task, str(tmp_path))
+    assert all("tensor 't/g' has placement" in m and "Partial" in m for m in messages)
+
+
+def disk_full_on_one_rank_task(root: str) -> str:
+    import errno
+
+    import torch.distributed as dist
+
+    from resurgo.checkpoint import store
+    from resurgo.checkpoint.errors import CheckpointError
+
+    rank = dist.get_rank()
+    tensors = {n: _place(n, *p) for n, p in save_layouts(rank).items()}
+    ck = _checkpointer(root, {"t": TensorState(tensors)}, mesh=SAVED_MESH)
+    ck.save(1)
+    write = store.write_buffers
+    if rank == 2:
+        store.write_buffers = lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+    try:
+        ck.save(2)
+    except CheckpointError as e:
+        return str(e)
+    finally:
+        store.write_buffers = write
+    raise AssertionError("the save succeeded")
+
+
+def test_disk_full_on_one_rank_fails_the_save_everywhere(tmp_path):
+    messages = workers().run(disk_full_on_one_rank_task, str(tmp_path))
+    assert all("[rank 2]" in m and "disk is full" in m and "step-00000001" in m for m in messages)
+    assert latest(tmp_path) == tmp_path / "step-00000001"
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"]
