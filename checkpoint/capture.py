@@ -1,0 +1,208 @@
+"""What a snapshot holds, taken in the training thread in microseconds: tensor references and JSON.
+
+Parameters and optimizer state change only inside `optimizer.step()`, so a snapshot may keep
+references to them and copy later, until the next step. Anything else may change during forward
+(persistent buffers such as BatchNorm statistics, or state a Stateful computes), so it is copied at
+once. Which is which is decided by aliasing, not by names: a tensor is copied lazily only if its
+memory is a parameter's or an optimizer state's. `state_dict()` of the model and optimizer is too
+slow to call every step, so their tensors and JSON are captured once and the only per-step JSON,
+the optimizer's hyperparameters (the learning rate), is re-read from the optimizer's groups.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+from .flatten import TENSOR, flatten
+from .keeper_protocol import SlotLayout
+from .layout import fragment_of
+from .states import ModelState, OptimizerState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Captured:
+    """One snapshot: tensors in layout order (the eager ones already copied) and the JSON per state."""
+
+    step: int
+    tensors: list[torch.Tensor]
+    tree: dict[str, Any]
+
+
+@dataclass
+class _Source:
+    """How to get one tensor at `take` time; `eager` ones are cloned there."""
+
+    name: str
+    get: Callable[[], torch.Tensor]
+    eager: bool
+
+
+class StateCapture:
+    """Captures `states` (Stateful objects by key) for snapshots of one rank."""
+
+    def __init__(self, states: Mapping[str, Any], *, rank: int) -> None:
+        self.states, self.rank = dict(states), rank
+        self.layout: SlotLayout | None = None
+        self._sources: list[_Source] = []
+        self._trees: dict[str, Callable[[dict[str, Any]], Any]] = {}  # key -> tree, given the volatile keys' fresh trees
+        self._volatile: list[str] = []  # keys whose state_dict() runs every take
+        self._checks: list[Callable[[], bool]] = []
+
+    def invalidate(self) -> None:
+        """Forget the captured references (call after anything replaced parameters or optimizer state)."""
+        self.layout = None
+
+    def current_layout(self) -> SlotLayout:
+        """The layout of the state as it is now (captured afresh when anything was replaced)."""
+        if self.layout is None or not all(check() for check in self._checks):
+            self._build()
+        assert self.layout is not None
+        return self.layout
+
+    def take(self, step: int) -> Captured:
+        self.current_layout()
+        fresh: dict[str, torch.Tensor] = {}
+        fresh_trees: dict[str, Any] = {}
+        for key in self._volatile:
+            tensors, fresh_trees[key] = flatten(key, self.states[key].state_dict())
+            fresh.update(tensors)
+        out = []
+        for source in self._sources:
+            tensor = fresh[source.name] if source.name in fresh else source.get()
+            out.append(_local(tensor).clone() if source.eager else tensor)
+        return Captured(step, out, {key: build(fresh_trees) for key, build in self._trees.items()})
+
+    # ---- classification, once ---------------------------------------------------------------
+
+    def _build(self) -> None:
+        self._sources, self._trees, self._volatile, self._checks = [], {}, [], []
+        specs = []
+        for key, state in self.states.items():
+            tensors, tree = flatten(key, state.state_dict())
+            if isinstance(state, ModelState):
+                sources, build = self._model(state, tensors, tree)
+            elif isinstance(state, OptimizerState):
+                sources, build = self._optimizer(state, tensors, tree)
+            else:
+                sources, build = None, None
+            if sources is None:
+                sources, build = self._volatile_state(key, tensors)
+            self._sources += sources
+            self._trees[key] = build
+            for name, tensor in tensors.items():
+                local = _local(tensor)
+                fragment = fragment_of(name, tensor, rank=self.rank)
+                specs.append((name, _dtype(local), tuple(local.shape), local.numel() * local.element_size(), fragment.to_json()))
+        order = {s.name: i for i, s in enumerate(self._sources)}
+        specs.sort(key=lambda spec: order[spec[0]])
+        self.layout = SlotLayout.build(specs)
+
+    def _volatile_state(self, key: str, tensors: Mapping[str, torch.Tensor]):
+        if tensors:
+            self._volatile.append(key)
+            log.warning(  # once per capture build"state %r is read with state_dict() and its tensors copied at every snapshot: it is not "
+                        "made of parameters or optimizer state, so it may change during forward", key)  # fmt: skip
+            state = self.states[key]
+            return [_Source(n, _missing(n), eager=True) for n in tensors], lambda fresh_trees: fresh_trees[key]
+        state = self.states[key]
+
+        def build(_: dict[str, Any]) -> Any:
+            got, tree = flatten(key, state.state_dict())
+            if got:
+                raise CheckpointError(f"state {key!r} returned tensors after returning none: snapshots need a fixed set of tensors")
+            return tree
+
+        return [], build
+
+    def _model(self, state: ModelState, tensors: Mapping[str, torch.Tensor], tree: Any):
+        params = {_identity(p): p for part in state.parts for p in part.parameters()}
+        buffers = {_identity(b): (m, n) for part in state.parts for m in part.modules() for n, b in m.named_buffers(recurse=False) if b is not None}
+        sources = []
+        for name, tensor in tensors.items():
+            ident = _identity(tensor)
+            if ident in params or _local(tensor).numel() == 0:
+                sources.append(_Source(name, _const(_local(tensor)), eager=False))
+            elif ident in buffers:
+                module, attr = buffers[ident]
+                sources.append(_Source(name, lambda m=module, a=attr: getattr(m, a), eager=True))
+            else:
+                return None, None
+        return sources, lambda _: tree
+
+    def _optimizer(self, state: OptimizerState, tensors: Mapping[str, torch.Tensor], tree: Any):
+        live: dict[tuple, tuple[int, int, Any, str, torch.Tensor]] = {}
+        for oi, opt in enumerate(state.optimizers):
+            for gi, group in enumerate(opt.param_groups):
+                for p in group["params"]:
+                    for field, value in opt.state.get(p, {}).items():
+                        if isinstance(value, torch.Tensor):
+                            live[_identity(value)] = (oi, gi, p, field, value)
+        sources, group_of = [], {}
+        for name, tensor in tensors.items():
+            hit = live.get(_identity(tensor))
+            if hit is None:
+                return None, None
+            oi, gi, p, field, value = hit
+            sources.append(_Source(name, _const(_local(tensor)), eager=False))
+            self._checks.append(lambda o=state.optimizers[oi], p=p, f=field, v=value: o.state.get(p, {}).get(f) is v)
+        by_name = {n: live[_identity(t)][:2] for n, t in tensors.items()}
+        for fqn, fields in tree.get("state", {}).items():
+            refs = [v[TENSOR] for v in fields.values() if isinstance(v, dict) and TENSOR in v]
+            if refs:
+                group_of[fqn] = by_name[refs[0]]
+        groups = lambda: {(oi, gi): _group_json(g) for oi, o in enumerate(state.optimizers) for gi, g in enumerate(o.param_groups)}
+        current = groups()
+        for fqn, fields in tree.get("param_groups", {}).items():
+            if fqn not in group_of:
+                matches = [k for k, g in current.items() if g == fields]
+                if len(matches) != 1:
+                    return None, None
+                group_of[fqn] = matches[0]
+
+        def build(_: dict[str, Any]) -> Any:
+            now = groups()
+            return {**tree, "param_groups": {fqn: now[group_of[fqn]] for fqn in tree.get("param_groups", {})}}
+
+        if build({}) != tree:
+            return None, None  # the optimizer's JSON is not just its groups' hyperparameters
+        return sources, build
+
+
+def _group_json(group: Mapping[str, Any]) -> Any:
+    tensors, tree = flatten("group", {k: v for k, v in group.items() if k != "params"})
+    return None if tensors else tree
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach()
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    """Same memory, same extent: a state_dict entry that is this parameter or optimizer state."""
+    local = _local(tensor)
+    return (local.data_ptr(), local.numel(), local.dtype, tuple(local.stride())) if local.numel() else (id(tensor),)
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _const(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: tensor
+
+
+def _missing(name: str) -> Callable[[], torch.Tensor]:
+    def get() -> torch.Tensor:
+        raise CheckpointError(f"tensor {name!r} disappeared from its state between snapshots: snapshots need a fixed set of tensors")
+
+    return get

@@ -1,0 +1,413 @@
+"""The keeper: one process per node that holds the workers' snapshots and outlives their crashes.
+
+It owns the shared memory (workers only map it), tracks each snapshot as copied (complete on a
+rank), durable (its chunks fsynced) and committed (the checkpoint sealed on every rank), and
+persists steps the workers flag to the universal store from a background thread, so no training
+process pays for disk I/O or holds the GIL for it. One keeper per run and node is ensured by a lock
+file; whatever a dead keeper left (segments, socket) is reclaimed at start, also for other runs
+whose keepers are gone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import commit as commits
+from . import shm
+from .keeper_protocol import (
+    PROTOCOL_VERSION, KeeperError, SlotLayout, decode, encode, lock_path, run_id, segment_name, segment_prefix,
+    socket_dir, socket_path,
+)  # fmt: skip
+from .persist import Persister, PersistJob, RankData, StoreTarget
+from .slots import COMPLETE, DEFAULT_SLOTS, FREE, WRITING, RankSlots, Slot, choose_slot, newest_common
+
+log = logging.getLogger(__name__)
+
+WAIT_S = 900.0  # longest a required snapshot or a finishing worker waits for a persist
+
+
+class KeeperRunning(RuntimeError):
+    """Another keeper of this run already serves this node."""
+
+
+@dataclass
+class _Conn:
+    """What one worker connection holds, released when it drops (the worker died)."""
+
+    ranks: set[int] = field(default_factory=set)
+    reads: list[Slot] = field(default_factory=list)
+
+
+class Keeper:
+    def __init__(self, *, run_dir: Path, host_memory_bytes: int = 0, slots: int = 0, idle_timeout_s: float = 900.0,
+                 exit_when_finished: bool = True) -> None:  # fmt: skip
+        if slots == 1 or slots < 0:
+            raise KeeperError(f"a keeper needs at least 2 slots per rank (got {slots}); 0 picks {DEFAULT_SLOTS}")
+        self.rid = run_id(run_dir)
+        self.keeper_id = secrets.token_hex(3)
+        self.host_memory_bytes, self.fixed_slots = host_memory_bytes, slots
+        self.idle_timeout_s, self.exit_when_finished = idle_timeout_s, exit_when_finished
+        self.ranks: dict[int, RankSlots] = {}
+        self.local_world: int | None = None
+        self.token = ""
+        self.target: StoreTarget | None = None
+        self.finished: set[int] = set()
+        self.durable = self.committed = -1
+        self.skipped = 0
+        self._jobs: dict[int, tuple[PersistJob, list[Slot]]] = {}  # step -> job, pinned slots
+        self._persisted: set[tuple[str, int]] = set()
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._conns = 0
+        self._idle_since = time.monotonic()
+        self._disk_checked = 0.0
+        self._lock_fd: int | None = None
+        self._sock: socket.socket | None = None
+        self.persister = Persister(on_done=self._persist_done)
+
+    # ---- life cycle ------------------------------------------------------------------------
+
+    def start(self) -> Path:
+        """Take the run's lock, reclaim what dead keepers left, listen; returns the socket path."""
+        self._lock_fd = _try_lock(lock_path(self.rid))
+        if self._lock_fd is None:
+            raise KeeperRunning(f"a keeper of run {self.rid} is already running on this node")
+        os.ftruncate(self._lock_fd, 0)
+        os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+        reclaim_stale(own=self.rid)
+        path = socket_path(self.rid)
+        path.unlink(missing_ok=True)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(path))
+        os.chmod(path, 0o600)
+        self._sock.listen(64)
+        self._sock.settimeout(0.2)
+        log.info("keeper %s of run %s listening on %s (pid %d)", self.keeper_id, self.rid, path, os.getpid())
+        return path
+
+    def serve_forever(self) -> None:
+        assert self._sock is not None, "call start() first"
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn, _ = self._sock.accept()
+                except socket.timeout:
+                    self._check_idle()
+                    continue
+                with self._cond:
+                    self._conns += 1
+                threading.Thread(target=self._serve, args=(conn,), name="resurgo-keeper-conn", daemon=True).start()
+        finally:
+            self._shutdown()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _shutdown(self) -> None:
+        """Finish queued persists, then free the memory and the socket."""
+        self.persister.stop()
+        with self._cond:
+            for held in self.ranks.values():
+                _free(held)
+            self.ranks.clear()
+        if self._sock is not None:
+            self._sock.close()
+            socket_path(self.rid).unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        log.info("keeper %s of run %s stopped", self.keeper_id, self.rid)
+
+    def _check_idle(self) -> None:
+        with self._cond:
+            busy = self._conns or self._jobs
+            if busy:
+                self._idle_since = time.monotonic()
+            elif time.monotonic() - self._idle_since > self.idle_timeout_s:
+                log.info("no worker for %.0f s: keeper exits", self.idle_timeout_s)
+                self._stop.set()
+
+    # ---- connections -----------------------------------------------------------------------
+
+    def _serve(self, sock: socket.socket) -> None:
+        conn = _Conn()
+        stream = sock.makefile("rwb")
+        try:
+            for line in stream:
+                try:
+                    reply = {"ok": True, **self.handle(decode(line), conn)}
+                except (KeeperError, ValueError, KeyError, TypeError) as e:
+                    reply = {"ok": False, "error": f"{type(e).__name__}: {e}" if not isinstance(e, KeeperError) else str(e)}
+                stream.write(encode(reply))
+                stream.flush()
+                self._maybe_exit()
+        except OSError:
+            pass
+        finally:
+            self._drop(conn)
+            for closing in (stream.close, sock.close):
+                try:
+                    closing()
+                except OSError:
+                    pass
+
+    def _drop(self, conn: _Conn) -> None:
+        """A worker went away: its unfinished copies are garbage, its reads end; complete snapshots stay."""
+        with self._cond:
+            self._conns -= 1
+            for rank in conn.ranks:
+                held = self.ranks.get(rank)
+                for slot in held.slots if held else ():
+                    if slot.status == WRITING:
+                        slot.reset()
+            for slot in conn.reads:
+                slot.pins -= 1
+            self._idle_since = time.monotonic()
+            self._cond.notify_all()
+
+    def _maybe_exit(self) -> None:
+        with self._cond:
+            done = self.local_world is not None and len(self.finished) >= self.local_world and not self._jobs
+        if done and self.exit_when_finished:
+            log.info("every local rank finished: keeper exits")
+            self._stop.set()
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def handle(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        op = msg.get("op")
+        handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
+        if handler is None:
+            raise KeeperError(f"unknown request {op!r}: the worker and keeper versions differ; restart the keeper")
+        with self._cond:
+            return handler(msg, conn)
+
+    def _op_hello(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        return {"keeper_id": self.keeper_id, "pid": os.getpid(), "protocol": PROTOCOL_VERSION}
+
+    def _op_holdings(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        held = self.ranks.get(int(msg["rank"]))
+        return {"steps": held.complete_steps() if held else [], "digest": held.layout.digest if held else None}
+
+    def _op_read(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        held, slot = self._complete(msg)
+        slot.pins += 1
+        conn.reads.append(slot)
+        return {"segment": slot.segment.name, "layout": held.layout.to_json(), "tree": slot.tree}
+
+    def _op_unpin(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        _, slot = self._complete(msg)
+        if slot in conn.reads:
+            conn.reads.remove(slot)
+            slot.pins -= 1
+            self._cond.notify_all()
+        return {}
+
+    def _op_discard(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        """Forget this rank's snapshots newer than `above` (a restart resumed from an older step)."""
+        held, above = self.ranks.get(int(msg["rank"])), int(msg["above"])
+        for slot in held.slots if held else ():
+            if slot.status == COMPLETE and slot.step > above and not slot.pins:
+                slot.reset()
+        return {}
+
+    def _op_register(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        rank, layout, token = int(msg["rank"]), SlotLayout.from_json(msg["layout"]), str(msg["token"])
+        if token != self.token:
+            self.token, self.finished = token, set()
+            for stale in [r for r in self.ranks if r >= int(msg["world_size"])]:
+                _free(self.ranks.pop(stale))
+        self.local_world = int(msg["local_world_size"])
+        self.target = StoreTarget.from_json(msg["store"]) if msg.get("store") else None
+        held = self.ranks.get(rank)
+        if held is None or held.layout.digest != layout.digest:
+            if held is not None:
+                log.info("rank %d changed its snapshot layout: its held snapshots are dropped", rank)
+                _free(held)
+            self.ranks[rank] = held = RankSlots(rank, layout, token)
+            count = self._slot_count(layout, budget=int(msg.get("host_memory_bytes", 0)))
+            held.slots = [Slot(i, self._segment(rank, i, layout.nbytes)) for i in range(count)]
+        held.token = token
+        conn.ranks.add(rank)
+        self.finished.discard(rank)
+        return {"segments": [s.segment.name for s in held.slots], **self._status()}
+
+    def _op_acquire(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        held, step, required = self._rank(msg), int(msg["step"]), bool(msg.get("required"))
+        if held.find(step) is not None:
+            return {"slot": None, "reason": "held", **self._status()}  # a replayed step: the same bytes are in
+        deadline = time.monotonic() + WAIT_S
+        while (slot := choose_slot(held, keep=[newest_common(self._current())])) is None:
+            if not required or time.monotonic() > deadline:
+                self.skipped += 1
+                return {"slot": None, "reason": "busy", **self._status()}
+            self._cond.wait(timeout=1.0)
+        slot.reset(WRITING, step)
+        return {"slot": slot.index}
+
+    def _op_complete(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        held, index, step = self._rank(msg), int(msg["slot"]), int(msg["step"])
+        slot = held.slots[index]
+        if slot.status != WRITING or slot.step != step:
+            raise KeeperError(f"rank {held.rank} completed slot {index} for step {step}, which it was not writing")
+        slot.status, slot.tree, slot.persist = COMPLETE, msg["tree"], bool(msg.get("persist"))
+        self._maybe_persist(step)
+        self._cond.notify_all()
+        return self._status()
+
+    def _op_abort(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        slot = self._rank(msg).slots[int(msg["slot"])]
+        if slot.status == WRITING:
+            slot.reset()
+            self._cond.notify_all()
+        return {}
+
+    def _op_persist(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        """Persist a held step although it is not a multiple of checkpoint.every (the final step)."""
+        _, slot = self._complete(msg)
+        slot.persist = True
+        self._maybe_persist(slot.step)
+        return self._status()
+
+    def _op_finish(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        """The rank's run ended; answered once every queued persist is done, so the run ends durable."""
+        self.finished.add(self._rank(msg).rank)
+        deadline = time.monotonic() + WAIT_S
+        while self._jobs and time.monotonic() < deadline:
+            self._cond.wait(timeout=1.0)
+        return self._status()
+
+    def _op_status(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        return self._status()
+
+    # ---- helpers (called with the lock held) ------------------------------------------------
+
+    def _rank(self, msg: dict[str, Any]) -> RankSlots:
+        held = self.ranks.get(int(msg["rank"]))
+        if held is None:
+            raise KeeperError(f"rank {msg['rank']} is not registered with this keeper (it was restarted): register again")
+        return held
+
+    def _complete(self, msg: dict[str, Any]) -> tuple[RankSlots, Slot]:
+        held = self._rank(msg)
+        slot = held.find(int(msg["step"]))
+        if slot is None:
+            raise KeeperError(f"rank {held.rank} has no complete snapshot of step {msg['step']} (held: {held.complete_steps()})")
+        return held, slot
+
+    def _current(self) -> list[RankSlots]:
+        """The ranks registered by the running incarnation (older ones only serve restores)."""
+        return [held for held in self.ranks.values() if held.token == self.token]
+
+    def _slot_count(self, layout: SlotLayout, *, budget: int) -> int:
+        if self.fixed_slots:
+            return self.fixed_slots
+        budget = self.host_memory_bytes or budget
+        if not budget or not layout.nbytes:
+            return DEFAULT_SLOTS
+        fits = budget // max(self.local_world or 1, 1) // layout.nbytes
+        if fits < 2:
+            need = 2 * layout.nbytes * (self.local_world or 1)
+            raise KeeperError(
+                f"checkpoint.host_memory_gb={budget / 2**30:.3g} holds {fits} snapshot(s) per local rank of "
+                f"{layout.nbytes / 2**30:.3g} GiB; at least 2 are needed: raise it to {need / 2**30:.3g} or more, "
+                "or set checkpoint.snapshot_every=0"
+            )
+        return min(fits, DEFAULT_SLOTS)
+
+    def _segment(self, rank: int, index: int, nbytes: int) -> shm.Segment:
+        return shm.Segment.create(segment_name(self.rid, keeper_id=self.keeper_id, rank=rank, slot=index), nbytes)
+
+    def _maybe_persist(self, step: int) -> None:
+        """Queue `step` once every local rank holds it complete and flagged for persisting."""
+        current = self._current()
+        if self.target is None or self.local_world is None or len(current) < self.local_world:
+            return
+        key = (self.target.token, step)
+        slots = [held.find(step) for held in current]
+        if key in self._persisted or any(s is None or not s.persist for s in slots):
+            return
+        self._persisted.add(key)
+        ranks = {h.rank: RankData(h.layout, s.segment.array(), s.tree) for h, s in zip(current, slots)}
+        job = PersistJob(step, self.target, ranks, committer=any(h.rank == 0 for h in current))
+        for slot in slots:
+            slot.pins += 1
+        self._jobs[step] = (job, slots)
+        self.persister.submit(job)
+
+    def _persist_done(self, job: PersistJob, stage: str, error: str | None) -> None:
+        with self._cond:
+            if stage == "durable":
+                self.durable = max(self.durable, job.step)
+            elif stage == "committed":
+                self.committed = max(self.committed, job.step)
+            if stage == "failed" or stage == "committed" or (stage == "durable" and not job.committer):
+                _, slots = self._jobs.pop(job.step, (None, []))
+                for slot in slots:
+                    slot.pins -= 1
+                self._idle_since = time.monotonic()
+            self._cond.notify_all()
+
+    def _status(self) -> dict[str, Any]:
+        """copied: newest step complete on every local rank; durable / committed: newest persisted."""
+        if self.target is not None and time.monotonic() - self._disk_checked > 1.0:
+            found = commits.committed(Path(self.target.root))
+            self.committed = max([self.committed] + [step for step, _ in found])
+            self._disk_checked = time.monotonic()
+        return {
+            "copied": newest_common(self._current()),
+            "durable": self.durable,
+            "committed": self.committed,
+            "backlog": len(self._jobs),
+            "host_bytes": sum(h.nbytes for h in self.ranks.values()),
+            "skipped": self.skipped,
+        }
+
+
+def reclaim_stale(*, own: str) -> int:
+    """Remove segments and sockets of runs whose keeper is dead (this run's: always, we hold its lock)."""
+    reclaimed, nbytes = 0, 0
+    directory = socket_dir()
+    for lock in directory.glob("*.lock"):
+        rid = lock.name.removesuffix(".lock")
+        fd = None if rid == own else _try_lock(lock)
+        if rid != own and fd is None:
+            continue  # that run's keeper is alive
+        try:
+            for name, size in shm.list_segments(segment_prefix(rid)):
+                reclaimed += shm.unlink(name)
+                nbytes += size
+            if rid != own:
+                (directory / f"{rid}.sock").unlink(missing_ok=True)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    if reclaimed:
+        log.warning("reclaimed %d shared memory segments (%.2f GiB) of dead keepers: the memory snapshots they held are lost",
+                    reclaimed, nbytes / 2**30)  # fmt: skip
+    return reclaimed
+
+
+def _try_lock(path: Path) -> int | None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _free(held: RankSlots) -> None:
+    for slot in held.slots:
+        shm.unlink(slot.segment.name)
+        slot.segment.close()
+        slot.status = FREE

@@ -1,0 +1,137 @@
+"""A worker's side of its node's keeper: start one when asked to, reconnect, map its memory.
+
+The keeper is started detached, in its own session, so that killing the workers' process group (as
+torchrun does when a worker fails) leaves it and the snapshots it holds alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .keeper_protocol import Client, KeeperGone, lock_path, run_id, socket_path
+from .shm import Segment
+
+log = logging.getLogger(__name__)
+
+AUTO, EXTERNAL, OFF = "auto", "external", "off"
+
+
+class KeeperLink:
+    """One connection to the keeper of this node, shared by the training thread and the snapshot thread."""
+
+    def __init__(self, *, run_dir: Path, mode: str, local_rank: int, keeper_args: list[str] | None = None) -> None:
+        self.run_dir, self.mode, self.local_rank = Path(run_dir), mode, local_rank
+        self.keeper_args = list(keeper_args or [])
+        self.path = socket_path(run_id(run_dir))
+        self.client: Client | None = None
+        self.keeper_id: str | None = None
+        self.spawned: subprocess.Popen | None = None
+        self._maps: dict[str, Segment] = {}
+
+    @property
+    def may_start(self) -> bool:
+        return self.mode == AUTO and self.local_rank == 0
+
+    def connect(self, *, wait_s: float) -> bool:
+        """Connect (local rank 0 in auto mode starts a keeper if none answers); False if none does in time."""
+        deadline = time.monotonic() + wait_s
+        started = False
+        while True:
+            try:
+                client = Client(self.path)
+                hello = client.request("hello")
+                break
+            except KeeperGone:
+                if self.may_start and not started:
+                    self.start_keeper()
+                    started = True
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+        if self.keeper_id is not None and hello["keeper_id"] != self.keeper_id:
+            self.unmap()  # a new keeper: the old one's memory is gone
+        self.client, self.keeper_id = client, hello["keeper_id"]
+        return True
+
+    def start_keeper(self) -> None:
+        """Spawn `python -m resurgo.launch.keeper` detached; its output goes to <run dir>/keeper.log."""
+        if self.spawned is not None and self.spawned.poll() is None:
+            return  # still starting up
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "keeper.log", "ab") as out:
+            self.spawned = subprocess.Popen(
+                [sys.executable, "-m", "resurgo.launch.keeper", "--run-dir", str(self.run_dir), *self.keeper_args],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True,
+            )
+        log.info("started a keeper (pid %d) for %s", self.spawned.pid, self.run_dir)
+
+    def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        if self.client is None:
+            raise KeeperGone(f"not connected to a keeper at {self.path}")
+        try:
+            return self.client.request(op, **fields)
+        except KeeperGone:
+            self.drop()
+            raise
+
+    def drop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+
+    def map(self, names: list[str]) -> list[Segment]:
+        """Map the keeper's segments (once each), pinned for DMA where a GPU is in use."""
+        out = []
+        for name in names:
+            if name not in self._maps:
+                segment = Segment.attach(name)
+                _pin(segment)
+                self._maps[name] = segment
+            out.append(self._maps[name])
+        return out
+
+    def unmap(self) -> None:
+        for segment in self._maps.values():
+            _unpin(segment)
+            segment.close()
+        self._maps.clear()
+
+    def close(self) -> None:
+        self.drop()
+        self.unmap()
+        if self.spawned is not None:
+            self.spawned.poll()  # reap it if it already exited
+
+
+def _pin(segment: Segment) -> None:
+    """cudaHostRegister the mapping so device-to-host copies into it run asynchronously at full speed."""
+    if not segment.size or not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    error = torch.cuda.cudart().cudaHostRegister(segment.address, segment.size, 0)
+    if int(error) != 0:
+        log.warning("cudaHostRegister of %s (%d bytes) failed (error %s): snapshot copies will not overlap compute",
+                    segment.name, segment.size, error)  # fmt: skip
+
+
+def _unpin(segment: Segment) -> None:
+    if segment.size and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.cudart().cudaHostUnregister(segment.address)
+
+
+def keeper_pid(run_dir: Path) -> int | None:
+    """The pid of the keeper of `run_dir` on this node (from its lock file), None if none runs."""
+    try:
+        text = lock_path(run_id(run_dir)).read_text().strip()
+        pid = int(text)
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None

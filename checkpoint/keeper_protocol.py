@@ -1,0 +1,179 @@
+"""What workers and their keeper agree on: where the socket is, how messages look, how a slot is laid out.
+
+Messages are JSON objects, one per line, over a Unix stream socket in a directory only this user can
+open (0700). A request names its `op`; a reply has `ok` and, when false, an `error` that says what
+to do. Tensor bytes never travel over the socket: they go through shared memory laid out by
+`SlotLayout`, which both sides derive from the same JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+PROTOCOL_VERSION = 1
+ALIGN = 256  # bytes; keeps every tensor's host copy aligned for vectorized and DMA copies
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+class KeeperError(CheckpointError):
+    """The keeper refused a request; the message says what to do."""
+
+
+class KeeperGone(ConnectionError):
+    """The keeper cannot be reached (not started yet, or it died): memory snapshots are unavailable."""
+
+
+def run_id(run_dir: Path | str) -> str:
+    """A short id for a run folder, safe in file and segment names, unique per absolute path."""
+    path = os.path.abspath(run_dir)
+    digest = hashlib.sha1(path.encode()).hexdigest()[:10]
+    return f"{_UNSAFE.sub('_', os.path.basename(path))[:24]}-{digest}"
+
+
+def socket_dir() -> Path:
+    """This user's private folder for keeper sockets and locks (created 0700, checked if it exists)."""
+    base = os.environ.get("RESURGO_KEEPER_DIR")
+    if base:
+        path = Path(base)
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "resurgo"
+    else:
+        path = Path("/tmp") / f"resurgo-{os.getuid()}"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise KeeperError(
+            f"{path} is owned by uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}; the keeper needs a folder "
+            "only this user can open: remove it, or point RESURGO_KEEPER_DIR at a private folder"
+        )
+    return path
+
+
+def socket_path(rid: str) -> Path:
+    return socket_dir() / f"{rid}.sock"
+
+
+def lock_path(rid: str) -> Path:
+    return socket_dir() / f"{rid}.lock"
+
+
+def segment_prefix(rid: str) -> str:
+    return f"resurgo.{rid}."
+
+
+def segment_name(rid: str, *, keeper_id: str, rank: int, slot: int) -> str:
+    return f"{segment_prefix(rid)}{keeper_id}.r{rank}.s{slot}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor in a slot: its name, dtype (torch name), local shape and bytes, and its fragment."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    fragment: dict[str, Any]  # layout.Fragment.to_json(): where this local data sits in the global tensor
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "offset": self.offset,
+                "nbytes": self.nbytes, "fragment": self.fragment}  # fmt: skip
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Entry:
+        return Entry(str(data["name"]), str(data["dtype"]), tuple(int(x) for x in data["shape"]), int(data["offset"]),
+                     int(data["nbytes"]), dict(data["fragment"]))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """Where each tensor of one rank's snapshot lives in a slot; identical on worker and keeper."""
+
+    entries: tuple[Entry, ...]
+    nbytes: int
+
+    @staticmethod
+    def build(tensors: Sequence[tuple[str, str, tuple[int, ...], int, dict[str, Any]]]) -> SlotLayout:
+        """From (name, dtype, local shape, bytes, fragment json) in copy order."""
+        entries, offset = [], 0
+        for name, dtype, shape, nbytes, fragment in tensors:
+            entries.append(Entry(name, dtype, tuple(shape), offset, nbytes, fragment))
+            offset += -(-nbytes // ALIGN) * ALIGN
+        return SlotLayout(tuple(entries), offset)
+
+    @property
+    def digest(self) -> str:
+        """Equal digests mean a snapshot of one layout can be restored into the other by plain copies."""
+        return hashlib.sha1(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"entries": [e.to_json() for e in self.entries], "nbytes": self.nbytes}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> SlotLayout:
+        layout = SlotLayout(tuple(Entry.from_json(e) for e in data["entries"]), int(data["nbytes"]))
+        end = max((e.offset + e.nbytes for e in layout.entries), default=0)
+        if end > layout.nbytes or any(e.offset < 0 or e.nbytes < 0 for e in layout.entries):
+            raise KeeperError("a snapshot layout points outside its slot: the worker and keeper versions differ")
+        return layout
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    message = json.loads(line)
+    if not isinstance(message, dict):
+        raise ValueError(f"expected a JSON object, got {type(message).__name__}")
+    return message
+
+
+class Client:
+    """One connection to a keeper; requests are answered in order."""
+
+    def __init__(self, path: Path, *, timeout: float = 900.0) -> None:
+        self.path = path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+        except OSError as e:
+            sock.close()
+            raise KeeperGone(f"no keeper answers at {path} ({e})") from None
+        self._sock = sock
+        self._file = sock.makefile("rwb")
+
+    def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """The keeper's reply; KeeperError if it refused, KeeperGone if the connection broke."""
+        try:
+            self._file.write(encode({"op": op, **fields}))
+            self._file.flush()
+            line = self._file.readline()
+        except OSError as e:
+            raise KeeperGone(f"the keeper at {self.path} stopped answering ({e})") from None
+        if not line:
+            raise KeeperGone(f"the keeper at {self.path} closed the connection (it exited or was killed)")
+        reply = decode(line)
+        if not reply.get("ok"):
+            raise KeeperError(str(reply.get("error", "the keeper refused the request")))
+        return reply
+
+    def close(self) -> None:
+        for closing in (self._file.close, self._sock.close):
+            try:
+                closing()
+            except OSError:
+                pass

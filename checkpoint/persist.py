@@ -1,0 +1,220 @@
+"""The keeper's background writer: from snapshots in host memory to committed universal checkpoints.
+
+It uses the store's layers, so no training process is involved: the plan comes from every rank's
+fragments (published once per run incarnation as JSON files, so keepers on several nodes agree
+without talking), each keeper writes the chunks its local ranks own straight from shared memory and
+then a per-rank done file (fsynced, carrying the rank's JSON state); the keeper holding global rank
+0 commits (metadata, fsync, COMMITTED last) once every rank's done file exists. Coordination files
+live in `<root>/.keeper-<token>/`, outside the zarr folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import commit as commits
+from .dtypes import storage_dtype
+from .errors import CheckpointError
+from .fsio import fsync_dir, write_file
+from .keeper_protocol import SlotLayout
+from .layout import Fragment
+from .metadata import CheckpointMeta, StateTrees
+from .plan import ArrayPlan, SavePlan, plan_save
+from .store import DEFAULT_IO_THREADS, HostFragment, create_arrays, write_fragments
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.02
+
+
+@dataclass(frozen=True)
+class StoreTarget:
+    """Where and how a run's checkpoints are written; sent by every worker when it registers."""
+
+    root: str
+    keep: int
+    compression: str
+    topology: Mapping[str, Any]  # as the trainer describes it; world_size is added
+    world_size: int
+    token: str  # hex, one per run incarnation: names the coordination and temporary folders
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> StoreTarget:
+        token = str(data["token"])
+        if not token or any(c not in "0123456789abcdef" for c in token):
+            raise CheckpointError(f"store token {token!r} must be lowercase hex")
+        return StoreTarget(str(data["root"]), int(data["keep"]), str(data["compression"]), dict(data["topology"]),
+                           int(data["world_size"]), token)  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        return {"root": self.root, "keep": self.keep, "compression": self.compression, "topology": dict(self.topology),
+                "world_size": self.world_size, "token": self.token}  # fmt: skip
+
+    @property
+    def coord(self) -> Path:
+        return Path(self.root) / f".keeper-{self.token}"
+
+
+@dataclass
+class RankData:
+    """One local rank's snapshot of the step being persisted: layout, slot bytes (pinned), JSON state."""
+
+    layout: SlotLayout
+    data: np.ndarray
+    tree: Any
+
+
+@dataclass
+class PersistJob:
+    step: int
+    target: StoreTarget
+    ranks: dict[int, RankData]
+    committer: bool  # this keeper holds global rank 0 and commits
+
+
+class Persister:
+    """One background thread writing jobs in order; `on_done(job, stage, error)` reports progress."""
+
+    def __init__(self, *, on_done: Callable[[PersistJob, str, str | None], None], timeout_s: float = 600.0,
+                 io_threads: int = DEFAULT_IO_THREADS) -> None:  # fmt: skip
+        self.on_done, self.timeout_s, self.io_threads = on_done, timeout_s, io_threads
+        self._jobs: queue.Queue[PersistJob | None] = queue.Queue()
+        self._plans: dict[str, SavePlan] = {}
+        self._thread = threading.Thread(target=self._run, name="resurgo-persist", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: PersistJob) -> None:
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self.persist(job)
+            except Exception as e:  # a failed persist must not stop later ones
+                log.error("persisting step %d failed: %s", job.step, e)
+                self.on_done(job, "failed", str(e))
+
+    def persist(self, job: PersistJob) -> None:
+        start = time.perf_counter()
+        target = job.target
+        plan = self._plan(job)
+        tmp = commits.tmp_dir(Path(target.root), job.step, target.token)
+        ready = target.coord / f"ready-{job.step}"
+        if job.committer:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a killed attempt at this very step
+            tmp.mkdir(parents=True)
+            create_arrays(tmp, plan)
+            _write_json(ready, {"step": job.step})
+        else:
+            _wait_for([ready], timeout_s=self.timeout_s, what=f"the committing keeper to create step {job.step}")
+        nbytes = 0
+        for rank, held in sorted(job.ranks.items()):
+            nbytes += write_fragments(tmp, plan, rank=rank, sources=_host_fragments(held), threads=self.io_threads)
+            _write_json(_done_file(target, job.step, rank), {"rank": rank, "step": job.step, "state": held.tree})
+        self.on_done(job, "durable", None)
+        if job.committer:
+            self._commit(job, plan, tmp)
+            log.info("keeper committed step %d (%.1f MB from memory) in %.2f s", job.step, nbytes / 1e6, time.perf_counter() - start)
+            self.on_done(job, "committed", None)
+
+    def _commit(self, job: PersistJob, plan: SavePlan, tmp: Path) -> None:
+        target = job.target
+        done = [_done_file(target, job.step, r) for r in range(target.world_size)]
+        _wait_for(done, timeout_s=self.timeout_s, what=f"every rank's fragments of step {job.step}")
+        trees = [json.loads(p.read_bytes())["state"] for p in done]
+        topology = {**dict(target.topology), "world_size": target.world_size}
+        meta = CheckpointMeta.from_plan(plan, step=job.step, topology=topology, states=StateTrees.from_ranks(trees))
+        try:
+            commits.commit(tmp, meta=meta)
+        except CheckpointError:
+            commits.abort(tmp)
+            raise
+        for path in [*done, target.coord / f"ready-{job.step}"]:
+            path.unlink(missing_ok=True)
+        commits.prune(Path(target.root), keep=target.keep, current=job.step)
+
+    def _plan(self, job: PersistJob) -> SavePlan:
+        """The run incarnation's plan: every rank publishes its fragments, the committer plans once."""
+        target = job.target
+        if target.token in self._plans:
+            return self._plans[target.token]
+        target.coord.mkdir(parents=True, exist_ok=True)
+        for rank, held in job.ranks.items():
+            _write_json(target.coord / f"fragments-{rank}.json", [e.fragment for e in held.layout.entries])
+        plan_file = target.coord / "plan.json"
+        if job.committer and not plan_file.exists():
+            files = [target.coord / f"fragments-{r}.json" for r in range(target.world_size)]
+            _wait_for(files, timeout_s=self.timeout_s, what="every rank's snapshot layout")
+            fragments = {r: [Fragment.from_json(f) for f in json.loads(p.read_bytes())] for r, p in enumerate(files)}
+            plan = plan_save(fragments, world_size=target.world_size, compression=target.compression)
+            _write_json(plan_file, _plan_to_json(plan))
+            _remove_other_incarnations(target)
+        _wait_for([plan_file], timeout_s=self.timeout_s, what="the committing keeper's save plan")
+        self._plans[target.token] = _plan_from_json(json.loads(plan_file.read_bytes()))
+        return self._plans[target.token]
+
+
+def _host_fragments(held: RankData) -> dict[str, HostFragment]:
+    out = {}
+    for entry in held.layout.entries:
+        raw = held.data[entry.offset : entry.offset + entry.nbytes]
+        array = raw.view(storage_dtype(entry.dtype)).reshape(entry.shape)
+        out[entry.name] = HostFragment(Fragment.from_json(entry.fragment), array)
+    return out
+
+
+def _done_file(target: StoreTarget, step: int, rank: int) -> Path:
+    return target.coord / f"done-{step}-{rank}.json"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomically: a reader sees the whole document or none."""
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    write_file(partial, json.dumps(obj).encode())
+    os.replace(partial, path)
+    fsync_dir(path.parent)
+
+
+def _wait_for(paths: list[Path], *, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(p.exists() for p in paths):
+        if time.monotonic() > deadline:
+            missing = [p.name for p in paths if not p.exists()]
+            raise CheckpointError(
+                f"gave up waiting {timeout_s:.0f} s for {what} (missing {missing[:5]}): a keeper on another node "
+                "is gone or the file system is not shared between nodes; checkpoint.dir must be on shared storage"
+            )
+        time.sleep(POLL_S)
+
+
+def _plan_to_json(plan: SavePlan) -> dict[str, Any]:
+    return {"world_size": plan.world_size, "compression": plan.compression,
+            "arrays": {n: a.to_json() for n, a in plan.arrays.items()}}  # fmt: skip
+
+
+def _plan_from_json(data: Mapping[str, Any]) -> SavePlan:
+    arrays = {str(n): ArrayPlan.from_json(str(n), a) for n, a in data["arrays"].items()}
+    return SavePlan(arrays, int(data["world_size"]), str(data["compression"]))
+
+
+def _remove_other_incarnations(target: StoreTarget) -> None:
+    for child in Path(target.root).glob(".keeper-*"):
+        if child != target.coord:
+            shutil.rmtree(child, ignore_errors=True)

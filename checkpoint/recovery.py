@@ -1,0 +1,234 @@
+"""How a run is protected and how it comes back: the hooks the trainer runs, and resume at start.
+
+`build_protection` wires the levels for one worker: memory snapshots every step held by the node's
+keeper (which also persists every `checkpoint.every`-th one), or, with `fault.keeper=off`, plain
+synchronous saves. `Protection.resume` (collective) restores the newest step every rank can rebuild
+from the cheapest place: the keeper's memory (same topology, plain copies, no disk), else the newest
+committed checkpoint on disk, else nothing (a fresh start); it logs which, in one line on rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resurgo.trainer.config import JobConfig
+
+from . import commit as commits
+from .capture import StateCapture
+from .flatten import flatten, restore
+from .keeper_link import OFF, KeeperLink
+from .keeper_protocol import KeeperError, KeeperGone, SlotLayout
+from .manager import Checkpointer, Stateful
+from .persist import StoreTarget
+from .snapshot import Registration, SnapshotEngine, slot_views
+from .states import ModelState, OptimizerState
+
+log = logging.getLogger(__name__)
+
+CONNECT_WAIT_S = 120.0  # a keeper imports torch before it listens; on a busy node that takes a while
+
+
+def train_states(trainer: Any) -> dict[str, Stateful]:
+    """Everything a checkpoint of `trainer` holds, by key: the same keys in memory and on disk."""
+    parts = trainer.parts.modules
+    return {"model": ModelState(parts), "optim": OptimizerState(parts, trainer.optimizers), **trainer.states}
+
+
+def build_protection(cfg: JobConfig, *, trainer: Any) -> Protection:
+    """The protection of one worker (collective: every rank calls it, before `resume`)."""
+    env = trainer.env
+    return Protection(
+        cfg, states=train_states(trainer), run_dir=Path(trainer.run_dir), rank=env.rank, local_rank=env.local_rank,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), device=env.device, topology=trainer.dims.as_dict(),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Resumed:
+    source: str  # "memory", "disk" or "fresh"
+    step: int  # 0 for a fresh start
+    detail: str
+
+
+class Protection:
+    """Hooks for the trainer (`hooks`), per-step numbers (`metrics()`), `resume()` at start, `close()` at the end."""
+
+    def __init__(self, cfg: JobConfig, *, states: Mapping[str, Stateful], run_dir: Path, rank: int, local_rank: int,
+                 local_world_size: int, device: torch.device, topology: Mapping[str, Any]) -> None:  # fmt: skip
+        ck = cfg.checkpoint
+        self.cfg, self.states, self.rank = cfg, dict(states), rank
+        self.root = Path(ck.dir) if ck.dir else run_dir / "checkpoints"
+        self.checkpointer = Checkpointer(ck, root=self.root, states=self.states, topology=topology)
+        self.comm = self.checkpointer.comm
+        self.token = self.comm.all_gather(secrets.token_hex(4))[0]  # names this incarnation's persists
+        self.link: KeeperLink | None = None
+        self.engine: SnapshotEngine | None = None
+        self.hooks: list[Any] = []
+        if cfg.fault.keeper == OFF or not (ck.snapshot_every or ck.every):
+            if ck.every:
+                self.hooks.append(SyncSave(self.checkpointer))
+            return
+        self.link = KeeperLink(run_dir=run_dir, mode=cfg.fault.keeper, local_rank=local_rank)
+        if not self.link.connect(wait_s=CONNECT_WAIT_S):
+            if not self.link.may_start:
+                raise ValueError(
+                    f"fault.keeper={cfg.fault.keeper} but no keeper answers at {self.link.path}: start "
+                    f"`resurgo-keeper --run-dir {run_dir}` on every node before the workers, or use fault.keeper=auto"
+                )
+            log.warning("the keeper did not start within %.0f s; training goes on, snapshots start when it answers", CONNECT_WAIT_S)
+        store = None
+        if ck.every:
+            store = StoreTarget(str(self.root.absolute()), ck.keep, ck.compression, dict(topology), self.comm.world_size, self.token)
+        registration = Registration(
+            rank=rank, local_world_size=local_world_size, world_size=self.comm.world_size, token=self.token, store=store,
+            host_memory_bytes=int(ck.host_memory_gb * 2**30),
+        )  # fmt: skip
+        self.capture = StateCapture(self.states, rank=rank)
+        self.engine = SnapshotEngine(
+            capture=self.capture, link=self.link, registration=registration, every=ck.snapshot_every,
+            persist_every=ck.every, device=device,
+        )  # fmt: skip
+        self.hooks.append(self.engine)
+
+    def metrics(self) -> dict[str, float]:
+        return self.engine.stats.metrics() if self.engine is not None else {}
+
+    # ---- resume -------------------------------------------------------------------------------
+
+    def resume(self) -> Resumed:
+        """Restore the newest step every rank can rebuild (collective); logs the source on rank 0."""
+        start = time.perf_counter()
+        spec = self.cfg.checkpoint.resume
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if spec not in ("none", "latest"):
+            result = Resumed("disk", self.checkpointer.load(Path(spec)), spec)
+        elif spec == "latest" or restarted:
+            result = self._from_memory() or self._from_disk() or Resumed("fresh", 0, "nothing in memory or on disk")
+        else:
+            self._keeper("discard", above=-1)
+            result = Resumed("fresh", 0, "checkpoint.resume=none")
+        if self.engine is not None:
+            self.capture.invalidate()
+            self._keeper("discard", above=result.step)
+            self.engine.stats.copied = result.step if result.source == "memory" else -1
+        if self.rank == 0:
+            where = {"memory": "keeper memory", "disk": "disk", "fresh": "nothing"}[result.source]
+            log.info("resume: from %s at step %d (%s) in %.2f s", where, result.step, result.detail, time.perf_counter() - start)
+        return result
+
+    def _from_memory(self) -> Resumed | None:
+        held = self._keeper("holdings").get("steps", [])
+        common = set.intersection(*[set(h) for h in self.comm.all_gather(held)])
+        if not common:
+            return None
+        step = max(common)
+        try:
+            loaded, trees, templates = self._read_snapshot(step)
+            error = None
+        except (KeeperError, KeeperGone) as e:
+            error = str(e)
+        errors = [e for e in self.comm.all_gather(error) if e]
+        if errors:
+            if self.rank == 0:
+                log.warning("memory snapshot of step %d is unusable (%s): trying disk", step, errors[0])
+            return None
+        for key, state in self.states.items():
+            state.load_state_dict(restore(trees[key], tensors=loaded, template=templates[key]))
+        return Resumed("memory", step, f"newest step held by every rank's keeper; held here {sorted(held)}")
+
+    def _read_snapshot(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+        """This rank's tensors of `step` copied out of the keeper's memory, its JSON state, the templates."""
+        assert self.link is not None
+        reply = self._keeper("read", step=step, strict=True)
+        try:
+            layout = SlotLayout.from_json(reply["layout"])
+            current = self.capture.current_layout()
+            if layout.digest != current.digest:
+                raise KeeperError(f"rank {self.rank}'s snapshot layout differs from its state now (the topology or model changed)")
+            views = slot_views(self.link.map([reply["segment"]])[0], layout)
+            templates = {key: state.state_dict() for key, state in self.states.items()}
+            targets: dict[str, torch.Tensor] = {}
+            for key, template in templates.items():
+                targets.update(flatten(key, template)[0])
+            loaded = {e.name: as_target(view, targets[e.name]) for e, view in zip(layout.entries, views)}
+        finally:
+            self._keeper("unpin", step=step)
+        return loaded, reply["tree"], templates
+
+    def _from_disk(self) -> Resumed | None:
+        latest = commits.latest(self.root) if self.rank == 0 else None
+        path = self.comm.all_gather(str(latest) if latest else None)[0]
+        if path is None:
+            return None
+        return Resumed("disk", self.checkpointer.load(Path(path)), f"{path}; no step held in memory by every rank")
+
+    def _keeper(self, op: str, *, strict: bool = False, **fields: Any) -> dict[str, Any]:
+        """A request for this rank; without `strict`, a missing keeper answers {} (there is nothing to use)."""
+        if self.link is None:
+            return {}
+        try:
+            if self.link.client is None and not self.link.connect(wait_s=0.0):
+                raise KeeperGone(f"no keeper answers at {self.link.path}")
+            return self.link.request(op, rank=self.rank, **fields)
+        except (KeeperGone, KeeperError):
+            if strict:
+                raise
+            return {}
+
+    # ---- end ----------------------------------------------------------------------------------
+
+    def close(self, *, step: int, ok: bool = True) -> None:
+        """End of run: snapshot and persist the final step (when persisting), wait until it is committed.
+
+        After a failure (`ok=False`) nothing is finished: the keeper keeps the snapshots for the restart.
+        """
+        if self.engine is None:
+            return
+        engine = self.engine
+        engine.fence()
+        try:
+            if ok and self.cfg.checkpoint.every and step > 0:
+                if engine.stats.copied != step:
+                    engine.begin(step, persist=True)
+                    engine.fence()
+                elif not engine.persist_due(step):
+                    self._keeper("persist", step=step)
+            if ok:
+                engine.update_status(self._keeper("finish"))
+        finally:
+            engine.close()
+            if self.link is not None:
+                self.link.close()
+
+
+class SyncSave:
+    """Without a keeper: a blocking collective save every `checkpoint.every` steps."""
+
+    def __init__(self, checkpointer: Checkpointer) -> None:
+        self.checkpointer = checkpointer
+
+    def before_optimizer_step(self) -> None:
+        pass
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.checkpointer.maybe_save(step)
+
+
+def as_target(buffer: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A private copy of `buffer` (shared memory must never become training state) shaped like `target`."""
+    from torch.distributed.tensor import DTensor
+
+    local = target.to_local() if isinstance(target, DTensor) else target
+    data = buffer.to(device=local.device, dtype=local.dtype, copy=True)
+    if isinstance(target, DTensor):
+        return DTensor.from_local(data, target.device_mesh, target.placements, run_check=False, shape=target.shape, stride=target.stride())
+    return data

@@ -1,0 +1,84 @@
+"""The keeper's snapshot buffers for one rank, and which of them a new snapshot may overwrite.
+
+Each rank gets a few equal slots. A slot is free, being written, or complete (every tensor and the
+JSON state are in). A new snapshot never overwrites the rank's newest complete snapshot, the newest
+step complete on every local rank (the one a restart would agree on while a slower rank is still
+copying the next), nor a slot being persisted or restored. With three slots that always leaves one
+to write into, except while a persist holds a slot; then a snapshot is skipped, or, for a step that
+must be persisted, waits: host memory stays bounded and a slow disk shows up as backpressure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .keeper_protocol import Entry, SlotLayout
+from .shm import Segment
+
+FREE, WRITING, COMPLETE = "free", "writing", "complete"
+DEFAULT_SLOTS = 3
+
+
+@dataclass
+class Slot:
+    index: int
+    segment: Segment
+    step: int = -1
+    status: str = FREE
+    tree: Any = None  # the rank's JSON train state of `step`, set when complete
+    persist: bool = False  # persist once this step is complete on every local rank
+    pins: int = 0  # persists and restores reading it; a pinned slot is never overwritten
+
+    def reset(self, status: str = FREE, step: int = -1) -> None:
+        self.status, self.step, self.tree, self.persist = status, step, None, False
+
+
+@dataclass
+class RankSlots:
+    """One rank's layout and slots (all the same size)."""
+
+    rank: int
+    layout: SlotLayout
+    token: str  # the run incarnation that registered it last
+    slots: list[Slot] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.segment.size for s in self.slots)
+
+    def complete_steps(self) -> list[int]:
+        return sorted(s.step for s in self.slots if s.status == COMPLETE)
+
+    def newest(self) -> int:
+        return max(self.complete_steps(), default=-1)
+
+    def find(self, step: int) -> Slot | None:
+        return next((s for s in self.slots if s.status == COMPLETE and s.step == step), None)
+
+    def views(self, slot: Slot) -> dict[str, tuple[Entry, np.ndarray]]:
+        """Each tensor's bytes in `slot`, by name."""
+        data = slot.segment.array()
+        return {e.name: (e, data[e.offset : e.offset + e.nbytes]) for e in self.layout.entries}
+
+
+def newest_common(ranks: Iterable[RankSlots]) -> int:
+    """The newest step complete on every one of `ranks` (-1 if none)."""
+    common: set[int] | None = None
+    for r in ranks:
+        steps = set(r.complete_steps())
+        common = steps if common is None else common & steps
+    return max(common or (), default=-1)
+
+
+def choose_slot(ranks: RankSlots, *, keep: Iterable[int]) -> Slot | None:
+    """A slot a new snapshot may overwrite: a free one, else the oldest complete one not kept or pinned."""
+    kept = set(keep) | {ranks.newest()}
+    free = [s for s in ranks.slots if s.status == FREE and not s.pins]
+    if free:
+        return free[0]
+    candidates = [s for s in ranks.slots if s.status == COMPLETE and not s.pins and s.step not in kept]
+    return min(candidates, key=lambda s: s.step, default=None)
