@@ -134,3 +134,33 @@ def test_weights_only_leaves_the_optimizer_alone(saved):
     assert optim.param_groups[0]["lr"] == 0.3
     expected = load_file(f"{saved}/expected.safetensors")
     assert torch.equal(model.layers["1"].down.weight.detach(), expected["s/layers.1.down.weight"])
+
+
+def safetensors_task(folder: str, expected_file: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from resurgo.checkpoint.safetensors_io import load_safetensors
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = Tiny()
+    for block in model.layers.values():
+        parallelize_module(block, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    state = ModelState(model).state_dict()
+    load_safetensors(Path(folder), state)
+    expected = load_file(expected_file)
+    for name, tensor in state.items():
+        assert torch.equal(tensor.full_tensor(), expected[f"s/{name}"].to(torch.bfloat16).float()), name
+
+
+def test_safetensors_export_initializes_a_sharded_model(saved, tmp_path):
+    from resurgo.checkpoint.commit import latest
+    from resurgo.checkpoint.reader import Checkpoint
+    from resurgo.checkpoint.safetensors_io import export_safetensors
+
+    export_safetensors(Checkpoint.open(latest(saved)), tmp_path, dtype="bf16", max_shard_bytes=256)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    workers().run(safetensors_task, str(tmp_path), f"{saved}/expected.safetensors")

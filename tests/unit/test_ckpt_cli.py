@@ -1,0 +1,84 @@
+"""`resurgo-ckpt` commands on a small single-process checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_ckpt_workers import TensorState
+
+from resurgo.checkpoint.errors import CheckpointError
+from resurgo.checkpoint.manager import Checkpointer
+from resurgo.checkpoint.safetensors_io import load_safetensors
+from resurgo.launch.ckpt import main
+from resurgo.trainer.config import CheckpointConfig
+
+
+def _model(scale: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.arange(96.0).reshape(12, 8) * scale, "b": torch.full((5,), scale), "mask": torch.tensor([True, False])}
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    for step, scale, compression in ((1, 1.0, "none"), (2, 1.5, "zstd")):
+        cfg = CheckpointConfig(keep=3, compression=compression)
+        states = {"model": TensorState(_model(scale)), "extra": TensorState({"lr": 0.1})}
+        Checkpointer(cfg, root=tmp_path, states=states, max_chunk_bytes=96).save(step)
+    return tmp_path
+
+
+def test_inspect_shows_step_topology_and_tensors(root, capsys):
+    assert main(["inspect", str(root)]) == 0  # a root resolves to its newest checkpoint
+    out = capsys.readouterr().out
+    assert "step        2" in out and '"world_size": 1' in out and "zstd" in out
+    assert "model/w" in out and "[12, 8]" in out and "384 B" in out
+
+
+def test_verify_passes_then_lists_every_problem(root, capsys):
+    assert main(["verify", str(root / "step-00000002")]) == 0
+    (root / "step-00000002/model/w/c/1/0").write_bytes(b"garbage")
+    (root / "step-00000002/model/b/c/0").unlink()
+    assert main(["verify", str(root / "step-00000002")]) == 1
+    out = capsys.readouterr().out
+    assert "2 problem(s)" in out and "'model/w' chunk c/1/0 fails" in out and "'model/b' chunk c/0 is missing" in out
+
+
+def test_diff_reports_max_abs_difference(root, capsys):
+    assert main(["diff", str(root / "step-00000001"), str(root / "step-00000002")]) == 0
+    lines = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    assert float(lines["model/w"]) == pytest.approx(95 * 0.5)
+    assert float(lines["model/mask"]) == 0.0
+
+
+def test_export_to_safetensors_and_initialize_from_it(root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    assert main(["export", "--to", "safetensors", str(root / "step-00000001"), str(out), "--dtype", "bf16", "--max-shard-size", "200B"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == {"w", "b", "mask"} and len(set(index["weight_map"].values())) >= 2
+    weights = {k: v for f in out.glob("model-*.safetensors") for k, v in load_file(f).items()}
+    assert weights["w"].dtype == torch.bfloat16 and weights["mask"].dtype == torch.bool
+    targets = {"w": torch.zeros(12, 8), "b": torch.zeros(5), "mask": torch.zeros(2, dtype=torch.bool)}
+    assert load_safetensors(out, targets) == []
+    assert all(torch.equal(targets[n], t) for n, t in _model(1.0).items())
+    with pytest.raises(CheckpointError, match=r"w: shape \(12, 8\).*expected \(3,\)"):
+        load_safetensors(out, {"w": torch.zeros(3)})
+
+
+def test_plan_lists_chunks_and_bytes_per_rank(root, tmp_path, capsys):
+    layouts = [
+        {"layout": {"name": "model/w", "shape": [12, 8], "dtype": "float32", "mesh": {"axes": ["tp"], "sizes": [2], "ranks": [0, 1]}, "placements": [{"kind": "shard", "dim": 0}]}},
+        {"layout": {"name": "model/b", "shape": [5], "dtype": "float32"}, "ranks": [1]},
+    ]
+    (tmp_path / "layouts.json").write_text(json.dumps(layouts))
+    assert main(["plan", str(root / "step-00000001"), "--layouts", str(tmp_path / "layouts.json"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["0"]["model/w"]["chunks"] == ["c/0/0", "c/1/0"]  # rows 0-5 of 3-row chunks
+    assert plan["1"]["model/w"]["chunks"] == ["c/2/0", "c/3/0"] and plan["1"]["model/b"]["bytes"] == 24
+
+
+def test_errors_exit_2_with_the_message(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
