@@ -1,0 +1,201 @@
+"""The keeper on its own: private files, slot policy and backpressure, dead workers, stale memory,
+budgets, and persisting a snapshot to a committed universal checkpoint."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from resurgo.checkpoint import persist as persist_module
+from resurgo.checkpoint import shm
+from resurgo.checkpoint.keeper import Keeper, KeeperRunning
+from resurgo.checkpoint.keeper_protocol import (
+    Client, KeeperError, SlotLayout, lock_path, run_id, segment_name, segment_prefix, socket_dir, socket_path,
+)  # fmt: skip
+from resurgo.checkpoint.layout import TensorLayout
+from resurgo.checkpoint.reader import Checkpoint, ReadRequest, read_fragments
+from resurgo.checkpoint.slots import COMPLETE, FREE, RankSlots, Slot, choose_slot
+
+TENSORS = {"model/w": np.arange(24, dtype=np.float32).reshape(4, 6), "optim/step": np.array(3.0, dtype=np.float32)}
+
+
+def layout_of(tensors: dict[str, np.ndarray], *, rank: int = 0) -> SlotLayout:
+    specs = []
+    for name, a in tensors.items():
+        fragment = TensorLayout(name, a.shape, str(a.dtype)).fragment(rank)
+        specs.append((name, str(a.dtype), a.shape, a.nbytes, fragment.to_json()))
+    return SlotLayout.build(specs)
+
+
+class FakeWorker:
+    """A rank that talks to the keeper like SnapshotEngine, writing numpy arrays into its slots."""
+
+    def __init__(self, keeper: Keeper, *, rank: int = 0, local_world: int = 1, root: Path | None = None, token: str = "ab12") -> None:
+        self.client = Client(socket_path(keeper.rid), timeout=60)
+        self.rank, self.layout = rank, layout_of(TENSORS, rank=rank)
+        store = None
+        if root is not None:
+            store = {"root": str(root), "keep": 2, "compression": "none", "topology": {"dp": 1}, "world_size": local_world, "token": token}
+        reply = self.client.request(
+            "register", rank=rank, local_world_size=local_world, world_size=local_world, token=token, store=store,
+            layout=self.layout.to_json(), host_memory_bytes=0,
+        )
+        self.segments = [shm.Segment.attach(n) for n in reply["segments"]]
+
+    def snapshot(self, step: int, *, persist: bool = False, required: bool = False, scale: float = 1.0) -> dict:
+        reply = self.client.request("acquire", rank=self.rank, step=step, required=required)
+        if reply["slot"] is None:
+            return reply
+        data = self.segments[reply["slot"]].array()
+        for entry in self.layout.entries:
+            data[entry.offset : entry.offset + entry.nbytes] = np.frombuffer((TENSORS[entry.name] * scale).tobytes(), np.uint8)
+        return self.client.request("complete", rank=self.rank, slot=reply["slot"], step=step, tree={"train": {"step": step}}, persist=persist)
+
+
+@pytest.fixture
+def serve(tmp_path):
+    started = []
+
+    def start(**kwargs) -> Keeper:
+        keeper = Keeper(run_dir=tmp_path / f"run{len(started)}", idle_timeout_s=120, **kwargs)
+        keeper.start()
+        thread = threading.Thread(target=keeper.serve_forever, daemon=True)
+        thread.start()
+        started.append((keeper, thread))
+        return keeper
+
+    yield start
+    for keeper, thread in started:
+        keeper.request_stop()
+        thread.join(30)
+
+
+def wait_status(keeper: Keeper, key: str, value: int, *, timeout: float = 30.0) -> dict:
+    client = Client(socket_path(keeper.rid))
+    deadline = time.monotonic() + timeout
+    while (status := client.request("status"))[key] < value:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.02)
+    client.close()
+    return status
+
+
+def test_only_this_user_can_reach_the_socket_and_memory(serve):
+    keeper = serve()
+    worker = FakeWorker(keeper)
+    assert stat.S_IMODE(socket_dir().stat().st_mode) == 0o700
+    assert stat.S_IMODE(socket_path(keeper.rid).stat().st_mode) == 0o600
+    for segment in worker.segments:
+        assert stat.S_IMODE((shm.SHM_DIR / segment.name).stat().st_mode) == 0o600
+        assert segment.name.startswith(segment_prefix(keeper.rid))
+
+
+def _slots(*states: tuple[str, int, int]) -> RankSlots:
+    held = RankSlots(0, SlotLayout((), 0), "t")
+    held.slots = [Slot(i, None, step=step, status=status, pins=pins) for i, (status, step, pins) in enumerate(states)]
+    return held
+
+
+def test_slot_policy_keeps_the_newest_and_the_common_step_and_pinned_slots():
+    assert choose_slot(_slots((COMPLETE, 5, 0), (FREE, -1, 0), (COMPLETE, 4, 0)), keep=[4]).index == 1
+    assert choose_slot(_slots((COMPLETE, 3, 0), (COMPLETE, 5, 0), (COMPLETE, 4, 0)), keep=[4]).index == 0
+    assert choose_slot(_slots((COMPLETE, 3, 1), (COMPLETE, 5, 0), (COMPLETE, 4, 0)), keep=[4]) is None  # 3 is persisting
+    assert choose_slot(_slots((COMPLETE, 3, 0), (COMPLETE, 5, 0), (COMPLETE, 4, 0)), keep=[3]).index == 2
+
+
+def test_persisted_snapshot_is_committed_and_reads_back(serve, tmp_path):
+    keeper = serve()
+    worker = FakeWorker(keeper, root=tmp_path / "ckpt")
+    worker.snapshot(1)
+    worker.snapshot(2, persist=True)
+    status = wait_status(keeper, "committed", 2)
+    assert status["copied"] == 2 and status["durable"] == 2 and status["backlog"] == 0
+    ckpt = Checkpoint.open(tmp_path / "ckpt" / "step-00000002")
+    assert ckpt.meta.step == 2 and ckpt.meta.states.of_rank(0) == {"train": {"step": 2}}
+    assert dict(ckpt.meta.topology) == {"dp": 1, "world_size": 1}
+    for name, expected in TENSORS.items():
+        out = np.zeros_like(expected)
+        read_fragments(ckpt, [ReadRequest(TensorLayout(name, expected.shape, str(expected.dtype)).fragment(0), out)])
+        np.testing.assert_array_equal(out, expected)
+    assert not list((tmp_path / "ckpt").glob(".step-*"))  # nothing half-written left behind
+
+
+def test_a_dead_worker_frees_its_unfinished_slot_and_keeps_complete_ones(serve):
+    keeper = serve(slots=2)
+    worker = FakeWorker(keeper)
+    worker.snapshot(1)
+    assert worker.client.request("acquire", rank=0, step=2)["slot"] is not None
+    worker.client.close()  # killed mid-copy
+    restarted = FakeWorker(keeper)
+    assert restarted.client.request("holdings", rank=0)["steps"] == [1]
+    assert restarted.snapshot(2)["copied"] == 2  # the half-written slot was given back
+
+
+def test_a_slow_persist_skips_snapshots_and_makes_a_required_one_wait(serve, tmp_path, monkeypatch):
+    gate = threading.Event()
+    original = persist_module.write_fragments
+    monkeypatch.setattr(persist_module, "write_fragments", lambda *a, **k: gate.wait(30) and original(*a, **k))
+    keeper = serve(slots=2)
+    worker = FakeWorker(keeper, root=tmp_path / "ckpt")
+    worker.snapshot(1, persist=True)  # pinned while its persist is stuck
+    worker.snapshot(2)
+    skipped = worker.snapshot(3)
+    assert skipped["slot"] is None and skipped["reason"] == "busy" and skipped["skipped"] == 1
+    threading.Timer(0.5, gate.set).start()
+    start = time.monotonic()
+    assert worker.snapshot(4, required=True, persist=True)["copied"] == 4
+    assert time.monotonic() - start >= 0.4  # backpressure: waited for the persist, then got the slot
+    assert wait_status(keeper, "committed", 4)["committed"] == 4
+
+
+def test_a_step_already_held_is_not_copied_again(serve):
+    keeper = serve()
+    worker = FakeWorker(keeper)
+    worker.snapshot(1)
+    assert worker.client.request("acquire", rank=0, step=1)["reason"] == "held"
+
+
+def test_a_budget_below_two_snapshots_is_refused_with_advice(serve):
+    keeper = serve(host_memory_bytes=layout_of(TENSORS).nbytes)
+    with pytest.raises(KeeperError, match="at least 2 are needed: raise it"):
+        FakeWorker(keeper)
+
+
+def test_one_keeper_per_run_and_node(serve, tmp_path):
+    keeper = serve()
+    with pytest.raises(KeeperRunning):
+        Keeper(run_dir=tmp_path / "run0").start()
+    assert keeper.rid == run_id(tmp_path / "run0")
+
+
+def test_memory_of_dead_keepers_is_reclaimed_at_start(serve, tmp_path):
+    dead = run_id(tmp_path / "crashed")
+    lock_path(dead).write_text("999999\n")  # a lock nobody holds: its keeper is gone
+    orphan = shm.Segment.create(segment_name(dead, keeper_id="0dead0", rank=0, slot=0), 4096)
+    (socket_dir() / f"{dead}.sock").write_text("")
+    mine = run_id(tmp_path / "run0")
+    leftover = shm.Segment.create(segment_name(mine, keeper_id="0dead1", rank=0, slot=1), 4096)
+    serve()
+    assert not (shm.SHM_DIR / orphan.name).exists() and not (shm.SHM_DIR / leftover.name).exists()
+    assert not (socket_dir() / f"{dead}.sock").exists()
+    lock_path(dead).unlink()
+
+
+def test_finish_waits_for_the_last_persist_then_the_keeper_exits(serve, tmp_path):
+    keeper = serve()
+    worker = FakeWorker(keeper, root=tmp_path / "ckpt")
+    worker.snapshot(3)
+    worker.client.request("persist", rank=0, step=3)
+    assert worker.client.request("finish", rank=0)["committed"] == 3
+    deadline = time.monotonic() + 10
+    while socket_path(keeper.rid).exists():
+        assert time.monotonic() < deadline, "the keeper did not exit after its last rank finished"
+        time.sleep(0.05)
+    assert not shm.list_segments(segment_prefix(keeper.rid))
+    assert os.path.isdir(tmp_path / "ckpt" / "step-00000003")
