@@ -201,6 +201,8 @@ def _cuda_device(bufs: Sequence[Buffer]) -> torch.device | None:
 def _outputs(like: Sequence[Buffer], sizes: Sequence[int], out: Sequence[Buffer] | None) -> list[Buffer]:
     """Output buffers of the inputs' kind: numpy for numpy, else torch on the inputs' device."""
     if out is not None:
+        if not all(b.is_contiguous() if _is_torch(b) else b.flags.c_contiguous for b in out):
+            raise ValueError("out buffers must be contiguous: results written to a copy would be lost")
         views = [as_bytes(b) for b in out]
         got = [_size(v) for v in views]
         if got != list(sizes):

@@ -158,6 +158,7 @@ def _stripe_and_buffers() -> tuple[Stripe, list[np.ndarray]]:
         (lambda: encode([np.zeros(4, np.uint8)], m=1, chunk_bytes=8), "chunk_bytes"),
         (lambda: encode([np.zeros(4, np.uint8)] * 2, m=2, backend="gpu"), "backend"),
         (lambda: encode([np.zeros(4, np.uint8)], m=1, out=[np.zeros(3, np.uint8)]), "out buffers"),
+        (lambda: encode([np.zeros(4, np.uint8)], m=1, out=[np.zeros(8, np.uint8)[::2]]), "contiguous"),
         (lambda: encode([[1, 2]], m=1), "torch.Tensor or numpy"),
         (lambda: Stripe(k=2, m=1, lengths=(3,)), "data lengths"),
     ],
