@@ -108,9 +108,8 @@ class StateCapture:
     def _volatile_state(self, key: str, tensors: Mapping[str, torch.Tensor]):
         if tensors:
             self._volatile.append(key)
-            log.warning(  # once per capture build"state %r is read with state_dict() and its tensors copied at every snapshot: it is not "
-                        "made of parameters or optimizer state, so it may change during forward", key)  # fmt: skip
-            state = self.states[key]
+            log.info("state %r is read with state_dict() and its tensors copied at every snapshot: they are not "
+                     "parameters or optimizer state, so they may change during forward", key)  # fmt: skip
             return [_Source(n, _missing(n), eager=True) for n in tensors], lambda fresh_trees: fresh_trees[key]
         state = self.states[key]
 

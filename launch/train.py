@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from resurgo.checkpoint.recovery import build_protection
 from resurgo.trainer.config import JobConfig, load_config
 from resurgo.trainer.distributed import init_distributed, shutdown
 from resurgo.trainer.trainer import Trainer
@@ -31,11 +32,20 @@ OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 @record
 def train(cfg: JobConfig) -> list[float]:
     env = init_distributed(cfg.train.device)
-    trainer = None
+    trainer = protection = None
+    finished = False
     try:
         trainer = Trainer(cfg, env=env, run_dir=Path(cfg.run.root) / run_name(cfg.run.name))
-        return trainer.fit()
+        protection = build_protection(cfg, trainer=trainer)
+        protection.resume()
+        trainer.hooks += protection.hooks
+        losses = trainer.fit()
+        finished = True
+        return losses
     finally:
+        if protection is not None:
+            # After a failure the keeper keeps its snapshots for the restart; after success it persists the end.
+            protection.close(step=trainer.progress.step, ok=finished)
         if trainer is not None:
             trainer.close()
         shutdown()
