@@ -66,13 +66,14 @@ class ChunkCodec:
         body = raw if not self.compressed else self._numcodec().encode(data)
         return [body, crc32c.crc32c(body).to_bytes(CRC_BYTES, "little")]
 
-    def decode(self, body: memoryview, *, nbytes: int) -> memoryview | bytes:
-        """The raw bytes of a stored chunk body (checksum already verified and removed)."""
+    def decode(self, body: memoryview, *, nbytes: int, out: np.ndarray) -> memoryview | np.ndarray:
+        """The raw bytes of a stored chunk body (checksum already verified and removed); a
+        compressed body is decoded into `out` (uint8, `nbytes` long)."""
         if not self.compressed:
             return body
-        raw = self._numcodec().decode(body)
-        if len(raw) != nbytes:
-            raise ValueError(f"decompressed to {len(raw)} bytes, expected {nbytes}")
+        raw = np.asarray(self._numcodec().decode(body, out=out)).reshape(-1).view(np.uint8)
+        if raw.nbytes != nbytes:
+            raise ValueError(f"decompressed to {raw.nbytes} bytes, expected {nbytes}")
         return raw
 
     def _numcodec(self) -> numcodecs.abc.Codec:

@@ -50,3 +50,9 @@ def as_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 def is_floating(dtype: str) -> bool:
     return torch_dtype(dtype).is_floating_point
+
+
+def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """A torch view of stored bytes (no copy) as the torch dtype they hold."""
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch_dtype(dtype)) if dtype in _BITS else tensor

@@ -2,9 +2,9 @@
 
 Saving: every rank flattens its states into named tensors (with placements) and JSON, the ranks
 agree on one plan, rank 0 creates the arrays, every rank writes the chunks it owns, rank 0 commits.
-Loading: every rank reads only what its own tensors need into fresh buffers; only when every rank
-read everything successfully does any state's `load_state_dict` run, so a bad checkpoint changes
-nothing.
+Loading: every rank reads and checks the chunks its own tensors need (the templates from each
+state's `state_dict()`); only when every rank read everything successfully are the chunks copied
+into the templates and `load_state_dict` called, so a bad checkpoint changes nothing.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from resurgo.trainer.config import CheckpointConfig
 
 from . import commit as commits
 from .comm import Comm, raise_failures
-from .dtypes import as_numpy, is_floating, torch_dtype
+from .dtypes import is_floating
 from .errors import CheckpointError, join_problems
 from .flatten import flatten, merge_trees, restore
 from .grid import DEFAULT_MAX_CHUNK_BYTES
 from .layout import Fragment, fragment_of
 from .metadata import CheckpointMeta, StateTrees
 from .plan import plan_save
-from .reader import Checkpoint, ReadRequest, read_fragments
+from .reader import Checkpoint, check
 from .states import OptimizerState
 from .store import DEFAULT_IO_THREADS, HostFragment, create_arrays, write_fragments
 
@@ -167,17 +167,15 @@ class Checkpointer:
                 log.warning("loading %s non-strictly; skipped:\n%s", path, join_problems(problems))
             targets = {n: t for n, t in targets.items() if _loadable(ckpt.meta, n, t)}
         comm.agree(error, action=f"loading {path}")
-        staged = {n: _staging(ckpt.meta, n, t, rank=rank) for n, t in targets.items()}
-        result = _attempt(
-            lambda: read_fragments(
-                ckpt, [ReadRequest(f, as_numpy(buf)) for f, buf in staged.values()], threads=self.io_threads, progress=self.progress
-            )
-        )
-        comm.agree(result if isinstance(result, str) else None, action=f"loading {path}")
-        loaded = {n: _as_target(buf, targets[n]) for n, (_, buf) in staged.items()}
+        fragments = [fragment_of(n, t, rank=rank) for n, t in targets.items()]
+        checked = _attempt(lambda: check(ckpt, fragments, threads=self.io_threads, progress=self.progress))
+        comm.agree(checked if isinstance(checked, str) else None, action=f"loading {path}")
+        # Every rank checked every chunk it needs: only now do the targets change.
+        with torch.no_grad():
+            checked.apply({n: _local(t) for n, t in targets.items()}, threads=self.io_threads)
         for key in keys:
             if key in saved_trees:
-                self.states[key].load_state_dict(restore(saved_trees[key], tensors=loaded, template=templates[key], prefix=key))
+                self.states[key].load_state_dict(restore(saved_trees[key], tensors=targets, template=templates[key], prefix=key))
         if rank == 0:
             log.info("loaded step %d from %s", ckpt.meta.step, path)
         return ckpt.meta.step
@@ -212,10 +210,7 @@ def _attempt(fn):
 
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-    return local.detach().cpu()
+    return _local(tensor).detach().cpu()
 
 
 def _mismatches(meta: CheckpointMeta, targets: Mapping[str, torch.Tensor], *, all_targets: set[str], prefixes: list[str], excluded) -> list[str]:
@@ -240,17 +235,7 @@ def _loadable(meta: CheckpointMeta, name: str, target: torch.Tensor) -> bool:
     return array.dtype == dtype or (is_floating(array.dtype) and is_floating(dtype))
 
 
-def _staging(meta: CheckpointMeta, name: str, target: torch.Tensor, *, rank: int) -> tuple[Fragment, torch.Tensor]:
-    fragment = fragment_of(name, target, rank=rank)
-    return fragment, torch.empty(fragment.local_shape, dtype=torch_dtype(meta.arrays[name].dtype))
-
-
-def _as_target(buf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The staged data in the target's dtype, device and placement."""
+def _local(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
-    local = target.to_local() if isinstance(target, DTensor) else target
-    buf = buf.to(device=local.device, dtype=local.dtype)
-    if isinstance(target, DTensor):
-        return DTensor.from_local(buf, target.device_mesh, target.placements, run_check=False, shape=target.shape, stride=target.stride())
-    return buf
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

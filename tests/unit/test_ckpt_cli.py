@@ -75,8 +75,8 @@ def test_plan_lists_chunks_and_bytes_per_rank(root, tmp_path, capsys):
     (tmp_path / "layouts.json").write_text(json.dumps(layouts))
     assert main(["plan", str(root / "step-00000001"), "--layouts", str(tmp_path / "layouts.json"), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["0"]["model/w"]["chunks"] == ["c/0/0", "c/1/0"]  # rows 0-5 of 3-row chunks
-    assert plan["1"]["model/w"]["chunks"] == ["c/2/0", "c/3/0"] and plan["1"]["model/b"]["bytes"] == 24
+    assert plan["0"]["model/w"]["chunks"] == ["c/0/0", "c/0/1"]  # rows 0-5 of 6x4 tiles
+    assert plan["1"]["model/w"]["chunks"] == ["c/1/0", "c/1/1"] and plan["1"]["model/b"]["bytes"] == 24
 
 
 def test_errors_exit_2_with_the_message(tmp_path, capsys):

@@ -78,12 +78,15 @@ def test_plan_writes_each_replica_once_and_spreads_writers():
     assert sum(counts) == 9 and max(counts) - min(counts) <= 1
 
 
-def test_chunks_align_with_uneven_boxes_and_respect_the_size_limit():
+def test_chunks_align_with_uneven_boxes_and_are_tiles_within_the_size_limit():
     layout = _layout((10, 6), (4,), [Placement("shard", 0)])
     plan = plan_save({r: [layout.fragment(r)] for r in range(4)}, world_size=4)
     assert plan.arrays["w"].chunks == (3, 6)
-    assert choose_chunks((4096, 1024), [Box((0, 0), (2048, 1024)), Box((2048, 0), (2048, 1024))], itemsize=4, max_bytes=1 << 20) == (256, 1024)
-    assert choose_chunks((3, 1 << 20), [Box((0, 0), (3, 1 << 20))], itemsize=4, max_bytes=1 << 20) == (1, 1 << 18)
+    halves = [Box((0, 0), (2048, 1024)), Box((2048, 0), (2048, 1024))]
+    assert choose_chunks((4096, 1024), halves, itemsize=4, max_bytes=1 << 20) == (512, 512)
+    assert choose_chunks((3, 1 << 20), [Box((0, 0), (3, 1 << 20))], itemsize=4, max_bytes=1 << 20) == (3, 1 << 16)
+    # A large prime side is left alone rather than cut into one-row slivers.
+    assert choose_chunks((50257, 64), [Box((0, 0), (50257, 64))], itemsize=4, max_bytes=1 << 20) == (50257, 4)
 
 
 def test_gaps_overlaps_and_disagreeing_shapes_are_refused_by_name():
