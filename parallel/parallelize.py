@@ -62,9 +62,14 @@ def build_model_parts(
     pp_schedule: str,
     stages_per_rank: int,
     microbatches: int,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    materialize: bool = True,
 ) -> ModelParts:
-    """Build on meta, cut into this rank's stages, parallelize, then materialize and init."""
+    """Build on meta, cut into this rank's stages, parallelize, then materialize and init.
+
+    `materialize=False` stops after parallelizing: the meta tensors still carry every shape and
+    placement, which is all a layout preview needs.
+    """
     if dims.pp == 1:
         stage_ids, n_stages = [0], 1
     else:
@@ -77,11 +82,12 @@ def build_model_parts(
         parallelize(
             module, mesh=mesh, dims=dims, param_dtype=param_dtype, activation_checkpoint=activation_checkpoint
         )
-        module.to_empty(device=device)
-        module.init_weights(seed=seed)
+        if materialize:
+            module.to_empty(device=device)
+            module.init_weights(seed=seed)
         modules.append(module)
     schedule = None
-    if dims.pp > 1:
+    if dims.pp > 1 and materialize:
         schedule = build_schedule(
             modules, stage_ids=stage_ids, n_stages=n_stages, pp_mesh=mesh["pp"], device=device,
             schedule=pp_schedule, microbatches=microbatches, loss_fn=loss_fn,
