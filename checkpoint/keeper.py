@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -123,6 +124,7 @@ class Keeper:
             self._sock.close()
             socket_path(self.rid).unlink(missing_ok=True)
         if self._lock_fd is not None:
+            lock_path(self.rid).unlink(missing_ok=True)  # while holding it: see _try_lock
             os.close(self._lock_fd)
         log.info("keeper %s of run %s stopped", self.keeper_id, self.rid)
 
@@ -176,9 +178,12 @@ class Keeper:
     def _maybe_exit(self) -> None:
         with self._cond:
             done = self.local_world is not None and len(self.finished) >= self.local_world and not self._jobs
-        if done and self.exit_when_finished:
-            log.info("every local rank finished: keeper exits")
+            if not done or not self.exit_when_finished or self._stop.is_set():
+                return
             self._stop.set()
+            log.info("every local rank finished: keeper exits")
+            if self.target is not None and any(h.rank == 0 for h in self._current()):
+                shutil.rmtree(self.target.coord, ignore_errors=True)  # the run's persists are all committed
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -211,14 +216,6 @@ class Keeper:
             self._cond.notify_all()
         return {}
 
-    def _op_discard(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        """Forget this rank's snapshots newer than `above` (a restart resumed from an older step)."""
-        held, above = self.ranks.get(int(msg["rank"])), int(msg["above"])
-        for slot in held.slots if held else ():
-            if slot.status == COMPLETE and slot.step > above and not slot.pins:
-                slot.reset()
-        return {}
-
     def _op_register(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         rank, layout, token = int(msg["rank"]), SlotLayout.from_json(msg["layout"]), str(msg["token"])
         if token != self.token:
@@ -235,6 +232,11 @@ class Keeper:
             self.ranks[rank] = held = RankSlots(rank, layout, token)
             count = self._slot_count(layout, budget=int(msg.get("host_memory_bytes", 0)))
             held.slots = [Slot(i, self._segment(rank, i, layout.nbytes)) for i in range(count)]
+        elif held.token != token:
+            # A new incarnation of the run: what it did not resume from belongs to another timeline.
+            for slot in held.slots:
+                if slot.status == COMPLETE and slot.step > int(msg.get("resumed_from", 0)) and not slot.pins:
+                    slot.reset()
         held.token = token
         conn.ranks.add(rank)
         self.finished.discard(rank)
@@ -387,6 +389,7 @@ def reclaim_stale(*, own: str) -> int:
                 nbytes += size
             if rid != own:
                 (directory / f"{rid}.sock").unlink(missing_ok=True)
+                lock.unlink(missing_ok=True)  # still holding it: see _try_lock
         finally:
             if fd is not None:
                 os.close(fd)
@@ -397,13 +400,24 @@ def reclaim_stale(*, own: str) -> int:
 
 
 def _try_lock(path: Path) -> int | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    """An exclusive lock on `path` (fd), None if a live process holds it.
+
+    Lock files are removed by their holder, so a lock won on a file that was unlinked meanwhile is
+    worthless: retry until the locked file is the one at `path`.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        return None
-    return fd
 
 
 def _free(held: RankSlots) -> None:

@@ -14,7 +14,7 @@ import os
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from resurgo.trainer.config import JobConfig
 from . import commit as commits
 from .capture import StateCapture
 from .flatten import flatten, restore
-from .keeper_link import OFF, KeeperLink
+from .keeper_link import EXTERNAL, OFF, KeeperLink
 from .keeper_protocol import KeeperError, KeeperGone, SlotLayout
 from .manager import Checkpointer, Stateful
 from .persist import StoreTarget
@@ -78,13 +78,13 @@ class Protection:
                 self.hooks.append(SyncSave(self.checkpointer))
             return
         self.link = KeeperLink(run_dir=run_dir, mode=cfg.fault.keeper, local_rank=local_rank)
-        if not self.link.connect(wait_s=CONNECT_WAIT_S):
-            if not self.link.may_start:
-                raise ValueError(
-                    f"fault.keeper={cfg.fault.keeper} but no keeper answers at {self.link.path}: start "
-                    f"`resurgo-keeper --run-dir {run_dir}` on every node before the workers, or use fault.keeper=auto"
-                )
-            log.warning("the keeper did not start within %.0f s; training goes on, snapshots start when it answers", CONNECT_WAIT_S)
+        # auto: local rank 0 starts a keeper if none runs, and nobody waits for it (a new keeper holds
+        # nothing to resume from); external: the launch script promised one.
+        if not self.link.connect(wait_s=CONNECT_WAIT_S if cfg.fault.keeper == EXTERNAL else 0.0) and cfg.fault.keeper == EXTERNAL:
+            raise ValueError(
+                f"fault.keeper=external but no keeper answers at {self.link.path}: start "
+                f"`resurgo-keeper --run-dir {run_dir}` on every node before the workers, or use fault.keeper=auto"
+            )
         store = None
         if ck.every:
             store = StoreTarget(str(self.root.absolute()), ck.keep, ck.compression, dict(topology), self.comm.world_size, self.token)
@@ -114,11 +114,10 @@ class Protection:
         elif spec == "latest" or restarted:
             result = self._from_memory() or self._from_disk() or Resumed("fresh", 0, "nothing in memory or on disk")
         else:
-            self._keeper("discard", above=-1)
             result = Resumed("fresh", 0, "checkpoint.resume=none")
         if self.engine is not None:
             self.capture.invalidate()
-            self._keeper("discard", above=result.step)
+            self.engine.registration = replace(self.engine.registration, resumed_from=result.step)
             self.engine.stats.copied = result.step if result.source == "memory" else -1
         if self.rank == 0:
             where = {"memory": "keeper memory", "disk": "disk", "fresh": "nothing"}[result.source]
@@ -191,12 +190,14 @@ class Protection:
 
         After a failure (`ok=False`) nothing is finished: the keeper keeps the snapshots for the restart.
         """
-        if self.engine is None:
+        if self.engine is None or self.link is None:
             return
         engine = self.engine
         engine.fence()
         try:
             if ok and self.cfg.checkpoint.every and step > 0:
+                if self.link.client is None:  # a lost keeper: the end of the run must still be persisted
+                    self.link.connect(wait_s=CONNECT_WAIT_S)
                 if engine.stats.copied != step:
                     engine.begin(step, persist=True)
                     engine.fence()

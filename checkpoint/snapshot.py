@@ -41,12 +41,13 @@ class Registration:
     token: str  # hex, one per run incarnation, agreed by all ranks
     store: StoreTarget | None  # None: nothing is persisted
     host_memory_bytes: int = 0  # 0: the keeper's default
+    resumed_from: int = 0  # the step this incarnation started from: held snapshots of later steps are stale
 
     def message(self, layout: SlotLayout) -> dict[str, Any]:
         return {
             "rank": self.rank, "local_world_size": self.local_world_size, "world_size": self.world_size,
             "token": self.token, "store": self.store.to_json() if self.store else None,
-            "host_memory_bytes": self.host_memory_bytes, "layout": layout.to_json(),
+            "host_memory_bytes": self.host_memory_bytes, "resumed_from": self.resumed_from, "layout": layout.to_json(),
         }  # fmt: skip
 
 

@@ -36,7 +36,8 @@ def layout_of(tensors: dict[str, np.ndarray], *, rank: int = 0) -> SlotLayout:
 class FakeWorker:
     """A rank that talks to the keeper like SnapshotEngine, writing numpy arrays into its slots."""
 
-    def __init__(self, keeper: Keeper, *, rank: int = 0, local_world: int = 1, root: Path | None = None, token: str = "ab12") -> None:
+    def __init__(self, keeper: Keeper, *, rank: int = 0, local_world: int = 1, root: Path | None = None, token: str = "ab12",
+                 resumed_from: int = 0) -> None:  # fmt: skip
         self.client = Client(socket_path(keeper.rid), timeout=60)
         self.rank, self.layout = rank, layout_of(TENSORS, rank=rank)
         store = None
@@ -44,7 +45,7 @@ class FakeWorker:
             store = {"root": str(root), "keep": 2, "compression": "none", "topology": {"dp": 1}, "world_size": local_world, "token": token}
         reply = self.client.request(
             "register", rank=rank, local_world_size=local_world, world_size=local_world, token=token, store=store,
-            layout=self.layout.to_json(), host_memory_bytes=0,
+            layout=self.layout.to_json(), host_memory_bytes=0, resumed_from=resumed_from,
         )
         self.segments = [shm.Segment.attach(n) for n in reply["segments"]]
 
@@ -154,6 +155,18 @@ def test_a_slow_persist_skips_snapshots_and_makes_a_required_one_wait(serve, tmp
     assert wait_status(keeper, "committed", 4)["committed"] == 4
 
 
+def test_a_new_incarnation_drops_what_it_did_not_resume_from(serve):
+    keeper = serve()
+    first = FakeWorker(keeper)
+    for step in (1, 2, 3):
+        first.snapshot(step)
+    first.client.close()
+    again = FakeWorker(keeper, resumed_from=2)  # the same incarnation registering again keeps everything
+    assert again.client.request("holdings", rank=0)["steps"] == [1, 2, 3]
+    restarted = FakeWorker(keeper, token="cd34", resumed_from=2)
+    assert restarted.client.request("holdings", rank=0)["steps"] == [1, 2]
+
+
 def test_a_step_already_held_is_not_copied_again(serve):
     keeper = serve()
     worker = FakeWorker(keeper)
@@ -183,8 +196,7 @@ def test_memory_of_dead_keepers_is_reclaimed_at_start(serve, tmp_path):
     leftover = shm.Segment.create(segment_name(mine, keeper_id="0dead1", rank=0, slot=1), 4096)
     serve()
     assert not (shm.SHM_DIR / orphan.name).exists() and not (shm.SHM_DIR / leftover.name).exists()
-    assert not (socket_dir() / f"{dead}.sock").exists()
-    lock_path(dead).unlink()
+    assert not (socket_dir() / f"{dead}.sock").exists() and not lock_path(dead).exists()
 
 
 def test_finish_waits_for_the_last_persist_then_the_keeper_exits(serve, tmp_path):

@@ -1,0 +1,253 @@
+"""How long training stalls when it checkpoints every step, per method, in one run.
+
+One model and topology (the Llama-style trainer, FSDP2 over `--ranks` CPU processes with gloo), the
+methods one after another on the same processes: none (measured first and last), a synchronous
+torch.save of the gathered state, dcp.save, dcp.async_save (shared-memory stager, staging in a
+thread, its own gloo group), and resurgo (a memory snapshot every step held by the node's keeper,
+every `--persist-every`-th persisted to the universal store by the keeper). Per method it prints the
+median time training is blocked per step (the slowest rank's), the mean step time against none,
+and the host memory holding checkpoint copies (shared memory growth, measured).
+
+    python benchmarks/snapshot_stall.py --ranks 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+MODES = ("none", "torch.save", "dcp.save", "dcp.async_save", "resurgo", "none")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ranks", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per method")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="global sequences per step")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--persist-every", type=int, default=10, help="resurgo: keeper persists every N-th snapshot")
+    parser.add_argument("--root", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    return parser.parse_args()
+
+
+def shmem_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Timed:
+    """A StepHook that times what the method blocks; subclasses do the checkpointing."""
+
+    def __init__(self) -> None:
+        self.blocked: list[float] = []
+        self._fence = 0.0
+
+    def before_optimizer_step(self) -> None:
+        start = time.perf_counter()
+        self.fence()
+        self._fence = time.perf_counter() - start
+
+    def after_optimizer_step(self, step: int) -> None:
+        start = time.perf_counter()
+        self.save(step)
+        self.blocked.append(self._fence + time.perf_counter() - start)
+        self._fence = 0.0
+
+    def fence(self) -> None:
+        pass
+
+    def save(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TorchSave(Timed):
+    def __init__(self, trainer: Any, folder: Path) -> None:
+        super().__init__()
+        self.trainer, self.path = trainer, folder / "full.pt"
+
+    def save(self, step: int) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model, optim = self.trainer.parts.modules[0], self.trainer.optimizers[0]
+        state = {"model": get_model_state_dict(model, options=options), "optim": get_optimizer_state_dict(model, optim, options=options)}
+        if dist.get_rank() == 0:
+            torch.save(state, self.path)
+        dist.barrier()
+
+
+class DcpSave(Timed):
+    def __init__(self, trainer: Any, folder: Path) -> None:
+        super().__init__()
+        self.trainer, self.folder = trainer, folder
+
+    def state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        model, optim = self.trainer.parts.modules[0], self.trainer.optimizers[0]
+        return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optim)}
+
+    def save(self, step: int) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self.state(), checkpoint_id=str(self.folder / "dcp"))
+
+
+class DcpAsyncSave(DcpSave):
+    """torchtitan's pattern: stage into shared memory in a thread, upload in another; wait for the
+    staging right before the next optimizer step, and for the previous upload before the next save."""
+
+    def __init__(self, trainer: Any, folder: Path) -> None:
+        super().__init__(trainer, folder)
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        options = StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=True,
+                                 use_async_staging=True, use_non_blocking_copy=torch.cuda.is_available())  # fmt: skip
+        self.stager = DefaultStager(options)
+        self.group = dist.new_group(backend="gloo")  # never shares a group with training collectives
+        self.pending: Any = None
+
+    def fence(self) -> None:
+        staging = getattr(self.pending, "staging_completion", None)
+        if staging is not None:
+            staging.result()
+
+    def save(self, step: int) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        if self.pending is not None:
+            getattr(self.pending, "upload_completion", self.pending).result()
+        self.pending = dcp.async_save(self.state(), checkpoint_id=str(self.folder / "dcp_async"), process_group=self.group,
+                                      async_stager=self.stager)  # fmt: skip
+
+    def close(self) -> None:
+        if self.pending is not None:
+            getattr(self.pending, "upload_completion", self.pending).result()
+        self.stager.close()
+
+
+class Resurgo(Timed):
+    def __init__(self, trainer: Any, folder: Path, *, persist_every: int) -> None:
+        super().__init__()
+        from dataclasses import replace
+
+        from resurgo.checkpoint.recovery import build_protection
+
+        cfg = trainer.cfg
+        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, dir=str(folder / "resurgo"), every=persist_every, snapshot_every=1))
+        self.trainer, self.protection = trainer, build_protection(cfg, trainer=trainer)
+        self.engine = self.protection.engine
+
+    def fence(self) -> None:
+        self.engine.before_optimizer_step()
+
+    def save(self, step: int) -> None:
+        self.engine.after_optimizer_step(step)
+
+    def close(self) -> None:
+        self.protection.close(step=self.trainer.progress.step)
+
+
+def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(args.ranks),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(args.ranks), OMP_NUM_THREADS="1")  # fmt: skip
+    torch.set_num_threads(1)
+    from omegaconf import OmegaConf
+
+    from resurgo.trainer.config import load_config
+    from resurgo.trainer.distributed import init_distributed, shutdown
+    from resurgo.trainer.trainer import Trainer
+
+    cfg = load_config(OmegaConf.create({
+        "model": {"dim": args.dim, "n_layers": args.layers, "n_heads": 8, "n_kv_heads": 4},
+        "train": {"device": "cpu", "steps": 10_000, "seq_len": args.seq, "batch_size": args.batch, "log_every": 0, "precision": "fp32"},
+        "parallel": {"dp_shard": args.ranks}, "fault": {"keeper": "auto"},
+    }))  # fmt: skip
+    trainer = Trainer(cfg, env=init_distributed("cpu"), run_dir=folder / "run")
+    state_bytes = sum(p.to_local().nbytes for p in trainer.parts.parameters()) * 3  # parameters and two moments
+    totals = torch.tensor([float(state_bytes)])
+    dist.all_reduce(totals)
+    rows = []
+    for mode in MODES:
+        hook = make(mode, trainer, folder, args)
+        trainer.hooks = [hook]
+        base_shm = shmem_bytes()
+        step_times = []
+        for i in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            trainer.train_step()
+            if i >= args.warmup:
+                step_times.append(time.perf_counter() - start)
+        held = max(shmem_bytes() - base_shm, 0)
+        hook.close()
+        trainer.hooks = []
+        measured = torch.tensor([statistics.median(hook.blocked[args.warmup:]) if hook.blocked else 0.0, statistics.mean(step_times)])
+        dist.all_reduce(measured, op=dist.ReduceOp.MAX)
+        rows.append((mode, float(measured[0]), float(measured[1]), held))
+    if rank == 0:
+        report(rows, args=args, state_bytes=float(totals[0]))
+    trainer.close()
+    shutdown()
+
+
+def make(mode: str, trainer: Any, folder: Path, args: argparse.Namespace) -> Timed:
+    return {
+        "none": lambda: Timed(),
+        "torch.save": lambda: TorchSave(trainer, folder),
+        "dcp.save": lambda: DcpSave(trainer, folder),
+        "dcp.async_save": lambda: DcpAsyncSave(trainer, folder),
+        "resurgo": lambda: Resurgo(trainer, folder, persist_every=args.persist_every),
+    }[mode]()
+
+
+def report(rows: list[tuple[str, float, float, int]], *, args: argparse.Namespace, state_bytes: float) -> None:
+    none = statistics.mean(step for mode, _, step, _ in rows if mode == "none")
+    print(f"{args.ranks} CPU ranks, FSDP2, {args.layers} layers x dim {args.dim}, {args.batch}x{args.seq} tokens per step; "
+          f"checkpointed state {state_bytes / 2**20:.0f} MiB (parameters + AdamW moments, all ranks); "
+          f"{args.steps} measured steps per method after {args.warmup} warm-up")  # fmt: skip
+    print(f"{'method':<16}{'blocked/step (median)':>24}{'of step':>10}{'step time':>12}{'vs none':>10}{'host shm':>12}")
+    seen = set()
+    for mode, blocked, step, held in rows:
+        label = mode if mode not in seen else "none (again)"
+        seen.add(mode)
+        print(f"{label:<16}{blocked * 1e3:>21.2f} ms{blocked / step:>10.2%}{step:>10.3f} s{step / none:>9.3f}x{held / 2**20:>8.0f} MiB")
+    blocked = {mode: b for mode, b, _, _ in rows}
+    ratio = blocked["dcp.async_save"] / max(blocked["resurgo"], 1e-9)
+    print(f"resurgo blocks {ratio:.0f}x less than dcp.async_save per step "
+          f"(resurgo: memory snapshot every step, persisted every {args.persist_every} steps by the keeper)")
+
+
+def main() -> None:
+    args = parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="snapshot_stall-", dir=args.root))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        mp.spawn(worker, args=(args, port, folder), nprocs=args.ranks, join=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
