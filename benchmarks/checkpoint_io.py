@@ -7,16 +7,16 @@ Both systems save the same DTensors and load into the same targets, each writing
 
     python benchmarks/checkpoint_io.py [--dir /tmp/resurgo-bench] [--gb 1.2] [--repeats 2]
 
-The page cache cannot be dropped without disturbing the whole machine, so loads read what the
-preceding save left in memory (for every system alike) and the raw read baseline is `dd` reading
-its own just-written file back.
+The page cache cannot be dropped without disturbing the whole machine (and needs root), so loads
+read what the preceding saves left in memory, for every system alike, and the raw read baseline is
+`dd` reading its own just-written file back. Rounds interleave dd, resurgo and DCP so each meets
+the same disk conditions; each figure is the best of --repeats rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/resurgo-bench", help="scratch folder on the disk to measure")
     parser.add_argument("--gb", type=float, default=1.2, help="total state size in GB")
     parser.add_argument("--ranks", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many rounds per measurement")
     parser.add_argument("--io-threads", type=int, default=4)
     parser.add_argument("--chunk-mib", type=float, default=4.0, help="resurgo's largest chunk")
     args = parser.parse_args()
@@ -70,29 +70,32 @@ def _rank_main(rank: int, args: argparse.Namespace, n_tensors: int, port: int, r
     nbytes = n_tensors * ROWS * COLS * 4
     report: dict = {"tensors": n_tensors, "bytes": nbytes, "chunk_mib": args.chunk_mib, "io_threads": args.io_threads}
 
-    def timed(fn) -> float:
-        best = float("inf")
-        for i in range(args.repeats):
-            dist.barrier()
-            start = time.perf_counter()
-            fn(i)
-            dist.barrier()
-            best = min(best, time.perf_counter() - start)
-        return best
-
     opts = {"io_threads": args.io_threads, "max_chunk_bytes": int(args.chunk_mib * (1 << 20))}
     resurgo = _resurgo(scratch / "resurgo", state, **opts)
     zstd = _resurgo(scratch / "resurgo-zstd", state, **opts, compression="zstd:1")
-    report["resurgo_save"] = timed(lambda i: resurgo.save(i))
-    report["dcp_save"] = timed(lambda i: _dcp_save(scratch / f"dcp-{i}", state))
-    report["resurgo_zstd_save"] = timed(lambda i: zstd.save(i))
+    saves = {
+        "dd_write": lambda i: rank == 0 and _dd_write(scratch / "dd.bin", nbytes),
+        "resurgo_save": lambda i: resurgo.save(i),
+        "dcp_save": lambda i: _dcp_save(scratch / f"dcp-{i}", state),
+        "resurgo_zstd_save": lambda i: zstd.save(i),
+    }
+    # Rounds interleave the systems so each meets the same (shared, noisy) disk conditions.
+    for i in range(args.repeats):
+        for key, fn in saves.items():
+            report[key] = min(report.get(key, float("inf")), _timed(lambda: fn(i)))
 
     ours_targets = _target_state(grid, n_tensors, rank)
     dcp_targets = _target_state(grid, n_tensors, rank)
     loader = _resurgo(scratch / "resurgo", ours_targets, **opts)
     last = args.repeats - 1
-    report["resurgo_load"] = timed(lambda i: loader.load(scratch / "resurgo" / f"step-{last:08d}"))
-    report["dcp_load"] = timed(lambda i: _dcp_load(scratch / f"dcp-{last}", dcp_targets))
+    loads = {
+        "dd_read": lambda: rank == 0 and _dd_read(scratch / "dd.bin"),
+        "resurgo_load": lambda: loader.load(scratch / "resurgo" / f"step-{last:08d}"),
+        "dcp_load": lambda: _dcp_load(scratch / f"dcp-{last}", dcp_targets),
+    }
+    for _ in range(args.repeats):
+        for key, fn in loads.items():
+            report[key] = min(report.get(key, float("inf")), _timed(fn))
     same = all(torch.equal(ours_targets[k].to_local(), dcp_targets[k].to_local()) for k in ours_targets)
     report["loaded_equal"] = _all_ranks(same)
     report["target_bytes"] = int(_sum_ranks(sum(t.to_local().nbytes for t in ours_targets.values())))
@@ -100,7 +103,6 @@ def _rank_main(rank: int, args: argparse.Namespace, n_tensors: int, port: int, r
         report["disk_resurgo"] = _du(scratch / "resurgo" / f"step-{last:08d}")
         report["disk_resurgo_zstd"] = _du(scratch / "resurgo-zstd" / f"step-{last:08d}")
         report["disk_dcp"] = _du(scratch / f"dcp-{last}")
-        report["dd_write"], report["dd_read"] = _dd(scratch / "dd.bin", nbytes, repeats=args.repeats)
         results.put(report)
     dist.barrier()
     dist.destroy_process_group()
@@ -180,24 +182,26 @@ def _du(path: Path) -> int:
     return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
 
 
-def _dd(path: Path, nbytes: int, *, repeats: int) -> tuple[float, float]:
-    block = 64 << 20
-    count = max(1, nbytes // block)
-    write = read = float("inf")
-    for _ in range(repeats):
-        path.unlink(missing_ok=True)
-        write = min(write, _dd_seconds(["dd", "if=/dev/zero", f"of={path}", f"bs={block}", f"count={count}", "conv=fsync"]))
-        read = min(read, _dd_seconds(["dd", f"if={path}", "of=/dev/null", f"bs={block}"]))
-    path.unlink(missing_ok=True)
-    scale = nbytes / (count * block)
-    return write * scale, read * scale
-
-
-def _dd_seconds(cmd: list[str]) -> float:
+def _timed(fn) -> float:
+    """Seconds from a barrier before `fn` on every rank to a barrier after it."""
+    dist.barrier()
     start = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
-    m = re.search(r"copied, ([\d.]+) s", out)
-    return float(m.group(1)) if m else time.perf_counter() - start
+    fn()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+_DD_BLOCK = 64 << 20
+
+
+def _dd_write(path: Path, nbytes: int) -> None:
+    path.unlink(missing_ok=True)
+    count = max(1, -(-nbytes // _DD_BLOCK))
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", f"bs={_DD_BLOCK}", f"count={count}", "conv=fsync"], capture_output=True, check=True)
+
+
+def _dd_read(path: Path) -> None:
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", f"bs={_DD_BLOCK}"], capture_output=True, check=True)
 
 
 def _print(r: dict) -> None:

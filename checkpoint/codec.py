@@ -18,6 +18,7 @@ import numpy as np
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
 from .errors import CheckpointError
+from .scratch import contiguous_runs, scratch
 
 COMPRESSIONS = ("none", "zstd", "lz4", "gzip")
 CRC_BYTES = 4
@@ -61,10 +62,20 @@ class ChunkCodec:
         return {"serializer": BytesCodec(endian="little"), "compressors": [*compressor, Crc32cCodec()]}
 
     def encode(self, data: np.ndarray) -> Sequence[bytes | memoryview]:
-        """The buffers to write for a C-contiguous chunk (its data is not copied when uncompressed)."""
-        raw = memoryview(data.reshape(-1).view(np.uint8))
-        body = raw if not self.compressed else self._numcodec().encode(data)
-        return [body, crc32c.crc32c(body).to_bytes(CRC_BYTES, "little")]
+        """The buffers to write for a chunk at full chunk shape; uncompressed data is not copied
+        (a strided chunk is written as its contiguous runs)."""
+        runs = contiguous_runs(data) if not self.compressed else None
+        if runs is None:
+            if not data.flags.c_contiguous:
+                packed = scratch(data.nbytes).view(data.dtype).reshape(data.shape)
+                np.copyto(packed, data)
+                data = packed
+            raw = memoryview(data.reshape(-1).view(np.uint8))
+            runs = [raw if not self.compressed else memoryview(self._numcodec().encode(data))]
+        value = 0
+        for run in runs:
+            value = crc32c.crc32c(run, value)
+        return [*runs, value.to_bytes(CRC_BYTES, "little")]
 
     def decode(self, body: memoryview, *, nbytes: int, out: np.ndarray) -> memoryview | np.ndarray:
         """The raw bytes of a stored chunk body (checksum already verified and removed); a
@@ -84,5 +95,9 @@ class ChunkCodec:
         return numcodecs.Blosc(cname="lz4", clevel=self.level, shuffle=numcodecs.Blosc.SHUFFLE)
 
 
-def checksum_ok(body: memoryview, stored: bytes | memoryview) -> bool:
-    return crc32c.crc32c(body).to_bytes(CRC_BYTES, "little") == bytes(stored)
+def checksum_ok(body: memoryview | list[memoryview], stored: bytes | memoryview) -> bool:
+    """Whether the crc32c of `body` (or of its parts, in order) equals the stored one."""
+    value = 0
+    for part in body if isinstance(body, list) else [body]:
+        value = crc32c.crc32c(part, value)
+    return value.to_bytes(CRC_BYTES, "little") == bytes(stored)

@@ -3,34 +3,58 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_buffers(path: Path, buffers: Sequence[bytes | memoryview], *, sync: bool = True) -> int:
-    """Create `path` from `buffers` (no concatenation copy), fsync it, return the bytes written."""
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+@contextmanager
+def open_for_write(path: Path) -> Iterator[int]:
+    """A new (or truncated) file's descriptor, closed after the block."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        total, want = 0, sum(memoryview(b).nbytes for b in buffers)
-        views = [memoryview(b).cast("B") for b in buffers]
-        while views:
-            n = os.writev(fd, views)
-            total += n
-            while views and n >= views[0].nbytes:
-                n -= views[0].nbytes
-                views.pop(0)
-            if views:
-                views[0] = views[0][n:]
-        assert total == want
-        if sync:
-            os.fsync(fd)
-        return total
+        yield fd
     finally:
         os.close(fd)
 
 
+def write_all(fd: int, buffers: Sequence[bytes | memoryview]) -> int:
+    """Append `buffers` to `fd` without concatenating them; the bytes written."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    total = 0
+    while views:
+        n = os.writev(fd, views[:_IOV_MAX])
+        total += n
+        while views and n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    return total
+
+
+def write_buffers(path: Path, buffers: Sequence[bytes | memoryview], *, sync: bool = True) -> int:
+    """Create `path` from `buffers`, fsync it (unless told not to); the bytes written."""
+    with open_for_write(path) as fd:
+        total = write_all(fd, buffers)
+        if sync:
+            os.fsync(fd)
+    return total
+
+
 def write_file(path: Path, data: bytes) -> None:
     write_buffers(path, [data])
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
@@ -46,9 +70,5 @@ def fsync_tree(root: Path, *, files: Sequence[str] = ()) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             if name in files:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_file(Path(dirpath) / name)
         fsync_dir(Path(dirpath))

@@ -25,7 +25,7 @@ from .comm import Comm, raise_failures
 from .dtypes import is_floating
 from .errors import CheckpointError, join_problems
 from .flatten import flatten, merge_trees, restore
-from .grid import DEFAULT_MAX_CHUNK_BYTES
+from .grid import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES
 from .layout import Fragment, fragment_of
 from .metadata import CheckpointMeta, StateTrees
 from .plan import plan_save
@@ -54,6 +54,7 @@ class Checkpointer:
         topology: Mapping[str, Any] | None = None,
         strict: bool = True,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         io_threads: int = DEFAULT_IO_THREADS,
         progress: bool = False,
     ) -> None:
@@ -67,6 +68,7 @@ class Checkpointer:
         self.topology = {**dict(topology or {}), "world_size": self.comm.world_size}
         self.strict = strict
         self.max_chunk_bytes = max_chunk_bytes
+        self.max_shard_bytes = max_shard_bytes
         self.io_threads = io_threads
         self.progress = progress and self.comm.rank == 0
 
@@ -97,6 +99,7 @@ class Checkpointer:
             world_size=comm.world_size,
             compression=self.config.compression,
             max_chunk_bytes=self.max_chunk_bytes,
+            max_shard_bytes=self.max_shard_bytes,
         )
         token, directory, error = commits.new_token(), None, None
         if rank == 0:

@@ -18,8 +18,9 @@ import numpy as np
 from .codec import CRC_BYTES, ChunkCodec
 from .dtypes import storage_dtype
 from .errors import CheckpointError, join_problems
-from .grid import DEFAULT_MAX_CHUNK_BYTES, ChunkIndex, chunk_box, chunk_key, chunks_in, choose_chunks, grid_shape
+from .grid import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES, ChunkIndex, choose_grid, chunk_box, chunk_key, chunks_in, grid_shape
 from .layout import Box, Fragment, TensorLayout
+from .shard import ShardShape
 
 _SAFE = re.compile(r"[A-Za-z0-9._-]")
 
@@ -42,15 +43,26 @@ class Piece:
 
 @dataclass(frozen=True)
 class ArrayPlan:
-    """One stored tensor: its zarr array path, global shape, chunk grid and pieces."""
+    """One stored tensor: its zarr array path, global shape, shard and chunk grids, and pieces."""
 
     name: str
     path: str
     shape: tuple[int, ...]
     dtype: str
-    chunks: tuple[int, ...]
+    shards: tuple[int, ...]  # one file each
+    chunks: tuple[int, ...]  # the checksummed unit inside a shard
     pieces: tuple[Piece, ...]
     layout: TensorLayout  # as the lowest holding rank saw it, for inspection
+
+    @property
+    def shard_shape(self) -> ShardShape:
+        return ShardShape.of(self.shards, self.chunks)
+
+    def shard_indices(self) -> Iterable[ChunkIndex]:
+        return chunks_in(Box((0,) * len(self.shape), self.shape), chunks=self.shards)
+
+    def shard_box(self, index: ChunkIndex) -> Box:
+        return chunk_box(index, shape=self.shape, chunks=self.shards)
 
     @property
     def itemsize(self) -> int:
@@ -75,6 +87,7 @@ class ArrayPlan:
             "path": self.path,
             "shape": list(self.shape),
             "dtype": self.dtype,
+            "shards": list(self.shards),
             "chunks": list(self.chunks),
             "pieces": [p.to_json() for p in self.pieces],
             "layout": self.layout.to_json(),
@@ -87,6 +100,7 @@ class ArrayPlan:
             path=str(data["path"]),
             shape=tuple(int(x) for x in data["shape"]),
             dtype=str(data["dtype"]),
+            shards=tuple(int(x) for x in data["shards"]),
             chunks=tuple(int(x) for x in data["chunks"]),
             pieces=tuple(Piece.from_json(p) for p in data["pieces"]),
             layout=TensorLayout.from_json(data["layout"]),
@@ -111,6 +125,7 @@ def plan_save(
     world_size: int,
     compression: str = "none",
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> SavePlan:
     """Arrays and chunk ownership from all ranks' fragments (keyed by rank); the union is saved.
 
@@ -144,12 +159,14 @@ def plan_save(
         load[chosen] += nbytes
     for name, boxes in holders_of.items():
         first = by_name[name][0].layout
-        chunks = choose_chunks(first.shape, list(boxes), itemsize=storage_dtype(first.dtype).itemsize, max_bytes=max_chunk_bytes)
+        shards, chunks = choose_grid(
+            first.shape, list(boxes), itemsize=storage_dtype(first.dtype).itemsize, max_chunk_bytes=max_chunk_bytes, max_shard_bytes=max_shard_bytes
+        )
         pieces = tuple(
             Piece(box, writer[(name, box)], tuple(sorted(holders)))
             for box, holders in sorted(boxes.items(), key=lambda kv: kv[0].offsets)
         )
-        arrays[name] = ArrayPlan(name, array_path(name), first.shape, first.dtype, chunks, pieces, first)
+        arrays[name] = ArrayPlan(name, array_path(name), first.shape, first.dtype, shards, chunks, pieces, first)
         try:
             _check_tiling(arrays[name])
         except CheckpointError as e:
@@ -163,32 +180,48 @@ def plan_save(
 class ChunkRead:
     """One stored chunk a rank reads, and where its overlaps go in the rank's local data."""
 
-    index: ChunkIndex
+    index: ChunkIndex  # in the array's chunk grid
     targets: tuple[tuple[Box, tuple[slice, ...]], ...]  # (global overlap, destination in local data)
 
 
 @dataclass(frozen=True)
-class ReadPlan:
-    """Per rank, per tensor: the chunks read and the bytes they hold."""
+class ShardRead:
+    """The chunks a rank reads from one shard file."""
 
-    reads: Mapping[int, Mapping[str, tuple[ChunkRead, ...]]] = field(default_factory=dict)
+    shard: ChunkIndex
+    chunks: tuple[ChunkRead, ...]
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """Per rank, per tensor: the shards opened, the chunks read and the bytes they hold."""
+
+    reads: Mapping[int, Mapping[str, tuple[ShardRead, ...]]] = field(default_factory=dict)
     chunk_bytes: Mapping[str, int] = field(default_factory=dict)
 
     def bytes_read(self, rank: int) -> int:
-        return sum(len(r) * self.chunk_bytes[n] for n, r in self.reads.get(rank, {}).items())
+        return sum(self._bytes(n, r) for n, r in self.reads.get(rank, {}).items())
+
+    def _bytes(self, name: str, reads: tuple[ShardRead, ...]) -> int:
+        return sum(len(r.chunks) for r in reads) * self.chunk_bytes[name]
 
     def to_json(self) -> dict[str, Any]:
         return {
             str(rank): {
-                name: {"chunks": [chunk_key(c.index) for c in reads], "bytes": len(reads) * self.chunk_bytes[name]}
+                name: {
+                    "shards": [chunk_key(r.shard) for r in reads],
+                    "chunks": sum(len(r.chunks) for r in reads),
+                    "bytes": self._bytes(name, reads),
+                }
                 for name, reads in per.items()
             }
             for rank, per in self.reads.items()
         }
 
 
-def chunk_reads(array: ArrayPlan, fragment: Fragment) -> tuple[ChunkRead, ...]:
-    """The chunks of `array` overlapping `fragment`, each read once even if several boxes need it."""
+def chunk_reads(array: ArrayPlan, fragment: Fragment) -> tuple[ShardRead, ...]:
+    """The chunks of `array` overlapping `fragment` (each read once even if several boxes need
+    it), grouped by the shard file holding them."""
     targets: dict[ChunkIndex, list[tuple[Box, tuple[slice, ...]]]] = defaultdict(list)
     for box, local in fragment.pieces():
         for index in chunks_in(box, chunks=array.chunks):
@@ -197,7 +230,10 @@ def chunk_reads(array: ArrayPlan, fragment: Fragment) -> tuple[ChunkRead, ...]:
                 continue
             dest = tuple(slice(l.start + o - b, l.start + o - b + s) for l, o, b, s in zip(local, overlap.offsets, box.offsets, overlap.sizes))
             targets[index].append((overlap, dest))
-    return tuple(ChunkRead(i, tuple(t)) for i, t in sorted(targets.items()))
+    shards: dict[ChunkIndex, list[ChunkRead]] = defaultdict(list)
+    for index, t in sorted(targets.items()):
+        shards[array.shard_shape.locate(index)[0]].append(ChunkRead(index, tuple(t)))
+    return tuple(ShardRead(shard, tuple(reads)) for shard, reads in sorted(shards.items()))
 
 
 def plan_reads(arrays: Mapping[str, ArrayPlan], targets: Iterable[Fragment]) -> ReadPlan:
@@ -270,9 +306,9 @@ def _check_tiling(array: ArrayPlan) -> None:
     """Every chunk belongs to exactly one piece: the pieces tile the tensor without overlap."""
     if not array.shape:
         return
-    owner = np.full(grid_shape(array.shape, array.chunks), -1, dtype=np.int64)
+    owner = np.full(grid_shape(array.shape, array.shards), -1, dtype=np.int64)
     for i, piece in enumerate(array.pieces):
-        region = tuple(slice(o // c, -(-(o + s) // c)) for o, s, c in zip(piece.box.offsets, piece.box.sizes, array.chunks))
+        region = tuple(slice(o // c, -(-(o + s) // c)) for o, s, c in zip(piece.box.offsets, piece.box.sizes, array.shards))
         taken = owner[region]
         if (taken >= 0).any():
             other = array.pieces[int(taken[taken >= 0].flat[0])]
@@ -282,7 +318,7 @@ def _check_tiling(array: ArrayPlan) -> None:
             )
         owner[region] = i
     if (owner < 0).any():
-        gap = array.chunk_box(tuple(int(x) for x in np.argwhere(owner < 0)[0]))
+        gap = array.shard_box(tuple(int(x) for x in np.argwhere(owner < 0)[0]))
         raise CheckpointError(
             f"tensor {array.name!r}: no rank holds {gap} of global shape {array.shape}; the fragments do not tile "
             "the tensor: every shard must be passed by the rank that holds it"

@@ -1,17 +1,18 @@
 """Reading a checkpoint: only the chunks a fragment overlaps, each checked before it is used.
 
-Loading is two passes over the same chunks. `check` reads every needed chunk and verifies that it
-exists (zarr would silently return zeros for a missing one), has the right size and passes its
-crc32c; `Checked.apply` then copies them to their destinations (re-checking each). So a damaged
+Loading is two passes over the same chunks. `check` maps every needed chunk and verifies that its
+shard file and index exist (zarr would silently return zeros for a missing one), that it has the
+right size and that it passes its crc32c; `Checked.apply` then copies them to their destinations (re-checking each). So a damaged
 checkpoint changes no target, without staging a rank's whole state in extra host memory: the
-second pass reads from the page cache the first one filled.
+second pass reads the page cache the first one filled.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,12 @@ from tqdm import tqdm
 from .codec import CRC_BYTES, ChunkCodec, checksum_ok
 from .dtypes import as_numpy, storage_dtype, to_torch
 from .errors import CheckpointError, join_problems
-from .grid import chunk_key
+from .grid import chunk_key, chunks_in
 from .layout import Fragment
 from .metadata import CheckpointMeta, read_metadata
-from .plan import ArrayPlan, ChunkRead, chunk_reads
+from .plan import ArrayPlan, ChunkRead, ShardRead, chunk_reads
 from .scratch import scratch
+from .shard import IndexProblem, is_empty, read_index
 from .store import DEFAULT_IO_THREADS
 
 
@@ -62,27 +64,20 @@ class Checked:
     """The chunks some fragments need, all verified; `apply` copies them out."""
 
     checkpoint: Checkpoint
-    reads: tuple[tuple[ArrayPlan, ChunkRead], ...]
+    reads: tuple[tuple[ArrayPlan, ShardRead], ...]
 
     def apply(self, outs: Mapping[str, np.ndarray | torch.Tensor], *, threads: int = DEFAULT_IO_THREADS, progress: bool = False) -> None:
         """Copy every checked chunk into `outs[name]`, the requesting fragment's local data."""
         codec = ChunkCodec.parse(self.checkpoint.meta.compression)
         root = self.checkpoint.path
 
-        def copy(job: tuple[ArrayPlan, ChunkRead]) -> str | None:
-            array, read = job
+        def copy(job: tuple[ArrayPlan, ShardRead]) -> None:
+            array, shard_read = job
             out = outs[array.name]
-            if _read_direct(root, codec, array, read, out):
-                return None
-            chunk = read_chunk(root, codec, array, read.index)
-            origin = array.chunk_box(read.index).offsets
-            for overlap, dest in read.targets:
-                src = chunk[(*overlap.slices(origin), ...)]
-                if isinstance(out, torch.Tensor):
-                    out[(*dest, ...)].copy_(to_torch(src, array.dtype))
-                else:
-                    out[(*dest, ...)] = src
-            return None
+            for read, chunk in read_shard(root, codec, array, shard_read):
+                origin = array.chunk_box(read.index).offsets
+                for overlap, dest in read.targets:
+                    _copy(out[(*dest, ...)], chunk[(*overlap.slices(origin), ...)], dtype=array.dtype)
 
         problems = _problems(_run(list(self.reads), copy, threads=threads, progress=progress, desc="load"))
         if problems:
@@ -94,7 +89,7 @@ def check(checkpoint: Checkpoint, fragments: Sequence[Fragment], *, threads: int
     """Verify every chunk the fragments overlap; all problems are raised together."""
     codec = ChunkCodec.parse(checkpoint.meta.compression)
     problems: list[str] = []
-    reads: list[tuple[ArrayPlan, ChunkRead]] = []
+    reads: list[tuple[ArrayPlan, ShardRead]] = []
     for fragment in fragments:
         name = fragment.layout.name
         array = checkpoint.meta.arrays.get(name)
@@ -104,7 +99,8 @@ def check(checkpoint: Checkpoint, fragments: Sequence[Fragment], *, threads: int
         problems += check_array(checkpoint.path, array)
         reads += [(array, read) for read in chunk_reads(array, fragment)]
     if not problems:
-        problems = _problems(_run(reads, lambda job: read_chunk(checkpoint.path, codec, job[0], job[1].index), threads=threads, progress=progress, desc="check"))
+        results = _run(reads, lambda job: _checked(checkpoint.path, codec, *job), threads=threads, progress=progress, desc="check")
+        problems = _problems(results)
     if problems:
         raise CheckpointError(
             f"checkpoint {checkpoint.path} (step {checkpoint.meta.step}) cannot be loaded:\n{join_problems(problems)}\n"
@@ -125,8 +121,8 @@ def verify(checkpoint: Checkpoint, *, threads: int = DEFAULT_IO_THREADS, progres
     problems, jobs = [], []
     for array in checkpoint.meta.arrays.values():
         problems += check_array(checkpoint.path, array)
-        jobs += [(array, index) for index in array.chunk_indices()]
-    return problems + _problems(_run(jobs, lambda job: read_chunk(checkpoint.path, codec, *job), threads=threads, progress=progress, desc="verify"))
+        jobs += [(array, whole_shard(array, shard)) for shard in array.shard_indices()]
+    return problems + _problems(_run(jobs, lambda job: _checked(checkpoint.path, codec, *job), threads=threads, progress=progress, desc="verify"))
 
 
 def check_array(root: Path, array: ArrayPlan) -> list[str]:
@@ -140,30 +136,64 @@ def check_array(root: Path, array: ArrayPlan) -> list[str]:
         return [f"tensor {array.name!r}: cannot read {doc}: {e}"]
     try:
         shape = tuple(data["shape"])
-        chunks = tuple(data["chunk_grid"]["configuration"]["chunk_shape"])
-    except (KeyError, TypeError):
+        shards = tuple(data["chunk_grid"]["configuration"]["chunk_shape"])
+        chunks = tuple(data["codecs"][0]["configuration"]["chunk_shape"])
+    except (KeyError, TypeError, IndexError):
         return [f"tensor {array.name!r}: {doc} is malformed"]
-    if (shape, chunks) != (array.shape, array.chunks):
-        return [f"tensor {array.name!r}: {doc} says shape {shape} chunks {chunks}, metadata {array.shape} {array.chunks}"]
+    if (shape, shards, chunks) != (array.shape, array.shards, array.chunks):
+        return [
+            f"tensor {array.name!r}: {doc} says shape {shape} shards {shards} chunks {chunks}, "
+            f"the checkpoint's metadata {array.shape} {array.shards} {array.chunks}"
+        ]
     return []
 
 
-def read_chunk(root: Path, codec: ChunkCodec, array: ArrayPlan, index: tuple[int, ...]) -> np.ndarray:
-    """A stored chunk, checked and decoded at full chunk shape, in this thread's scratch memory
-    (valid until the thread's next read)."""
-    path = root / array.path / chunk_key(index)
-    what = f"tensor {array.name!r} chunk {chunk_key(index)}"
+def read_shard(root: Path, codec: ChunkCodec, array: ArrayPlan, shard_read: ShardRead) -> Iterator[tuple[ChunkRead, np.ndarray]]:
+    """Each requested chunk of one shard file, checked and decoded at full chunk shape (read-only,
+    valid until the next one: a compressed chunk decodes into this thread's scratch memory).
+
+    Chunks are mapped rather than read: checking and copying straight from the page cache avoids
+    a kernel-to-user copy per pass.
+    """
+    path = root / array.path / chunk_key(shard_read.shard)
+    what = f"tensor {array.name!r} shard {chunk_key(shard_read.shard)}"
     try:
-        with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            _check_size(codec, array, size, what)
-            blob = scratch(size)
-            _read_exactly(f.fileno(), [memoryview(blob)], size, what)
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise ChunkProblem(f"{what} is missing ({path})") from None
     except OSError as e:
         raise ChunkProblem(f"{what}: {e}") from None
-    body, crc = memoryview(blob)[:-CRC_BYTES], memoryview(blob)[-CRC_BYTES:]
+    try:
+        size = os.fstat(fd).st_size
+        index = read_index(fd, size=size, shape=array.shard_shape)
+        for read in shard_read.chunks:
+            entry = index[array.shard_shape.locate(read.index)[1]]
+            yield read, _map_chunk(fd, codec, array, entry, what=f"{what} chunk {read.index}")
+    except IndexProblem as e:
+        raise ChunkProblem(f"{what} {e}") from None
+    except OSError as e:
+        raise ChunkProblem(f"{what}: {e}") from None
+    finally:
+        os.close(fd)
+
+
+def whole_shard(array: ArrayPlan, shard: tuple[int, ...]) -> ShardRead:
+    """A read of every chunk of `shard` inside the tensor, going nowhere (for checking)."""
+    box = array.shard_box(shard)
+    return ShardRead(shard, tuple(ChunkRead(i, ()) for i in chunks_in(box, chunks=array.chunks)))
+
+
+def _map_chunk(fd: int, codec: ChunkCodec, array: ArrayPlan, entry: np.ndarray, *, what: str) -> np.ndarray:
+    if is_empty(entry):
+        raise ChunkProblem(f"{what} is missing from its shard")
+    offset, nbytes = int(entry[0]), int(entry[1])
+    expected = array.chunk_nbytes + CRC_BYTES
+    if (not codec.compressed and nbytes != expected) or nbytes < CRC_BYTES:
+        raise ChunkProblem(f"{what} is {nbytes} bytes, expected {expected}")
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    blob = memoryview(mmap.mmap(fd, offset - start + nbytes, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | _POPULATE, offset=start))
+    blob = blob[offset - start :]
+    body, crc = blob[:-CRC_BYTES], blob[-CRC_BYTES:]
     if not checksum_ok(body, crc):
         raise ChunkProblem(f"{what} fails its crc32c checksum (corrupted)")
     try:
@@ -173,61 +203,23 @@ def read_chunk(root: Path, codec: ChunkCodec, array: ArrayPlan, index: tuple[int
     return np.frombuffer(raw, dtype=storage_dtype(array.dtype)).reshape(array.chunks)
 
 
-def _read_direct(root: Path, codec: ChunkCodec, array: ArrayPlan, read: ChunkRead, out: np.ndarray | torch.Tensor) -> bool:
-    """Read a whole uncompressed chunk straight into a contiguous CPU destination; False if that does not apply."""
-    if codec.compressed or len(read.targets) != 1:
-        return False
-    overlap, dest = read.targets[0]
-    if overlap.sizes != array.chunks:
-        return False
-    view = out[(*dest, ...)]
-    if isinstance(view, torch.Tensor):
-        if view.device.type != "cpu" or str(view.dtype).removeprefix("torch.") != array.dtype or not view.is_contiguous():
-            return False
-        view = as_numpy(view)
-    elif not view.flags.c_contiguous:
-        return False
-    path = root / array.path / chunk_key(read.index)
-    what = f"tensor {array.name!r} chunk {chunk_key(read.index)}"
-    body, crc = memoryview(view.reshape(-1).view(np.uint8)), scratch(CRC_BYTES)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise ChunkProblem(f"{what}: {e}") from None
-    try:
-        size = os.fstat(fd).st_size
-        _check_size(codec, array, size, what)
-        _read_exactly(fd, [body, memoryview(crc)], size, what)
-    except OSError as e:
-        raise ChunkProblem(f"{what}: {e}") from None
-    finally:
-        os.close(fd)
-    if not checksum_ok(body, crc):
-        raise ChunkProblem(f"{what} fails its crc32c checksum (corrupted)")
-    return True
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # fault the whole chunk in at once
 
 
-def _check_size(codec: ChunkCodec, array: ArrayPlan, size: int, what: str) -> None:
-    expected = array.chunk_nbytes + CRC_BYTES
-    if (not codec.compressed and size != expected) or size < CRC_BYTES:
-        raise ChunkProblem(f"{what} is {size} bytes, expected {expected} (truncated or overwritten)")
+def _checked(root: Path, codec: ChunkCodec, array: ArrayPlan, shard_read: ShardRead) -> None:
+    """Check a shard's requested chunks without keeping them mapped."""
+    for _ in read_shard(root, codec, array, shard_read):
+        pass
 
 
-def _read_exactly(fd: int, buffers: list[memoryview], size: int, what: str) -> None:
-    """preadv until `size` bytes landed in `buffers` (in order)."""
-    done = 0
-    while done < size:
-        skip, views = done, []
-        for b in buffers:
-            if skip >= b.nbytes:
-                skip -= b.nbytes
-                continue
-            views.append(b[skip:])
-            skip = 0
-        n = os.preadv(fd, views, done)
-        if n == 0:
-            raise ChunkProblem(f"{what} ended early (truncated while reading)")
-        done += n
+def _copy(dst: np.ndarray | torch.Tensor, src: np.ndarray, *, dtype: str) -> None:
+    """dst[...] = src, converting dtype (and device) where the target differs from storage."""
+    if isinstance(dst, np.ndarray):
+        np.copyto(dst, src)
+    elif dst.device.type == "cpu" and str(dst.dtype).removeprefix("torch.") == dtype:
+        np.copyto(as_numpy(dst), src)
+    else:
+        dst.copy_(to_torch(np.array(src), dtype))
 
 
 def _run(jobs: list, fn: Callable[[Any], Any], *, threads: int, progress: bool, desc: str) -> list[Any]:

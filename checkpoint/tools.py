@@ -12,12 +12,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .codec import ChunkCodec
 from .dtypes import storage_dtype, torch_dtype
 from .errors import CheckpointError
-from .layout import Fragment, TensorLayout
+from .layout import Box, Fragment, TensorLayout
 from .plan import ReadPlan, plan_reads
-from .reader import Checkpoint, ReadRequest, read_chunk, read_fragments
+from .reader import Checkpoint, ReadRequest, read_fragments
 
 
 def describe(checkpoint: Checkpoint) -> str:
@@ -31,12 +30,12 @@ def describe(checkpoint: Checkpoint) -> str:
         f"compression {meta.compression}",
         f"tensors     {len(meta.arrays)} ({_bytes(sum(a.nbytes for a in meta.arrays.values()))})",
         "",
-        f"{'name':<48} {'shape':<18} {'dtype':<9} {'bytes':>10}  {'chunks':<14} placement",
+        f"{'name':<48} {'shape':<18} {'dtype':<9} {'bytes':>10}  {'shards':<14} {'chunks':<14} placement",
     ]
     for name, a in sorted(meta.arrays.items()):
         layout = a.layout
         placed = "plain" if layout.mesh is None else f"{dict(zip(layout.mesh.axes, layout.mesh.sizes))} [{', '.join(map(str, layout.placements))}]"
-        lines.append(f"{name:<48} {str(list(a.shape)):<18} {a.dtype:<9} {_bytes(a.nbytes):>10}  {str(list(a.chunks)):<14} {placed}")
+        lines.append(f"{name:<48} {str(list(a.shape)):<18} {a.dtype:<9} {_bytes(a.nbytes):>10}  {str(list(a.shards)):<14} {str(list(a.chunks)):<14} {placed}")
     return "\n".join(lines)
 
 
@@ -87,21 +86,23 @@ def _fragments(entries: list[dict[str, Any]]) -> Iterator[Fragment]:
 
 
 def _max_abs(a: Checkpoint, b: Checkpoint, name: str) -> float:
-    x = a.meta.arrays[name]
-    codec = ChunkCodec.parse(a.meta.compression)
+    """Compared shard by shard of `a`, so memory stays at one shard of each."""
+    x, y = a.meta.arrays[name], b.meta.arrays[name]
     worst = 0.0
-    for index in x.chunk_indices():
-        box = x.chunk_box(index)
-        mine = read_chunk(a.path, codec, x, index)[box.slices(box.offsets)]
-        theirs = np.empty(box.sizes, dtype=storage_dtype(b.meta.arrays[name].dtype))
-        layout = TensorLayout(name, x.shape, b.meta.arrays[name].dtype)
-        read_fragments(b, [ReadRequest(_box_fragment(layout, box), theirs)])
-        worst = max(worst, _max_abs_of(_torch(mine, x.dtype), _torch(theirs, b.meta.arrays[name].dtype)))
+    for shard in x.shard_indices():
+        box = x.shard_box(shard)
+        if box.numel == 0:
+            continue
+        mine, theirs = (_read_box(c, arr, box) for c, arr in ((a, x), (b, y)))
+        worst = max(worst, _max_abs_of(_torch(mine, x.dtype), _torch(theirs, y.dtype)))
     return worst
 
 
-def _box_fragment(layout: TensorLayout, box) -> Fragment:
-    return Fragment(layout, 0, tuple(((o, o + s),) for o, s in zip(box.offsets, box.sizes)))
+def _read_box(checkpoint: Checkpoint, array, box: Box) -> np.ndarray:
+    out = np.empty(box.sizes, dtype=storage_dtype(array.dtype))
+    fragment = Fragment(TensorLayout(array.name, array.shape, array.dtype), 0, tuple(((o, o + s),) for o, s in zip(box.offsets, box.sizes)))
+    read_fragments(checkpoint, [ReadRequest(fragment, out)])
+    return out
 
 
 def _torch(arr: np.ndarray, dtype: str) -> torch.Tensor:

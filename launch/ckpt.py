@@ -56,8 +56,9 @@ def _verify(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"  - {p}")
         return 1
+    shards = sum(1 for a in ckpt.meta.arrays.values() for _ in a.shard_indices())
     chunks = sum(1 for a in ckpt.meta.arrays.values() for _ in a.chunk_indices())
-    print(f"{ckpt.path}: ok (step {ckpt.meta.step}, {len(ckpt.meta.arrays)} tensors, {chunks} chunks verified)")
+    print(f"{ckpt.path}: ok (step {ckpt.meta.step}, {len(ckpt.meta.arrays)} tensors, {shards} shards, {chunks} chunks verified)")
     return 0
 
 
@@ -80,11 +81,11 @@ def _plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.to_json(), indent=1))
         return 0
+    summary = plan.to_json()
     for rank in sorted(plan.reads):
-        per = plan.reads[rank]
-        print(f"rank {rank}: {sum(len(r) for r in per.values())} chunks, {plan.bytes_read(rank)} bytes")
-        for name, reads in sorted(per.items()):
-            print(f"  {name}: {len(reads)} chunks, {len(reads) * plan.chunk_bytes[name]} bytes")
+        print(f"rank {rank}: {plan.bytes_read(rank)} bytes")
+        for name, entry in sorted(summary[str(rank)].items()):
+            print(f"  {name}: {len(entry['shards'])} shards, {entry['chunks']} chunks, {entry['bytes']} bytes")
     return 0
 
 

@@ -24,7 +24,7 @@ CHILD = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import torch
-    from resurgo.checkpoint import commit, store
+    from resurgo.checkpoint import commit, shard
     from resurgo.checkpoint.manager import Checkpointer
     from resurgo.trainer.config import CheckpointConfig
 
@@ -49,12 +49,12 @@ CHILD = textwrap.dedent(
             return fn(*args, **kwargs)
         return wrapped
 
-    ck = Checkpointer(CheckpointConfig(keep=3), root=root, states={"s": State(1)}, max_chunk_bytes=4096)
+    ck = Checkpointer(CheckpointConfig(keep=3), root=root, states={"s": State(1)}, max_chunk_bytes=4096, max_shard_bytes=4096)
     ck.save(1)
     ck.states["s"] = State(2)
     writes = []
     if point == "chunks":
-        store.write_buffers = stop_when(lambda path, bufs: writes.append(path) or len(writes) == 3, store.write_buffers)
+        shard.write_all = stop_when(lambda fd, bufs: writes.append(fd) or len(writes) == 3, shard.write_all)
     elif point == "marker":
         commit.write_file = stop_when(lambda path, data: path.name == "COMMITTED", commit.write_file)
     elif point == "rename":

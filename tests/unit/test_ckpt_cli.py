@@ -39,11 +39,11 @@ def test_inspect_shows_step_topology_and_tensors(root, capsys):
 
 def test_verify_passes_then_lists_every_problem(root, capsys):
     assert main(["verify", str(root / "step-00000002")]) == 0
-    (root / "step-00000002/model/w/c/1/0").write_bytes(b"garbage")
+    (root / "step-00000002/model/w/c/0/0").write_bytes(b"garbage")
     (root / "step-00000002/model/b/c/0").unlink()
     assert main(["verify", str(root / "step-00000002")]) == 1
     out = capsys.readouterr().out
-    assert "2 problem(s)" in out and "'model/w' chunk c/1/0 fails" in out and "'model/b' chunk c/0 is missing" in out
+    assert "2 problem(s)" in out and "'model/w' shard c/0/0 is 7 bytes" in out and "'model/b' shard c/0 is missing" in out
 
 
 def test_diff_reports_max_abs_difference(root, capsys):
@@ -75,8 +75,8 @@ def test_plan_lists_chunks_and_bytes_per_rank(root, tmp_path, capsys):
     (tmp_path / "layouts.json").write_text(json.dumps(layouts))
     assert main(["plan", str(root / "step-00000001"), "--layouts", str(tmp_path / "layouts.json"), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["0"]["model/w"]["chunks"] == ["c/0/0", "c/0/1"]  # rows 0-5 of 6x4 tiles
-    assert plan["1"]["model/w"]["chunks"] == ["c/1/0", "c/1/1"] and plan["1"]["model/b"]["bytes"] == 24
+    assert plan["0"]["model/w"] == {"shards": ["c/0/0"], "chunks": 2, "bytes": 2 * (96 + 4)}  # rows 0-5: two 6x4 tiles
+    assert plan["1"]["model/w"]["chunks"] == 2 and plan["1"]["model/b"] == {"shards": ["c/0"], "chunks": 1, "bytes": 24}
 
 
 def test_errors_exit_2_with_the_message(tmp_path, capsys):

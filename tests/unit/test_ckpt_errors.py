@@ -12,11 +12,12 @@ import uuid
 from pathlib import Path
 
 import crc32c
+import numpy as np
 import pytest
 import torch
 from test_ckpt_workers import TensorState
 
-from resurgo.checkpoint import store
+from resurgo.checkpoint import shard
 from resurgo.checkpoint.commit import latest
 from resurgo.checkpoint.errors import CheckpointError
 from resurgo.checkpoint.manager import Checkpointer
@@ -62,25 +63,29 @@ def _rewrite_metadata(ckpt: Path, edit) -> None:
 
 
 def test_round_trip_writes_every_chunk(ckpt):
-    assert len(list((ckpt / "t/zeros/c").rglob("*"))) >= 2
+    shard = ckpt / "t/zeros/c/0/0"
+    index = np.frombuffer(shard.read_bytes()[-(2 * 16 + 4) : -4], dtype="<u8").reshape(2, 2)
+    assert (index[:, 1] == 64 + 4).all()  # two all-zero chunks, each written with its checksum
     state = TensorState({n: torch.empty_like(t) for n, t in _tensors().items()})
     assert _checkpointer(ckpt.parent, state).resume() == 1
     assert all(torch.equal(state.state[n], t) for n, t in _tensors().items())
 
 
-def test_truncated_chunk(ckpt):
-    chunk = ckpt / "t/a/c/1/0"
-    chunk.write_bytes(chunk.read_bytes()[:10])
+def test_truncated_shard(ckpt):
+    shard = ckpt / "t/a/c/0/0"
+    shard.write_bytes(shard.read_bytes()[:10])
     err = _load(ckpt)
-    assert "'t/a' chunk c/1/0 is 10 bytes" in str(err) and "earlier checkpoint" in str(err)
+    assert "'t/a' shard c/0/0 is 10 bytes" in str(err) and "truncated" in str(err) and "earlier checkpoint" in str(err)
+    shard.write_bytes(b"")
+    assert "'t/a' shard c/0/0 is 0 bytes" in str(_load(ckpt))
 
 
 def test_flipped_byte_fails_the_checksum(ckpt):
-    chunk = ckpt / "t/a/c/2/0"
-    data = bytearray(chunk.read_bytes())
-    data[5] ^= 0x10
-    chunk.write_bytes(bytes(data))
-    assert "'t/a' chunk c/2/0 fails its crc32c checksum" in str(_load(ckpt))
+    shard = ckpt / "t/a/c/0/0"
+    data = bytearray(shard.read_bytes())
+    data[64 + 4 + 5] ^= 0x10  # inside the second chunk
+    shard.write_bytes(bytes(data))
+    assert "'t/a' shard c/0/0 chunk (1, 0) fails its crc32c checksum" in str(_load(ckpt))
 
 
 def test_deleted_array(ckpt):
@@ -88,9 +93,19 @@ def test_deleted_array(ckpt):
     assert "tensor 't/b': array 't/b' is missing" in str(_load(ckpt))
 
 
-def test_deleted_chunk_is_not_read_as_zeros(ckpt):
-    (ckpt / "t/zeros/c/1/0").unlink()
-    assert "'t/zeros' chunk c/1/0 is missing" in str(_load(ckpt))
+def test_deleted_shard_is_not_read_as_zeros(ckpt):
+    (ckpt / "t/zeros/c/0/0").unlink()
+    assert "'t/zeros' shard c/0/0 is missing" in str(_load(ckpt))
+
+
+def test_chunk_marked_absent_in_its_shard_is_not_read_as_zeros(ckpt):
+    shard = ckpt / "t/zeros/c/0/0"
+    data = bytearray(shard.read_bytes())
+    index = np.frombuffer(bytes(data[-(2 * 16 + 4) : -4]), dtype="<u8").reshape(2, 2).copy()
+    index[1] = 2**64 - 1  # how zarr marks a chunk it skipped
+    data[-(2 * 16 + 4) :] = index.tobytes() + crc32c.crc32c(index.tobytes()).to_bytes(4, "little")
+    shard.write_bytes(bytes(data))
+    assert "'t/zeros' shard c/0/0 chunk (1, 0) is missing from its shard" in str(_load(ckpt))
 
 
 def test_checkpoint_without_committed_marker(ckpt):
@@ -155,14 +170,14 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     _checkpointer(tmp_path, TensorState(_tensors())).save(1)
     calls = []
 
-    def full(path, buffers, **kw):
-        calls.append(path)
+    def full(fd, buffers):
+        calls.append(fd)
         if len(calls) > 3:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return write(path, buffers, **kw)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(fd, buffers)
 
-    write = store.write_buffers
-    monkeypatch.setattr(store, "write_buffers", full)
+    write = shard.write_all
+    monkeypatch.setattr(shard, "write_all", full)
     with pytest.raises(CheckpointError) as info:
         _checkpointer(tmp_path, TensorState(_tensors())).save(2)
     assert "disk is full" in str(info.value) and "step-00000001" in str(info.value)

@@ -13,7 +13,7 @@ from torch.distributed.tensor._utils import _compute_local_shape_and_global_offs
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from resurgo.checkpoint.errors import CheckpointError
-from resurgo.checkpoint.grid import choose_chunks
+from resurgo.checkpoint.grid import choose_grid, tile
 from resurgo.checkpoint.layout import Box, MeshSpec, Placement, TensorLayout
 from resurgo.checkpoint.plan import array_path, chunk_reads, plan_reads, plan_save
 
@@ -78,15 +78,15 @@ def test_plan_writes_each_replica_once_and_spreads_writers():
     assert sum(counts) == 9 and max(counts) - min(counts) <= 1
 
 
-def test_chunks_align_with_uneven_boxes_and_are_tiles_within_the_size_limit():
+def test_shards_align_with_uneven_boxes_and_chunks_tile_them():
     layout = _layout((10, 6), (4,), [Placement("shard", 0)])
-    plan = plan_save({r: [layout.fragment(r)] for r in range(4)}, world_size=4)
-    assert plan.arrays["w"].chunks == (3, 6)
+    plan = plan_save({r: [layout.fragment(r)] for r in range(4)}, world_size=4, max_chunk_bytes=24)
+    assert (plan.arrays["w"].shards, plan.arrays["w"].chunks) == ((3, 6), (1, 3))
     halves = [Box((0, 0), (2048, 1024)), Box((2048, 0), (2048, 1024))]
-    assert choose_chunks((4096, 1024), halves, itemsize=4, max_bytes=1 << 20) == (512, 512)
-    assert choose_chunks((3, 1 << 20), [Box((0, 0), (3, 1 << 20))], itemsize=4, max_bytes=1 << 20) == (3, 1 << 16)
+    assert choose_grid((4096, 1024), halves, itemsize=4, max_chunk_bytes=1 << 20, max_shard_bytes=4 << 20) == ((1024, 1024), (512, 512))
+    assert tile((3, 1 << 20), itemsize=4, max_bytes=1 << 20) == (3, 1 << 16)
     # A large prime side is left alone rather than cut into one-row slivers.
-    assert choose_chunks((50257, 64), [Box((0, 0), (50257, 64))], itemsize=4, max_bytes=1 << 20) == (50257, 4)
+    assert tile((50257, 64), itemsize=4, max_bytes=1 << 20) == (50257, 4)
 
 
 def test_gaps_overlaps_and_disagreeing_shapes_are_refused_by_name():
@@ -116,7 +116,7 @@ def test_read_plan_reads_only_overlapping_chunks_once():
     target = _layout((8, 8), (2, 2), [Placement("strided_shard", 0, 2), Placement("shard", 0)])
     reads = plan_reads(plan.arrays, [target.fragment(r) for r in range(4)])
     for rank in range(4):
-        assert len(reads.reads[rank]["w"]) == 1  # two rows, one saved chunk
+        assert [len(r.chunks) for r in reads.reads[rank]["w"]] == [1]  # two rows, one saved chunk
         assert reads.bytes_read(rank) == 2 * 8 * 4 + 4
     column = _layout((8, 8), (2,), [Placement("shard", 1)])
-    assert len(chunk_reads(plan.arrays["w"], column.fragment(0))) == 4
+    assert sum(len(r.chunks) for r in chunk_reads(plan.arrays["w"], column.fragment(0))) == 4
