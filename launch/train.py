@@ -39,6 +39,7 @@ def train(cfg: JobConfig) -> list[float]:
         protection = build_protection(cfg, trainer=trainer)
         protection.resume()
         trainer.hooks += protection.hooks
+        trainer.metric_sources.append(protection.metrics)
         losses = trainer.fit()
         finished = True
         return losses

@@ -14,6 +14,9 @@ import torch
 # Dense bf16 peak FLOP/s by device-name fragment, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
+# Numbers other components add to a record that are worth a place on the printed line.
+SHORT_LABELS = {"snapshot_fence_ms": "fence ms", "snapshot_age": "snap age", "persist_backlog": "backlog"}
+
 
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
@@ -76,7 +79,7 @@ class MetricsLogger:
         ]
         if "mfu" in record:
             parts.append(f"mfu {record['mfu']:.1%}")
-        parts += [f"{k} {v}" for k, v in record.get("extra", {}).items()]
+        parts += [f"{label} {record[key]}" for key, label in SHORT_LABELS.items() if key in record]
         return " | ".join(parts)
 
     def close(self) -> None:

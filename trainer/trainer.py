@@ -8,8 +8,9 @@ there), `after_optimizer_step` the first moment the new ones exist (a snapshot b
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -42,7 +43,6 @@ class StepResult:
     grad_norm: float
     lr: float
     step_time_s: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Trainer:
@@ -66,6 +66,7 @@ class Trainer:
         self.optimizers = [build_optimizer(list(m.parameters()), cfg.optim, device=env.device) for m in self.parts.modules]
         self.progress = TrainProgress(seed=t.seed, rank=env.rank, topology=self.dims.as_dict())
         self.hooks: list[StepHook] = []
+        self.metric_sources: list[Callable[[], dict[str, float]]] = []  # more numbers for each logged record
         flops_per_token = 6 * count_params(cfg.model) + 12 * cfg.model.n_layers * cfg.model.dim * t.seq_len
         self.metrics = MetricsLogger(
             run_dir=run_dir, enabled=env.is_main, total_steps=t.steps, flops_per_token=flops_per_token,
@@ -171,6 +172,8 @@ class Trainer:
         if every and (result.step % every == 0 or result.step == self.cfg.train.steps):
             tokens = self.cfg.train.batch_size * self.cfg.train.seq_len
             record = {**result.__dict__, "tokens_per_s": tokens / result.step_time_s}
+            for source in self.metric_sources:
+                record.update(source())
             self.metrics.log(record)
 
     # ---- small pieces -------------------------------------------------------------------------
