@@ -10,7 +10,6 @@ whose keepers are gone.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import secrets
@@ -22,14 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import commit as commits
 from . import shm
 from .keeper_protocol import (
-    PROTOCOL_VERSION, KeeperError, SlotLayout, decode, encode, lock_path, run_id, segment_name, segment_prefix,
-    socket_dir, socket_path,
+    PROTOCOL_VERSION, KeeperError, SlotLayout, decode, encode, lock_path, run_id, segment_name, socket_path,
 )  # fmt: skip
-from .persist import Persister, PersistJob, RankData, StoreTarget
-from .slots import COMPLETE, DEFAULT_SLOTS, FREE, WRITING, RankSlots, Slot, choose_slot, newest_common
+from .keeper_protocol import StoreTarget
+from .reclaim import reclaim_stale, try_lock
+from .slots import COMPLETE, DEFAULT_SLOTS, FREE, WRITING, PersistJob, RankData, RankSlots, Slot, choose_slot, newest_common
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +71,15 @@ class Keeper:
         self._disk_checked = 0.0
         self._lock_fd: int | None = None
         self._sock: socket.socket | None = None
-        self.persister = Persister(on_done=self._persist_done)
+        # The store code imports torch and zarr (seconds): load it while already answering workers.
+        self._persister: Any = None
+        self._loading = threading.Thread(target=self._load_persister, name="resurgo-keeper-load", daemon=True)
 
     # ---- life cycle ------------------------------------------------------------------------
 
     def start(self) -> Path:
         """Take the run's lock, reclaim what dead keepers left, listen; returns the socket path."""
-        self._lock_fd = _try_lock(lock_path(self.rid))
+        self._lock_fd = try_lock(lock_path(self.rid))
         if self._lock_fd is None:
             raise KeeperRunning(f"a keeper of run {self.rid} is already running on this node")
         os.ftruncate(self._lock_fd, 0)
@@ -92,6 +92,7 @@ class Keeper:
         os.chmod(path, 0o600)
         self._sock.listen(64)
         self._sock.settimeout(0.2)
+        self._loading.start()
         log.info("keeper %s of run %s listening on %s (pid %d)", self.keeper_id, self.rid, path, os.getpid())
         return path
 
@@ -113,9 +114,20 @@ class Keeper:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _load_persister(self) -> None:
+        from .persist import Persister
+
+        self._persister = Persister(on_done=self._persist_done)
+
+    @property
+    def persister(self) -> Any:
+        self._loading.join()
+        return self._persister
+
     def _shutdown(self) -> None:
         """Finish queued persists, then free the memory and the socket."""
-        self.persister.stop()
+        if self._loading.is_alive() or self._persister is not None:
+            self.persister.stop()
         with self._cond:
             for held in self.ranks.values():
                 _free(held)
@@ -124,7 +136,7 @@ class Keeper:
             self._sock.close()
             socket_path(self.rid).unlink(missing_ok=True)
         if self._lock_fd is not None:
-            lock_path(self.rid).unlink(missing_ok=True)  # while holding it: see _try_lock
+            lock_path(self.rid).unlink(missing_ok=True)  # while holding it: see try_lock
             os.close(self._lock_fd)
         log.info("keeper %s of run %s stopped", self.keeper_id, self.rid)
 
@@ -361,7 +373,9 @@ class Keeper:
     def _status(self) -> dict[str, Any]:
         """copied: newest step complete on every local rank; durable / committed: newest persisted."""
         if self.target is not None and time.monotonic() - self._disk_checked > 1.0:
-            found = commits.committed(Path(self.target.root))
+            from .commit import committed
+
+            found = committed(Path(self.target.root))
             self.committed = max([self.committed] + [step for step, _ in found])
             self._disk_checked = time.monotonic()
         return {
@@ -372,52 +386,6 @@ class Keeper:
             "host_bytes": sum(h.nbytes for h in self.ranks.values()),
             "skipped": self.skipped,
         }
-
-
-def reclaim_stale(*, own: str) -> int:
-    """Remove segments and sockets of runs whose keeper is dead (this run's: always, we hold its lock)."""
-    reclaimed, nbytes = 0, 0
-    directory = socket_dir()
-    for lock in directory.glob("*.lock"):
-        rid = lock.name.removesuffix(".lock")
-        fd = None if rid == own else _try_lock(lock)
-        if rid != own and fd is None:
-            continue  # that run's keeper is alive
-        try:
-            for name, size in shm.list_segments(segment_prefix(rid)):
-                reclaimed += shm.unlink(name)
-                nbytes += size
-            if rid != own:
-                (directory / f"{rid}.sock").unlink(missing_ok=True)
-                lock.unlink(missing_ok=True)  # still holding it: see _try_lock
-        finally:
-            if fd is not None:
-                os.close(fd)
-    if reclaimed:
-        log.warning("reclaimed %d shared memory segments (%.2f GiB) of dead keepers: the memory snapshots they held are lost",
-                    reclaimed, nbytes / 2**30)  # fmt: skip
-    return reclaimed
-
-
-def _try_lock(path: Path) -> int | None:
-    """An exclusive lock on `path` (fd), None if a live process holds it.
-
-    Lock files are removed by their holder, so a lock won on a file that was unlinked meanwhile is
-    worthless: retry until the locked file is the one at `path`.
-    """
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
 
 
 def _free(held: RankSlots) -> None:

@@ -14,7 +14,7 @@ import os
 import re
 import socket
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,34 @@ class SlotLayout:
         if end > layout.nbytes or any(e.offset < 0 or e.nbytes < 0 for e in layout.entries):
             raise KeeperError("a snapshot layout points outside its slot: the worker and keeper versions differ")
         return layout
+
+
+@dataclass(frozen=True)
+class StoreTarget:
+    """Where and how a run's checkpoints are written; sent by every worker when it registers."""
+
+    root: str
+    keep: int
+    compression: str
+    topology: Mapping[str, Any]  # as the trainer describes it; world_size is added
+    world_size: int
+    token: str  # hex, one per run incarnation: names the coordination and temporary folders
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> StoreTarget:
+        token = str(data["token"])
+        if not token or any(c not in "0123456789abcdef" for c in token):
+            raise KeeperError(f"store token {token!r} must be lowercase hex")
+        return StoreTarget(str(data["root"]), int(data["keep"]), str(data["compression"]), dict(data["topology"]),
+                           int(data["world_size"]), token)  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        return {"root": self.root, "keep": self.keep, "compression": self.compression, "topology": dict(self.topology),
+                "world_size": self.world_size, "token": self.token}  # fmt: skip
+
+    @property
+    def coord(self) -> Path:
+        return Path(self.root) / f".keeper-{self.token}"
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -18,70 +18,23 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from . import commit as commits
 from .dtypes import storage_dtype
 from .errors import CheckpointError
 from .fsio import fsync_dir, write_file
-from .keeper_protocol import SlotLayout
+from .keeper_protocol import StoreTarget
 from .layout import Fragment
 from .metadata import CheckpointMeta, StateTrees
 from .plan import ArrayPlan, SavePlan, plan_save
+from .slots import PersistJob, RankData
 from .store import DEFAULT_IO_THREADS, HostFragment, create_arrays, write_fragments
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.02
-
-
-@dataclass(frozen=True)
-class StoreTarget:
-    """Where and how a run's checkpoints are written; sent by every worker when it registers."""
-
-    root: str
-    keep: int
-    compression: str
-    topology: Mapping[str, Any]  # as the trainer describes it; world_size is added
-    world_size: int
-    token: str  # hex, one per run incarnation: names the coordination and temporary folders
-
-    @staticmethod
-    def from_json(data: Mapping[str, Any]) -> StoreTarget:
-        token = str(data["token"])
-        if not token or any(c not in "0123456789abcdef" for c in token):
-            raise CheckpointError(f"store token {token!r} must be lowercase hex")
-        return StoreTarget(str(data["root"]), int(data["keep"]), str(data["compression"]), dict(data["topology"]),
-                           int(data["world_size"]), token)  # fmt: skip
-
-    def to_json(self) -> dict[str, Any]:
-        return {"root": self.root, "keep": self.keep, "compression": self.compression, "topology": dict(self.topology),
-                "world_size": self.world_size, "token": self.token}  # fmt: skip
-
-    @property
-    def coord(self) -> Path:
-        return Path(self.root) / f".keeper-{self.token}"
-
-
-@dataclass
-class RankData:
-    """One local rank's snapshot of the step being persisted: layout, slot bytes (pinned), JSON state."""
-
-    layout: SlotLayout
-    data: np.ndarray
-    tree: Any
-
-
-@dataclass
-class PersistJob:
-    step: int
-    target: StoreTarget
-    ranks: dict[int, RankData]
-    committer: bool  # this keeper holds global rank 0 and commits
 
 
 class Persister:

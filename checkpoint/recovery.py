@@ -26,15 +26,14 @@ from . import commit as commits
 from .capture import StateCapture
 from .flatten import flatten, restore
 from .keeper_link import EXTERNAL, OFF, KeeperLink
-from .keeper_protocol import KeeperError, KeeperGone, SlotLayout
+from .keeper_protocol import KeeperError, KeeperGone, SlotLayout, StoreTarget
 from .manager import Checkpointer, Stateful
-from .persist import StoreTarget
 from .snapshot import Registration, SnapshotEngine, slot_views
 from .states import ModelState, OptimizerState
 
 log = logging.getLogger(__name__)
 
-CONNECT_WAIT_S = 120.0  # a keeper imports torch before it listens; on a busy node that takes a while
+CONNECT_WAIT_S = 120.0  # a keeper starting on a busy node
 
 
 def train_states(trainer: Any) -> dict[str, Stateful]:
@@ -78,13 +77,15 @@ class Protection:
                 self.hooks.append(SyncSave(self.checkpointer))
             return
         self.link = KeeperLink(run_dir=run_dir, mode=cfg.fault.keeper, local_rank=local_rank)
-        # auto: local rank 0 starts a keeper if none runs, and nobody waits for it (a new keeper holds
-        # nothing to resume from); external: the launch script promised one.
-        if not self.link.connect(wait_s=CONNECT_WAIT_S if cfg.fault.keeper == EXTERNAL else 0.0) and cfg.fault.keeper == EXTERNAL:
-            raise ValueError(
-                f"fault.keeper=external but no keeper answers at {self.link.path}: start "
-                f"`resurgo-keeper --run-dir {run_dir}` on every node before the workers, or use fault.keeper=auto"
-            )
+        # auto: local rank 0 starts a keeper if none runs (it answers within a second, long before
+        # it has loaded the store code); external: the launch script promised one.
+        if not self.link.connect(wait_s=CONNECT_WAIT_S):
+            if cfg.fault.keeper == EXTERNAL:
+                raise ValueError(
+                    f"fault.keeper=external but no keeper answers at {self.link.path}: start "
+                    f"`resurgo-keeper --run-dir {run_dir}` on every node before the workers, or use fault.keeper=auto"
+                )
+            log.warning("no keeper answered within %.0f s; training goes on, snapshots start when one does", CONNECT_WAIT_S)
         store = None
         if ck.every:
             store = StoreTarget(str(self.root.absolute()), ck.keep, ck.compression, dict(topology), self.comm.world_size, self.token)

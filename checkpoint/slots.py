@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .keeper_protocol import Entry, SlotLayout
+from .keeper_protocol import Entry, SlotLayout, StoreTarget
 from .shm import Segment
 
 FREE, WRITING, COMPLETE = "free", "writing", "complete"
@@ -82,3 +82,20 @@ def choose_slot(ranks: RankSlots, *, keep: Iterable[int]) -> Slot | None:
         return free[0]
     candidates = [s for s in ranks.slots if s.status == COMPLETE and not s.pins and s.step not in kept]
     return min(candidates, key=lambda s: s.step, default=None)
+
+
+@dataclass
+class RankData:
+    """One local rank's snapshot of the step being persisted: layout, slot bytes (pinned), JSON state."""
+
+    layout: SlotLayout
+    data: np.ndarray
+    tree: Any
+
+
+@dataclass
+class PersistJob:
+    step: int
+    target: StoreTarget
+    ranks: dict[int, RankData]
+    committer: bool  # this keeper holds global rank 0 and commits

@@ -24,8 +24,7 @@ import torch
 
 from .capture import Captured, StateCapture
 from .keeper_link import KeeperLink
-from .keeper_protocol import KeeperGone, SlotLayout
-from .persist import StoreTarget
+from .keeper_protocol import KeeperGone, SlotLayout, StoreTarget
 from .shm import Segment
 
 log = logging.getLogger(__name__)

@@ -217,7 +217,7 @@ def test_keeper_killed_during_a_persist_leaves_the_previous_checkpoint_loadable(
     from resurgo.checkpoint.capture import StateCapture
     from resurgo.checkpoint.keeper_link import EXTERNAL, KeeperLink
     from resurgo.checkpoint.manager import Checkpointer
-    from resurgo.checkpoint.persist import StoreTarget
+    from resurgo.checkpoint.keeper_protocol import StoreTarget
     from resurgo.checkpoint.snapshot import Registration, SnapshotEngine
     from resurgo.checkpoint.states import ModelState, OptimizerState
     from resurgo.trainer.config import CheckpointConfig
