@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+
+Buffer = bytes | bytearray | memoryview
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
@@ -21,7 +23,7 @@ def open_for_write(path: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def write_all(fd: int, buffers: Sequence[bytes | memoryview]) -> int:
+def write_all(fd: int, buffers: Sequence[Buffer]) -> int:
     """Append `buffers` to `fd` without concatenating them; the bytes written."""
     views = [memoryview(b).cast("B") for b in buffers]
     total = 0
@@ -36,10 +38,14 @@ def write_all(fd: int, buffers: Sequence[bytes | memoryview]) -> int:
     return total
 
 
-def write_buffers(path: Path, buffers: Sequence[bytes | memoryview], *, sync: bool = True) -> int:
-    """Create `path` from `buffers`, fsync it (unless told not to); the bytes written."""
+def write_buffers(path: Path, buffers: Iterable[Buffer | Sequence[Buffer]], *, sync: bool = True) -> int:
+    """Create `path` from `buffers` (or groups of them, each written before the next is drawn,
+    so a lazy producer may reuse its memory), fsync it unless told not to; the bytes written.
+
+    Every file of a checkpoint is written here.
+    """
     with open_for_write(path) as fd:
-        total = write_all(fd, buffers)
+        total = sum(write_all(fd, item if isinstance(item, (list, tuple)) else [item]) for item in buffers)
         if sync:
             os.fsync(fd)
     return total

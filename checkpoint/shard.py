@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 import mmap
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import crc32c
 import numpy as np
 
 from .codec import CRC_BYTES, checksum_ok
-from .fsio import write_all
+from .fsio import Buffer
 
 ALIGN = mmap.ALLOCATIONGRANULARITY
 _ALIGN_ABOVE = 64 << 10  # smaller chunks are packed: padding would cost more than it saves
@@ -54,19 +54,18 @@ class ShardShape:
         return [tuple(s * n + i for s, n, i in zip(shard, self.per_shard, inner)) for inner in np.ndindex(*self.per_shard)]
 
 
-def write_shard(fd: int, chunks: Iterable[Sequence[bytes | memoryview]]) -> int:
-    """Write a shard file from each chunk's encoded buffers (in index order, produced lazily so
-    one chunk's scratch memory is reused by the next); the bytes written."""
+def shard_buffers(chunks: Iterable[Sequence[Buffer]]) -> Iterator[Sequence[Buffer]]:
+    """A shard file as groups of buffers, from each chunk's encoded buffers in index order (drawn
+    lazily, so one chunk's scratch memory can be reused by the next once it is written)."""
     entries, offset, nbytes = [], 0, 0
     for parts in chunks:
         pad = -offset % ALIGN if nbytes >= _ALIGN_ABOVE else 0  # chunks of a shard have equal raw sizes
-        if pad:
-            offset += write_all(fd, [_ZEROS[:pad]])
-        nbytes = write_all(fd, parts)
-        entries.append((offset, nbytes))
-        offset += nbytes
+        nbytes = sum(memoryview(p).nbytes for p in parts)
+        yield [_ZEROS[:pad], *parts] if pad else parts
+        entries.append((offset + pad, nbytes))
+        offset += pad + nbytes
     raw = np.array(entries, dtype="<u8").tobytes()
-    return offset + write_all(fd, [raw, crc32c.crc32c(raw).to_bytes(CRC_BYTES, "little")])
+    yield [raw, crc32c.crc32c(raw).to_bytes(CRC_BYTES, "little")]
 
 
 class IndexProblem(ValueError):

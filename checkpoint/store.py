@@ -24,12 +24,12 @@ from tqdm import tqdm
 from .codec import ChunkCodec
 from .dtypes import as_numpy, storage_dtype
 from .errors import CheckpointError, join_problems
-from .fsio import fsync_file, open_for_write
+from .fsio import fsync_file, write_buffers
 from .grid import ChunkIndex, chunk_key, chunks_in
 from .layout import Fragment
 from .plan import ArrayPlan, Piece, SavePlan
 from .scratch import scratch
-from .shard import write_shard
+from .shard import shard_buffers
 
 DEFAULT_IO_THREADS = 4
 
@@ -145,8 +145,8 @@ def _write_shard(
     path = directory / array.path / chunk_key(shard)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open_for_write(path) as fd:
-            return write_shard(fd, (_encoded(codec, array, chunk, data, local, piece) for chunk in array.shard_shape.chunks_of(shard)))
+        chunks = (_encoded(codec, array, chunk, data, local, piece) for chunk in array.shard_shape.chunks_of(shard))
+        return write_buffers(path, shard_buffers(chunks), sync=False)
     except OSError as e:
         return str(io_error(e, action=f"writing shard {chunk_key(shard)} of tensor {array.name!r} to {path}"))
 

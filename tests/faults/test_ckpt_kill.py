@@ -24,7 +24,7 @@ CHILD = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import torch
-    from resurgo.checkpoint import commit, shard
+    from resurgo.checkpoint import commit, store
     from resurgo.checkpoint.manager import Checkpointer
     from resurgo.trainer.config import CheckpointConfig
 
@@ -54,7 +54,7 @@ CHILD = textwrap.dedent(
     ck.states["s"] = State(2)
     writes = []
     if point == "chunks":
-        shard.write_all = stop_when(lambda fd, bufs: writes.append(fd) or len(writes) == 3, shard.write_all)
+        store.write_buffers = stop_when(lambda path, bufs, **kw: writes.append(path) or len(writes) == 3, store.write_buffers)
     elif point == "marker":
         commit.write_file = stop_when(lambda path, data: path.name == "COMMITTED", commit.write_file)
     elif point == "rename":

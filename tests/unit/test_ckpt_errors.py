@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_ckpt_workers import TensorState
 
-from resurgo.checkpoint import shard
+from resurgo.checkpoint import store
 from resurgo.checkpoint.commit import latest
 from resurgo.checkpoint.errors import CheckpointError
 from resurgo.checkpoint.manager import Checkpointer
@@ -170,14 +170,14 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     _checkpointer(tmp_path, TensorState(_tensors())).save(1)
     calls = []
 
-    def full(fd, buffers):
-        calls.append(fd)
-        if len(calls) > 3:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return write(fd, buffers)
+    def full(path, buffers, **kw):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return write(path, buffers, **kw)
 
-    write = shard.write_all
-    monkeypatch.setattr(shard, "write_all", full)
+    write = store.write_buffers
+    monkeypatch.setattr(store, "write_buffers", full)
     with pytest.raises(CheckpointError) as info:
         _checkpointer(tmp_path, TensorState(_tensors())).save(2)
     assert "disk is full" in str(info.value) and "step-00000001" in str(info.value)

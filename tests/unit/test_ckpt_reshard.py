@@ -203,22 +203,22 @@ def disk_full_on_one_rank_task(root: str) -> str:
 
     import torch.distributed as dist
 
-    from resurgo.checkpoint import shard
+    from resurgo.checkpoint import store
     from resurgo.checkpoint.errors import CheckpointError
 
     rank = dist.get_rank()
     tensors = {n: _place(n, *p) for n, p in save_layouts(rank).items()}
     ck = _checkpointer(root, {"t": TensorState(tensors)}, mesh=SAVED_MESH)
     ck.save(1)
-    write = shard.write_all
+    write = store.write_buffers
     if rank == 2:
-        shard.write_all = lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        store.write_buffers = lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
     try:
         ck.save(2)
     except CheckpointError as e:
         return str(e)
     finally:
-        shard.write_all = write
+        store.write_buffers = write
     raise AssertionError("the save succeeded")
 
 
