@@ -19,7 +19,8 @@ import crc32c
 from .errors import CheckpointError
 from .fsio import fsync_dir, fsync_tree, write_file
 from .metadata import COMMITTED_FILE, METADATA_FILE, CheckpointMeta
-from .store import consolidate, io_error
+from .store import io_error
+from .zarr_meta import DOCUMENT, consolidated_root
 
 _COMMITTED = re.compile(r"step-(\d{8,})")
 _TMP = re.compile(r"\.step-(\d{8,})\.(tmp|old)-[0-9a-f]+")
@@ -55,10 +56,10 @@ def commit(directory: Path, *, meta: CheckpointMeta) -> Path:
     root = directory.parent
     final = step_dir(root, meta.step)
     try:
-        consolidate(directory)
+        write_file(directory / DOCUMENT, consolidated_root(meta.arrays, compression=meta.compression))
         document = json.dumps(meta.to_json(), indent=1, sort_keys=True).encode()
         write_file(directory / METADATA_FILE, document)
-        fsync_tree(directory, files=("zarr.json",))
+        fsync_tree(directory, files=(DOCUMENT,))
         marker = {"step": meta.step, "metadata_crc32c": crc32c.crc32c(document)}
         write_file(directory / COMMITTED_FILE, json.dumps(marker).encode())
         fsync_dir(directory)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import errno
 import math
-import os
-import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,16 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 from tqdm import tqdm
 
 from .codec import ChunkCodec
-from .dtypes import as_numpy, storage_dtype
+from .dtypes import as_numpy
 from .errors import CheckpointError, join_problems
 from .fsio import fsync_file, write_buffers
 from .grid import ChunkIndex, chunk_key, chunks_in
 from .layout import Fragment
 from .plan import ArrayPlan, Piece, SavePlan
+from .zarr_meta import write_documents
 from .scratch import scratch
 from .shard import shard_buffers
 
@@ -53,32 +51,10 @@ class HostFragment:
 
 def create_arrays(directory: Path, plan: SavePlan) -> None:
     """Create the zarr group and one array per tensor at its global shape (one process)."""
-    codec = ChunkCodec.parse(plan.compression)
     try:
-        group = zarr.create_group(store=str(directory), zarr_format=3, overwrite=True)
-        for array in plan.arrays.values():
-            dtype = storage_dtype(array.dtype)
-            group.create_array(
-                array.path,
-                shape=array.shape,
-                chunks=array.chunks,
-                shards=array.shards,
-                dtype=dtype,
-                fill_value=0,
-                attributes={"tensor": array.name, "torch_dtype": array.dtype},
-                # Every chunk is written: a skipped all-zero chunk would make a deleted one look valid.
-                config={"write_empty_chunks": True},
-                **codec.zarr_codecs(itemsize=dtype.itemsize),
-            )
+        write_documents(directory, plan.arrays, compression=plan.compression)
     except OSError as e:
         raise io_error(e, action="creating the checkpoint arrays") from e
-
-
-def consolidate(directory: Path) -> None:
-    """Gather every array's metadata into the group document, so opening the group is one read."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # consolidated metadata is a zarr-python extension of v3
-        zarr.consolidate_metadata(str(directory))
 
 
 def write_fragments(

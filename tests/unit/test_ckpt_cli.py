@@ -82,3 +82,16 @@ def test_plan_lists_chunks_and_bytes_per_rank(root, tmp_path, capsys):
 def test_errors_exit_2_with_the_message(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_plain_zarr_reads_a_compressed_checkpoint(root):
+    import warnings
+
+    import numpy as np
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        group = zarr.open(str(root / "step-00000002"), mode="r")  # saved with zstd
+        np.testing.assert_array_equal(group["model/w"][...], _model(1.5)["w"].numpy())
+        np.testing.assert_array_equal(group["model/mask"][...], _model(1.5)["mask"].numpy())
