@@ -61,25 +61,31 @@ class ChunkProblem(Exception):
 
 @dataclass(frozen=True)
 class Checked:
-    """The chunks some fragments need, all verified; `apply` copies them out."""
+    """The chunks some fragments need, all verified; `apply` copies them out.
+
+    Verified uncompressed chunks stay mapped (page cache, no extra memory), so `apply` copies
+    them without reading or checking them again; compressed ones are read and checked again.
+    """
 
     checkpoint: Checkpoint
     reads: tuple[tuple[ArrayPlan, ShardRead], ...]
+    mapped: tuple[list[tuple[ChunkRead, np.ndarray]] | None, ...] = ()  # per entry of `reads`
 
     def apply(self, outs: Mapping[str, np.ndarray | torch.Tensor], *, threads: int = DEFAULT_IO_THREADS, progress: bool = False) -> None:
         """Copy every checked chunk into `outs[name]`, the requesting fragment's local data."""
         codec = ChunkCodec.parse(self.checkpoint.meta.compression)
         root = self.checkpoint.path
 
-        def copy(job: tuple[ArrayPlan, ShardRead]) -> None:
-            array, shard_read = job
+        def copy(i: int) -> None:
+            array, shard_read = self.reads[i]
             out = outs[array.name]
-            for read, chunk in read_shard(root, codec, array, shard_read):
+            held = self.mapped[i] if i < len(self.mapped) else None
+            for read, chunk in held if held is not None else read_shard(root, codec, array, shard_read):
                 origin = array.chunk_box(read.index).offsets
                 for overlap, dest in read.targets:
                     _copy(out[(*dest, ...)], chunk[(*overlap.slices(origin), ...)], dtype=array.dtype)
 
-        problems = _problems(_run(list(self.reads), copy, threads=threads, progress=progress, desc="load"))
+        problems = _problems(_run(list(range(len(self.reads))), copy, threads=threads, progress=progress, desc="load"))
         if problems:
             # Only a file changed between the two passes gets here.
             raise CheckpointError(f"checkpoint {root} changed while loading; targets are partly written:\n{join_problems(problems)}")
@@ -98,15 +104,17 @@ def check(checkpoint: Checkpoint, fragments: Sequence[Fragment], *, threads: int
             continue
         problems += check_array(checkpoint.path, array)
         reads += [(array, read) for read in chunk_reads(array, fragment)]
+    results: list = []
     if not problems:
-        results = _run(reads, lambda job: _checked(checkpoint.path, codec, *job), threads=threads, progress=progress, desc="check")
+        hold = not codec.compressed and sum(len(r.chunks) for _, r in reads) <= _MAX_HELD_MAPS
+        results = _run(reads, lambda job: _checked(checkpoint.path, codec, *job, hold=hold), threads=threads, progress=progress, desc="check")
         problems = _problems(results)
     if problems:
         raise CheckpointError(
             f"checkpoint {checkpoint.path} (step {checkpoint.meta.step}) cannot be loaded:\n{join_problems(problems)}\n"
             f"load an earlier checkpoint; `resurgo-ckpt verify {checkpoint.path}` lists every problem"
         )
-    return Checked(checkpoint, tuple(reads))
+    return Checked(checkpoint, tuple(reads), tuple(results))
 
 
 def read_fragments(checkpoint: Checkpoint, requests: Sequence[ReadRequest], *, threads: int = DEFAULT_IO_THREADS, progress: bool = False) -> None:
@@ -206,10 +214,16 @@ def _map_chunk(fd: int, codec: ChunkCodec, array: ArrayPlan, entry: np.ndarray, 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # fault the whole chunk in at once
 
 
-def _checked(root: Path, codec: ChunkCodec, array: ArrayPlan, shard_read: ShardRead) -> None:
-    """Check a shard's requested chunks without keeping them mapped."""
-    for _ in read_shard(root, codec, array, shard_read):
-        pass
+_MAX_HELD_MAPS = 16384  # well under the kernel's default limit of 65530 mappings per process
+
+
+def _checked(root: Path, codec: ChunkCodec, array: ArrayPlan, shard_read: ShardRead, *, hold: bool = False) -> list[tuple[ChunkRead, np.ndarray]] | None:
+    """Check a shard's requested chunks; with `hold`, keep them mapped for copying later."""
+    chunks = [(read, chunk) for read, chunk in read_shard(root, codec, array, shard_read)] if hold else None
+    if not hold:
+        for _ in read_shard(root, codec, array, shard_read):
+            pass
+    return chunks
 
 
 def _copy(dst: np.ndarray | torch.Tensor, src: np.ndarray, *, dtype: str) -> None:
