@@ -82,17 +82,11 @@ class Checkpointer:
         """Write a committed checkpoint of every state at `step`; the previous ones stay valid if it fails."""
         start = time.perf_counter()
         rank, comm = self.comm.rank, self.comm
-        error, fragments, host, trees = None, [], {}, {}
-        try:
-            for key, state in self.states.items():
-                tensors, trees[key] = flatten(key, state.state_dict())
-                for name, tensor in tensors.items():
-                    fragment = fragment_of(name, tensor, rank=rank)
-                    fragments.append(fragment)
-                    host[name] = HostFragment(fragment, _host_copy(tensor))
-        except CheckpointError as e:
-            error = str(e)
-        gathered = comm.all_gather({"error": error, "fragments": [f.to_json() for f in fragments], "state": trees})
+        host: dict[str, HostFragment] = {}
+        trees: dict[str, Any] = {}
+        error = _attempt(lambda: self._collect(host, trees))
+        fragments = [h.fragment.to_json() for h in host.values()]
+        gathered = comm.all_gather({"error": error, "fragments": fragments, "state": trees if error is None else {}})
         raise_failures([g["error"] for g in gathered], action=f"saving step {step}")
         plan = plan_save(
             {r: [Fragment.from_json(f) for f in g["fragments"]] for r, g in enumerate(gathered)},
@@ -101,13 +95,9 @@ class Checkpointer:
             max_chunk_bytes=self.max_chunk_bytes,
             max_shard_bytes=self.max_shard_bytes,
         )
-        token, directory, error = commits.new_token(), None, None
+        token, error = commits.new_token(), None
         if rank == 0:
-            try:
-                directory = commits.begin(self.root, step=step, token=token)
-                create_arrays(directory, plan)
-            except CheckpointError as e:
-                error = str(e)
+            error = _attempt(lambda: create_arrays(commits.begin(self.root, step=step, token=token), plan))
         token = comm.all_gather(token)[0]
         directory = commits.tmp_dir(self.root, step, token)
         try:
@@ -132,6 +122,13 @@ class Checkpointer:
             log.info("saved step %d to %s in %.2f s", step, final, time.perf_counter() - start)
         return final
 
+    def _collect(self, host: dict[str, HostFragment], trees: dict[str, Any]) -> None:
+        """This rank's tensors as host fragments, and its JSON state, by state key."""
+        for key, state in self.states.items():
+            tensors, trees[key] = flatten(key, state.state_dict())
+            for name, tensor in tensors.items():
+                host[name] = HostFragment(fragment_of(name, tensor, rank=self.comm.rank), _host_copy(tensor))
+
     def resume(self) -> int | None:
         """Load what `config.resume` names (none | latest | a path); the loaded step, None if nothing."""
         spec = self.config.resume
@@ -153,12 +150,12 @@ class Checkpointer:
         comm.agree(result if isinstance(result, str) else None, action=f"opening checkpoint {path}")
         ckpt: Checkpoint = result
         keys = [k for k, s in self.states.items() if self.config.load_optimizer or not isinstance(s, OptimizerState)]
-        templates = {k: self.states[k].state_dict() for k in keys}
+        templates: dict[str, Any] = {}
         targets: dict[str, torch.Tensor] = {}
-        for key in keys:
-            targets.update(flatten(key, templates[key])[0])
-        targets = {n: t for n, t in targets.items() if not self._excluded(n)}
-        all_targets = set().union(*comm.all_gather(sorted(targets)))
+        error = _attempt(lambda: self._templates(keys, templates, targets))
+        gathered = comm.all_gather({"error": error, "names": sorted(targets)})
+        raise_failures([g["error"] for g in gathered], action=f"loading {path}")
+        all_targets = {n for g in gathered for n in g["names"]}
         problems = _mismatches(ckpt.meta, targets, all_targets=all_targets, prefixes=keys, excluded=self._excluded)
         saved_trees = self._saved_trees(ckpt.meta)
         problems += [f"state {k!r} is not in the checkpoint" for k in keys if k not in saved_trees]
@@ -170,8 +167,9 @@ class Checkpointer:
                 log.warning("loading %s non-strictly; skipped:\n%s", path, join_problems(problems))
             targets = {n: t for n, t in targets.items() if _loadable(ckpt.meta, n, t)}
         comm.agree(error, action=f"loading {path}")
-        fragments = [fragment_of(n, t, rank=rank) for n, t in targets.items()]
-        checked = _attempt(lambda: check(ckpt, fragments, threads=self.io_threads, progress=self.progress))
+        checked = _attempt(
+            lambda: check(ckpt, [fragment_of(n, t, rank=rank) for n, t in targets.items()], threads=self.io_threads, progress=self.progress)
+        )
         comm.agree(checked if isinstance(checked, str) else None, action=f"loading {path}")
         # Every rank checked every chunk it needs: only now do the targets change.
         with torch.no_grad():
@@ -182,6 +180,13 @@ class Checkpointer:
         if rank == 0:
             log.info("loaded step %d from %s", ckpt.meta.step, path)
         return ckpt.meta.step
+
+    def _templates(self, keys: list[str], templates: dict[str, Any], targets: dict[str, torch.Tensor]) -> None:
+        """Each state's current state_dict (the load template) and its tensors not excluded, by name."""
+        for key in keys:
+            templates[key] = self.states[key].state_dict()
+            tensors, _ = flatten(key, templates[key])
+            targets.update({n: t for n, t in tensors.items() if not self._excluded(n)})
 
     def _excluded(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.config.exclude)
@@ -202,7 +207,8 @@ _ADVICE = (
 
 
 def _attempt(fn):
-    """The result of `fn`, or its error's message, so every rank is told instead of left waiting."""
+    """The result of `fn` (None stays None), or its error's message, so every rank is told instead
+    of left waiting in the next collective."""
     try:
         return fn()
     except CheckpointError as e:
