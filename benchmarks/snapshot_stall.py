@@ -1,12 +1,12 @@
 """How long training stalls when it checkpoints every step, per method, in one run.
 
-One model and topology (the Llama-style trainer, FSDP2 over `--ranks` CPU processes with gloo), the
-methods one after another on the same processes: none (measured first and last), a synchronous
-torch.save of the gathered state, dcp.save, dcp.async_save (shared-memory stager, staging in a
-thread, its own gloo group), and resurgo (a memory snapshot every step held by the node's keeper,
-every `--persist-every`-th persisted to the universal store by the keeper). Per method it prints the
-median time training is blocked per step (the slowest rank's), the mean step time against none,
-and the host memory holding checkpoint copies (shared memory growth, measured).
+One model and topology (the Llama-style trainer, FSDP2 over `--ranks` CPU processes with gloo) on
+the same processes, the methods interleaved in rounds so that a busy machine slows all alike: none,
+a synchronous torch.save of the gathered state, dcp.save, dcp.async_save (shared-memory stager,
+staging in a thread, its own gloo group), and resurgo (a memory snapshot every step held by the
+node's keeper, every `--persist-every`-th persisted to the universal store by the keeper). Per method
+it prints the median time training is blocked per step (the slowest rank's), the median step time
+against none, and the host memory holding checkpoint copies (shared memory growth, measured).
 
     python benchmarks/snapshot_stall.py --ranks 4
 """
@@ -27,18 +27,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-MODES = ("none", "torch.save", "dcp.save", "dcp.async_save", "resurgo", "none")
+MODES = ("none", "torch.save", "dcp.save", "dcp.async_save", "resurgo")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=8, help="measured steps per method")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4, help="each round runs every method in turn")
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per method and round")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per method and round")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8, help="global sequences per step")
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--persist-every", type=int, default=10, help="resurgo: keeper persists every N-th snapshot")
     parser.add_argument("--root", type=Path, default=None, help="scratch folder (default: a temporary one)")
     return parser.parse_args()
@@ -57,6 +58,8 @@ class Timed:
 
     def __init__(self) -> None:
         self.blocked: list[float] = []
+        self.steps: list[float] = []
+        self.shm: list[int] = []
         self._fence = 0.0
 
     def before_optimizer_step(self) -> None:
@@ -76,8 +79,11 @@ class Timed:
     def save(self, step: int) -> None:
         pass
 
+    def pause(self) -> None:
+        """Another method's turn: finish what is in flight."""
+
     def close(self) -> None:
-        pass
+        self.pause()
 
 
 class TorchSave(Timed):
@@ -135,14 +141,17 @@ class DcpAsyncSave(DcpSave):
     def save(self, step: int) -> None:
         import torch.distributed.checkpoint as dcp
 
-        if self.pending is not None:
-            getattr(self.pending, "upload_completion", self.pending).result()
+        self.pause()
         self.pending = dcp.async_save(self.state(), checkpoint_id=str(self.folder / "dcp_async"), process_group=self.group,
                                       async_stager=self.stager)  # fmt: skip
 
-    def close(self) -> None:
+    def pause(self) -> None:
         if self.pending is not None:
             getattr(self.pending, "upload_completion", self.pending).result()
+            self.pending = None
+
+    def close(self) -> None:
+        self.pause()
         self.stager.close()
 
 
@@ -157,12 +166,24 @@ class Resurgo(Timed):
         cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, dir=str(folder / "resurgo"), every=persist_every, snapshot_every=1))
         self.trainer, self.protection = trainer, build_protection(cfg, trainer=trainer)
         self.engine = self.protection.engine
+        self.copies: list[float] = []
+        copy = self.engine.copier.copy
+
+        def timed_copy(*args: Any) -> None:  # in the snapshot thread, overlapping forward/backward
+            start = time.perf_counter()
+            copy(*args)
+            self.copies.append(time.perf_counter() - start)
+
+        self.engine.copier.copy = timed_copy
 
     def fence(self) -> None:
         self.engine.before_optimizer_step()
 
     def save(self, step: int) -> None:
         self.engine.after_optimizer_step(step)
+
+    def pause(self) -> None:
+        self.engine.fence()
 
     def close(self) -> None:
         self.protection.close(step=self.trainer.progress.step)
@@ -187,23 +208,32 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None
     state_bytes = sum(p.to_local().nbytes for p in trainer.parts.parameters()) * 3  # parameters and two moments
     totals = torch.tensor([float(state_bytes)])
     dist.all_reduce(totals)
+    hooks = {mode: make(mode, trainer, folder, args) for mode in MODES}
+    for _ in range(args.rounds):
+        for mode, hook in hooks.items():
+            trainer.hooks = [hook]
+            base_shm = shmem_bytes()
+            for i in range(args.warmup + args.steps):
+                start = time.perf_counter()
+                blocked = len(hook.blocked)
+                trainer.train_step()
+                if i >= args.warmup:
+                    hook.steps.append(time.perf_counter() - start)
+                else:
+                    del hook.blocked[blocked:]
+            if not hook.shm:  # what a method keeps, it allocates in its first turn
+                hook.shm.append(max(shmem_bytes() - base_shm, 0))
+            hook.pause()
+            trainer.hooks = []
     rows = []
-    for mode in MODES:
-        hook = make(mode, trainer, folder, args)
-        trainer.hooks = [hook]
-        base_shm = shmem_bytes()
-        step_times = []
-        for i in range(args.warmup + args.steps):
-            start = time.perf_counter()
-            trainer.train_step()
-            if i >= args.warmup:
-                step_times.append(time.perf_counter() - start)
-        held = max(shmem_bytes() - base_shm, 0)
-        hook.close()
-        trainer.hooks = []
-        measured = torch.tensor([statistics.median(hook.blocked[args.warmup:]) if hook.blocked else 0.0, statistics.mean(step_times)])
+    for mode, hook in hooks.items():
+        copies = statistics.median(hook.copies) if isinstance(hook, Resurgo) and hook.copies else 0.0
+        measured = torch.tensor([statistics.median(hook.blocked), statistics.median(hook.steps), copies])
         dist.all_reduce(measured, op=dist.ReduceOp.MAX)
-        rows.append((mode, float(measured[0]), float(measured[1]), held))
+        rows.append((mode, float(measured[0]), float(measured[1]), hook.shm[0], float(measured[2])))
+        if os.environ.get("SNAPSHOT_STALL_DEBUG") and rank == 0:
+            print(mode, [round(b * 1e3, 1) for b in hook.blocked], [round(t, 3) for t in hook.steps])
+        hook.close()
     if rank == 0:
         report(rows, args=args, state_bytes=float(totals[0]))
     trainer.close()
@@ -220,21 +250,19 @@ def make(mode: str, trainer: Any, folder: Path, args: argparse.Namespace) -> Tim
     }[mode]()
 
 
-def report(rows: list[tuple[str, float, float, int]], *, args: argparse.Namespace, state_bytes: float) -> None:
-    none = statistics.mean(step for mode, _, step, _ in rows if mode == "none")
+def report(rows: list[tuple[str, float, float, int, float]], *, args: argparse.Namespace, state_bytes: float) -> None:
+    none = next(step for mode, _, step, _, _ in rows if mode == "none")
     print(f"{args.ranks} CPU ranks, FSDP2, {args.layers} layers x dim {args.dim}, {args.batch}x{args.seq} tokens per step; "
-          f"checkpointed state {state_bytes / 2**20:.0f} MiB (parameters + AdamW moments, all ranks); "
-          f"{args.steps} measured steps per method after {args.warmup} warm-up")  # fmt: skip
+          f"checkpointed state {state_bytes / 2**20:.0f} MiB (parameters + AdamW moments, all ranks); every method checkpoints "
+          f"every step; {args.rounds} rounds x {args.steps} measured steps per method (after {args.warmup} warm-up)")  # fmt: skip
     print(f"{'method':<16}{'blocked/step (median)':>24}{'of step':>10}{'step time':>12}{'vs none':>10}{'host shm':>12}")
-    seen = set()
-    for mode, blocked, step, held in rows:
-        label = mode if mode not in seen else "none (again)"
-        seen.add(mode)
-        print(f"{label:<16}{blocked * 1e3:>21.2f} ms{blocked / step:>10.2%}{step:>10.3f} s{step / none:>9.3f}x{held / 2**20:>8.0f} MiB")
-    blocked = {mode: b for mode, b, _, _ in rows}
-    ratio = blocked["dcp.async_save"] / max(blocked["resurgo"], 1e-9)
-    print(f"resurgo blocks {ratio:.0f}x less than dcp.async_save per step "
-          f"(resurgo: memory snapshot every step, persisted every {args.persist_every} steps by the keeper)")
+    for mode, blocked, step, held, _ in rows:
+        print(f"{mode:<16}{blocked * 1e3:>21.2f} ms{blocked / step:>10.2%}{step:>10.3f} s{step / none:>9.3f}x{held / 2**20:>8.0f} MiB")
+    blocked = {mode: b for mode, b, _, _, _ in rows}
+    copy = next(c for mode, _, _, _, c in rows if mode == "resurgo")
+    print(f"resurgo: memory snapshot every step (persisted every {args.persist_every} steps by the keeper); its background "
+          f"copy takes {copy * 1e3:.1f} ms per rank per step ({copy / none:.1%} of a step), blocked "
+          f"{blocked['dcp.async_save'] / max(blocked['resurgo'], 1e-9):.0f}x less than dcp.async_save")  # fmt: skip
 
 
 def main() -> None:

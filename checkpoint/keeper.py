@@ -117,17 +117,23 @@ class Keeper:
     def _load_persister(self) -> None:
         from .persist import Persister
 
-        self._persister = Persister(on_done=self._persist_done)
+        persister = Persister(on_done=self._persist_done)
+        with self._cond:
+            self._persister = persister
+            for job, _ in self._jobs.values():
+                persister.submit(job)  # queued while loading
 
-    @property
-    def persister(self) -> Any:
-        self._loading.join()
-        return self._persister
+    def _submit(self, job: PersistJob) -> None:
+        """Never waits for the loading (the lock is held): until it is done, jobs wait in `_jobs`."""
+        if self._persister is not None:
+            self._persister.submit(job)
 
     def _shutdown(self) -> None:
         """Finish queued persists, then free the memory and the socket."""
-        if self._loading.is_alive() or self._persister is not None:
-            self.persister.stop()
+        if self._loading.is_alive():
+            self._loading.join()
+        if self._persister is not None:
+            self._persister.stop()
         with self._cond:
             for held in self.ranks.values():
                 _free(held)
@@ -355,7 +361,7 @@ class Keeper:
         for slot in slots:
             slot.pins += 1
         self._jobs[step] = (job, slots)
-        self.persister.submit(job)
+        self._submit(job)
 
     def _persist_done(self, job: PersistJob, stage: str, error: str | None) -> None:
         with self._cond:
