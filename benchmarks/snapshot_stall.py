@@ -4,7 +4,7 @@ One model and topology (the Llama-style trainer, FSDP2 over `--ranks` CPU proces
 the same processes, the methods interleaved in rounds so that a busy machine slows all alike: none,
 a synchronous torch.save of the gathered state, dcp.save, dcp.async_save (shared-memory stager,
 staging in a thread, its own gloo group), and resurgo (a memory snapshot every step held by the
-node's keeper, every `--persist-every`-th persisted to the universal store by the keeper). Per method
+node's keeper, one per turn persisted to the universal store by the keeper). Per method
 it prints the median time training is blocked per step (the slowest rank's), the median step time
 against none, and the host memory holding checkpoint copies (shared memory growth, measured).
 
@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 MODES = ("none", "torch.save", "dcp.save", "dcp.async_save", "resurgo")
+FIRST_TURN_WARMUP = 2  # extra unmeasured steps in the first round: buffers, plans and caches are created then
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,7 +41,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8, help="global sequences per step")
     parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--persist-every", type=int, default=10, help="resurgo: keeper persists every N-th snapshot")
     parser.add_argument("--root", type=Path, default=None, help="scratch folder (default: a temporary one)")
     return parser.parse_args()
 
@@ -156,16 +156,18 @@ class DcpAsyncSave(DcpSave):
 
 
 class Resurgo(Timed):
-    def __init__(self, trainer: Any, folder: Path, *, persist_every: int) -> None:
+    """Snapshots every step; one of them per turn (the first measured) is persisted by the keeper, and a
+    turn ends only when that persist is committed, so its cost lands in resurgo's own steps."""
+
+    def __init__(self, trainer: Any, folder: Path, *, warmup: int) -> None:
         super().__init__()
         from dataclasses import replace
 
         from resurgo.checkpoint.recovery import build_protection
 
-        cfg = trainer.cfg
-        cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, dir=str(folder / "resurgo"), every=persist_every, snapshot_every=1))
-        self.trainer, self.protection = trainer, build_protection(cfg, trainer=trainer)
-        self.engine = self.protection.engine
+        ck = replace(trainer.cfg.checkpoint, dir=str(folder / "resurgo"), every=10**9, snapshot_every=1)  # persists asked below
+        self.trainer, self.protection = trainer, build_protection(replace(trainer.cfg, checkpoint=ck), trainer=trainer)
+        self.engine, self.warmup, self.turn_steps = self.protection.engine, warmup, 0
         self.copies: list[float] = []
         copy = self.engine.copier.copy
 
@@ -177,13 +179,17 @@ class Resurgo(Timed):
         self.engine.copier.copy = timed_copy
 
     def fence(self) -> None:
-        self.engine.before_optimizer_step()
+        self.engine.fence()
 
     def save(self, step: int) -> None:
-        self.engine.after_optimizer_step(step)
+        self.engine.begin(step, persist=self.turn_steps == self.warmup)
+        self.turn_steps += 1
 
     def pause(self) -> None:
         self.engine.fence()
+        self.turn_steps = 0
+        while self.engine.link.request("status")["backlog"]:
+            time.sleep(0.05)
 
     def close(self) -> None:
         self.protection.close(step=self.trainer.progress.step)
@@ -209,15 +215,18 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None
     totals = torch.tensor([float(state_bytes)])
     dist.all_reduce(totals)
     hooks = {mode: make(mode, trainer, folder, args) for mode in MODES}
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         for mode, hook in hooks.items():
             trainer.hooks = [hook]
             base_shm = shmem_bytes()
-            for i in range(args.warmup + args.steps):
+            warmup = args.warmup + (FIRST_TURN_WARMUP if round_ == 0 else 0)
+            if isinstance(hook, Resurgo):
+                hook.warmup = warmup
+            for i in range(warmup + args.steps):
                 start = time.perf_counter()
                 blocked = len(hook.blocked)
                 trainer.train_step()
-                if i >= args.warmup:
+                if i >= warmup:
                     hook.steps.append(time.perf_counter() - start)
                 else:
                     del hook.blocked[blocked:]
@@ -246,7 +255,7 @@ def make(mode: str, trainer: Any, folder: Path, args: argparse.Namespace) -> Tim
         "torch.save": lambda: TorchSave(trainer, folder),
         "dcp.save": lambda: DcpSave(trainer, folder),
         "dcp.async_save": lambda: DcpAsyncSave(trainer, folder),
-        "resurgo": lambda: Resurgo(trainer, folder, persist_every=args.persist_every),
+        "resurgo": lambda: Resurgo(trainer, folder, warmup=args.warmup),
     }[mode]()
 
 
@@ -260,7 +269,7 @@ def report(rows: list[tuple[str, float, float, int, float]], *, args: argparse.N
         print(f"{mode:<16}{blocked * 1e3:>21.2f} ms{blocked / step:>10.2%}{step:>10.3f} s{step / none:>9.3f}x{held / 2**20:>8.0f} MiB")
     blocked = {mode: b for mode, b, _, _, _ in rows}
     copy = next(c for mode, _, _, _, c in rows if mode == "resurgo")
-    print(f"resurgo: memory snapshot every step (persisted every {args.persist_every} steps by the keeper); its background "
+    print(f"resurgo: memory snapshot every step, the keeper persisting one in every {args.steps + args.warmup} (one per turn); its background "
           f"copy takes {copy * 1e3:.1f} ms per rank per step ({copy / none:.1%} of a step), blocked "
           f"{blocked['dcp.async_save'] / max(blocked['resurgo'], 1e-9):.0f}x less than dcp.async_save")  # fmt: skip
 
