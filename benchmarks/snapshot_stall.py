@@ -4,9 +4,10 @@ One model and topology (the Llama-style trainer, FSDP2 over `--ranks` CPU proces
 the same processes, the methods interleaved in rounds so that a busy machine slows all alike: none,
 a synchronous torch.save of the gathered state, dcp.save, dcp.async_save (shared-memory stager,
 staging in a thread, its own gloo group), and resurgo (a memory snapshot every step held by the
-node's keeper, one per turn persisted to the universal store by the keeper). Per method
-it prints the median time training is blocked per step (the slowest rank's), the median step time
-against none, and the host memory holding checkpoint copies (shared memory growth, measured).
+node's keeper; and the same with one snapshot per turn persisted to the universal store by the
+keeper). Per method it prints the median time training is blocked per step (the slowest rank's),
+the median step time against none, and the host memory holding checkpoint copies (shared memory
+growth, measured).
 
     python benchmarks/snapshot_stall.py --ranks 4
 """
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-MODES = ("none", "torch.save", "dcp.save", "dcp.async_save", "resurgo")
+MODES = ("none", "torch.save", "dcp.save", "dcp.async_save", "resurgo", "resurgo+persist")
 FIRST_TURN_WARMUP = 2  # extra unmeasured steps in the first round: buffers, plans and caches are created then
 
 
@@ -155,20 +156,17 @@ class DcpAsyncSave(DcpSave):
         self.stager.close()
 
 
-class Resurgo(Timed):
-    """Snapshots every step; one of them per turn (the first measured) is persisted by the keeper, and a
-    turn ends only when that persist is committed, so its cost lands in resurgo's own steps."""
+class ResurgoRun:
+    """One protection (engine, keeper) shared by the two resurgo rows; times the background copies."""
 
-    def __init__(self, trainer: Any, folder: Path, *, warmup: int) -> None:
-        super().__init__()
+    def __init__(self, trainer: Any, folder: Path) -> None:
         from dataclasses import replace
 
         from resurgo.checkpoint.recovery import build_protection
 
         ck = replace(trainer.cfg.checkpoint, dir=str(folder / "resurgo"), every=10**9, snapshot_every=1)  # persists asked below
         self.trainer, self.protection = trainer, build_protection(replace(trainer.cfg, checkpoint=ck), trainer=trainer)
-        self.engine, self.warmup, self.turn_steps = self.protection.engine, warmup, 0
-        self.copies: list[float] = []
+        self.engine, self.copies, self.closed = self.protection.engine, [], False
         copy = self.engine.copier.copy
 
         def timed_copy(*args: Any) -> None:  # in the snapshot thread, overlapping forward/backward
@@ -178,21 +176,35 @@ class Resurgo(Timed):
 
         self.engine.copier.copy = timed_copy
 
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.protection.close(step=self.trainer.progress.step)
+
+
+class Resurgo(Timed):
+    """Snapshots every step; with `persist`, the first measured one of each turn is also persisted by
+    the keeper, and the turn ends only once it is committed, so its cost lands in this row's steps."""
+
+    def __init__(self, run: ResurgoRun, *, persist: bool) -> None:
+        super().__init__()
+        self.run, self.persist, self.warmup, self.turn_steps = run, persist, 0, 0
+
     def fence(self) -> None:
-        self.engine.fence()
+        self.run.engine.fence()
 
     def save(self, step: int) -> None:
-        self.engine.begin(step, persist=self.turn_steps == self.warmup)
+        self.run.engine.begin(step, persist=self.persist and self.turn_steps == self.warmup)
         self.turn_steps += 1
 
     def pause(self) -> None:
-        self.engine.fence()
+        self.run.engine.fence()
         self.turn_steps = 0
-        while self.engine.link.request("status")["backlog"]:
+        while self.run.engine.link.request("status")["backlog"]:
             time.sleep(0.05)
 
     def close(self) -> None:
-        self.protection.close(step=self.trainer.progress.step)
+        self.run.close()
 
 
 def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None:
@@ -214,14 +226,15 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None
     state_bytes = sum(p.to_local().nbytes for p in trainer.parts.parameters()) * 3  # parameters and two moments
     totals = torch.tensor([float(state_bytes)])
     dist.all_reduce(totals)
-    hooks = {mode: make(mode, trainer, folder, args) for mode in MODES}
+    shared: dict[str, Any] = {}
+    hooks = {mode: make(mode, trainer, folder, shared) for mode in MODES}
     for round_ in range(args.rounds):
         for mode, hook in hooks.items():
             trainer.hooks = [hook]
             base_shm = shmem_bytes()
             warmup = args.warmup + (FIRST_TURN_WARMUP if round_ == 0 else 0)
             if isinstance(hook, Resurgo):
-                hook.warmup = warmup
+                hook.warmup = warmup  # persist the first measured step
             for i in range(warmup + args.steps):
                 start = time.perf_counter()
                 blocked = len(hook.blocked)
@@ -236,7 +249,7 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None
             trainer.hooks = []
     rows = []
     for mode, hook in hooks.items():
-        copies = statistics.median(hook.copies) if isinstance(hook, Resurgo) and hook.copies else 0.0
+        copies = statistics.median(hook.run.copies) if isinstance(hook, Resurgo) else 0.0
         measured = torch.tensor([statistics.median(hook.blocked), statistics.median(hook.steps), copies])
         dist.all_reduce(measured, op=dist.ReduceOp.MAX)
         rows.append((mode, float(measured[0]), float(measured[1]), hook.shm[0], float(measured[2])))
@@ -249,13 +262,16 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None
     shutdown()
 
 
-def make(mode: str, trainer: Any, folder: Path, args: argparse.Namespace) -> Timed:
+def make(mode: str, trainer: Any, folder: Path, shared: dict[str, Any]) -> Timed:
+    if mode.startswith("resurgo"):
+        if "run" not in shared:
+            shared["run"] = ResurgoRun(trainer, folder)
+        return Resurgo(shared["run"], persist=mode.endswith("+persist"))
     return {
         "none": lambda: Timed(),
         "torch.save": lambda: TorchSave(trainer, folder),
         "dcp.save": lambda: DcpSave(trainer, folder),
         "dcp.async_save": lambda: DcpAsyncSave(trainer, folder),
-        "resurgo": lambda: Resurgo(trainer, folder, warmup=args.warmup),
     }[mode]()
 
 
@@ -269,8 +285,9 @@ def report(rows: list[tuple[str, float, float, int, float]], *, args: argparse.N
         print(f"{mode:<16}{blocked * 1e3:>21.2f} ms{blocked / step:>10.2%}{step:>10.3f} s{step / none:>9.3f}x{held / 2**20:>8.0f} MiB")
     blocked = {mode: b for mode, b, _, _, _ in rows}
     copy = next(c for mode, _, _, _, c in rows if mode == "resurgo")
-    print(f"resurgo: memory snapshot every step, the keeper persisting one in every {args.steps + args.warmup} (one per turn); its background "
-          f"copy takes {copy * 1e3:.1f} ms per rank per step ({copy / none:.1%} of a step), blocked "
+    print(f"resurgo: a memory snapshot every step into the keeper; +persist: the keeper also writes one in every "
+          f"{args.steps + args.warmup} to the universal store (one per turn, committed within it). The background copy takes "
+          f"{copy * 1e3:.1f} ms per rank per step ({copy / none:.1%} of a step); resurgo blocks "
           f"{blocked['dcp.async_save'] / max(blocked['resurgo'], 1e-9):.0f}x less than dcp.async_save")  # fmt: skip
 
 
