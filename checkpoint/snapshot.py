@@ -12,7 +12,6 @@ event; on CPU with `copy_`, which releases the GIL. `fence()` runs right before 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -262,8 +261,6 @@ class _Background:
     def _run(self) -> None:
         if self._device is not None and self._device.type == "cuda":
             torch.cuda.set_device(self._device)  # the current device is per thread
-        else:
-            _lower_priority()
         while (job := self._jobs.get()) is not None:
             fn, future = job
             try:
@@ -272,12 +269,3 @@ class _Background:
             except BaseException as e:
                 future.set_exception(e)
 
-
-def _lower_priority(niceness: int = 10) -> None:
-    """On CPU the copy competes with training for cores: let it take what training leaves idle
-    (collectives, data loading) first. Linux applies nice values per thread."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
-    except (AttributeError, OSError):
-        pass
