@@ -6,8 +6,8 @@ a synchronous torch.save of the gathered state, dcp.save, dcp.async_save (shared
 staging in a thread, its own gloo group), and resurgo (a memory snapshot every step held by the
 node's keeper; and the same with one snapshot per turn persisted to the universal store by the
 keeper). Per method it prints the median time training is blocked per step (the slowest rank's),
-the median step time against none, and the host memory holding checkpoint copies (shared memory
-growth, measured).
+the median step time against none, and the host memory holding checkpoint copies (measured: the
+growth of shared memory mapped by the workers and the keeper in the method's first turn).
 
     python benchmarks/snapshot_stall.py --ranks 4
 """
@@ -41,17 +41,33 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8, help="global sequences per step")
-    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--root", type=Path, default=None, help="scratch folder (default: a temporary one)")
     return parser.parse_args()
 
 
-def shmem_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("Shmem:"):
-                return int(line.split()[1]) * 1024
+def shared_memory_bytes(pid: int | str = "self") -> int:
+    """Shared memory mapped by a process, each page divided among the processes mapping it (PSS),
+    so summing over the workers and the keeper counts every page once."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss_Shmem:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
+
+
+def node_shared_memory(folder: Path) -> int:
+    """This benchmark's shared memory: every rank's (summed over ranks) plus the keeper's."""
+    from resurgo.checkpoint.keeper_link import keeper_pid
+
+    total = torch.tensor([float(shared_memory_bytes())])
+    if dist.get_rank() == 0 and (pid := keeper_pid(folder / "run")) is not None:
+        total += shared_memory_bytes(pid)
+    dist.all_reduce(total)
+    return int(total)
 
 
 class Timed:
@@ -189,6 +205,7 @@ class Resurgo(Timed):
     def __init__(self, run: ResurgoRun, *, persist: bool) -> None:
         super().__init__()
         self.run, self.persist, self.warmup, self.turn_steps = run, persist, 0, 0
+        self.parts: list[tuple[float, float]] = []  # (fence, begin) ms, for --debug
 
     def fence(self) -> None:
         self.run.engine.fence()
@@ -196,6 +213,7 @@ class Resurgo(Timed):
     def save(self, step: int) -> None:
         self.run.engine.begin(step, persist=self.persist and self.turn_steps == self.warmup)
         self.turn_steps += 1
+        self.parts.append((round(self.run.engine.stats.fence_s * 1e3, 1), round(self.run.engine.stats.begin_s * 1e3, 1)))
 
     def pause(self) -> None:
         self.run.engine.fence()
@@ -231,7 +249,7 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None
     for round_ in range(args.rounds):
         for mode, hook in hooks.items():
             trainer.hooks = [hook]
-            base_shm = shmem_bytes()
+            base_shm = node_shared_memory(folder)
             warmup = args.warmup + (FIRST_TURN_WARMUP if round_ == 0 else 0)
             if isinstance(hook, Resurgo):
                 hook.warmup = warmup  # persist the first measured step
@@ -244,7 +262,7 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None
                 else:
                     del hook.blocked[blocked:]
             if not hook.shm:  # what a method keeps, it allocates in its first turn
-                hook.shm.append(max(shmem_bytes() - base_shm, 0))
+                hook.shm.append(max(node_shared_memory(folder) - base_shm, 0))
             hook.pause()
             trainer.hooks = []
     rows = []
@@ -254,7 +272,7 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None
         dist.all_reduce(measured, op=dist.ReduceOp.MAX)
         rows.append((mode, float(measured[0]), float(measured[1]), hook.shm[0], float(measured[2])))
         if os.environ.get("SNAPSHOT_STALL_DEBUG") and rank == 0:
-            print(mode, [round(b * 1e3, 1) for b in hook.blocked], [round(t, 3) for t in hook.steps])
+            print(mode, [round(b * 1e3, 1) for b in hook.blocked], [round(t, 3) for t in hook.steps], getattr(hook, "parts", ""))
         hook.close()
     if rank == 0:
         report(rows, args=args, state_bytes=float(totals[0]))
