@@ -205,7 +205,6 @@ class Resurgo(Timed):
     def __init__(self, run: ResurgoRun, *, persist: bool) -> None:
         super().__init__()
         self.run, self.persist, self.warmup, self.turn_steps = run, persist, 0, 0
-        self.parts: list[tuple[float, float]] = []  # (fence, begin) ms, for --debug
 
     def fence(self) -> None:
         self.run.engine.fence()
@@ -213,7 +212,6 @@ class Resurgo(Timed):
     def save(self, step: int) -> None:
         self.run.engine.begin(step, persist=self.persist and self.turn_steps == self.warmup)
         self.turn_steps += 1
-        self.parts.append((round(self.run.engine.stats.fence_s * 1e3, 1), round(self.run.engine.stats.begin_s * 1e3, 1)))
 
     def pause(self) -> None:
         self.run.engine.fence()
@@ -271,8 +269,6 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None
         measured = torch.tensor([statistics.median(hook.blocked), statistics.median(hook.steps), copies])
         dist.all_reduce(measured, op=dist.ReduceOp.MAX)
         rows.append((mode, float(measured[0]), float(measured[1]), hook.shm[0], float(measured[2])))
-        if os.environ.get("SNAPSHOT_STALL_DEBUG") and rank == 0:
-            print(mode, [round(b * 1e3, 1) for b in hook.blocked], [round(t, 3) for t in hook.steps], getattr(hook, "parts", ""))
         hook.close()
     if rank == 0:
         report(rows, args=args, state_bytes=float(totals[0]))

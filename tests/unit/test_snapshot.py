@@ -179,3 +179,17 @@ def test_replaced_optimizer_state_is_captured_afresh(keeper):
     new = next(iter(s.optim.state.values()))["exp_avg"]
     taken = s.engine.capture.take(1)
     assert any(t.data_ptr() == new.data_ptr() for t in taken.tensors)
+
+
+def test_external_keeper_missing_is_a_clear_error(tmp_path, monkeypatch):
+    from resurgo.checkpoint import recovery
+    from resurgo.trainer.config import JobConfig
+
+    monkeypatch.setattr(recovery, "CONNECT_WAIT_S", 0.2)
+    cfg = JobConfig()
+    cfg.fault.keeper = "external"
+    model = Net()
+    states = {"model": ModelState(model), "optim": OptimizerState(model, torch.optim.AdamW(model.parameters()))}
+    with pytest.raises(ValueError, match="start `resurgo-keeper --run-dir"):
+        recovery.Protection(cfg, states=states, run_dir=tmp_path / "run", rank=0, local_rank=0, local_world_size=1,
+                            device=torch.device("cpu"), topology={})  # fmt: skip
