@@ -23,9 +23,8 @@ from typing import Any
 
 from . import shm
 from .keeper_protocol import (
-    PROTOCOL_VERSION, KeeperError, SlotLayout, decode, encode, lock_path, run_id, segment_name, socket_path,
+    PROTOCOL_VERSION, KeeperError, SlotLayout, StoreTarget, decode, encode, lock_path, run_id, segment_name, socket_path,
 )  # fmt: skip
-from .keeper_protocol import StoreTarget
 from .reclaim import reclaim_stale, try_lock
 from .slots import COMPLETE, DEFAULT_SLOTS, FREE, WRITING, PersistJob, RankData, RankSlots, Slot, choose_slot, newest_common
 
@@ -378,7 +377,9 @@ class Keeper:
 
     def _status(self) -> dict[str, Any]:
         """copied: newest step complete on every local rank; durable / committed: newest persisted."""
-        if self.target is not None and time.monotonic() - self._disk_checked > 1.0:
+        # Commits by another node's keeper show on disk; look once the store code is loaded (never
+        # import it here: the lock is held).
+        if self.target is not None and self._persister is not None and time.monotonic() - self._disk_checked > 1.0:
             from .commit import committed
 
             found = committed(Path(self.target.root))
