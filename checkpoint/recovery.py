@@ -109,20 +109,22 @@ class Protection:
         """Restore the newest step every rank can rebuild (collective); logs the source on rank 0."""
         start = time.perf_counter()
         spec = self.cfg.checkpoint.resume
+        # After a restart the run's own progress is newer than whatever checkpoint.resume names.
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        if spec not in ("none", "latest"):
+        result = None
+        if restarted or spec == "latest":
+            result = self._from_memory() or self._from_disk()
+        if result is None and spec not in ("none", "latest"):
             result = Resumed("disk", self.checkpointer.load(Path(spec)), spec)
-        elif spec == "latest" or restarted:
-            result = self._from_memory() or self._from_disk() or Resumed("fresh", 0, "nothing in memory or on disk")
-        else:
-            result = Resumed("fresh", 0, "checkpoint.resume=none")
+        if result is None:
+            result = Resumed("fresh", 0, "nothing in memory or on disk" if restarted or spec == "latest" else "checkpoint.resume=none")
         if self.engine is not None:
             self.capture.invalidate()
             self.engine.registration = replace(self.engine.registration, resumed_from=result.step)
             self.engine.stats.copied = result.step if result.source == "memory" else -1
         if self.rank == 0:
-            where = {"memory": "keeper memory", "disk": "disk", "fresh": "nothing"}[result.source]
-            log.info("resume: from %s at step %d (%s) in %.2f s", where, result.step, result.detail, time.perf_counter() - start)
+            where = {"memory": "from keeper memory", "disk": "from disk", "fresh": "fresh start"}[result.source]
+            log.info("resume: %s at step %d (%s) in %.2f s", where, result.step, result.detail, time.perf_counter() - start)
         return result
 
     def _from_memory(self) -> Resumed | None:
