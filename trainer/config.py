@@ -151,7 +151,7 @@ class CheckpointConfig:
     compression: str = "none"  # none | a numcodecs codec id such as 'lz4' or 'zstd'
     load_optimizer: bool = True  # false: weights only (fine-tuning)
     exclude: list[str] = field(default_factory=list)  # glob patterns of tensors not to load
-    host_memory_gb: float = 0.0  # keeper budget for snapshots; 0: two snapshots' worth
+    host_memory_gb: float = 0.0  # keeper budget for snapshots; 0: three per rank (one being written, one complete everywhere, one persisting)
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.snapshot_every < 0 or self.keep < 1:
