@@ -28,6 +28,7 @@ from .flatten import flatten, restore
 from .keeper_link import EXTERNAL, OFF, KeeperLink
 from .keeper_protocol import KeeperError, KeeperGone, SlotLayout, StoreTarget
 from .manager import Checkpointer, Stateful
+from .safetensors_io import load_safetensors
 from .snapshot import Registration, SnapshotEngine, slot_views
 from .states import ModelState, OptimizerState
 
@@ -53,7 +54,7 @@ def build_protection(cfg: JobConfig, *, trainer: Any) -> Protection:
 
 @dataclass(frozen=True)
 class Resumed:
-    source: str  # "memory", "disk" or "fresh"
+    source: str  # "memory", "disk", "safetensors" or "fresh"
     step: int  # 0 for a fresh start
     detail: str
 
@@ -116,6 +117,8 @@ class Protection:
             result = self._from_memory() or self._from_disk()
         if result is None and spec not in ("none", "latest"):
             result = Resumed("disk", self.checkpointer.load(Path(spec)), spec)
+        if result is None and self.cfg.checkpoint.init_from:
+            result = self._from_safetensors(Path(self.cfg.checkpoint.init_from))
         if result is None:
             result = Resumed("fresh", 0, "nothing in memory or on disk" if restarted or spec == "latest" else "checkpoint.resume=none")
         if self.engine is not None:
@@ -123,9 +126,18 @@ class Protection:
             self.engine.registration = replace(self.engine.registration, resumed_from=result.step)
             self.engine.stats.copied = result.step if result.source == "memory" else -1
         if self.rank == 0:
-            where = {"memory": "from keeper memory", "disk": "from disk", "fresh": "fresh start"}[result.source]
+            where = {"memory": "from keeper memory", "disk": "from disk", "fresh": "fresh start",
+                     "safetensors": "weights from safetensors, fresh optimizer"}[result.source]
             log.info("resume: %s at step %d (%s) in %.2f s", where, result.step, result.detail, time.perf_counter() - start)
         return result
+
+    def _from_safetensors(self, source: Path) -> Resumed:
+        """A fresh run whose weights come from safetensors files (each rank reads only its slices)."""
+        model = self.states["model"]
+        weights = model.state_dict()
+        load_safetensors(source, weights)
+        model.load_state_dict(weights)
+        return Resumed("safetensors", 0, str(source))
 
     def _from_memory(self) -> Resumed | None:
         held = self._keeper("holdings").get("steps", [])

@@ -149,6 +149,7 @@ class CheckpointConfig:
     keep: int = 3  # committed checkpoints kept on disk
     resume: str = "none"  # none | latest | a checkpoint path
     compression: str = "none"  # none | a numcodecs codec id such as 'lz4' or 'zstd'
+    init_from: str = ""  # safetensors file or folder: initial weights of a fresh run (fresh optimizer)
     load_optimizer: bool = True  # false: weights only (fine-tuning)
     exclude: list[str] = field(default_factory=list)  # glob patterns of tensors not to load
     host_memory_gb: float = 0.0  # keeper budget for snapshots; 0: three per rank (one being written, one complete everywhere, one persisting)

@@ -86,3 +86,23 @@ def test_plain_zarr_reads_a_full_parameter(uninterrupted):
     tensors = read_checkpoint(uninterrupted / "ckpt" / "step-00000010")
     weight = tensors["model/layers.0.attention.wq.weight"]
     assert weight.shape == (64, 64) and weight.dtype == np.float32 and np.isfinite(weight).all()
+
+
+def test_export_to_safetensors_then_initialize_a_run_on_another_topology(uninterrupted, tmp_path):
+    import subprocess
+    import sys
+
+    exported = tmp_path / "hf"
+    subprocess.run(
+        [sys.executable, "-m", "resurgo.launch.ckpt", "export", "--to", "safetensors",
+         str(uninterrupted / "ckpt" / "step-00000005"), str(exported)],
+        check=True, capture_output=True, text=True,
+    )
+    assert (exported / "model.safetensors.index.json").exists()
+    # lr=0: the one step changes no weight, so the checkpoint it writes holds exactly the initial weights.
+    launch(BASE + DISK + [f"checkpoint.init_from={exported}", "train.steps=1", "checkpoint.every=1", "optim.lr=0",
+                          f"checkpoint.dir={tmp_path}/ckpt", "parallel.tp=2"], nproc=2, root=tmp_path)
+    started = read_checkpoint(tmp_path / "ckpt" / "step-00000001")
+    source = read_checkpoint(uninterrupted / "ckpt" / "step-00000005")
+    model = [n for n in source if n.startswith("model/")]
+    assert model and all(np.array_equal(started[n], source[n]) for n in model)
