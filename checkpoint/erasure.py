@@ -134,6 +134,26 @@ def decode(
     return dict(zip(wanted, lost))
 
 
+def accumulate(dst: np.ndarray, src: np.ndarray, *, k: int, m: int, parity: int, index: int, backend: Backend = "auto") -> None:
+    """dst[:len(src)] ^= G[parity, index] * src: one data buffer's share of a parity buffer.
+
+    Parity is linear, so a parity holder can add the k shares as they arrive, in any order, into one
+    buffer: it never holds more than one incoming piece besides the parity itself.
+    """
+    check_shape(k, m)
+    src, dst = as_bytes(src), as_bytes(dst)
+    if _size(src) > _size(dst):
+        raise ValueError(f"a {_size(src)}-byte share does not fit a {_size(dst)}-byte parity buffer")
+    target = dst[: _size(src)]
+    coefficient = int(gf256.cauchy_parity(k, m)[parity, index])
+    if coefficient != 1:
+        scaled = np.empty_like(src)
+        _combine(np.array([[coefficient]], dtype=np.uint8), [src], [scaled], size=_size(src), chunk_bytes=CHUNK_BYTES,
+                 threads=1, backend=backend)  # fmt: skip
+        src = scaled
+    np.bitwise_xor(target, src, out=target)
+
+
 def check_shape(k: int, m: int) -> None:
     """Refuse codes outside 1 <= k <= 32, 1 <= m <= 4 (the range the generator is proven MDS for)."""
     if not 1 <= k <= MAX_DATA:

@@ -23,8 +23,9 @@ from typing import Any
 
 from . import shm
 from .keeper_protocol import (
-    PROTOCOL_VERSION, KeeperError, SlotLayout, StoreTarget, decode, encode, lock_path, run_id, segment_name, socket_path,
+    PROTOCOL_VERSION, KeeperError, SlotLayout, StoreTarget, decode, encode, lock_path, node_id, run_id, segment_name, socket_path,
 )  # fmt: skip
+from .protector import ProtectPlan, Protector
 from .reclaim import reclaim_stale, try_lock
 from .slots import COMPLETE, DEFAULT_SLOTS, FREE, WRITING, PersistJob, RankData, RankSlots, Slot, choose_slot, newest_common
 
@@ -72,6 +73,8 @@ class Keeper:
         self._sock: socket.socket | None = None
         # The store code imports torch and zarr (seconds): load it while already answering workers.
         self._persister: Any = None
+        self.node = node_id()
+        self.protector: Protector | None = None
         self._loading = threading.Thread(target=self._load_persister, name="resurgo-keeper-load", daemon=True)
 
     # ---- life cycle ------------------------------------------------------------------------
@@ -91,6 +94,9 @@ class Keeper:
         os.chmod(path, 0o600)
         self._sock.listen(64)
         self._sock.settimeout(0.2)
+        self.protector = Protector(node=self.node, host=os.environ.get("RESURGO_PEER_HOST", "127.0.0.1"),
+                                   slot_source=self._slot_bytes, on_protected=self._notify)  # fmt: skip
+        self.protector.start()
         self._loading.start()
         log.info("keeper %s of run %s listening on %s (pid %d)", self.keeper_id, self.rid, path, os.getpid())
         return path
@@ -133,6 +139,8 @@ class Keeper:
             self._loading.join()
         if self._persister is not None:
             self._persister.stop()
+        if self.protector is not None:
+            self.protector.stop()
         with self._cond:
             for held in self.ranks.values():
                 _free(held)
@@ -213,7 +221,22 @@ class Keeper:
             return handler(msg, conn)
 
     def _op_hello(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        return {"keeper_id": self.keeper_id, "pid": os.getpid(), "protocol": PROTOCOL_VERSION}
+        address = self.protector.address if self.protector else None
+        return {"keeper_id": self.keeper_id, "pid": os.getpid(), "protocol": PROTOCOL_VERSION, "node": self.node,
+                "peer_address": address}  # fmt: skip
+
+    def _op_protect(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        """The running incarnation's erasure plan (sent by local rank 0 once all ranks agreed on it)."""
+        assert self.protector is not None
+        plan = self.protector.protect(ProtectPlan.from_json(msg["plan"]))
+        return {"describe": plan.describe()}
+
+    def _op_inventory(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        """What this node holds for a recovery: every rank's complete steps and layout, plans, parity."""
+        ranks = {str(r): {"steps": h.complete_steps(), "digest": h.layout.digest, "layout": h.layout.to_json(),
+                          "trees": {str(s.step): s.tree for s in h.slots if s.status == COMPLETE}}
+                 for r, h in self.ranks.items()}  # fmt: skip
+        return {"ranks": ranks, **(self.protector.inventory() if self.protector else {"node": self.node})}
 
     def _op_holdings(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         held = self.ranks.get(int(msg["rank"]))
@@ -264,7 +287,8 @@ class Keeper:
         if held.find(step) is not None:
             return {"slot": None, "reason": "held", **self._status()}  # a replayed step: the same bytes are in
         deadline = time.monotonic() + WAIT_S
-        while (slot := choose_slot(held, keep=[newest_common(self._current())])) is None:
+        keep = [newest_common(self._current()), self.protector.protected_step() if self.protector else -1]
+        while (slot := choose_slot(held, keep=keep)) is None:
             if not required or time.monotonic() > deadline:
                 self.skipped += 1
                 return {"slot": None, "reason": "busy", **self._status()}
@@ -279,6 +303,7 @@ class Keeper:
             raise KeeperError(f"rank {held.rank} completed slot {index} for step {step}, which it was not writing")
         slot.status, slot.tree, slot.persist = COMPLETE, msg["tree"], bool(msg.get("persist"))
         self._maybe_persist(step)
+        self._maybe_protect(step)
         self._cond.notify_all()
         return self._status()
 
@@ -362,6 +387,39 @@ class Keeper:
         self._jobs[step] = (job, slots)
         self._submit(job)
 
+    def _maybe_protect(self, step: int) -> None:
+        """Hand `step` to the erasure coder once every local rank holds it (skipped while it is busy)."""
+        current = self._current()
+        if self.protector is None or self.protector.current is None or len(current) < (self.local_world or 0):
+            return
+        slots = [held.find(step) for held in current]
+        if any(s is None for s in slots):
+            return
+        ranks = {h.rank: (h.layout.to_json(), s.segment.array()[: h.layout.nbytes], s.tree) for h, s in zip(current, slots)}
+        for slot in slots:
+            slot.pins += 1
+
+        def release() -> None:
+            with self._cond:
+                for slot in slots:
+                    slot.pins -= 1
+                self._cond.notify_all()
+
+        if not self.protector.submit(step, ranks, release):
+            for slot in slots:
+                slot.pins -= 1
+
+    def _slot_bytes(self, rank: int, step: int) -> Any:
+        """A held rank's complete snapshot of `step` (for a peer's recovery), None if not held."""
+        with self._cond:
+            held = self.ranks.get(rank)
+            slot = held.find(step) if held else None
+            return slot.segment.array()[: held.layout.nbytes] if slot is not None and held is not None else None
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
     def _persist_done(self, job: PersistJob, stage: str, error: str | None) -> None:
         with self._cond:
             if stage == "durable":
@@ -392,6 +450,8 @@ class Keeper:
             "backlog": len(self._jobs),
             "host_bytes": sum(h.nbytes for h in self.ranks.values()),
             "skipped": self.skipped,
+            "protected": self.protector.protected_step() if self.protector else -1,
+            "parity_bytes": self.protector.parity_bytes() if self.protector else 0,
         }
 
 

@@ -34,10 +34,20 @@ class KeeperGone(ConnectionError):
     """The keeper cannot be reached (not started yet, or it died): memory snapshots are unavailable."""
 
 
+def node_id() -> str:
+    """This node's stable identity: RESURGO_NODE_ID (set by the launch scripts), else the hostname."""
+    return os.environ.get("RESURGO_NODE_ID") or socket.gethostname()
+
+
 def run_id(run_dir: Path | str) -> str:
-    """A short id for a run folder, safe in file and segment names, unique per absolute path."""
+    """A short id for a run folder, safe in file and segment names, unique per absolute path and node.
+
+    The node counts only when RESURGO_NODE_ID is set: nodes simulated on one machine then never take
+    each other's shared memory for their own.
+    """
     path = os.path.abspath(run_dir)
-    digest = hashlib.sha1(path.encode()).hexdigest()[:10]
+    node = os.environ.get("RESURGO_NODE_ID", "")
+    digest = hashlib.sha1((path + ("\0" + node if node else "")).encode()).hexdigest()[:10]
     return f"{_UNSAFE.sub('_', os.path.basename(path))[:24]}-{digest}"
 
 

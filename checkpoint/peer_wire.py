@@ -1,0 +1,145 @@
+"""Keeper-to-keeper messages over TCP: a JSON header and raw bytes, framed by their lengths.
+
+Parity contributions, fetches of snapshot bytes during a recovery and small notices travel here,
+never over the training process groups, so a slow exchange cannot stall or deadlock a training
+collective. Every request carries the run's secret (handed to the keepers by their workers), so a
+stranger on the network can neither read snapshot memory nor write parity.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_HEAD = struct.Struct("!IQ")  # header bytes, payload bytes
+MAX_HEADER = 64 * 2**20
+
+Handler = Callable[[dict[str, Any], memoryview], tuple[dict[str, Any], bytes | memoryview | None]]
+
+
+class PeerError(ConnectionError):
+    """A peer keeper cannot be reached, refused a request, or broke the connection."""
+
+
+def send_frame(sock: socket.socket, header: dict[str, Any], payload: bytes | memoryview | None = None) -> None:
+    body = json.dumps(header, separators=(",", ":")).encode()
+    data = memoryview(payload if payload is not None else b"").cast("B")
+    sock.sendall(_HEAD.pack(len(body), data.nbytes) + body)
+    if data.nbytes:
+        sock.sendall(data)
+
+
+def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], memoryview] | None:
+    """The next frame, or None when the peer closed the connection between frames."""
+    head = _recv_exact(sock, _HEAD.size, eof_ok=True)
+    if head is None:
+        return None
+    hlen, plen = _HEAD.unpack(head)
+    if hlen > MAX_HEADER:
+        raise PeerError(f"a peer sent a {hlen}-byte header: not a resurgo keeper, or a different version")
+    header = json.loads(bytes(_recv_exact(sock, hlen)))
+    payload = _recv_exact(sock, plen) if plen else memoryview(b"")
+    return header, payload
+
+
+def _recv_exact(sock: socket.socket, n: int, *, eof_ok: bool = False) -> memoryview | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            if eof_ok and got == 0:
+                return None
+            raise PeerError(f"connection closed after {got} of {n} bytes")
+        got += k
+    return view
+
+
+class PeerClient:
+    """One connection to a peer keeper at `address` ("host:port"); requests are answered in order."""
+
+    def __init__(self, address: str, *, secret: str, timeout: float = 60.0) -> None:
+        self.address, self.secret = address, secret
+        host, port = address.rsplit(":", 1)
+        try:
+            self._sock = socket.create_connection((host, int(port)), timeout=timeout)
+        except OSError as e:
+            raise PeerError(f"the keeper at {address} cannot be reached ({e})") from None
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._lock = threading.Lock()
+
+    def request(self, op: str, payload: bytes | memoryview | None = None, **fields: Any) -> tuple[dict[str, Any], memoryview]:
+        with self._lock:
+            try:
+                send_frame(self._sock, {"op": op, "secret": self.secret, **fields}, payload)
+                frame = recv_frame(self._sock)
+            except OSError as e:
+                raise PeerError(f"the keeper at {self.address} stopped answering ({e})") from None
+        if frame is None:
+            raise PeerError(f"the keeper at {self.address} closed the connection (it exited or was killed)")
+        reply, data = frame
+        if not reply.get("ok"):
+            raise PeerError(f"the keeper at {self.address} refused {op}: {reply.get('error')}")
+        return reply, data
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+
+class PeerServer:
+    """Accepts peer connections on `host` (an ephemeral port) and answers each frame with `handler`."""
+
+    def __init__(self, *, host: str, handler: Handler, secret: Callable[[], str]) -> None:
+        self.handler, self.secret = handler, secret
+        self._sock = socket.create_server((host, 0))
+        self._sock.settimeout(0.2)
+        self.address = f"{host}:{self._sock.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="resurgo-peer-accept", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._serve, args=(conn,), name="resurgo-peer-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while (frame := recv_frame(conn)) is not None:
+                header, payload = frame
+                secret = self.secret()
+                if not secret or not hmac.compare_digest(str(header.get("secret", "")), secret):
+                    send_frame(conn, {"ok": False, "error": "wrong run secret: this keeper serves another run"})
+                    continue
+                try:
+                    reply, data = self.handler(header, payload)
+                    send_frame(conn, {"ok": True, **reply}, data)
+                except (KeyError, ValueError, TypeError, LookupError) as e:
+                    send_frame(conn, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+        except (OSError, PeerError, ValueError):
+            pass
+        finally:
+            conn.close()

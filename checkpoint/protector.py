@@ -1,0 +1,413 @@
+"""The keeper's erasure-coding side: parity for its node's snapshots, held by peers, and fetches for recovery.
+
+When a step is complete on every local rank, the node's coded ranks' slots, end to end, form its
+coded stream, cut into k segments (`NodeCoding`). For every stripe it feeds, each segment's share
+of each parity buffer (`erasure.accumulate`) is added by the parity holder as the pieces arrive, so a
+holder keeps one buffer per parity and never a copy of anybody's data. Before its shares, a node
+sends every peer of its group its ranks' JSON state and slot layouts (the meta), which a rebuilt
+rank needs as much as its bytes. A step is protected when every parity of the group is complete.
+
+All of it runs on the keeper's own threads and its own TCP connections: the training never waits for
+it; a step whose coding is still running when the next one completes is skipped (protection lag).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import erasure
+from .erasure_plan import ErasurePlan, plan_erasure
+from .peer_wire import PeerClient, PeerError, PeerServer
+
+log = logging.getLogger(__name__)
+
+PIECE_BYTES = 4 * 2**20  # per message: bounds the memory a holder spends on one incoming piece
+KEEP_PLANS = 2  # the running incarnation's plan and the one it may be recovering from
+
+
+@dataclass(frozen=True)
+class ProtectPlan:
+    """What the workers of one run incarnation tell every keeper: who holds which ranks, and where."""
+
+    token: str
+    created: float  # wall clock at rank 0: the newest plan is the incarnation to recover
+    secret: str
+    nodes: tuple[str, ...]
+    ranks: Mapping[str, tuple[int, ...]]  # node -> global ranks
+    replicas: tuple[tuple[int, ...], ...]
+    k: int
+    m: int
+    peers: Mapping[str, str]  # node -> keeper address
+    world_size: int
+    topology: Mapping[str, Any]
+
+    def erasure(self) -> ErasurePlan:
+        return plan_erasure(self.nodes, self.ranks, k=self.k, m=self.m, replicas=self.replicas)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"token": self.token, "created": self.created, "secret": self.secret, "nodes": list(self.nodes),
+                "ranks": {n: list(r) for n, r in self.ranks.items()}, "replicas": [list(r) for r in self.replicas],
+                "k": self.k, "m": self.m, "peers": dict(self.peers), "world_size": self.world_size,
+                "topology": dict(self.topology)}  # fmt: skip
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> ProtectPlan:
+        return ProtectPlan(
+            token=str(data["token"]), created=float(data["created"]), secret=str(data["secret"]),
+            nodes=tuple(str(n) for n in data["nodes"]),
+            ranks={str(n): tuple(int(r) for r in rs) for n, rs in data["ranks"].items()},
+            replicas=tuple(tuple(int(r) for r in rs) for rs in data["replicas"]), k=int(data["k"]), m=int(data["m"]),
+            peers={str(n): str(a) for n, a in data["peers"].items()}, world_size=int(data["world_size"]),
+            topology=dict(data["topology"]),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class NodeCoding:
+    """How one node's coded stream (its coded ranks' slots end to end) is cut into k segments."""
+
+    k: int
+    sizes: tuple[tuple[int, int], ...]  # (rank, slot bytes) in stream order
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.sizes)
+
+    @property
+    def segment(self) -> int:
+        """Every segment's stride; the last ones may be shorter (or empty)."""
+        return -(-self.total // self.k) if self.k else 0
+
+    def length(self, index: int) -> int:
+        return max(0, min(self.segment, self.total - index * self.segment))
+
+    def base(self, rank: int) -> int:
+        """Where `rank`'s slot starts in the stream."""
+        offset = 0
+        for r, n in self.sizes:
+            if r == rank:
+                return offset
+            offset += n
+        raise KeyError(f"rank {rank} is not coded on this node")
+
+
+def stream_read(parts: Sequence[np.ndarray], start: int, nbytes: int) -> np.ndarray:
+    """Bytes [start, start+nbytes) of the concatenation of `parts`, zero beyond its end."""
+    out = np.zeros(nbytes, dtype=np.uint8)
+    offset = 0
+    for part in parts:
+        lo, hi = max(start, offset), min(start + nbytes, offset + part.size)
+        if lo < hi:
+            out[lo - start : hi - start] = part[lo - offset : hi - offset]
+        offset += part.size
+    return out
+
+
+@dataclass
+class _Parity:
+    data: np.ndarray
+    lengths: dict[int, int] = field(default_factory=dict)  # data index -> its segment length
+    received: dict[int, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def complete(self, k: int) -> bool:
+        return len(self.lengths) == k and all(self.received.get(t, 0) == n for t, n in self.lengths.items())
+
+
+SlotSource = Callable[[int, int], "np.ndarray | None"]  # (rank, step) -> the slot's bytes, None if not held
+
+
+class Protector:
+    """One per keeper; `serve` starts its TCP server, `protect` takes a plan, `submit` codes a step."""
+
+    def __init__(self, *, node: str, host: str, slot_source: SlotSource, on_protected: Callable[[], None]) -> None:
+        self.node, self.slot_source, self.on_protected = node, slot_source, on_protected
+        self.plans: dict[str, tuple[ProtectPlan, ErasurePlan]] = {}
+        self.current: str | None = None
+        self._parity: dict[tuple[str, int, int, int], _Parity] = {}
+        self._done: dict[tuple[str, int], set[tuple[int, int]]] = {}
+        self._meta: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}  # (token, step) -> node -> meta
+        self._layouts: dict[tuple[str, int], dict[str, Any]] = {}  # (token, rank) -> slot layout json
+        self.protected: dict[str, int] = {}
+        self.coding_s = 0.0
+        self._lock = threading.Lock()
+        self._clients: dict[str, PeerClient] = {}
+        self._jobs: queue.Queue[tuple[str, int, dict[int, tuple[dict[str, Any], np.ndarray, Any]], Callable[[], None]] | None] = queue.Queue(maxsize=1)
+        self._notices: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self.server = PeerServer(host=host, handler=self._handle, secret=self._secret)
+        self._threads = [threading.Thread(target=self._code_loop, name="resurgo-erasure", daemon=True),
+                         threading.Thread(target=self._notice_loop, name="resurgo-erasure-notice", daemon=True)]  # fmt: skip
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def start(self) -> None:
+        self.server.start()
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._notices.put(None)
+        try:
+            self._jobs.put(None, timeout=5)
+        except queue.Full:
+            pass
+        self.server.stop()
+        for client in self._clients.values():
+            client.close()
+
+    # ---- plans and status -----------------------------------------------------------------
+
+    def protect(self, plan: ProtectPlan) -> ErasurePlan:
+        """Adopt the running incarnation's plan (the previous one stays for a recovery reading it)."""
+        erasure_plan = plan.erasure()
+        with self._lock:
+            self.plans[plan.token] = (plan, erasure_plan)
+            self.current = plan.token
+            for stale in sorted(self.plans, key=lambda t: self.plans[t][0].created)[:-KEEP_PLANS]:
+                self._forget(stale)
+        return erasure_plan
+
+    def coded_ranks(self) -> tuple[int, ...]:
+        with self._lock:
+            if self.current is None:
+                return ()
+            _, plan = self.plans[self.current]
+        return next((c.coded for c in plan.coverage if c.node == self.node), ())
+
+    def protected_step(self) -> int:
+        with self._lock:
+            return self.protected.get(self.current, -1) if self.current else -1
+
+    def inventory(self) -> dict[str, Any]:
+        """What this node can serve to a recovery: plans, complete parity, the metas it holds."""
+        with self._lock:
+            parity: dict[str, dict[str, list[list[int]]]] = {}
+            for (token, step, stripe, p), buf in self._parity.items():
+                k = self.plans[token][0].k if token in self.plans else 0
+                if k and buf.complete(k):
+                    parity.setdefault(token, {}).setdefault(str(step), []).append([stripe, p, *[buf.lengths[t] for t in range(k)]])
+            metas: dict[str, dict[str, list[str]]] = {}
+            for (token, step), by_node in self._meta.items():
+                metas.setdefault(token, {})[str(step)] = sorted(by_node)
+            return {"node": self.node, "address": self.address, "plans": [p.to_json() for p, _ in self.plans.values()],
+                    "parity": parity, "metas": metas, "protected": dict(self.protected)}  # fmt: skip
+
+    # ---- coding a step ----------------------------------------------------------------------
+
+    def submit(self, step: int, ranks: dict[int, tuple[dict[str, Any], np.ndarray, Any]], release: Callable[[], None]) -> bool:
+        """Code `step` of the local ranks ({rank: (layout json, slot bytes, tree)}) in the background;
+        False (and nothing held) while the previous step is still being coded."""
+        token = self.current
+        if token is None:
+            return False
+        try:
+            self._jobs.put_nowait((token, step, ranks, release))
+        except queue.Full:
+            return False
+        return True
+
+    def _code_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            token, step, ranks, release = job
+            try:
+                start = time.perf_counter()
+                self._code(token, step, ranks)
+                self.coding_s = time.perf_counter() - start
+            except PeerError as e:
+                log.warning("step %d is not protected: %s", step, e)
+            except Exception:
+                log.exception("coding step %d failed", step)
+            finally:
+                release()
+
+    def _code(self, token: str, step: int, ranks: dict[int, tuple[dict[str, Any], np.ndarray, Any]]) -> None:
+        plan, erasure_plan = self.plans[token]
+        group = erasure_plan.group_of(self.node)
+        if group is None:
+            return
+        coded = next(c.coded for c in erasure_plan.coverage if c.node == self.node)
+        coding = NodeCoding(plan.k, tuple((r, int(ranks[r][1].size)) for r in coded))
+        meta = {"node": self.node, "coded": [[r, n] for r, n in coding.sizes],
+                "trees": {str(r): tree for r, (_, _, tree) in ranks.items()},
+                "layouts": {str(r): layout for r, (layout, _, _) in ranks.items()}}  # fmt: skip
+        for node in group.nodes:
+            self._send(node, plan, "meta", token=token, step=step, meta=meta)
+        parts = [ranks[r][1] for r in coded]
+        for index, stripe in enumerate(group.stripes):
+            for t in (t for (n, t) in stripe.data if n == self.node):
+                length = coding.length(t)
+                for p, holder in enumerate(stripe.parity):
+                    for offset in range(0, max(length, 1), PIECE_BYTES):
+                        piece = stream_read(parts, t * coding.segment + offset, min(PIECE_BYTES, length - offset))
+                        self._send(holder, plan, "contribute", piece, token=token, step=step, stripe=index, index=t,
+                                   parity=p, offset=offset, length=length)  # fmt: skip
+
+    def _send(self, node: str, plan: ProtectPlan, op: str, payload: Any = None, **fields: Any) -> dict[str, Any]:
+        if node == self.node:
+            reply, _ = self._handle({"op": op, **fields}, memoryview(payload if payload is not None else b""))
+            return reply
+        client = self._clients.get(node)
+        if client is None or client.address != plan.peers[node] or client.secret != plan.secret:
+            client = self._clients[node] = PeerClient(plan.peers[node], secret=plan.secret)
+        try:
+            return client.request(op, payload, **fields)[0]
+        except PeerError:
+            self._clients.pop(node, None)
+            client.close()
+            raise
+
+    # ---- serving peers ----------------------------------------------------------------------
+
+    def _secret(self) -> str:
+        with self._lock:
+            return self.plans[self.current][0].secret if self.current else ""
+
+    def _handle(self, header: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], Any]:
+        op = header.get("op")
+        if op == "contribute":
+            return self._contribute(header, payload), None
+        if op == "meta":
+            return self._store_meta(header), None
+        if op == "parity_done":
+            return self._parity_done(str(header["token"]), int(header["step"]), int(header["stripe"]), int(header["parity"])), None
+        if op == "fetch":
+            return {}, self._fetch(header)
+        if op == "meta_of":
+            return {"meta": self.meta_of(str(header["token"]), int(header["step"]), str(header["node"]))}, None
+        raise ValueError(f"unknown peer request {op!r}")
+
+    def _contribute(self, h: dict[str, Any], payload: memoryview) -> dict[str, Any]:
+        token, step, stripe, p, t = str(h["token"]), int(h["step"]), int(h["stripe"]), int(h["parity"]), int(h["index"])
+        offset, length = int(h["offset"]), int(h["length"])
+        with self._lock:
+            plan, _ = self.plans[token]
+            key = (token, step, stripe, p)
+            buf = self._parity.get(key)
+            if buf is None:
+                buf = self._parity[key] = _Parity(np.zeros(length, dtype=np.uint8))
+        piece = np.frombuffer(payload, dtype=np.uint8)
+        with buf.lock:
+            if length > buf.data.size:  # a longer segment than the first one seen: zero-extend
+                grown = np.zeros(length, dtype=np.uint8)
+                grown[: buf.data.size] = buf.data
+                buf.data = grown
+            if piece.size:
+                erasure.accumulate(buf.data[offset:], piece, k=plan.k, m=plan.m, parity=p, index=t)
+            buf.lengths[t] = length
+            buf.received[t] = buf.received.get(t, 0) + piece.size
+            complete = buf.complete(plan.k)
+        if complete:
+            group = self.plans[token][1].group_of(self.node)
+            for node in group.nodes if group else ():
+                self._notices.put((node, {"op": "parity_done", "token": token, "step": step, "stripe": stripe, "parity": p}))
+        return {}
+
+    def _store_meta(self, h: dict[str, Any]) -> dict[str, Any]:
+        meta, token, step = dict(h["meta"]), str(h["token"]), int(h["step"])
+        with self._lock:
+            for rank, layout in meta.pop("layouts", {}).items():
+                self._layouts[(token, int(rank))] = layout
+            self._meta.setdefault((token, step), {})[str(meta["node"])] = meta
+        return {}
+
+    def _parity_done(self, token: str, step: int, stripe: int, p: int) -> dict[str, Any]:
+        with self._lock:
+            if token not in self.plans:
+                return {}
+            plan, erasure_plan = self.plans[token]
+            group = erasure_plan.group_of(self.node)
+            done = self._done.setdefault((token, step), set())
+            done.add((stripe, p))
+            newly = group is not None and len(done) == len(group.stripes) * plan.m and step > self.protected.get(token, -1)
+            if newly:
+                self.protected[token] = step
+                self._evict(token, step)
+        if newly:
+            self.on_protected()
+        return {}
+
+    def _notice_loop(self) -> None:
+        while (notice := self._notices.get()) is not None:
+            node, message = notice
+            with self._lock:
+                entry = self.plans.get(message["token"])
+            if entry is None:
+                continue
+            try:
+                self._send(node, entry[0], message.pop("op"), **message)
+            except PeerError as e:
+                log.info("parity notice to %s not delivered: %s", node, e)
+
+    def _fetch(self, h: dict[str, Any]) -> np.ndarray:
+        kind, step, offset, nbytes = str(h["kind"]), int(h["step"]), int(h["offset"]), int(h["nbytes"])
+        if kind == "slot":
+            data = self.slot_source(int(h["rank"]), step)
+            if data is None:
+                raise LookupError(f"rank {h['rank']}'s snapshot of step {step} is not held on {self.node}")
+            return stream_read([data], offset, nbytes)
+        token = str(h["token"])
+        if kind == "parity":
+            with self._lock:
+                buf = self._parity.get((token, step, int(h["stripe"]), int(h["parity"])))
+            if buf is None:
+                raise LookupError(f"no parity {h['stripe']}/{h['parity']} of step {step} on {self.node}")
+            return stream_read([buf.data], offset, nbytes)
+        if kind == "segment":
+            with self._lock:
+                plan, erasure_plan = self.plans[token]
+            coded = next(c.coded for c in erasure_plan.coverage if c.node == self.node)
+            parts = [self.slot_source(r, step) for r in coded]
+            if any(p is None for p in parts):
+                raise LookupError(f"{self.node} no longer holds every coded rank of step {step}")
+            coding = NodeCoding(plan.k, tuple((r, int(p.size)) for r, p in zip(coded, parts)))
+            t = int(h["index"])
+            end = min(offset + nbytes, coding.length(t))
+            piece = stream_read(parts, t * coding.segment + offset, max(0, end - offset))
+            return np.concatenate([piece, np.zeros(nbytes - piece.size, dtype=np.uint8)]) if piece.size < nbytes else piece
+        raise ValueError(f"unknown fetch kind {kind!r}")
+
+    def meta_of(self, token: str, step: int, node: str) -> dict[str, Any] | None:
+        """A node's meta of `step` (its ranks' JSON state and slot layouts), None if not held here."""
+        with self._lock:
+            meta = self._meta.get((token, step), {}).get(node)
+            if meta is None:
+                return None
+            ranks = [int(r) for r in meta["trees"]]
+            return {**meta, "layouts": {str(r): self._layouts.get((token, r)) for r in ranks}}
+
+    # ---- memory bounds ----------------------------------------------------------------------
+
+    def _evict(self, token: str, step: int) -> None:
+        """A newer step of `token` is protected: older parity of it, and all of other incarnations, go."""
+        def stale(t: str, s: int) -> bool:
+            return t != token or s < step
+
+        for key in [k for k in self._parity if stale(k[0], k[1])]:
+            del self._parity[key]
+        for table in (self._done, self._meta):
+            for key in [k for k in table if stale(*k)]:
+                del table[key]
+        for key in [k for k in self._layouts if k[0] != token]:
+            del self._layouts[key]
+
+    def _forget(self, token: str) -> None:
+        self.plans.pop(token, None)
+        self.protected.pop(token, None)
+        for table in (self._parity, self._done, self._meta, self._layouts):
+            for key in [k for k in table if k[0] == token]:
+                del table[key]
+
+    def parity_bytes(self) -> int:
+        with self._lock:
+            return sum(b.data.size for b in self._parity.values())
+
