@@ -25,6 +25,7 @@ import numpy as np
 
 from . import erasure
 from .erasure_plan import ErasurePlan, plan_erasure
+from .keeper_protocol import SlotLayout
 from .peer_wire import PeerClient, PeerError, PeerServer
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,11 @@ class Protector:
         with self._lock:
             self.plans[plan.token] = (plan, erasure_plan)
             self.current = plan.token
-            for stale in sorted(self.plans, key=lambda t: self.plans[t][0].created)[:-KEEP_PLANS]:
+            # Keep the newest earlier plan with a protected step: a recovery that failed midway and the
+            # one after it both read that incarnation's memory.
+            earlier = sorted((t for t in self.plans if t != plan.token and t in self.protected),
+                             key=lambda t: self.plans[t][0].created)[-(KEEP_PLANS - 1):]  # fmt: skip
+            for stale in [t for t in self.plans if t != plan.token and t not in earlier]:
                 self._forget(stale)
         return erasure_plan
 
@@ -196,9 +201,9 @@ class Protector:
                 k = self.plans[token][0].k if token in self.plans else 0
                 if k and buf.complete(k):
                     parity.setdefault(token, {}).setdefault(str(step), []).append([stripe, p, *[buf.lengths[t] for t in range(k)]])
-            metas: dict[str, dict[str, list[str]]] = {}
+            metas: dict[str, dict[str, dict[str, Any]]] = {}
             for (token, step), by_node in self._meta.items():
-                metas.setdefault(token, {})[str(step)] = sorted(by_node)
+                metas.setdefault(token, {})[str(step)] = {n: m["digests"] for n, m in by_node.items()}
             return {"node": self.node, "address": self.address, "plans": [p.to_json() for p, _ in self.plans.values()],
                     "parity": parity, "metas": metas, "protected": dict(self.protected)}  # fmt: skip
 
@@ -239,6 +244,7 @@ class Protector:
         coding = NodeCoding(plan.k, tuple((r, int(ranks[r][1].size)) for r in coded))
         meta = {"node": self.node, "coded": [[r, n] for r, n in coding.sizes],
                 "trees": {str(r): tree for r, (_, _, tree) in ranks.items()},
+                "digests": {str(r): SlotLayout.from_json(layout).digest for r, (layout, _, _) in ranks.items()},
                 "layouts": {str(r): layout for r, (layout, _, _) in ranks.items()}}  # fmt: skip
         for node in group.nodes:
             self._send(node, plan, "meta", token=token, step=step, meta=meta)

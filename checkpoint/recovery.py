@@ -28,6 +28,8 @@ from .flatten import flatten, restore
 from .keeper_link import EXTERNAL, OFF, KeeperLink
 from .keeper_protocol import KeeperError, KeeperGone, SlotLayout, StoreTarget
 from .manager import Checkpointer, Stateful
+from .peer_recovery import agree_plan, resume_from_peers
+from .protector import ProtectPlan
 from .safetensors_io import load_safetensors
 from .snapshot import Registration, SnapshotEngine, slot_views
 from .states import ModelState, OptimizerState
@@ -72,6 +74,8 @@ class Protection:
         self.token = self.comm.all_gather(secrets.token_hex(4))[0]  # names this incarnation's persists
         self.link: KeeperLink | None = None
         self.engine: SnapshotEngine | None = None
+        self.plan: ProtectPlan | None = None
+        self.local_rank, self.topology = local_rank, dict(topology)
         self.hooks: list[Any] = []
         if cfg.fault.keeper == OFF or not (ck.snapshot_every or ck.every):
             if ck.every:
@@ -100,6 +104,10 @@ class Protection:
             persist_every=ck.every, device=device,
         )  # fmt: skip
         self.hooks.append(self.engine)
+        erasure = cfg.fault.erasure
+        if erasure.parity > 0:
+            self.plan = agree_plan(comm=self.comm, keeper=self._keeper, local_rank=local_rank, token=self.token,
+                                   data=erasure.data, parity=erasure.parity, topology=self.topology)  # fmt: skip
 
     def metrics(self) -> dict[str, float]:
         return self.engine.stats.metrics() if self.engine is not None else {}
@@ -114,7 +122,7 @@ class Protection:
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         result = None
         if restarted or spec == "latest":
-            result = self._from_memory() or self._from_disk()
+            result = self._from_memory() or self._from_peers() or self._from_disk()
         if result is None and spec not in ("none", "latest"):
             result = Resumed("disk", self.checkpointer.load(Path(spec)), spec)
         if result is None and self.cfg.checkpoint.init_from:
@@ -126,7 +134,7 @@ class Protection:
             self.engine.registration = replace(self.engine.registration, resumed_from=result.step)
             self.engine.stats.copied = result.step if result.source == "memory" else -1
         if self.rank == 0:
-            where = {"memory": "from keeper memory", "disk": "from disk", "fresh": "fresh start",
+            where = {"memory": "from keeper memory", "peers": "from peer keepers' memory", "disk": "from disk", "fresh": "fresh start",
                      "safetensors": "weights from safetensors, fresh optimizer"}[result.source]
             log.info("resume: %s at step %d (%s) in %.2f s", where, result.step, result.detail, time.perf_counter() - start)
         return result
@@ -153,7 +161,7 @@ class Protection:
         errors = [e for e in self.comm.all_gather(error) if e]
         if errors:
             if self.rank == 0:
-                log.warning("memory snapshot of step %d is unusable (%s): trying disk", step, errors[0])
+                log.warning("memory snapshot of step %d is unusable (%s): trying peers, then disk", step, errors[0])
             return None
         for key, state in self.states.items():
             state.load_state_dict(restore(trees[key], tensors=loaded, template=templates[key]))
@@ -177,6 +185,14 @@ class Protection:
         finally:
             self._keeper("unpin", step=step)
         return loaded, reply["tree"], templates
+
+    def _from_peers(self) -> Resumed | None:
+        """The previous incarnation's state from the surviving nodes' keepers, decoded and resharded."""
+        if self.plan is None:
+            return None
+        found = resume_from_peers(comm=self.comm, keeper=self._keeper, local_rank=self.local_rank, plan=self.plan,
+                                  states=self.states, topology=self.topology)  # fmt: skip
+        return Resumed("peers", *found) if found else None
 
     def _from_disk(self) -> Resumed | None:
         latest = commits.latest(self.root) if self.rank == 0 else None

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 
 PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B")
+ELASTIC_POLICIES = ("off", "resize_dp")
 PRECISIONS = ("auto", "fp32", "bf16")
 KEEPER_MODES = ("auto", "off", "external")
 
@@ -67,11 +68,16 @@ class ParallelConfig:
     pp_schedule: str = "1F1B"  # GPipe | 1F1B | Interleaved1F1B
     microbatches: int = 0  # pipeline microbatches per step; 0: 2 * pp
     stages_per_rank: int = 0  # 0: 2 for Interleaved1F1B, else 1
-    elastic: str = "resize_dp"  # how a changed world size picks a topology
+    # How a run resumed on another number of processes picks its topology. off: the degrees as
+    # given. resize_dp: keep tp and pp, resize data parallelism to what the world size leaves, and
+    # raise grad_accum so that per-rank micro-batches grow no larger (train.batch_size never changes).
+    elastic: str = "resize_dp"
 
     def __post_init__(self) -> None:
         if self.pp_schedule not in PP_SCHEDULES:
             raise ValueError(f"parallel.pp_schedule={self.pp_schedule!r}: choose one of {PP_SCHEDULES}")
+        if self.elastic not in ELASTIC_POLICIES:
+            raise ValueError(f"parallel.elastic={self.elastic!r}: choose one of {ELASTIC_POLICIES}")
         if self.stages_per_rank > 1 and self.pp_schedule != "Interleaved1F1B":
             raise ValueError("parallel.stages_per_rank > 1 needs parallel.pp_schedule=Interleaved1F1B")
 

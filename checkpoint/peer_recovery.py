@@ -1,0 +1,127 @@
+"""Cross-node protection for one worker: the erasure plan every keeper gets, and resume from peers.
+
+`agree_plan` (collective) learns every rank's node and keeper address, forms the plan (nodes in the
+order of their first rank, data-parallel replicas as redundancy that needs no parity) and hands it
+to the keepers through each node's local rank 0. `resume_from_peers` (collective) gathers what the
+surviving keepers hold, picks the newest step of the previous incarnation that their memory can
+rebuild (`peer_plan.choose`), and fills this rank's state from it, resharded to the new topology.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from .comm import Comm
+from .dtypes import storage_dtype, to_torch
+from .errors import CheckpointError
+from .flatten import flatten, restore
+from .layout import fragment_of
+from .peer_plan import Inventory, choose
+from .peer_restore import PeerReader, fill_targets, merged_trees
+from .peer_wire import PeerError
+from .protector import ProtectPlan
+
+log = logging.getLogger(__name__)
+
+AXES = ("pp", "dp_replicate", "dp_shard", "tp")  # the mesh's order, outer to inner
+
+
+def replica_sets(topology: Mapping[str, int], world_size: int) -> tuple[tuple[int, ...], ...]:
+    """Ranks holding identical state: those that differ only in their dp_replicate coordinate."""
+    sizes = [int(topology.get(a, 1)) for a in AXES]
+    if sizes[1] <= 1:
+        return ()
+    sets: dict[tuple[int, ...], list[int]] = {}
+    for rank in range(world_size):
+        coords, rest = [], rank
+        for size in reversed(sizes):
+            coords.append(rest % size)
+            rest //= size
+        pp, _, shard, tp = reversed(coords)
+        sets.setdefault((pp, shard, tp), []).append(rank)
+    return tuple(tuple(s) for s in sets.values())
+
+
+def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, token: str, data: str,
+               parity: int, topology: Mapping[str, int]) -> ProtectPlan | None:  # fmt: skip
+    """The erasure plan of this incarnation, installed in every node's keeper; None on one node."""
+    hello = keeper("hello")
+    mine = {"node": hello.get("node"), "address": hello.get("peer_address"), "local_rank": local_rank}
+    everyone = comm.all_gather(mine)
+    if any(e["node"] is None for e in everyone):
+        return None  # some rank has no keeper: nothing to code with
+    nodes: list[str] = []
+    for e in everyone:
+        if e["node"] not in nodes:
+            nodes.append(e["node"])
+    if len(nodes) < 2:
+        return None
+    ranks = {n: tuple(r for r, e in enumerate(everyone) if e["node"] == n) for n in nodes}
+    peers = {e["node"]: e["address"] for e in everyone if e["local_rank"] == 0}
+    k = len(nodes) - parity if data == "auto" else int(data)
+    if k < 1:
+        raise ValueError(f"fault.erasure.parity={parity} leaves no data node among {len(nodes)} nodes; lower it")
+    secret, created = comm.all_gather((secrets.token_hex(16), time.time()))[0]
+    plan = ProtectPlan(token=token, created=created, secret=secret, nodes=tuple(nodes), ranks=ranks,
+                       replicas=replica_sets(topology, comm.world_size), k=k, m=parity, peers=peers,
+                       world_size=comm.world_size, topology=dict(topology))  # fmt: skip
+    plan.erasure()  # refuses a node count the code cannot use, on every rank alike
+    reply = keeper("protect", plan=plan.to_json()) if local_rank == 0 else {}
+    if comm.rank == 0:
+        log.info("erasure plan, %d nodes:\n%s", len(nodes), reply.get("describe", ""))
+    return plan
+
+
+def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, plan: ProtectPlan,
+                      states: Mapping[str, Any], topology: Mapping[str, int]) -> tuple[int, str] | None:  # fmt: skip
+    """Load the newest step the surviving keepers can rebuild; (step, detail), or None (nothing loaded)."""
+    report = keeper("inventory") if local_rank == 0 else None
+    inventories = {i.node: i for i in (Inventory(r) for r in comm.all_gather(report) if r)}
+    chosen, why = choose(list(inventories.values()), current=plan.token)
+    if chosen is None:
+        if comm.rank == 0:
+            log.info("peer memory cannot rebuild a step: %s", why)
+        return None
+    reader = PeerReader(chosen, inventories, secret=plan.secret)
+    templates = {key: state.state_dict() for key, state in states.items()}
+    targets: dict[str, torch.Tensor] = {}
+    for key, template in templates.items():
+        targets.update(flatten(key, template)[0])
+    buffers: dict[str, tuple[Any, np.ndarray]] = {}
+    try:
+        for name, tensor in targets.items():
+            fragment = fragment_of(name, tensor, rank=comm.rank)
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            buffers[name] = (fragment, np.zeros(fragment.local_shape, dtype=storage_dtype(dtype)))
+        fill_targets(reader, buffers)
+        same = chosen.plan.world_size == comm.world_size and dict(chosen.plan.topology) == dict(topology)
+        trees = merged_trees(reader, rank=comm.rank, same_topology=same)
+        error = None
+    except (CheckpointError, PeerError, LookupError, ValueError) as e:
+        error = f"rank {comm.rank}: {e}"
+    finally:
+        reader.close()
+    errors = [e for e in comm.all_gather(error) if e]
+    if errors:
+        if comm.rank == 0:
+            log.warning("rebuilding step %d from peer memory failed (%s)", chosen.step, errors[0])
+        return None
+    from .recovery import as_target
+
+    loaded = {}
+    for name, (_, array) in buffers.items():
+        dtype = str(targets[name].dtype).removeprefix("torch.")
+        loaded[name] = as_target(to_torch(array, dtype), targets[name])
+    for key, state in states.items():
+        state.load_state_dict(restore(trees[key], tensors=loaded, template=templates[key]))
+    volume = comm.all_gather((reader.fetched, reader.decoded))
+    detail = (f"{chosen.describe()}; read {sum(v[0] for v in volume) / 1e6:.1f} MB from peers, "
+              f"{sum(v[1] for v in volume) / 1e6:.1f} MB of it decoded")  # fmt: skip
+    return chosen.step, detail

@@ -1,0 +1,186 @@
+"""Restore a rank of the new topology from the surviving keepers' memory, resharding as from disk.
+
+Each new rank needs, per tensor, the boxes its fragment covers. The old ranks' slot layouts say
+which old entry holds which boxes; an entry is read from whichever keeper holds its slot, or, for a
+lost node, rebuilt from the same byte range of k surviving buffers of its stripe (only the ranges
+asked for are decoded). Boxes are then copied exactly as the disk loader copies chunks, so memory,
+peers and disk reshard the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from . import erasure
+from .dtypes import storage_dtype
+from .erasure_plan import GroupPlan
+from .errors import CheckpointError
+from .flatten import merge_trees
+from .keeper_protocol import Entry, SlotLayout
+from .layout import Fragment
+from .peer_plan import Inventory, MemoryPlan
+from .peer_wire import PeerClient
+from .protector import NodeCoding
+
+
+class PeerReader:
+    """Reads old ranks' slot bytes of one `MemoryPlan` from the surviving keepers."""
+
+    def __init__(self, chosen: MemoryPlan, inventories: Mapping[str, Inventory], *, secret: str) -> None:
+        self.chosen, self.inventories, self.secret = chosen, inventories, secret
+        self._clients: dict[str, PeerClient] = {}
+        self._metas: dict[str, dict[str, Any]] = {}
+        self.fetched = self.decoded = 0
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+
+    # ---- what the old ranks were --------------------------------------------------------------
+
+    def layout(self, rank: int) -> SlotLayout:
+        source = self.chosen.sources[rank]
+        if source.kind == "held":
+            held = self.inventories[source.node].ranks[source.via]
+            return SlotLayout.from_json(held["layout"])
+        return SlotLayout.from_json(self._meta(source.node)["layouts"][str(rank)])
+
+    def tree(self, rank: int) -> Any:
+        source = self.chosen.sources[rank]
+        if source.kind == "held":
+            return self.inventories[source.node].ranks[source.via]["trees"][str(self.chosen.step)]
+        return self._meta(source.node)["trees"][str(rank)]
+
+    def _meta(self, node: str) -> dict[str, Any]:
+        """A lost node's meta (JSON state and layouts of its ranks) from any survivor holding it."""
+        if node not in self._metas:
+            token, step = self.chosen.plan.token, self.chosen.step
+            holder = next(n for n, inv in self.inventories.items() if node in inv.metas(token, step))
+            reply, _ = self._client(holder).request("meta_of", token=token, step=step, node=node)
+            if reply.get("meta") is None:
+                raise CheckpointError(f"the keeper on {holder} no longer holds the meta of lost node {node}")
+            self._metas[node] = reply["meta"]
+        return self._metas[node]
+
+    # ---- bytes --------------------------------------------------------------------------------
+
+    def read(self, rank: int, offset: int, nbytes: int) -> np.ndarray:
+        """Bytes [offset, offset+nbytes) of old rank `rank`'s slot."""
+        source = self.chosen.sources[rank]
+        self.fetched += nbytes
+        if source.kind == "held":
+            return self._fetch(source.node, kind="slot", rank=source.via, offset=offset, nbytes=nbytes)
+        self.decoded += nbytes
+        return self._decode(source.node, rank, offset, nbytes)
+
+    def _decode(self, node: str, rank: int, offset: int, nbytes: int) -> np.ndarray:
+        plan, group = self.chosen.plan, self.chosen.erasure.group_of(node)
+        assert group is not None, "a decoded source belongs to a group"
+        coding = self._coding(node)
+        start = coding.base(rank) + offset
+        out = np.empty(nbytes, dtype=np.uint8)
+        done = 0
+        while done < nbytes:
+            index, a = divmod(start + done, coding.segment)
+            n = min(nbytes - done, coding.segment - a)
+            out[done : done + n] = self._decode_window(group, node, index, a, n)
+            done += n
+        return out
+
+    def _decode_window(self, group: GroupPlan, node: str, index: int, a: int, n: int) -> np.ndarray:
+        """Bytes [a, a+n) of segment `index` of lost `node`, from k survivors of its stripe."""
+        plan, step, token = self.chosen.plan, self.chosen.step, self.chosen.plan.token
+        stripe_index, stripe = next((i, s) for i, s in enumerate(group.stripes) if (node, index) in s.data)
+        lengths = tuple(max(0, min(self._coding(member).length(t) - a, n)) if member != node else n
+                        for member, t in stripe.data)  # fmt: skip
+        shape = erasure.Stripe(k=plan.k, m=plan.m, lengths=lengths)
+        survivors: dict[int, np.ndarray] = {}
+        for position, (member, t) in enumerate(stripe.data):
+            if member != node and member in self.inventories and len(survivors) < plan.k and self._serves(member):
+                survivors[position] = self._fetch(member, kind="segment", token=token, index=t, offset=a, nbytes=lengths[position])
+        for p, holder in enumerate(stripe.parity):
+            if len(survivors) < plan.k and holder in self.inventories and (stripe_index, p) in self.inventories[holder].parity(token, step):
+                survivors[plan.k + p] = self._fetch(holder, kind="parity", token=token, stripe=stripe_index, parity=p, offset=a, nbytes=shape.size)
+        position = next(i for i, (member, _) in enumerate(stripe.data) if member == node)
+        return np.asarray(erasure.decode(survivors, shape, want=[position])[position])
+
+    def _serves(self, member: str) -> bool:
+        coded = next(c.coded for c in self.chosen.erasure.coverage if c.node == member)
+        return all(self.chosen.sources[r].kind == "held" and self.chosen.sources[r].node == member and
+                   self.chosen.sources[r].via == r for r in coded)  # fmt: skip
+
+    def _coding(self, node: str) -> NodeCoding:
+        coded = [(int(r), int(n)) for r, n in self._meta(node)["coded"]]
+        return NodeCoding(self.chosen.plan.k, tuple(coded))
+
+    def _fetch(self, node: str, **fields: Any) -> np.ndarray:
+        _, data = self._client(node).request("fetch", step=self.chosen.step, **fields)
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def _client(self, node: str) -> PeerClient:
+        if node not in self._clients:
+            self._clients[node] = PeerClient(self.inventories[node].address, secret=self.secret)
+        return self._clients[node]
+
+
+def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.ndarray]]) -> None:
+    """Copy into every target (its fragment, a local numpy buffer) the boxes the old ranks held."""
+    by_name: dict[str, list[tuple[int, Entry]]] = {}
+    for rank in sorted(reader.chosen.sources):
+        for entry in reader.layout(rank).entries:
+            by_name.setdefault(entry.name, []).append((rank, entry))
+    problems = []
+    for name, (fragment, out) in targets.items():
+        covered: set[tuple] = set()
+        for rank, entry in by_name.get(name, []):
+            old = Fragment.from_json(entry.fragment)
+            work = _overlaps(old, fragment, covered)
+            if not work:
+                continue
+            raw = reader.read(rank, entry.offset, entry.nbytes)
+            data = raw.view(storage_dtype(entry.dtype)).reshape(entry.shape)
+            for key, dst, src in work:
+                out[dst] = data[src]
+                covered.add(key)
+        need = sum(box.numel for box in fragment.boxes())
+        have = sum(_numel(key) for key in covered)
+        if have != need:
+            problems.append(f"{name}: the old ranks' memory covers {have} of the {need} elements this rank needs")
+    if problems:
+        raise CheckpointError("memory cannot rebuild this rank's state:\n  " + "\n  ".join(problems[:10]))
+
+
+def _overlaps(old: Fragment, new: Fragment, covered: set[tuple]) -> list[tuple[tuple, tuple, tuple]]:
+    """(intersection key, destination slices in new local data, source slices in old local data)."""
+    work = []
+    for nbox, nslices in new.pieces():
+        for obox, oslices in old.pieces():
+            inter = nbox.intersect(obox)
+            if inter is None or (key := (inter.offsets, inter.sizes)) in covered:
+                continue
+            dst = _compose(nslices, inter.slices(nbox.offsets))
+            src = _compose(oslices, inter.slices(obox.offsets))
+            work.append((key, dst, src))
+    return work
+
+
+def _compose(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:
+    return tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner))
+
+
+def _numel(key: tuple) -> int:
+    n = 1
+    for size in key[1]:
+        n *= size
+    return n
+
+
+def merged_trees(reader: PeerReader, *, rank: int, same_topology: bool) -> dict[str, Any]:
+    """This rank's old JSON state on the same topology, else the union over the old ranks (rank 0 first)."""
+    if same_topology:
+        return reader.tree(rank)
+    return merge_trees([reader.tree(r) for r in sorted(reader.chosen.sources)])
+
