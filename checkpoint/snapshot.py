@@ -60,6 +60,7 @@ class SnapshotStats:
     copied: int = -1  # newest step whose copy is complete on this rank
     durable: int = -1
     committed: int = -1
+    protected: int = -1  # newest step whose parity is complete on every node of this node's group
     backlog: int = 0
     host_bytes: int = 0
     skipped: int = 0
@@ -73,6 +74,7 @@ class SnapshotStats:
             "persist_backlog": self.backlog,
             "durable_step": self.durable,
             "committed_step": self.committed,
+            "protection_lag": self.step - self.protected if self.protected >= 0 else -1,
             "host_mem_gib": round(self.host_bytes / 2**30, 4),
         }
 
@@ -195,6 +197,7 @@ class SnapshotEngine:
     def update_status(self, status: dict[str, Any]) -> None:
         s = self.stats
         s.durable, s.committed = int(status.get("durable", s.durable)), int(status.get("committed", s.committed))
+        s.protected = int(status.get("protected", s.protected))
         s.backlog, s.host_bytes = int(status.get("backlog", s.backlog)), int(status.get("host_bytes", s.host_bytes))
 
 
