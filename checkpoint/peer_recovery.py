@@ -125,3 +125,27 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
     detail = (f"{chosen.describe()}; read {sum(v[0] for v in volume) / 1e6:.1f} MB from peers, "
               f"{sum(v[1] for v in volume) / 1e6:.1f} MB of it decoded")  # fmt: skip
     return chosen.step, detail
+
+
+def previous_topology(run_dir: Any, *, comm: Comm) -> dict[str, int] | None:
+    """The topology (and world size) of the newest incarnation any node's keeper still knows (collective).
+
+    Asked before the trainer is built, so that a world that changed size can pick its new degrees
+    from the one it resumes (`parallel.elastic`); None when no keeper answers or knows a plan.
+    """
+    from .keeper_protocol import Client, KeeperError, KeeperGone, run_id, socket_path
+
+    newest = None
+    try:
+        client = Client(socket_path(run_id(run_dir)), timeout=30.0)
+        try:
+            plans = [ProtectPlan.from_json(p) for p in client.request("inventory").get("plans", [])]
+        finally:
+            client.close()
+        if plans:
+            plan = max(plans, key=lambda p: p.created)
+            newest = (plan.created, {**{k: int(v) for k, v in plan.topology.items()}, "world_size": plan.world_size})
+    except (KeeperGone, KeeperError, OSError):
+        pass
+    found = [n for n in comm.all_gather(newest) if n]
+    return max(found, key=lambda n: n[0])[1] if found else None

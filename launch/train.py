@@ -7,15 +7,20 @@ error file is written before Hydra turns an exception into `sys.exit(1)`.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from resurgo.checkpoint.comm import Comm
+from resurgo.checkpoint.peer_recovery import previous_topology
 from resurgo.checkpoint.recovery import build_protection
+from resurgo.parallel.elastic import fit_topology
 from resurgo.trainer.config import JobConfig, load_config
 from resurgo.trainer.distributed import init_distributed, shutdown
 from resurgo.trainer.trainer import Trainer
@@ -34,8 +39,10 @@ def train(cfg: JobConfig) -> list[float]:
     env = init_distributed(cfg.train.device)
     trainer = protection = None
     finished = False
+    run_dir = Path(cfg.run.root) / run_name(cfg.run.name)
     try:
-        trainer = Trainer(cfg, env=env, run_dir=Path(cfg.run.root) / run_name(cfg.run.name))
+        cfg = fit_world(cfg, world_size=env.world_size, run_dir=run_dir)
+        trainer = Trainer(cfg, env=env, run_dir=run_dir)
         protection = build_protection(cfg, trainer=trainer)
         protection.resume()
         trainer.hooks += protection.hooks
@@ -50,6 +57,17 @@ def train(cfg: JobConfig) -> list[float]:
         if trainer is not None:
             trainer.close()
         shutdown()
+
+
+def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> JobConfig:
+    """The config with parallel degrees fitted to this world (collective): on a restart after nodes
+    were lost or added, the elastic policy resizes data parallelism from the topology being resumed."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    previous = previous_topology(run_dir, comm=Comm.create()) if restarted and cfg.fault.keeper != "off" else None
+    fitted = fit_topology(cfg.parallel, cfg.train, world_size=world_size, previous=previous)
+    if fitted.note and int(os.environ.get("RANK", 0)) == 0:
+        logging.getLogger(__name__).info("elastic: %s", fitted.note)
+    return replace(cfg, parallel=fitted.parallel, train=replace(cfg.train, grad_accum=fitted.grad_accum))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://resurgo.recipes", config_name="train")
