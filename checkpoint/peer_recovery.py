@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -79,16 +80,27 @@ def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank:
     return plan
 
 
+@dataclass(frozen=True)
+class PeerResume:
+    """The step loaded from peers (None: nothing loaded), what happened, and whether protected state
+    existed that memory could not rebuild (then a fresh start would silently lose a run)."""
+
+    step: int | None
+    detail: str
+    lost: bool = False
+
+
 def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, plan: ProtectPlan,
-                      states: Mapping[str, Any], topology: Mapping[str, int]) -> tuple[int, str] | None:  # fmt: skip
-    """Load the newest step the surviving keepers can rebuild; (step, detail), or None (nothing loaded)."""
+                      states: Mapping[str, Any], topology: Mapping[str, int]) -> PeerResume:  # fmt: skip
+    """Load the newest step the surviving keepers can rebuild (collective)."""
     report = keeper("inventory") if local_rank == 0 else None
     inventories = {i.node: i for i in (Inventory(r) for r in comm.all_gather(report) if r)}
     chosen, why = choose(list(inventories.values()), current=plan.token)
     if chosen is None:
-        if comm.rank == 0:
-            log.info("peer memory cannot rebuild a step: %s", why)
-        return None
+        protected = any(t != plan.token for inv in inventories.values() for t in inv.data.get("protected", {}))
+        if comm.rank == 0 and protected:
+            log.warning("peer memory cannot rebuild a step: %s", why)
+        return PeerResume(None, why, lost=protected)
     reader = PeerReader(chosen, inventories, secret=plan.secret)
     templates = {key: state.state_dict() for key, state in states.items()}
     targets: dict[str, torch.Tensor] = {}
@@ -112,7 +124,7 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
     if errors:
         if comm.rank == 0:
             log.warning("rebuilding step %d from peer memory failed (%s)", chosen.step, errors[0])
-        return None
+        return PeerResume(None, f"rebuilding step {chosen.step} failed: {errors[0]}", lost=True)
     from .recovery import as_target
 
     loaded = {}
@@ -124,7 +136,7 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
     volume = comm.all_gather((reader.fetched, reader.decoded))
     detail = (f"{chosen.describe()}; read {sum(v[0] for v in volume) / 1e6:.1f} MB from peers, "
               f"{sum(v[1] for v in volume) / 1e6:.1f} MB of it decoded")  # fmt: skip
-    return chosen.step, detail
+    return PeerResume(chosen.step, detail)
 
 
 def previous_topology(run_dir: Any, *, comm: Comm) -> dict[str, int] | None:

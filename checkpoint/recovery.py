@@ -27,6 +27,7 @@ from .capture import StateCapture
 from .flatten import flatten, restore
 from .keeper_link import EXTERNAL, OFF, KeeperLink
 from .keeper_protocol import KeeperError, KeeperGone, SlotLayout, StoreTarget
+from .errors import CheckpointError
 from .manager import Checkpointer, Stateful
 from .peer_recovery import agree_plan, resume_from_peers
 from .protector import ProtectPlan
@@ -75,6 +76,7 @@ class Protection:
         self.link: KeeperLink | None = None
         self.engine: SnapshotEngine | None = None
         self.plan: ProtectPlan | None = None
+        self._peer_loss = ""  # why peer memory could not rebuild state it had protected
         self.local_rank, self.topology = local_rank, dict(topology)
         self.hooks: list[Any] = []
         if cfg.fault.keeper == OFF or not (ck.snapshot_every or ck.every):
@@ -125,6 +127,12 @@ class Protection:
             result = self._from_memory() or self._from_peers() or self._from_disk()
         if result is None and spec not in ("none", "latest"):
             result = Resumed("disk", self.checkpointer.load(Path(spec)), spec)
+        if result is None and self._peer_loss:
+            raise CheckpointError(
+                f"the nodes left cannot rebuild the run's state from memory ({self._peer_loss}) and no committed "
+                f"checkpoint is under {self.root}: refusing to start fresh. Bring back the lost nodes, or restart "
+                "with checkpoint.resume=none to start over deliberately (set checkpoint.every to protect on disk too)"
+            )
         if result is None and self.cfg.checkpoint.init_from:
             result = self._from_safetensors(Path(self.cfg.checkpoint.init_from))
         if result is None:
@@ -192,14 +200,18 @@ class Protection:
             return None
         found = resume_from_peers(comm=self.comm, keeper=self._keeper, local_rank=self.local_rank, plan=self.plan,
                                   states=self.states, topology=self.topology)  # fmt: skip
-        return Resumed("peers", *found) if found else None
+        if found.step is not None:
+            return Resumed("peers", found.step, found.detail)
+        self._peer_loss = found.detail if found.lost else ""
+        return None
 
     def _from_disk(self) -> Resumed | None:
         latest = commits.latest(self.root) if self.rank == 0 else None
         path = self.comm.all_gather(str(latest) if latest else None)[0]
         if path is None:
             return None
-        return Resumed("disk", self.checkpointer.load(Path(path)), f"{path}; no step held in memory by every rank")
+        why = f"memory cannot rebuild a step: {self._peer_loss}" if self._peer_loss else "no step held in memory by every rank"
+        return Resumed("disk", self.checkpointer.load(Path(path)), f"{path}; {why}")
 
     def _keeper(self, op: str, *, strict: bool = False, **fields: Any) -> dict[str, Any]:
         """A request for this rank; without `strict`, a missing keeper answers {} (there is nothing to use)."""

@@ -1,0 +1,216 @@
+"""Erasure-coded memory across nodes, in one process: real keepers' coders talking TCP on loopback.
+
+Each simulated node runs a `Protector` over fake slots (the bytes a keeper would hold); nodes are
+lost by stopping theirs. What survives is then read back onto a new topology, exactly."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from resurgo.checkpoint.keeper_protocol import SlotLayout
+from resurgo.checkpoint.layout import MeshSpec, Placement, TensorLayout
+from resurgo.checkpoint.peer_plan import Inventory, choose
+from resurgo.checkpoint.peer_recovery import replica_sets
+from resurgo.checkpoint.peer_restore import PeerReader, fill_targets, merged_trees
+from resurgo.checkpoint.protector import ProtectPlan, Protector
+
+SHAPES = {"model/w": (13, 7), "model/b": (5,), "optim/step": ()}  # 13 rows: uneven on any world size
+
+
+def layouts(world: int) -> dict[str, TensorLayout]:
+    mesh = MeshSpec(("dp_shard",), (world,), tuple(range(world)))
+    return {
+        "model/w": TensorLayout("model/w", SHAPES["model/w"], "float32", mesh, (Placement("shard", 0),)),
+        "model/b": TensorLayout("model/b", SHAPES["model/b"], "float32", mesh, (Placement("replicate"),)),
+        "optim/step": TensorLayout("optim/step", (), "int64"),
+    }
+
+
+def global_state(step: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(step)
+    return {
+        "model/w": rng.standard_normal(SHAPES["model/w"]).astype(np.float32),
+        "model/b": rng.standard_normal(SHAPES["model/b"]).astype(np.float32),
+        "optim/step": np.array(step, dtype=np.int64),
+    }
+
+
+def local(array: np.ndarray, fragment) -> np.ndarray:
+    out = np.empty(fragment.local_shape, dtype=array.dtype)
+    for box, slices in fragment.pieces():
+        out[slices] = array[box.slices()]
+    return out
+
+
+def rank_slot(rank: int, world: int, step: int) -> tuple[SlotLayout, np.ndarray]:
+    state = global_state(step)
+    specs, parts = [], []
+    for name, layout in layouts(world).items():
+        fragment = layout.fragment(rank)
+        data = local(state[name], fragment)
+        specs.append((name, layout.dtype, data.shape, data.nbytes, fragment.to_json()))
+        parts.append(data)
+    slot_layout = SlotLayout.build(specs)
+    slot = np.zeros(slot_layout.nbytes, dtype=np.uint8)
+    for entry, data in zip(slot_layout.entries, parts):
+        slot[entry.offset : entry.offset + entry.nbytes] = data.reshape(-1).view(np.uint8)
+    return slot_layout, slot
+
+
+class Cluster:
+    """Nodes of one incarnation: each a Protector over the slots its ranks would hold."""
+
+    def __init__(self, *, nodes: int, per_node: int, k: int, m: int, replicas=()) -> None:
+        self.names = [f"node{i}" for i in range(nodes)]
+        self.world = nodes * per_node
+        self.ranks = {n: tuple(range(i * per_node, (i + 1) * per_node)) for i, n in enumerate(self.names)}
+        self.slots: dict[str, dict[tuple[int, int], tuple[SlotLayout, np.ndarray]]] = {n: {} for n in self.names}
+        self.protectors = {
+            n: Protector(node=n, host="127.0.0.1", slot_source=self._source(n), on_protected=lambda: None) for n in self.names
+        }
+        for p in self.protectors.values():
+            p.start()
+        self.plan = ProtectPlan(
+            token="aaaa", created=1.0, secret="s3cret", nodes=tuple(self.names), ranks=self.ranks,
+            replicas=tuple(replicas), k=k, m=m, peers={n: p.address for n, p in self.protectors.items()},
+            world_size=self.world, topology={"pp": 1, "dp_replicate": 1, "dp_shard": self.world, "tp": 1},
+        )  # fmt: skip
+        for p in self.protectors.values():
+            p.protect(self.plan)
+        self.alive = set(self.names)
+
+    def _source(self, node):
+        return lambda rank, step: self.slots[node].get((rank, step), (None, None))[1]
+
+    def snapshot(self, step: int, *, nodes=None, wait: bool = True) -> None:
+        for node in nodes or self.names:
+            ranks = {}
+            for r in self.ranks[node]:
+                self.slots[node][(r, step)] = rank_slot(r, self.world, step)
+                layout, slot = self.slots[node][(r, step)]
+                ranks[r] = (layout.to_json(), slot, {"train": {"step": step, "rank": r}})
+            while not self.protectors[node].submit(step, ranks, lambda: None):
+                time.sleep(0.01)
+        deadline = time.monotonic() + 30
+        while wait and any(self.protectors[n].protected_step() < step for n in self.alive if self.plan.erasure().groups):
+            assert time.monotonic() < deadline, "parity never completed"
+            time.sleep(0.01)
+
+    def lose(self, *nodes: str) -> None:
+        for node in nodes:
+            self.protectors[node].stop()
+            self.alive.discard(node)
+
+    def inventories(self) -> dict[str, Inventory]:
+        out = {}
+        for node in sorted(self.alive):
+            ranks = {}
+            for (r, step), (layout, _) in self.slots[node].items():
+                entry = ranks.setdefault(str(r), {"steps": [], "digest": layout.digest, "layout": layout.to_json(), "trees": {}})
+                entry["steps"].append(step)
+                entry["trees"][str(step)] = {"train": {"step": step, "rank": r}}
+            out[node] = Inventory({"ranks": ranks, **self.protectors[node].inventory()})
+        return out
+
+    def close(self) -> None:
+        self.lose(*list(self.alive))
+
+
+@pytest.fixture
+def cluster():
+    made = []
+
+    def make(**kwargs) -> Cluster:
+        made.append(Cluster(**kwargs))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def assert_restores(c: Cluster, *, step: int, new_world: int) -> None:
+    """Every rank of a `new_world`-rank topology gets exactly its slice of the state of `step`."""
+    inventories = c.inventories()
+    chosen, why = choose(list(inventories.values()), current="bbbb")
+    assert chosen is not None, why
+    assert chosen.step == step
+    expected = global_state(step)
+    reader = PeerReader(chosen, inventories, secret=c.plan.secret)
+    try:
+        for rank in range(new_world):
+            targets = {}
+            for name, layout in layouts(new_world).items():
+                fragment = layout.fragment(rank)
+                targets[name] = (fragment, np.full(fragment.local_shape, -1, dtype=expected[name].dtype))
+            fill_targets(reader, targets)
+            for name, (fragment, out) in targets.items():
+                np.testing.assert_array_equal(out, local(expected[name], fragment), err_msg=name)
+        assert merged_trees(reader, rank=0, same_topology=False)["train"]["step"] == step
+    finally:
+        reader.close()
+
+
+def test_one_lost_node_of_three_rebuilds_onto_fewer_ranks(cluster):
+    c = cluster(nodes=3, per_node=2, k=2, m=1)
+    c.snapshot(1)
+    c.snapshot(2)
+    c.lose("node1")
+    assert_restores(c, step=2, new_world=4)
+    chosen, _ = choose(list(c.inventories().values()), current="bbbb")
+    assert {s.kind for r, s in chosen.sources.items() if r in c.ranks["node1"]} == {"decoded"}
+
+
+def test_two_lost_nodes_of_four_with_two_parities(cluster):
+    c = cluster(nodes=4, per_node=1, k=2, m=2)
+    c.snapshot(3)
+    c.lose("node1", "node3")
+    assert_restores(c, step=3, new_world=2)
+    assert_restores(c, step=3, new_world=4)  # same world size: a replacement node reads the same way
+
+
+def test_more_lost_than_parity_is_refused_with_the_ranks(cluster):
+    c = cluster(nodes=3, per_node=1, k=2, m=1)
+    c.snapshot(1)
+    c.lose("node0", "node2")
+    chosen, why = choose(list(c.inventories().values()), current="bbbb")
+    assert chosen is None
+    assert "ranks [0, 2] cannot be rebuilt" in why and "node0, node2" in why
+
+
+def test_a_node_lost_during_the_exchange_falls_back_to_the_newest_protected_step(cluster):
+    c = cluster(nodes=3, per_node=1, k=2, m=1)
+    c.snapshot(1)
+    c.snapshot(2, nodes=["node0", "node1"], wait=False)  # node2 dies before it codes step 2
+    time.sleep(0.3)
+    c.lose("node2")
+    assert_restores(c, step=1, new_world=2)
+
+
+def test_replicas_need_no_parity(cluster):
+    c = cluster(nodes=2, per_node=1, k=1, m=1, replicas=[(0, 1)])
+    assert not c.plan.erasure().groups
+    c.snapshot(4, wait=False)
+    c.lose("node1")
+    chosen, _ = choose(list(c.inventories().values()), current="bbbb")
+    assert chosen.sources[1].kind == "held" and chosen.sources[1].via == 0
+
+
+def test_a_failed_recovery_keeps_the_incarnation_it_read():
+    """Plans of incarnations that never protected a step do not push out the one holding the state."""
+    p = Protector(node="node0", host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
+    base = dict(secret="x", nodes=("node0", "node1"), ranks={"node0": (0,), "node1": (1,)}, replicas=(), k=1, m=1,
+                peers={}, world_size=2, topology={})  # fmt: skip
+    p.protect(ProtectPlan(token="01", created=1.0, **base))
+    p.protected["01"] = 5
+    for i, token in enumerate(["02", "03", "04"]):
+        p.protect(ProtectPlan(token=token, created=2.0 + i, **base))
+    assert set(p.plans) == {"01", "04"}
+
+
+def test_replica_sets_follow_the_mesh():
+    assert replica_sets({"pp": 1, "dp_replicate": 2, "dp_shard": 2, "tp": 1}, 4) == ((0, 2), (1, 3))
+    assert replica_sets({"pp": 1, "dp_replicate": 1, "dp_shard": 4, "tp": 1}, 4) == ()
