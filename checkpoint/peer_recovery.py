@@ -133,9 +133,10 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
         loaded[name] = as_target(to_torch(array, dtype), targets[name])
     for key, state in states.items():
         state.load_state_dict(restore(trees[key], tensors=loaded, template=templates[key]))
-    volume = comm.all_gather((reader.fetched, reader.decoded))
+    volume = comm.all_gather((reader.fetched, reader.decoded, reader.fetch_s, reader.decode_s))
     detail = (f"{chosen.describe()}; read {sum(v[0] for v in volume) / 1e6:.1f} MB from peers, "
-              f"{sum(v[1] for v in volume) / 1e6:.1f} MB of it decoded")  # fmt: skip
+              f"{sum(v[1] for v in volume) / 1e6:.1f} MB of it decoded; slowest rank fetching "
+              f"{max(v[2] for v in volume):.2f} s, decoding {max(v[3] for v in volume):.2f} s")  # fmt: skip
     return PeerResume(chosen.step, detail)
 
 
