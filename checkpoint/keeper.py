@@ -228,6 +228,9 @@ class Keeper:
     def _op_protect(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         """The running incarnation's erasure plan (sent by local rank 0 once all ranks agreed on it)."""
         assert self.protector is not None
+        if msg.get("plan") is None:
+            self.protector.pause(secret=str(msg["secret"]))
+            return {"describe": "no erasure coding: a single node"}
         plan = self.protector.protect(ProtectPlan.from_json(msg["plan"]))
         return {"describe": plan.describe()}
 

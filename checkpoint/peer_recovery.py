@@ -51,25 +51,28 @@ def replica_sets(topology: Mapping[str, int], world_size: int) -> tuple[tuple[in
 
 
 def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, token: str, data: str,
-               parity: int, topology: Mapping[str, int]) -> ProtectPlan | None:  # fmt: skip
-    """The erasure plan of this incarnation, installed in every node's keeper; None on one node."""
+               parity: int, topology: Mapping[str, int]) -> tuple[ProtectPlan | None, str]:  # fmt: skip
+    """The erasure plan of this incarnation (None on one node), installed in every node's keeper, and
+    the incarnation's secret, which keepers ask of whoever reads their memory."""
     hello = keeper("hello")
     mine = {"node": hello.get("node"), "address": hello.get("peer_address"), "local_rank": local_rank}
     everyone = comm.all_gather(mine)
     if any(e["node"] is None for e in everyone):
-        return None  # some rank has no keeper: nothing to code with
+        return None, ""  # some rank has no keeper: nothing to code with
     nodes: list[str] = []
     for e in everyone:
         if e["node"] not in nodes:
             nodes.append(e["node"])
+    secret, created = comm.all_gather((secrets.token_hex(16), time.time()))[0]
     if len(nodes) < 2:
-        return None
+        if local_rank == 0:
+            keeper("protect", plan=None, secret=secret)  # one node: nothing to code; earlier plans stay readable
+        return None, secret
     ranks = {n: tuple(r for r, e in enumerate(everyone) if e["node"] == n) for n in nodes}
     peers = {e["node"]: e["address"] for e in everyone if e["local_rank"] == 0}
     k = len(nodes) - parity if data == "auto" else int(data)
     if k < 1:
         raise ValueError(f"fault.erasure.parity={parity} leaves no data node among {len(nodes)} nodes; lower it")
-    secret, created = comm.all_gather((secrets.token_hex(16), time.time()))[0]
     plan = ProtectPlan(token=token, created=created, secret=secret, nodes=tuple(nodes), ranks=ranks,
                        replicas=replica_sets(topology, comm.world_size), k=k, m=parity, peers=peers,
                        world_size=comm.world_size, topology=dict(topology))  # fmt: skip
@@ -77,7 +80,7 @@ def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank:
     reply = keeper("protect", plan=plan.to_json()) if local_rank == 0 else {}
     if comm.rank == 0:
         log.info("erasure plan, %d nodes:\n%s", len(nodes), reply.get("describe", ""))
-    return plan
+    return plan, secret
 
 
 @dataclass(frozen=True)
@@ -90,18 +93,18 @@ class PeerResume:
     lost: bool = False
 
 
-def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, plan: ProtectPlan,
+def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, token: str, secret: str,
                       states: Mapping[str, Any], topology: Mapping[str, int]) -> PeerResume:  # fmt: skip
     """Load the newest step the surviving keepers can rebuild (collective)."""
     report = keeper("inventory") if local_rank == 0 else None
     inventories = {i.node: i for i in (Inventory(r) for r in comm.all_gather(report) if r)}
-    chosen, why = choose(list(inventories.values()), current=plan.token)
+    chosen, why = choose(list(inventories.values()), current=token)
     if chosen is None:
-        protected = any(t != plan.token for inv in inventories.values() for t in inv.data.get("protected", {}))
+        protected = any(t != token for inv in inventories.values() for t in inv.data.get("protected", {}))
         if comm.rank == 0 and protected:
             log.warning("peer memory cannot rebuild a step: %s", why)
         return PeerResume(None, why, lost=protected)
-    reader = PeerReader(chosen, inventories, secret=plan.secret)
+    reader = PeerReader(chosen, inventories, secret=secret)
     templates = {key: state.state_dict() for key, state in states.items()}
     targets: dict[str, torch.Tensor] = {}
     for key, template in templates.items():

@@ -133,6 +133,7 @@ class Protector:
         self.node, self.slot_source, self.on_protected = node, slot_source, on_protected
         self.plans: dict[str, tuple[ProtectPlan, ErasurePlan]] = {}
         self.current: str | None = None
+        self.secret = ""  # the running incarnation's: what peers and workers must present
         self._parity: dict[tuple[str, int, int, int], _Parity] = {}
         self._done: dict[tuple[str, int], set[tuple[int, int]]] = {}
         self._meta: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}  # (token, step) -> node -> meta
@@ -173,7 +174,7 @@ class Protector:
         erasure_plan = plan.erasure()
         with self._lock:
             self.plans[plan.token] = (plan, erasure_plan)
-            self.current = plan.token
+            self.current, self.secret = plan.token, plan.secret
             # Keep the newest earlier plan with a protected step: a recovery that failed midway and the
             # one after it both read that incarnation's memory.
             earlier = sorted((t for t in self.plans if t != plan.token and t in self.protected),
@@ -181,6 +182,12 @@ class Protector:
             for stale in [t for t in self.plans if t != plan.token and t not in earlier]:
                 self._forget(stale)
         return erasure_plan
+
+    def pause(self, *, secret: str) -> None:
+        """Code nothing until the next plan (one node left); earlier plans stay for a recovery,
+        served to the workers that know the running incarnation's `secret`."""
+        with self._lock:
+            self.current, self.secret = None, secret
 
     def coded_ranks(self) -> tuple[int, ...]:
         with self._lock:
@@ -276,7 +283,7 @@ class Protector:
 
     def _secret(self) -> str:
         with self._lock:
-            return self.plans[self.current][0].secret if self.current else ""
+            return self.secret
 
     def _handle(self, header: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], Any]:
         op = header.get("op")

@@ -76,6 +76,7 @@ class Protection:
         self.link: KeeperLink | None = None
         self.engine: SnapshotEngine | None = None
         self.plan: ProtectPlan | None = None
+        self.secret = ""  # set when the keepers code across nodes or may hold an earlier incarnation's memory
         self._peer_loss = ""  # why peer memory could not rebuild state it had protected
         self.local_rank, self.topology = local_rank, dict(topology)
         self.hooks: list[Any] = []
@@ -108,7 +109,7 @@ class Protection:
         self.hooks.append(self.engine)
         erasure = cfg.fault.erasure
         if erasure.parity > 0:
-            self.plan = agree_plan(comm=self.comm, keeper=self._keeper, local_rank=local_rank, token=self.token,
+            self.plan, self.secret = agree_plan(comm=self.comm, keeper=self._keeper, local_rank=local_rank, token=self.token,
                                    data=erasure.data, parity=erasure.parity, topology=self.topology)  # fmt: skip
 
     def metrics(self) -> dict[str, float]:
@@ -121,7 +122,8 @@ class Protection:
         start = time.perf_counter()
         spec = self.cfg.checkpoint.resume
         # After a restart the run's own progress is newer than whatever checkpoint.resume names.
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        # Collective: a replacement node starts at restart count 0 while the survivors do not.
+        restarted = any(self.comm.all_gather(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0))
         result = None
         if restarted or spec == "latest":
             result = self._from_memory() or self._from_peers() or self._from_disk()
@@ -196,10 +198,10 @@ class Protection:
 
     def _from_peers(self) -> Resumed | None:
         """The previous incarnation's state from the surviving nodes' keepers, decoded and resharded."""
-        if self.plan is None:
+        if not self.secret:
             return None
-        found = resume_from_peers(comm=self.comm, keeper=self._keeper, local_rank=self.local_rank, plan=self.plan,
-                                  states=self.states, topology=self.topology)  # fmt: skip
+        found = resume_from_peers(comm=self.comm, keeper=self._keeper, local_rank=self.local_rank, token=self.token,
+                                  secret=self.secret, states=self.states, topology=self.topology)  # fmt: skip
         if found.step is not None:
             return Resumed("peers", found.step, found.detail)
         self._peer_loss = found.detail if found.lost else ""

@@ -62,8 +62,8 @@ def train(cfg: JobConfig) -> list[float]:
 def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> JobConfig:
     """The config with parallel degrees fitted to this world (collective): on a restart after nodes
     were lost or added, the elastic policy resizes data parallelism from the topology being resumed."""
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    previous = previous_topology(run_dir, comm=Comm.create()) if restarted and cfg.fault.keeper != "off" else None
+    # Asked on every start, not only on restarts: a replacement node joins with restart count 0.
+    previous = previous_topology(run_dir, comm=Comm.create()) if cfg.fault.keeper != "off" else None
     fitted = fit_topology(cfg.parallel, cfg.train, world_size=world_size, previous=previous)
     if fitted.note and int(os.environ.get("RANK", 0)) == 0:
         logging.getLogger(__name__).info("elastic: %s", fitted.note)

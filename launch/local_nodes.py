@@ -1,0 +1,373 @@
+"""`python -m resurgo.launch.local_nodes`: several nodes simulated on this machine, for demos and tests.
+
+    python -m resurgo.launch.local_nodes --nodes 3 --nproc-per-node 2 --min-nodes 2 -- train.device=cpu
+
+Each simulated node is what `launch/multinode.sh` starts on a real machine: a keeper and a torchrun
+agent, with its own RESURGO_NODE_ID (node<i>), its own private RESURGO_KEEPER_DIR and
+RESURGO_PEER_HOST=127.0.0.1, so that keepers of one run never take each other's socket, lock or
+memory. The keeper and the agent of a node each lead their own process group, so a test can kill a
+whole node with SIGKILL (`LocalCluster.kill_node`) the way a machine dies: nothing runs a handler.
+
+The c10d rendezvous store lives in node 0's agent: killing node 0 ends the rendezvous for every
+node, as losing the rendezvous host does on a cluster. Fault tests kill the other nodes.
+
+Linux only: processes are found through /proc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from resurgo.checkpoint import shm
+from resurgo.checkpoint.keeper_protocol import segment_prefix
+from resurgo.checkpoint.reclaim import try_lock
+
+# Rendezvous settings (torchrun --rdzv-conf) that let the survivors of a lost node train again within
+# seconds instead of the defaults' ~45 s:
+# - keep_alive_interval=2, keep_alive_max_attempt=3: a node without a heartbeat for 6 s is dead and
+#   leaves the rendezvous (default 5 s x 3). Not lower: on a loaded machine a heartbeat can be late,
+#   and a live node declared dead costs a needless restart of every node.
+# - last_call_timeout=5: once the minimum number of nodes is in, wait 5 s more for the others
+#   (default 30 s). All nodes start together, so 5 s covers their start-up skew; a node later than
+#   that joins at the next re-rendezvous, which the agents start as soon as it waits.
+# - join_timeout=120: how long an agent waits for the minimum number of nodes before it gives up
+#   (default 600 s): long enough for a replacement node to start, short enough that a test fails
+#   quickly when one never comes.
+# - close_timeout=10: how long closing the rendezvous at the end may take (default 30 s).
+RDZV_CONF = {
+    "join_timeout": 120, "last_call_timeout": 5, "close_timeout": 10, "keep_alive_interval": 2, "keep_alive_max_attempt": 3,
+}  # fmt: skip
+# torch 2.13's agents share one store with the workers, but the rank-0 agent publishes its address only
+# in the first round it is rank 0: a node joining later (a replacement) waits for it until the
+# rendezvous times out. Without the sharing, rank 0 publishes a fresh address every round.
+NO_SHARED_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+HOST = "127.0.0.1"
+READY_S = 120.0  # longest node 0 may take to host the rendezvous store (torch imports on a busy machine)
+STOP_GRACE_S = 10.0  # a keeper asked to stop finishes its queued persists first
+
+
+@dataclass
+class Node:
+    """One simulated node: its identity, its private keeper folder, its log and its two processes."""
+
+    index: int
+    node_id: str
+    keeper_dir: Path
+    log: Path
+    keeper: subprocess.Popen
+    agent: subprocess.Popen
+
+
+class LocalCluster:
+    """N simulated nodes training one run; a context manager, so no process outlives a test.
+
+        with LocalCluster(nodes=3, nproc_per_node=1, min_nodes=2, overrides=["train.device=cpu"]) as cluster:
+            cluster.kill_node(2)      # SIGKILL a whole node; node 0 hosts the rendezvous, never kill it
+            cluster.add_node()        # a replacement joins at the next re-rendezvous
+            codes = cluster.wait(timeout=600)
+    """
+
+    def __init__(
+        self, *, nodes: int, nproc_per_node: int, overrides: Sequence[str] = (), min_nodes: int | None = None,
+        max_nodes: int | None = None, max_restarts: int = 3, run_root: Path | str = "runs", name: str = "local",
+        env: Mapping[str, str] | None = None, keeper_args: Sequence[str] = (), rdzv_conf: Mapping[str, object] = RDZV_CONF,
+    ) -> None:  # fmt: skip
+        self.max_nodes = nodes if max_nodes is None else max_nodes
+        self.min_nodes = nodes if min_nodes is None else min_nodes
+        if not 1 <= self.min_nodes <= nodes <= self.max_nodes:
+            raise ValueError(f"need 1 <= min_nodes ({self.min_nodes}) <= nodes ({nodes}) <= max_nodes ({self.max_nodes})")
+        taken = [o for o in overrides if o.lstrip("+").split("=", 1)[0] in ("run.root", "run.name")]
+        if taken:
+            raise ValueError(f"{taken}: the cluster sets the run folder; pass run_root= / name= (--run-root / --name) instead")
+        self.nodes, self.nproc_per_node, self.max_restarts = nodes, nproc_per_node, max_restarts
+        self.overrides, self.keeper_args = list(overrides), list(keeper_args)
+        self.run_root, self.name = Path(run_root).absolute(), name
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", **NO_SHARED_STORE, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.rdzv_conf = dict(rdzv_conf)
+        self.port = free_port()
+        # Short: a Unix socket path must stay under ~100 characters, pytest's tmp paths do not.
+        self.keeper_root = Path("/tmp") / f"resurgo-{os.getuid()}" / f"lc-{uuid.uuid4().hex[:8]}"
+        self._nodes: list[Node] = []
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run_root / self.name
+
+    # ---- life cycle ----------------------------------------------------------------------------
+
+    def start(self) -> LocalCluster:
+        """Start every node, node 0 first: its agent hosts the rendezvous store the others connect to."""
+        if self._nodes:
+            raise RuntimeError("the cluster is already started: add_node() adds one more")
+        try:
+            for _ in range(self.nodes):
+                self.add_node()
+            self._wait_for_store()
+        except BaseException:
+            self.stop()  # a context manager's exit does not run when entering fails
+            raise
+        return self
+
+    def add_node(self) -> int:
+        """Start one more node (a replacement joining later); returns its index."""
+        index = len(self._nodes)
+        node_id = f"node{index}"
+        keeper_dir = self.keeper_root / node_id
+        for folder in (self.keeper_root.parent, self.keeper_root, keeper_dir):
+            folder.mkdir(mode=0o700, exist_ok=True)
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        log = self.run_dir / "logs" / f"{node_id}.log"
+        env = {**self.env, "RESURGO_NODE_ID": node_id, "RESURGO_KEEPER_DIR": str(keeper_dir), "RESURGO_PEER_HOST": HOST}
+        with open(log, "ab") as out:  # append mode: the keeper's and the agent's lines interleave, never overwrite
+            spawn = dict(stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=self.run_root,
+                         start_new_session=True)  # fmt: skip
+            keeper = subprocess.Popen(
+                [sys.executable, "-m", "resurgo.launch.keeper", "--run-dir", str(self.run_dir), *self.keeper_args], **spawn
+            )
+            agent = subprocess.Popen(self._agent_cmd(host=index == 0), **spawn)
+        self._nodes.append(Node(index, node_id, keeper_dir, log, keeper, agent))
+        return index
+
+    def _agent_cmd(self, *, host: bool) -> list[str]:
+        # is_host explicitly: the other agents then wait for node 0's store instead of racing to host one.
+        # --local-addr: the address the workers' store is published at (the default, the fully
+        # qualified hostname, may not resolve).
+        conf = ",".join(f"{k}={v}" for k, v in {**self.rdzv_conf, "is_host": int(host)}.items())
+        return [
+            sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.min_nodes}:{self.max_nodes}",
+            f"--nproc-per-node={self.nproc_per_node}", f"--max-restarts={self.max_restarts}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={HOST}:{self.port}", f"--rdzv-id={self.name}", f"--rdzv-conf={conf}", f"--local-addr={HOST}",
+            "-m", "resurgo.launch.train", f"run.root={self.run_root}", f"run.name={self.name}", "fault.keeper=external",
+            *self.overrides,
+        ]  # fmt: skip
+
+    def _wait_for_store(self) -> None:
+        deadline = time.monotonic() + READY_S
+        while not _listening(self.port):
+            if self._nodes[0].agent.poll() is not None:
+                raise RuntimeError(f"node 0's agent exited ({self._nodes[0].agent.returncode}) before hosting the "
+                                   f"rendezvous store:\n{self.output(0)[-3000:]}")  # fmt: skip
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node 0 did not host the rendezvous store on port {self.port} within {READY_S:.0f} s; "
+                                   f"see {self._nodes[0].log}")  # fmt: skip
+            time.sleep(0.2)
+
+    def wait(self, timeout: float | None = None) -> list[int | None]:
+        """Every node's agent return code once all exited (-9: killed); TimeoutError if some still run."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for node in self._nodes:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                node.agent.wait(timeout=left)
+            except subprocess.TimeoutExpired:
+                running = [n.node_id for n in self._nodes if n.agent.poll() is None]
+                raise TimeoutError(f"{running} still running after {timeout} s; logs in {self.run_dir / 'logs'}") from None
+        return [node.agent.returncode for node in self._nodes]
+
+    def stop(self) -> None:
+        """Kill what is left: nodes still training at once; idle keepers get SIGTERM first, to finish their persists."""
+        for node in self._nodes:
+            if node.agent.poll() is None:
+                self.kill_node(node.index)
+        for node in self._nodes:
+            if node.keeper.poll() is None:
+                node.keeper.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for node in self._nodes:
+            try:
+                node.keeper.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+            self.kill_node(node.index)
+        shutil.rmtree(self.keeper_root, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- one node ------------------------------------------------------------------------------
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL the node's agent, its workers and its keeper, as a machine failure would; returns once all are gone.
+
+        torchrun starts every worker in a session of its own, so killing the agent's process group
+        would leave them running: the node's processes are found by their environment instead,
+        which also finds workers the agent's death left to init.
+        """
+        node = self._nodes[index]
+        for _ in range(5):
+            pids = self.node_pids(index)
+            if not pids:
+                break
+            # Stop first, so that no process forks or restarts a worker between being found and being killed.
+            _signal(pids, signal.SIGSTOP)
+            pids |= self.node_pids(index)
+            _signal(pids, signal.SIGKILL)
+            _wait_gone(pids, timeout=10.0)
+        for proc in (node.agent, node.keeper):
+            proc.wait(timeout=10.0)
+        left = self.node_pids(index)
+        if left:
+            raise RuntimeError(f"{node.node_id}: processes {sorted(left)} survived SIGKILL")
+        _reclaim(node.keeper_dir)
+
+    def node_pids(self, index: int) -> set[int]:
+        """The live processes of a node: its agent, keeper, workers and whatever they started."""
+        node = self._nodes[index]
+        marker = f"RESURGO_KEEPER_DIR={node.keeper_dir}".encode()
+        found = {p.pid for p in (node.agent, node.keeper) if p.poll() is None}
+        for pid in _all_pids():
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue  # gone, or another user's
+            if marker in environ.split(b"\0"):
+                found.add(pid)
+        return {pid for pid in found | _descendants(found) if pid != os.getpid() and _alive(pid)}
+
+    def output(self, index: int) -> str:
+        """Everything node `index`'s keeper and agent (with its workers) printed so far."""
+        return self._nodes[index].log.read_text(errors="replace")
+
+    def log_path(self, index: int) -> Path:
+        return self._nodes[index].log
+
+
+# ---- processes -------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    """Whether a socket listens on `port`, read from /proc: a probe connection would confuse the store."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
+def _all_pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+    return fields[0], int(fields[1])
+
+
+def _alive(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")  # a zombie runs nothing; its parent reaps it
+
+
+def _descendants(roots: set[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid in _all_pids():
+        stat = _stat(pid)
+        if stat is not None:
+            children.setdefault(stat[1], []).append(pid)
+    found, todo = set(), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _signal(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_gone(pids: set[int], *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _reclaim(keeper_dir: Path) -> None:
+    """Free the shared memory a killed keeper left: on this machine no later keeper of that node would."""
+    for lock in keeper_dir.glob("*.lock"):
+        fd = try_lock(lock)
+        if fd is None:
+            continue  # its keeper is alive
+        try:
+            for name, _ in shm.list_segments(segment_prefix(lock.name.removesuffix(".lock"))):
+                shm.unlink(name)
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m resurgo.launch.local_nodes", description=__doc__.split("\n\n")[0],
+                                     epilog="Everything after -- goes to resurgo.launch.train (add train.device=cpu "
+                                            "on a machine without enough GPUs).")  # fmt: skip
+    parser.add_argument("--nodes", type=int, required=True, help="simulated nodes started at once")
+    parser.add_argument("--nproc-per-node", type=int, required=True, help="workers per node")
+    parser.add_argument("--min-nodes", type=int, default=None, help="the fewest nodes that train on (default: --nodes)")
+    parser.add_argument("--max-nodes", type=int, default=None, help="the most nodes (default: --nodes)")
+    parser.add_argument("--max-restarts", type=int, default=3, help="worker group restarts per agent before it fails")
+    parser.add_argument("--run-root", default="runs", help="run.root")
+    parser.add_argument("--name", default="local", help="run.name and the rendezvous id")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every worker")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cluster = LocalCluster(
+        nodes=args.nodes, nproc_per_node=args.nproc_per_node, overrides=args.overrides, min_nodes=args.min_nodes,
+        max_nodes=args.max_nodes, max_restarts=args.max_restarts, run_root=args.run_root, name=args.name,
+    )  # fmt: skip
+    with cluster:
+        print(f"{args.nodes} nodes training {cluster.run_dir}; logs in {cluster.run_dir / 'logs'}", flush=True)
+        try:
+            codes = cluster.wait()
+        except KeyboardInterrupt:
+            print("interrupted: stopping every node", file=sys.stderr)
+            return 130
+    for node, code in enumerate(codes):
+        print(f"node{node}: exit code {code}")
+        if code != 0:
+            print(cluster.output(node)[-3000:], file=sys.stderr)
+    return 0 if all(code == 0 for code in codes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
