@@ -1,0 +1,125 @@
+"""Whole nodes killed with SIGKILL (agent, workers and keeper): the job comes back from the survivors' memory.
+
+Simulated nodes on localhost (`LocalCluster`), each with its own keeper and node identity, elastic
+torchrun (`--nnodes MIN:MAX`). A recovered run's losses are held against one process training the same
+steps: every topology follows it within 1e-4 (tests/integration), so matching it means matching an
+uninterrupted run on the surviving nodes from the restored state.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+from conftest import launch, read_metrics
+
+from resurgo.launch.local_nodes import LocalCluster
+
+STEPS = 24
+BASE = ["experiment=smoke", f"train.steps={STEPS}", "train.precision=fp32", "train.batch_size=12", "train.device=cpu"]
+RTOL = 1e-4
+RESUMED = re.compile(r"resume: from (peer keepers' memory|disk|keeper memory|fresh start)\D*(\d+)")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, float]:
+    root = tmp_path_factory.mktemp("reference")
+    launch([o for o in BASE if o != "train.device=cpu"], nproc=1, root=root)
+    return {r["step"]: r["loss"] for r in read_metrics(root / "run")}
+
+
+def wait_for_step(cluster: LocalCluster, step: int, *, timeout: float = 180) -> None:
+    metrics = cluster.run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= step):
+        assert time.monotonic() < deadline, cluster.output(0)[-4000:]
+        time.sleep(0.1)
+
+
+def latest_losses(run_dir: Path) -> dict[int, float]:
+    """The loss of every step, as last logged (steps replayed after a recovery overwrite earlier ones)."""
+    return {r["step"]: r["loss"] for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def resumes(cluster: LocalCluster) -> list[tuple[str, int]]:
+    return [(m[1], int(m[2])) for m in RESUMED.finditer(cluster.output(0))]
+
+
+def assert_matches(losses: dict[int, float], reference: dict[int, float]) -> None:
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step, loss in losses.items():
+        assert loss == pytest.approx(reference[step], rel=RTOL), step
+
+
+def cluster_of(tmp_path, *, nodes: int, per_node: int, min_nodes: int, extra=()) -> LocalCluster:
+    return LocalCluster(nodes=nodes, nproc_per_node=per_node, min_nodes=min_nodes, overrides=BASE + list(extra),
+                        run_root=tmp_path, name="run")  # fmt: skip
+
+
+def kill_at(cluster: LocalCluster, step: int, *nodes: int) -> None:
+    wait_for_step(cluster, step)
+    for index in nodes:
+        cluster.kill_node(index)
+
+
+def test_a_lost_node_comes_back_from_memory_on_fewer_nodes(tmp_path, reference):
+    """3 nodes x 2 ranks, k=2, m=1, no disk checkpoint: lose one node, go on with 2 from memory."""
+    with cluster_of(tmp_path, nodes=3, per_node=2, min_nodes=2) as cluster:
+        kill_at(cluster, 8, 2)
+        assert cluster.wait(timeout=300)[:2] == [0, 0], cluster.output(0)[-4000:]
+        log = cluster.output(0)
+    (source, step), = [r for r in resumes(cluster) if r[0] != "fresh start"]
+    assert source == "peer keepers' memory" and step >= 8 - 2, log[-3000:]  # one step in flight, one being coded
+    assert "decoding node2" in log and "world 6 -> 4" in log
+    assert not list(tmp_path.glob("run/checkpoints/step-*")), "no disk checkpoint was asked for"
+    assert_matches(latest_losses(cluster.run_dir), reference)
+
+
+def test_two_nodes_lost_at_once_with_two_parities(tmp_path, reference):
+    with cluster_of(tmp_path, nodes=4, per_node=1, min_nodes=2, extra=["fault.erasure.parity=2"]) as cluster:
+        kill_at(cluster, 8, 2, 3)
+        assert cluster.wait(timeout=300)[:2] == [0, 0], cluster.output(0)[-4000:]
+    sources = [r[0] for r in resumes(cluster) if r[0] != "fresh start"]
+    assert sources == ["peer keepers' memory"], cluster.output(0)[-3000:]
+    assert "(k=2, m=2" in cluster.output(0)
+    assert_matches(latest_losses(cluster.run_dir), reference)
+
+
+def test_more_lost_than_parity_falls_back_to_disk(tmp_path, reference):
+    with cluster_of(tmp_path, nodes=3, per_node=1, min_nodes=1, extra=["checkpoint.every=5"]) as cluster:
+        kill_at(cluster, 12, 1, 2)
+        assert cluster.wait(timeout=300)[0] == 0, cluster.output(0)[-4000:]
+        log = cluster.output(0)
+    assert "peer memory cannot rebuild a step" in log and "each group survives 1 lost" in log, log[-3000:]
+    source, step = [r for r in resumes(cluster) if r[0] != "fresh start"][0]
+    assert source == "disk" and step >= 5 and step % 5 == 0
+    assert_matches(latest_losses(cluster.run_dir), reference)
+
+
+def test_more_lost_than_parity_without_a_disk_checkpoint_stops(tmp_path):
+    with cluster_of(tmp_path, nodes=3, per_node=1, min_nodes=1, extra=["train.steps=100000"]) as cluster:
+        kill_at(cluster, 6, 1, 2)
+        codes = cluster.wait(timeout=300)
+        log = cluster.output(0)
+    assert codes[0] != 0
+    assert "refusing to start fresh" in log, log[-3000:]
+
+
+def test_a_replacement_node_grows_the_job_back(tmp_path, reference):
+    with cluster_of(tmp_path, nodes=3, per_node=1, min_nodes=2, extra=["train.steps=40"]) as cluster:
+        kill_at(cluster, 6, 2)
+        deadline = time.monotonic() + 180
+        while len(resumes(cluster)) < 2:  # the fresh start, then the recovery onto 2 nodes
+            assert time.monotonic() < deadline, cluster.output(0)[-4000:]
+            time.sleep(0.2)
+        cluster.add_node()
+        assert cluster.wait(timeout=300) == [0, 0, -9, 0], cluster.output(0)[-4000:]
+        log = cluster.output(0)
+    recovered = [r[0] for r in resumes(cluster)][1:]
+    assert recovered[:2] == ["peer keepers' memory", "peer keepers' memory"], log[-3000:]
+    assert "world 2 -> 3" in log
+    losses = latest_losses(cluster.run_dir)
+    assert sorted(losses) == list(range(1, 41))
