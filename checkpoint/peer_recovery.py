@@ -50,8 +50,20 @@ def replica_sets(topology: Mapping[str, int], world_size: int) -> tuple[tuple[in
     return tuple(tuple(s) for s in sets.values())
 
 
+def code_shape(nodes: int, *, data: str, parity: int, degrade: bool) -> tuple[int, int]:
+    """(k, m) for `nodes` nodes. After nodes were lost (`degrade`), a code that no longer fits shrinks to
+    the strongest one that does (m <= nodes - 1) rather than stopping a job that could go on."""
+    k = nodes - parity if data == "auto" else int(data)
+    if not degrade or k + parity <= nodes and k >= 1:
+        return k, parity
+    m = min(parity, nodes - 1)
+    log.warning("%d nodes cannot hold k+m = %d+%d: coding with k=%d, m=%d until nodes come back",
+                nodes, k, parity, nodes - m, m)  # fmt: skip
+    return nodes - m, m
+
+
 def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, token: str, data: str,
-               parity: int, topology: Mapping[str, int]) -> tuple[ProtectPlan | None, str]:  # fmt: skip
+               parity: int, topology: Mapping[str, int], degrade: bool = False) -> tuple[ProtectPlan | None, str]:  # fmt: skip
     """The erasure plan of this incarnation (None on one node), installed in every node's keeper, and
     the incarnation's secret, which keepers ask of whoever reads their memory."""
     hello = keeper("hello")
@@ -70,7 +82,7 @@ def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank:
         return None, secret
     ranks = {n: tuple(r for r, e in enumerate(everyone) if e["node"] == n) for n in nodes}
     peers = {e["node"]: e["address"] for e in everyone if e["local_rank"] == 0}
-    k = len(nodes) - parity if data == "auto" else int(data)
+    k, parity = code_shape(len(nodes), data=data, parity=parity, degrade=degrade)
     if k < 1:
         raise ValueError(f"fault.erasure.parity={parity} leaves no data node among {len(nodes)} nodes; lower it")
     plan = ProtectPlan(token=token, created=created, secret=secret, nodes=tuple(nodes), ranks=ranks,

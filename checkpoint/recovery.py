@@ -73,6 +73,8 @@ class Protection:
         self.checkpointer = Checkpointer(ck, root=self.root, states=self.states, topology=topology)
         self.comm = self.checkpointer.comm
         self.token = self.comm.all_gather(secrets.token_hex(4))[0]  # names this incarnation's persists
+        # Collective: a replacement node starts at restart count 0 while the survivors do not.
+        self.restarted = any(self.comm.all_gather(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0))
         self.link: KeeperLink | None = None
         self.engine: SnapshotEngine | None = None
         self.plan: ProtectPlan | None = None
@@ -110,7 +112,8 @@ class Protection:
         erasure = cfg.fault.erasure
         if erasure.parity > 0:
             self.plan, self.secret = agree_plan(comm=self.comm, keeper=self._keeper, local_rank=local_rank, token=self.token,
-                                   data=erasure.data, parity=erasure.parity, topology=self.topology)  # fmt: skip
+                                   data=erasure.data, parity=erasure.parity, topology=self.topology,
+                                   degrade=self.restarted)  # fmt: skip
 
     def metrics(self) -> dict[str, float]:
         return self.engine.stats.metrics() if self.engine is not None else {}
@@ -122,8 +125,7 @@ class Protection:
         start = time.perf_counter()
         spec = self.cfg.checkpoint.resume
         # After a restart the run's own progress is newer than whatever checkpoint.resume names.
-        # Collective: a replacement node starts at restart count 0 while the survivors do not.
-        restarted = any(self.comm.all_gather(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0))
+        restarted = self.restarted
         result = None
         if restarted or spec == "latest":
             result = self._from_memory() or self._from_peers() or self._from_disk()

@@ -21,7 +21,7 @@ from resurgo.launch.local_nodes import LocalCluster
 STEPS = 24
 BASE = ["experiment=smoke", f"train.steps={STEPS}", "train.precision=fp32", "train.batch_size=12", "train.device=cpu"]
 RTOL = 1e-4
-RESUMED = re.compile(r"resume: from (peer keepers' memory|disk|keeper memory|fresh start)\D*(\d+)")
+RESUMED = re.compile(r"resume: (?:from )?(peer keepers' memory|disk|keeper memory|fresh start)\D*(\d+)")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_more_lost_than_parity_without_a_disk_checkpoint_stops(tmp_path):
 
 
 def test_a_replacement_node_grows_the_job_back(tmp_path, reference):
-    with cluster_of(tmp_path, nodes=3, per_node=1, min_nodes=2, extra=["train.steps=40"]) as cluster:
+    with cluster_of(tmp_path, nodes=3, per_node=1, min_nodes=2, extra=["train.steps=150"]) as cluster:
         kill_at(cluster, 6, 2)
         deadline = time.monotonic() + 180
         while len(resumes(cluster)) < 2:  # the fresh start, then the recovery onto 2 nodes
@@ -122,4 +122,4 @@ def test_a_replacement_node_grows_the_job_back(tmp_path, reference):
     assert recovered[:2] == ["peer keepers' memory", "peer keepers' memory"], log[-3000:]
     assert "world 2 -> 3" in log
     losses = latest_losses(cluster.run_dir)
-    assert sorted(losses) == list(range(1, 41))
+    assert sorted(losses) == list(range(1, 151))
