@@ -63,6 +63,7 @@ class SnapshotStats:
     protected: int = -1  # newest step whose parity is complete on every node of this node's group
     backlog: int = 0
     host_bytes: int = 0
+    parity_bytes: int = 0  # parity this node's keeper holds for its group's snapshots
     skipped: int = 0
 
     def metrics(self) -> dict[str, float]:
@@ -76,6 +77,7 @@ class SnapshotStats:
             "committed_step": self.committed,
             "protection_lag": self.step - self.protected if self.protected >= 0 else -1,
             "host_mem_gib": round(self.host_bytes / 2**30, 4),
+            "parity_mem_gib": round(self.parity_bytes / 2**30, 4),
         }
 
 
@@ -198,6 +200,7 @@ class SnapshotEngine:
         s = self.stats
         s.durable, s.committed = int(status.get("durable", s.durable)), int(status.get("committed", s.committed))
         s.protected = int(status.get("protected", s.protected))
+        s.parity_bytes = int(status.get("parity_bytes", s.parity_bytes))
         s.backlog, s.host_bytes = int(status.get("backlog", s.backlog)), int(status.get("host_bytes", s.host_bytes))
 
 

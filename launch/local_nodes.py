@@ -175,6 +175,10 @@ class LocalCluster:
                 raise TimeoutError(f"{running} still running after {timeout} s; logs in {self.run_dir / 'logs'}") from None
         return [node.agent.returncode for node in self._nodes]
 
+    def poll(self) -> list[int | None]:
+        """Every node's agent return code, None while it runs."""
+        return [node.agent.poll() for node in self._nodes]
+
     def stop(self) -> None:
         """Kill what is left: nodes still training at once; idle keepers get SIGTERM first, to finish their persists."""
         for node in self._nodes:
@@ -345,8 +349,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-restarts", type=int, default=3, help="worker group restarts per agent before it fails")
     parser.add_argument("--run-root", default="runs", help="run.root")
     parser.add_argument("--name", default="local", help="run.name and the rendezvous id")
+    parser.add_argument("--kill", default=[], action="append", metavar="NODE@STEP",
+                        help="SIGKILL node NODE (agent, workers, keeper) once step STEP is logged; repeatable")
+    parser.add_argument("--replace", action="store_true", help="start a replacement node after each kill")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every worker")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.kill = sorted((int(step), int(node)) for node, step in (k.split("@") for k in args.kill))
+    except ValueError:
+        parser.error(f"--kill takes NODE@STEP, e.g. 2@20; got {args.kill}")
+    if any(node == 0 for _, node in args.kill):
+        parser.error("node 0 hosts the rendezvous: kill another one")
+    return args
+
+
+def logged_steps(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,6 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     with cluster:
         print(f"{args.nodes} nodes training {cluster.run_dir}; logs in {cluster.run_dir / 'logs'}", flush=True)
         try:
+            for step, node in args.kill:
+                while logged_steps(cluster.run_dir) < step and any(c is None for c in cluster.poll()):
+                    time.sleep(0.2)
+                cluster.kill_node(node)
+                print(f"killed node{node} at step {logged_steps(cluster.run_dir)}", flush=True)
+                if args.replace:
+                    print(f"started replacement node{cluster.add_node()}", flush=True)
             codes = cluster.wait()
         except KeyboardInterrupt:
             print("interrupted: stopping every node", file=sys.stderr)

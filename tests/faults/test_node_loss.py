@@ -123,3 +123,18 @@ def test_a_replacement_node_grows_the_job_back(tmp_path, reference):
     assert "world 2 -> 3" in log
     losses = latest_losses(cluster.run_dir)
     assert sorted(losses) == list(range(1, 151))
+
+
+def test_a_second_failure_during_recovery_starts_it_over(tmp_path, reference):
+    """4 nodes, m=2: one node dies, and a second one as soon as the survivors begin to recover."""
+    with cluster_of(tmp_path, nodes=4, per_node=1, min_nodes=2, extra=["fault.erasure.parity=2"]) as cluster:
+        kill_at(cluster, 8, 3)
+        deadline = time.monotonic() + 180
+        while "erasure plan, 3 nodes" not in cluster.output(0):  # the restarted workers are recovering
+            assert time.monotonic() < deadline, cluster.output(0)[-4000:]
+            time.sleep(0.05)
+        cluster.kill_node(2)
+        assert cluster.wait(timeout=300)[:2] == [0, 0], cluster.output(0)[-4000:]
+    recovered = [r[0] for r in resumes(cluster) if r[0] != "fresh start"]
+    assert recovered and set(recovered) == {"peer keepers' memory"}, cluster.output(0)[-3000:]
+    assert_matches(latest_losses(cluster.run_dir), reference)

@@ -1,0 +1,185 @@
+"""How fast a job comes back after losing a node: from the survivors' memory against a disk checkpoint.
+
+Simulated nodes on this machine (`LocalCluster`: a keeper and a torchrun agent each), one model of
+`--gb` GB of training state (fp32 parameters and Adam moments), FSDP over every rank. In one run:
+
+1. step time with erasure protection on (k+m parity across nodes) against off, snapshots every step
+   in both, and the host memory parity takes against one snapshot (expected about m/k);
+2. a node SIGKILLed mid-training, the job resuming on the survivors from memory (`fault.erasure`);
+3. the same kill with protection off and a disk checkpoint every `--every` steps, resuming from disk
+   (the page cache dropped first where the machine allows).
+
+For 2 and 3 it prints, from the nodes' logs and metrics, the time from the kill to: the survivors'
+workers failing (detection), the restarted workers starting to restore (re-rendezvous, start-up,
+model build), the end of the restore (decode + reshard, or load), the first completed step; and the
+steps of work lost.
+
+    python benchmarks/recovery.py --gb 1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from resurgo.launch.local_nodes import LocalCluster
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--per-node", type=int, default=1, help="ranks per node")
+    parser.add_argument("--gb", type=float, default=1.0, help="training state to protect, in GB")
+    parser.add_argument("--steps", type=int, default=10, help="steps per overhead run (the first 3 are warm-up)")
+    parser.add_argument("--kill-at", type=int, default=6, help="the step after which a node dies")
+    parser.add_argument("--every", type=int, default=3, help="disk checkpoint interval of the disk run")
+    parser.add_argument("--dir", default=None, help="where runs and checkpoints go (default: a temporary folder)")
+    return parser.parse_args()
+
+
+def model_overrides(gb: float) -> list[str]:
+    """A Llama-style model whose parameters and Adam moments (12 bytes per parameter) make `gb` GB."""
+    dim = 1024
+    per_layer = 12 * dim * dim + 2 * dim  # attention 4 d^2, SwiGLU 3 * d * (8/3 d), norms
+    layers = max(1, round(gb * 1e9 / 12 / per_layer))
+    return [f"model.dim={dim}", f"model.n_layers={layers}", "model.n_heads=16", "model.n_kv_heads=16", "model.vocab_size=256"]
+
+
+def train_overrides(args: argparse.Namespace, steps: int) -> list[str]:
+    ranks = args.nodes * args.per_node
+    return [*model_overrides(args.gb), f"train.steps={steps}", f"train.batch_size={ranks}", "train.seq_len=32",
+            "train.log_every=1", "train.device=cpu", "train.precision=fp32", "optim.lr=1e-4"]  # fmt: skip
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_steps(cluster: LocalCluster, steps: int, *, timeout: float = 1800) -> None:
+    deadline = time.monotonic() + timeout
+    while len(metrics(cluster.run_dir)) < steps:
+        if all(code is not None for code in cluster.poll()) or time.monotonic() > deadline:
+            raise RuntimeError(f"the run stopped or stalled before step {steps}:\n{cluster.output(0)[-3000:]}")
+        time.sleep(0.1)
+
+
+def overhead_run(args: argparse.Namespace, root: Path, *, parity: int) -> tuple[float, float, float]:
+    """Median step time (s), and rank 0's node: snapshot and parity host memory (GiB)."""
+    name = f"overhead-m{parity}"
+    overrides = [*train_overrides(args, args.steps), f"fault.erasure.parity={parity}"]
+    with LocalCluster(nodes=args.nodes, nproc_per_node=args.per_node, overrides=overrides, run_root=root, name=name) as cluster:
+        codes = cluster.wait(timeout=1800)
+        if any(codes):
+            raise RuntimeError(f"overhead run failed {codes}:\n{cluster.output(0)[-3000:]}")
+        records = metrics(cluster.run_dir)
+    steps = [r["step_time_s"] for r in records[3:]]
+    return statistics.median(steps), records[-1]["host_mem_gib"], max(r.get("parity_mem_gib", 0.0) for r in records)
+
+
+_PY_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", re.M)
+_GLOG_FAIL = re.compile(r"^E(\d\d)(\d\d) (\d\d:\d\d:\d\d\.\d+) .*failed \(exitcode", re.M)
+_RESUME = re.compile(r"^\[(?P<t>[^\]]+)\]\[[^\]]+\]\[INFO\] - resume: (?P<what>.*) in (?P<s>[\d.]+) s$", re.M)
+
+
+@dataclass
+class Recovery:
+    source: str
+    detect_s: float
+    restart_s: float
+    restore_s: float
+    first_step_s: float
+    lost_steps: int
+    detail: str
+
+    @property
+    def total_s(self) -> float:
+        return self.detect_s + self.restart_s + self.restore_s + self.first_step_s
+
+
+def kill_run(args: argparse.Namespace, root: Path, *, memory: bool) -> Recovery:
+    name = "from-memory" if memory else "from-disk"
+    protection = ["fault.erasure.parity=1"] if memory else ["fault.erasure.parity=0", f"checkpoint.every={args.every}"]
+    overrides = [*train_overrides(args, args.kill_at + 4), *protection]
+    with LocalCluster(nodes=args.nodes, nproc_per_node=args.per_node, min_nodes=args.nodes - 1, overrides=overrides,
+                      run_root=root, name=name) as cluster:  # fmt: skip
+        wait_steps(cluster, args.kill_at)
+        killed_at = len(metrics(cluster.run_dir))
+        t_kill = time.time()
+        cluster.kill_node(args.nodes - 1)
+        if not memory:
+            drop_page_cache()
+        codes = cluster.wait(timeout=1800)
+        log = cluster.output(0)
+        if codes[0] != 0:
+            raise RuntimeError(f"{name}: node 0 failed:\n{log[-3000:]}")
+    resumed = [m for m in _RESUME.finditer(log) if not m["what"].startswith("fresh")][-1]
+    t_resumed = _py_time(resumed["t"])
+    restore_s = float(resumed["s"])
+    step = int(re.search(r"at step (\d+)", resumed["what"])[1])
+    t_detect = min(_glog_time(m) for m in _GLOG_FAIL.finditer(log) if _glog_time(m) > t_kill)
+    first = next(r for r in metrics(cluster.run_dir)[killed_at:] if r["step"] == step + 1)
+    return Recovery(
+        source=resumed["what"].split(" at step")[0], detect_s=t_detect - t_kill, restart_s=t_resumed - restore_s - t_detect,
+        restore_s=restore_s, first_step_s=first["time"] - t_resumed, lost_steps=killed_at - step, detail=resumed["what"],
+    )  # fmt: skip
+
+
+def drop_page_cache() -> None:
+    global CACHE
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        CACHE = "cold page cache"
+    except OSError:
+        CACHE = "warm page cache (this machine does not allow dropping it)"
+
+
+CACHE = "not measured"
+
+
+def _py_time(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def _glog_time(m: re.Match) -> float:
+    year = datetime.now().year
+    return datetime.strptime(f"{year}-{m[1]}-{m[2]} {m[3]}", "%Y-%m-%d %H:%M:%S.%f").timestamp()
+
+
+def main() -> None:
+    args = parse_args()
+    root = Path(args.dir or tempfile.mkdtemp(prefix="resurgo-recovery-"))
+    layers = model_overrides(args.gb)[1]
+    print(f"{args.nodes} nodes x {args.per_node} ranks, {args.gb:.2f} GB of state ({layers}), in {root}", flush=True)
+
+    off, _, _ = overhead_run(args, root, parity=0)
+    on, snapshot_gib, parity_gib = overhead_run(args, root, parity=1)
+    k = args.nodes - 1
+    print(f"step time: protection off {off:.3f} s, on {on:.3f} s, ratio {on / off:.3f} (target <= 1.05)")
+    share = parity_gib / (snapshot_gib / 3) if snapshot_gib else float("nan")  # the keeper holds 3 slots per rank
+    print(f"host memory of rank 0's node: snapshots {snapshot_gib:.3f} GiB (3 slots), parity {parity_gib:.3f} GiB = "
+          f"{share:.2f} x one snapshot (m/k = 1/{k} = {1 / k:.2f}; up to 2 steps of parity are held while one is coded)")  # fmt: skip
+
+    rows = [kill_run(args, root, memory=True), kill_run(args, root, memory=False)]
+    print(f"\nnode {args.nodes - 1} SIGKILLed after step {args.kill_at}; seconds from the kill ({CACHE} for disk):")
+    print(f"{'source':<26}{'detect':>8}{'restart':>9}{'restore':>9}{'1st step':>10}{'total':>8}{'lost steps':>12}")
+    for r in rows:
+        print(f"{r.source:<26}{r.detect_s:>8.2f}{r.restart_s:>9.2f}{r.restore_s:>9.2f}{r.first_step_s:>10.2f}"
+              f"{r.total_s:>8.2f}{r.lost_steps:>12d}")  # fmt: skip
+    memory, disk = rows
+    print(f"restore from memory {memory.restore_s:.2f} s vs disk {disk.restore_s:.2f} s: "
+          f"{disk.restore_s / memory.restore_s:.1f}x faster (target >= 5x)")
+    print(f"work lost: memory {memory.lost_steps} step(s) (snapshot_every=1), disk {disk.lost_steps} (checkpoint.every={args.every})")
+    print(f"memory: {memory.detail}\ndisk: {disk.detail}")
+
+
+if __name__ == "__main__":
+    main()
