@@ -17,6 +17,7 @@ Linux only: processes are found through /proc.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -364,8 +365,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def logged_steps(run_dir: Path) -> int:
+    """The newest step in the run's metrics (0 before the first)."""
     metrics = run_dir / "metrics.jsonl"
-    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    try:
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (ValueError, KeyError):
+        return 0  # a line being written
 
 
 def main(argv: list[str] | None = None) -> int:

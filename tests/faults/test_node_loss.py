@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import launch, read_metrics
 
-from resurgo.launch.local_nodes import LocalCluster
+from resurgo.launch.local_nodes import LocalCluster, logged_steps
 
 STEPS = 24
 BASE = ["experiment=smoke", f"train.steps={STEPS}", "train.precision=fp32", "train.batch_size=12", "train.device=cpu"]
@@ -32,9 +32,8 @@ def reference(tmp_path_factory) -> dict[int, float]:
 
 
 def wait_for_step(cluster: LocalCluster, step: int, *, timeout: float = 180) -> None:
-    metrics = cluster.run_dir / "metrics.jsonl"
     deadline = time.monotonic() + timeout
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= step):
+    while logged_steps(cluster.run_dir) < step:
         assert time.monotonic() < deadline, cluster.output(0)[-4000:]
         time.sleep(0.1)
 
