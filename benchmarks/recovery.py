@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -54,8 +56,15 @@ def model_overrides(gb: float) -> list[str]:
 
 def train_overrides(args: argparse.Namespace, steps: int) -> list[str]:
     ranks = args.nodes * args.per_node
-    return [*model_overrides(args.gb), f"train.steps={steps}", f"train.batch_size={ranks}", "train.seq_len=32",
+    batch = math.lcm(ranks, ranks - args.per_node)  # one sequence per rank and pass, before and after the loss
+    return [*model_overrides(args.gb), f"train.steps={steps}", f"train.batch_size={batch}", "train.seq_len=16",
             "train.log_every=1", "train.device=cpu", "train.precision=fp32", "optim.lr=1e-4"]  # fmt: skip
+
+
+def fresh(root: Path, name: str) -> str:
+    """A run name whose folder is empty: old metrics would be taken for this run's progress."""
+    shutil.rmtree(root / name, ignore_errors=True)
+    return name
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -73,7 +82,7 @@ def wait_steps(cluster: LocalCluster, steps: int, *, timeout: float = 1800) -> N
 
 def overhead_run(args: argparse.Namespace, root: Path, *, parity: int) -> tuple[float, float, float]:
     """Median step time (s), and rank 0's node: snapshot and parity host memory (GiB)."""
-    name = f"overhead-m{parity}"
+    name = fresh(root, f"overhead-m{parity}")
     overrides = [*train_overrides(args, args.steps), f"fault.erasure.parity={parity}"]
     with LocalCluster(nodes=args.nodes, nproc_per_node=args.per_node, overrides=overrides, run_root=root, name=name) as cluster:
         codes = cluster.wait(timeout=1800)
@@ -105,7 +114,7 @@ class Recovery:
 
 
 def kill_run(args: argparse.Namespace, root: Path, *, memory: bool) -> Recovery:
-    name = "from-memory" if memory else "from-disk"
+    name = fresh(root, "from-memory" if memory else "from-disk")
     protection = ["fault.erasure.parity=1"] if memory else ["fault.erasure.parity=0", f"checkpoint.every={args.every}"]
     overrides = [*train_overrides(args, args.kill_at + 4), *protection]
     with LocalCluster(nodes=args.nodes, nproc_per_node=args.per_node, min_nodes=args.nodes - 1, overrides=overrides,

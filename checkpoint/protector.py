@@ -26,7 +26,7 @@ import numpy as np
 from . import erasure
 from .erasure_plan import ErasurePlan, plan_erasure
 from .keeper_protocol import SlotLayout
-from .peer_wire import PeerClient, PeerError, PeerServer
+from .peer_wire import PeerClient, PeerError, PeerServer, background_priority
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,13 @@ class NodeCoding:
 
 
 def stream_read(parts: Sequence[np.ndarray], start: int, nbytes: int) -> np.ndarray:
-    """Bytes [start, start+nbytes) of the concatenation of `parts`, zero beyond its end."""
+    """Bytes [start, start+nbytes) of the concatenation of `parts`, zero beyond its end (a view, not a
+    copy, when they lie inside one part)."""
+    offset = 0
+    for part in parts:
+        if offset <= start and start + nbytes <= offset + part.size:
+            return part[start - offset : start - offset + nbytes]
+        offset += part.size
     out = np.zeros(nbytes, dtype=np.uint8)
     offset = 0
     for part in parts:
@@ -229,6 +235,7 @@ class Protector:
         return True
 
     def _code_loop(self) -> None:
+        background_priority()
         while (job := self._jobs.get()) is not None:
             token, step, ranks, release = job
             try:
@@ -350,6 +357,7 @@ class Protector:
         return {}
 
     def _notice_loop(self) -> None:
+        background_priority()
         while (notice := self._notices.get()) is not None:
             node, message = notice
             with self._lock:
