@@ -167,8 +167,17 @@ class CheckpointConfig:
 
 @dataclass
 class ErasureConfig:
-    data: str = "auto"  # k nodes of data per group, or 'auto' from the node count
-    parity: int = 1  # m parity nodes per group
+    """Reed-Solomon coding of the keepers' snapshots across nodes: any m lost nodes of a group of
+    k+m come back from the others' memory, for m/k of a snapshot in extra host memory per node."""
+
+    data: str = "auto"  # k nodes of data per group, or 'auto': the node count minus parity (one group)
+    parity: int = 1  # m parity nodes per group (lost nodes survived); 0: no coding across nodes
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.parity <= 4:
+            raise ValueError(f"fault.erasure.parity={self.parity} must be within 0..4 (0 turns coding off)")
+        if self.data != "auto" and not (self.data.isdigit() and 1 <= int(self.data) <= 32):
+            raise ValueError(f"fault.erasure.data={self.data!r} must be 'auto' or a node count within 1..32")
 
 
 @dataclass

@@ -26,6 +26,9 @@ def test_unknown_keys_and_wrong_types_fail_early():
         ({"train": {"precision": "fp8"}}, "precision"),
         ({"fault": {"keeper": "maybe"}}, "keeper"),
         ({"optim": {"name": "sgd"}}, "adamw"),
+        ({"fault": {"erasure": {"parity": 5}}}, "fault.erasure.parity"),
+        ({"fault": {"erasure": {"data": "half"}}}, "fault.erasure.data"),
+        ({"parallel": {"elastic": "shrink"}}, "parallel.elastic"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
