@@ -62,7 +62,7 @@ class Keeper:
         self.finished: set[int] = set()
         self.durable = self.committed = -1
         self.skipped = 0
-        self._jobs: dict[int, tuple[PersistJob, list[Slot]]] = {}  # step -> job, pinned slots
+        self._jobs: dict[tuple[str, int], tuple[PersistJob, list[Slot]]] = {}  # (incarnation, step) -> job, pinned slots
         self._persisted: set[tuple[str, int]] = set()
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -122,7 +122,9 @@ class Keeper:
     def _load_persister(self) -> None:
         from .persist import Persister
 
-        persister = Persister(on_done=self._persist_done)
+        # A persist of an incarnation that ended (its ranks re-registered under a new token) waits for
+        # files that dead ranks will never write: it is abandoned, not left to block the queue.
+        persister = Persister(on_done=self._persist_done, is_current=lambda token: token == self.token)
         with self._cond:
             self._persister = persister
             for job, _ in self._jobs.values():
@@ -387,7 +389,7 @@ class Keeper:
         job = PersistJob(step, self.target, ranks, committer=any(h.rank == 0 for h in current))
         for slot in slots:
             slot.pins += 1
-        self._jobs[step] = (job, slots)
+        self._jobs[key] = (job, slots)
         self._submit(job)
 
     def _maybe_protect(self, step: int) -> None:
@@ -430,7 +432,7 @@ class Keeper:
             elif stage == "committed":
                 self.committed = max(self.committed, job.step)
             if stage == "failed" or stage == "committed" or (stage == "durable" and not job.committer):
-                _, slots = self._jobs.pop(job.step, (None, []))
+                _, slots = self._jobs.pop((job.target.token, job.step), (None, []))
                 for slot in slots:
                     slot.pins -= 1
                 self._idle_since = time.monotonic()

@@ -108,6 +108,7 @@ class PeerResume:
 def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, token: str, secret: str,
                       states: Mapping[str, Any], topology: Mapping[str, int]) -> PeerResume:  # fmt: skip
     """Load the newest step the surviving keepers can rebuild (collective)."""
+    start = time.perf_counter()
     report = keeper("inventory") if local_rank == 0 else None
     inventories = {i.node: i for i in (Inventory(r) for r in comm.all_gather(report) if r)}
     chosen, why = choose(list(inventories.values()), current=token)
@@ -117,6 +118,7 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
             log.warning("peer memory cannot rebuild a step: %s", why)
         return PeerResume(None, why, lost=protected)
     reader = PeerReader(chosen, inventories, secret=secret)
+    planned = time.perf_counter()
     templates = {key: state.state_dict() for key, state in states.items()}
     targets: dict[str, torch.Tensor] = {}
     for key, template in templates.items():
@@ -126,8 +128,8 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
         for name, tensor in targets.items():
             fragment = fragment_of(name, tensor, rank=comm.rank)
             dtype = str(tensor.dtype).removeprefix("torch.")
-            buffers[name] = (fragment, np.zeros(fragment.local_shape, dtype=storage_dtype(dtype)))
-        fill_targets(reader, buffers)
+            buffers[name] = (fragment, np.empty(fragment.local_shape, dtype=storage_dtype(dtype)))
+        fill_targets(reader, buffers)  # checks that every element was filled
         same = chosen.plan.world_size == comm.world_size and dict(chosen.plan.topology) == dict(topology)
         trees = merged_trees(reader, rank=comm.rank, same_topology=same)
         error = None
@@ -135,6 +137,7 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
         error = f"rank {comm.rank}: {e}"
     finally:
         reader.close()
+    read = time.perf_counter()
     errors = [e for e in comm.all_gather(error) if e]
     if errors:
         if comm.rank == 0:
@@ -145,13 +148,15 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
     loaded = {}
     for name, (_, array) in buffers.items():
         dtype = str(targets[name].dtype).removeprefix("torch.")
-        loaded[name] = as_target(to_torch(array, dtype), targets[name])
+        loaded[name] = as_target(to_torch(array, dtype), targets[name], private=True)
     for key, state in states.items():
         state.load_state_dict(restore(trees[key], tensors=loaded, template=templates[key]))
-    volume = comm.all_gather((reader.fetched, reader.decoded, reader.fetch_s, reader.decode_s))
+    phases = (planned - start, read - planned, time.perf_counter() - read, reader.fetch_s, reader.decode_s)
+    volume = comm.all_gather((reader.fetched, reader.decoded, *phases))
+    slowest = [max(v[i] for v in volume) for i in range(2, 7)]
     detail = (f"{chosen.describe()}; read {sum(v[0] for v in volume) / 1e6:.1f} MB from peers, "
-              f"{sum(v[1] for v in volume) / 1e6:.1f} MB of it decoded; slowest rank fetching "
-              f"{max(v[2] for v in volume):.2f} s, decoding {max(v[3] for v in volume):.2f} s")  # fmt: skip
+              f"{sum(v[1] for v in volume) / 1e6:.1f} MB of it decoded; slowest rank: plan {slowest[0]:.2f} s, "
+              f"read {slowest[1]:.2f} s (fetch {slowest[3]:.2f}, decode {slowest[4]:.2f}), load {slowest[2]:.2f} s")  # fmt: skip
     return PeerResume(chosen.step, detail)
 
 

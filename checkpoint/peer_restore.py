@@ -69,14 +69,18 @@ class PeerReader:
 
     # ---- bytes --------------------------------------------------------------------------------
 
-    def read(self, rank: int, offset: int, nbytes: int) -> np.ndarray:
-        """Bytes [offset, offset+nbytes) of old rank `rank`'s slot."""
+    def read(self, rank: int, offset: int, nbytes: int, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Bytes [offset, offset+nbytes) of old rank `rank`'s slot (into `out`, uint8, when given)."""
         source = self.chosen.sources[rank]
         self.fetched += nbytes
         if source.kind == "held":
-            return self._fetch(source.node, kind="slot", rank=source.via, offset=offset, nbytes=nbytes)
+            return self._fetch(source.node, kind="slot", rank=source.via, offset=offset, nbytes=nbytes, out=out)
         self.decoded += nbytes
-        return self._decode(source.node, rank, offset, nbytes)
+        data = self._decode(source.node, rank, offset, nbytes)
+        if out is not None:
+            out[:] = data
+            return out
+        return data
 
     def _decode(self, node: str, rank: int, offset: int, nbytes: int) -> np.ndarray:
         plan, group = self.chosen.plan, self.chosen.erasure.group_of(node)
@@ -121,11 +125,14 @@ class PeerReader:
         coded = [(int(r), int(n)) for r, n in self._meta(node)["coded"]]
         return NodeCoding(self.chosen.plan.k, tuple(coded))
 
-    def _fetch(self, node: str, **fields: Any) -> np.ndarray:
+    def _fetch(self, node: str, *, out: np.ndarray | None = None, **fields: Any) -> np.ndarray:
         start = time.perf_counter()
-        _, data = self._client(node).request("fetch", step=self.chosen.step, **fields)
+        into = memoryview(out).cast("B") if out is not None else None
+        _, data = self._client(node).request("fetch", step=self.chosen.step, into=into, **fields)
         self.fetch_s += time.perf_counter() - start
-        return np.frombuffer(data, dtype=np.uint8)
+        if out is not None and data.obj is not into.obj:
+            out[:] = np.frombuffer(data, dtype=np.uint8)  # an unexpected size: the keeper's error path
+        return out if out is not None else np.frombuffer(data, dtype=np.uint8)
 
     def _client(self, node: str) -> PeerClient:
         if node not in self._clients:
@@ -168,9 +175,9 @@ def _read_span(reader: PeerReader, rank: int, entry: Entry, regions: list[tuple[
         return reader.read(rank, entry.offset, entry.nbytes).view(dtype).reshape(shape)
     first = min(int(np.ravel_multi_index(tuple(s.start for s in r), shape)) for r in regions)
     last = max(int(np.ravel_multi_index(tuple(s.stop - 1 for s in r), shape)) for r in regions) + 1
-    flat = np.zeros(int(np.prod(shape)), dtype=dtype)
+    flat = np.empty(int(np.prod(shape)), dtype=dtype)  # only [first, last) is ever read
     size = dtype.itemsize
-    flat[first:last] = reader.read(rank, entry.offset + first * size, (last - first) * size).view(dtype)
+    reader.read(rank, entry.offset + first * size, (last - first) * size, out=flat[first:last].view(np.uint8))
     return flat.reshape(shape)
 
 

@@ -30,17 +30,19 @@ class PeerError(ConnectionError):
     """A peer keeper cannot be reached, refused a request, or broke the connection."""
 
 
-BACKGROUND_NICE = 10
-
-
 def background_priority() -> None:
-    """Lower the calling thread's CPU priority (Linux threads have their own nice value): coding and
-    serving peers are never on the training's critical path, so they yield the cores to training and
-    show up as protection lag instead of as slower steps."""
+    """Run the calling thread only on otherwise idle CPU time (SCHED_IDLE; Linux threads have their own
+    policy). Coding and serving peers are never on the training's critical path: on a machine whose
+    cores train, a nice value still takes a share from training, an idle thread takes only the gaps
+    (data loading, collectives) and shows up as protection lag instead of slower steps."""
+    tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
-        pass
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, 19)
+        except (AttributeError, OSError):
+            pass
 
 
 def send_frame(sock: socket.socket, header: dict[str, Any], payload: bytes | memoryview | None = None) -> None:
@@ -51,8 +53,9 @@ def send_frame(sock: socket.socket, header: dict[str, Any], payload: bytes | mem
         sock.sendall(data)
 
 
-def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], memoryview] | None:
-    """The next frame, or None when the peer closed the connection between frames."""
+def recv_frame(sock: socket.socket, *, into: memoryview | None = None) -> tuple[dict[str, Any], memoryview] | None:
+    """The next frame, or None when the peer closed the connection between frames; a payload of
+    exactly `into`'s size is received straight into it (no copy)."""
     head = _recv_exact(sock, _HEAD.size, eof_ok=True)
     if head is None:
         return None
@@ -60,13 +63,13 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], memoryview] | None:
     if hlen > MAX_HEADER:
         raise PeerError(f"a peer sent a {hlen}-byte header: not a resurgo keeper, or a different version")
     header = json.loads(bytes(_recv_exact(sock, hlen)))
-    payload = _recv_exact(sock, plen) if plen else memoryview(b"")
+    target = into if into is not None and into.nbytes == plen else None
+    payload = _recv_exact(sock, plen, into=target) if plen else memoryview(b"")
     return header, payload
 
 
-def _recv_exact(sock: socket.socket, n: int, *, eof_ok: bool = False) -> memoryview | None:
-    buf = bytearray(n)
-    view = memoryview(buf)
+def _recv_exact(sock: socket.socket, n: int, *, eof_ok: bool = False, into: memoryview | None = None) -> memoryview | None:
+    view = into if into is not None else memoryview(bytearray(n))
     got = 0
     while got < n:
         k = sock.recv_into(view[got:])
@@ -91,11 +94,13 @@ class PeerClient:
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._lock = threading.Lock()
 
-    def request(self, op: str, payload: bytes | memoryview | None = None, **fields: Any) -> tuple[dict[str, Any], memoryview]:
+    def request(self, op: str, payload: bytes | memoryview | None = None, *, into: memoryview | None = None,
+                **fields: Any) -> tuple[dict[str, Any], memoryview]:  # fmt: skip
+        """The reply and its payload (received into `into` when that has the payload's size)."""
         with self._lock:
             try:
                 send_frame(self._sock, {"op": op, "secret": self.secret, **fields}, payload)
-                frame = recv_frame(self._sock)
+                frame = recv_frame(self._sock, into=into)
             except OSError as e:
                 raise PeerError(f"the keeper at {self.address} stopped answering ({e})") from None
         if frame is None:

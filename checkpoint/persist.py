@@ -41,8 +41,9 @@ class Persister:
     """One background thread writing jobs in order; `on_done(job, stage, error)` reports progress."""
 
     def __init__(self, *, on_done: Callable[[PersistJob, str, str | None], None], timeout_s: float = 600.0,
-                 io_threads: int = DEFAULT_IO_THREADS) -> None:  # fmt: skip
+                 io_threads: int = DEFAULT_IO_THREADS, is_current: Callable[[str], bool] = lambda token: True) -> None:  # fmt: skip
         self.on_done, self.timeout_s, self.io_threads = on_done, timeout_s, io_threads
+        self.is_current = is_current  # False once the run incarnation (token) that asked for a persist ended
         self._jobs: queue.Queue[PersistJob | None] = queue.Queue()
         self._plans: dict[str, SavePlan] = {}
         self._thread = threading.Thread(target=self._run, name="resurgo-persist", daemon=True)
@@ -76,7 +77,7 @@ class Persister:
             create_arrays(tmp, plan)
             _write_json(ready, {"step": job.step})
         else:
-            _wait_for([ready], timeout_s=self.timeout_s, what=f"the committing keeper to create step {job.step}")
+            self._wait_for(job, [ready], what=f"the committing keeper to create step {job.step}")
         nbytes = 0
         for rank, held in sorted(job.ranks.items()):
             nbytes += write_fragments(tmp, plan, rank=rank, sources=_host_fragments(held), threads=self.io_threads)
@@ -90,7 +91,7 @@ class Persister:
     def _commit(self, job: PersistJob, plan: SavePlan, tmp: Path) -> None:
         target = job.target
         done = [_done_file(target, job.step, r) for r in range(target.world_size)]
-        _wait_for(done, timeout_s=self.timeout_s, what=f"every rank's fragments of step {job.step}")
+        self._wait_for(job, done, what=f"every rank's fragments of step {job.step}")
         trees = [json.loads(p.read_bytes())["state"] for p in done]
         topology = {**dict(target.topology), "world_size": target.world_size}
         meta = CheckpointMeta.from_plan(plan, step=job.step, topology=topology, states=StateTrees.from_ranks(trees))
@@ -114,14 +115,17 @@ class Persister:
         plan_file = target.coord / "plan.json"
         if job.committer and not plan_file.exists():
             files = [target.coord / f"fragments-{r}.json" for r in range(target.world_size)]
-            _wait_for(files, timeout_s=self.timeout_s, what="every rank's snapshot layout")
+            self._wait_for(job, files, what="every rank's snapshot layout")
             fragments = {r: [Fragment.from_json(f) for f in json.loads(p.read_bytes())] for r, p in enumerate(files)}
             plan = plan_save(fragments, world_size=target.world_size, compression=target.compression)
             _write_json(plan_file, _plan_to_json(plan))
             _remove_other_incarnations(target)
-        _wait_for([plan_file], timeout_s=self.timeout_s, what="the committing keeper's save plan")
+        self._wait_for(job, [plan_file], what="the committing keeper's save plan")
         self._plans[target.token] = _plan_from_json(json.loads(plan_file.read_bytes()))
         return self._plans[target.token]
+
+    def _wait_for(self, job: PersistJob, paths: list[Path], *, what: str) -> None:
+        _wait_for(paths, timeout_s=self.timeout_s, what=what, alive=lambda: self.is_current(job.target.token))
 
 
 def _host_fragments(held: RankData) -> dict[str, HostFragment]:
@@ -145,9 +149,11 @@ def _write_json(path: Path, obj: Any) -> None:
     fsync_dir(path.parent)
 
 
-def _wait_for(paths: list[Path], *, timeout_s: float, what: str) -> None:
+def _wait_for(paths: list[Path], *, timeout_s: float, what: str, alive: Callable[[], bool] = lambda: True) -> None:
     deadline = time.monotonic() + timeout_s
     while not all(p.exists() for p in paths):
+        if not alive():
+            raise CheckpointError(f"abandoned waiting for {what}: the run restarted (a rank died) before every rank wrote it")
         if time.monotonic() > deadline:
             missing = [p.name for p in paths if not p.exists()]
             raise CheckpointError(

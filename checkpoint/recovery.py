@@ -271,12 +271,13 @@ class SyncSave:
         self.checkpointer.maybe_save(step)
 
 
-def as_target(buffer: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """A private copy of `buffer` (shared memory must never become training state) shaped like `target`."""
+def as_target(buffer: torch.Tensor, target: torch.Tensor, *, private: bool = False) -> torch.Tensor:
+    """`buffer` shaped like `target`: a copy (shared memory must never become training state), or the
+    buffer itself when it is `private` already and of the target's device and dtype."""
     from torch.distributed.tensor import DTensor
 
     local = target.to_local() if isinstance(target, DTensor) else target
-    data = buffer.to(device=local.device, dtype=local.dtype, copy=True)
+    data = buffer.to(device=local.device, dtype=local.dtype, copy=not private)
     if isinstance(target, DTensor):
         return DTensor.from_local(data, target.device_mesh, target.placements, run_check=False, shape=target.shape, stride=target.stride())
     return data

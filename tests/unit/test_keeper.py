@@ -37,14 +37,15 @@ class FakeWorker:
     """A rank that talks to the keeper like SnapshotEngine, writing numpy arrays into its slots."""
 
     def __init__(self, keeper: Keeper, *, rank: int = 0, local_world: int = 1, root: Path | None = None, token: str = "ab12",
-                 resumed_from: int = 0) -> None:  # fmt: skip
+                 resumed_from: int = 0, world: int = 0) -> None:  # fmt: skip
+        world = world or local_world
         self.client = Client(socket_path(keeper.rid), timeout=60)
         self.rank, self.layout = rank, layout_of(TENSORS, rank=rank)
         store = None
         if root is not None:
-            store = {"root": str(root), "keep": 2, "compression": "none", "topology": {"dp": 1}, "world_size": local_world, "token": token}
+            store = {"root": str(root), "keep": 2, "compression": "none", "topology": {"dp": 1}, "world_size": world, "token": token}
         reply = self.client.request(
-            "register", rank=rank, local_world_size=local_world, world_size=local_world, token=token, store=store,
+            "register", rank=rank, local_world_size=local_world, world_size=world, token=token, store=store,
             layout=self.layout.to_json(), host_memory_bytes=0, resumed_from=resumed_from,
         )
         self.segments = [shm.Segment.attach(n) for n in reply["segments"]]
@@ -153,6 +154,20 @@ def test_a_slow_persist_skips_snapshots_and_makes_a_required_one_wait(serve, tmp
     assert worker.snapshot(4, required=True, persist=True)["copied"] == 4
     assert time.monotonic() - start >= 0.4  # backpressure: waited for the persist, then got the slot
     assert wait_status(keeper, "committed", 4)["committed"] == 4
+
+
+def test_a_persist_waiting_for_a_dead_incarnation_is_abandoned(serve, tmp_path):
+    """Rank 1 of a two-node run died before writing its part of step 2: once the run restarts (a new
+    token), the committing keeper stops waiting for it and persists the new incarnation's steps."""
+    keeper = serve()
+    first = FakeWorker(keeper, root=tmp_path / "ckpt", world=2)
+    first.snapshot(2, persist=True)
+    time.sleep(0.5)  # the committer now waits for rank 1's fragments
+    first.client.close()
+    again = FakeWorker(keeper, root=tmp_path / "ckpt", token="cd34", resumed_from=0)
+    again.snapshot(3, persist=True)
+    assert wait_status(keeper, "committed", 3, timeout=20)["backlog"] == 0
+    assert not (tmp_path / "ckpt" / "step-00000002").exists()
 
 
 def test_a_new_incarnation_drops_what_it_did_not_resume_from(serve):
