@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from .comm import Comm
-from .dtypes import storage_dtype, to_torch
+from .dtypes import as_numpy, storage_dtype, to_torch
 from .errors import CheckpointError
 from .flatten import flatten, restore
 from .layout import fragment_of
+from .manager import _local
 from .peer_plan import Inventory, choose
 from .peer_restore import PeerReader, fill_targets, merged_trees
 from .peer_wire import PeerError
@@ -63,7 +64,7 @@ def code_shape(nodes: int, *, data: str, parity: int, degrade: bool) -> tuple[in
 
 
 def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, token: str, data: str,
-               parity: int, topology: Mapping[str, int], degrade: bool = False) -> tuple[ProtectPlan | None, str]:  # fmt: skip
+               parity: int, topology: Mapping[str, int], degrade: bool = False, every: int = 1) -> tuple[ProtectPlan | None, str]:  # fmt: skip
     """The erasure plan of this incarnation (None on one node), installed in every node's keeper, and
     the incarnation's secret, which keepers ask of whoever reads their memory."""
     hello = keeper("hello")
@@ -87,7 +88,7 @@ def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank:
         raise ValueError(f"fault.erasure.parity={parity} leaves no data node among {len(nodes)} nodes; lower it")
     plan = ProtectPlan(token=token, created=created, secret=secret, nodes=tuple(nodes), ranks=ranks,
                        replicas=replica_sets(topology, comm.world_size), k=k, m=parity, peers=peers,
-                       world_size=comm.world_size, topology=dict(topology))  # fmt: skip
+                       world_size=comm.world_size, topology=dict(topology), every=every)  # fmt: skip
     plan.erasure()  # refuses a node count the code cannot use, on every rank alike
     reply = keeper("protect", plan=plan.to_json()) if local_rank == 0 else {}
     if comm.rank == 0:
@@ -123,12 +124,20 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
     targets: dict[str, torch.Tensor] = {}
     for key, template in templates.items():
         targets.update(flatten(key, template)[0])
+    # Host tensors are filled in place, as the disk loader does: a failure here ends in a restart, or
+    # in a disk load that overwrites every target, never in training on a half-filled state.
     buffers: dict[str, tuple[Any, np.ndarray]] = {}
+    in_place: set[str] = set()
     try:
         for name, tensor in targets.items():
             fragment = fragment_of(name, tensor, rank=comm.rank)
-            dtype = str(tensor.dtype).removeprefix("torch.")
-            buffers[name] = (fragment, np.empty(fragment.local_shape, dtype=storage_dtype(dtype)))
+            local = _local(tensor)
+            if local.device.type == "cpu" and local.is_contiguous():
+                buffers[name] = (fragment, as_numpy(local.detach()))
+                in_place.add(name)
+            else:
+                dtype = str(tensor.dtype).removeprefix("torch.")
+                buffers[name] = (fragment, np.empty(fragment.local_shape, dtype=storage_dtype(dtype)))
         fill_targets(reader, buffers)  # checks that every element was filled
         same = chosen.plan.world_size == comm.world_size and dict(chosen.plan.topology) == dict(topology)
         trees = merged_trees(reader, rank=comm.rank, same_topology=same)
@@ -148,7 +157,7 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
     loaded = {}
     for name, (_, array) in buffers.items():
         dtype = str(targets[name].dtype).removeprefix("torch.")
-        loaded[name] = as_target(to_torch(array, dtype), targets[name], private=True)
+        loaded[name] = targets[name] if name in in_place else as_target(to_torch(array, dtype), targets[name], private=True)
     for key, state in states.items():
         state.load_state_dict(restore(trees[key], tensors=loaded, template=templates[key]))
     phases = (planned - start, read - planned, time.perf_counter() - read, reader.fetch_s, reader.decode_s)

@@ -154,6 +154,15 @@ def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.nd
             work = _overlaps(old, fragment, covered)
             if not work:
                 continue
+            spans = [_byte_span(entry.shape, src) for _, _, src in work]
+            direct = all(span is not None and _region(out, dst).flags.c_contiguous for span, (_, dst, _) in zip(spans, work))
+            if direct:  # each region is one run of bytes on both sides: read it straight into place
+                itemsize = storage_dtype(entry.dtype).itemsize
+                for (key, dst, _), (first, last) in zip(work, spans):
+                    view = _region(out, dst).reshape(-1).view(np.uint8)
+                    reader.read(rank, entry.offset + first * itemsize, (last - first) * itemsize, out=view)
+                    covered.add(key)
+                continue
             data = _read_span(reader, rank, entry, [src for _, _, src in work])
             for key, dst, src in work:
                 out[dst] = data[src]
@@ -164,6 +173,23 @@ def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.nd
             problems.append(f"{name}: the old ranks' memory covers {have} of the {need} elements this rank needs")
     if problems:
         raise CheckpointError("memory cannot rebuild this rank's state:\n  " + "\n  ".join(problems[:10]))
+
+
+def _byte_span(shape: tuple[int, ...], region: tuple[slice, ...]) -> tuple[int, int] | None:
+    """[first, last) element of `region` in row-major order when it is one contiguous run, else None."""
+    if not shape:
+        return (0, 1)
+    sizes = [s.stop - s.start for s in region]
+    split = next((d for d, n in enumerate(sizes) if n > 1), len(shape) - 1)
+    if any(sizes[d] != shape[d] for d in range(split + 1, len(shape))):
+        return None  # a run needs single indices before one dim and whole dims after it
+    first = int(np.ravel_multi_index(tuple(s.start for s in region), shape))
+    return first, first + int(np.prod(sizes))
+
+
+def _region(out: np.ndarray, where: tuple[slice, ...]) -> np.ndarray:
+    """A view of `out` (indexing a 0-d array with () would give a scalar copy)."""
+    return out[where] if out.ndim else out
 
 
 def _read_span(reader: PeerReader, rank: int, entry: Entry, regions: list[tuple[slice, ...]]) -> np.ndarray:

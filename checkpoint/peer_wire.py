@@ -120,8 +120,10 @@ class PeerClient:
 class PeerServer:
     """Accepts peer connections on `host` (an ephemeral port) and answers each frame with `handler`."""
 
-    def __init__(self, *, host: str, handler: Handler, secret: Callable[[], str]) -> None:
-        self.handler, self.secret = handler, secret
+    def __init__(self, *, host: str, handler: Handler, secret: Callable[[], str], background: frozenset[str] = frozenset()) -> None:
+        """`background`: ops whose connections are served at idle priority (the first frame decides:
+        a connection carries one client's traffic; a recovery's reads are never among them)."""
+        self.handler, self.secret, self.background = handler, secret, background
         self._sock = socket.create_server((host, 0))
         self._sock.settimeout(0.2)
         self.address = f"{host}:{self._sock.getsockname()[1]}"
@@ -146,10 +148,13 @@ class PeerServer:
             threading.Thread(target=self._serve, args=(conn,), name="resurgo-peer-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        background_priority()
+        first = True
         try:
             while (frame := recv_frame(conn)) is not None:
                 header, payload = frame
+                if first and header.get("op") in self.background:
+                    background_priority()
+                first = False
                 secret = self.secret()
                 if not secret or not hmac.compare_digest(str(header.get("secret", "")), secret):
                     send_frame(conn, {"ok": False, "error": "wrong run secret: this keeper serves another run"})

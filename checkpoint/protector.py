@@ -49,6 +49,7 @@ class ProtectPlan:
     peers: Mapping[str, str]  # node -> keeper address
     world_size: int
     topology: Mapping[str, Any]
+    every: int = 1  # code every n-th snapshot step: less traffic, up to n steps more lost with a node
 
     def erasure(self) -> ErasurePlan:
         return plan_erasure(self.nodes, self.ranks, k=self.k, m=self.m, replicas=self.replicas)
@@ -57,7 +58,7 @@ class ProtectPlan:
         return {"token": self.token, "created": self.created, "secret": self.secret, "nodes": list(self.nodes),
                 "ranks": {n: list(r) for n, r in self.ranks.items()}, "replicas": [list(r) for r in self.replicas],
                 "k": self.k, "m": self.m, "peers": dict(self.peers), "world_size": self.world_size,
-                "topology": dict(self.topology)}  # fmt: skip
+                "topology": dict(self.topology), "every": self.every}  # fmt: skip
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> ProtectPlan:
@@ -67,7 +68,7 @@ class ProtectPlan:
             ranks={str(n): tuple(int(r) for r in rs) for n, rs in data["ranks"].items()},
             replicas=tuple(tuple(int(r) for r in rs) for rs in data["replicas"]), k=int(data["k"]), m=int(data["m"]),
             peers={str(n): str(a) for n, a in data["peers"].items()}, world_size=int(data["world_size"]),
-            topology=dict(data["topology"]),
+            topology=dict(data["topology"]), every=int(data.get("every", 1)),
         )  # fmt: skip
 
 
@@ -150,7 +151,8 @@ class Protector:
         self._clients: dict[str, PeerClient] = {}
         self._jobs: queue.Queue[tuple[str, int, dict[int, tuple[dict[str, Any], np.ndarray, Any]], Callable[[], None]] | None] = queue.Queue(maxsize=1)
         self._notices: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
-        self.server = PeerServer(host=host, handler=self._handle, secret=self._secret)
+        self.server = PeerServer(host=host, handler=self._handle, secret=self._secret,
+                                 background=frozenset({"contribute", "meta", "parity_done"}))  # fmt: skip
         self._threads = [threading.Thread(target=self._code_loop, name="resurgo-erasure", daemon=True),
                          threading.Thread(target=self._notice_loop, name="resurgo-erasure-notice", daemon=True)]  # fmt: skip
 
@@ -226,7 +228,7 @@ class Protector:
         """Code `step` of the local ranks ({rank: (layout json, slot bytes, tree)}) in the background;
         False (and nothing held) while the previous step is still being coded."""
         token = self.current
-        if token is None:
+        if token is None or step % self.plans[token][0].every:
             return False
         try:
             self._jobs.put_nowait((token, step, ranks, release))

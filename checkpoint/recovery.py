@@ -113,7 +113,7 @@ class Protection:
         if erasure.parity > 0:
             self.plan, self.secret = agree_plan(comm=self.comm, keeper=self._keeper, local_rank=local_rank, token=self.token,
                                    data=erasure.data, parity=erasure.parity, topology=self.topology,
-                                   degrade=self.restarted)  # fmt: skip
+                                   degrade=self.restarted, every=erasure.every)  # fmt: skip
 
     def metrics(self) -> dict[str, float]:
         return self.engine.stats.metrics() if self.engine is not None else {}
