@@ -64,6 +64,8 @@ def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> JobConfig:
     were lost or added, the elastic policy resizes data parallelism from the topology being resumed."""
     # Asked on every start, not only on restarts: a replacement node joins with restart count 0.
     previous = previous_topology(run_dir, comm=Comm.create()) if cfg.fault.keeper != "off" else None
+    if previous is None:
+        return cfg  # a first start: the degrees are the user's, and wrong ones get ParallelDims' message
     fitted = fit_topology(cfg.parallel, cfg.train, world_size=world_size, previous=previous)
     if fitted.note and int(os.environ.get("RANK", 0)) == 0:
         logging.getLogger(__name__).info("elastic: %s", fitted.note)
