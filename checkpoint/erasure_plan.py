@@ -61,6 +61,10 @@ class ErasurePlan:
     groups: tuple[GroupPlan, ...]
     coverage: tuple[NodeCoverage, ...]
 
+    def coded_on(self, node: str) -> tuple[int, ...]:
+        """The ranks whose state `node` codes, in the order its coded stream holds them."""
+        return next((c.coded for c in self.coverage if c.node == node), ())
+
     def group_of(self, node: str) -> GroupPlan | None:
         """The group a node belongs to; None when nothing needs parity."""
         return next((g for g in self.groups if node in g.nodes), None)

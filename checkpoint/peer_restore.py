@@ -117,7 +117,7 @@ class PeerReader:
         return rebuilt
 
     def _serves(self, member: str) -> bool:
-        coded = next(c.coded for c in self.chosen.erasure.coverage if c.node == member)
+        coded = self.chosen.erasure.coded_on(member)
         return all(self.chosen.sources[r].kind == "held" and self.chosen.sources[r].node == member and
                    self.chosen.sources[r].via == r for r in coded)  # fmt: skip
 

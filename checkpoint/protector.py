@@ -197,13 +197,6 @@ class Protector:
         with self._lock:
             self.current, self.secret = None, secret
 
-    def coded_ranks(self) -> tuple[int, ...]:
-        with self._lock:
-            if self.current is None:
-                return ()
-            _, plan = self.plans[self.current]
-        return next((c.coded for c in plan.coverage if c.node == self.node), ())
-
     def protected_step(self) -> int:
         with self._lock:
             return self.protected.get(self.current, -1) if self.current else -1
