@@ -249,7 +249,7 @@ class Protector:
         group = erasure_plan.group_of(self.node)
         if group is None:
             return
-        coded = next(c.coded for c in erasure_plan.coverage if c.node == self.node)
+        coded = erasure_plan.coded_on(self.node)
         coding = NodeCoding(plan.k, tuple((r, int(ranks[r][1].size)) for r in coded))
         meta = {"node": self.node, "coded": [[r, n] for r, n in coding.sizes],
                 "trees": {str(r): tree for r, (_, _, tree) in ranks.items()},
@@ -381,7 +381,7 @@ class Protector:
         if kind == "segment":
             with self._lock:
                 plan, erasure_plan = self.plans[token]
-            coded = next(c.coded for c in erasure_plan.coverage if c.node == self.node)
+            coded = erasure_plan.coded_on(self.node)
             parts = [self.slot_source(r, step) for r in coded]
             if any(p is None for p in parts):
                 raise LookupError(f"{self.node} no longer holds every coded rank of step {step}")
