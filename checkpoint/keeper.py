@@ -400,7 +400,7 @@ class Keeper:
         slots = [held.find(step) for held in current]
         if any(s is None for s in slots):
             return
-        ranks = {h.rank: (h.layout.to_json(), s.segment.array()[: h.layout.nbytes], s.tree) for h, s in zip(current, slots)}
+        ranks = {h.rank: (h.layout, s.segment.array()[: h.layout.nbytes], s.tree) for h, s in zip(current, slots)}
         for slot in slots:
             slot.pins += 1
 

@@ -8,6 +8,7 @@ to do. Tensor bytes never travel over the socket: they go through shared memory 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -123,7 +124,7 @@ class SlotLayout:
             offset += -(-nbytes // ALIGN) * ALIGN
         return SlotLayout(tuple(entries), offset)
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """Equal digests mean a snapshot of one layout can be restored into the other by plain copies."""
         return hashlib.sha1(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]

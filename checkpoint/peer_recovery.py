@@ -32,13 +32,13 @@ from .protector import ProtectPlan
 
 log = logging.getLogger(__name__)
 
-AXES = ("pp", "dp_replicate", "dp_shard", "tp")  # the mesh's order, outer to inner
-
-
 def replica_sets(topology: Mapping[str, int], world_size: int) -> tuple[tuple[int, ...], ...]:
-    """Ranks holding identical state: those that differ only in their dp_replicate coordinate."""
-    sizes = [int(topology.get(a, 1)) for a in AXES]
-    if sizes[1] <= 1:
+    """Ranks holding identical state: those that differ only in their dp_replicate coordinate.
+
+    `topology` lists the mesh axes outer to inner (`ParallelDims.as_dict()`), ranks row-major over them.
+    """
+    axes, sizes = list(topology), [int(n) for n in topology.values()]
+    if int(topology.get("dp_replicate", 1)) <= 1:
         return ()
     sets: dict[tuple[int, ...], list[int]] = {}
     for rank in range(world_size):
@@ -46,8 +46,8 @@ def replica_sets(topology: Mapping[str, int], world_size: int) -> tuple[tuple[in
         for size in reversed(sizes):
             coords.append(rest % size)
             rest //= size
-        pp, _, shard, tp = reversed(coords)
-        sets.setdefault((pp, shard, tp), []).append(rank)
+        coords.reverse()
+        sets.setdefault(tuple(c for a, c in zip(axes, coords) if a != "dp_replicate"), []).append(rank)
     return tuple(tuple(s) for s in sets.values())
 
 

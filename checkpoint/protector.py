@@ -149,7 +149,8 @@ class Protector:
         self.coding_s = 0.0
         self._lock = threading.Lock()
         self._clients: dict[str, PeerClient] = {}
-        self._jobs: queue.Queue[tuple[str, int, dict[int, tuple[dict[str, Any], np.ndarray, Any]], Callable[[], None]] | None] = queue.Queue(maxsize=1)
+        self._sent: dict[tuple[str, str, int], str] = {}  # (token, peer, rank) -> layout digest the peer holds
+        self._jobs: queue.Queue[tuple[str, int, dict[int, tuple[SlotLayout, np.ndarray, Any]], Callable[[], None]] | None] = queue.Queue(maxsize=1)
         self._notices: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self.server = PeerServer(host=host, handler=self._handle, secret=self._secret,
                                  background=frozenset({"contribute", "meta", "parity_done"}))  # fmt: skip
@@ -217,8 +218,8 @@ class Protector:
 
     # ---- coding a step ----------------------------------------------------------------------
 
-    def submit(self, step: int, ranks: dict[int, tuple[dict[str, Any], np.ndarray, Any]], release: Callable[[], None]) -> bool:
-        """Code `step` of the local ranks ({rank: (layout json, slot bytes, tree)}) in the background;
+    def submit(self, step: int, ranks: dict[int, tuple[SlotLayout, np.ndarray, Any]], release: Callable[[], None]) -> bool:
+        """Code `step` of the local ranks ({rank: (slot layout, slot bytes, tree)}) in the background;
         False (and nothing held) while the previous step is still being coded."""
         token = self.current
         if token is None or step % self.plans[token][0].every:
@@ -244,7 +245,7 @@ class Protector:
             finally:
                 release()
 
-    def _code(self, token: str, step: int, ranks: dict[int, tuple[dict[str, Any], np.ndarray, Any]]) -> None:
+    def _code(self, token: str, step: int, ranks: dict[int, tuple[SlotLayout, np.ndarray, Any]]) -> None:
         plan, erasure_plan = self.plans[token]
         group = erasure_plan.group_of(self.node)
         if group is None:
@@ -253,10 +254,13 @@ class Protector:
         coding = NodeCoding(plan.k, tuple((r, int(ranks[r][1].size)) for r in coded))
         meta = {"node": self.node, "coded": [[r, n] for r, n in coding.sizes],
                 "trees": {str(r): tree for r, (_, _, tree) in ranks.items()},
-                "digests": {str(r): SlotLayout.from_json(layout).digest for r, (layout, _, _) in ranks.items()},
-                "layouts": {str(r): layout for r, (layout, _, _) in ranks.items()}}  # fmt: skip
+                "digests": {str(r): layout.digest for r, (layout, _, _) in ranks.items()}}  # fmt: skip
         for node in group.nodes:
-            self._send(node, plan, "meta", token=token, step=step, meta=meta)
+            # A layout changes only when the state does: each peer gets it once per incarnation.
+            new = {r: layout for r, (layout, _, _) in ranks.items() if self._sent.get((token, node, r)) != layout.digest}
+            layouts = {str(r): layout.to_json() for r, layout in new.items()}
+            self._send(node, plan, "meta", token=token, step=step, meta={**meta, "layouts": layouts})
+            self._sent.update({(token, node, r): layout.digest for r, layout in new.items()})
         parts = [ranks[r][1] for r in coded]
         for index, stripe in enumerate(group.stripes):
             for t in (t for (n, t) in stripe.data if n == self.node):
@@ -279,6 +283,7 @@ class Protector:
         except PeerError:
             self._clients.pop(node, None)
             client.close()
+            self._sent = {key: d for key, d in self._sent.items() if key[1] != node}  # it may come back empty
             raise
 
     # ---- serving peers ----------------------------------------------------------------------

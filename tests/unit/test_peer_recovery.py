@@ -91,7 +91,7 @@ class Cluster:
             for r in self.ranks[node]:
                 self.slots[node][(r, step)] = rank_slot(r, self.world, step)
                 layout, slot = self.slots[node][(r, step)]
-                ranks[r] = (layout.to_json(), slot, {"train": {"step": step, "rank": r}})
+                ranks[r] = (layout, slot, {"train": {"step": step, "rank": r}})
             while not self.protectors[node].submit(step, ranks, lambda: None):
                 time.sleep(0.01)
         deadline = time.monotonic() + 30
