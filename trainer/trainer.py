@@ -126,7 +126,10 @@ class Trainer:
             step=self.progress.step, loss=self.global_mean(loss), grad_norm=grad_norm.item(), lr=lr,
             step_time_s=time.perf_counter() - start,
         )
+        # Logged before the hooks snapshot the step: a step restored from memory always has its record.
         self.log(result)
+        for hook in self.hooks:
+            hook.after_optimizer_step(self.progress.step)
         return result
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,8 +166,6 @@ class Trainer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
-        for hook in self.hooks:
-            hook.after_optimizer_step(self.progress.step)
         return lr
 
     def log(self, result: StepResult) -> None:
