@@ -457,6 +457,7 @@ class Keeper:
             "skipped": self.skipped,
             "protected": self.protector.protected_step() if self.protector else -1,
             "parity_bytes": self.protector.parity_bytes() if self.protector else 0,
+            "protect_cpu_s": round(self.protector.cpu_s(), 4) if self.protector else 0.0,
         }
 
 

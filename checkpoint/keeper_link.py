@@ -10,13 +10,16 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .keeper_protocol import Client, KeeperGone, lock_path, run_id, socket_path
+from .keeper_protocol import Client, KeeperError, KeeperGone, SlotLayout, lock_path, run_id, socket_path
+from .errors import CheckpointError
 from .shm import Segment
 
 log = logging.getLogger(__name__)
@@ -109,6 +112,50 @@ class KeeperLink:
         self.unmap()
         if self.spawned is not None:
             self.spawned.poll()  # reap it if it already exited
+
+
+class HeldSlots:
+    """Complete slots this node's keeper holds for any rank, read straight from its shared memory: a
+    recovery copies its own node's old ranks without a socket. Each slot stays pinned and mapped until
+    `close` (mapped apart from the link's own maps: the keeper reuses segment names for new slots)."""
+
+    def __init__(self, link: KeeperLink) -> None:
+        self.link = link
+        self._open: dict[tuple[int, int], np.ndarray | None] = {}
+        self._segments: list[Segment] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, rank: int, step: int) -> np.ndarray | None:
+        """Rank `rank`'s slot bytes of `step`, None when this keeper does not hold them."""
+        with self._lock:
+            if (rank, step) not in self._open:
+                self._open[(rank, step)] = self._map(rank, step)
+            return self._open[(rank, step)]
+
+    def _map(self, rank: int, step: int) -> np.ndarray | None:
+        try:
+            reply = self.link.request("read", rank=rank, step=step)
+        except (KeeperGone, KeeperError):
+            return None
+        try:
+            segment = Segment.attach(reply["segment"])
+        except CheckpointError:
+            return None
+        self._segments.append(segment)
+        return segment.array()[: SlotLayout.from_json(reply["layout"]).nbytes]
+
+    def close(self) -> None:
+        with self._lock:
+            for (rank, step), view in self._open.items():
+                if view is not None:
+                    try:
+                        self.link.request("unpin", rank=rank, step=step)
+                    except (KeeperGone, KeeperError):
+                        pass
+            self._open.clear()
+            for segment in self._segments:
+                segment.close()  # the mapping goes with the last view into it
+            self._segments.clear()
 
 
 def _pin(segment: Segment) -> None:

@@ -26,7 +26,7 @@ from .flatten import flatten, restore
 from .layout import fragment_of
 from .manager import _local
 from .peer_plan import Inventory, choose
-from .peer_restore import PeerReader, fill_targets, merged_trees
+from .peer_restore import LocalSlot, PeerReader, fill_targets, merged_trees
 from .peer_wire import PeerError
 from .protector import ProtectPlan
 
@@ -107,8 +107,10 @@ class PeerResume:
 
 
 def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, token: str, secret: str,
-                      states: Mapping[str, Any], topology: Mapping[str, int]) -> PeerResume:  # fmt: skip
-    """Load the newest step the surviving keepers can rebuild (collective)."""
+                      states: Mapping[str, Any], topology: Mapping[str, int], node: str | None = None,
+                      local: LocalSlot | None = None) -> PeerResume:  # fmt: skip
+    """Load the newest step the surviving keepers can rebuild (collective); `local` reads `node`'s own
+    keeper from shared memory."""
     start = time.perf_counter()
     report = keeper("inventory") if local_rank == 0 else None
     inventories = {i.node: i for i in (Inventory(r) for r in comm.all_gather(report) if r)}
@@ -118,9 +120,10 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
         if comm.rank == 0 and protected:
             log.warning("peer memory cannot rebuild a step: %s", why)
         return PeerResume(None, why, lost=protected)
-    reader = PeerReader(chosen, inventories, secret=secret)
+    reader = PeerReader(chosen, inventories, secret=secret, node=node, local=local)
     planned = time.perf_counter()
     templates = {key: state.state_dict() for key, state in states.items()}
+    templated = time.perf_counter()
     targets: dict[str, torch.Tensor] = {}
     for key, template in templates.items():
         targets.update(flatten(key, template)[0])
@@ -146,8 +149,8 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
         error = f"rank {comm.rank}: {e}"
     finally:
         reader.close()
-    read = time.perf_counter()
     errors = [e for e in comm.all_gather(error) if e]
+    read = time.perf_counter()  # the slowest rank's read, which every rank waits for
     if errors:
         if comm.rank == 0:
             log.warning("rebuilding step %d from peer memory failed (%s)", chosen.step, errors[0])
@@ -160,12 +163,14 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
         loaded[name] = targets[name] if name in in_place else as_target(to_torch(array, dtype), targets[name], private=True)
     for key, state in states.items():
         state.load_state_dict(restore(trees[key], tensors=loaded, template=templates[key]))
-    phases = (planned - start, read - planned, time.perf_counter() - read, reader.fetch_s, reader.decode_s)
-    volume = comm.all_gather((reader.fetched, reader.decoded, *phases))
-    slowest = [max(v[i] for v in volume) for i in range(2, 7)]
-    detail = (f"{chosen.describe()}; read {sum(v[0] for v in volume) / 1e6:.1f} MB from peers, "
-              f"{sum(v[1] for v in volume) / 1e6:.1f} MB of it decoded; slowest rank: plan {slowest[0]:.2f} s, "
-              f"read {slowest[1]:.2f} s (fetch {slowest[3]:.2f}, decode {slowest[4]:.2f}), load {slowest[2]:.2f} s")  # fmt: skip
+    phases = (planned - start, templated - planned, read - templated, time.perf_counter() - read, reader.fetch_s, reader.decode_s)
+    volume = comm.all_gather((reader.local_bytes, reader.fetched, reader.decoded, *phases))
+    total = [sum(v[i] for v in volume) / 1e6 for i in range(3)]
+    slowest = [max(v[i] for v in volume) for i in range(3, 9)]
+    detail = (f"{chosen.describe()}; {total[0]:.1f} MB copied from this node's keeper, {total[1]:.1f} MB read from "
+              f"peers, {total[2]:.1f} MB of it decoded; slowest rank: plan {slowest[0]:.2f} s, templates {slowest[1]:.2f} s, "
+              f"read {slowest[2]:.2f} s ({reader.threads} threads: fetch {slowest[4]:.2f}, decode {slowest[5]:.2f} thread-s), "
+              f"load {slowest[3]:.2f} s")  # fmt: skip
     return PeerResume(chosen.step, detail)
 
 

@@ -4,13 +4,18 @@ Each new rank needs, per tensor, the boxes its fragment covers. The old ranks' s
 which old entry holds which boxes; an entry is read from whichever keeper holds its slot, or, for a
 lost node, rebuilt from the same byte range of k surviving buffers of its stripe (only the ranges
 asked for are decoded). Boxes are then copied exactly as the disk loader copies chunks, so memory,
-peers and disk reshard the same way.
+peers and disk reshard the same way. Old ranks held by this node's own keeper are copied straight out
+of its shared memory; the rest travel over one connection per peer and reading thread, several
+reads in flight at once, so the survivors' memories are read in parallel.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,22 +29,46 @@ from .keeper_protocol import Entry, SlotLayout
 from .layout import Fragment
 from .peer_plan import Inventory, MemoryPlan
 from .peer_wire import PeerClient
-from .protector import NodeCoding
+from .protector import NodeCoding, segment_read
+
+
+LocalSlot = Callable[[int, int], "np.ndarray | None"]  # (old rank, step) -> its slot in this node's keeper
+READ_BYTES = 16 * 2**20  # one read request: small enough to spread a tensor over the reading threads
+READ_THREADS = 4
 
 
 class PeerReader:
-    """Reads old ranks' slot bytes of one `MemoryPlan` from the surviving keepers."""
+    """Reads old ranks' slot bytes of one `MemoryPlan` from the surviving keepers.
 
-    def __init__(self, chosen: MemoryPlan, inventories: Mapping[str, Inventory], *, secret: str) -> None:
+    `node` and `local` name this node and read its own keeper's slots from shared memory; `run`
+    executes reads on `threads` threads, each with its own connection to every peer.
+    """
+
+    def __init__(self, chosen: MemoryPlan, inventories: Mapping[str, Inventory], *, secret: str,
+                 node: str | None = None, local: LocalSlot | None = None, threads: int = READ_THREADS) -> None:  # fmt: skip
         self.chosen, self.inventories, self.secret = chosen, inventories, secret
-        self._clients: dict[str, PeerClient] = {}
+        self.node, self.local, self.threads = node, local, threads
+        self._tls = threading.local()
+        self._connections: list[dict[str, PeerClient]] = []
+        self._lock = threading.RLock()  # a meta fetched under it opens this thread's connection
         self._metas: dict[str, dict[str, Any]] = {}
-        self.fetched = self.decoded = 0  # bytes of old slots read, and how many of them were rebuilt
-        self.fetch_s = self.decode_s = 0.0
+        self.fetched = self.decoded = self.local_bytes = 0  # bytes of old slots read, rebuilt, and copied locally
+        self.fetch_s = self.decode_s = 0.0  # summed over the reading threads
 
     def close(self) -> None:
-        for client in self._clients.values():
-            client.close()
+        for clients in self._connections:
+            for client in clients.values():
+                client.close()
+
+    def run(self, reads: list[Callable[[], Any]]) -> None:
+        """Execute `reads` (each one request's worth) in parallel; the first error is raised."""
+        if self.threads <= 1 or len(reads) <= 1:
+            for read in reads:
+                read()
+            return
+        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="resurgo-peer-read") as pool:
+            for future in [pool.submit(read) for read in reads]:
+                future.result()
 
     # ---- what the old ranks were --------------------------------------------------------------
 
@@ -58,29 +87,43 @@ class PeerReader:
 
     def _meta(self, node: str) -> dict[str, Any]:
         """A lost node's meta (JSON state and layouts of its ranks) from any survivor holding it."""
-        if node not in self._metas:
+        with self._lock:
+            if node in self._metas:
+                return self._metas[node]
             token, step = self.chosen.plan.token, self.chosen.step
             holder = next(n for n, inv in self.inventories.items() if node in inv.metas(token, step))
             reply, _ = self._client(holder).request("meta_of", token=token, step=step, node=node)
             if reply.get("meta") is None:
                 raise CheckpointError(f"the keeper on {holder} no longer holds the meta of lost node {node}")
             self._metas[node] = reply["meta"]
-        return self._metas[node]
+            return reply["meta"]
 
     # ---- bytes --------------------------------------------------------------------------------
 
     def read(self, rank: int, offset: int, nbytes: int, *, out: np.ndarray | None = None) -> np.ndarray:
         """Bytes [offset, offset+nbytes) of old rank `rank`'s slot (into `out`, uint8, when given)."""
         source = self.chosen.sources[rank]
-        self.fetched += nbytes
         if source.kind == "held":
+            mine = self.local(source.via, self.chosen.step) if self.local and source.node == self.node else None
+            if mine is not None and offset + nbytes <= mine.size:
+                self._count(local_bytes=nbytes)
+                if out is None:
+                    return mine[offset : offset + nbytes].copy()
+                out[:] = mine[offset : offset + nbytes]
+                return out
+            self._count(fetched=nbytes)
             return self._fetch(source.node, kind="slot", rank=source.via, offset=offset, nbytes=nbytes, out=out)
-        self.decoded += nbytes
+        self._count(fetched=nbytes, decoded=nbytes)
         data = self._decode(source.node, rank, offset, nbytes)
         if out is not None:
             out[:] = data
             return out
         return data
+
+    def _count(self, **amounts: float) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
 
     def _decode(self, node: str, rank: int, offset: int, nbytes: int) -> np.ndarray:
         plan, group = self.chosen.plan, self.chosen.erasure.group_of(node)
@@ -106,15 +149,26 @@ class PeerReader:
         survivors: dict[int, np.ndarray] = {}
         for position, (member, t) in enumerate(stripe.data):
             if member != node and member in self.inventories and len(survivors) < plan.k and self._serves(member):
-                survivors[position] = self._fetch(member, kind="segment", token=token, index=t, offset=a, nbytes=lengths[position])
+                survivors[position] = self._segment(member, t, a, lengths[position])
         for p, holder in enumerate(stripe.parity):
             if len(survivors) < plan.k and holder in self.inventories and (stripe_index, p) in self.inventories[holder].parity(token, step):
                 survivors[plan.k + p] = self._fetch(holder, kind="parity", token=token, stripe=stripe_index, parity=p, offset=a, nbytes=shape.size)
         position = next(i for i, (member, _) in enumerate(stripe.data) if member == node)
         start = time.perf_counter()
         rebuilt = np.asarray(erasure.decode(survivors, shape, want=[position])[position])
-        self.decode_s += time.perf_counter() - start
+        self._count(decode_s=time.perf_counter() - start)
         return rebuilt
+
+    def _segment(self, member: str, index: int, offset: int, nbytes: int) -> np.ndarray:
+        """Part of a survivor's data segment: from this node's own memory when it is this node."""
+        if self.local and member == self.node:
+            coded = self.chosen.erasure.coded_on(member)
+            parts = [self.local(r, self.chosen.step) for r in coded]
+            if all(p is not None for p in parts):  # cut as its keeper cuts it when serving a peer
+                coding = NodeCoding(self.chosen.plan.k, tuple((r, int(p.size)) for r, p in zip(coded, parts)))
+                return segment_read(coding, parts, index, offset, nbytes)
+        token = self.chosen.plan.token
+        return self._fetch(member, kind="segment", token=token, index=index, offset=offset, nbytes=nbytes)
 
     def _serves(self, member: str) -> bool:
         coded = self.chosen.erasure.coded_on(member)
@@ -129,24 +183,33 @@ class PeerReader:
         start = time.perf_counter()
         into = memoryview(out).cast("B") if out is not None else None
         _, data = self._client(node).request("fetch", step=self.chosen.step, into=into, **fields)
-        self.fetch_s += time.perf_counter() - start
+        self._count(fetch_s=time.perf_counter() - start)
         if out is not None and data.obj is not into.obj:
             out[:] = np.frombuffer(data, dtype=np.uint8)  # an unexpected size: the keeper's error path
         return out if out is not None else np.frombuffer(data, dtype=np.uint8)
 
     def _client(self, node: str) -> PeerClient:
-        if node not in self._clients:
-            self._clients[node] = PeerClient(self.inventories[node].address, secret=self.secret)
-        return self._clients[node]
+        """This thread's connection to `node`: a connection carries one request at a time."""
+        clients = getattr(self._tls, "clients", None)
+        if clients is None:
+            clients = self._tls.clients = {}
+            with self._lock:
+                self._connections.append(clients)
+        if node not in clients:
+            clients[node] = PeerClient(self.inventories[node].address, secret=self.secret)
+        return clients[node]
 
 
 def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.ndarray]]) -> None:
-    """Copy into every target (its fragment, a local numpy buffer) the boxes the old ranks held."""
+    """Copy into every target (its fragment, a local numpy buffer) the boxes the old ranks held.
+
+    The whole plan is checked first (every element of every target covered), then read in parallel.
+    """
     by_name: dict[str, list[tuple[int, Entry]]] = {}
     for rank in sorted(reader.chosen.sources):
         for entry in reader.layout(rank).entries:
             by_name.setdefault(entry.name, []).append((rank, entry))
-    problems = []
+    problems, reads = [], []
     for name, (fragment, out) in targets.items():
         covered: set[tuple] = set()
         for rank, entry in by_name.get(name, []):
@@ -154,25 +217,31 @@ def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.nd
             work = _overlaps(old, fragment, covered)
             if not work:
                 continue
+            covered.update(key for key, _, _ in work)
             spans = [_byte_span(entry.shape, src) for _, _, src in work]
-            direct = all(span is not None and _region(out, dst).flags.c_contiguous for span, (_, dst, _) in zip(spans, work))
-            if direct:  # each region is one run of bytes on both sides: read it straight into place
+            if all(span is not None and _region(out, dst).flags.c_contiguous for span, (_, dst, _) in zip(spans, work)):
+                # each region is one run of bytes on both sides: read it straight into place
                 itemsize = storage_dtype(entry.dtype).itemsize
-                for (key, dst, _), (first, last) in zip(work, spans):
+                for (_, dst, _), (first, last) in zip(work, spans):
                     view = _region(out, dst).reshape(-1).view(np.uint8)
-                    reader.read(rank, entry.offset + first * itemsize, (last - first) * itemsize, out=view)
-                    covered.add(key)
-                continue
-            data = _read_span(reader, rank, entry, [src for _, _, src in work])
-            for key, dst, src in work:
-                out[dst] = data[src]
-                covered.add(key)
+                    for a in range(0, view.size, READ_BYTES):
+                        piece = view[a : a + READ_BYTES]
+                        reads.append(partial(reader.read, rank, entry.offset + first * itemsize + a, piece.size, out=piece))
+            else:
+                reads.append(partial(_copy_regions, reader, rank, entry, work, out))
         need = sum(box.numel for box in fragment.boxes())
         have = sum(_numel(key) for key in covered)
         if have != need:
             problems.append(f"{name}: the old ranks' memory covers {have} of the {need} elements this rank needs")
     if problems:
         raise CheckpointError("memory cannot rebuild this rank's state:\n  " + "\n  ".join(problems[:10]))
+    reader.run(reads)
+
+
+def _copy_regions(reader: PeerReader, rank: int, entry: Entry, work: list[tuple[tuple, tuple, tuple]], out: np.ndarray) -> None:
+    data = _read_span(reader, rank, entry, [src for _, _, src in work])
+    for _, dst, src in work:
+        out[dst] = data[src]
 
 
 def _byte_span(shape: tuple[int, ...], region: tuple[slice, ...]) -> tuple[int, int] | None:

@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -124,6 +125,8 @@ class PeerServer:
         """`background`: ops whose connections are served at idle priority (the first frame decides:
         a connection carries one client's traffic; a recovery's reads are never among them)."""
         self.handler, self.secret, self.background = handler, secret, background
+        self.background_cpu_s = 0.0  # CPU time (user + system) its background connections used
+        self._cpu_lock = threading.Lock()
         self._sock = socket.create_server((host, 0))
         self._sock.settimeout(0.2)
         self.address = f"{host}:{self._sock.getsockname()[1]}"
@@ -148,13 +151,19 @@ class PeerServer:
             threading.Thread(target=self._serve, args=(conn,), name="resurgo-peer-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        first = True
+        first, background, mark = True, False, time.thread_time()
         try:
             while (frame := recv_frame(conn)) is not None:
                 header, payload = frame
                 if first and header.get("op") in self.background:
                     background_priority()
+                    background = True
                 first = False
+                if background:
+                    now = time.thread_time()
+                    with self._cpu_lock:
+                        self.background_cpu_s += now - mark
+                    mark = now
                 secret = self.secret()
                 if not secret or not hmac.compare_digest(str(header.get("secret", "")), secret):
                     send_frame(conn, {"ok": False, "error": "wrong run secret: this keeper serves another run"})

@@ -119,6 +119,14 @@ def stream_read(parts: Sequence[np.ndarray], start: int, nbytes: int) -> np.ndar
     return out
 
 
+def segment_read(coding: NodeCoding, parts: Sequence[np.ndarray], index: int, offset: int, nbytes: int) -> np.ndarray:
+    """Bytes [offset, offset+nbytes) of segment `index` of a node's coded stream (its slots `parts`),
+    zero beyond the segment's end as the parity computation saw them."""
+    end = min(offset + nbytes, coding.length(index))
+    piece = stream_read(parts, index * coding.segment + offset, max(0, end - offset))
+    return np.concatenate([piece, np.zeros(nbytes - piece.size, dtype=np.uint8)]) if piece.size < nbytes else piece
+
+
 @dataclass
 class _Parity:
     data: np.ndarray
@@ -146,7 +154,7 @@ class Protector:
         self._meta: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}  # (token, step) -> node -> meta
         self._layouts: dict[tuple[str, int], dict[str, Any]] = {}  # (token, rank) -> slot layout json
         self.protected: dict[str, int] = {}
-        self.coding_s = 0.0
+        self._thread_cpu_s = 0.0  # the coding and notice threads' CPU time
         self._lock = threading.Lock()
         self._clients: dict[str, PeerClient] = {}
         self._sent: dict[tuple[str, str, int], str] = {}  # (token, peer, rank) -> layout digest the peer holds
@@ -234,16 +242,25 @@ class Protector:
         background_priority()
         while (job := self._jobs.get()) is not None:
             token, step, ranks, release = job
+            start = time.thread_time()
             try:
-                start = time.perf_counter()
                 self._code(token, step, ranks)
-                self.coding_s = time.perf_counter() - start
             except PeerError as e:
                 log.warning("step %d is not protected: %s", step, e)
             except Exception:
                 log.exception("coding step %d failed", step)
             finally:
                 release()
+                self._add_cpu(time.thread_time() - start)
+
+    def _add_cpu(self, seconds: float) -> None:
+        with self._lock:
+            self._thread_cpu_s += seconds
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) this keeper spent protecting: coding, sending, adding shares."""
+        with self._lock:
+            return self._thread_cpu_s + self.server.background_cpu_s
 
     def _code(self, token: str, step: int, ranks: dict[int, tuple[SlotLayout, np.ndarray, Any]]) -> None:
         plan, erasure_plan = self.plans[token]
@@ -359,6 +376,7 @@ class Protector:
     def _notice_loop(self) -> None:
         background_priority()
         while (notice := self._notices.get()) is not None:
+            start = time.thread_time()
             node, message = notice
             with self._lock:
                 entry = self.plans.get(message["token"])
@@ -368,6 +386,7 @@ class Protector:
                 self._send(node, entry[0], message.pop("op"), **message)
             except PeerError as e:
                 log.info("parity notice to %s not delivered: %s", node, e)
+            self._add_cpu(time.thread_time() - start)
 
     def _fetch(self, h: dict[str, Any]) -> np.ndarray:
         kind, step, offset, nbytes = str(h["kind"]), int(h["step"]), int(h["offset"]), int(h["nbytes"])
@@ -391,10 +410,7 @@ class Protector:
             if any(p is None for p in parts):
                 raise LookupError(f"{self.node} no longer holds every coded rank of step {step}")
             coding = NodeCoding(plan.k, tuple((r, int(p.size)) for r, p in zip(coded, parts)))
-            t = int(h["index"])
-            end = min(offset + nbytes, coding.length(t))
-            piece = stream_read(parts, t * coding.segment + offset, max(0, end - offset))
-            return np.concatenate([piece, np.zeros(nbytes - piece.size, dtype=np.uint8)]) if piece.size < nbytes else piece
+            return segment_read(coding, parts, int(h["index"]), offset, nbytes)
         raise ValueError(f"unknown fetch kind {kind!r}")
 
     def meta_of(self, token: str, step: int, node: str) -> dict[str, Any] | None:

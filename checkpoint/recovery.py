@@ -25,8 +25,8 @@ from resurgo.trainer.config import JobConfig
 from . import commit as commits
 from .capture import StateCapture
 from .flatten import flatten, restore
-from .keeper_link import EXTERNAL, OFF, KeeperLink
-from .keeper_protocol import KeeperError, KeeperGone, SlotLayout, StoreTarget
+from .keeper_link import EXTERNAL, OFF, HeldSlots, KeeperLink
+from .keeper_protocol import KeeperError, KeeperGone, SlotLayout, StoreTarget, node_id
 from .errors import CheckpointError
 from .manager import Checkpointer, Stateful
 from .peer_recovery import agree_plan, resume_from_peers
@@ -104,6 +104,9 @@ class Protection:
             host_memory_bytes=int(ck.host_memory_gb * 2**30),
         )  # fmt: skip
         self.capture = StateCapture(self.states, rank=rank)
+        # The state's layout, and with it the optimizer's state (created by a zero step), exist from the
+        # start: a resume then only fills them, and the first snapshot finds them ready.
+        self.capture.current_layout()
         self.engine = SnapshotEngine(
             capture=self.capture, link=self.link, registration=registration, every=ck.snapshot_every,
             persist_every=ck.every, device=device,
@@ -202,8 +205,14 @@ class Protection:
         """The previous incarnation's state from the surviving nodes' keepers, decoded and resharded."""
         if not self.secret:
             return None
-        found = resume_from_peers(comm=self.comm, keeper=self._keeper, local_rank=self.local_rank, token=self.token,
-                                  secret=self.secret, states=self.states, topology=self.topology)  # fmt: skip
+        held = HeldSlots(self.link) if self.link is not None and self.link.client is not None else None
+        try:
+            found = resume_from_peers(comm=self.comm, keeper=self._keeper, local_rank=self.local_rank, token=self.token,
+                                      secret=self.secret, states=self.states, topology=self.topology, node=node_id(),
+                                      local=held)  # fmt: skip
+        finally:
+            if held is not None:
+                held.close()
         if found.step is not None:
             return Resumed("peers", found.step, found.detail)
         self._peer_loss = found.detail if found.lost else ""

@@ -64,6 +64,7 @@ class SnapshotStats:
     backlog: int = 0
     host_bytes: int = 0
     parity_bytes: int = 0  # parity this node's keeper holds for its group's snapshots
+    protect_cpu_s: float = 0.0  # CPU time this node's keeper has spent on erasure coding so far
     skipped: int = 0
 
     def metrics(self) -> dict[str, float]:
@@ -78,6 +79,7 @@ class SnapshotStats:
             "protection_lag": self.step - self.protected if self.protected >= 0 else -1,
             "host_mem_gib": round(self.host_bytes / 2**30, 4),
             "parity_mem_gib": round(self.parity_bytes / 2**30, 4),
+            "protect_cpu_s": self.protect_cpu_s,
         }
 
 
@@ -201,6 +203,7 @@ class SnapshotEngine:
         s.durable, s.committed = int(status.get("durable", s.durable)), int(status.get("committed", s.committed))
         s.protected = int(status.get("protected", s.protected))
         s.parity_bytes = int(status.get("parity_bytes", s.parity_bytes))
+        s.protect_cpu_s = float(status.get("protect_cpu_s", s.protect_cpu_s))
         s.backlog, s.host_bytes = int(status.get("backlog", s.backlog)), int(status.get("host_bytes", s.host_bytes))
 
 

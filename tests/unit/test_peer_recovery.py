@@ -132,14 +132,20 @@ def cluster():
         c.close()
 
 
-def assert_restores(c: Cluster, *, step: int, new_world: int) -> None:
-    """Every rank of a `new_world`-rank topology gets exactly its slice of the state of `step`."""
+def assert_restores(c: Cluster, *, step: int, new_world: int, on: str | None = None) -> PeerReader:
+    """Every rank of a `new_world`-rank topology gets exactly its slice of the state of `step`; the
+    reader runs `on` a node, copying that node's own slots from its memory instead of a socket."""
     inventories = c.inventories()
     chosen, why = choose(list(inventories.values()), current="bbbb")
     assert chosen is not None, why
     assert chosen.step == step
     expected = global_state(step)
-    reader = PeerReader(chosen, inventories, secret=c.plan.secret)
+
+    def held_here(rank: int, at: int) -> np.ndarray | None:
+        slot = c.slots[on].get((rank, at))
+        return None if slot is None else slot[1]
+
+    reader = PeerReader(chosen, inventories, secret=c.plan.secret, node=on, local=held_here if on else None)
     try:
         for rank in range(new_world):
             targets = {}
@@ -152,6 +158,7 @@ def assert_restores(c: Cluster, *, step: int, new_world: int) -> None:
         assert merged_trees(reader, rank=0, same_topology=False)["train"]["step"] == step
     finally:
         reader.close()
+    return reader
 
 
 def test_one_lost_node_of_three_rebuilds_onto_fewer_ranks(cluster):
@@ -159,7 +166,9 @@ def test_one_lost_node_of_three_rebuilds_onto_fewer_ranks(cluster):
     c.snapshot(1)
     c.snapshot(2)
     c.lose("node1")
-    assert_restores(c, step=2, new_world=4)
+    assert assert_restores(c, step=2, new_world=4).local_bytes == 0
+    reader = assert_restores(c, step=2, new_world=4, on="node0")
+    assert reader.local_bytes > 0 and reader.fetched > 0  # node0's own slots from memory, the rest over TCP
     chosen, _ = choose(list(c.inventories().values()), current="bbbb")
     assert {s.kind for r, s in chosen.sources.items() if r in c.ranks["node1"]} == {"decoded"}
 
