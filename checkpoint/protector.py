@@ -130,6 +130,7 @@ def segment_read(coding: NodeCoding, parts: Sequence[np.ndarray], index: int, of
 @dataclass
 class _Parity:
     data: np.ndarray
+    zeroed: bool = True  # False for a reused buffer until the first share clears it
     lengths: dict[int, int] = field(default_factory=dict)  # data index -> its segment length
     received: dict[int, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -150,6 +151,7 @@ class Protector:
         self.current: str | None = None
         self.secret = ""  # the running incarnation's: what peers and workers must present
         self._parity: dict[tuple[str, int, int, int], _Parity] = {}
+        self._spare: list[np.ndarray] = []  # evicted parity buffers: a step reuses them, not fresh pages
         self._done: dict[tuple[str, int], set[tuple[int, int]]] = {}
         self._meta: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}  # (token, step) -> node -> meta
         self._layouts: dict[tuple[str, int], dict[str, Any]] = {}  # (token, rank) -> slot layout json
@@ -331,9 +333,12 @@ class Protector:
             key = (token, step, stripe, p)
             buf = self._parity.get(key)
             if buf is None:
-                buf = self._parity[key] = _Parity(np.zeros(length, dtype=np.uint8))
+                buf = self._parity[key] = self._new_parity(length)
         piece = np.frombuffer(payload, dtype=np.uint8)
         with buf.lock:
+            if not buf.zeroed:  # cleared by the first share, outside the keeper's lock
+                buf.data.fill(0)
+                buf.zeroed = True
             if length > buf.data.size:  # a longer segment than the first one seen: zero-extend
                 grown = np.zeros(length, dtype=np.uint8)
                 grown[: buf.data.size] = buf.data
@@ -429,13 +434,28 @@ class Protector:
         def stale(t: str, s: int) -> bool:
             return t != token or s < step
 
+        # Spares: as many buffers as this step uses, for the next step to fill (segment sizes repeat).
+        keep = sum(1 for k in self._parity if k[:2] == (token, step))
         for key in [k for k in self._parity if stale(k[0], k[1])]:
-            del self._parity[key]
+            self._drop_parity(key, keep=keep)
         for table in (self._done, self._meta):
             for key in [k for k in table if stale(*k)]:
                 del table[key]
         for key in [k for k in self._layouts if k[0] != token]:
             del self._layouts[key]
+
+    def _new_parity(self, length: int) -> _Parity:
+        """A parity buffer of `length` zero bytes: a spare one of that size (cleared later), else new."""
+        for i, spare in enumerate(self._spare):
+            if spare.size == length:
+                return _Parity(self._spare.pop(i), zeroed=False)
+        return _Parity(np.zeros(length, dtype=np.uint8))
+
+    def _drop_parity(self, key: tuple[str, int, int, int], *, keep: int) -> None:
+        """Evict one parity buffer, kept as a spare while fewer than `keep` are."""
+        buf = self._parity.pop(key)
+        if len(self._spare) < keep:
+            self._spare.append(buf.data)
 
     def _forget(self, token: str) -> None:
         self.plans.pop(token, None)
@@ -445,6 +465,7 @@ class Protector:
                 del table[key]
 
     def parity_bytes(self) -> int:
+        """Host memory parity takes here: buffers held and spares."""
         with self._lock:
-            return sum(b.data.size for b in self._parity.values())
+            return sum(b.data.size for b in self._parity.values()) + sum(s.size for s in self._spare)
 
