@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .keeper_protocol import Client, KeeperError, KeeperGone, SlotLayout, lock_path, run_id, socket_path
 from .errors import CheckpointError
+from .keeper_protocol import Client, KeeperError, KeeperGone, SlotLayout, lock_path, run_id, socket_path
 from .shm import Segment
 
 log = logging.getLogger(__name__)

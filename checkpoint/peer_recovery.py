@@ -163,14 +163,16 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
         loaded[name] = targets[name] if name in in_place else as_target(to_torch(array, dtype), targets[name], private=True)
     for key, state in states.items():
         state.load_state_dict(restore(trees[key], tensors=loaded, template=templates[key]))
-    phases = (planned - start, templated - planned, read - templated, time.perf_counter() - read, reader.fetch_s, reader.decode_s)
-    volume = comm.all_gather((reader.local_bytes, reader.fetched, reader.decoded, *phases))
-    total = [sum(v[i] for v in volume) / 1e6 for i in range(3)]
-    slowest = [max(v[i] for v in volume) for i in range(3, 9)]
-    detail = (f"{chosen.describe()}; {total[0]:.1f} MB copied from this node's keeper, {total[1]:.1f} MB read from "
-              f"peers, {total[2]:.1f} MB of it decoded; slowest rank: plan {slowest[0]:.2f} s, templates {slowest[1]:.2f} s, "
-              f"read {slowest[2]:.2f} s ({reader.threads} threads: fetch {slowest[4]:.2f}, decode {slowest[5]:.2f} thread-s), "
-              f"load {slowest[3]:.2f} s")  # fmt: skip
+    mine = {"local": reader.local_bytes / 1e6, "peers": reader.fetched / 1e6, "decoded": reader.decoded / 1e6,
+            "plan": planned - start, "templates": templated - planned, "read": read - templated,
+            "load": time.perf_counter() - read, "fetch": reader.fetch_s, "decode": reader.decode_s}  # fmt: skip
+    ranks = comm.all_gather(mine)
+    total = {key: sum(r[key] for r in ranks) for key in ("local", "peers", "decoded")}
+    slow = {key: max(r[key] for r in ranks) for key in mine}
+    detail = (f"{chosen.describe()}; {total['local']:.1f} MB copied from this node's keeper, {total['peers']:.1f} MB read "
+              f"from peers, {total['decoded']:.1f} MB of it decoded; slowest rank: plan {slow['plan']:.2f} s, templates "
+              f"{slow['templates']:.2f} s, read {slow['read']:.2f} s ({reader.threads} threads: fetch {slow['fetch']:.2f}, "
+              f"decode {slow['decode']:.2f} thread-s), load {slow['load']:.2f} s")  # fmt: skip
     return PeerResume(chosen.step, detail)
 
 

@@ -107,18 +107,11 @@ class PeerReader:
             mine = self.local(source.via, self.chosen.step) if self.local and source.node == self.node else None
             if mine is not None and offset + nbytes <= mine.size:
                 self._count(local_bytes=nbytes)
-                if out is None:
-                    return mine[offset : offset + nbytes].copy()
-                out[:] = mine[offset : offset + nbytes]
-                return out
+                return _deliver(mine[offset : offset + nbytes], out)  # a copy: the mapping goes at close
             self._count(fetched=nbytes)
             return self._fetch(source.node, kind="slot", rank=source.via, offset=offset, nbytes=nbytes, out=out)
         self._count(fetched=nbytes, decoded=nbytes)
-        data = self._decode(source.node, rank, offset, nbytes)
-        if out is not None:
-            out[:] = data
-            return out
-        return data
+        return _deliver(self._decode(source.node, rank, offset, nbytes), out)
 
     def _count(self, **amounts: float) -> None:
         with self._lock:
@@ -198,6 +191,14 @@ class PeerReader:
         if node not in clients:
             clients[node] = PeerClient(self.inventories[node].address, secret=self.secret)
         return clients[node]
+
+
+def _deliver(data: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """`data` copied into `out`, or into a new array when there is none."""
+    if out is None:
+        return data.copy()
+    out[:] = data
+    return out
 
 
 def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.ndarray]]) -> None:

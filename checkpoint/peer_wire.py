@@ -165,6 +165,17 @@ class PeerServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), name="resurgo-peer-conn", daemon=True).start()
 
+    def _answer(self, conn: socket.socket, header: dict[str, Any], payload: memoryview) -> None:
+        secret = self.secret()
+        if not secret or not hmac.compare_digest(str(header.get("secret", "")), secret):
+            send_frame(conn, {"ok": False, "error": "wrong run secret: this keeper serves another run"})
+            return
+        try:
+            reply, data = self.handler(header, payload)
+            send_frame(conn, {"ok": True, **reply}, data)
+        except (KeyError, ValueError, TypeError, LookupError) as e:
+            send_frame(conn, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+
     def _serve(self, conn: socket.socket) -> None:
         first, background, mark = True, False, time.thread_time()
         scratch = Scratch()  # a handler is done with a payload before the next frame is read
@@ -175,20 +186,12 @@ class PeerServer:
                     background_priority()
                     background = True
                 first = False
-                if background:
+                self._answer(conn, header, payload)
+                if background:  # this frame's CPU: receiving, handling, replying
                     now = time.thread_time()
                     with self._cpu_lock:
                         self.background_cpu_s += now - mark
                     mark = now
-                secret = self.secret()
-                if not secret or not hmac.compare_digest(str(header.get("secret", "")), secret):
-                    send_frame(conn, {"ok": False, "error": "wrong run secret: this keeper serves another run"})
-                    continue
-                try:
-                    reply, data = self.handler(header, payload)
-                    send_frame(conn, {"ok": True, **reply}, data)
-                except (KeyError, ValueError, TypeError, LookupError) as e:
-                    send_frame(conn, {"ok": False, "error": f"{type(e).__name__}: {e}"})
         except (OSError, PeerError, ValueError):
             pass
         finally:
