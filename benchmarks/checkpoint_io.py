@@ -11,6 +11,11 @@ The page cache cannot be dropped without disturbing the whole machine (and needs
 read what the preceding saves left in memory, for every system alike, and the raw read baseline is
 `dd` reading its own just-written file back. Rounds interleave dd, resurgo and DCP so each meets
 the same disk conditions; each figure is the best of --repeats rounds.
+
+Before each timed save, that writer's output of the previous round is deleted (untimed), so every
+writer, dd included, writes into page cache the kernel recycles. On virtual machines whose never-
+touched memory faults in slowly, a write into fresh page cache runs at the hypervisor's pace (here
+about 150 MB/s, whoever writes), which would measure the machine's memory rather than the disk.
 """
 
 from __future__ import annotations
@@ -73,16 +78,18 @@ def _rank_main(rank: int, args: argparse.Namespace, n_tensors: int, port: int, r
     opts = {"io_threads": args.io_threads, "max_chunk_bytes": int(args.chunk_mib * (1 << 20))}
     resurgo = _resurgo(scratch / "resurgo", state, **opts)
     zstd = _resurgo(scratch / "resurgo-zstd", state, **opts, compression="zstd:1")
-    saves = {
-        "dd_write": lambda i: rank == 0 and _dd_write(scratch / "dd.bin", nbytes),
-        "resurgo_save": lambda i: resurgo.save(i),
-        "dcp_save": lambda i: _dcp_save(scratch / f"dcp-{i}", state),
-        "resurgo_zstd_save": lambda i: zstd.save(i),
+    saves = {  # (timed save of round i, what it wrote)
+        "dd_write": (lambda i: rank == 0 and _dd_write(scratch / "dd.bin", nbytes), lambda i: scratch / "dd.bin"),
+        "resurgo_save": (lambda i: resurgo.save(i), lambda i: resurgo.root / f"step-{i:08d}"),
+        "dcp_save": (lambda i: _dcp_save(scratch / f"dcp-{i}", state), lambda i: scratch / f"dcp-{i}"),
+        "resurgo_zstd_save": (lambda i: zstd.save(i), lambda i: zstd.root / f"step-{i:08d}"),
     }
     # Rounds interleave the systems so each meets the same (shared, noisy) disk conditions.
     for i in range(args.repeats):
-        for key, fn in saves.items():
-            report[key] = min(report.get(key, float("inf")), _timed(lambda: fn(i)))
+        for key, (save, output) in saves.items():
+            if i > 0:
+                _remove(output(i - 1), rank)
+            report[key] = min(report.get(key, float("inf")), _timed(lambda: save(i)))
 
     ours_targets = _target_state(grid, n_tensors, rank)
     dcp_targets = _target_state(grid, n_tensors, rank)
@@ -176,6 +183,13 @@ def _sum_ranks(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t.item())
+
+
+def _remove(path: Path, rank: int) -> None:
+    """Delete a previous round's output (untimed), so the next write recycles its page cache."""
+    if rank == 0:
+        path.unlink(missing_ok=True) if path.suffix == ".bin" else shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
 
 
 def _du(path: Path) -> int:
