@@ -134,6 +134,13 @@ def decode(
     return dict(zip(wanted, lost))
 
 
+def is_xor(k: int, m: int, *, have: tuple[int, ...], want: int) -> bool:
+    """Whether buffer `want` is the plain XOR of the k survivors `have` (as with parity 0), so a
+    decoder may accumulate them in place instead of running the general kernel."""
+    check_shape(k, m)
+    return bool((_decode_matrix(k, m, tuple(sorted(have))[:k], (want,)) == 1).all())
+
+
 def accumulate(dst: np.ndarray, src: np.ndarray, *, k: int, m: int, parity: int, index: int, backend: Backend = "auto") -> None:
     """dst[:len(src)] ^= G[parity, index] * src: one data buffer's share of a parity buffer.
 

@@ -30,11 +30,13 @@ from .layout import Fragment
 from .peer_plan import Inventory, MemoryPlan
 from .peer_wire import PeerClient
 from .protector import NodeCoding, segment_read
+from .scratch import scratch
 
 
 LocalSlot = Callable[[int, int], "np.ndarray | None"]  # (old rank, step) -> its slot in this node's keeper
 READ_BYTES = 16 * 2**20  # one read request: small enough to spread a tensor over the reading threads
 READ_THREADS = 4
+_SCRATCH = 8  # scratch slots from here on: survivors received for a decode, one per stripe position
 
 
 class PeerReader:
@@ -111,49 +113,62 @@ class PeerReader:
             self._count(fetched=nbytes)
             return self._fetch(source.node, kind="slot", rank=source.via, offset=offset, nbytes=nbytes, out=out)
         self._count(fetched=nbytes, decoded=nbytes)
-        return _deliver(self._decode(source.node, rank, offset, nbytes), out)
+        return self._decode(source.node, rank, offset, np.empty(nbytes, dtype=np.uint8) if out is None else out)
 
     def _count(self, **amounts: float) -> None:
         with self._lock:
             for name, amount in amounts.items():
                 setattr(self, name, getattr(self, name) + amount)
 
-    def _decode(self, node: str, rank: int, offset: int, nbytes: int) -> np.ndarray:
-        plan, group = self.chosen.plan, self.chosen.erasure.group_of(node)
+    def _decode(self, node: str, rank: int, offset: int, out: np.ndarray) -> np.ndarray:
+        """Bytes [offset, offset+out.size) of lost old rank `rank`'s slot, rebuilt into `out`."""
+        group = self.chosen.erasure.group_of(node)
         assert group is not None, "a decoded source belongs to a group"
         coding = self._coding(node)
         start = coding.base(rank) + offset
-        out = np.empty(nbytes, dtype=np.uint8)
         done = 0
-        while done < nbytes:
+        while done < out.size:
             index, a = divmod(start + done, coding.segment)
-            n = min(nbytes - done, coding.segment - a)
-            out[done : done + n] = self._decode_window(group, node, index, a, n)
+            n = min(out.size - done, coding.segment - a)
+            self._decode_window(group, node, index, a, out[done : done + n])
             done += n
         return out
 
-    def _decode_window(self, group: GroupPlan, node: str, index: int, a: int, n: int) -> np.ndarray:
-        """Bytes [a, a+n) of segment `index` of lost `node`, from k survivors of its stripe."""
+    def _decode_window(self, group: GroupPlan, node: str, index: int, a: int, out: np.ndarray) -> None:
+        """Bytes [a, a+out.size) of segment `index` of lost `node`, rebuilt into `out` from k survivors
+        of its stripe. Survivors held here are read in place; with XOR parity the parity is received
+        straight into `out` and the rest XORed into it, else the remote ones land in this thread's
+        scratch buffers: no byte is allocated, and none copied twice."""
+        n = out.size
         plan, step, token = self.chosen.plan, self.chosen.step, self.chosen.plan.token
         stripe_index, stripe = next((i, s) for i, s in enumerate(group.stripes) if (node, index) in s.data)
         lengths = tuple(max(0, min(self._coding(member).length(t) - a, n)) if member != node else n
                         for member, t in stripe.data)  # fmt: skip
         shape = erasure.Stripe(k=plan.k, m=plan.m, lengths=lengths)
-        survivors: dict[int, np.ndarray] = {}
+        sources: dict[int, Callable[..., np.ndarray]] = {}  # survivor position -> its reader (out=...)
         for position, (member, t) in enumerate(stripe.data):
-            if member != node and member in self.inventories and len(survivors) < plan.k and self._serves(member):
-                survivors[position] = self._segment(member, t, a, lengths[position])
+            if member != node and member in self.inventories and len(sources) < plan.k and self._serves(member):
+                sources[position] = partial(self._segment, member, t, a, lengths[position])
         for p, holder in enumerate(stripe.parity):
-            if len(survivors) < plan.k and holder in self.inventories and (stripe_index, p) in self.inventories[holder].parity(token, step):
-                survivors[plan.k + p] = self._fetch(holder, kind="parity", token=token, stripe=stripe_index, parity=p, offset=a, nbytes=shape.size)
+            if len(sources) < plan.k and holder in self.inventories and (stripe_index, p) in self.inventories[holder].parity(token, step):
+                sources[plan.k + p] = partial(self._fetch, holder, kind="parity", token=token, stripe=stripe_index, parity=p, offset=a, nbytes=n)
         position = next(i for i, (member, _) in enumerate(stripe.data) if member == node)
-        start = time.perf_counter()
-        rebuilt = np.asarray(erasure.decode(survivors, shape, want=[position])[position])
+        if len(sources) == plan.k and erasure.is_xor(plan.k, plan.m, have=tuple(sorted(sources)), want=position):
+            parity = next(i for i in sources if i >= plan.k)  # a data position is rebuilt from >= 1 parity
+            sources.pop(parity)(out=out)
+            pieces = [source(out=scratch(lengths[i], slot=_SCRATCH + i)) for i, source in sources.items()]
+            start = time.perf_counter()
+            for piece in pieces:
+                np.bitwise_xor(out[: piece.size], piece, out=out[: piece.size])
+        else:
+            survivors = {i: source(out=scratch(shape.length(i), slot=_SCRATCH + i)) for i, source in sources.items()}
+            start = time.perf_counter()
+            erasure.decode(survivors, shape, want=[position], out={position: out}, threads=1)  # the reads are the threads
         self._count(decode_s=time.perf_counter() - start)
-        return rebuilt
 
-    def _segment(self, member: str, index: int, offset: int, nbytes: int) -> np.ndarray:
-        """Part of a survivor's data segment: from this node's own memory when it is this node."""
+    def _segment(self, member: str, index: int, offset: int, nbytes: int, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Part of a survivor's data segment: from this node's own memory when it is this node (a view
+        where it lies in one slot), else received (into `out`, when given)."""
         if self.local and member == self.node:
             coded = self.chosen.erasure.coded_on(member)
             parts = [self.local(r, self.chosen.step) for r in coded]
@@ -161,7 +176,7 @@ class PeerReader:
                 coding = NodeCoding(self.chosen.plan.k, tuple((r, int(p.size)) for r, p in zip(coded, parts)))
                 return segment_read(coding, parts, index, offset, nbytes)
         token = self.chosen.plan.token
-        return self._fetch(member, kind="segment", token=token, index=index, offset=offset, nbytes=nbytes)
+        return self._fetch(member, kind="segment", token=token, index=index, offset=offset, nbytes=nbytes, out=out)
 
     def _serves(self, member: str) -> bool:
         coded = self.chosen.erasure.coded_on(member)
