@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import shm
+from . import rebuild, shm
 from .keeper_protocol import (
     PROTOCOL_VERSION, KeeperError, SlotLayout, StoreTarget, decode, encode, lock_path, node_id, run_id, segment_name, socket_path,
 )  # fmt: skip
@@ -32,6 +32,8 @@ from .slots import COMPLETE, DEFAULT_SLOTS, FREE, WRITING, PersistJob, RankData,
 log = logging.getLogger(__name__)
 
 WAIT_S = 900.0  # longest a required snapshot or a finishing worker waits for a persist
+REBUILD_WAIT_S = 120.0  # longest an inventory waits for a rebuild of lost ranks to finish
+REBUILT_SLOT = -1  # the segment name's slot index of a lost rank rebuilt here
 
 
 class KeeperRunning(RuntimeError):
@@ -56,6 +58,9 @@ class Keeper:
         self.host_memory_bytes, self.fixed_slots = host_memory_bytes, slots
         self.idle_timeout_s, self.exit_when_finished = idle_timeout_s, exit_when_finished
         self.ranks: dict[int, RankSlots] = {}
+        self.rebuilt: dict[int, RankSlots] = {}  # lost nodes' ranks decoded here (rebuild.py), apart from ours
+        self._rebuild_s: dict[int, float] = {}
+        self._rebuilding = False
         self.local_world: int | None = None
         self.token = ""
         self.target: StoreTarget | None = None
@@ -95,7 +100,7 @@ class Keeper:
         self._sock.listen(64)
         self._sock.settimeout(0.2)
         self.protector = Protector(node=self.node, host=os.environ.get("RESURGO_PEER_HOST", "127.0.0.1"),
-                                   slot_source=self._slot_bytes, on_protected=self._notify)  # fmt: skip
+                                   slot_source=self._slot_bytes, on_protected=self._notify, report=self._inventory)  # fmt: skip
         self.protector.start()
         self._loading.start()
         log.info("keeper %s of run %s listening on %s (pid %d)", self.keeper_id, self.rid, path, os.getpid())
@@ -144,9 +149,10 @@ class Keeper:
         if self.protector is not None:
             self.protector.stop()
         with self._cond:
-            for held in self.ranks.values():
+            for held in [*self.ranks.values(), *self.rebuilt.values()]:
                 _free(held)
             self.ranks.clear()
+            self.rebuilt.clear()
         if self._sock is not None:
             self._sock.close()
             socket_path(self.rid).unlink(missing_ok=True)
@@ -200,6 +206,8 @@ class Keeper:
             for slot in conn.reads:
                 slot.pins -= 1
             self._idle_since = time.monotonic()
+            if conn.ranks - self.finished:
+                self._start_rebuild()
             self._cond.notify_all()
 
     def _maybe_exit(self) -> None:
@@ -237,11 +245,21 @@ class Keeper:
         return {"describe": plan.describe()}
 
     def _op_inventory(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        """What this node holds for a recovery: every rank's complete steps and layout, plans, parity."""
-        ranks = {str(r): {"steps": h.complete_steps(), "digest": h.layout.digest, "layout": h.layout.to_json(),
-                          "trees": {str(s.step): s.tree for s in h.slots if s.status == COMPLETE}}
-                 for r, h in self.ranks.items()}  # fmt: skip
-        return {"ranks": ranks, **(self.protector.inventory() if self.protector else {"node": self.node})}
+        """What this node holds for a recovery, once a rebuild of lost ranks under way has finished."""
+        deadline = time.monotonic() + REBUILD_WAIT_S
+        while self._rebuilding and time.monotonic() < deadline:
+            self._cond.wait(timeout=1.0)
+        return self._inventory()
+
+    def _inventory(self) -> dict[str, Any]:
+        """Every held rank's complete steps, layout and JSON state (rebuilt ones too), plans, parity."""
+        with self._cond:
+            held = {**{r: h for r, h in self.rebuilt.items() if r not in self.ranks}, **self.ranks}
+            ranks = {str(r): {"steps": h.complete_steps(), "digest": h.layout.digest, "layout": h.layout.to_json(),
+                              "trees": {str(s.step): s.tree for s in h.slots if s.status == COMPLETE}}
+                     for r, h in held.items()}  # fmt: skip
+            rebuilt = {str(r): round(self._rebuild_s[r], 3) for r in self.rebuilt if r not in self.ranks}
+        return {"ranks": ranks, "rebuilt": rebuilt, **(self.protector.inventory() if self.protector else {"node": self.node})}
 
     def _op_holdings(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         held = self.ranks.get(int(msg["rank"]))
@@ -267,6 +285,9 @@ class Keeper:
             self.token, self.finished = token, set()
             for stale in [r for r in self.ranks if r >= int(msg["world_size"])]:
                 _free(self.ranks.pop(stale))
+            # A new incarnation snapshots only after every rank resumed: nobody reads rebuilt ranks now.
+            for lost in [r for r, h in self.rebuilt.items() if not any(s.pins for s in h.slots)]:
+                _free(self.rebuilt.pop(lost))
         self.local_world = int(msg["local_world_size"])
         self.target = StoreTarget.from_json(msg["store"]) if msg.get("store") else None
         held = self.ranks.get(rank)
@@ -346,6 +367,11 @@ class Keeper:
         return held
 
     def _complete(self, msg: dict[str, Any]) -> tuple[RankSlots, Slot]:
+        """A complete snapshot of a held rank (its own or, for a recovery, a rebuilt one)."""
+        rebuilt = self.rebuilt.get(int(msg["rank"]))
+        slot = rebuilt.find(int(msg["step"])) if rebuilt else None
+        if rebuilt is not None and slot is not None and int(msg["rank"]) not in self.ranks:
+            return rebuilt, slot
         held = self._rank(msg)
         slot = held.find(int(msg["step"]))
         if slot is None:
@@ -417,9 +443,68 @@ class Keeper:
     def _slot_bytes(self, rank: int, step: int) -> Any:
         """A held rank's complete snapshot of `step` (for a peer's recovery), None if not held."""
         with self._cond:
-            held = self.ranks.get(rank)
-            slot = held.find(step) if held else None
-            return slot.segment.array()[: held.layout.nbytes] if slot is not None and held is not None else None
+            for held in (self.ranks.get(rank), self.rebuilt.get(rank) if rank not in self.ranks else None):
+                slot = held.find(step) if held else None
+                if slot is not None and held is not None:
+                    return slot.segment.array()[: held.layout.nbytes]
+            return None
+
+    # ---- rebuilding lost ranks (called with the lock held) ----------------------------------
+
+    def _start_rebuild(self) -> None:
+        """A worker died: if a peer node died with it, rebuild its ranks here before the restart asks."""
+        if self._rebuilding or self.protector is None or self.protector.newest_plan() is None:
+            return
+        self._rebuilding = True
+        threading.Thread(target=self._rebuild, name="resurgo-keeper-rebuild", daemon=True).start()
+
+    def _rebuild(self) -> None:
+        pinned: list[Slot] = []
+        try:
+            assert self.protector is not None
+            plan = self.protector.newest_plan()
+            inventories = rebuild.probe(plan, node=self.node, own=self._inventory()) if plan else None
+            chosen, ranks = rebuild.plan_rebuild(inventories, node=self.node) if inventories else (None, [])
+            if chosen is None or not ranks:
+                return
+            with self._cond:
+                pinned = [s for h in self.ranks.values() if (s := h.find(chosen.step)) is not None]
+                for slot in pinned:
+                    slot.pins += 1
+            for rank in ranks:
+                self._rebuild_rank(chosen, inventories, rank)
+        except Exception:
+            log.exception("rebuilding lost ranks ahead of the restart failed: the recovery decodes them itself")
+        finally:
+            with self._cond:
+                for slot in pinned:
+                    slot.pins -= 1
+                self._rebuilding = False
+                self._cond.notify_all()
+
+    def _rebuild_rank(self, chosen: Any, inventories: Any, rank: int) -> None:
+        with self._cond:
+            if rank in self.rebuilt:
+                _free(self.rebuilt.pop(rank))
+        segments: list[shm.Segment] = []
+
+        def allocate(nbytes: int) -> Any:
+            segments.append(shm.Segment.create(segment_name(self.rid, keeper_id=self.keeper_id, rank=rank, slot=REBUILT_SLOT), nbytes))
+            return segments[-1].array()[:nbytes]
+
+        try:
+            done, _ = rebuild.rebuild_rank(chosen, inventories, rank=rank, node=self.node, local=self._slot_bytes, allocate=allocate)
+        except BaseException:
+            for segment in segments:
+                shm.unlink(segment.name)
+                segment.close()
+            raise
+        slot = Slot(REBUILT_SLOT, segments[0], step=done.step, status=COMPLETE, tree=done.tree)
+        with self._cond:
+            self.rebuilt[rank] = RankSlots(rank, done.layout, done.token, slots=[slot])
+            self._rebuild_s[rank] = done.seconds
+        log.info("rebuilt lost rank %d's snapshot of step %d (%.1f MB) from peers' memory in %.2f s",
+                 rank, done.step, done.layout.nbytes / 1e6, done.seconds)  # fmt: skip
 
     def _notify(self) -> None:
         with self._cond:

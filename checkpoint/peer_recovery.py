@@ -169,7 +169,10 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
     ranks = comm.all_gather(mine)
     total = {key: sum(r[key] for r in ranks) for key in ("local", "peers", "decoded")}
     slow = {key: max(r[key] for r in ranks) for key in mine}
-    detail = (f"{chosen.describe()}; {total['local']:.1f} MB copied from this node's keeper, {total['peers']:.1f} MB read "
+    ahead = [f"rank {s.via} by {s.node}'s keeper in {inventories[s.node].data['rebuilt'][str(s.via)]:.2f} s"
+             for s in chosen.sources.values() if s.kind == "held" and str(s.via) in inventories[s.node].data.get("rebuilt", {})]  # fmt: skip
+    rebuilt = f"; rebuilt from peers' memory while the job restarted: {', '.join(ahead)}" if ahead else ""
+    detail = (f"{chosen.describe()}{rebuilt}; {total['local']:.1f} MB copied from this node's keeper, {total['peers']:.1f} MB read "
               f"from peers, {total['decoded']:.1f} MB of it decoded; slowest rank: plan {slow['plan']:.2f} s, templates "
               f"{slow['templates']:.2f} s, read {slow['read']:.2f} s ({reader.threads} threads: fetch {slow['fetch']:.2f}, "
               f"decode {slow['decode']:.2f} thread-s), load {slow['load']:.2f} s")  # fmt: skip

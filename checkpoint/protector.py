@@ -145,8 +145,11 @@ SlotSource = Callable[[int, int], "np.ndarray | None"]  # (rank, step) -> the sl
 class Protector:
     """One per keeper; `serve` starts its TCP server, `protect` takes a plan, `submit` codes a step."""
 
-    def __init__(self, *, node: str, host: str, slot_source: SlotSource, on_protected: Callable[[], None]) -> None:
+    def __init__(self, *, node: str, host: str, slot_source: SlotSource, on_protected: Callable[[], None],
+                 report: Callable[[], dict[str, Any]] | None = None) -> None:  # fmt: skip
+        """`report`: this node's whole inventory (held slots too) for peers that ask; default `inventory()`."""
         self.node, self.slot_source, self.on_protected = node, slot_source, on_protected
+        self.report = report or self.inventory
         self.plans: dict[str, tuple[ProtectPlan, ErasurePlan]] = {}
         self.current: str | None = None
         self.secret = ""  # the running incarnation's: what peers and workers must present
@@ -207,6 +210,12 @@ class Protector:
         served to the workers that know the running incarnation's `secret`."""
         with self._lock:
             self.current, self.secret = None, secret
+
+    def newest_plan(self) -> ProtectPlan | None:
+        """The plan of the newest incarnation this keeper coded for."""
+        with self._lock:
+            plans = [p for p, _ in self.plans.values()]
+        return max(plans, key=lambda p: p.created, default=None)
 
     def protected_step(self) -> int:
         with self._lock:
@@ -321,6 +330,8 @@ class Protector:
             return self._parity_done(str(header["token"]), int(header["step"]), int(header["stripe"]), int(header["parity"])), None
         if op == "fetch":
             return {}, self._fetch(header)
+        if op == "inventory":
+            return {"inventory": self.report()}, None
         if op == "meta_of":
             return {"meta": self.meta_of(str(header["token"]), int(header["step"]), str(header["node"]))}, None
         raise ValueError(f"unknown peer request {op!r}")

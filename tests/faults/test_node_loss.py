@@ -72,7 +72,9 @@ def test_a_lost_node_comes_back_from_memory_on_fewer_nodes(tmp_path, reference):
         log = cluster.output(0)
     (source, step), = [r for r in resumes(cluster) if r[0] != "fresh start"]
     assert source == "peer keepers' memory" and step >= 8 - 2, log[-3000:]  # one step in flight, one being coded
-    assert "decoding node2" in log and "world 6 -> 4" in log
+    # node1's keeper decoded node2's ranks while the job restarted; the workers read them as held copies
+    assert "lost node2" in log and "world 6 -> 4" in log
+    assert "rebuilt from peers' memory while the job restarted: rank 4 by node1's keeper" in log, log[-3000:]
     assert not list(tmp_path.glob("run/checkpoints/step-*")), "no disk checkpoint was asked for"
     assert_matches(latest_losses(cluster.run_dir), reference)
 

@@ -16,6 +16,7 @@ from resurgo.checkpoint.peer_plan import Inventory, choose
 from resurgo.checkpoint.peer_recovery import replica_sets
 from resurgo.checkpoint.peer_restore import PeerReader, fill_targets, merged_trees
 from resurgo.checkpoint.protector import ProtectPlan, Protector
+from resurgo.checkpoint.rebuild import plan_rebuild, probe, rebuild_rank, rebuilder
 
 SHAPES = {"model/w": (13, 7), "model/b": (5,), "optim/step": ()}  # 13 rows: uneven on any world size
 
@@ -223,3 +224,33 @@ def test_a_failed_recovery_keeps_the_incarnation_it_read():
 def test_replica_sets_follow_the_mesh():
     assert replica_sets({"pp": 1, "dp_replicate": 2, "dp_shard": 2, "tp": 1}, 4) == ((0, 2), (1, 3))
     assert replica_sets({"pp": 1, "dp_replicate": 1, "dp_shard": 4, "tp": 1}, 4) == ()
+
+
+def test_a_survivor_rebuilds_a_lost_nodes_ranks_ahead_and_recovery_reads_them_as_held(cluster):
+    c = cluster(nodes=3, per_node=1, k=2, m=1)
+    c.snapshot(1)
+    c.snapshot(2)
+    c.lose("node2")
+    own = c.inventories()["node0"].data
+    assert set(probe(c.plan, node="node0", own=own)) == {"node0", "node1"}  # node2's keeper does not answer
+    inventories = c.inventories()
+    assert plan_rebuild(inventories, node="node0")[1] == []
+    chosen, ranks = plan_rebuild(inventories, node="node1")  # the survivor nearest before node2
+    assert ranks == [2]
+    held = lambda rank, at: (c.slots["node1"].get((rank, at)) or (None, None))[1]  # noqa: E731
+    done, data = rebuild_rank(chosen, inventories, rank=2, node="node1", local=held, allocate=lambda n: np.zeros(n, dtype=np.uint8))
+    layout, slot = rank_slot(2, 3, 2)
+    assert (done.step, done.layout.digest) == (2, layout.digest) and done.tree == {"train": {"step": 2, "rank": 2}}
+    np.testing.assert_array_equal(data, slot)
+    c.slots["node1"][(2, 2)] = (done.layout, data)  # what the keeper then holds and reports
+    assert plan_rebuild(c.inventories(), node="node1")[1] == []  # held now: nothing left to rebuild
+    reader = assert_restores(c, step=2, new_world=2, on="node1")
+    assert reader.decoded == 0
+
+
+def test_the_rebuilder_is_the_nearest_survivor_before_the_lost_node_else_after():
+    nodes = ["a", "b", "c", "d"]
+    assert rebuilder(nodes, "d", ["a", "b", "c"]) == "c"
+    assert rebuilder(nodes, "a", ["b", "c", "d"]) == "b"
+    assert rebuilder(nodes, "c", ["a", "d"]) == "a"
+    assert rebuilder(nodes, "b", []) is None
