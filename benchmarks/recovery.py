@@ -13,7 +13,9 @@ Simulated nodes on this machine (`LocalCluster`: a keeper and a torchrun agent e
 For 2 and 3 it prints, from the nodes' logs and metrics, the time from the kill to: the survivors'
 workers failing (detection), the restarted workers starting to restore (re-rendezvous, start-up,
 model build), the end of the restore (decode + reshard, or load), the first completed step; and the
-steps of work lost.
+steps of work lost. The survivors' keepers decode the lost node's ranks while the workers restart
+(checkpoint/rebuild.py); the restore then reads them as held copies, and the line `decode:` says
+how long that took.
 
     python benchmarks/recovery.py --gb 1.0
 """
@@ -110,6 +112,7 @@ def overhead_run(args: argparse.Namespace, root: Path, *, parity: int) -> Overhe
 
 _PY_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", re.M)
 _GLOG_FAIL = re.compile(r"^E(\d\d)(\d\d) (\d\d:\d\d:\d\d\.\d+) .*failed \(exitcode", re.M)
+_REBUILT = re.compile(r"rebuilt from peers' memory while the job restarted: ([^;]*)")
 _RESUME = re.compile(r"^\[(?P<t>[^\]]+)\]\[[^\]]+\]\[INFO\] - resume: (?P<what>.*) in (?P<s>[\d.]+) s$", re.M)
 
 
@@ -205,6 +208,8 @@ def main() -> None:
     memory, disk = rows
     print(f"restore from memory {memory.restore_s:.2f} s vs disk {disk.restore_s:.2f} s: "
           f"{disk.restore_s / memory.restore_s:.1f}x faster (target >= 5x)")
+    ahead = _REBUILT.search(memory.detail)
+    print(f"decode: {'by ' + ahead[1] + ' while the workers restarted (inside the restart column, off the critical path)' if ahead else 'inside the restore'}")
     print(f"work lost: memory {memory.lost_steps} step(s) (snapshot_every=1), disk {disk.lost_steps} (checkpoint.every={args.every})")
     print(f"memory: {memory.detail}\ndisk: {disk.detail}")
 

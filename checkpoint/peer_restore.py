@@ -11,6 +11,7 @@ reads in flight at once, so the survivors' memories are read in parallel.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -35,7 +36,7 @@ from .scratch import scratch
 
 LocalSlot = Callable[[int, int], "np.ndarray | None"]  # (old rank, step) -> its slot in this node's keeper
 READ_BYTES = 16 * 2**20  # one read request: small enough to spread a tensor over the reading threads
-READ_THREADS = 4
+READ_THREADS = max(2, min(4, os.cpu_count() or 1))  # reads in flight; more threads than cores only contend
 _SCRATCH = 8  # scratch slots from here on: survivors received for a decode, one per stripe position
 
 

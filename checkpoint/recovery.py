@@ -125,6 +125,7 @@ class Protection:
 
     def resume(self) -> Resumed:
         """Restore the newest step every rank can rebuild (collective); logs the source on rank 0."""
+        self.comm.all_gather(None)  # the logged time is the restore's, not the wait for the slowest rank's start-up
         start = time.perf_counter()
         spec = self.cfg.checkpoint.resume
         # After a restart the run's own progress is newer than whatever checkpoint.resume names.
@@ -163,7 +164,9 @@ class Protection:
         return Resumed("safetensors", 0, str(source))
 
     def _from_memory(self) -> Resumed | None:
-        held = self._keeper("holdings").get("steps", [])
+        reply = self._keeper("holdings")
+        # Snapshots of another layout (the topology changed) are for the peers' path, not this one.
+        held = reply.get("steps", []) if reply and reply.get("digest") == self.capture.current_layout().digest else []
         common = set.intersection(*[set(h) for h in self.comm.all_gather(held)])
         if not common:
             return None

@@ -195,6 +195,13 @@ def test_decode_matrix_for_one_loss_is_xor() -> None:
     assert (matrix == 1).all()
 
 
+def test_is_xor_holds_for_parity_zero_only() -> None:
+    """A data buffer rebuilt from the XOR parity is the XOR of the survivors; from another parity it is not."""
+    assert erasure.is_xor(3, 2, have=(1, 2, 3), want=0)
+    assert not erasure.is_xor(3, 2, have=(1, 2, 4), want=0)
+    assert erasure.is_xor(4, 1, have=(0, 1, 2, 3), want=4)  # parity 0 itself
+
+
 def test_decode_into_preallocated_buffers() -> None:
     stripe, b = _stripe_and_buffers()
     out = {0: np.empty(8, np.uint8), 3: np.empty(8, np.uint8)}
