@@ -209,7 +209,7 @@ def main() -> None:
     print(f"restore from memory {memory.restore_s:.2f} s vs disk {disk.restore_s:.2f} s: "
           f"{disk.restore_s / memory.restore_s:.1f}x faster (target >= 5x)")
     ahead = _REBUILT.search(memory.detail)
-    print(f"decode: {'by ' + ahead[1] + ' while the workers restarted (inside the restart column, off the critical path)' if ahead else 'inside the restore'}")
+    print(f"decode: {ahead[1] + ', while the workers restarted (inside the restart column, off the critical path)' if ahead else 'inside the restore'}")
     print(f"work lost: memory {memory.lost_steps} step(s) (snapshot_every=1), disk {disk.lost_steps} (checkpoint.every={args.every})")
     print(f"memory: {memory.detail}\ndisk: {disk.detail}")
 
