@@ -19,6 +19,12 @@ from .plan import ReadPlan, plan_reads
 from .reader import Checkpoint, ReadRequest, read_fragments
 
 
+def _written_by(meta) -> list[str]:
+    """The model config and library versions the trainer's train state recorded, when it did."""
+    train = meta.states.of_rank(0).get("train", {}) if meta.states.trees else {}
+    return [f"{key:<11} {json.dumps(train[key], sort_keys=True)}" for key in ("model", "versions") if key in train]
+
+
 def describe(checkpoint: Checkpoint) -> str:
     """Step, saving topology, and every tensor with its shape, dtype, bytes and how it was placed."""
     meta = checkpoint.meta
@@ -28,6 +34,7 @@ def describe(checkpoint: Checkpoint) -> str:
         f"format      {meta.format_version}",
         f"topology    {json.dumps(dict(meta.topology), sort_keys=True)}",
         f"compression {meta.compression}",
+        *_written_by(meta),
         f"tensors     {len(meta.arrays)} ({_bytes(sum(a.nbytes for a in meta.arrays.values()))})",
         "",
         f"{'name':<48} {'shape':<18} {'dtype':<9} {'bytes':>10}  {'shards':<14} {'chunks':<14} placement",

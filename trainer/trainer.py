@@ -8,7 +8,7 @@ there), `after_optimizer_step` the first moment the new ones exist (a snapshot b
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -64,7 +64,7 @@ class Trainer:
         )
         # One optimizer per stage module: state stays keyed by the module that owns the parameter.
         self.optimizers = [build_optimizer(list(m.parameters()), cfg.optim, device=env.device) for m in self.parts.modules]
-        self.progress = TrainProgress(seed=t.seed, rank=env.rank, topology=self.dims.as_dict())
+        self.progress = TrainProgress(seed=t.seed, rank=env.rank, topology=self.dims.as_dict(), model=asdict(cfg.model))
         self.hooks: list[StepHook] = []
         self.metric_sources: list[Callable[[], dict[str, float]]] = []  # more numbers for each logged record
         flops_per_token = 6 * count_params(cfg.model) + 12 * cfg.model.n_layers * cfg.model.dim * t.seq_len

@@ -88,6 +88,15 @@ def test_plain_zarr_reads_a_full_parameter(uninterrupted):
     assert weight.shape == (64, 64) and weight.dtype == np.float32 and np.isfinite(weight).all()
 
 
+def test_metadata_records_the_model_config_and_library_versions(uninterrupted):
+    from resurgo.checkpoint.metadata import read_metadata
+
+    meta = read_metadata(uninterrupted / "ckpt" / "step-00000010")
+    train = meta.states.of_rank(0)["train"]
+    assert train["model"]["dim"] == 64 and train["model"]["n_layers"] == 4
+    assert {"python", "torch", "zarr", "numcodecs"} <= set(train["versions"])
+
+
 def test_export_to_safetensors_then_initialize_a_run_on_another_topology(uninterrupted, tmp_path):
     import subprocess
     import sys

@@ -71,6 +71,14 @@ def test_round_trip_writes_every_chunk(ckpt):
     assert all(torch.equal(state.state[n], t) for n, t in _tensors().items())
 
 
+def test_keep_prunes_to_the_newest_and_latest_resolves_the_newest(tmp_path):
+    saver = _checkpointer(tmp_path, TensorState(_tensors()))  # keep=2
+    for step in (1, 2, 3, 4):
+        saver.save(step)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000003", "step-00000004"]
+    assert latest(tmp_path) == tmp_path / "step-00000004"
+
+
 def test_truncated_shard(ckpt):
     shard = ckpt / "t/a/c/0/0"
     shard.write_bytes(shard.read_bytes()[:10])
