@@ -149,10 +149,11 @@ class Keeper:
         if self.protector is not None:
             self.protector.stop()
         with self._cond:
-            for held in [*self.ranks.values(), *self.rebuilt.values()]:
+            for held in self.ranks.values():
                 _free(held)
             self.ranks.clear()
-            self.rebuilt.clear()
+            for lost in list(self.rebuilt):
+                self._drop_rebuilt(lost)
         if self._sock is not None:
             self._sock.close()
             socket_path(self.rid).unlink(missing_ok=True)
@@ -254,7 +255,7 @@ class Keeper:
     def _inventory(self) -> dict[str, Any]:
         """Every held rank's complete steps, layout and JSON state (rebuilt ones too), plans, parity."""
         with self._cond:
-            held = {**{r: h for r, h in self.rebuilt.items() if r not in self.ranks}, **self.ranks}
+            held = {**self.rebuilt, **self.ranks}  # a rank registered here is served from its own slots
             ranks = {str(r): {"steps": h.complete_steps(), "digest": h.layout.digest, "layout": h.layout.to_json(),
                               "trees": {str(s.step): s.tree for s in h.slots if s.status == COMPLETE}}
                      for r, h in held.items()}  # fmt: skip
@@ -287,7 +288,7 @@ class Keeper:
                 _free(self.ranks.pop(stale))
             # A new incarnation snapshots only after every rank resumed: nobody reads rebuilt ranks now.
             for lost in [r for r, h in self.rebuilt.items() if not any(s.pins for s in h.slots)]:
-                _free(self.rebuilt.pop(lost))
+                self._drop_rebuilt(lost)
         self.local_world = int(msg["local_world_size"])
         self.target = StoreTarget.from_json(msg["store"]) if msg.get("store") else None
         held = self.ranks.get(rank)
@@ -366,13 +367,15 @@ class Keeper:
             raise KeeperError(f"rank {msg['rank']} is not registered with this keeper (it was restarted): register again")
         return held
 
+    def _held(self, rank: int) -> RankSlots | None:
+        """A rank's slots: its own registration here, else a rebuilt copy of a lost node's rank."""
+        return self.ranks.get(rank) or self.rebuilt.get(rank)
+
     def _complete(self, msg: dict[str, Any]) -> tuple[RankSlots, Slot]:
         """A complete snapshot of a held rank (its own or, for a recovery, a rebuilt one)."""
-        rebuilt = self.rebuilt.get(int(msg["rank"]))
-        slot = rebuilt.find(int(msg["step"])) if rebuilt else None
-        if rebuilt is not None and slot is not None and int(msg["rank"]) not in self.ranks:
-            return rebuilt, slot
-        held = self._rank(msg)
+        held = self._held(int(msg["rank"]))
+        if held is None:
+            raise KeeperError(f"rank {msg['rank']} is not registered with this keeper (it was restarted): register again")
         slot = held.find(int(msg["step"]))
         if slot is None:
             raise KeeperError(f"rank {held.rank} has no complete snapshot of step {msg['step']} (held: {held.complete_steps()})")
@@ -443,11 +446,9 @@ class Keeper:
     def _slot_bytes(self, rank: int, step: int) -> Any:
         """A held rank's complete snapshot of `step` (for a peer's recovery), None if not held."""
         with self._cond:
-            for held in (self.ranks.get(rank), self.rebuilt.get(rank) if rank not in self.ranks else None):
-                slot = held.find(step) if held else None
-                if slot is not None and held is not None:
-                    return slot.segment.array()[: held.layout.nbytes]
-            return None
+            held = self._held(rank)
+            slot = held.find(step) if held else None
+            return slot.segment.array()[: held.layout.nbytes] if slot is not None and held is not None else None
 
     # ---- rebuilding lost ranks (called with the lock held) ----------------------------------
 
@@ -482,10 +483,14 @@ class Keeper:
                 self._rebuilding = False
                 self._cond.notify_all()
 
+    def _drop_rebuilt(self, rank: int) -> None:
+        _free(self.rebuilt.pop(rank))
+        self._rebuild_s.pop(rank, None)
+
     def _rebuild_rank(self, chosen: Any, inventories: Any, rank: int) -> None:
         with self._cond:
             if rank in self.rebuilt:
-                _free(self.rebuilt.pop(rank))
+                self._drop_rebuilt(rank)
         segments: list[shm.Segment] = []
 
         def allocate(nbytes: int) -> Any:

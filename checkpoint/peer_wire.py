@@ -19,10 +19,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
+from .scratch import scratch
 
 log = logging.getLogger(__name__)
 
+_RECEIVE_SLOT = 3  # the scratch buffer a serving thread receives payloads into
 _HEAD = struct.Struct("!IQ")  # header bytes, payload bytes
 MAX_HEADER = 64 * 2**20
 
@@ -56,22 +57,10 @@ def send_frame(sock: socket.socket, header: dict[str, Any], payload: bytes | mem
         sock.sendall(data)
 
 
-class Scratch:
-    """One reusable receive buffer: a server's connection handles a payload before it reads the next."""
-
-    def __init__(self) -> None:
-        self._buf = np.empty(0, dtype=np.uint8)
-
-    def view(self, nbytes: int) -> memoryview:
-        if self._buf.size < nbytes:
-            self._buf = np.empty(nbytes, dtype=np.uint8)
-        return memoryview(self._buf[:nbytes])
-
-
-def recv_frame(sock: socket.socket, *, into: memoryview | None = None, scratch: Scratch | None = None) -> tuple[dict[str, Any], memoryview] | None:
+def recv_frame(sock: socket.socket, *, into: memoryview | None = None, reuse: bool = False) -> tuple[dict[str, Any], memoryview] | None:
     """The next frame, or None when the peer closed the connection between frames; a payload of
-    exactly `into`'s size is received straight into it (no copy), others into `scratch` when given
-    (valid until the next frame), else into a new buffer."""
+    exactly `into`'s size is received straight into it (no copy), others, with `reuse`, into this
+    thread's receive buffer (valid until its next frame), else into a new buffer."""
     head = _recv_exact(sock, _HEAD.size, eof_ok=True)
     if head is None:
         return None
@@ -79,7 +68,9 @@ def recv_frame(sock: socket.socket, *, into: memoryview | None = None, scratch: 
     if hlen > MAX_HEADER:
         raise PeerError(f"a peer sent a {hlen}-byte header: not a resurgo keeper, or a different version")
     header = json.loads(bytes(_recv_exact(sock, hlen)))
-    target = into if into is not None and into.nbytes == plen else scratch.view(plen) if scratch is not None else None
+    target = into if into is not None and into.nbytes == plen else None
+    if target is None and reuse:
+        target = memoryview(scratch(plen, slot=_RECEIVE_SLOT))
     payload = _recv_exact(sock, plen, into=target) if plen else memoryview(b"")
     return header, payload
 
@@ -178,9 +169,8 @@ class PeerServer:
 
     def _serve(self, conn: socket.socket) -> None:
         first, background, mark = True, False, time.thread_time()
-        scratch = Scratch()  # a handler is done with a payload before the next frame is read
-        try:
-            while (frame := recv_frame(conn, scratch=scratch)) is not None:
+        try:  # a handler is done with a payload before the next frame is read: reuse one buffer
+            while (frame := recv_frame(conn, reuse=True)) is not None:
                 header, payload = frame
                 if first and header.get("op") in self.background:
                     background_priority()
