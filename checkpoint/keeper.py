@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import rebuild, shm
+from . import rebuild, shm, stage
 from .keeper_protocol import (
     PROTOCOL_VERSION, KeeperError, SlotLayout, StoreTarget, decode, encode, lock_path, node_id, run_id, segment_name, socket_path,
 )  # fmt: skip
+from .peer_plan import choose
+from .peer_restore import PeerReader
 from .protector import ProtectPlan, Protector
 from .reclaim import reclaim_stale, try_lock
 from .slots import COMPLETE, DEFAULT_SLOTS, FREE, WRITING, PersistJob, RankData, RankSlots, Slot, choose_slot, newest_common
@@ -34,10 +36,24 @@ log = logging.getLogger(__name__)
 WAIT_S = 900.0  # longest a required snapshot or a finishing worker waits for a persist
 REBUILD_WAIT_S = 120.0  # longest an inventory waits for a rebuild of lost ranks to finish
 REBUILT_SLOT = -1  # the segment name's slot index of a lost rank rebuilt here
+STAGED_SLOT = -2  # and of the first piece of an old rank staged here (the next ones count down)
 
 
 class KeeperRunning(RuntimeError):
     """Another keeper of this run already serves this node."""
+
+
+@dataclass
+class _Staged:
+    """Spans of one old rank's slot staged here for a restore (stage.py): its description and pieces."""
+
+    layout: SlotLayout
+    tree: Any
+    pieces: list[tuple[stage.Staged, Slot]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def covered(self) -> list[stage.Span]:
+        return stage.merge([(a, b) for staged, _ in self.pieces for a, b, _ in staged.spans])
 
 
 @dataclass
@@ -61,6 +77,9 @@ class Keeper:
         self.rebuilt: dict[int, RankSlots] = {}  # lost nodes' ranks decoded here (rebuild.py), apart from ours
         self._rebuild_s: dict[int, float] = {}
         self._rebuilding = False
+        self.staged: dict[int, _Staged] = {}  # other nodes' old ranks, the spans this node's restore reads
+        self._stage_requests: list[tuple[int, dict[str, int]]] = []
+        self._staging = False
         self.local_world: int | None = None
         self.token = ""
         self.target: StoreTarget | None = None
@@ -154,6 +173,7 @@ class Keeper:
             self.ranks.clear()
             for lost in list(self.rebuilt):
                 self._drop_rebuilt(lost)
+            self._drop_staged(force=True)
         if self._sock is not None:
             self._sock.close()
             socket_path(self.rid).unlink(missing_ok=True)
@@ -246,9 +266,9 @@ class Keeper:
         return {"describe": plan.describe()}
 
     def _op_inventory(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        """What this node holds for a recovery, once a rebuild of lost ranks under way has finished."""
+        """What this node holds for a recovery, once a rebuild or staging under way has finished."""
         deadline = time.monotonic() + REBUILD_WAIT_S
-        while self._rebuilding and time.monotonic() < deadline:
+        while (self._rebuilding or self._staging) and time.monotonic() < deadline:
             self._cond.wait(timeout=1.0)
         return self._inventory()
 
@@ -260,25 +280,55 @@ class Keeper:
                               "trees": {str(s.step): s.tree for s in h.slots if s.status == COMPLETE}}
                      for r, h in held.items()}  # fmt: skip
             rebuilt = {str(r): round(self._rebuild_s[r], 3) for r in self.rebuilt if r not in self.ranks}
-        return {"ranks": ranks, "rebuilt": rebuilt, **(self.protector.inventory() if self.protector else {"node": self.node})}
+            staged = {"mb": sum(s.nbytes for h in self.staged.values() for s, _ in h.pieces) / 1e6,
+                      "seconds": sum(h.seconds for h in self.staged.values())} if self.staged else {}  # fmt: skip
+        return {"ranks": ranks, "rebuilt": rebuilt, "staged": staged, **(self.protector.inventory() if self.protector else {"node": self.node})}
 
     def _op_holdings(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         held = self.ranks.get(int(msg["rank"]))
         return {"steps": held.complete_steps() if held else [], "digest": held.layout.digest if held else None}
 
     def _op_read(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        """A held snapshot's segment (pinned until unpinned), else the spans of it staged here."""
+        staged = self._staged(msg)
+        if staged is not None:
+            for _, slot in staged.pieces:
+                slot.pins += 1
+                conn.reads.append(slot)
+            pieces = [{"segment": slot.segment.name, "spans": s.to_json()} for s, slot in staged.pieces]
+            return {"staged": pieces, "layout": staged.layout.to_json(), "tree": staged.tree}
         held, slot = self._complete(msg)
         slot.pins += 1
         conn.reads.append(slot)
         return {"segment": slot.segment.name, "layout": held.layout.to_json(), "tree": slot.tree}
 
     def _op_unpin(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        _, slot = self._complete(msg)
-        if slot in conn.reads:
-            conn.reads.remove(slot)
-            slot.pins -= 1
-            self._cond.notify_all()
+        staged = self._staged(msg)
+        for slot in [slot for _, slot in staged.pieces] if staged is not None else [self._complete(msg)[1]]:
+            if slot in conn.reads:
+                conn.reads.remove(slot)
+                slot.pins -= 1
+        self._cond.notify_all()
         return {}
+
+    def _staged(self, msg: dict[str, Any]) -> _Staged | None:
+        """The spans staged here of an old rank's step that this keeper does not hold whole."""
+        rank, step = int(msg["rank"]), int(msg["step"])
+        held = self._held(rank)
+        if held is not None and held.find(step) is not None:
+            return None
+        staged = self.staged.get(rank)
+        return staged if staged is not None and staged.pieces and staged.pieces[0][0].step == step else None
+
+    def _op_stage(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        """A restarted worker's new rank and topology: fetch what its restore will read from peers now."""
+        if self.protector is None or self.protector.newest_plan() is None:
+            return {"staging": False}
+        self._stage_requests.append((int(msg["rank"]), {str(a): int(n) for a, n in msg["topology"].items()}))
+        if not self._staging:
+            self._staging = True
+            threading.Thread(target=self._stage_loop, name="resurgo-keeper-stage", daemon=True).start()
+        return {"staging": True}
 
     def _op_register(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         rank, layout, token = int(msg["rank"]), SlotLayout.from_json(msg["layout"]), str(msg["token"])
@@ -289,6 +339,7 @@ class Keeper:
             # A new incarnation snapshots only after every rank resumed: nobody reads rebuilt ranks now.
             for lost in [r for r, h in self.rebuilt.items() if not any(s.pins for s in h.slots)]:
                 self._drop_rebuilt(lost)
+            self._drop_staged()
         self.local_world = int(msg["local_world_size"])
         self.target = StoreTarget.from_json(msg["store"]) if msg.get("store") else None
         held = self.ranks.get(rank)
@@ -510,6 +561,82 @@ class Keeper:
             self._rebuild_s[rank] = done.seconds
         log.info("rebuilt lost rank %d's snapshot of step %d (%.1f MB) from peers' memory in %.2f s",
                  rank, done.step, done.layout.nbytes / 1e6, done.seconds)  # fmt: skip
+
+    # ---- staging what a restore will read (stage.py) ------------------------------------------
+
+    def _stage_loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._rebuilding:  # a rebuilt rank is held whole: nothing of it to stage
+                    self._cond.wait(timeout=1.0)
+                requests, self._stage_requests = self._stage_requests, []
+                if not requests:
+                    self._staging = False
+                    self._cond.notify_all()
+                    return
+            try:
+                self._stage(requests)
+            except Exception:
+                log.exception("staging for the restore failed: the restore reads from peers itself")
+
+    def _stage(self, requests: list[tuple[int, dict[str, int]]]) -> None:
+        assert self.protector is not None
+        plan = self.protector.newest_plan()
+        inventories = rebuild.probe(plan, node=self.node, own=self._inventory()) if plan else None
+        chosen, _ = choose(list(inventories.values()), current="") if inventories else (None, "")
+        if chosen is None:
+            return
+        reader = PeerReader(chosen, inventories, secret=chosen.plan.secret, node=self.node, local=self._slot_bytes)
+        try:
+            by_topology: dict[tuple[tuple[str, int], ...], list[int]] = {}
+            for rank, topology in requests:
+                by_topology.setdefault(tuple(topology.items()), []).append(rank)
+            for topology, ranks in by_topology.items():
+                held = lambda r: self._slot_bytes(r, chosen.step) is not None  # noqa: E731
+                for old, spans in stage.staging_spans(reader, topology=dict(topology), ranks=ranks, held=held).items():
+                    self._stage_spans(reader, old, spans)
+        finally:
+            reader.close()
+
+    def _stage_spans(self, reader: PeerReader, rank: int, spans: list[stage.Span]) -> None:
+        step, layout, tree = reader.chosen.step, reader.layout(rank), reader.tree(rank)
+        with self._cond:
+            staged = self.staged.get(rank)
+            if staged is not None and staged.pieces and staged.pieces[0][0].step != step:
+                self._drop_staged(rank=rank, force=True)
+                staged = None
+            if staged is None:
+                staged = self.staged[rank] = _Staged(layout, tree)
+            spans = stage.subtract(spans, staged.covered())
+            index = STAGED_SLOT - len(staged.pieces)
+        if not spans:
+            return
+        segments: list[shm.Segment] = []
+
+        def allocate(nbytes: int) -> Any:
+            segments.append(shm.Segment.create(segment_name(self.rid, keeper_id=self.keeper_id, rank=rank, slot=index), nbytes))
+            return segments[-1].array()[:nbytes]
+
+        try:
+            done, _, seconds = stage.stage_rank(reader, rank=rank, spans=spans, allocate=allocate)
+        except BaseException:
+            for segment in segments:
+                shm.unlink(segment.name)
+                segment.close()
+            raise
+        with self._cond:
+            staged.pieces.append((done, Slot(index, segments[0], step=step, status=COMPLETE, tree=staged.tree)))
+            staged.seconds += seconds
+        log.info("staged %.1f MB of old rank %d's step %d for the restore in %.2f s", done.nbytes / 1e6, rank, step, seconds)
+
+    def _drop_staged(self, *, rank: int | None = None, force: bool = False) -> None:
+        """Free staged spans (of `rank`, else of every old rank) that no restore reads now (or all: `force`)."""
+        for r in [rank] if rank is not None else list(self.staged):
+            staged = self.staged[r]
+            if force or not any(slot.pins for _, slot in staged.pieces):
+                for _, slot in self.staged.pop(r).pieces:
+                    shm.unlink(slot.segment.name)
+                    slot.segment.close()
 
     def _notify(self) -> None:
         with self._cond:

@@ -21,6 +21,7 @@ import torch
 from .errors import CheckpointError
 from .keeper_protocol import Client, KeeperError, KeeperGone, SlotLayout, lock_path, run_id, socket_path
 from .shm import Segment
+from .stage import Staged
 
 log = logging.getLogger(__name__)
 
@@ -116,38 +117,59 @@ class KeeperLink:
 
 class HeldSlots:
     """Complete slots this node's keeper holds for any rank, read straight from its shared memory: a
-    recovery copies its own node's old ranks without a socket. Each slot stays pinned and mapped until
-    `close` (mapped apart from the link's own maps: the keeper reuses segment names for new slots)."""
+    recovery copies its own node's old ranks without a socket, and the spans of other nodes' old
+    ranks its keeper staged ahead (`span`). Each stays pinned and mapped until `close` (mapped apart
+    from the link's own maps: the keeper reuses segment names for new slots)."""
 
     def __init__(self, link: KeeperLink) -> None:
         self.link = link
-        self._open: dict[tuple[int, int], np.ndarray | None] = {}
+        self._open: dict[tuple[int, int], tuple[np.ndarray | None, list[tuple[Staged, np.ndarray]]]] = {}
         self._segments: list[Segment] = []
         self._lock = threading.Lock()
 
     def __call__(self, rank: int, step: int) -> np.ndarray | None:
-        """Rank `rank`'s slot bytes of `step`, None when this keeper does not hold them."""
+        """Rank `rank`'s slot bytes of `step`, None when this keeper does not hold them whole."""
+        return self._find(rank, step)[0]
+
+    def span(self, rank: int, step: int, offset: int, nbytes: int) -> np.ndarray | None:
+        """Bytes [offset, offset+nbytes) of rank `rank`'s slot of `step`, None unless held or staged here."""
+        whole, staged = self._find(rank, step)
+        if whole is not None:
+            return whole[offset : offset + nbytes] if offset + nbytes <= whole.size else None
+        for piece, data in staged:
+            if (at := piece.find(offset, nbytes)) is not None:
+                return data[at : at + nbytes]
+        return None
+
+    def _find(self, rank: int, step: int) -> tuple[np.ndarray | None, list[tuple[Staged, np.ndarray]]]:
         with self._lock:
             if (rank, step) not in self._open:
                 self._open[(rank, step)] = self._map(rank, step)
             return self._open[(rank, step)]
 
-    def _map(self, rank: int, step: int) -> np.ndarray | None:
+    def _map(self, rank: int, step: int) -> tuple[np.ndarray | None, list[tuple[Staged, np.ndarray]]]:
         try:
             reply = self.link.request("read", rank=rank, step=step)
         except (KeeperGone, KeeperError):
-            return None
+            return None, []
         try:
+            if "staged" in reply:
+                pieces = []
+                for piece in reply["staged"]:
+                    segment = Segment.attach(piece["segment"])
+                    self._segments.append(segment)
+                    pieces.append((Staged.from_json(rank, step, piece["spans"]), segment.array()))
+                return None, pieces
             segment = Segment.attach(reply["segment"])
         except CheckpointError:
-            return None
+            return None, []
         self._segments.append(segment)
-        return segment.array()[: SlotLayout.from_json(reply["layout"]).nbytes]
+        return segment.array()[: SlotLayout.from_json(reply["layout"]).nbytes], []
 
     def close(self) -> None:
         with self._lock:
-            for (rank, step), view in self._open.items():
-                if view is not None:
+            for (rank, step), (whole, staged) in self._open.items():
+                if whole is not None or staged:
                     try:
                         self.link.request("unpin", rank=rank, step=step)
                     except (KeeperGone, KeeperError):

@@ -26,7 +26,7 @@ from .flatten import flatten, restore
 from .layout import fragment_of
 from .manager import _local
 from .peer_plan import Inventory, choose
-from .peer_restore import LocalSlot, PeerReader, fill_targets, merged_trees
+from .peer_restore import LocalSlot, LocalSpan, PeerReader, fill_targets, merged_trees
 from .peer_wire import PeerError
 from .protector import ProtectPlan
 
@@ -108,9 +108,9 @@ class PeerResume:
 
 def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, token: str, secret: str,
                       states: Mapping[str, Any], topology: Mapping[str, int], node: str | None = None,
-                      local: LocalSlot | None = None) -> PeerResume:  # fmt: skip
+                      local: LocalSlot | None = None, staged: LocalSpan | None = None) -> PeerResume:  # fmt: skip
     """Load the newest step the surviving keepers can rebuild (collective); `local` reads `node`'s own
-    keeper from shared memory."""
+    keeper from shared memory, `staged` the spans it fetched ahead (`stage_ahead`)."""
     start = time.perf_counter()
     report = keeper("inventory") if local_rank == 0 else None
     inventories = {i.node: i for i in (Inventory(r) for r in comm.all_gather(report) if r)}
@@ -120,7 +120,7 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
         if comm.rank == 0 and protected:
             log.warning("peer memory cannot rebuild a step: %s", why)
         return PeerResume(None, why, lost=protected)
-    reader = PeerReader(chosen, inventories, secret=secret, node=node, local=local)
+    reader = PeerReader(chosen, inventories, secret=secret, node=node, local=local, staged=staged)
     planned = time.perf_counter()
     templates = {key: state.state_dict() for key, state in states.items()}
     templated = time.perf_counter()
@@ -172,11 +172,30 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
     ahead = [f"rank {s.via} by {s.node}'s keeper in {inventories[s.node].data['rebuilt'][str(s.via)]:.2f} s"
              for s in chosen.sources.values() if s.kind == "held" and str(s.via) in inventories[s.node].data.get("rebuilt", {})]  # fmt: skip
     rebuilt = f"; rebuilt from peers' memory while the job restarted: {', '.join(ahead)}" if ahead else ""
+    staging = [f"{inv.data['staged']['mb']:.1f} MB by {n}'s keeper in {inv.data['staged']['seconds']:.2f} s"
+               for n, inv in inventories.items() if inv.data.get("staged")]  # fmt: skip
+    rebuilt += f"; staged from peers while the workers started: {', '.join(staging)}" if staging else ""
     detail = (f"{chosen.describe()}{rebuilt}; {total['local']:.1f} MB copied from this node's keeper, {total['peers']:.1f} MB read "
               f"from peers, {total['decoded']:.1f} MB of it decoded; slowest rank: plan {slow['plan']:.2f} s, templates "
               f"{slow['templates']:.2f} s, read {slow['read']:.2f} s ({reader.threads} threads: fetch {slow['fetch']:.2f}, "
               f"decode {slow['decode']:.2f} thread-s), load {slow['load']:.2f} s")  # fmt: skip
     return PeerResume(chosen.step, detail)
+
+
+def stage_ahead(run_dir: Any, *, rank: int, topology: Mapping[str, int]) -> bool:
+    """Tell this node's keeper the rank and topology this worker restarts with, so that it fetches
+    what the restore will read from other nodes while the model is built (stage.py); False when no
+    keeper takes it (none runs, or it knows no earlier incarnation)."""
+    from .keeper_protocol import Client, KeeperError, KeeperGone, run_id, socket_path
+
+    try:
+        client = Client(socket_path(run_id(run_dir)), timeout=30.0)
+        try:
+            return bool(client.request("stage", rank=rank, topology=dict(topology)).get("staging"))
+        finally:
+            client.close()
+    except (KeeperGone, KeeperError, OSError):
+        return False
 
 
 def previous_topology(run_dir: Any, *, comm: Comm) -> dict[str, int] | None:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -35,6 +36,7 @@ from .scratch import scratch
 
 
 LocalSlot = Callable[[int, int], "np.ndarray | None"]  # (old rank, step) -> its slot in this node's keeper
+LocalSpan = Callable[[int, int, int, int], "np.ndarray | None"]  # (old rank, step, offset, nbytes) -> bytes staged here
 READ_BYTES = 16 * 2**20  # one read request: small enough to spread a tensor over the reading threads
 READ_THREADS = max(2, min(4, os.cpu_count() or 1))  # reads in flight; more threads than cores only contend
 _SCRATCH = 8  # scratch slots from here on: survivors received for a decode, one per stripe position
@@ -43,14 +45,15 @@ _SCRATCH = 8  # scratch slots from here on: survivors received for a decode, one
 class PeerReader:
     """Reads old ranks' slot bytes of one `MemoryPlan` from the surviving keepers.
 
-    `node` and `local` name this node and read its own keeper's slots from shared memory; `run`
-    executes reads on `threads` threads, each with its own connection to every peer.
+    `node` and `local` name this node and read its own keeper's slots from shared memory; `staged`
+    reads the byte ranges of other old ranks its keeper fetched ahead (stage.py); `run` executes
+    reads on `threads` threads, each with its own connection to every peer.
     """
 
-    def __init__(self, chosen: MemoryPlan, inventories: Mapping[str, Inventory], *, secret: str,
-                 node: str | None = None, local: LocalSlot | None = None, threads: int = READ_THREADS) -> None:  # fmt: skip
+    def __init__(self, chosen: MemoryPlan, inventories: Mapping[str, Inventory], *, secret: str, node: str | None = None,
+                 local: LocalSlot | None = None, staged: LocalSpan | None = None, threads: int = READ_THREADS) -> None:  # fmt: skip
         self.chosen, self.inventories, self.secret = chosen, inventories, secret
-        self.node, self.local, self.threads = node, local, threads
+        self.node, self.local, self.staged, self.threads = node, local, staged, threads
         self._tls = threading.local()
         self._connections: list[dict[str, PeerClient]] = []
         self._lock = threading.RLock()  # a meta fetched under it opens this thread's connection
@@ -106,6 +109,9 @@ class PeerReader:
     def read(self, rank: int, offset: int, nbytes: int, *, out: np.ndarray | None = None) -> np.ndarray:
         """Bytes [offset, offset+nbytes) of old rank `rank`'s slot (into `out`, uint8, when given)."""
         source = self.chosen.sources[rank]
+        if self.staged is not None and (ahead := self.staged(rank, self.chosen.step, offset, nbytes)) is not None:
+            self._count(local_bytes=nbytes)
+            return _deliver(ahead, out)
         if source.kind == "held":
             mine = self.local(source.via, self.chosen.step) if self.local and source.node == self.node else None
             if mine is not None and offset + nbytes <= mine.size:
@@ -217,47 +223,74 @@ def _deliver(data: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class Copy:
+    """Old rank `rank`'s entry fills regions of target `name`: (intersection key, destination slices in
+    the new local data, source slices in the old local data) each."""
+
+    name: str
+    rank: int
+    entry: Entry
+    work: tuple[tuple[tuple, tuple, tuple], ...]
+
+    def span(self) -> tuple[int, int]:
+        """[start, stop) of the old slot's bytes this copy reads at most: the run covering its regions."""
+        size = storage_dtype(self.entry.dtype).itemsize
+        first, last = _covering(self.entry.shape, [src for _, _, src in self.work])
+        return self.entry.offset + first * size, self.entry.offset + last * size
+
+
+def plan_copies(layouts: Mapping[int, SlotLayout], fragments: Mapping[str, Fragment]) -> tuple[list[Copy], list[str]]:
+    """Which old rank's entry fills which regions of each target fragment (the lowest old rank of
+    those holding an element), and a line per target the old ranks cannot cover in full."""
+    by_name: dict[str, list[tuple[int, Entry]]] = {}
+    for rank in sorted(layouts):
+        for entry in layouts[rank].entries:
+            by_name.setdefault(entry.name, []).append((rank, entry))
+    copies, problems = [], []
+    for name, fragment in fragments.items():
+        covered: set[tuple] = set()
+        for rank, entry in by_name.get(name, []):
+            work = _overlaps(Fragment.from_json(entry.fragment), fragment, covered)
+            if work:
+                covered.update(key for key, _, _ in work)
+                copies.append(Copy(name, rank, entry, tuple(work)))
+        need = sum(box.numel for box in fragment.boxes())
+        have = sum(_numel(key) for key in covered)
+        if have != need:
+            problems.append(f"{name}: the old ranks' memory covers {have} of the {need} elements this rank needs")
+    return copies, problems
+
+
 def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.ndarray]]) -> None:
     """Copy into every target (its fragment, a local numpy buffer) the boxes the old ranks held.
 
     The whole plan is checked first (every element of every target covered), then read in parallel.
     """
-    by_name: dict[str, list[tuple[int, Entry]]] = {}
-    for rank in sorted(reader.chosen.sources):
-        for entry in reader.layout(rank).entries:
-            by_name.setdefault(entry.name, []).append((rank, entry))
-    problems, reads = [], []
-    for name, (fragment, out) in targets.items():
-        covered: set[tuple] = set()
-        for rank, entry in by_name.get(name, []):
-            old = Fragment.from_json(entry.fragment)
-            work = _overlaps(old, fragment, covered)
-            if not work:
-                continue
-            covered.update(key for key, _, _ in work)
-            spans = [_byte_span(entry.shape, src) for _, _, src in work]
-            if all(span is not None and _region(out, dst).flags.c_contiguous for span, (_, dst, _) in zip(spans, work)):
-                # each region is one run of bytes on both sides: read it straight into place
-                itemsize = storage_dtype(entry.dtype).itemsize
-                for (_, dst, _), (first, last) in zip(work, spans):
-                    view = _region(out, dst).reshape(-1).view(np.uint8)
-                    for a in range(0, view.size, READ_BYTES):
-                        piece = view[a : a + READ_BYTES]
-                        reads.append(partial(reader.read, rank, entry.offset + first * itemsize + a, piece.size, out=piece))
-            else:
-                reads.append(partial(_copy_regions, reader, rank, entry, work, out))
-        need = sum(box.numel for box in fragment.boxes())
-        have = sum(_numel(key) for key in covered)
-        if have != need:
-            problems.append(f"{name}: the old ranks' memory covers {have} of the {need} elements this rank needs")
+    layouts = {rank: reader.layout(rank) for rank in reader.chosen.sources}
+    copies, problems = plan_copies(layouts, {name: fragment for name, (fragment, _) in targets.items()})
     if problems:
         raise CheckpointError("memory cannot rebuild this rank's state:\n  " + "\n  ".join(problems[:10]))
+    reads = []
+    for copy in copies:
+        out, entry = targets[copy.name][1], copy.entry
+        spans = [_byte_span(entry.shape, src) for _, _, src in copy.work]
+        if all(span is not None and _region(out, dst).flags.c_contiguous for span, (_, dst, _) in zip(spans, copy.work)):
+            # each region is one run of bytes on both sides: read it straight into place
+            itemsize = storage_dtype(entry.dtype).itemsize
+            for (_, dst, _), (first, last) in zip(copy.work, spans):
+                view = _region(out, dst).reshape(-1).view(np.uint8)
+                for a in range(0, view.size, READ_BYTES):
+                    piece = view[a : a + READ_BYTES]
+                    reads.append(partial(reader.read, copy.rank, entry.offset + first * itemsize + a, piece.size, out=piece))
+        else:
+            reads.append(partial(_copy_regions, reader, copy, out))
     reader.run(reads)
 
 
-def _copy_regions(reader: PeerReader, rank: int, entry: Entry, work: list[tuple[tuple, tuple, tuple]], out: np.ndarray) -> None:
-    data = _read_span(reader, rank, entry, [src for _, _, src in work])
-    for _, dst, src in work:
+def _copy_regions(reader: PeerReader, copy: Copy, out: np.ndarray) -> None:
+    data = _read_span(reader, copy)
+    for _, dst, src in copy.work:
         out[dst] = data[src]
 
 
@@ -278,19 +311,25 @@ def _region(out: np.ndarray, where: tuple[slice, ...]) -> np.ndarray:
     return out[where] if out.ndim else out
 
 
-def _read_span(reader: PeerReader, rank: int, entry: Entry, regions: list[tuple[slice, ...]]) -> np.ndarray:
-    """The old entry as an array of its local shape, with (at least) `regions` read: only the
-    contiguous byte span that covers them travels (a row range, when dim 0 is what was split)."""
-    dtype = storage_dtype(entry.dtype)
-    shape = entry.shape
+def _covering(shape: tuple[int, ...], regions: list[tuple[slice, ...]]) -> tuple[int, int]:
+    """[first, last) element, in row-major order, of the one run that covers every region."""
     if not shape:
-        return reader.read(rank, entry.offset, entry.nbytes).view(dtype).reshape(shape)
+        return 0, 1
     first = min(int(np.ravel_multi_index(tuple(s.start for s in r), shape)) for r in regions)
     last = max(int(np.ravel_multi_index(tuple(s.stop - 1 for s in r), shape)) for r in regions) + 1
-    flat = np.empty(int(np.prod(shape)), dtype=dtype)  # only [first, last) is ever read
-    size = dtype.itemsize
-    reader.read(rank, entry.offset + first * size, (last - first) * size, out=flat[first:last].view(np.uint8))
-    return flat.reshape(shape)
+    return first, last
+
+
+def _read_span(reader: PeerReader, copy: Copy) -> np.ndarray:
+    """The old entry as an array of its local shape, with (at least) the copy's regions read: only
+    the contiguous byte span that covers them travels (a row range, when dim 0 is what was split)."""
+    entry = copy.entry
+    dtype = storage_dtype(entry.dtype)
+    start, stop = copy.span()
+    flat = np.empty(max(1, int(np.prod(entry.shape))), dtype=dtype)  # only the span is ever read
+    first = (start - entry.offset) // dtype.itemsize
+    reader.read(copy.rank, start, stop - start, out=flat[first : first + (stop - start) // dtype.itemsize].view(np.uint8))
+    return flat.reshape(entry.shape)
 
 
 def _overlaps(old: Fragment, new: Fragment, covered: set[tuple]) -> list[tuple[tuple, tuple, tuple]]:

@@ -212,7 +212,7 @@ class Protection:
         try:
             found = resume_from_peers(comm=self.comm, keeper=self._keeper, local_rank=self.local_rank, token=self.token,
                                       secret=self.secret, states=self.states, topology=self.topology, node=node_id(),
-                                      local=held)  # fmt: skip
+                                      local=held, staged=held.span if held is not None else None)  # fmt: skip
         finally:
             if held is not None:
                 held.close()

@@ -18,8 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from resurgo.checkpoint.comm import Comm
-from resurgo.checkpoint.peer_recovery import previous_topology
+from resurgo.checkpoint.peer_recovery import previous_topology, stage_ahead
 from resurgo.checkpoint.recovery import build_protection
+from resurgo.parallel.dims import ParallelDims
 from resurgo.parallel.elastic import fit_topology
 from resurgo.trainer.config import JobConfig, load_config
 from resurgo.trainer.distributed import init_distributed, shutdown
@@ -67,8 +68,13 @@ def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> JobConfig:
     if previous is None:
         return cfg  # a first start: the degrees are the user's, and wrong ones get ParallelDims' message
     fitted = fit_topology(cfg.parallel, cfg.train, world_size=world_size, previous=previous)
-    if fitted.note and int(os.environ.get("RANK", 0)) == 0:
+    rank = int(os.environ.get("RANK", 0))
+    if fitted.note and rank == 0:
         logging.getLogger(__name__).info("elastic: %s", fitted.note)
+    p = fitted.parallel
+    dims = ParallelDims.resolve(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, world_size=world_size)
+    if cfg.fault.erasure.parity > 0:
+        stage_ahead(run_dir, rank=rank, topology=dims.as_dict())  # the keeper fetches while the model is built
     return replace(cfg, parallel=fitted.parallel, train=replace(cfg.train, grad_accum=fitted.grad_accum))
 
 

@@ -17,6 +17,7 @@ from resurgo.checkpoint.peer_recovery import replica_sets
 from resurgo.checkpoint.peer_restore import PeerReader, fill_targets, merged_trees
 from resurgo.checkpoint.protector import ProtectPlan, Protector
 from resurgo.checkpoint.rebuild import plan_rebuild, probe, rebuild_rank, rebuilder
+from resurgo.checkpoint.stage import merge, new_fragment, stage_rank, staging_spans, subtract
 
 SHAPES = {"model/w": (13, 7), "model/b": (5,), "optim/step": ()}  # 13 rows: uneven on any world size
 
@@ -254,3 +255,62 @@ def test_the_rebuilder_is_the_nearest_survivor_before_the_lost_node_else_after()
     assert rebuilder(nodes, "a", ["b", "c", "d"]) == "b"
     assert rebuilder(nodes, "c", ["a", "d"]) == "a"
     assert rebuilder(nodes, "b", []) is None
+
+
+def test_a_resized_rank_holds_the_same_placements_on_the_new_mesh():
+    shard = (Placement("shard", 0), Placement("shard", 1))
+    old = {"pp": 1, "dp_replicate": 1, "dp_shard": 3, "tp": 2}
+    new = {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 2}
+    w = TensorLayout("w", (12, 8), "float32", MeshSpec(("dp_shard", "tp"), (3, 2), tuple(range(6))), shard)
+    for rank in range(4):
+        expected = TensorLayout("w", (12, 8), "float32", MeshSpec(("dp_shard", "tp"), (2, 2), tuple(range(4))), shard)
+        assert new_fragment(w, old=old, new=new, rank=rank, holders=range(6)).segments == expected.fragment(rank).segments
+    # Two pipeline stages: a tensor of stage 1 is held by the new stage-1 ranks only, on their submesh.
+    old, new = {"pp": 2, "dp_shard": 3}, {"pp": 2, "dp_shard": 2}
+    v = TensorLayout("v", (10,), "float32", MeshSpec(("dp_shard",), (3,), (3, 4, 5)), (Placement("shard", 0),))
+    assert new_fragment(v, old=old, new=new, rank=0, holders=(3, 4, 5)) is None
+    assert new_fragment(v, old=old, new=new, rank=3, holders=(3, 4, 5)).segments == (((5, 10),),)
+    plain = TensorLayout("s", (), "int64")
+    assert new_fragment(plain, old=old, new=new, rank=1, holders=(3, 4, 5)) is None
+    assert new_fragment(plain, old=old, new=new, rank=2, holders=(3, 4, 5)) is not None
+    assert new_fragment(v, old=old, new={"pp": 1, "dp_shard": 4}, rank=0, holders=(3, 4, 5)) is None  # stages regrouped
+
+
+def test_survivors_stage_what_their_new_ranks_read_from_peers(cluster):
+    c = cluster(nodes=3, per_node=1, k=2, m=1)
+    c.snapshot(1)
+    c.lose("node2")
+    inventories = c.inventories()
+    chosen, _ = choose(list(inventories.values()), current="bbbb")
+    topology = {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 1}
+    for node, new_rank in (("node0", 0), ("node1", 1)):
+        held = lambda rank, at, node=node: (c.slots[node].get((rank, at)) or (None, None))[1]  # noqa: E731
+        stager = PeerReader(chosen, inventories, secret=c.plan.secret, node=node, local=held)
+        spans = staging_spans(stager, topology=topology, ranks=[new_rank], held=lambda r: held(r, 1) is not None)
+        assert spans and all(r not in c.ranks[node] for r in spans)  # only what other nodes hold, or held
+        pieces = {r: stage_rank(stager, rank=r, spans=s, allocate=lambda n: np.zeros(n, dtype=np.uint8))[:2]
+                  for r, s in spans.items()}  # fmt: skip
+        stager.close()
+
+        def staged(rank, at, offset, nbytes, pieces=pieces):
+            piece, data = pieces.get(rank, (None, None))
+            where = piece.find(offset, nbytes) if piece is not None and piece.step == at else None
+            return None if where is None else data[where : where + nbytes]
+
+        reader = PeerReader(chosen, inventories, secret=c.plan.secret, node=node, local=held, staged=staged)
+        expected = global_state(1)
+        targets = {}
+        for name, layout in layouts(2).items():
+            fragment = layout.fragment(new_rank)
+            targets[name] = (fragment, np.full(fragment.local_shape, -1, dtype=expected[name].dtype))
+        fill_targets(reader, targets)
+        reader.close()
+        for name, (fragment, out) in targets.items():
+            np.testing.assert_array_equal(out, local(expected[name], fragment), err_msg=name)
+        assert reader.fetched == 0 and reader.local_bytes > 0, node  # nothing left to read over TCP
+
+
+def test_spans_merge_and_subtract():
+    assert merge([(5, 9), (0, 3), (3, 4), (8, 12)]) == [(0, 4), (5, 12)]
+    assert subtract([(0, 10), (20, 30)], [(2, 4), (8, 22)]) == [(0, 2), (4, 8), (22, 30)]
+    assert subtract([(0, 10)], []) == [(0, 10)]
