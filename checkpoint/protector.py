@@ -445,10 +445,14 @@ class Protector:
         def stale(t: str, s: int) -> bool:
             return t != token or s < step
 
-        # Spares: as many buffers as this step uses, for the next step to fill (segment sizes repeat).
+        # Spares: as many buffers as this step uses, for the next step to fill (segment sizes repeat);
+        # a spare no segment of this step fits (an earlier incarnation's layout) would only crowd out
+        # one that does, and every later step would then fill fresh pages.
+        sizes = {b.data.size for k, b in self._parity.items() if k[:2] == (token, step)}
         keep = sum(1 for k in self._parity if k[:2] == (token, step))
+        self._spare = [s for s in self._spare if s.size in sizes]
         for key in [k for k in self._parity if stale(k[0], k[1])]:
-            self._drop_parity(key, keep=keep)
+            self._drop_parity(key, keep=keep, sizes=sizes)
         for table in (self._done, self._meta):
             for key in [k for k in table if stale(*k)]:
                 del table[key]
@@ -462,10 +466,10 @@ class Protector:
                 return _Parity(self._spare.pop(i), zeroed=False)
         return _Parity(np.zeros(length, dtype=np.uint8))
 
-    def _drop_parity(self, key: tuple[str, int, int, int], *, keep: int) -> None:
-        """Evict one parity buffer, kept as a spare while fewer than `keep` are."""
+    def _drop_parity(self, key: tuple[str, int, int, int], *, keep: int, sizes: set[int]) -> None:
+        """Evict one parity buffer, kept as a spare while fewer than `keep` are and its size is in use."""
         buf = self._parity.pop(key)
-        if len(self._spare) < keep:
+        if len(self._spare) < keep and buf.data.size in sizes:
             self._spare.append(buf.data)
 
     def _forget(self, token: str) -> None:

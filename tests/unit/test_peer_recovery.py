@@ -15,7 +15,7 @@ from resurgo.checkpoint.layout import MeshSpec, Placement, TensorLayout
 from resurgo.checkpoint.peer_plan import Inventory, choose
 from resurgo.checkpoint.peer_recovery import replica_sets
 from resurgo.checkpoint.peer_restore import PeerReader, fill_targets, merged_trees
-from resurgo.checkpoint.protector import ProtectPlan, Protector
+from resurgo.checkpoint.protector import ProtectPlan, Protector, _Parity
 from resurgo.checkpoint.rebuild import plan_rebuild, probe, rebuild_rank, rebuilder
 from resurgo.checkpoint.stage import merge, new_fragment, stage_rank, staging_spans, subtract
 
@@ -314,3 +314,13 @@ def test_spans_merge_and_subtract():
     assert merge([(5, 9), (0, 3), (3, 4), (8, 12)]) == [(0, 4), (5, 12)]
     assert subtract([(0, 10), (20, 30)], [(2, 4), (8, 22)]) == [(0, 2), (4, 8), (22, 30)]
     assert subtract([(0, 10)], []) == [(0, 10)]
+
+
+def test_spares_of_an_earlier_layout_give_way_to_buffers_the_next_step_fits():
+    p = Protector(node="node0", host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
+    p._spare = [np.zeros(5, dtype=np.uint8)]  # the size an earlier incarnation's segments had
+    for step in (1, 2):
+        p._parity[("t", step, 0, 0)] = _Parity(np.zeros(20, dtype=np.uint8))
+    p._evict("t", 2)
+    assert [s.size for s in p._spare] == [20]  # step 1's buffer, for step 3 to fill
+    assert not p._new_parity(20).zeroed and not p._spare  # reused, not fresh pages
