@@ -542,20 +542,10 @@ class Keeper:
         with self._cond:
             if rank in self.rebuilt:
                 self._drop_rebuilt(rank)
-        segments: list[shm.Segment] = []
-
-        def allocate(nbytes: int) -> Any:
-            segments.append(shm.Segment.create(segment_name(self.rid, keeper_id=self.keeper_id, rank=rank, slot=REBUILT_SLOT), nbytes))
-            return segments[-1].array()[:nbytes]
-
-        try:
+        allocate = _Allocation(segment_name(self.rid, keeper_id=self.keeper_id, rank=rank, slot=REBUILT_SLOT))
+        with allocate:
             done, _ = rebuild.rebuild_rank(chosen, inventories, rank=rank, node=self.node, local=self._slot_bytes, allocate=allocate)
-        except BaseException:
-            for segment in segments:
-                shm.unlink(segment.name)
-                segment.close()
-            raise
-        slot = Slot(REBUILT_SLOT, segments[0], step=done.step, status=COMPLETE, tree=done.tree)
+        slot = Slot(REBUILT_SLOT, allocate.segment, step=done.step, status=COMPLETE, tree=done.tree)
         with self._cond:
             self.rebuilt[rank] = RankSlots(rank, done.layout, done.token, slots=[slot])
             self._rebuild_s[rank] = done.seconds
@@ -611,21 +601,11 @@ class Keeper:
             index = STAGED_SLOT - len(staged.pieces)
         if not spans:
             return
-        segments: list[shm.Segment] = []
-
-        def allocate(nbytes: int) -> Any:
-            segments.append(shm.Segment.create(segment_name(self.rid, keeper_id=self.keeper_id, rank=rank, slot=index), nbytes))
-            return segments[-1].array()[:nbytes]
-
-        try:
+        allocate = _Allocation(segment_name(self.rid, keeper_id=self.keeper_id, rank=rank, slot=index))
+        with allocate:
             done, _, seconds = stage.stage_rank(reader, rank=rank, spans=spans, allocate=allocate)
-        except BaseException:
-            for segment in segments:
-                shm.unlink(segment.name)
-                segment.close()
-            raise
         with self._cond:
-            staged.pieces.append((done, Slot(index, segments[0], step=step, status=COMPLETE, tree=staged.tree)))
+            staged.pieces.append((done, Slot(index, allocate.segment, step=step, status=COMPLETE, tree=staged.tree)))
             staged.seconds += seconds
         log.info("staged %.1f MB of old rank %d's step %d for the restore in %.2f s", done.nbytes / 1e6, rank, step, seconds)
 
@@ -676,6 +656,28 @@ class Keeper:
             "parity_bytes": self.protector.parity_bytes() if self.protector else 0,
             "protect_cpu_s": round(self.protector.cpu_s(), 4) if self.protector else 0.0,
         }
+
+
+class _Allocation:
+    """One shared memory segment named `name`, made on the call (`allocate(nbytes)` -> its bytes);
+    removed again when the block it is used in fails, so no half-filled copy is ever served."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.segment: shm.Segment | None = None
+
+    def __call__(self, nbytes: int) -> Any:
+        assert self.segment is None, "one segment per allocation"
+        self.segment = shm.Segment.create(self.name, nbytes)
+        return self.segment.array()[:nbytes]
+
+    def __enter__(self) -> _Allocation:
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if kind is not None and self.segment is not None:
+            shm.unlink(self.segment.name)
+            self.segment.close()
 
 
 def _free(held: RankSlots) -> None:
