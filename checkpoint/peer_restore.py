@@ -66,14 +66,20 @@ class PeerReader:
             for client in clients.values():
                 client.close()
 
-    def run(self, reads: list[Callable[[], Any]]) -> None:
-        """Execute `reads` (each one request's worth) in parallel; the first error is raised."""
+    def run(self, reads: list[Callable[[], Any]], *, here: list[Callable[[], Any]] | None = None) -> None:
+        """Execute `reads` (each one request's worth) in parallel, and meanwhile, on the calling thread,
+        the copies out of this node's memory (`here`): one copy stream per process is what a core can
+        do, and the node's other ranks copy at the same time. The first error is raised."""
+        local = list(here or [])
         if self.threads <= 1 or len(reads) <= 1:
-            for read in reads:
+            for read in [*reads, *local]:
                 read()
             return
         with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="resurgo-peer-read") as pool:
-            for future in [pool.submit(read) for read in reads]:
+            futures = [pool.submit(read) for read in reads]
+            for read in local:
+                read()
+            for future in futures:
                 future.result()
 
     # ---- what the old ranks were --------------------------------------------------------------
@@ -108,19 +114,28 @@ class PeerReader:
 
     def read(self, rank: int, offset: int, nbytes: int, *, out: np.ndarray | None = None) -> np.ndarray:
         """Bytes [offset, offset+nbytes) of old rank `rank`'s slot (into `out`, uint8, when given)."""
-        source = self.chosen.sources[rank]
-        if self.staged is not None and (ahead := self.staged(rank, self.chosen.step, offset, nbytes)) is not None:
+        if (here := self._here(rank, offset, nbytes)) is not None:
             self._count(local_bytes=nbytes)
-            return _deliver(ahead, out)
+            return _deliver(here, out)  # a copy: the mapping goes at close
+        source = self.chosen.sources[rank]
         if source.kind == "held":
-            mine = self.local(source.via, self.chosen.step) if self.local and source.node == self.node else None
-            if mine is not None and offset + nbytes <= mine.size:
-                self._count(local_bytes=nbytes)
-                return _deliver(mine[offset : offset + nbytes], out)  # a copy: the mapping goes at close
             self._count(fetched=nbytes)
             return self._fetch(source.node, kind="slot", rank=source.via, offset=offset, nbytes=nbytes, out=out)
         self._count(fetched=nbytes, decoded=nbytes)
         return self._decode(source.node, rank, offset, np.empty(nbytes, dtype=np.uint8) if out is None else out)
+
+    def holds(self, rank: int, offset: int, nbytes: int) -> bool:
+        """Whether this node's memory has bytes [offset, offset+nbytes) of old rank `rank`'s slot."""
+        return self._here(rank, offset, nbytes) is not None
+
+    def _here(self, rank: int, offset: int, nbytes: int) -> np.ndarray | None:
+        """Those bytes in this node's memory (staged ahead, or the slot held here), else None."""
+        step = self.chosen.step
+        if self.staged is not None and (ahead := self.staged(rank, step, offset, nbytes)) is not None:
+            return ahead
+        source = self.chosen.sources[rank]
+        mine = self.local(source.via, step) if source.kind == "held" and self.local and source.node == self.node else None
+        return mine[offset : offset + nbytes] if mine is not None and offset + nbytes <= mine.size else None
 
     def _count(self, **amounts: float) -> None:
         with self._lock:
@@ -271,7 +286,7 @@ def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.nd
     copies, problems = plan_copies(layouts, {name: fragment for name, (fragment, _) in targets.items()})
     if problems:
         raise CheckpointError("memory cannot rebuild this rank's state:\n  " + "\n  ".join(problems[:10]))
-    reads = []
+    reads, here = [], []
     for copy in copies:
         out, entry = targets[copy.name][1], copy.entry
         spans = [_byte_span(entry.shape, src) for _, _, src in copy.work]
@@ -281,11 +296,13 @@ def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.nd
             for (_, dst, _), (first, last) in zip(copy.work, spans):
                 view = _region(out, dst).reshape(-1).view(np.uint8)
                 for a in range(0, view.size, READ_BYTES):
-                    piece = view[a : a + READ_BYTES]
-                    reads.append(partial(reader.read, copy.rank, entry.offset + first * itemsize + a, piece.size, out=piece))
+                    piece, start = view[a : a + READ_BYTES], entry.offset + first * itemsize + a
+                    (here if reader.holds(copy.rank, start, piece.size) else reads).append(
+                        partial(reader.read, copy.rank, start, piece.size, out=piece))
         else:
-            reads.append(partial(_copy_regions, reader, copy, out))
-    reader.run(reads)
+            start, stop = copy.span()
+            (here if reader.holds(copy.rank, start, stop - start) else reads).append(partial(_copy_regions, reader, copy, out))
+    reader.run(reads, here=here)
 
 
 def _copy_regions(reader: PeerReader, copy: Copy, out: np.ndarray) -> None:
