@@ -15,7 +15,9 @@ workers failing (detection), the restarted workers starting to restore (re-rende
 model build), the end of the restore (decode + reshard, or load), the first completed step; and the
 steps of work lost. The survivors' keepers decode the lost node's ranks while the workers restart
 (checkpoint/rebuild.py); the restore then reads them as held copies, and the line `decode:` says
-how long that took.
+how long that took. Once a restarted worker knows its new rank, its keeper fetches what that rank's
+restore would read from other nodes while the model is built (checkpoint/stage.py); the line
+`staged:` says how much, and how long it took.
 
     python benchmarks/recovery.py --gb 1.0
 """
@@ -113,6 +115,7 @@ def overhead_run(args: argparse.Namespace, root: Path, *, parity: int) -> Overhe
 _PY_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", re.M)
 _GLOG_FAIL = re.compile(r"^E(\d\d)(\d\d) (\d\d:\d\d:\d\d\.\d+) .*failed \(exitcode", re.M)
 _REBUILT = re.compile(r"rebuilt from peers' memory while the job restarted: ([^;]*)")
+_STAGED = re.compile(r"staged from peers while the workers started: ([^;]*)")
 _RESUME = re.compile(r"^\[(?P<t>[^\]]+)\]\[[^\]]+\]\[INFO\] - resume: (?P<what>.*) in (?P<s>[\d.]+) s$", re.M)
 
 
@@ -210,6 +213,8 @@ def main() -> None:
           f"{disk.restore_s / memory.restore_s:.1f}x faster (target >= 5x)")
     ahead = _REBUILT.search(memory.detail)
     print(f"decode: {ahead[1] + ', while the workers restarted (inside the restart column, off the critical path)' if ahead else 'inside the restore'}")
+    staged = _STAGED.search(memory.detail)
+    print(f"staged: {staged[1] + ', while the model was built (inside the restart column)' if staged else 'nothing'}")
     print(f"work lost: memory {memory.lost_steps} step(s) (snapshot_every=1), disk {disk.lost_steps} (checkpoint.every={args.every})")
     print(f"memory: {memory.detail}\ndisk: {disk.detail}")
 

@@ -266,8 +266,9 @@ class Keeper:
         return {"describe": plan.describe()}
 
     def _op_inventory(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        """What this node holds for a recovery, once a rebuild or staging under way has finished."""
-        deadline = time.monotonic() + REBUILD_WAIT_S
+        """What this node holds for a recovery, once a rebuild or staging under way has finished
+        (unless `wait` is false: a worker asking only for the plans)."""
+        deadline = time.monotonic() + (REBUILD_WAIT_S if msg.get("wait", True) else 0.0)
         while (self._rebuilding or self._staging) and time.monotonic() < deadline:
             self._cond.wait(timeout=1.0)
         return self._inventory()

@@ -210,7 +210,7 @@ def previous_topology(run_dir: Any, *, comm: Comm) -> dict[str, int] | None:
     try:
         client = Client(socket_path(run_id(run_dir)), timeout=30.0)
         try:
-            plans = [ProtectPlan.from_json(p) for p in client.request("inventory").get("plans", [])]
+            plans = [ProtectPlan.from_json(p) for p in client.request("inventory", wait=False).get("plans", [])]
         finally:
             client.close()
         if plans:
