@@ -17,6 +17,8 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,9 @@ class KeeperRunning(RuntimeError):
 
 @dataclass
 class _Staged:
-    """Spans of one old rank's slot staged here for a restore (stage.py): its description and pieces."""
+    """Spans of one old rank's slot of `step` staged here for a restore (stage.py): its description and pieces."""
 
+    step: int
     layout: SlotLayout
     tree: Any
     pieces: list[tuple[stage.Staged, Slot]] = field(default_factory=list)
@@ -319,7 +322,7 @@ class Keeper:
         if held is not None and held.find(step) is not None:
             return None
         staged = self.staged.get(rank)
-        return staged if staged is not None and staged.pieces and staged.pieces[0][0].step == step else None
+        return staged if staged is not None and staged.pieces and staged.step == step else None
 
     def _op_stage(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         """A restarted worker's new rank and topology: fetch what its restore will read from peers now."""
@@ -413,8 +416,9 @@ class Keeper:
 
     # ---- helpers (called with the lock held) ------------------------------------------------
 
-    def _rank(self, msg: dict[str, Any]) -> RankSlots:
-        held = self.ranks.get(int(msg["rank"]))
+    def _rank(self, msg: dict[str, Any], *, rebuilt: bool = False) -> RankSlots:
+        """A rank registered here (or, with `rebuilt`, a lost node's rank rebuilt here)."""
+        held = self._held(int(msg["rank"])) if rebuilt else self.ranks.get(int(msg["rank"]))
         if held is None:
             raise KeeperError(f"rank {msg['rank']} is not registered with this keeper (it was restarted): register again")
         return held
@@ -425,9 +429,7 @@ class Keeper:
 
     def _complete(self, msg: dict[str, Any]) -> tuple[RankSlots, Slot]:
         """A complete snapshot of a held rank (its own or, for a recovery, a rebuilt one)."""
-        held = self._held(int(msg["rank"]))
-        if held is None:
-            raise KeeperError(f"rank {msg['rank']} is not registered with this keeper (it was restarted): register again")
+        held = self._rank(msg, rebuilt=True)
         slot = held.find(int(msg["step"]))
         if slot is None:
             raise KeeperError(f"rank {held.rank} has no complete snapshot of step {msg['step']} (held: {held.complete_steps()})")
@@ -511,27 +513,37 @@ class Keeper:
         self._rebuilding = True
         threading.Thread(target=self._rebuild, name="resurgo-keeper-rebuild", daemon=True).start()
 
-    def _rebuild(self) -> None:
-        pinned: list[Slot] = []
+    def _survivors(self) -> Any:
+        """What the reachable keepers of the newest plan hold (this one's too), None if none can say."""
+        plan = self.protector.newest_plan() if self.protector is not None else None
+        return rebuild.probe(plan, node=self.node, own=self._inventory()) if plan else None
+
+    @contextmanager
+    def _pinned(self, step: int) -> Iterator[None]:
+        """This node's own slots of `step` kept from reuse while a background reader decodes from them."""
+        with self._cond:
+            pinned = [s for h in self.ranks.values() if (s := h.find(step)) is not None]
+            for slot in pinned:
+                slot.pins += 1
         try:
-            assert self.protector is not None
-            plan = self.protector.newest_plan()
-            inventories = rebuild.probe(plan, node=self.node, own=self._inventory()) if plan else None
-            chosen, ranks = rebuild.plan_rebuild(inventories, node=self.node) if inventories else (None, [])
-            if chosen is None or not ranks:
-                return
-            with self._cond:
-                pinned = [s for h in self.ranks.values() if (s := h.find(chosen.step)) is not None]
-                for slot in pinned:
-                    slot.pins += 1
-            for rank in ranks:
-                self._rebuild_rank(chosen, inventories, rank)
-        except Exception:
-            log.exception("rebuilding lost ranks ahead of the restart failed: the recovery decodes them itself")
+            yield
         finally:
             with self._cond:
                 for slot in pinned:
                     slot.pins -= 1
+
+    def _rebuild(self) -> None:
+        try:
+            inventories = self._survivors()
+            chosen, ranks = rebuild.plan_rebuild(inventories, node=self.node) if inventories else (None, [])
+            if chosen is not None and ranks:
+                with self._pinned(chosen.step):
+                    for rank in ranks:
+                        self._rebuild_rank(chosen, inventories, rank)
+        except Exception:
+            log.exception("rebuilding lost ranks ahead of the restart failed: the recovery decodes them itself")
+        finally:
+            with self._cond:
                 self._rebuilding = False
                 self._cond.notify_all()
 
@@ -571,21 +583,20 @@ class Keeper:
                 log.exception("staging for the restore failed: the restore reads from peers itself")
 
     def _stage(self, requests: list[tuple[int, dict[str, int]]]) -> None:
-        assert self.protector is not None
-        plan = self.protector.newest_plan()
-        inventories = rebuild.probe(plan, node=self.node, own=self._inventory()) if plan else None
+        inventories = self._survivors()
         chosen, _ = choose(list(inventories.values()), current="") if inventories else (None, "")
         if chosen is None:
             return
+        by_topology: dict[tuple[tuple[str, int], ...], list[int]] = {}
+        for rank, topology in requests:
+            by_topology.setdefault(tuple(topology.items()), []).append(rank)
         reader = PeerReader(chosen, inventories, secret=chosen.plan.secret, node=self.node, local=self._slot_bytes)
+        held = lambda r: self._slot_bytes(r, chosen.step) is not None  # noqa: E731
         try:
-            by_topology: dict[tuple[tuple[str, int], ...], list[int]] = {}
-            for rank, topology in requests:
-                by_topology.setdefault(tuple(topology.items()), []).append(rank)
-            for topology, ranks in by_topology.items():
-                held = lambda r: self._slot_bytes(r, chosen.step) is not None  # noqa: E731
-                for old, spans in stage.staging_spans(reader, topology=dict(topology), ranks=ranks, held=held).items():
-                    self._stage_spans(reader, old, spans)
+            with self._pinned(chosen.step):
+                for topology, ranks in by_topology.items():
+                    for old, spans in stage.staging_spans(reader, topology=dict(topology), ranks=ranks, held=held).items():
+                        self._stage_spans(reader, old, spans)
         finally:
             reader.close()
 
@@ -593,11 +604,11 @@ class Keeper:
         step, layout, tree = reader.chosen.step, reader.layout(rank), reader.tree(rank)
         with self._cond:
             staged = self.staged.get(rank)
-            if staged is not None and staged.pieces and staged.pieces[0][0].step != step:
+            if staged is not None and staged.step != step:
                 self._drop_staged(rank=rank, force=True)
                 staged = None
             if staged is None:
-                staged = self.staged[rank] = _Staged(layout, tree)
+                staged = self.staged[rank] = _Staged(step, layout, tree)
             spans = stage.subtract(spans, staged.covered())
             index = STAGED_SLOT - len(staged.pieces)
         if not spans:
@@ -615,9 +626,7 @@ class Keeper:
         for r in [rank] if rank is not None else list(self.staged):
             staged = self.staged[r]
             if force or not any(slot.pins for _, slot in staged.pieces):
-                for _, slot in self.staged.pop(r).pieces:
-                    shm.unlink(slot.segment.name)
-                    slot.segment.close()
+                _free_slots([slot for _, slot in self.staged.pop(r).pieces])
 
     def _notify(self) -> None:
         with self._cond:
@@ -682,7 +691,11 @@ class _Allocation:
 
 
 def _free(held: RankSlots) -> None:
-    for slot in held.slots:
+    _free_slots(held.slots)
+
+
+def _free_slots(slots: list[Slot]) -> None:
+    for slot in slots:
         shm.unlink(slot.segment.name)
         slot.segment.close()
         slot.status = FREE

@@ -186,16 +186,7 @@ def stage_ahead(run_dir: Any, *, rank: int, topology: Mapping[str, int]) -> bool
     """Tell this node's keeper the rank and topology this worker restarts with, so that it fetches
     what the restore will read from other nodes while the model is built (stage.py); False when no
     keeper takes it (none runs, or it knows no earlier incarnation)."""
-    from .keeper_protocol import Client, KeeperError, KeeperGone, run_id, socket_path
-
-    try:
-        client = Client(socket_path(run_id(run_dir)), timeout=30.0)
-        try:
-            return bool(client.request("stage", rank=rank, topology=dict(topology)).get("staging"))
-        finally:
-            client.close()
-    except (KeeperGone, KeeperError, OSError):
-        return False
+    return bool(_ask_keeper(run_dir, "stage", rank=rank, topology=dict(topology)).get("staging"))
 
 
 def previous_topology(run_dir: Any, *, comm: Comm) -> dict[str, int] | None:
@@ -204,19 +195,24 @@ def previous_topology(run_dir: Any, *, comm: Comm) -> dict[str, int] | None:
     Asked before the trainer is built, so that a world that changed size can pick its new degrees
     from the one it resumes (`parallel.elastic`); None when no keeper answers or knows a plan.
     """
+    newest = None
+    plans = [ProtectPlan.from_json(p) for p in _ask_keeper(run_dir, "inventory", wait=False).get("plans", [])]
+    if plans:
+        plan = max(plans, key=lambda p: p.created)
+        newest = (plan.created, {**{k: int(v) for k, v in plan.topology.items()}, "world_size": plan.world_size})
+    found = [n for n in comm.all_gather(newest) if n]
+    return max(found, key=lambda n: n[0])[1] if found else None
+
+
+def _ask_keeper(run_dir: Any, op: str, **fields: Any) -> dict[str, Any]:
+    """One request to this node's keeper before the worker's own link exists; {} when none answers."""
     from .keeper_protocol import Client, KeeperError, KeeperGone, run_id, socket_path
 
-    newest = None
     try:
         client = Client(socket_path(run_id(run_dir)), timeout=30.0)
         try:
-            plans = [ProtectPlan.from_json(p) for p in client.request("inventory", wait=False).get("plans", [])]
+            return client.request(op, **fields)
         finally:
             client.close()
-        if plans:
-            plan = max(plans, key=lambda p: p.created)
-            newest = (plan.created, {**{k: int(v) for k, v in plan.topology.items()}, "world_size": plan.world_size})
     except (KeeperGone, KeeperError, OSError):
-        pass
-    found = [n for n in comm.all_gather(newest) if n]
-    return max(found, key=lambda n: n[0])[1] if found else None
+        return {}

@@ -448,8 +448,8 @@ class Protector:
         # Spares: as many buffers as this step uses, for the next step to fill (segment sizes repeat);
         # a spare no segment of this step fits (an earlier incarnation's layout) would only crowd out
         # one that does, and every later step would then fill fresh pages.
-        sizes = {b.data.size for k, b in self._parity.items() if k[:2] == (token, step)}
-        keep = sum(1 for k in self._parity if k[:2] == (token, step))
+        used = [b.data.size for k, b in self._parity.items() if k[:2] == (token, step)]
+        keep, sizes = len(used), set(used)
         self._spare = [s for s in self._spare if s.size in sizes]
         for key in [k for k in self._parity if stale(k[0], k[1])]:
             self._drop_parity(key, keep=keep, sizes=sizes)
