@@ -81,6 +81,7 @@ class Keeper:
         self._rebuild_s: dict[int, float] = {}
         self._rebuilding = False
         self.staged: dict[int, _Staged] = {}  # other nodes' old ranks, the spans this node's restore reads
+        self.reads: dict[int, dict[str, Any]] = {}  # new rank -> the step and old ranks its restore reads
         self._stage_requests: list[tuple[int, dict[str, int]]] = []
         self._staging = False
         self.local_world: int | None = None
@@ -286,7 +287,8 @@ class Keeper:
             rebuilt = {str(r): round(self._rebuild_s[r], 3) for r in self.rebuilt if r not in self.ranks}
             staged = {"mb": sum(s.nbytes for h in self.staged.values() for s, _ in h.pieces) / 1e6,
                       "seconds": sum(h.seconds for h in self.staged.values())} if self.staged else {}  # fmt: skip
-        return {"ranks": ranks, "rebuilt": rebuilt, "staged": staged, **(self.protector.inventory() if self.protector else {"node": self.node})}
+            reads = {str(r): dict(v) for r, v in self.reads.items()}
+        return {"ranks": ranks, "rebuilt": rebuilt, "staged": staged, "reads": reads, **(self.protector.inventory() if self.protector else {"node": self.node})}
 
     def _op_holdings(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         held = self.ranks.get(int(msg["rank"]))
@@ -344,6 +346,7 @@ class Keeper:
             for lost in [r for r, h in self.rebuilt.items() if not any(s.pins for s in h.slots)]:
                 self._drop_rebuilt(lost)
             self._drop_staged()
+            self.reads.clear()
         self.local_world = int(msg["local_world_size"])
         self.target = StoreTarget.from_json(msg["store"]) if msg.get("store") else None
         held = self.ranks.get(rank)
@@ -595,7 +598,10 @@ class Keeper:
         try:
             with self._pinned(chosen.step):
                 for topology, ranks in by_topology.items():
-                    for old, spans in stage.staging_spans(reader, topology=dict(topology), ranks=ranks, held=held).items():
+                    reads = stage.restore_reads(reader, topology=dict(topology), ranks=ranks)
+                    with self._cond:
+                        self.reads.update({r: {"step": chosen.step, "ranks": sorted(by_old)} for r, by_old in reads.items()})
+                    for old, spans in stage.staging_spans(reads, held=held).items():
                         self._stage_spans(reader, old, spans)
         finally:
             reader.close()

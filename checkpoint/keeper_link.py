@@ -121,8 +121,8 @@ class HeldSlots:
     ranks its keeper staged ahead (`span`). Each stays pinned and mapped until `close` (mapped apart
     from the link's own maps: the keeper reuses segment names for new slots)."""
 
-    def __init__(self, link: KeeperLink) -> None:
-        self.link = link
+    def __init__(self, link: KeeperLink | Client, *, owned: bool = False) -> None:
+        self.link, self.owned = link, owned  # an owned link (a connection of its own) closes with it
         self._open: dict[tuple[int, int], tuple[np.ndarray | None, list[tuple[Staged, np.ndarray]]]] = {}
         self._segments: list[Segment] = []
         self._lock = threading.Lock()
@@ -130,6 +130,19 @@ class HeldSlots:
     def __call__(self, rank: int, step: int) -> np.ndarray | None:
         """Rank `rank`'s slot bytes of `step`, None when this keeper does not hold them whole."""
         return self._find(rank, step)[0]
+
+    def warm(self, rank: int) -> None:
+        """Map, ahead of new rank `rank`'s restore, the old ranks' slots (or spans staged) that it
+        will read, as its keeper planned them when staging: mapping a segment costs a page-table
+        entry per page, work better done while the model is built. Returns once staging finished."""
+        with self._lock:  # a restore asking meanwhile waits for these maps rather than racing on the link
+            try:
+                reads = self.link.request("inventory").get("reads", {}).get(str(rank))
+            except (KeeperGone, KeeperError):
+                return
+            for old in reads["ranks"] if reads else ():
+                if (old, reads["step"]) not in self._open:
+                    self._open[(old, reads["step"])] = self._map(old, reads["step"])
 
     def span(self, rank: int, step: int, offset: int, nbytes: int) -> np.ndarray | None:
         """Bytes [offset, offset+nbytes) of rank `rank`'s slot of `step`, None unless held or staged here."""
@@ -178,6 +191,8 @@ class HeldSlots:
             for segment in self._segments:
                 segment.close()  # the mapping goes with the last view into it
             self._segments.clear()
+            if self.owned:
+                self.link.close()
 
 
 def _pin(segment: Segment) -> None:

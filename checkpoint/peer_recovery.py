@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from .comm import Comm
 from .dtypes import as_numpy, storage_dtype, to_torch
 from .errors import CheckpointError
 from .flatten import flatten, restore
+from .keeper_link import HeldSlots
+from .keeper_protocol import Client, KeeperError, KeeperGone, run_id, socket_path
 from .layout import fragment_of
 from .manager import _local
 from .peer_plan import Inventory, choose
@@ -182,11 +185,26 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
     return PeerResume(chosen.step, detail)
 
 
-def stage_ahead(run_dir: Any, *, rank: int, topology: Mapping[str, int]) -> bool:
+def stage_ahead(run_dir: Any, *, rank: int, topology: Mapping[str, int]) -> HeldSlots | None:
     """Tell this node's keeper the rank and topology this worker restarts with, so that it fetches
-    what the restore will read from other nodes while the model is built (stage.py); False when no
-    keeper takes it (none runs, or it knows no earlier incarnation)."""
-    return bool(_ask_keeper(run_dir, "stage", rank=rank, topology=dict(topology)).get("staging"))
+    what the restore will read from other nodes while the model is built (stage.py), and meanwhile
+    map what the keeper holds for the restore (`HeldSlots.warm`, on a thread of its own). The slots
+    are the restore's to read and close; None when no keeper takes it (none runs, or it knows no
+    earlier incarnation)."""
+    try:
+        client = Client(socket_path(run_id(run_dir)))  # the warm waits for staging on it
+    except (KeeperGone, OSError):
+        return None
+    try:
+        staging = client.request("stage", rank=rank, topology=dict(topology)).get("staging")
+    except (KeeperGone, KeeperError, OSError):
+        staging = False
+    if not staging:
+        client.close()
+        return None
+    held = HeldSlots(client, owned=True)
+    threading.Thread(target=held.warm, args=(rank,), name="resurgo-warm-restore", daemon=True).start()
+    return held
 
 
 def previous_topology(run_dir: Any, *, comm: Comm) -> dict[str, int] | None:
@@ -206,8 +224,6 @@ def previous_topology(run_dir: Any, *, comm: Comm) -> dict[str, int] | None:
 
 def _ask_keeper(run_dir: Any, op: str, **fields: Any) -> dict[str, Any]:
     """One request to this node's keeper before the worker's own link exists; {} when none answers."""
-    from .keeper_protocol import Client, KeeperError, KeeperGone, run_id, socket_path
-
     try:
         client = Client(socket_path(run_id(run_dir)), timeout=30.0)
         try:

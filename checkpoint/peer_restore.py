@@ -28,7 +28,7 @@ from .erasure_plan import GroupPlan
 from .errors import CheckpointError
 from .flatten import merge_trees
 from .keeper_protocol import Entry, SlotLayout
-from .layout import Fragment
+from .layout import Box, Fragment
 from .peer_plan import Inventory, MemoryPlan
 from .peer_wire import PeerClient
 from .protector import NodeCoding, segment_read
@@ -264,9 +264,9 @@ def plan_copies(layouts: Mapping[int, SlotLayout], fragments: Mapping[str, Fragm
             by_name.setdefault(entry.name, []).append((rank, entry))
     copies, problems = [], []
     for name, fragment in fragments.items():
-        covered: set[tuple] = set()
+        wanted, covered = list(fragment.pieces()), set[tuple]()
         for rank, entry in by_name.get(name, []):
-            work = _overlaps(Fragment.from_json(entry.fragment), fragment, covered)
+            work = _overlaps(Fragment.from_json(entry.fragment), wanted, covered)
             if work:
                 covered.update(key for key, _, _ in work)
                 copies.append(Copy(name, rank, entry, tuple(work)))
@@ -294,11 +294,11 @@ def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.nd
             # each region is one run of bytes on both sides: read it straight into place
             itemsize = storage_dtype(entry.dtype).itemsize
             for (_, dst, _), (first, last) in zip(copy.work, spans):
-                view = _region(out, dst).reshape(-1).view(np.uint8)
+                view, base = _region(out, dst).reshape(-1).view(np.uint8), entry.offset + first * itemsize
+                queue = here if reader.holds(copy.rank, base, view.size) else reads
                 for a in range(0, view.size, READ_BYTES):
-                    piece, start = view[a : a + READ_BYTES], entry.offset + first * itemsize + a
-                    (here if reader.holds(copy.rank, start, piece.size) else reads).append(
-                        partial(reader.read, copy.rank, start, piece.size, out=piece))
+                    piece = view[a : a + READ_BYTES]
+                    queue.append(partial(reader.read, copy.rank, base + a, piece.size, out=piece))
         else:
             start, stop = copy.span()
             (here if reader.holds(copy.rank, start, stop - start) else reads).append(partial(_copy_regions, reader, copy, out))
@@ -349,11 +349,13 @@ def _read_span(reader: PeerReader, copy: Copy) -> np.ndarray:
     return flat.reshape(entry.shape)
 
 
-def _overlaps(old: Fragment, new: Fragment, covered: set[tuple]) -> list[tuple[tuple, tuple, tuple]]:
-    """(intersection key, destination slices in new local data, source slices in old local data)."""
+def _overlaps(old: Fragment, wanted: list[tuple[Box, tuple[slice, ...]]], covered: set[tuple]) -> list[tuple[tuple, tuple, tuple]]:
+    """(intersection key, destination slices in the new local data, source slices in `old`'s) for
+    each of `wanted` (the new fragment's pieces) that `old` holds part of."""
     work = []
-    for nbox, nslices in new.pieces():
-        for obox, oslices in old.pieces():
+    held = list(old.pieces())
+    for nbox, nslices in wanted:
+        for obox, oslices in held:
             inter = nbox.intersect(obox)
             if inter is None or (key := (inter.offsets, inter.sizes)) in covered:
                 continue

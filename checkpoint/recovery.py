@@ -46,12 +46,14 @@ def train_states(trainer: Any) -> dict[str, Stateful]:
     return {"model": ModelState(parts), "optim": OptimizerState(parts, trainer.optimizers), **trainer.states}
 
 
-def build_protection(cfg: JobConfig, *, trainer: Any) -> Protection:
-    """The protection of one worker (collective: every rank calls it, before `resume`)."""
+def build_protection(cfg: JobConfig, *, trainer: Any, warmed: HeldSlots | None = None) -> Protection:
+    """The protection of one worker (collective: every rank calls it, before `resume`); `warmed`:
+    this node's memory mapped ahead for a restore from peers (`peer_recovery.stage_ahead`)."""
     env = trainer.env
     return Protection(
         cfg, states=train_states(trainer), run_dir=Path(trainer.run_dir), rank=env.rank, local_rank=env.local_rank,
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), device=env.device, topology=trainer.dims.as_dict(),
+        warmed=warmed,
     )  # fmt: skip
 
 
@@ -66,7 +68,8 @@ class Protection:
     """Hooks for the trainer (`hooks`), per-step numbers (`metrics()`), `resume()` at start, `close()` at the end."""
 
     def __init__(self, cfg: JobConfig, *, states: Mapping[str, Stateful], run_dir: Path, rank: int, local_rank: int,
-                 local_world_size: int, device: torch.device, topology: Mapping[str, Any]) -> None:  # fmt: skip
+                 local_world_size: int, device: torch.device, topology: Mapping[str, Any],
+                 warmed: HeldSlots | None = None) -> None:  # fmt: skip
         ck = cfg.checkpoint
         self.cfg, self.states, self.rank = cfg, dict(states), rank
         self.root = Path(ck.dir) if ck.dir else run_dir / "checkpoints"
@@ -81,6 +84,7 @@ class Protection:
         self.secret = ""  # set when the keepers code across nodes or may hold an earlier incarnation's memory
         self._peer_loss = ""  # why peer memory could not rebuild state it had protected
         self.local_rank, self.topology = local_rank, dict(topology)
+        self.warmed = warmed  # closed once resumed, whatever the source
         self.hooks: list[Any] = []
         if cfg.fault.keeper == OFF or not (ck.snapshot_every or ck.every):
             if ck.every:
@@ -133,6 +137,9 @@ class Protection:
         result = None
         if restarted or spec == "latest":
             result = self._from_memory() or self._from_peers() or self._from_disk()
+        if self.warmed is not None:  # not read: memory of this node's own ranks served, or no peers' path
+            self.warmed.close()
+            self.warmed = None
         if result is None and spec not in ("none", "latest"):
             result = Resumed("disk", self.checkpointer.load(Path(spec)), spec)
         if result is None and self._peer_loss:
@@ -208,7 +215,9 @@ class Protection:
         """The previous incarnation's state from the surviving nodes' keepers, decoded and resharded."""
         if not self.secret:
             return None
-        held = HeldSlots(self.link) if self.link is not None and self.link.client is not None else None
+        held, self.warmed = self.warmed, None
+        if held is None and self.link is not None and self.link.client is not None:
+            held = HeldSlots(self.link)
         try:
             found = resume_from_peers(comm=self.comm, keeper=self._keeper, local_rank=self.local_rank, token=self.token,
                                       secret=self.secret, states=self.states, topology=self.topology, node=node_id(),

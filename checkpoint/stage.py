@@ -68,10 +68,9 @@ def _submesh(axes: tuple[str, ...], topology: tuple[tuple[str, int], ...], rank:
     return MeshSpec(axes, tuple(sizes[a] for a in axes), ranks)
 
 
-def staging_spans(reader: PeerReader, *, topology: Mapping[str, int], ranks: Sequence[int],
-                  held: Callable[[int], bool]) -> dict[int, list[Span]]:  # fmt: skip
-    """Old rank -> the merged byte spans of its slot that new `ranks` (of a world laid out as
-    `topology`) will read in their restore, for the old ranks not `held` whole on this node."""
+def restore_reads(reader: PeerReader, *, topology: Mapping[str, int], ranks: Sequence[int]) -> dict[int, dict[int, list[Span]]]:
+    """New rank -> old rank -> the merged byte spans of the old rank's slot that the new rank (of a
+    world laid out as `topology`) will read in its restore."""
     old = {a: int(n) for a, n in reader.chosen.plan.topology.items() if a != "world_size"}
     new = {a: int(n) for a, n in topology.items() if a != "world_size"}
     layouts = {r: reader.layout(r) for r in sorted(reader.chosen.sources)}
@@ -80,7 +79,7 @@ def staging_spans(reader: PeerReader, *, topology: Mapping[str, int], ranks: Seq
         for entry in layout.entries:
             tensor = tensors.setdefault(entry.name, (Fragment.from_json(entry.fragment).layout, []))
             tensor[1].append(r)
-    spans: dict[int, list[Span]] = {}
+    reads: dict[int, dict[int, list[Span]]] = {}
     for rank in ranks:
         fragments = {}
         for name, (layout, holders) in tensors.items():
@@ -88,9 +87,21 @@ def staging_spans(reader: PeerReader, *, topology: Mapping[str, int], ranks: Seq
             if fragment is not None:
                 fragments[name] = fragment
         copies, _ = plan_copies(layouts, fragments)
+        spans: dict[int, list[Span]] = {}
         for copy in copies:
-            if not held(copy.rank):
-                spans.setdefault(copy.rank, []).append(copy.span())
+            spans.setdefault(copy.rank, []).append(copy.span())
+        reads[rank] = {r: merge(s) for r, s in spans.items()}
+    return reads
+
+
+def staging_spans(reads: Mapping[int, Mapping[int, Sequence[Span]]], *, held: Callable[[int], bool]) -> dict[int, list[Span]]:
+    """Old rank -> the merged spans of its slot that any new rank of `reads` (`restore_reads`) will
+    read, for the old ranks not `held` whole on this node: what staging fetches."""
+    spans: dict[int, list[Span]] = {}
+    for by_old in reads.values():
+        for rank, runs in by_old.items():
+            if not held(rank):
+                spans.setdefault(rank, []).extend(runs)
     return {r: merge(s) for r, s in spans.items()}
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -49,8 +50,11 @@ class ModelState:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         for part in self.parts:
-            own = get_model_state_dict(part).keys()
-            set_model_state_dict(part, {k: state_dict[k] for k in own if k in state_dict}, options=StateDictOptions(strict=False))
+            current = get_model_state_dict(part)
+            # A tensor a restore filled in place (in the parameter's own memory) needs no copy onto itself.
+            todo = {k: state_dict[k] for k in current if k in state_dict and not _same_memory(state_dict[k], current[k])}
+            if todo:
+                set_model_state_dict(part, todo, options=StateDictOptions(strict=False))
 
 
 class OptimizerState:
@@ -82,3 +86,10 @@ class OptimizerState:
                 for field, value in fields.items()
             }
             set_optimizer_state_dict(part, optim, flat, options=_FLAT)
+
+
+def _same_memory(a: Any, b: Any) -> bool:
+    """Whether two tensors (or DTensors) view the very same elements."""
+    a, b = (t.to_local() if isinstance(t, DTensor) else t for t in (a, b))
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.device == b.device and a.dtype == b.dtype
+            and a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())  # fmt: skip

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from resurgo.checkpoint.comm import Comm
+from resurgo.checkpoint.keeper_link import HeldSlots
 from resurgo.checkpoint.peer_recovery import previous_topology, stage_ahead
 from resurgo.checkpoint.recovery import build_protection
 from resurgo.parallel.dims import ParallelDims
@@ -42,9 +43,9 @@ def train(cfg: JobConfig) -> list[float]:
     finished = False
     run_dir = Path(cfg.run.root) / run_name(cfg.run.name)
     try:
-        cfg = fit_world(cfg, world_size=env.world_size, run_dir=run_dir)
+        cfg, warmed = fit_world(cfg, world_size=env.world_size, run_dir=run_dir)
         trainer = Trainer(cfg, env=env, run_dir=run_dir)
-        protection = build_protection(cfg, trainer=trainer)
+        protection = build_protection(cfg, trainer=trainer, warmed=warmed)
         protection.resume()
         trainer.hooks += protection.hooks
         trainer.metric_sources.append(protection.metrics)
@@ -60,22 +61,23 @@ def train(cfg: JobConfig) -> list[float]:
         shutdown()
 
 
-def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> JobConfig:
+def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> tuple[JobConfig, HeldSlots | None]:
     """The config with parallel degrees fitted to this world (collective): on a restart after nodes
-    were lost or added, the elastic policy resizes data parallelism from the topology being resumed."""
+    were lost or added, the elastic policy resizes data parallelism from the topology being resumed.
+    With erasure protection, also this node's memory being readied for the restore (`stage_ahead`)."""
     # Asked on every start, not only on restarts: a replacement node joins with restart count 0.
     previous = previous_topology(run_dir, comm=Comm.create()) if cfg.fault.keeper != "off" else None
     if previous is None:
-        return cfg  # a first start: the degrees are the user's, and wrong ones get ParallelDims' message
+        return cfg, None  # a first start: the degrees are the user's, and wrong ones get ParallelDims' message
     fitted = fit_topology(cfg.parallel, cfg.train, world_size=world_size, previous=previous)
     rank = int(os.environ.get("RANK", 0))
     if fitted.note and rank == 0:
         logging.getLogger(__name__).info("elastic: %s", fitted.note)
     p = fitted.parallel
     dims = ParallelDims.resolve(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, world_size=world_size)
-    if cfg.fault.erasure.parity > 0:
-        stage_ahead(run_dir, rank=rank, topology=dims.as_dict())  # the keeper fetches while the model is built
-    return replace(cfg, parallel=fitted.parallel, train=replace(cfg.train, grad_accum=fitted.grad_accum))
+    # The keeper fetches, and this process maps, what the restore reads while the model is built.
+    warmed = stage_ahead(run_dir, rank=rank, topology=dims.as_dict()) if cfg.fault.erasure.parity > 0 else None
+    return replace(cfg, parallel=fitted.parallel, train=replace(cfg.train, grad_accum=fitted.grad_accum)), warmed
 
 
 @hydra.main(version_base="1.3", config_path="pkg://resurgo.recipes", config_name="train")

@@ -226,3 +226,30 @@ def test_finish_waits_for_the_last_persist_then_the_keeper_exits(serve, tmp_path
         time.sleep(0.05)
     assert not shm.list_segments(segment_prefix(keeper.rid))
     assert os.path.isdir(tmp_path / "ckpt" / "step-00000003")
+
+
+
+def test_warming_maps_and_pins_what_a_restore_will_read(serve):
+    from resurgo.checkpoint.keeper_link import HeldSlots
+
+    class Counting(Client):
+        def request(self, op, **fields):
+            self.ops.append(op)
+            return super().request(op, **fields)
+
+    keeper = serve()
+    worker = FakeWorker(keeper)
+    worker.snapshot(1)
+    worker.snapshot(2)
+    keeper.reads[4] = {"step": 1, "ranks": [0]}  # as staging plans it: new rank 4 reads old rank 0's step 1
+    link = Counting(socket_path(keeper.rid))
+    link.ops = []
+    held = HeldSlots(link, owned=True)
+    held.warm(4)
+    assert [s.step for s in keeper.ranks[0].slots if s.pins] == [1]  # pinned for the restore: not reused meanwhile
+    entry = worker.layout.entries[0]
+    data = held(0, 1)[entry.offset : entry.offset + entry.nbytes].view(np.float32)
+    np.testing.assert_array_equal(data, TENSORS[entry.name].ravel())
+    assert link.ops == ["inventory", "read"]  # the restore's lookup found it mapped
+    held.close()
+    assert not any(s.pins for s in keeper.ranks[0].slots)  # closing released it

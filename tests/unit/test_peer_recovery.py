@@ -17,7 +17,7 @@ from resurgo.checkpoint.peer_recovery import replica_sets
 from resurgo.checkpoint.peer_restore import PeerReader, fill_targets, merged_trees
 from resurgo.checkpoint.protector import ProtectPlan, Protector, _Parity
 from resurgo.checkpoint.rebuild import plan_rebuild, probe, rebuild_rank, rebuilder
-from resurgo.checkpoint.stage import merge, new_fragment, stage_rank, staging_spans, subtract
+from resurgo.checkpoint.stage import merge, new_fragment, restore_reads, stage_rank, staging_spans, subtract
 
 SHAPES = {"model/w": (13, 7), "model/b": (5,), "optim/step": ()}  # 13 rows: uneven on any world size
 
@@ -286,7 +286,9 @@ def test_survivors_stage_what_their_new_ranks_read_from_peers(cluster):
     for node, new_rank in (("node0", 0), ("node1", 1)):
         held = lambda rank, at, node=node: (c.slots[node].get((rank, at)) or (None, None))[1]  # noqa: E731
         stager = PeerReader(chosen, inventories, secret=c.plan.secret, node=node, local=held)
-        spans = staging_spans(stager, topology=topology, ranks=[new_rank], held=lambda r: held(r, 1) is not None)
+        reads = restore_reads(stager, topology=topology, ranks=[new_rank])
+        assert set(reads[new_rank]) & set(c.ranks[node])  # it reads its own node's old ranks too
+        spans = staging_spans(reads, held=lambda r: held(r, 1) is not None)
         assert spans and all(r not in c.ranks[node] for r in spans)  # only what other nodes hold, or held
         pieces = {r: stage_rank(stager, rank=r, spans=s, allocate=lambda n: np.zeros(n, dtype=np.uint8))[:2]
                   for r, s in spans.items()}  # fmt: skip
