@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +83,7 @@ class LocalCluster:
         self, *, nodes: int, nproc_per_node: int, overrides: Sequence[str] = (), min_nodes: int | None = None,
         max_nodes: int | None = None, max_restarts: int = 3, run_root: Path | str = "runs", name: str = "local",
         env: Mapping[str, str] | None = None, keeper_args: Sequence[str] = (), rdzv_conf: Mapping[str, object] = RDZV_CONF,
+        keeper_cpus: Collection[int] | None = None, worker_cpus: Collection[int] | None = None,
     ) -> None:  # fmt: skip
         self.max_nodes = nodes if max_nodes is None else max_nodes
         self.min_nodes = nodes if min_nodes is None else min_nodes
@@ -96,6 +97,9 @@ class LocalCluster:
         self.run_root, self.name = Path(run_root).absolute(), name
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", **NO_SHARED_STORE, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.rdzv_conf = dict(rdzv_conf)
+        # CPUs the keepers, and the agents with their workers, may run on (all when None): the nodes
+        # share this machine's cores, real nodes' keepers code on host cores training leaves free.
+        self.keeper_cpus, self.worker_cpus = keeper_cpus, worker_cpus
         self.port = free_port()
         # Short: a Unix socket path must stay under ~100 characters, pytest's tmp paths do not.
         self.keeper_root = Path("/tmp") / f"resurgo-{os.getuid()}" / f"lc-{uuid.uuid4().hex[:8]}"
@@ -134,9 +138,10 @@ class LocalCluster:
             spawn = dict(stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=self.run_root,
                          start_new_session=True)  # fmt: skip
             keeper = subprocess.Popen(
-                [sys.executable, "-m", "resurgo.launch.keeper", "--run-dir", str(self.run_dir), *self.keeper_args], **spawn
-            )
-            agent = subprocess.Popen(self._agent_cmd(host=index == 0), **spawn)
+                [*_on_cpus(self.keeper_cpus), sys.executable, "-m", "resurgo.launch.keeper", "--run-dir", str(self.run_dir),
+                 *self.keeper_args], **spawn,
+            )  # fmt: skip
+            agent = subprocess.Popen([*_on_cpus(self.worker_cpus), *self._agent_cmd(host=index == 0)], **spawn)
         self._nodes.append(Node(index, node_id, keeper_dir, log, keeper, agent))
         return index
 
@@ -252,6 +257,15 @@ class LocalCluster:
 
 
 # ---- processes -------------------------------------------------------------------------------------
+
+
+def _on_cpus(cpus: Collection[int] | None) -> list[str]:
+    """A command prefix binding the command (and what it starts) to `cpus`; none when None."""
+    if cpus is None:
+        return []
+    if shutil.which("taskset") is None:
+        raise RuntimeError("binding nodes to CPUs needs taskset (util-linux)")
+    return ["taskset", "-c", ",".join(str(c) for c in sorted(cpus))]
 
 
 def free_port() -> int:
