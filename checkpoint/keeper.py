@@ -82,6 +82,7 @@ class Keeper:
         self._rebuilding = False
         self.staged: dict[int, _Staged] = {}  # other nodes' old ranks, the spans this node's restore reads
         self.reads: dict[int, dict[str, Any]] = {}  # new rank -> the step and old ranks its restore reads
+        self._coding_step = -1  # the step the erasure coder holds pinned, -1 when idle
         self._stage_requests: list[tuple[int, dict[str, int]]] = []
         self._staging = False
         self.local_world: int | None = None
@@ -123,7 +124,8 @@ class Keeper:
         self._sock.listen(64)
         self._sock.settimeout(0.2)
         self.protector = Protector(node=self.node, host=os.environ.get("RESURGO_PEER_HOST", "127.0.0.1"),
-                                   slot_source=self._slot_bytes, on_protected=self._notify, report=self._inventory)  # fmt: skip
+                                   slot_source=self._slot_bytes, on_protected=self._notify, report=self._inventory,
+                                   on_announced=self._announced)  # fmt: skip
         self.protector.start()
         self._loading.start()
         log.info("keeper %s of run %s listening on %s (pid %d)", self.keeper_id, self.rid, path, os.getpid())
@@ -372,8 +374,14 @@ class Keeper:
         if held.find(step) is not None:
             return {"slot": None, "reason": "held", **self._status()}  # a replayed step: the same bytes are in
         deadline = time.monotonic() + WAIT_S
-        keep = [newest_common(self._current()), self.protector.protected_step() if self.protector else -1]
-        while (slot := choose_slot(held, keep=keep)) is None:
+        # Kept: the newest protected step, and the newest this node sent its shares of (it becomes the
+        # protected one when the group's parity completes). While a step newer than the protected one
+        # is being coded or awaits its parity, it stays whole on every local rank, so the newest
+        # complete one may go: snapshots go on when coding falls behind the steps.
+        protected, coded = (self.protector.protected_step(), self.protector.coded_step()) if self.protector else (-1, -1)
+        anchor = self._coding_step if self._coding_step >= 0 else coded if coded > protected else -1
+        keep = [anchor if anchor >= 0 else newest_common(self._current()), protected, coded]
+        while (slot := choose_slot(held, keep=keep, keep_newest=anchor < 0)) is None:
             if not required or time.monotonic() > deadline:
                 self.skipped += 1
                 return {"slot": None, "reason": "busy", **self._status()}
@@ -494,11 +502,19 @@ class Keeper:
             with self._cond:
                 for slot in slots:
                     slot.pins -= 1
+                self._coding_step = -1
                 self._cond.notify_all()
 
-        if not self.protector.submit(step, ranks, release):
+        if self.protector.submit(step, ranks, release):
+            self._coding_step = step  # under the lock release() takes: set before it can run
+        else:
             for slot in slots:
                 slot.pins -= 1
+
+    def _announced(self, step: int) -> None:
+        """The group's leader codes `step`: code it here too if every local rank holds it (else on completion)."""
+        with self._cond:
+            self._maybe_protect(step)
 
     def _slot_bytes(self, rank: int, step: int) -> Any:
         """A held rank's complete snapshot of `step` (for a peer's recovery), None if not held."""

@@ -67,7 +67,8 @@ def code_shape(nodes: int, *, data: str, parity: int, degrade: bool) -> tuple[in
 
 
 def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, token: str, data: str,
-               parity: int, topology: Mapping[str, int], degrade: bool = False, every: int = 1) -> tuple[ProtectPlan | None, str]:  # fmt: skip
+               parity: int, topology: Mapping[str, int], degrade: bool = False, every: int = 1,
+               max_mb_s: float = 0.0) -> tuple[ProtectPlan | None, str]:  # fmt: skip
     """The erasure plan of this incarnation (None on one node), installed in every node's keeper, and
     the incarnation's secret, which keepers ask of whoever reads their memory."""
     hello = keeper("hello")
@@ -91,7 +92,7 @@ def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank:
         raise ValueError(f"fault.erasure.parity={parity} leaves no data node among {len(nodes)} nodes; lower it")
     plan = ProtectPlan(token=token, created=created, secret=secret, nodes=tuple(nodes), ranks=ranks,
                        replicas=replica_sets(topology, comm.world_size), k=k, m=parity, peers=peers,
-                       world_size=comm.world_size, topology=dict(topology), every=every)  # fmt: skip
+                       world_size=comm.world_size, topology=dict(topology), every=every, max_mb_s=max_mb_s)  # fmt: skip
     plan.erasure()  # refuses a node count the code cannot use, on every rank alike
     reply = keeper("protect", plan=plan.to_json()) if local_rank == 0 else {}
     if comm.rank == 0:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 PIECE_BYTES = 4 * 2**20  # per message: bounds the memory a holder spends on one incoming piece
 KEEP_PLANS = 2  # the running incarnation's plan and the one it may be recovering from
+PROTECT_WAIT_S = 120.0  # longest a group's leader waits for a step's parity before coding another
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ProtectPlan:
     world_size: int
     topology: Mapping[str, Any]
     every: int = 1  # code every n-th snapshot step: less traffic, up to n steps more lost with a node
+    max_mb_s: float = 0.0  # cap on the parity traffic a keeper sends (0: none)
 
     def erasure(self) -> ErasurePlan:
         return plan_erasure(self.nodes, self.ranks, k=self.k, m=self.m, replicas=self.replicas)
@@ -58,7 +60,7 @@ class ProtectPlan:
         return {"token": self.token, "created": self.created, "secret": self.secret, "nodes": list(self.nodes),
                 "ranks": {n: list(r) for n, r in self.ranks.items()}, "replicas": [list(r) for r in self.replicas],
                 "k": self.k, "m": self.m, "peers": dict(self.peers), "world_size": self.world_size,
-                "topology": dict(self.topology), "every": self.every}  # fmt: skip
+                "topology": dict(self.topology), "every": self.every, "max_mb_s": self.max_mb_s}  # fmt: skip
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> ProtectPlan:
@@ -68,7 +70,7 @@ class ProtectPlan:
             ranks={str(n): tuple(int(r) for r in rs) for n, rs in data["ranks"].items()},
             replicas=tuple(tuple(int(r) for r in rs) for rs in data["replicas"]), k=int(data["k"]), m=int(data["m"]),
             peers={str(n): str(a) for n, a in data["peers"].items()}, world_size=int(data["world_size"]),
-            topology=dict(data["topology"]), every=int(data.get("every", 1)),
+            topology=dict(data["topology"]), every=int(data.get("every", 1)), max_mb_s=float(data.get("max_mb_s", 0.0)),
         )  # fmt: skip
 
 
@@ -139,6 +141,23 @@ class _Parity:
         return len(self.lengths) == k and all(self.received.get(t, 0) == n for t, n in self.lengths.items())
 
 
+class Pace:
+    """Spaces sends so that they average at most a given rate: each waits until the one before it
+    would have taken its share of the time at that rate."""
+
+    def __init__(self) -> None:
+        self.due = 0.0
+
+    def wait(self, nbytes: int, *, bytes_per_s: float) -> None:
+        if bytes_per_s <= 0:
+            return
+        now = time.monotonic()
+        if self.due > now:
+            time.sleep(self.due - now)
+            now = self.due
+        self.due = now + nbytes / bytes_per_s
+
+
 SlotSource = Callable[[int, int], "np.ndarray | None"]  # (rank, step) -> the slot's bytes, None if not held
 
 
@@ -146,9 +165,12 @@ class Protector:
     """One per keeper; `serve` starts its TCP server, `protect` takes a plan, `submit` codes a step."""
 
     def __init__(self, *, node: str, host: str, slot_source: SlotSource, on_protected: Callable[[], None],
-                 report: Callable[[], dict[str, Any]] | None = None) -> None:  # fmt: skip
-        """`report`: this node's whole inventory (held slots too) for peers that ask; default `inventory()`."""
+                 report: Callable[[], dict[str, Any]] | None = None,
+                 on_announced: Callable[[int], None] | None = None) -> None:  # fmt: skip
+        """`report`: this node's whole inventory (held slots too) for peers that ask; default `inventory()`.
+        `on_announced(step)`: the group's leader began coding `step`: submit it once it is held here."""
         self.node, self.slot_source, self.on_protected = node, slot_source, on_protected
+        self.on_announced = on_announced or (lambda step: None)
         self.report = report or self.inventory
         self.plans: dict[str, tuple[ProtectPlan, ErasurePlan]] = {}
         self.current: str | None = None
@@ -159,8 +181,14 @@ class Protector:
         self._meta: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}  # (token, step) -> node -> meta
         self._layouts: dict[tuple[str, int], dict[str, Any]] = {}  # (token, rank) -> slot layout json
         self.protected: dict[str, int] = {}
+        self._coded: dict[str, int] = {}  # token -> newest step whose shares this node sent
         self._thread_cpu_s = 0.0  # the coding and notice threads' CPU time
+        self._pace = Pace()  # of the parity traffic sent, across steps (fault.erasure.max_mb_s)
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a step protected, or the coder stopping
+        self._announced: dict[str, int] = {}  # token -> the step the group's leader codes now
+        self._busy = False  # a step is being coded: nothing else is taken meanwhile
+        self._stopping = False
         self._clients: dict[str, PeerClient] = {}
         self._sent: dict[tuple[str, str, int], str] = {}  # (token, peer, rank) -> layout digest the peer holds
         self._jobs: queue.Queue[tuple[str, int, dict[int, tuple[SlotLayout, np.ndarray, Any]], Callable[[], None]] | None] = queue.Queue(maxsize=1)
@@ -180,6 +208,9 @@ class Protector:
             thread.start()
 
     def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._changed.notify_all()
         self._notices.put(None)
         try:
             self._jobs.put(None, timeout=5)
@@ -221,6 +252,12 @@ class Protector:
         with self._lock:
             return self.protected.get(self.current, -1) if self.current else -1
 
+    def coded_step(self) -> int:
+        """The newest step of the running incarnation whose shares this node sent: it becomes the
+        protected one as soon as the group's parity completes, so its slots must stay whole."""
+        with self._lock:
+            return self._coded.get(self.current, -1) if self.current else -1
+
     def inventory(self) -> dict[str, Any]:
         """What this node can serve to a recovery: plans, complete parity, the metas it holds."""
         with self._lock:
@@ -239,23 +276,37 @@ class Protector:
 
     def submit(self, step: int, ranks: dict[int, tuple[SlotLayout, np.ndarray, Any]], release: Callable[[], None]) -> bool:
         """Code `step` of the local ranks ({rank: (slot layout, slot bytes, tree)}) in the background;
-        False (and nothing held) while the previous step is still being coded."""
-        token = self.current
-        if token is None or step % self.plans[token][0].every:
-            return False
-        try:
-            self._jobs.put_nowait((token, step, ranks, release))
-        except queue.Full:
-            return False
+        False (and nothing held) when this node does not code it now.
+
+        Every node of a group must code the same steps, or no parity completes: the group's first
+        node (the leader) codes whenever it is free and a step is due, and waits until that step is
+        protected before it takes another; the others code the step the leader announced (its meta
+        comes first), as soon as they hold it."""
+        with self._lock:
+            token = self.current
+            if token is None or step % self.plans[token][0].every or self._busy:
+                return False
+            if not self._leads(token) and self._announced.get(token) != step:
+                return False
+            self._busy = True
+        self._jobs.put((token, step, ranks, release))
         return True
+
+    def _leads(self, token: str) -> bool:
+        group = self.plans[token][1].group_of(self.node)
+        return group is None or group.nodes[0] == self.node
 
     def _code_loop(self) -> None:
         background_priority()
         while (job := self._jobs.get()) is not None:
             token, step, ranks, release = job
             start = time.thread_time()
+            coded = False
             try:
                 self._code(token, step, ranks)
+                coded = True
+                with self._lock:
+                    self._coded[token] = max(self._coded.get(token, -1), step)
             except PeerError as e:
                 log.warning("step %d is not protected: %s", step, e)
             except Exception:
@@ -263,6 +314,16 @@ class Protector:
             finally:
                 release()
                 self._add_cpu(time.thread_time() - start)
+            with self._lock:
+                if coded and self._leads(token):  # the others are still sending theirs: wait, not outrun them
+                    if not self._changed.wait_for(lambda: self.protected.get(token, -1) >= step or self._stopping
+                                                  or token != self.current, timeout=PROTECT_WAIT_S):  # fmt: skip
+                        log.warning("step %d is not protected %.0f s after this node sent its shares: coding the next",
+                                    step, PROTECT_WAIT_S)  # fmt: skip
+                self._busy = False
+                announced = self._announced.get(token, -1) if not self._leads(token) else -1
+            if announced > step:  # announced while this step was being coded
+                self.on_announced(announced)
 
     def _add_cpu(self, seconds: float) -> None:
         with self._lock:
@@ -296,6 +357,7 @@ class Protector:
                 for p, holder in enumerate(stripe.parity):
                     for offset in range(0, max(length, 1), PIECE_BYTES):
                         piece = stream_read(parts, t * coding.segment + offset, min(PIECE_BYTES, length - offset))
+                        self._pace.wait(piece.size, bytes_per_s=plan.max_mb_s * 1e6)
                         self._send(holder, plan, "contribute", piece, token=token, step=step, stripe=index, index=t,
                                    parity=p, offset=offset, length=length)  # fmt: skip
 
@@ -371,6 +433,13 @@ class Protector:
             for rank, layout in meta.pop("layouts", {}).items():
                 self._layouts[(token, int(rank))] = layout
             self._meta.setdefault((token, step), {})[str(meta["node"])] = meta
+            plan = self.plans.get(token)
+            group = plan[1].group_of(self.node) if plan else None
+            announced = group is not None and meta["node"] == group.nodes[0] != self.node and token == self.current
+            if announced:
+                self._announced[token] = max(self._announced.get(token, -1), step)
+        if announced:
+            self.on_announced(step)
         return {}
 
     def _parity_done(self, token: str, step: int, stripe: int, p: int) -> dict[str, Any]:
@@ -385,6 +454,7 @@ class Protector:
             if newly:
                 self.protected[token] = step
                 self._evict(token, step)
+                self._changed.notify_all()
         if newly:
             self.on_protected()
         return {}
@@ -475,6 +545,7 @@ class Protector:
     def _forget(self, token: str) -> None:
         self.plans.pop(token, None)
         self.protected.pop(token, None)
+        self._coded.pop(token, None)
         for table in (self._parity, self._done, self._meta, self._layouts):
             for key in [k for k in table if k[0] == token]:
                 del table[key]

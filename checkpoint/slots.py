@@ -74,9 +74,13 @@ def newest_common(ranks: Iterable[RankSlots]) -> int:
     return max(common or (), default=-1)
 
 
-def choose_slot(ranks: RankSlots, *, keep: Iterable[int]) -> Slot | None:
-    """A slot a new snapshot may overwrite: a free one, else the oldest complete one not kept or pinned."""
-    kept = set(keep) | {ranks.newest()}
+def choose_slot(ranks: RankSlots, *, keep: Iterable[int], keep_newest: bool = True) -> Slot | None:
+    """A slot a new snapshot may overwrite: a free one, else the oldest complete one not kept or pinned.
+
+    The newest complete one is kept too (`keep_newest`), so that a crash while writing leaves a
+    snapshot as new as can be, unless the caller knows an older complete one stays whole meanwhile.
+    """
+    kept = set(keep) | ({ranks.newest()} if keep_newest else set())
     free = [s for s in ranks.slots if s.status == FREE and not s.pins]
     if free:
         return free[0]

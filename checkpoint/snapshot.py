@@ -76,6 +76,7 @@ class SnapshotStats:
             "persist_backlog": self.backlog,
             "durable_step": self.durable,
             "committed_step": self.committed,
+            "protected_step": self.protected,
             "protection_lag": self.step - self.protected if self.protected >= 0 else -1,
             "host_mem_gib": round(self.host_bytes / 2**30, 4),
             "parity_mem_gib": round(self.parity_bytes / 2**30, 4),

@@ -173,10 +173,13 @@ class ErasureConfig:
     data: str = "auto"  # k nodes of data per group, or 'auto': the node count minus parity (one group)
     parity: int = 1  # m parity nodes per group (lost nodes survived); 0: no coding across nodes
     every: int = 1  # code every n-th snapshot: 1/n of the traffic, up to n more steps lost with a node
+    max_mb_s: float = 0.0  # cap on the parity traffic each keeper sends, MB/s, to spare the training's network; 0: none
 
     def __post_init__(self) -> None:
         if self.every < 1:
             raise ValueError(f"fault.erasure.every={self.every} must be >= 1")
+        if self.max_mb_s < 0:
+            raise ValueError(f"fault.erasure.max_mb_s={self.max_mb_s} must be >= 0 (0: no cap)")
         if not 0 <= self.parity <= 4:
             raise ValueError(f"fault.erasure.parity={self.parity} must be within 0..4 (0 turns coding off)")
         if self.data != "auto" and not (self.data.isdigit() and 1 <= int(self.data) <= 32):

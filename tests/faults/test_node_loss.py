@@ -141,3 +141,25 @@ def test_a_second_failure_during_recovery_starts_it_over(tmp_path, reference):
     recovered = [r[0] for r in resumes(cluster) if r[0] != "fresh start"]
     assert recovered and set(recovered) == {"peer keepers' memory"}, cluster.output(0)[-3000:]
     assert_matches(latest_losses(cluster.run_dir), reference)
+
+
+def test_a_node_lost_during_the_parity_exchange_resumes_from_the_newest_protected_step(tmp_path, reference):
+    """The parity traffic capped so that coding a step takes seconds: the node dies while the keepers
+    exchange a newer step's parity, and the job resumes from the newest step already protected."""
+    with cluster_of(tmp_path, nodes=3, per_node=1, min_nodes=2, extra=["fault.erasure.max_mb_s=0.4"]) as cluster:
+        wait_for_step(cluster, 1)
+        deadline = time.monotonic() + 180
+        while not (protected := [r["protected_step"] for r in read_metrics(cluster.run_dir) if r["protected_step"] >= 0]):
+            assert time.monotonic() < deadline, cluster.output(0)[-4000:]
+            time.sleep(0.05)
+        newest = logged_steps(cluster.run_dir)  # the snapshots of the steps before it are complete
+        cluster.kill_node(2)
+        assert newest < STEPS, "training outran the first protected step: lower the cap"
+        # Host snapshots went on every step while the coding fell behind them.
+        assert max(r["snapshot_age"] for r in read_metrics(cluster.run_dir)[:newest]) <= 1
+        assert cluster.wait(timeout=300)[:2] == [0, 0], cluster.output(0)[-4000:]
+        log = cluster.output(0)
+    (source, step), = [r for r in resumes(cluster) if r[0] != "fresh start"]
+    assert source == "peer keepers' memory", log[-3000:]
+    assert max(protected) <= step < newest - 1, (protected, step, newest)  # the step being coded was not taken
+    assert_matches(latest_losses(cluster.run_dir), reference)

@@ -109,6 +109,9 @@ def test_slot_policy_keeps_the_newest_and_the_common_step_and_pinned_slots():
     assert choose_slot(_slots((COMPLETE, 3, 0), (COMPLETE, 5, 0), (COMPLETE, 4, 0)), keep=[4]).index == 0
     assert choose_slot(_slots((COMPLETE, 3, 1), (COMPLETE, 5, 0), (COMPLETE, 4, 0)), keep=[4]) is None  # 3 is persisting
     assert choose_slot(_slots((COMPLETE, 3, 0), (COMPLETE, 5, 0), (COMPLETE, 4, 0)), keep=[3]).index == 2
+    # 4 is pinned (being coded) and 3 protected: only the newest, 5, may go, and only if the caller says so
+    assert choose_slot(_slots((COMPLETE, 3, 0), (COMPLETE, 5, 0), (COMPLETE, 4, 1)), keep=[4, 3]) is None
+    assert choose_slot(_slots((COMPLETE, 3, 0), (COMPLETE, 5, 0), (COMPLETE, 4, 1)), keep=[4, 3], keep_newest=False).index == 1
 
 
 def test_persisted_snapshot_is_committed_and_reads_back(serve, tmp_path):

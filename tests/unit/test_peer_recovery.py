@@ -15,7 +15,7 @@ from resurgo.checkpoint.layout import MeshSpec, Placement, TensorLayout
 from resurgo.checkpoint.peer_plan import Inventory, choose
 from resurgo.checkpoint.peer_recovery import replica_sets
 from resurgo.checkpoint.peer_restore import PeerReader, fill_targets, merged_trees
-from resurgo.checkpoint.protector import ProtectPlan, Protector, _Parity
+from resurgo.checkpoint.protector import Pace, ProtectPlan, Protector, _Parity
 from resurgo.checkpoint.rebuild import plan_rebuild, probe, rebuild_rank, rebuilder
 from resurgo.checkpoint.stage import merge, new_fragment, restore_reads, stage_rank, staging_spans, subtract
 
@@ -326,3 +326,16 @@ def test_spares_of_an_earlier_layout_give_way_to_buffers_the_next_step_fits():
     p._evict("t", 2)
     assert [s.size for s in p._spare] == [20]  # step 1's buffer, for step 3 to fill
     assert not p._new_parity(20).zeroed and not p._spare  # reused, not fresh pages
+
+
+def test_pace_spaces_sends_to_the_rate():
+    pace = Pace()
+    start = time.monotonic()
+    for _ in range(4):
+        pace.wait(50_000, bytes_per_s=1e6)  # 0.05 s each: the first goes at once, the rest wait their turn
+    assert 0.15 <= time.monotonic() - start < 2.0
+    unlimited = Pace()
+    start = time.monotonic()
+    for _ in range(1000):
+        unlimited.wait(10**9, bytes_per_s=0)
+    assert time.monotonic() - start < 0.5
