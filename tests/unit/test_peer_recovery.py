@@ -339,3 +339,25 @@ def test_pace_spaces_sends_to_the_rate():
     for _ in range(1000):
         unlimited.wait(10**9, bytes_per_s=0)
     assert time.monotonic() - start < 0.5
+
+
+def test_the_nodes_of_a_group_code_the_steps_its_first_node_takes(cluster):
+    c = cluster(nodes=3, per_node=1, k=2, m=1)
+    c.snapshot(1)
+
+    def held(node, step):
+        for r in c.ranks[node]:
+            c.slots[node][(r, step)] = rank_slot(r, c.world, step)
+        return {r: (*c.slots[node][(r, step)], {"train": {"step": step, "rank": r}}) for r in c.ranks[node]}
+
+    follower = c.protectors["node1"]
+    assert not follower.submit(2, held("node1", 2), lambda: None)  # node0 has not taken step 2
+    assert c.protectors["node0"].submit(2, held("node0", 2), lambda: None)
+    deadline = time.monotonic() + 30
+    for node in ("node1", "node2"):  # as soon as node0's meta announced it
+        while not c.protectors[node].submit(2, held(node, 2), lambda: None):
+            assert time.monotonic() < deadline, "the followers never took the leader's step"
+            time.sleep(0.01)
+    while any(p.protected_step() < 2 for p in c.protectors.values()):
+        assert time.monotonic() < deadline, "parity never completed"
+        time.sleep(0.01)
