@@ -82,7 +82,6 @@ class Keeper:
         self._rebuilding = False
         self.staged: dict[int, _Staged] = {}  # other nodes' old ranks, the spans this node's restore reads
         self.reads: dict[int, dict[str, Any]] = {}  # new rank -> the step and old ranks its restore reads
-        self._coding_step = -1  # the step the erasure coder holds pinned, -1 when idle
         self._stage_requests: list[tuple[int, dict[str, int]]] = []
         self._staging = False
         self.local_world: int | None = None
@@ -378,8 +377,9 @@ class Keeper:
         # protected one when the group's parity completes). While a step newer than the protected one
         # is being coded or awaits its parity, it stays whole on every local rank, so the newest
         # complete one may go: snapshots go on when coding falls behind the steps.
-        protected, coded = (self.protector.protected_step(), self.protector.coded_step()) if self.protector else (-1, -1)
-        anchor = self._coding_step if self._coding_step >= 0 else coded if coded > protected else -1
+        p = self.protector
+        protected, coded, coding = (p.protected_step(), p.coded_step(), p.coding_step()) if p else (-1, -1, -1)
+        anchor = max(coding, coded) if max(coding, coded) > protected else -1
         keep = [anchor if anchor >= 0 else newest_common(self._current()), protected, coded]
         while (slot := choose_slot(held, keep=keep, keep_newest=anchor < 0)) is None:
             if not required or time.monotonic() > deadline:
@@ -502,12 +502,9 @@ class Keeper:
             with self._cond:
                 for slot in slots:
                     slot.pins -= 1
-                self._coding_step = -1
                 self._cond.notify_all()
 
-        if self.protector.submit(step, ranks, release):
-            self._coding_step = step  # under the lock release() takes: set before it can run
-        else:
+        if not self.protector.submit(step, ranks, release):
             for slot in slots:
                 slot.pins -= 1
 

@@ -125,7 +125,7 @@ class HeldSlots:
         self.link, self.owned = link, owned  # an owned link (a connection of its own) closes with it
         self._open: dict[tuple[int, int], tuple[np.ndarray | None, list[tuple[Staged, np.ndarray]]]] = {}
         self._segments: list[Segment] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # warm() maps under it what it finds
 
     def __call__(self, rank: int, step: int) -> np.ndarray | None:
         """Rank `rank`'s slot bytes of `step`, None when this keeper does not hold them whole."""
@@ -141,8 +141,7 @@ class HeldSlots:
             except (KeeperGone, KeeperError):
                 return
             for old in reads["ranks"] if reads else ():
-                if (old, reads["step"]) not in self._open:
-                    self._open[(old, reads["step"])] = self._map(old, reads["step"])
+                self._find(old, reads["step"])
 
     def span(self, rank: int, step: int, offset: int, nbytes: int) -> np.ndarray | None:
         """Bytes [offset, offset+nbytes) of rank `rank`'s slot of `step`, None unless held or staged here."""

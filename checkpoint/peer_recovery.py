@@ -192,15 +192,10 @@ def stage_ahead(run_dir: Any, *, rank: int, topology: Mapping[str, int]) -> Held
     map what the keeper holds for the restore (`HeldSlots.warm`, on a thread of its own). The slots
     are the restore's to read and close; None when no keeper takes it (none runs, or it knows no
     earlier incarnation)."""
-    try:
-        client = Client(socket_path(run_id(run_dir)))  # the warm waits for staging on it
-    except (KeeperGone, OSError):
+    client = _keeper_client(run_dir, timeout=900.0)  # the warm waits for staging on it
+    if client is None:
         return None
-    try:
-        staging = client.request("stage", rank=rank, topology=dict(topology)).get("staging")
-    except (KeeperGone, KeeperError, OSError):
-        staging = False
-    if not staging:
+    if not _request(client, "stage", rank=rank, topology=dict(topology)).get("staging"):
         client.close()
         return None
     held = HeldSlots(client, owned=True)
@@ -225,11 +220,26 @@ def previous_topology(run_dir: Any, *, comm: Comm) -> dict[str, int] | None:
 
 def _ask_keeper(run_dir: Any, op: str, **fields: Any) -> dict[str, Any]:
     """One request to this node's keeper before the worker's own link exists; {} when none answers."""
+    client = _keeper_client(run_dir, timeout=30.0)
+    if client is None:
+        return {}
     try:
-        client = Client(socket_path(run_id(run_dir)), timeout=30.0)
-        try:
-            return client.request(op, **fields)
-        finally:
-            client.close()
+        return _request(client, op, **fields)
+    finally:
+        client.close()
+
+
+def _keeper_client(run_dir: Any, *, timeout: float) -> Client | None:
+    """A connection of its own to this node's keeper, None when none answers."""
+    try:
+        return Client(socket_path(run_id(run_dir)), timeout=timeout)
+    except (KeeperGone, OSError):
+        return None
+
+
+def _request(client: Client, op: str, **fields: Any) -> dict[str, Any]:
+    """The keeper's reply, {} when it gives none."""
+    try:
+        return client.request(op, **fields)
     except (KeeperGone, KeeperError, OSError):
         return {}

@@ -187,7 +187,7 @@ class Protector:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a step protected, or the coder stopping
         self._announced: dict[str, int] = {}  # token -> the step the group's leader codes now
-        self._busy = False  # a step is being coded: nothing else is taken meanwhile
+        self._coding = -1  # the step being coded (until the leader saw it protected): nothing else is taken meanwhile
         self._stopping = False
         self._clients: dict[str, PeerClient] = {}
         self._sent: dict[tuple[str, str, int], str] = {}  # (token, peer, rank) -> layout digest the peer holds
@@ -258,6 +258,11 @@ class Protector:
         with self._lock:
             return self._coded.get(self.current, -1) if self.current else -1
 
+    def coding_step(self) -> int:
+        """The step being coded now, -1 when none."""
+        with self._lock:
+            return self._coding
+
     def inventory(self) -> dict[str, Any]:
         """What this node can serve to a recovery: plans, complete parity, the metas it holds."""
         with self._lock:
@@ -284,11 +289,11 @@ class Protector:
         comes first), as soon as they hold it."""
         with self._lock:
             token = self.current
-            if token is None or step % self.plans[token][0].every or self._busy:
+            if token is None or step % self.plans[token][0].every or self._coding >= 0:
                 return False
             if not self._leads(token) and self._announced.get(token) != step:
                 return False
-            self._busy = True
+            self._coding = step
         self._jobs.put((token, step, ranks, release))
         return True
 
@@ -320,7 +325,7 @@ class Protector:
                                                   or token != self.current, timeout=PROTECT_WAIT_S):  # fmt: skip
                         log.warning("step %d is not protected %.0f s after this node sent its shares: coding the next",
                                     step, PROTECT_WAIT_S)  # fmt: skip
-                self._busy = False
+                self._coding = -1
                 announced = self._announced.get(token, -1) if not self._leads(token) else -1
             if announced > step:  # announced while this step was being coded
                 self.on_announced(announced)
