@@ -7,6 +7,11 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be saved or loaded as asked; the message says what to do."""
 
 
+class NothingToResume(CheckpointError):
+    """The run's state is gone from memory and from disk: no restart can change that, so the job
+    stops at once instead of spending its restarts on the same verdict."""
+
+
 def join_problems(problems: list[str], *, limit: int = 50) -> str:
     """One problem per line, capped so a badly damaged checkpoint still gives a readable error."""
     shown = [f"  - {p}" for p in problems[:limit]]

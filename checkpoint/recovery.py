@@ -27,7 +27,7 @@ from .capture import StateCapture
 from .flatten import flatten, restore
 from .keeper_link import EXTERNAL, OFF, HeldSlots, KeeperLink
 from .keeper_protocol import KeeperError, KeeperGone, SlotLayout, StoreTarget, node_id
-from .errors import CheckpointError
+from .errors import NothingToResume
 from .manager import Checkpointer, Stateful
 from .peer_recovery import agree_plan, resume_from_peers
 from .protector import ProtectPlan
@@ -144,7 +144,7 @@ class Protection:
         if result is None and spec not in ("none", "latest"):
             result = Resumed("disk", self.checkpointer.load(Path(spec)), spec)
         if result is None and self._peer_loss:
-            raise CheckpointError(
+            raise NothingToResume(
                 f"the nodes left cannot rebuild the run's state from memory ({self._peer_loss}) and no committed "
                 f"checkpoint is under {self.root}: refusing to start fresh. Bring back the lost nodes, or restart "
                 "with checkpoint.resume=none to start over deliberately (set checkpoint.every to protect on disk too)"

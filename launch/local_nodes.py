@@ -177,8 +177,9 @@ class LocalCluster:
             try:
                 node.agent.wait(timeout=left)
             except subprocess.TimeoutExpired:
-                running = [n.node_id for n in self._nodes if n.agent.poll() is None]
-                raise TimeoutError(f"{running} still running after {timeout} s; logs in {self.run_dir / 'logs'}") from None
+                running = [n for n in self._nodes if n.agent.poll() is None]
+                tails = "".join(f"\n--- the end of {n.log} ---\n{self.output(n.index)[-3000:]}" for n in running)
+                raise TimeoutError(f"{[n.node_id for n in running]} still running after {timeout} s{tails}") from None
         return [node.agent.returncode for node in self._nodes]
 
     def poll(self) -> list[int | None]:

@@ -18,13 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from resurgo.checkpoint.comm import Comm
+from resurgo.checkpoint.errors import NothingToResume
 from resurgo.checkpoint.keeper_link import HeldSlots
 from resurgo.checkpoint.peer_recovery import previous_topology, stage_ahead
 from resurgo.checkpoint.recovery import build_protection
 from resurgo.parallel.dims import ParallelDims
 from resurgo.parallel.elastic import fit_topology
 from resurgo.trainer.config import JobConfig, load_config
-from resurgo.trainer.distributed import init_distributed, shutdown
+from resurgo.trainer.distributed import init_distributed, shutdown, stop_restarts
 from resurgo.trainer.trainer import Trainer
 
 
@@ -40,7 +41,7 @@ OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 def train(cfg: JobConfig) -> list[float]:
     env = init_distributed(cfg.train.device)
     trainer = protection = None
-    finished = False
+    finished = final = False
     run_dir = Path(cfg.run.root) / run_name(cfg.run.name)
     try:
         cfg, warmed = fit_world(cfg, world_size=env.world_size, run_dir=run_dir)
@@ -52,6 +53,10 @@ def train(cfg: JobConfig) -> list[float]:
         losses = trainer.fit()
         finished = True
         return losses
+    except NothingToResume as e:
+        logging.getLogger(__name__).error("%s", e)  # before the agent stops: its signal may cut Hydra's report short
+        final = True
+        raise
     finally:
         if protection is not None:
             # After a failure the keeper keeps its snapshots for the restart; after success it persists the end.
@@ -59,6 +64,8 @@ def train(cfg: JobConfig) -> list[float]:
         if trainer is not None:
             trainer.close()
         shutdown()
+        if final:
+            stop_restarts()
 
 
 def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> tuple[JobConfig, HeldSlots | None]:

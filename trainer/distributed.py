@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -56,3 +59,28 @@ def init_distributed(device: str) -> DistEnv:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def stop_restarts() -> bool:
+    """Ask this worker's torchrun agent to stop instead of restarting the workers (True if asked).
+
+    torchrun restarts a failed worker group whatever the failure; for one no restart can change
+    (the run's state is gone) that only repeats the verdict `--max-restarts` times. A SIGTERM makes
+    the agent stop its workers and exit, as a scheduler's cancel would. This process ignores the
+    signal the agent relays, so it finishes its own exit (error file, message) first.
+    """
+    parent = os.getppid()
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not _is_torchrun(parent):
+        return False
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.getLogger(__name__).error("stopping torchrun (pid %d): a restart cannot change this failure", parent)
+    os.kill(parent, signal.SIGTERM)
+    return True
+
+
+def _is_torchrun(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False  # not Linux, or the agent is gone: nothing to stop
+    return b"torch.distributed.run" in cmdline or b"torchrun" in cmdline

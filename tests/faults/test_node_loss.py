@@ -109,6 +109,7 @@ def test_more_lost_than_parity_without_a_disk_checkpoint_stops(tmp_path):
         log = cluster.output(0)
     assert codes[0] != 0
     assert "refusing to start fresh" in log, log[-3000:]
+    assert log.count("a restart cannot change this failure") == 1, log[-3000:]  # the first verdict ends the job
 
 
 def test_a_replacement_node_grows_the_job_back(tmp_path, reference):
