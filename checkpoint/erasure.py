@@ -141,8 +141,10 @@ def is_xor(k: int, m: int, *, have: tuple[int, ...], want: int) -> bool:
     return bool((_decode_matrix(k, m, tuple(sorted(have))[:k], (want,)) == 1).all())
 
 
-def accumulate(dst: np.ndarray, src: np.ndarray, *, k: int, m: int, parity: int, index: int, backend: Backend = "auto") -> None:
-    """dst[:len(src)] ^= G[parity, index] * src: one data buffer's share of a parity buffer.
+def accumulate(dst: np.ndarray, src: np.ndarray, *, k: int, m: int, parity: int, index: int, backend: Backend = "auto",
+               store: bool = False) -> None:  # fmt: skip
+    """dst[:len(src)] ^= G[parity, index] * src: one data buffer's share of a parity buffer (with
+    `store`, = instead of ^=: the first share to reach those bytes).
 
     Parity is linear, so a parity holder can add the k shares as they arrive, in any order, into one
     buffer: it never holds more than one incoming piece besides the parity itself.
@@ -154,11 +156,16 @@ def accumulate(dst: np.ndarray, src: np.ndarray, *, k: int, m: int, parity: int,
     target = dst[: _size(src)]
     coefficient = int(gf256.cauchy_parity(k, m)[parity, index])
     if coefficient != 1:
-        scaled = np.empty_like(src)
+        scaled = target if store else np.empty_like(src)
         _combine(np.array([[coefficient]], dtype=np.uint8), [src], [scaled], size=_size(src), chunk_bytes=CHUNK_BYTES,
                  threads=1, backend=backend)  # fmt: skip
+        if store:
+            return
         src = scaled
-    np.bitwise_xor(target, src, out=target)
+    if store:
+        target[...] = src
+    else:
+        np.bitwise_xor(target, src, out=target)
 
 
 def check_shape(k: int, m: int) -> None:

@@ -131,14 +131,36 @@ def segment_read(coding: NodeCoding, parts: Sequence[np.ndarray], index: int, of
 
 @dataclass
 class _Parity:
-    data: np.ndarray
-    zeroed: bool = True  # False for a reused buffer until the first share clears it
+    """One parity buffer being summed from its k shares, piece by piece (every sender cuts its share
+    at the same PIECE_BYTES grid). The first piece to reach a grid cell is stored, scaled, and the
+    rest of the cell cleared; later ones are added. So the buffer is never zero-filled first, and
+    the first share costs a copy, not a read-modify-write."""
+
+    data: np.ndarray  # its bytes are garbage outside the cells in `filled`
+    filled: set[int] = field(default_factory=set)  # offsets of the grid cells written so far
     lengths: dict[int, int] = field(default_factory=dict)  # data index -> its segment length
     received: dict[int, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def complete(self, k: int) -> bool:
         return len(self.lengths) == k and all(self.received.get(t, 0) == n for t, n in self.lengths.items())
+
+    def add(self, offset: int, piece: np.ndarray, *, k: int, m: int, parity: int, index: int) -> None:
+        """Add data buffer `index`'s share piece at `offset` (a grid cell's start)."""
+        if offset % PIECE_BYTES or piece.size > PIECE_BYTES:
+            raise ValueError(f"a {piece.size}-byte share piece at offset {offset} is off the {PIECE_BYTES}-byte grid")
+        first = offset not in self.filled
+        if piece.size:
+            erasure.accumulate(self.data[offset:], piece, k=k, m=m, parity=parity, index=index, store=first)
+        if first:
+            self.data[offset + piece.size : offset + PIECE_BYTES] = 0  # past a shorter share's end
+            self.filled.add(offset)
+
+    def grow(self, length: int) -> None:
+        """Extend to a longer segment than the first one seen; what no share has reached reads as zero."""
+        grown = np.zeros(length, dtype=np.uint8)
+        grown[: self.data.size] = self.data
+        self.data = grown
 
 
 class Pace:
@@ -185,7 +207,7 @@ class Protector:
         self._thread_cpu_s = 0.0  # the coding and notice threads' CPU time
         self._pace = Pace()  # of the parity traffic sent, across steps (fault.erasure.max_mb_s)
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)  # a step protected, or the coder stopping
+        self._changed = threading.Condition(self._lock)  # a step protected, a new plan, or the coder stopping
         self._announced: dict[str, int] = {}  # token -> the step the group's leader codes now
         self._coding = -1  # the step being coded (until the leader saw it protected): nothing else is taken meanwhile
         self._stopping = False
@@ -234,6 +256,7 @@ class Protector:
                              key=lambda t: self.plans[t][0].created)[-(KEEP_PLANS - 1):]  # fmt: skip
             for stale in [t for t in self.plans if t != plan.token and t not in earlier]:
                 self._forget(stale)
+            self._changed.notify_all()  # a leader waiting on the last incarnation's parity codes this one's
         return erasure_plan
 
     def pause(self, *, secret: str) -> None:
@@ -241,6 +264,7 @@ class Protector:
         served to the workers that know the running incarnation's `secret`."""
         with self._lock:
             self.current, self.secret = None, secret
+            self._changed.notify_all()
 
     def newest_plan(self) -> ProtectPlan | None:
         """The plan of the newest incarnation this keeper coded for."""
@@ -298,6 +322,10 @@ class Protector:
         return True
 
     def _leads(self, token: str) -> bool:
+        """Whether this node leads its group in incarnation `token` (False once its plan is forgotten:
+        a new plan may replace it while the coder waits)."""
+        if token not in self.plans:
+            return False
         group = self.plans[token][1].group_of(self.node)
         return group is None or group.nodes[0] == self.node
 
@@ -413,16 +441,10 @@ class Protector:
             if buf is None:
                 buf = self._parity[key] = self._new_parity(length)
         piece = np.frombuffer(payload, dtype=np.uint8)
-        with buf.lock:
-            if not buf.zeroed:  # cleared by the first share, outside the keeper's lock
-                buf.data.fill(0)
-                buf.zeroed = True
-            if length > buf.data.size:  # a longer segment than the first one seen: zero-extend
-                grown = np.zeros(length, dtype=np.uint8)
-                grown[: buf.data.size] = buf.data
-                buf.data = grown
-            if piece.size:
-                erasure.accumulate(buf.data[offset:], piece, k=plan.k, m=plan.m, parity=p, index=t)
+        with buf.lock:  # outside the keeper's lock: shares for other buffers are added meanwhile
+            if length > buf.data.size:
+                buf.grow(length)
+            buf.add(offset, piece, k=plan.k, m=plan.m, parity=p, index=t)
             buf.lengths[t] = length
             buf.received[t] = buf.received.get(t, 0) + piece.size
             complete = buf.complete(plan.k)
@@ -535,11 +557,11 @@ class Protector:
             del self._layouts[key]
 
     def _new_parity(self, length: int) -> _Parity:
-        """A parity buffer of `length` zero bytes: a spare one of that size (cleared later), else new."""
+        """A parity buffer of `length` bytes: a spare one of that size, else new (its first shares fill it)."""
         for i, spare in enumerate(self._spare):
             if spare.size == length:
-                return _Parity(self._spare.pop(i), zeroed=False)
-        return _Parity(np.zeros(length, dtype=np.uint8))
+                return _Parity(self._spare.pop(i))
+        return _Parity(np.empty(length, dtype=np.uint8))
 
     def _drop_parity(self, key: tuple[str, int, int, int], *, keep: int, sizes: set[int]) -> None:
         """Evict one parity buffer, kept as a spare while fewer than `keep` are and its size is in use."""

@@ -79,6 +79,8 @@ def test_a_lost_node_comes_back_from_memory_on_fewer_nodes(tmp_path, reference):
     assert "staged from peers while the workers started: " in log and " 0.0 MB read from peers" in log, log[-3000:]
     assert not list(tmp_path.glob("run/checkpoints/step-*")), "no disk checkpoint was asked for"
     assert_matches(latest_losses(cluster.run_dir), reference)
+    # The 2 nodes protect their own steps at once, not after the leader gave up on the dead node's parity.
+    assert read_metrics(cluster.run_dir)[-1]["protected_step"] >= STEPS - 4
 
 
 def test_two_nodes_lost_at_once_with_two_parities(tmp_path, reference):

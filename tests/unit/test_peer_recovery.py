@@ -6,6 +6,7 @@ lost by stopping theirs. What survives is then read back onto a new topology, ex
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from resurgo.checkpoint.layout import MeshSpec, Placement, TensorLayout
 from resurgo.checkpoint.peer_plan import Inventory, choose
 from resurgo.checkpoint.peer_recovery import replica_sets
 from resurgo.checkpoint.peer_restore import PeerReader, fill_targets, merged_trees
+from resurgo.checkpoint import erasure, protector
 from resurgo.checkpoint.protector import Pace, ProtectPlan, Protector, _Parity
 from resurgo.checkpoint.rebuild import plan_rebuild, probe, rebuild_rank, rebuilder
 from resurgo.checkpoint.stage import merge, new_fragment, restore_reads, stage_rank, staging_spans, subtract
@@ -323,9 +325,60 @@ def test_spares_of_an_earlier_layout_give_way_to_buffers_the_next_step_fits():
     p._spare = [np.zeros(5, dtype=np.uint8)]  # the size an earlier incarnation's segments had
     for step in (1, 2):
         p._parity[("t", step, 0, 0)] = _Parity(np.zeros(20, dtype=np.uint8))
+    step1 = p._parity[("t", 1, 0, 0)].data
     p._evict("t", 2)
     assert [s.size for s in p._spare] == [20]  # step 1's buffer, for step 3 to fill
-    assert not p._new_parity(20).zeroed and not p._spare  # reused, not fresh pages
+    reused = p._new_parity(20)
+    assert reused.data is step1 and not reused.filled and not p._spare  # reused, not fresh pages
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_a_parity_summed_piece_by_piece_in_any_order_equals_the_encoded_one(monkeypatch, m):
+    """Shares of unequal lengths, their pieces interleaved at random, added into a buffer holding an
+    earlier step's bytes (never cleared first), and a longer share arriving after a shorter one."""
+    monkeypatch.setattr(protector, "PIECE_BYTES", 8)
+    rng = np.random.default_rng(3)
+    k, lengths = 3, (29, 40, 17)
+    data = [rng.integers(0, 256, n, dtype=np.uint8) for n in lengths]
+    for parity in range(m):
+        want = erasure.encode(data, m=m, pad=True).parity[parity]
+        pieces = [(t, o) for t, d in enumerate(data) for o in range(0, d.size, 8)]
+        order = [pieces[i] for i in rng.permutation(len(pieces))]
+        order.sort(key=lambda tp: tp[0] == 1)  # segment 1 (the longest) last: the buffer grows
+        buf = _Parity(rng.integers(0, 256, lengths[order[0][0]], dtype=np.uint8))  # stale bytes
+        for t, offset in order:
+            if lengths[t] > buf.data.size:
+                buf.grow(lengths[t])
+            buf.add(offset, data[t][offset : offset + 8], k=k, m=m, parity=parity, index=t)
+        assert np.array_equal(buf.data, want), parity
+    with pytest.raises(ValueError, match="off the 8-byte grid"):
+        buf.add(4, data[0][:8], k=k, m=m, parity=0, index=0)
+
+
+def test_a_new_plan_frees_a_leader_waiting_on_the_last_incarnations_parity(cluster):
+    """A node dies after the leader sent its shares: that parity never completes. The survivors'
+    next plan must be coded at once, not after the leader's wait for the dead one runs out."""
+    c = cluster(nodes=3, per_node=1, k=2, m=1)
+    leader = c.protectors["node0"]
+    c.slots["node0"][(0, 2)] = rank_slot(0, c.world, 2)
+    assert leader.submit(2, {0: (*c.slots["node0"][(0, 2)], {"train": {"step": 2}})}, lambda: None)
+    deadline = time.monotonic() + 30
+    while leader.coded_step() < 2:  # shares sent; the followers never send theirs
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert leader.coding_step() == 2  # waiting for step 2 to be protected
+    survivors = replace(c.plan, token="bbbb", created=2.0, k=1, nodes=("node0", "node1"), ranks={"node0": (0,), "node1": (1,)},
+                        peers={n: c.protectors[n].address for n in ("node0", "node1")}, world_size=2,
+                        topology={**c.plan.topology, "dp_shard": 2})  # fmt: skip
+    leader.protect(survivors)
+    while leader.coding_step() != -1:
+        assert time.monotonic() < deadline - 20, "the leader still waits on the dead incarnation's parity"
+        time.sleep(0.01)
+    c.slots["node0"][(0, 3)] = rank_slot(0, 2, 3)
+    assert leader.submit(3, {0: (*c.slots["node0"][(0, 3)], {"train": {"step": 3}})}, lambda: None)
+    while leader.coding_step() != -1:  # node1 knows no plan "bbbb" and refuses: the coder goes on
+        assert time.monotonic() < deadline, "the coder stopped with the old plan"
+        time.sleep(0.01)
 
 
 def test_pace_spaces_sends_to_the_rate():
