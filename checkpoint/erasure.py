@@ -159,11 +159,10 @@ def accumulate(dst: np.ndarray, src: np.ndarray, *, k: int, m: int, parity: int,
         scaled = target if store else np.empty_like(src)
         _combine(np.array([[coefficient]], dtype=np.uint8), [src], [scaled], size=_size(src), chunk_bytes=CHUNK_BYTES,
                  threads=1, backend=backend)  # fmt: skip
-        if store:
-            return
         src = scaled
     if store:
-        target[...] = src
+        if src is not target:
+            target[...] = src
     else:
         np.bitwise_xor(target, src, out=target)
 

@@ -16,7 +16,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from .scratch import scratch
@@ -127,10 +127,11 @@ class PeerClient:
 class PeerServer:
     """Accepts peer connections on `host` (an ephemeral port) and answers each frame with `handler`."""
 
-    def __init__(self, *, host: str, handler: Handler, secret: Callable[[], str], background: frozenset[str] = frozenset()) -> None:
+    def __init__(self, *, host: str, handler: Handler, secrets: Callable[[], Collection[str]],
+                 background: frozenset[str] = frozenset()) -> None:  # fmt: skip
         """`background`: ops whose connections are served at idle priority (the first frame decides:
         a connection carries one client's traffic; a recovery's reads are never among them)."""
-        self.handler, self.secret, self.background = handler, secret, background
+        self.handler, self.secrets, self.background = handler, secrets, background  # secrets: those accepted now
         self.background_cpu_s = 0.0  # CPU time (user + system) its background connections used
         self._cpu_lock = threading.Lock()
         self._sock = socket.create_server((host, 0))
@@ -157,8 +158,8 @@ class PeerServer:
             threading.Thread(target=self._serve, args=(conn,), name="resurgo-peer-conn", daemon=True).start()
 
     def _answer(self, conn: socket.socket, header: dict[str, Any], payload: memoryview) -> None:
-        secret = self.secret()
-        if not secret or not hmac.compare_digest(str(header.get("secret", "")), secret):
+        given = str(header.get("secret", ""))
+        if not any(s and hmac.compare_digest(given, s) for s in self.secrets()):
             send_frame(conn, {"ok": False, "error": "wrong run secret: this keeper serves another run"})
             return
         try:

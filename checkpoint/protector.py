@@ -158,6 +158,8 @@ class _Parity:
 
     def grow(self, length: int) -> None:
         """Extend to a longer segment than the first one seen; what no share has reached reads as zero."""
+        if length <= self.data.size:
+            return
         grown = np.zeros(length, dtype=np.uint8)
         grown[: self.data.size] = self.data
         self.data = grown
@@ -215,7 +217,7 @@ class Protector:
         self._sent: dict[tuple[str, str, int], str] = {}  # (token, peer, rank) -> layout digest the peer holds
         self._jobs: queue.Queue[tuple[str, int, dict[int, tuple[SlotLayout, np.ndarray, Any]], Callable[[], None]] | None] = queue.Queue(maxsize=1)
         self._notices: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
-        self.server = PeerServer(host=host, handler=self._handle, secret=self._secret,
+        self.server = PeerServer(host=host, handler=self._handle, secrets=self._secrets,
                                  background=frozenset({"contribute", "meta", "parity_done"}))  # fmt: skip
         self._threads = [threading.Thread(target=self._code_loop, name="resurgo-erasure", daemon=True),
                          threading.Thread(target=self._notice_loop, name="resurgo-erasure-notice", daemon=True)]  # fmt: skip
@@ -411,9 +413,11 @@ class Protector:
 
     # ---- serving peers ----------------------------------------------------------------------
 
-    def _secret(self) -> str:
+    def _secrets(self) -> set[str]:
+        """The running incarnation's secret and those of the earlier ones kept: a survivor still
+        staging an earlier incarnation's memory reads on after its peers adopted the next plan."""
         with self._lock:
-            return self.secret
+            return {self.secret, *(p.secret for p, _ in self.plans.values())}
 
     def _handle(self, header: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], Any]:
         op = header.get("op")
@@ -442,8 +446,7 @@ class Protector:
                 buf = self._parity[key] = self._new_parity(length)
         piece = np.frombuffer(payload, dtype=np.uint8)
         with buf.lock:  # outside the keeper's lock: shares for other buffers are added meanwhile
-            if length > buf.data.size:
-                buf.grow(length)
+            buf.grow(length)
             buf.add(offset, piece, k=plan.k, m=plan.m, parity=p, index=t)
             buf.lengths[t] = length
             buf.received[t] = buf.received.get(t, 0) + piece.size

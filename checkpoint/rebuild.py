@@ -46,7 +46,7 @@ class Rebuilt:
 
 def probe(plan: ProtectPlan, *, node: str, own: Mapping[str, Any], timeout: float = PROBE_TIMEOUT_S) -> dict[str, Inventory] | None:
     """The inventories of the plan's nodes that answer (this node's is `own`); the others are lost.
-    None when a peer answers but refuses (it already serves a newer incarnation): rebuild nothing."""
+    None when a peer answers but refuses (it serves another run, or no longer holds this plan): rebuild nothing."""
     found = {node: Inventory(own)}
     for peer, address in plan.peers.items():
         if peer == node:

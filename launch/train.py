@@ -41,7 +41,7 @@ OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 def train(cfg: JobConfig) -> list[float]:
     env = init_distributed(cfg.train.device)
     trainer = protection = None
-    finished = final = False
+    finished = False
     run_dir = Path(cfg.run.root) / run_name(cfg.run.name)
     try:
         cfg, warmed = fit_world(cfg, world_size=env.world_size, run_dir=run_dir)
@@ -53,10 +53,6 @@ def train(cfg: JobConfig) -> list[float]:
         losses = trainer.fit()
         finished = True
         return losses
-    except NothingToResume as e:
-        logging.getLogger(__name__).error("%s", e)  # before the agent stops: its signal may cut Hydra's report short
-        final = True
-        raise
     finally:
         if protection is not None:
             # After a failure the keeper keeps its snapshots for the restart; after success it persists the end.
@@ -64,8 +60,6 @@ def train(cfg: JobConfig) -> list[float]:
         if trainer is not None:
             trainer.close()
         shutdown()
-        if final:
-            stop_restarts()
 
 
 def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> tuple[JobConfig, HeldSlots | None]:
@@ -89,7 +83,12 @@ def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> tuple[JobCon
 
 @hydra.main(version_base="1.3", config_path="pkg://resurgo.recipes", config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
-    train(load_config(cfg))
+    try:
+        train(load_config(cfg))
+    except NothingToResume as e:  # cleaned up and recorded by now: no restart can change it, so stop
+        logging.getLogger(__name__).error("%s", e)  # before the agent stops: its signal may cut Hydra's report short
+        stop_restarts()
+        raise
 
 
 def _torchrun_safe_argv(argv: list[str], rank: int) -> list[str]:

@@ -18,6 +18,7 @@ from resurgo.checkpoint.peer_recovery import replica_sets
 from resurgo.checkpoint.peer_restore import PeerReader, fill_targets, merged_trees
 from resurgo.checkpoint import erasure, protector
 from resurgo.checkpoint.protector import Pace, ProtectPlan, Protector, _Parity
+from resurgo.checkpoint.peer_wire import PeerClient, PeerError
 from resurgo.checkpoint.rebuild import plan_rebuild, probe, rebuild_rank, rebuilder
 from resurgo.checkpoint.stage import merge, new_fragment, restore_reads, stage_rank, staging_spans, subtract
 
@@ -379,6 +380,29 @@ def test_a_new_plan_frees_a_leader_waiting_on_the_last_incarnations_parity(clust
     while leader.coding_step() != -1:  # node1 knows no plan "bbbb" and refuses: the coder goes on
         assert time.monotonic() < deadline, "the coder stopped with the old plan"
         time.sleep(0.01)
+
+
+def test_a_keeper_serves_the_secrets_of_the_plans_it_holds_and_no_other(cluster):
+    """A survivor staging an earlier incarnation's memory reads on after its peers adopted the next
+    plan; a stranger, or a plan the keeper forgot, is refused."""
+    c = cluster(nodes=3, per_node=1, k=2, m=1)
+    c.snapshot(1)  # protected: the plan is kept when the next one comes
+    keeper = c.protectors["node1"]
+    keeper.protect(replace(c.plan, token="bbbb", created=2.0, secret="n3xt"))
+
+    def answers(secret: str) -> bool:
+        client = PeerClient(keeper.address, secret=secret)
+        try:
+            client.request("inventory")
+            return True
+        except PeerError:
+            return False
+        finally:
+            client.close()
+
+    assert answers("n3xt") and answers(c.plan.secret) and not answers("stranger")
+    keeper.protect(replace(c.plan, token="cccc", created=3.0, secret="l4st"))  # "bbbb" never protected a step
+    assert answers("l4st") and answers(c.plan.secret) and not answers("n3xt")
 
 
 def test_pace_spaces_sends_to_the_rate():
