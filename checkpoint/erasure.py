@@ -167,6 +167,24 @@ def accumulate(dst: np.ndarray, src: np.ndarray, *, k: int, m: int, parity: int,
         np.bitwise_xor(target, src, out=target)
 
 
+def scale(src: Buffer, coefficients: Sequence[int], *, out: Sequence[Buffer] | None = None) -> list[Buffer]:
+    """[c * src for c in coefficients] over GF(2^8): one data buffer's shares of several parity buffers,
+    computed where the data lies (the Triton kernel for a CUDA buffer, ISA-L or numpy on host), so a
+    sender can hand its parity holders shares they only need to XOR."""
+    view = as_bytes(src)
+    outs = _outputs([view], [_size(view)] * len(coefficients), out)
+    if coefficients and _size(view):
+        matrix = np.array(coefficients, dtype=np.uint8).reshape(-1, 1)
+        _combine(matrix, [view], outs, size=_size(view), chunk_bytes=CHUNK_BYTES, threads=1, backend="auto")
+    return outs
+
+
+def parity_matrix(k: int, m: int) -> np.ndarray:
+    """G's parity rows (m x k): parity p holds XOR_t G[p, t] * data t; row 0 is all ones."""
+    check_shape(k, m)
+    return gf256.cauchy_parity(k, m)
+
+
 def check_shape(k: int, m: int) -> None:
     """Refuse codes outside 1 <= k <= 32, 1 <= m <= 4 (the range the generator is proven MDS for)."""
     if not 1 <= k <= MAX_DATA:
@@ -265,7 +283,7 @@ def _combine(
         raise ValueError(f"threads={threads} must be at least 1")
     chunk_bytes = chunk_bytes // 64 * 64
     starts = range(0, size, chunk_bytes)
-    if any(_is_torch(b) and b.is_cuda for b in srcs):
+    if _on_device(srcs):
         for start in starts:
             _cuda_chunk(matrix, srcs, dsts, start=start, stop=min(start + chunk_bytes, size))
         return
@@ -285,6 +303,11 @@ def _combine(
 
 
 Kernel = Callable[[np.ndarray, Sequence[np.ndarray], Sequence[np.ndarray]], None]
+
+
+def _on_device(srcs: Sequence[Buffer]) -> bool:
+    """Whether the Triton kernel codes these buffers (CUDA ones; the tests' interpreter, any tensors)."""
+    return any(_is_torch(b) and b.is_cuda for b in srcs)
 
 
 def _cpu_kernel(matrix: np.ndarray, backend: Backend) -> Kernel:

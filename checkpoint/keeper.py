@@ -80,6 +80,7 @@ class Keeper:
         self.rebuilt: dict[int, RankSlots] = {}  # lost nodes' ranks decoded here (rebuild.py), apart from ours
         self._rebuild_s: dict[int, float] = {}
         self._rebuilding = False
+        self._share_serial = 0  # names every scaled-shares segment apart
         self.staged: dict[int, _Staged] = {}  # other nodes' old ranks, the spans this node's restore reads
         self.reads: dict[int, dict[str, Any]] = {}  # new rank -> the step and old ranks its restore reads
         self._stage_requests: list[tuple[int, dict[str, int]]] = []
@@ -387,7 +388,7 @@ class Keeper:
                 return {"slot": None, "reason": "busy", **self._status()}
             self._cond.wait(timeout=1.0)
         slot.reset(WRITING, step)
-        return {"slot": slot.index}
+        return {"slot": slot.index, "shares": self._share_space(held, slot)}
 
     def _op_complete(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         held, index, step = self._rank(msg), int(msg["slot"]), int(msg["step"])
@@ -395,6 +396,7 @@ class Keeper:
         if slot.status != WRITING or slot.step != step:
             raise KeeperError(f"rank {held.rank} completed slot {index} for step {step}, which it was not writing")
         slot.status, slot.tree, slot.persist = COMPLETE, msg["tree"], bool(msg.get("persist"))
+        slot.scaled = str(msg.get("scaled") or "") if slot.shares is not None else ""
         self._maybe_persist(step)
         self._maybe_protect(step)
         self._cond.notify_all()
@@ -466,6 +468,20 @@ class Keeper:
             )
         return min(fits, DEFAULT_SLOTS)
 
+    def _share_space(self, held: RankSlots, slot: Slot) -> dict[str, Any] | None:
+        """Where and how the worker scales this slot's parity shares before handing it back
+        (fault.erasure.encode=device), None when the holders scale them."""
+        current = self._current()
+        if self.protector is None or held.token != self.token or len(current) < (self.local_world or 0):
+            return None
+        recipe = self.protector.share_recipe(held.rank, {h.rank: h.layout.nbytes for h in current})
+        if recipe is None or not recipe.rows:
+            return None
+        self._share_serial += 1
+        name = f"{segment_name(self.rid, keeper_id=self.keeper_id, rank=held.rank, slot=slot.index)}.x{self._share_serial}"
+        segment = slot.share_space(name, recipe.rows * held.layout.nbytes)
+        return {"segment": segment.name, "recipe": recipe.to_json()}
+
     def _segment(self, rank: int, index: int, nbytes: int) -> shm.Segment:
         return shm.Segment.create(segment_name(self.rid, keeper_id=self.keeper_id, rank=rank, slot=index), nbytes)
 
@@ -495,6 +511,7 @@ class Keeper:
         if any(s is None for s in slots):
             return
         ranks = {h.rank: (h.layout, s.segment.array()[: h.layout.nbytes], s.tree) for h, s in zip(current, slots)}
+        shares = {h.rank: (s.scaled, s.shares.array()) for h, s in zip(current, slots) if s.scaled and s.shares is not None}
         for slot in slots:
             slot.pins += 1
 
@@ -504,7 +521,7 @@ class Keeper:
                     slot.pins -= 1
                 self._cond.notify_all()
 
-        if not self.protector.submit(step, ranks, release):
+        if not self.protector.submit(step, ranks, release, shares):
             for slot in slots:
                 slot.pins -= 1
 
@@ -717,4 +734,5 @@ def _free_slots(slots: list[Slot]) -> None:
     for slot in slots:
         shm.unlink(slot.segment.name)
         slot.segment.close()
+        slot.free_shares()
         slot.status = FREE

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .comm import Comm
+from .encode_site import decide_site
 from .dtypes import as_numpy, storage_dtype, to_torch
 from .errors import CheckpointError
 from .flatten import flatten, restore
@@ -68,9 +69,11 @@ def code_shape(nodes: int, *, data: str, parity: int, degrade: bool) -> tuple[in
 
 def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, token: str, data: str,
                parity: int, topology: Mapping[str, int], degrade: bool = False, every: int = 1,
-               max_mb_s: float = 0.0) -> tuple[ProtectPlan | None, str]:  # fmt: skip
+               max_mb_s: float = 0.0, encode: str = "auto",
+               device: torch.device | None = None) -> tuple[ProtectPlan | None, str]:  # fmt: skip
     """The erasure plan of this incarnation (None on one node), installed in every node's keeper, and
-    the incarnation's secret, which keepers ask of whoever reads their memory."""
+    the incarnation's secret, which keepers ask of whoever reads their memory. Where the shares are
+    scaled (`encode`, encode_site.py) is decided on rank 0, on its device, for every node."""
     hello = keeper("hello")
     mine = {"node": hello.get("node"), "address": hello.get("peer_address"), "local_rank": local_rank}
     everyone = comm.all_gather(mine)
@@ -90,13 +93,18 @@ def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank:
     k, parity = code_shape(len(nodes), data=data, parity=parity, degrade=degrade)
     if k < 1:
         raise ValueError(f"fault.erasure.parity={parity} leaves no data node among {len(nodes)} nodes; lower it")
+    site, why = comm.all_gather(decide_site(encode, m=parity, device=device) if comm.rank == 0 else None)[0]
     plan = ProtectPlan(token=token, created=created, secret=secret, nodes=tuple(nodes), ranks=ranks,
                        replicas=replica_sets(topology, comm.world_size), k=k, m=parity, peers=peers,
-                       world_size=comm.world_size, topology=dict(topology), every=every, max_mb_s=max_mb_s)  # fmt: skip
+                       world_size=comm.world_size, topology=dict(topology), every=every, max_mb_s=max_mb_s,
+                       site=site)  # fmt: skip
     plan.erasure()  # refuses a node count the code cannot use, on every rank alike
     reply = keeper("protect", plan=plan.to_json()) if local_rank == 0 else {}
     if comm.rank == 0:
         log.info("erasure plan, %d nodes:\n%s", len(nodes), reply.get("describe", ""))
+    if comm.rank == 0 and parity >= 2:
+        where = "by each worker on its device, before the copy to host" if site == "device" else "by the parity holders"
+        log.info("shares of parity rows 1..m-1 are scaled %s (%s)", where, why)
     return plan, secret
 
 

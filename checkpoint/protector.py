@@ -52,6 +52,7 @@ class ProtectPlan:
     topology: Mapping[str, Any]
     every: int = 1  # code every n-th snapshot step: less traffic, up to n steps more lost with a node
     max_mb_s: float = 0.0  # cap on the parity traffic a keeper sends (0: none)
+    site: str = "host"  # where shares of parity rows >= 1 are scaled (encode_site.py)
 
     def erasure(self) -> ErasurePlan:
         return plan_erasure(self.nodes, self.ranks, k=self.k, m=self.m, replicas=self.replicas)
@@ -60,7 +61,7 @@ class ProtectPlan:
         return {"token": self.token, "created": self.created, "secret": self.secret, "nodes": list(self.nodes),
                 "ranks": {n: list(r) for n, r in self.ranks.items()}, "replicas": [list(r) for r in self.replicas],
                 "k": self.k, "m": self.m, "peers": dict(self.peers), "world_size": self.world_size,
-                "topology": dict(self.topology), "every": self.every, "max_mb_s": self.max_mb_s}  # fmt: skip
+                "topology": dict(self.topology), "every": self.every, "max_mb_s": self.max_mb_s, "site": self.site}  # fmt: skip
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> ProtectPlan:
@@ -71,6 +72,7 @@ class ProtectPlan:
             replicas=tuple(tuple(int(r) for r in rs) for rs in data["replicas"]), k=int(data["k"]), m=int(data["m"]),
             peers={str(n): str(a) for n, a in data["peers"].items()}, world_size=int(data["world_size"]),
             topology=dict(data["topology"]), every=int(data.get("every", 1)), max_mb_s=float(data.get("max_mb_s", 0.0)),
+            site=str(data.get("site", "host")),
         )  # fmt: skip
 
 
@@ -127,6 +129,48 @@ def segment_read(coding: NodeCoding, parts: Sequence[np.ndarray], index: int, of
     end = min(offset + nbytes, coding.length(index))
     piece = stream_read(parts, index * coding.segment + offset, max(0, end - offset))
     return np.concatenate([piece, np.zeros(nbytes - piece.size, dtype=np.uint8)]) if piece.size < nbytes else piece
+
+
+@dataclass(frozen=True)
+class ShareRecipe:
+    """How a worker scales its slot's shares of parity rows 1..m-1 before handing them to the keeper
+    (fault.erasure.encode=device): per byte range of the slot, one segment of its node's coded stream
+    each, the coefficient of every such row. The shares lie row after row beside the slot."""
+
+    token: str  # the incarnation whose plan it follows: shares of another one are not used
+    nbytes: int  # the slot's: one row of shares
+    ranges: tuple[tuple[int, int, tuple[int, ...]], ...]  # (start, stop, coefficients of rows 1..m-1)
+
+    @property
+    def rows(self) -> int:
+        return len(self.ranges[0][2]) if self.ranges else 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"token": self.token, "nbytes": self.nbytes, "ranges": [[a, b, list(c)] for a, b, c in self.ranges]}
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> ShareRecipe:
+        ranges = tuple((int(a), int(b), tuple(int(x) for x in c)) for a, b, c in data["ranges"])
+        return ShareRecipe(str(data["token"]), int(data["nbytes"]), ranges)
+
+    def scale(self, slot: np.ndarray, out: np.ndarray) -> None:
+        """The shares of a slot already in host memory (a worker without a GPU)."""
+        rows = [out[row * self.nbytes : (row + 1) * self.nbytes] for row in range(self.rows)]
+        for start, stop, coefficients in self.ranges:
+            erasure.scale(slot[start:stop], coefficients, out=[row[start:stop] for row in rows])
+
+
+def share_recipe(coding: NodeCoding, rank: int, *, m: int, token: str) -> ShareRecipe:
+    """`rank`'s recipe when its node's coded stream is cut as `coding`: segment t's bytes enter
+    parity p with coefficient G[p, t], as the holder's `accumulate` applies it."""
+    matrix = erasure.parity_matrix(coding.k, m)
+    base, size = coding.base(rank), dict(coding.sizes)[rank]
+    ranges = []
+    for t in range(coding.k):
+        lo, hi = max(base, t * coding.segment), min(base + size, t * coding.segment + coding.length(t))
+        if lo < hi:
+            ranges.append((lo - base, hi - base, tuple(int(matrix[p, t]) for p in range(1, m))))
+    return ShareRecipe(token, size, tuple(ranges))
 
 
 @dataclass
@@ -211,11 +255,12 @@ class Protector:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a step protected, a new plan, or the coder stopping
         self._announced: dict[str, int] = {}  # token -> the step the group's leader codes now
+        self._scaled: set[str] = set()  # incarnations whose workers' scaled shares were used
         self._coding = -1  # the step being coded (until the leader saw it protected): nothing else is taken meanwhile
         self._stopping = False
         self._clients: dict[str, PeerClient] = {}
         self._sent: dict[tuple[str, str, int], str] = {}  # (token, peer, rank) -> layout digest the peer holds
-        self._jobs: queue.Queue[tuple[str, int, dict[int, tuple[SlotLayout, np.ndarray, Any]], Callable[[], None]] | None] = queue.Queue(maxsize=1)
+        self._jobs: queue.Queue[tuple[str, int, dict, Callable[[], None], dict] | None] = queue.Queue(maxsize=1)
         self._notices: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self.server = PeerServer(host=host, handler=self._handle, secrets=self._secrets,
                                  background=frozenset({"contribute", "meta", "parity_done"}))  # fmt: skip
@@ -284,6 +329,18 @@ class Protector:
         with self._lock:
             return self._coded.get(self.current, -1) if self.current else -1
 
+    def share_recipe(self, rank: int, sizes: Mapping[int, int]) -> ShareRecipe | None:
+        """`rank`'s recipe for the running incarnation, given every local rank's slot bytes; None when
+        its workers do not scale shares (the plan's site is the host, or `rank` is not coded here)."""
+        with self._lock:
+            if self.current is None:
+                return None
+            plan, erasure_plan = self.plans[self.current]
+        coded = erasure_plan.coded_on(self.node)
+        if plan.site != "device" or plan.m < 2 or rank not in coded or any(r not in sizes for r in coded):
+            return None
+        return share_recipe(NodeCoding(plan.k, tuple((r, int(sizes[r])) for r in coded)), rank, m=plan.m, token=plan.token)
+
     def coding_step(self) -> int:
         """The step being coded now, -1 when none."""
         with self._lock:
@@ -305,9 +362,12 @@ class Protector:
 
     # ---- coding a step ----------------------------------------------------------------------
 
-    def submit(self, step: int, ranks: dict[int, tuple[SlotLayout, np.ndarray, Any]], release: Callable[[], None]) -> bool:
+    def submit(self, step: int, ranks: dict[int, tuple[SlotLayout, np.ndarray, Any]], release: Callable[[], None],
+               shares: Mapping[int, tuple[str, np.ndarray]] | None = None) -> bool:  # fmt: skip
         """Code `step` of the local ranks ({rank: (slot layout, slot bytes, tree)}) in the background;
-        False (and nothing held) when this node does not code it now.
+        False (and nothing held) when this node does not code it now. `shares`: the ranks' scaled
+        shares ({rank: (token of their recipe, bytes)}), sent as they are when every coded rank has
+        them for this incarnation; else the holders scale.
 
         Every node of a group must code the same steps, or no parity completes: the group's first
         node (the leader) codes whenever it is free and a step is due, and waits until that step is
@@ -320,7 +380,7 @@ class Protector:
             if not self._leads(token) and self._announced.get(token) != step:
                 return False
             self._coding = step
-        self._jobs.put((token, step, ranks, release))
+        self._jobs.put((token, step, ranks, release, dict(shares or {})))
         return True
 
     def _leads(self, token: str) -> bool:
@@ -334,11 +394,11 @@ class Protector:
     def _code_loop(self) -> None:
         background_priority()
         while (job := self._jobs.get()) is not None:
-            token, step, ranks, release = job
+            token, step, ranks, release, shares = job
             start = time.thread_time()
             coded = False
             try:
-                self._code(token, step, ranks)
+                self._code(token, step, ranks, shares)
                 coded = True
                 with self._lock:
                     self._coded[token] = max(self._coded.get(token, -1), step)
@@ -369,7 +429,8 @@ class Protector:
         with self._lock:
             return self._thread_cpu_s + self.server.background_cpu_s
 
-    def _code(self, token: str, step: int, ranks: dict[int, tuple[SlotLayout, np.ndarray, Any]]) -> None:
+    def _code(self, token: str, step: int, ranks: dict[int, tuple[SlotLayout, np.ndarray, Any]],
+              shares: Mapping[int, tuple[str, np.ndarray]]) -> None:  # fmt: skip
         plan, erasure_plan = self.plans[token]
         group = erasure_plan.group_of(self.node)
         if group is None:
@@ -385,16 +446,22 @@ class Protector:
             layouts = {str(r): layout.to_json() for r, layout in new.items()}
             self._send(node, plan, "meta", token=token, step=step, meta={**meta, "layouts": layouts})
             self._sent.update({(token, node, r): layout.digest for r, layout in new.items()})
-        parts = [ranks[r][1] for r in coded]
+        rows = [[ranks[r][1] for r in coded]]  # row p: what goes to parity p (row 0 the data itself)
+        if plan.site == "device" and all(shares.get(r, ("",))[0] == token for r in coded):
+            rows += [[shares[r][1][(p - 1) * n : p * n] for r, n in coding.sizes] for p in range(1, plan.m)]
+            if token not in self._scaled:
+                self._scaled.add(token)
+                log.info("from step %d the workers scale the shares of parity rows 1..%d: the holders only add them", step, plan.m - 1)
         for index, stripe in enumerate(group.stripes):
             for t in (t for (n, t) in stripe.data if n == self.node):
                 length = coding.length(t)
                 for p, holder in enumerate(stripe.parity):
+                    scaled = 0 < p < len(rows)
                     for offset in range(0, max(length, 1), PIECE_BYTES):
-                        piece = stream_read(parts, t * coding.segment + offset, min(PIECE_BYTES, length - offset))
+                        piece = stream_read(rows[p if scaled else 0], t * coding.segment + offset, min(PIECE_BYTES, length - offset))
                         self._pace.wait(piece.size, bytes_per_s=plan.max_mb_s * 1e6)
                         self._send(holder, plan, "contribute", piece, token=token, step=step, stripe=index, index=t,
-                                   parity=p, offset=offset, length=length)  # fmt: skip
+                                   parity=p, offset=offset, length=length, scaled=scaled)  # fmt: skip
 
     def _send(self, node: str, plan: ProtectPlan, op: str, payload: Any = None, **fields: Any) -> dict[str, Any]:
         if node == self.node:
@@ -447,7 +514,8 @@ class Protector:
         piece = np.frombuffer(payload, dtype=np.uint8)
         with buf.lock:  # outside the keeper's lock: shares for other buffers are added meanwhile
             buf.grow(length)
-            buf.add(offset, piece, k=plan.k, m=plan.m, parity=p, index=t)
+            # A scaled share is added as parity 0's are, with coefficient 1.
+            buf.add(offset, piece, k=plan.k, m=plan.m, parity=0 if h.get("scaled") else p, index=t)
             buf.lengths[t] = length
             buf.received[t] = buf.received.get(t, 0) + piece.size
             complete = buf.complete(plan.k)

@@ -121,7 +121,7 @@ class Protection:
             self.plan, self.secret = agree_plan(comm=self.comm, keeper=self._keeper, local_rank=local_rank, token=self.token,
                                    data=erasure.data, parity=erasure.parity, topology=self.topology,
                                    degrade=self.restarted, every=erasure.every,
-                                   max_mb_s=erasure.max_mb_s)  # fmt: skip
+                                   max_mb_s=erasure.max_mb_s, encode=erasure.encode, device=device)  # fmt: skip
 
     def metrics(self) -> dict[str, float]:
         return self.engine.stats.metrics() if self.engine is not None else {}

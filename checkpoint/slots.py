@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .keeper_protocol import Entry, SlotLayout, StoreTarget
-from .shm import Segment
+from .shm import Segment, unlink
 
 FREE, WRITING, COMPLETE = "free", "writing", "complete"
 DEFAULT_SLOTS = 3
@@ -32,9 +32,25 @@ class Slot:
     tree: Any = None  # the rank's JSON train state of `step`, set when complete
     persist: bool = False  # persist once this step is complete on every local rank
     pins: int = 0  # persists and restores reading it; a pinned slot is never overwritten
+    shares: Segment | None = None  # the worker's scaled parity shares of `step`, beside its bytes
+    scaled: str = ""  # the incarnation whose recipe those shares follow; "" when there are none
 
     def reset(self, status: str = FREE, step: int = -1) -> None:
-        self.status, self.step, self.tree, self.persist = status, step, None, False
+        self.status, self.step, self.tree, self.persist, self.scaled = status, step, None, False, ""
+
+    def share_space(self, name: str, nbytes: int) -> Segment:
+        """The segment for `nbytes` of scaled shares (`name` when it must be made anew: a new name
+        each time, as a worker keeps what it mapped)."""
+        if self.shares is None or self.shares.size < nbytes:
+            self.free_shares()
+            self.shares = Segment.create(name, nbytes)
+        return self.shares
+
+    def free_shares(self) -> None:
+        if self.shares is not None:
+            unlink(self.shares.name)
+            self.shares.close()
+            self.shares = None
 
 
 @dataclass
@@ -48,7 +64,7 @@ class RankSlots:
 
     @property
     def nbytes(self) -> int:
-        return sum(s.segment.size for s in self.slots)
+        return sum(s.segment.size + (s.shares.size if s.shares else 0) for s in self.slots)
 
     def complete_steps(self) -> list[int]:
         return sorted(s.step for s in self.slots if s.status == COMPLETE)

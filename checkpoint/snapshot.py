@@ -22,9 +22,11 @@ from typing import Any, Callable
 
 import torch
 
+from . import erasure
 from .capture import Captured, StateCapture
 from .keeper_link import KeeperLink
 from .keeper_protocol import KeeperGone, SlotLayout, StoreTarget
+from .protector import ShareRecipe
 from .shm import Segment
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class SnapshotEngine:
         self._pending: Future | None = None
         self._registered: tuple[str | None, str] | None = None
         self._views: list[list[torch.Tensor]] = []
+        self._slots: list[torch.Tensor] = []  # each slot's bytes
         self._lost_since: int | None = None
 
     # ---- StepHook ---------------------------------------------------------------------------
@@ -162,13 +165,24 @@ class SnapshotEngine:
             else:
                 self.stats.skipped += 1
             return
+        shares = self._shares(slot, reply.get("shares"))
         try:
-            self.copier.copy(self._views[slot], captured.tensors, ready)
+            self.copier.copy(self._views[slot], captured.tensors, ready, shares=shares)
         except BaseException:
             self.link.request("abort", rank=rank, slot=slot)
             raise
-        self.update_status(self.link.request("complete", rank=rank, slot=slot, step=step, tree=captured.tree, persist=persist))
+        self.update_status(self.link.request("complete", rank=rank, slot=slot, step=step, tree=captured.tree, persist=persist,
+                                             scaled=shares.recipe.token if shares else ""))  # fmt: skip
         self.stats.copied = step
+
+    def _shares(self, slot: int, where: dict[str, Any] | None) -> Shares | None:
+        """What to scale this snapshot's parity shares into, when the keeper asks for them."""
+        if not where:
+            return None
+        (segment,) = self.link.map([where["segment"]])
+        layout = self.capture.layout
+        assert layout is not None
+        return Shares(ShareRecipe.from_json(where["recipe"]), torch.from_numpy(segment.array()), self._slots[slot], layout)
 
     def _ensure_registered(self) -> bool:
         """Connected and registered with the current layout; local rank 0 restarts a lost keeper."""
@@ -178,7 +192,9 @@ class SnapshotEngine:
         assert layout is not None, "take() builds the layout before the first copy"
         if self._registered != (self.link.keeper_id, layout.digest):
             reply = self.link.request("register", **self.registration.message(layout))
-            self._views = [slot_views(s, layout) for s in self.link.map(reply["segments"])]
+            segments = self.link.map(reply["segments"])
+            self._views = [slot_views(s, layout) for s in segments]
+            self._slots = [torch.from_numpy(s.array()) for s in segments]
             self._registered = (self.link.keeper_id, layout.digest)
             self.update_status(reply)
             if self._lost_since is not None:
@@ -214,16 +230,29 @@ def slot_views(segment: Segment, layout: SlotLayout) -> list[torch.Tensor]:
     return [data[e.offset : e.offset + e.nbytes].view(getattr(torch, e.dtype)).view(e.shape) for e in layout.entries]
 
 
+@dataclass(frozen=True)
+class Shares:
+    """Where a snapshot's scaled parity shares go (rows 1..m-1 of `recipe`, row after row in `out`)."""
+
+    recipe: ShareRecipe
+    out: torch.Tensor  # uint8, the keeper's shares segment
+    slot: torch.Tensor  # uint8, the slot the snapshot is copied into
+    layout: SlotLayout
+
+
 class HostCopier:
-    """CPU training: copy tensor by tensor in the calling (background) thread; copy_ releases the GIL."""
+    """CPU training: copy tensor by tensor in the calling (background) thread; copy_ releases the GIL.
+    Shares are scaled from the slot's copy (there is no device to scale them on)."""
 
     def mark(self) -> None:
         return None
 
-    def copy(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], ready: None) -> None:
+    def copy(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], ready: None, *, shares: Shares | None = None) -> None:
         for d, s in zip(dst, src, strict=True):
             if d.numel():
                 d.copy_(s)
+        if shares is not None:
+            shares.recipe.scale(shares.slot.numpy(), shares.out.numpy())
 
 
 class CudaCopier:
@@ -239,15 +268,39 @@ class CudaCopier:
         event.record(torch.cuda.current_stream(self.device))
         return event
 
-    def copy(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], ready: torch.cuda.Event) -> None:
+    def copy(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], ready: torch.cuda.Event, *,
+             shares: Shares | None = None) -> None:  # fmt: skip
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
             for d, s in zip(dst, src, strict=True):
                 if d.numel():
                     d.copy_(s, non_blocking=True)
+            if shares is not None:
+                scale_on_device(shares, src)
             done = torch.cuda.Event()
             done.record(self.stream)
         done.synchronize()  # src tensors (eager clones included) stay referenced until here
+
+
+SCALE_BYTES = 16 * 2**20  # device memory one scaled piece takes per row, on the copy stream
+
+
+def scale_on_device(shares: Shares, src: Sequence[torch.Tensor]) -> None:
+    """Scale the shares from the tensors where they are (the Triton kernel, for CUDA tensors), and
+    copy them to host on the current stream: device memory in use stays at one piece per row, freed
+    in stream order."""
+    recipe, n = shares.recipe, shares.recipe.nbytes
+    for entry, tensor in zip(shares.layout.entries, src, strict=True):
+        if not entry.nbytes:
+            continue
+        flat = tensor.contiguous().reshape(-1).view(torch.uint8)
+        for start, stop, coefficients in recipe.ranges:
+            lo, hi = max(start, entry.offset), min(stop, entry.offset + entry.nbytes)
+            for a in range(lo, hi, SCALE_BYTES):
+                b = min(a + SCALE_BYTES, hi)
+                scaled = erasure.scale(flat[a - entry.offset : b - entry.offset], coefficients)
+                for row, piece in enumerate(scaled):
+                    shares.out[row * n + a : row * n + b].copy_(piece, non_blocking=True)
 
 
 class _Background:

@@ -174,6 +174,7 @@ class ErasureConfig:
     parity: int = 1  # m parity nodes per group (lost nodes survived); 0: no coding across nodes
     every: int = 1  # code every n-th snapshot: 1/n of the traffic, up to n more steps lost with a node
     max_mb_s: float = 0.0  # cap on the parity traffic each keeper sends, MB/s, to spare the training's network; 0: none
+    encode: str = "auto"  # where shares of parity rows >= 1 are scaled: host (the holders), device (the workers), auto (measured)
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -182,6 +183,8 @@ class ErasureConfig:
             raise ValueError(f"fault.erasure.max_mb_s={self.max_mb_s} must be >= 0 (0: no cap)")
         if not 0 <= self.parity <= 4:
             raise ValueError(f"fault.erasure.parity={self.parity} must be within 0..4 (0 turns coding off)")
+        if self.encode not in ("auto", "host", "device"):
+            raise ValueError(f"fault.erasure.encode={self.encode!r} must be auto, host or device")
         if self.data != "auto" and not (self.data.isdigit() and 1 <= int(self.data) <= 32):
             raise ValueError(f"fault.erasure.data={self.data!r} must be 'auto' or a node count within 1..32")
 

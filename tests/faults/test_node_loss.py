@@ -84,12 +84,17 @@ def test_a_lost_node_comes_back_from_memory_on_fewer_nodes(tmp_path, reference):
 
 
 def test_two_nodes_lost_at_once_with_two_parities(tmp_path, reference):
-    with cluster_of(tmp_path, nodes=4, per_node=1, min_nodes=2, extra=["fault.erasure.parity=2"]) as cluster:
+    """The workers scale parity 1's shares themselves (encode=device, on the CPU here): the holders
+    only add them, and the lost nodes come back from that parity."""
+    extra = ["fault.erasure.parity=2", "fault.erasure.encode=device"]
+    with cluster_of(tmp_path, nodes=4, per_node=1, min_nodes=2, extra=extra) as cluster:
         kill_at(cluster, 8, 2, 3)
         assert cluster.wait(timeout=300)[:2] == [0, 0], cluster.output(0)[-4000:]
     sources = [r[0] for r in resumes(cluster) if r[0] != "fresh start"]
     assert sources == ["peer keepers' memory"], cluster.output(0)[-3000:]
-    assert "(k=2, m=2" in cluster.output(0)
+    log = cluster.output(0)
+    assert "(k=2, m=2" in log and "scaled by each worker on its device" in log
+    assert "the workers scale the shares of parity rows 1..1: the holders only add them" in log, log[-3000:]
     assert_matches(latest_losses(cluster.run_dir), reference)
 
 

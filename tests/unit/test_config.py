@@ -29,6 +29,7 @@ def test_unknown_keys_and_wrong_types_fail_early():
         ({"fault": {"erasure": {"parity": 5}}}, "fault.erasure.parity"),
         ({"fault": {"erasure": {"data": "half"}}}, "fault.erasure.data"),
         ({"fault": {"erasure": {"max_mb_s": -1.0}}}, "fault.erasure.max_mb_s"),
+        ({"fault": {"erasure": {"encode": "gpu"}}}, "fault.erasure.encode"),
         ({"parallel": {"elastic": "shrink"}}, "parallel.elastic"),
     ],
 )

@@ -63,6 +63,25 @@ SCRIPT = textwrap.dedent(
     short = torch.empty(5, dtype=torch.uint8)
     erasure._cuda_chunk(matrix[:1], ragged, [short], start=0, stop=64)
     assert short.numpy().tobytes() == want[0][:5]
+
+    # a worker's scaled shares (fault.erasure.encode=device), through the kernel, as the holders would scale them
+    from resurgo.checkpoint.keeper_protocol import SlotLayout
+    from resurgo.checkpoint.protector import NodeCoding, share_recipe
+    from resurgo.checkpoint.snapshot import Shares, scale_on_device
+    erasure._on_device = lambda srcs: all(isinstance(b, torch.Tensor) for b in srcs)
+    tensors = [torch.randn(33, 7), torch.zeros(0), torch.arange(50, dtype=torch.int16), torch.randn(6, 4)[:, 1:3]]  # the last one not contiguous
+    layout = SlotLayout.build([(f"t{i}", str(t.dtype)[6:], tuple(t.shape), t.numel() * t.element_size(), {})
+                               for i, t in enumerate(tensors)])
+    slot = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    for e, t in zip(layout.entries, tensors):
+        slot[e.offset : e.offset + e.nbytes] = t.reshape(-1).view(torch.uint8)
+    recipe = share_recipe(NodeCoding(3, ((0, 700), (1, layout.nbytes))), 1, m=3, token="t")
+    assert len(recipe.ranges) >= 2  # the slot straddles segments, so coefficients change inside it
+    want = np.zeros(2 * layout.nbytes, dtype=np.uint8)
+    recipe.scale(slot.numpy(), want)
+    got = torch.zeros(2 * layout.nbytes, dtype=torch.uint8)
+    scale_on_device(Shares(recipe, got, slot, layout), tensors)
+    assert got.numpy().tobytes() == want.tobytes()
     print("ok")
     """
 )

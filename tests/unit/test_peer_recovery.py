@@ -68,7 +68,7 @@ def rank_slot(rank: int, world: int, step: int) -> tuple[SlotLayout, np.ndarray]
 class Cluster:
     """Nodes of one incarnation: each a Protector over the slots its ranks would hold."""
 
-    def __init__(self, *, nodes: int, per_node: int, k: int, m: int, replicas=()) -> None:
+    def __init__(self, *, nodes: int, per_node: int, k: int, m: int, replicas=(), site: str = "host") -> None:
         self.names = [f"node{i}" for i in range(nodes)]
         self.world = nodes * per_node
         self.ranks = {n: tuple(range(i * per_node, (i + 1) * per_node)) for i, n in enumerate(self.names)}
@@ -81,7 +81,7 @@ class Cluster:
         self.plan = ProtectPlan(
             token="aaaa", created=1.0, secret="s3cret", nodes=tuple(self.names), ranks=self.ranks,
             replicas=tuple(replicas), k=k, m=m, peers={n: p.address for n, p in self.protectors.items()},
-            world_size=self.world, topology={"pp": 1, "dp_replicate": 1, "dp_shard": self.world, "tp": 1},
+            world_size=self.world, topology={"pp": 1, "dp_replicate": 1, "dp_shard": self.world, "tp": 1}, site=site,
         )  # fmt: skip
         for p in self.protectors.values():
             p.protect(self.plan)
@@ -90,14 +90,22 @@ class Cluster:
     def _source(self, node):
         return lambda rank, step: self.slots[node].get((rank, step), (None, None))[1]
 
-    def snapshot(self, step: int, *, nodes=None, wait: bool = True) -> None:
+    def snapshot(self, step: int, *, nodes=None, wait: bool = True, shares_token: str | None = None) -> None:
+        """Every node (of `nodes`) codes `step`; with a device-site plan its workers scale the shares,
+        under `shares_token` when given (another incarnation's recipe: they must go unused)."""
         for node in nodes or self.names:
-            ranks = {}
+            ranks, shares = {}, {}
             for r in self.ranks[node]:
                 self.slots[node][(r, step)] = rank_slot(r, self.world, step)
                 layout, slot = self.slots[node][(r, step)]
                 ranks[r] = (layout, slot, {"train": {"step": step, "rank": r}})
-            while not self.protectors[node].submit(step, ranks, lambda: None):
+            sizes = {r: layout.nbytes for r, (layout, _, _) in ranks.items()}
+            for r, (_, slot, _) in ranks.items():
+                if (recipe := self.protectors[node].share_recipe(r, sizes)) is not None:
+                    out = np.full(recipe.rows * recipe.nbytes, 0xA5, dtype=np.uint8)
+                    recipe.scale(slot, out)
+                    shares[r] = (shares_token or recipe.token, out)
+            while not self.protectors[node].submit(step, ranks, lambda: None, shares):
                 time.sleep(0.01)
         deadline = time.monotonic() + 30
         while wait and any(self.protectors[n].protected_step() < step for n in self.alive if self.plan.erasure().groups):
@@ -438,3 +446,31 @@ def test_the_nodes_of_a_group_code_the_steps_its_first_node_takes(cluster):
     while any(p.protected_step() < 2 for p in c.protectors.values()):
         assert time.monotonic() < deadline, "parity never completed"
         time.sleep(0.01)
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_shares_scaled_by_the_workers_make_the_parity_the_holders_would(cluster, m):
+    """fault.erasure.encode=device: the workers hand over rows 1..m-1 of their shares scaled, and the
+    holders only add them; the parity is the same bytes, and lost nodes come back from it."""
+    host = cluster(nodes=m + 2, per_node=2, k=2, m=m)
+    device = cluster(nodes=m + 2, per_node=2, k=2, m=m, site="device")
+    assert host.protectors["node0"].share_recipe(0, {0: 64, 1: 64}) is None
+    recipe = device.protectors["node0"].share_recipe(0, {0: 1000, 1: 600})
+    assert recipe.rows == m - 1 and [r[:2] for r in recipe.ranges] == [(0, 800), (800, 1000)]  # segments of 800 bytes
+    host.snapshot(1)
+    device.snapshot(1)
+    for node in host.names:
+        parity = {key: buf.data for key, buf in host.protectors[node]._parity.items()}
+        scaled = {key: buf.data for key, buf in device.protectors[node]._parity.items()}
+        assert parity.keys() == scaled.keys()
+        for key in parity:
+            np.testing.assert_array_equal(parity[key], scaled[key], err_msg=f"{node} {key}")
+    device.lose(*device.names[1 : m + 1])
+    assert_restores(device, step=1, new_world=4)
+
+
+def test_shares_scaled_for_another_incarnation_are_not_used(cluster):
+    c = cluster(nodes=4, per_node=1, k=2, m=2, site="device")
+    c.snapshot(1, shares_token="zzzz")  # as if scaled under the previous plan: the holders scale instead
+    c.lose("node0", "node2")
+    assert_restores(c, step=1, new_world=2)
