@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
+from resurgo.checkpoint.encode_site import choose_site, measure_rates
 from resurgo.checkpoint.erasure import CHUNK_BYTES, THREADS, decode, encode
 from resurgo.kernels import isal
 
@@ -139,6 +141,9 @@ def main() -> None:
         if m == 1:
             line += f"\n      XOR / memcpy: encode {enc / rate['memcpy']:.2f}, decode {dec / rate['memcpy']:.2f}"
         print(line)
+    device = torch.device("cuda") if torch.cuda.is_available() else None
+    site, why = choose_site("auto", m=2, rates=measure_rates(device))
+    print(f"\nwhere shares of parity rows >= 1 are scaled (fault.erasure.encode=auto, m=2): {site}, as {why}")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def choose_site(setting: str, *, m: int, rates: CodingRates | None) -> tuple[Sit
     if setting != "auto":
         return setting, f"fault.erasure.encode={setting}"  # type: ignore[return-value]
     if rates is None or rates.d2h is None or rates.device_scale is None:
-        return "host", "no GPU: the holders scale the shares they receive"
+        measured = f" ({rates.describe()})" if rates is not None else ""
+        return "host", f"no GPU: the holders scale the shares they receive{measured}"
     host = 1 / rates.host_mac
     device = 1 / rates.device_scale + 1 / rates.d2h + 1 / rates.host_xor
     site: Site = "device" if device < host else "host"

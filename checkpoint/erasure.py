@@ -21,9 +21,12 @@ import torch
 
 from resurgo.kernels import gf256, isal
 
+from .scratch import scratch
+
 Buffer = Union[torch.Tensor, np.ndarray]
 Backend = Literal["auto", "isal", "numpy"]
 
+_ACCUMULATE_SLOT = -1  # the scratch buffer a share is scaled into before it is added
 MAX_DATA = 32
 MAX_PARITY = 4
 CHUNK_BYTES = 4 * 2**20
@@ -155,8 +158,11 @@ def accumulate(dst: np.ndarray, src: np.ndarray, *, k: int, m: int, parity: int,
         raise ValueError(f"a {_size(src)}-byte share does not fit a {_size(dst)}-byte parity buffer")
     target = dst[: _size(src)]
     coefficient = int(gf256.cauchy_parity(k, m)[parity, index])
+    lib = isal.load() if backend != "numpy" and coefficient != 1 and not store else None
+    if lib is not None and isinstance(src, np.ndarray) and isinstance(target, np.ndarray) and lib.multiply_add(coefficient, src, target):
+        return
     if coefficient != 1:
-        scaled = target if store else np.empty_like(src)
+        scaled = target if store else scratch(_size(src), slot=_ACCUMULATE_SLOT)  # no fresh pages per piece
         _combine(np.array([[coefficient]], dtype=np.uint8), [src], [scaled], size=_size(src), chunk_bytes=CHUNK_BYTES,
                  threads=1, backend=backend)  # fmt: skip
         src = scaled

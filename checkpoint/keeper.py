@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import rebuild, shm, stage
+from .errors import CheckpointError
 from .keeper_protocol import (
     PROTOCOL_VERSION, KeeperError, SlotLayout, StoreTarget, decode, encode, lock_path, node_id, run_id, segment_name, socket_path,
 )  # fmt: skip
@@ -479,7 +480,11 @@ class Keeper:
             return None
         self._share_serial += 1
         name = f"{segment_name(self.rid, keeper_id=self.keeper_id, rank=held.rank, slot=slot.index)}.x{self._share_serial}"
-        segment = slot.share_space(name, recipe.rows * held.layout.nbytes)
+        try:
+            segment = slot.share_space(name, recipe.rows * held.layout.nbytes)
+        except CheckpointError as e:  # a full /dev/shm costs the holders' CPU, never a snapshot
+            log.warning("rank %d's scaled shares find no memory, the holders scale them: %s", held.rank, e)
+            return None
         return {"segment": segment.name, "recipe": recipe.to_json()}
 
     def _segment(self, rank: int, index: int, nbytes: int) -> shm.Segment:

@@ -42,6 +42,10 @@ class IsaL:
         lib.ec_init_tables.restype = None
         lib.ec_encode_data.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
         lib.ec_encode_data.restype = None
+        self._mad = getattr(lib, "gf_vect_mad", None)
+        if self._mad is not None:
+            self._mad.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
+            self._mad.restype = None
 
     @lru_cache(maxsize=256)
     def _tables(self, rows: int, cols: int, coefficients: bytes) -> np.ndarray:
@@ -62,6 +66,18 @@ class IsaL:
         self._lib.ec_encode_data(size, cols, rows, tables.ctypes.data, src_ptrs, dst_ptrs)
 
 
+    def multiply_add(self, coefficient: int, src: np.ndarray, dst: np.ndarray) -> bool:
+        """dst ^= coefficient * src in one pass (a parity holder adding a share); False when this
+        library lacks gf_vect_mad, or for fewer than the 64 bytes its SIMD versions need."""
+        if self._mad is None or src.size < 64:
+            return False
+        assert src.size == dst.size and src.flags.c_contiguous and dst.flags.c_contiguous
+        if src.size:
+            tables = self._tables(1, 1, bytes([coefficient]))
+            self._mad(src.size, 1, 0, tables.ctypes.data, src.ctypes.data, dst.ctypes.data)
+        return True
+
+
 def _agrees(isal: IsaL) -> bool:
     rng = np.random.default_rng(0)
     matrix = rng.integers(0, 256, size=(3, 5), dtype=np.uint8)
@@ -73,6 +89,11 @@ def _agrees(isal: IsaL) -> bool:
         combine_numpy(matrix, srcs, want)
         if not all(np.array_equal(g, w) for g, w in zip(got, want)):
             return False
+        acc = srcs[1].copy()
+        if isal.multiply_add(int(matrix[0, 0]), srcs[0], acc):
+            combine_numpy(np.array([[matrix[0, 0], 1]], dtype=np.uint8), srcs[:2], want[:1])
+            if not np.array_equal(acc, want[0]):
+                isal._mad = None  # the multiply-accumulate is not trusted; combine still is
     return True
 
 

@@ -209,3 +209,23 @@ def test_decode_into_preallocated_buffers() -> None:
     assert np.array_equal(out[0], b[0]) and np.array_equal(out[3], b[3])
     with pytest.raises(ValueError, match="exactly the rebuilt indices"):
         decode({1: b[1], 2: b[2], 4: b[4]}, stripe, out={0: out[0]})
+
+
+@pytest.mark.parametrize("size", [1, 63, 64, 100, 4099, 2**20 + 3])
+def test_a_share_added_in_one_pass_equals_the_table_lookups(size: int) -> None:
+    """accumulate multiplies and adds a share in place (ISA-L's gf_vect_mad where it is loaded)."""
+    rng = np.random.default_rng(size)
+    src = rng.integers(0, 256, size, dtype=np.uint8)
+    start = rng.integers(0, 256, size + 5, dtype=np.uint8)
+    for parity, index in [(0, 1), (1, 1), (2, 0)]:
+        fast, slow = start.copy(), start.copy()
+        erasure.accumulate(fast, src, k=3, m=3, parity=parity, index=index)
+        erasure.accumulate(slow, src, k=3, m=3, parity=parity, index=index, backend="numpy")
+        np.testing.assert_array_equal(fast, slow)
+        assert np.array_equal(fast[size:], start[size:])
+
+
+def test_scale_gives_every_coefficients_multiple() -> None:
+    src = np.arange(300, dtype=np.uint8)
+    shares = erasure.scale(src, [1, 2, 0])
+    assert [s.tobytes() for s in shares] == [src.tobytes(), bytes(gf256.mul(2, int(b)) for b in src), bytes(300)]
