@@ -74,12 +74,12 @@ WRAPPER = textwrap.dedent(
         elif point == "copy":
             copy = snapshot.HostCopier.copy
             calls = []
-            def patched(self, dst, src, ready):
+            def patched(self, dst, src, ready, **kwargs):
                 calls.append(1)
                 if len(calls) == at:  # one snapshot per step
                     copy(self, dst[: len(dst) // 2], src[: len(src) // 2], ready)
                     die()
-                copy(self, dst, src, ready)
+                copy(self, dst, src, ready, **kwargs)
             snapshot.HostCopier.copy = patched
         elif point == "persist":
             take = snapshot.SnapshotEngine._snapshot

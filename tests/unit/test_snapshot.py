@@ -97,9 +97,9 @@ class SlowCopier(HostCopier):
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
 
-    def copy(self, dst, src, ready) -> None:
+    def copy(self, dst, src, ready, **kwargs) -> None:
         time.sleep(self.delay_s)  # the next forward runs meanwhile
-        super().copy(dst, src, ready)
+        super().copy(dst, src, ready, **kwargs)
 
 
 def keeper_run_dir(keeper):
