@@ -82,6 +82,8 @@ class Keeper:
         self._rebuild_s: dict[int, float] = {}
         self._rebuilding = False
         self._share_serial = 0  # names every scaled-shares segment apart
+        self._budget = 0  # bytes of snapshots (and scaled shares) per node; 0: unbounded
+        self._shares_over_budget: set[int] = set()  # ranks told once that their shares do not fit
         self.staged: dict[int, _Staged] = {}  # other nodes' old ranks, the spans this node's restore reads
         self.reads: dict[int, dict[str, Any]] = {}  # new rank -> the step and old ranks its restore reads
         self._stage_requests: list[tuple[int, dict[str, int]]] = []
@@ -358,7 +360,8 @@ class Keeper:
                 log.info("rank %d changed its snapshot layout: its held snapshots are dropped", rank)
                 _free(held)
             self.ranks[rank] = held = RankSlots(rank, layout, token)
-            count = self._slot_count(layout, budget=int(msg.get("host_memory_bytes", 0)))
+            self._budget = self.host_memory_bytes or int(msg.get("host_memory_bytes", 0))
+            count = self._slot_count(layout, budget=self._budget)
             held.slots = [Slot(i, self._segment(rank, i, layout.nbytes)) for i in range(count)]
         elif held.token != token:
             # A new incarnation of the run: what it did not resume from belongs to another timeline.
@@ -456,7 +459,6 @@ class Keeper:
     def _slot_count(self, layout: SlotLayout, *, budget: int) -> int:
         if self.fixed_slots:
             return self.fixed_slots
-        budget = self.host_memory_bytes or budget
         if not budget or not layout.nbytes:
             return DEFAULT_SLOTS
         fits = budget // max(self.local_world or 1, 1) // layout.nbytes
@@ -478,10 +480,19 @@ class Keeper:
         recipe = self.protector.share_recipe(held.rank, {h.rank: h.layout.nbytes for h in current})
         if recipe is None or not recipe.rows:
             return None
+        need = recipe.rows * held.layout.nbytes  # a slot's shares; every slot gets them or none does
+        per_rank = self._budget // max(self.local_world or 1, 1)
+        if self._budget and sum(s.segment.size + need for s in held.slots) > per_rank:
+            if held.rank not in self._shares_over_budget:  # snapshot slots come first: the holders can scale
+                self._shares_over_budget.add(held.rank)
+                log.warning("rank %d's scaled shares (%.3g GiB a slot) do not fit checkpoint.host_memory_gb=%.3g beside "
+                            "its snapshots: the holders scale them; raise it to let the workers scale", held.rank,
+                            need / 2**30, self._budget / 2**30)  # fmt: skip
+            return None
         self._share_serial += 1
         name = f"{segment_name(self.rid, keeper_id=self.keeper_id, rank=held.rank, slot=slot.index)}.x{self._share_serial}"
         try:
-            segment = slot.share_space(name, recipe.rows * held.layout.nbytes)
+            segment = slot.share_space(name, need)
         except CheckpointError as e:  # a full /dev/shm costs the holders' CPU, never a snapshot
             log.warning("rank %d's scaled shares find no memory, the holders scale them: %s", held.rank, e)
             return None

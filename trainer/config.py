@@ -158,7 +158,7 @@ class CheckpointConfig:
     init_from: str = ""  # safetensors file or folder: initial weights of a fresh run (fresh optimizer)
     load_optimizer: bool = True  # false: weights only (fine-tuning)
     exclude: list[str] = field(default_factory=list)  # glob patterns of tensors not to load
-    host_memory_gb: float = 0.0  # keeper budget for snapshots; 0: three per rank (one being written, one complete everywhere, one persisting)
+    host_memory_gb: float = 0.0  # keeper budget per node for snapshots and the shares workers scale; 0: three snapshots per rank (one being written, one complete everywhere, one persisting)
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.snapshot_every < 0 or self.keep < 1:

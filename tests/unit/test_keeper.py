@@ -19,6 +19,7 @@ from resurgo.checkpoint.keeper_protocol import (
     Client, KeeperError, SlotLayout, lock_path, run_id, segment_name, segment_prefix, socket_dir, socket_path,
 )  # fmt: skip
 from resurgo.checkpoint.layout import TensorLayout
+from resurgo.checkpoint.protector import ShareRecipe
 from resurgo.checkpoint.reader import Checkpoint, ReadRequest, read_fragments
 from resurgo.checkpoint.slots import COMPLETE, FREE, RankSlots, Slot, choose_slot
 
@@ -256,3 +257,44 @@ def test_warming_maps_and_pins_what_a_restore_will_read(serve):
     assert link.ops == ["inventory", "read"]  # the restore's lookup found it mapped
     held.close()
     assert not any(s.pins for s in keeper.ranks[0].slots)  # closing released it
+
+
+class DeviceSitePlan:
+    """A protector whose plan has the workers scale one parity row's shares (fault.erasure.encode=device)."""
+
+    current = None  # nothing is coded: only the share space is under test
+
+    def share_recipe(self, rank: int, sizes: dict[int, int]) -> ShareRecipe:
+        return ShareRecipe("ab12", sizes[rank], ((0, sizes[rank], (2,)),))
+
+    def protected_step(self) -> int:
+        return -1
+
+    coded_step = coding_step = protected_step
+
+    def parity_bytes(self) -> int:
+        return 0
+
+    def cpu_s(self) -> float:
+        return 0.0
+
+    def newest_plan(self) -> None:
+        return None  # nothing to rebuild from when the worker goes
+
+    def stop(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("snapshots_in_budget, scaled_by_workers", [(6, True), (3, False)])
+def test_scaled_shares_live_within_the_memory_budget(serve, caplog, snapshots_in_budget, scaled_by_workers):
+    """The shares a worker scales sit beside its slots: they get memory only when every slot's fit the
+    budget too; otherwise the snapshots keep their slots and the holders scale."""
+    nbytes = layout_of(TENSORS).nbytes
+    keeper = serve(host_memory_bytes=snapshots_in_budget * nbytes)
+    keeper.protector = DeviceSitePlan()
+    worker = FakeWorker(keeper)
+    replies = [worker.client.request("acquire", rank=0, step=step) for step in (1, 2)]
+    assert all(r["slot"] is not None for r in replies) and len(worker.segments) == 3
+    assert [r["shares"] is not None for r in replies] == [scaled_by_workers] * 2
+    assert keeper.ranks[0].nbytes <= snapshots_in_budget * nbytes
+    assert ("do not fit checkpoint.host_memory_gb" in caplog.text) is not scaled_by_workers
