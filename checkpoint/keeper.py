@@ -81,7 +81,7 @@ class Keeper:
         self.rebuilt: dict[int, RankSlots] = {}  # lost nodes' ranks decoded here (rebuild.py), apart from ours
         self._rebuild_s: dict[int, float] = {}
         self._rebuilding = False
-        self._share_serial = 0  # names every scaled-shares segment apart
+        self._serial = 0  # numbers every segment this keeper makes
         self._budget = 0  # bytes of snapshots (and scaled shares) per node; 0: unbounded
         self._shares_over_budget: set[int] = set()  # ranks told once that their shares do not fit
         self.staged: dict[int, _Staged] = {}  # other nodes' old ranks, the spans this node's restore reads
@@ -489,17 +489,19 @@ class Keeper:
                             "its snapshots: the holders scale them; raise it to let the workers scale", held.rank,
                             need / 2**30, self._budget / 2**30)  # fmt: skip
             return None
-        self._share_serial += 1
-        name = f"{segment_name(self.rid, keeper_id=self.keeper_id, rank=held.rank, slot=slot.index)}.x{self._share_serial}"
         try:
-            segment = slot.share_space(name, need)
+            segment = slot.share_space(lambda: self._name(held.rank, slot.index), need)
         except CheckpointError as e:  # a full /dev/shm costs the holders' CPU, never a snapshot
             log.warning("rank %d's scaled shares find no memory, the holders scale them: %s", held.rank, e)
             return None
         return {"segment": segment.name, "recipe": recipe.to_json()}
 
+    def _name(self, rank: int, index: int) -> str:
+        self._serial += 1
+        return segment_name(self.rid, keeper_id=self.keeper_id, rank=rank, slot=index, serial=self._serial)
+
     def _segment(self, rank: int, index: int, nbytes: int) -> shm.Segment:
-        return shm.Segment.create(segment_name(self.rid, keeper_id=self.keeper_id, rank=rank, slot=index), nbytes)
+        return shm.Segment.create(self._name(rank, index), nbytes)
 
     def _maybe_persist(self, step: int) -> None:
         """Queue `step` once every local rank holds it complete and flagged for persisting."""
@@ -604,7 +606,7 @@ class Keeper:
         with self._cond:
             if rank in self.rebuilt:
                 self._drop_rebuilt(rank)
-        allocate = _Allocation(segment_name(self.rid, keeper_id=self.keeper_id, rank=rank, slot=REBUILT_SLOT))
+            allocate = _Allocation(self._name(rank, REBUILT_SLOT))
         with allocate:
             done, _ = rebuild.rebuild_rank(chosen, inventories, rank=rank, node=self.node, local=self._slot_bytes, allocate=allocate)
         slot = Slot(REBUILT_SLOT, allocate.segment, step=done.step, status=COMPLETE, tree=done.tree)
@@ -663,9 +665,9 @@ class Keeper:
                 staged = self.staged[rank] = _Staged(step, layout, tree)
             spans = stage.subtract(spans, staged.covered())
             index = STAGED_SLOT - len(staged.pieces)
+            allocate = _Allocation(self._name(rank, index))
         if not spans:
             return
-        allocate = _Allocation(segment_name(self.rid, keeper_id=self.keeper_id, rank=rank, slot=index))
         with allocate:
             done, _, seconds = stage.stage_rank(reader, rank=rank, spans=spans, allocate=allocate)
         with self._cond:

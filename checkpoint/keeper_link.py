@@ -119,7 +119,7 @@ class HeldSlots:
     """Complete slots this node's keeper holds for any rank, read straight from its shared memory: a
     recovery copies its own node's old ranks without a socket, and the spans of other nodes' old
     ranks its keeper staged ahead (`span`). Each stays pinned and mapped until `close` (mapped apart
-    from the link's own maps: the keeper reuses segment names for new slots)."""
+    from the link's own maps, which live as long as the worker)."""
 
     def __init__(self, link: KeeperLink | Client, *, owned: bool = False) -> None:
         self.link, self.owned = link, owned  # an owned link (a connection of its own) closes with it

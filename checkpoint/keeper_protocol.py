@@ -83,8 +83,9 @@ def segment_prefix(rid: str) -> str:
     return f"resurgo.{rid}."
 
 
-def segment_name(rid: str, *, keeper_id: str, rank: int, slot: int) -> str:
-    return f"{segment_prefix(rid)}{keeper_id}.r{rank}.s{slot}"
+def segment_name(rid: str, *, keeper_id: str, rank: int, slot: int, serial: int) -> str:
+    """A keeper numbers its segments: a name is never used twice, as a worker keeps what it mapped."""
+    return f"{segment_prefix(rid)}{keeper_id}.r{rank}.s{slot}.{serial}"
 
 
 @dataclass(frozen=True)

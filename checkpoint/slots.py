@@ -10,7 +10,7 @@ must be persisted, waits: host memory stays bounded and a slow disk shows up as 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,12 +38,11 @@ class Slot:
     def reset(self, status: str = FREE, step: int = -1) -> None:
         self.status, self.step, self.tree, self.persist, self.scaled = status, step, None, False, ""
 
-    def share_space(self, name: str, nbytes: int) -> Segment:
-        """The segment for `nbytes` of scaled shares (`name` when it must be made anew: a new name
-        each time, as a worker keeps what it mapped)."""
+    def share_space(self, name: Callable[[], str], nbytes: int) -> Segment:
+        """The segment for `nbytes` of scaled shares, made anew (named by `name()`) when too small."""
         if self.shares is None or self.shares.size < nbytes:
             self.free_shares()
-            self.shares = Segment.create(name, nbytes)
+            self.shares = Segment.create(name(), nbytes)
         return self.shares
 
     def free_shares(self) -> None:

@@ -209,10 +209,10 @@ def test_one_keeper_per_run_and_node(serve, tmp_path):
 def test_memory_of_dead_keepers_is_reclaimed_at_start(serve, tmp_path):
     dead = run_id(tmp_path / "crashed")
     lock_path(dead).write_text("999999\n")  # a lock nobody holds: its keeper is gone
-    orphan = shm.Segment.create(segment_name(dead, keeper_id="0dead0", rank=0, slot=0), 4096)
+    orphan = shm.Segment.create(segment_name(dead, keeper_id="0dead0", rank=0, slot=0, serial=1), 4096)
     (socket_dir() / f"{dead}.sock").write_text("")
     mine = run_id(tmp_path / "run0")
-    leftover = shm.Segment.create(segment_name(mine, keeper_id="0dead1", rank=0, slot=1), 4096)
+    leftover = shm.Segment.create(segment_name(mine, keeper_id="0dead1", rank=0, slot=1, serial=2), 4096)
     serve()
     assert not (shm.SHM_DIR / orphan.name).exists() and not (shm.SHM_DIR / leftover.name).exists()
     assert not (socket_dir() / f"{dead}.sock").exists() and not lock_path(dead).exists()
@@ -298,3 +298,17 @@ def test_scaled_shares_live_within_the_memory_budget(serve, caplog, snapshots_in
     assert [r["shares"] is not None for r in replies] == [scaled_by_workers] * 2
     assert keeper.ranks[0].nbytes <= snapshots_in_budget * nbytes
     assert ("do not fit checkpoint.host_memory_gb" in caplog.text) is not scaled_by_workers
+
+
+def test_a_changed_layout_gets_segments_under_new_names(serve):
+    """A worker keeps what it mapped by name: new slots of a rank whose layout changed must not
+    reuse the old names, or the worker would write into memory the keeper already dropped."""
+    keeper = serve()
+    worker = FakeWorker(keeper)
+    before = [s.name for s in worker.segments]
+    wider = {**TENSORS, "model/b": np.ones(8, dtype=np.float32)}
+    reply = worker.client.request(
+        "register", rank=0, local_world_size=1, world_size=1, token="ab12", store=None,
+        layout=layout_of(wider).to_json(), host_memory_bytes=0, resumed_from=0,
+    )  # fmt: skip
+    assert len(reply["segments"]) == len(before) and not set(reply["segments"]) & set(before)
