@@ -5,9 +5,10 @@ Simulated nodes on this machine (`LocalCluster`: a keeper and a torchrun agent e
 
 1. step time with erasure protection on (k+m parity across nodes) against off, snapshots every step
    in both: once with the nodes sharing every core, and once with the keepers bound to one core and
-   the workers to the rest (a GPU node's keeper codes on host cores its training leaves free); the
-   CPU the keeper spends coding, and the host memory parity takes against one snapshot (expected
-   about m/k);
+   the workers to the rest (a GPU node's keeper codes on host cores its training leaves free); each
+   `--repeats` times, off and on in alternating order so that a drift of the machine's speed falls
+   on both, with the ratio of every pair and their median; the CPU the keeper spends coding, and
+   the host memory parity takes against one snapshot (expected about m/k);
 2. a node SIGKILLed mid-training, the job resuming on the survivors from memory (`fault.erasure`);
 3. the same kill with protection off and a disk checkpoint every `--every` steps, resuming from disk
    (the page cache dropped first where the machine allows).
@@ -55,6 +56,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=14, help=f"steps per overhead run (the first {WARMUP} are warm-up)")
     parser.add_argument("--kill-at", type=int, default=6, help="the step after which a node dies")
     parser.add_argument("--every", type=int, default=3, help="disk checkpoint interval of the disk run")
+    parser.add_argument("--repeats", type=int, default=3, help="off/on pairs of overhead runs per core arrangement")
     parser.add_argument("--dir", default=None, help="where runs and checkpoints go (default: a temporary folder)")
     return parser.parse_args()
 
@@ -117,6 +119,19 @@ def overhead_run(args: argparse.Namespace, root: Path, *, parity: int, split: bo
     cpu = [r.get("protect_cpu_s", 0.0) for r in records]
     return Overhead(statistics.median(steps), records[-1]["host_mem_gib"], max(r.get("parity_mem_gib", 0.0) for r in records),
                     (cpu[-1] - cpu[WARMUP - 1]) / max(1, len(cpu) - WARMUP))  # fmt: skip
+
+
+def compare(args: argparse.Namespace, root: Path, *, split: bool) -> tuple[str, Overhead]:
+    """`--repeats` pairs of runs with protection off and on, in alternating order; a line with every
+    pair's step times and ratio and the median ratio, and the last run with protection on."""
+    pairs = []
+    for repeat in range(args.repeats):
+        order = (0, 1) if repeat % 2 == 0 else (1, 0)
+        runs = {parity: overhead_run(args, root, parity=parity, split=split) for parity in order}
+        pairs.append((runs[0], runs[1]))
+    ratios = [on.step_s / off.step_s for off, on in pairs]
+    each = ", ".join(f"off {off.step_s:.3f} s / on {on.step_s:.3f} s = {r:.3f}" for (off, on), r in zip(pairs, ratios))
+    return f"{each}; median ratio {statistics.median(ratios):.3f}", pairs[-1][1]
 
 
 _PY_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", re.M)
@@ -197,18 +212,14 @@ def main() -> None:
     layers = model_overrides(args.gb)[1]
     print(f"{args.nodes} nodes x {args.per_node} ranks, {args.gb:.2f} GB of state ({layers}), in {root}", flush=True)
 
-    off = overhead_run(args, root, parity=0)
-    on = overhead_run(args, root, parity=1)
+    shared, on = compare(args, root, split=False)
     k = args.nodes - 1
-    print(f"step time (median after {WARMUP} warm-up steps), the nodes sharing all {os.cpu_count()} cores: protection off "
-          f"{off.step_s:.3f} s, on {on.step_s:.3f} s, ratio {on.step_s / off.step_s:.3f}")  # fmt: skip
+    print(f"step time (median after {WARMUP} warm-up steps), the nodes sharing all {os.cpu_count()} cores: {shared}", flush=True)
     if len(os.sched_getaffinity(0)) >= 2:
         # As on GPU nodes, whose keepers code on host cores that training leaves free: what remains
         # is what coding takes from training through memory bandwidth and caches.
-        split_off = overhead_run(args, root, parity=0, split=True)
-        split_on = overhead_run(args, root, parity=1, split=True)
-        print(f"step time, keepers bound to one core and workers to the others: protection off {split_off.step_s:.3f} s, "
-              f"on {split_on.step_s:.3f} s, ratio {split_on.step_s / split_off.step_s:.3f} (target <= 1.05)")  # fmt: skip
+        bound, _ = compare(args, root, split=True)
+        print(f"step time, keepers bound to one core and workers to the others: {bound} (target <= 1.05)", flush=True)
     print(f"coding CPU of node 0's keeper: {on.coding_cpu_s:.3f} s per step = {on.coding_cpu_s / on.step_s:.1%} of one core "
           f"(the simulated nodes share this machine's cores; real nodes each code on their own)")  # fmt: skip
     share = on.parity_gib / (on.snapshot_gib / 3) if on.snapshot_gib else float("nan")  # the keeper holds 3 slots per rank
