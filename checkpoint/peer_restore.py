@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import erasure
+from .bulk_copy import copy_into
 from .dtypes import storage_dtype
 from .erasure_plan import GroupPlan
 from .errors import CheckpointError
@@ -234,7 +235,7 @@ def _deliver(data: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """`data` copied into `out`, or into a new array when there is none."""
     if out is None:
         return data.copy()
-    out[:] = data
+    copy_into(out, data)
     return out
 
 
@@ -308,7 +309,7 @@ def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.nd
 def _copy_regions(reader: PeerReader, copy: Copy, out: np.ndarray) -> None:
     data = _read_span(reader, copy)
     for _, dst, src in copy.work:
-        out[dst] = data[src]
+        copy_into(_region(out, dst), data[src])
 
 
 def _byte_span(shape: tuple[int, ...], region: tuple[slice, ...]) -> tuple[int, int] | None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .bulk_copy import copy_into
 from .codec import CRC_BYTES, ChunkCodec, checksum_ok
 from .dtypes import as_numpy, storage_dtype, to_torch
 from .errors import CheckpointError, join_problems
@@ -229,9 +230,9 @@ def _checked(root: Path, codec: ChunkCodec, array: ArrayPlan, shard_read: ShardR
 def _copy(dst: np.ndarray | torch.Tensor, src: np.ndarray, *, dtype: str) -> None:
     """dst[...] = src, converting dtype (and device) where the target differs from storage."""
     if isinstance(dst, np.ndarray):
-        np.copyto(dst, src)
+        copy_into(dst, src)
     elif dst.device.type == "cpu" and str(dst.dtype).removeprefix("torch.") == dtype:
-        np.copyto(as_numpy(dst), src)
+        copy_into(as_numpy(dst), src)
     else:
         dst.copy_(to_torch(np.array(src), dtype))
 
