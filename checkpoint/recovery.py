@@ -23,12 +23,14 @@ import torch
 from resurgo.trainer.config import JobConfig
 
 from . import commit as commits
+from .bulk_copy import copy_into
 from .capture import StateCapture
+from .dtypes import as_numpy
 from .flatten import flatten, restore
 from .keeper_link import EXTERNAL, OFF, HeldSlots, KeeperLink
 from .keeper_protocol import KeeperError, KeeperGone, SlotLayout, StoreTarget, node_id
 from .errors import NothingToResume
-from .manager import Checkpointer, Stateful
+from .manager import Checkpointer, Stateful, _local
 from .peer_recovery import agree_plan, resume_from_peers
 from .protector import ProtectPlan
 from .safetensors_io import load_safetensors
@@ -179,22 +181,35 @@ class Protection:
         if not common:
             return None
         step = max(common)
+        mapped, error = None, None
         try:
-            loaded, trees, templates = self._read_snapshot(step)
-            error = None
+            mapped = self._map_snapshot(step)
         except (KeeperError, KeeperGone) as e:
             error = str(e)
-        errors = [e for e in self.comm.all_gather(error) if e]
-        if errors:
-            if self.rank == 0:
-                log.warning("memory snapshot of step %d is unusable (%s): trying peers, then disk", step, errors[0])
-            return None
+        try:
+            # Every rank's snapshot is mapped and checked before any tensor is overwritten: a rank that
+            # cannot read its own then leaves every rank's state untouched for the next source.
+            errors = [e for e in self.comm.all_gather(error) if e]
+            if errors:
+                if self.rank == 0:
+                    log.warning("memory snapshot of step %d is unusable (%s): trying peers, then disk", step, errors[0])
+                return None
+            assert mapped is not None
+            views, trees = mapped
+            templates = {key: state.state_dict() for key, state in self.states.items()}
+            targets: dict[str, torch.Tensor] = {}
+            for template_key, template in templates.items():
+                targets.update(flatten(template_key, template)[0])
+            loaded = {name: into_target(view, targets[name]) for name, view in views.items()}
+        finally:
+            if mapped is not None:
+                self._keeper("unpin", step=step)
         for key, state in self.states.items():
             state.load_state_dict(restore(trees[key], tensors=loaded, template=templates[key]))
         return Resumed("memory", step, f"newest step held by every rank's keeper; held here {sorted(held)}")
 
-    def _read_snapshot(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-        """This rank's tensors of `step` copied out of the keeper's memory, its JSON state, the templates."""
+    def _map_snapshot(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This rank's tensors of `step` as views of the keeper's memory (pinned until "unpin"), and its JSON state."""
         assert self.link is not None
         reply = self._keeper("read", step=step, strict=True)
         try:
@@ -203,14 +218,10 @@ class Protection:
             if layout.digest != current.digest:
                 raise KeeperError(f"rank {self.rank}'s snapshot layout differs from its state now (the topology or model changed)")
             views = slot_views(self.link.map([reply["segment"]])[0], layout)
-            templates = {key: state.state_dict() for key, state in self.states.items()}
-            targets: dict[str, torch.Tensor] = {}
-            for key, template in templates.items():
-                targets.update(flatten(key, template)[0])
-            loaded = {e.name: as_target(view, targets[e.name]) for e, view in zip(layout.entries, views)}
-        finally:
+        except BaseException:
             self._keeper("unpin", step=step)
-        return loaded, reply["tree"], templates
+            raise
+        return {entry.name: view for entry, view in zip(layout.entries, views)}, reply["tree"]
 
     def _from_peers(self) -> Resumed | None:
         """The previous incarnation's state from the surviving nodes' keepers, decoded and resharded."""
@@ -291,6 +302,17 @@ class SyncSave:
 
     def after_optimizer_step(self, step: int) -> None:
         self.checkpointer.maybe_save(step)
+
+
+def into_target(buffer: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`buffer`'s values as training state shaped like `target`: copied into the target's own memory
+    when that is a contiguous host tensor of the same dtype and shape (its pages are faulted in
+    already, and loading it copies nothing more), else a fresh copy (`as_target`)."""
+    local = _local(target)
+    if local.device.type == "cpu" and local.is_contiguous() and (local.dtype, local.shape) == (buffer.dtype, buffer.shape):
+        copy_into(as_numpy(local.detach()), as_numpy(buffer))
+        return target
+    return as_target(buffer, target)
 
 
 def as_target(buffer: torch.Tensor, target: torch.Tensor, *, private: bool = False) -> torch.Tensor:
