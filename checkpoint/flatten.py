@@ -25,6 +25,15 @@ def flatten(prefix: str, obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
     return tensors, _walk(prefix, obj, tensors)
 
 
+def state_templates(states: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Each state's current state_dict (the template a load restores into), and all their tensors by name."""
+    templates = {key: state.state_dict() for key, state in states.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, template in templates.items():
+        tensors.update(flatten(key, template)[0])
+    return templates, tensors
+
+
 def restore(tree: Any, *, tensors: Mapping[str, torch.Tensor], template: Any = None, prefix: str = "") -> Any:
     """The object `tree` describes, tensors taken from `tensors`, else from `template` at the same key.
 

@@ -24,7 +24,7 @@ from . import commit as commits
 from .comm import Comm, raise_failures
 from .dtypes import is_floating
 from .errors import CheckpointError, join_problems
-from .flatten import flatten, merge_trees, restore
+from .flatten import flatten, merge_trees, restore, state_templates
 from .grid import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES
 from .layout import Fragment, fragment_of
 from .metadata import CheckpointMeta, StateTrees
@@ -183,10 +183,9 @@ class Checkpointer:
 
     def _templates(self, keys: list[str], templates: dict[str, Any], targets: dict[str, torch.Tensor]) -> None:
         """Each state's current state_dict (the load template) and its tensors not excluded, by name."""
-        for key in keys:
-            templates[key] = self.states[key].state_dict()
-            tensors, _ = flatten(key, templates[key])
-            targets.update({n: t for n, t in tensors.items() if not self._excluded(n)})
+        found, tensors = state_templates({key: self.states[key] for key in keys})
+        templates.update(found)
+        targets.update({n: t for n, t in tensors.items() if not self._excluded(n)})
 
     def _excluded(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.config.exclude)

@@ -24,7 +24,7 @@ from .comm import Comm
 from .encode_site import decide_site
 from .dtypes import as_numpy, storage_dtype, to_torch
 from .errors import CheckpointError
-from .flatten import flatten, restore
+from .flatten import restore, state_templates
 from .keeper_link import HeldSlots
 from .keeper_protocol import Client, KeeperError, KeeperGone, run_id, socket_path
 from .layout import fragment_of
@@ -134,11 +134,8 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
         return PeerResume(None, why, lost=protected)
     reader = PeerReader(chosen, inventories, secret=secret, node=node, local=local, staged=staged)
     planned = time.perf_counter()
-    templates = {key: state.state_dict() for key, state in states.items()}
+    templates, targets = state_templates(states)
     templated = time.perf_counter()
-    targets: dict[str, torch.Tensor] = {}
-    for key, template in templates.items():
-        targets.update(flatten(key, template)[0])
     # Host tensors are filled in place, as the disk loader does: a failure here ends in a restart, or
     # in a disk load that overwrites every target, never in training on a half-filled state.
     buffers: dict[str, tuple[Any, np.ndarray]] = {}

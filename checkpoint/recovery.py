@@ -23,10 +23,8 @@ import torch
 from resurgo.trainer.config import JobConfig
 
 from . import commit as commits
-from .bulk_copy import copy_into
 from .capture import StateCapture
-from .dtypes import as_numpy
-from .flatten import flatten, restore
+from .flatten import restore, state_templates
 from .keeper_link import EXTERNAL, OFF, HeldSlots, KeeperLink
 from .keeper_protocol import KeeperError, KeeperGone, SlotLayout, StoreTarget, node_id
 from .errors import NothingToResume
@@ -196,10 +194,7 @@ class Protection:
                 return None
             assert mapped is not None
             views, trees = mapped
-            templates = {key: state.state_dict() for key, state in self.states.items()}
-            targets: dict[str, torch.Tensor] = {}
-            for template_key, template in templates.items():
-                targets.update(flatten(template_key, template)[0])
+            templates, targets = state_templates(self.states)
             loaded = {name: into_target(view, targets[name]) for name, view in views.items()}
         finally:
             if mapped is not None:
@@ -306,11 +301,11 @@ class SyncSave:
 
 def into_target(buffer: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """`buffer`'s values as training state shaped like `target`: copied into the target's own memory
-    when that is a contiguous host tensor of the same dtype and shape (its pages are faulted in
-    already, and loading it copies nothing more), else a fresh copy (`as_target`)."""
+    when that is a host tensor of the same dtype and shape (its pages are faulted in already, and
+    loading it copies nothing more), else a fresh copy (`as_target`)."""
     local = _local(target)
-    if local.device.type == "cpu" and local.is_contiguous() and (local.dtype, local.shape) == (buffer.dtype, buffer.shape):
-        copy_into(as_numpy(local.detach()), as_numpy(buffer))
+    if local.device.type == "cpu" and (local.dtype, local.shape) == (buffer.dtype, buffer.shape):
+        local.detach().copy_(buffer)
         return target
     return as_target(buffer, target)
 
