@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -200,21 +201,8 @@ class Fragment:
         return tuple(_length(segs) for segs in self.segments)
 
     def pieces(self) -> Iterator[tuple[Box, tuple[slice, ...]]]:
-        """Each box of the global tensor held here, with where it lies in the local data.
-
-        Boxes enumerate in row-major order of the per-dim segment product; an empty fragment has none.
-        """
-        per_dim = []
-        for segs in self.segments:
-            local, start = [], 0
-            for a, b in segs:
-                local.append(((a, b), slice(start, start + b - a)))
-                start += b - a
-            per_dim.append(local)
-        for combo in itertools.product(*per_dim):
-            box = Box(tuple(s[0][0] for s in combo), tuple(s[0][1] - s[0][0] for s in combo))
-            if box.numel or not box.sizes:
-                yield box, tuple(s[1] for s in combo)
+        """Each box of the global tensor held here, with where it lies in the local data."""
+        return pieces(self.segments)
 
     def boxes(self) -> list[Box]:
         return [box for box, _ in self.pieces()]
@@ -228,6 +216,22 @@ class Fragment:
         return Fragment(TensorLayout.from_json(data["layout"]), int(data["rank"]), segments)
 
 
+def pieces(segments: Sequence[Sequence[Segment]]) -> Iterator[tuple[Box, tuple[slice, ...]]]:
+    """The boxes that per-dim global ranges (a fragment's `segments`, stored order) make up, with
+    where each lies in the local data; in row-major order of the per-dim product, none when empty."""
+    per_dim = []
+    for segs in segments:
+        local, start = [], 0
+        for a, b in segs:
+            local.append(((a, b), slice(start, start + b - a)))
+            start += b - a
+        per_dim.append(local)
+    for combo in itertools.product(*per_dim):
+        box = Box(tuple(s[0][0] for s in combo), tuple(s[0][1] - s[0][0] for s in combo))
+        if box.numel or not box.sizes:
+            yield box, tuple(s[1] for s in combo)
+
+
 def layout_of(name: str, tensor: torch.Tensor) -> TensorLayout:
     """Describe a plain tensor or a DTensor; unknown placements (e.g. Partial) are refused."""
     from torch.distributed.tensor import DTensor
@@ -235,11 +239,28 @@ def layout_of(name: str, tensor: torch.Tensor) -> TensorLayout:
     dtype = str(tensor.dtype).removeprefix("torch.")
     if not isinstance(tensor, DTensor):
         return TensorLayout(name, tuple(tensor.shape), dtype)
-    mesh = tensor.device_mesh
+    spec = mesh_spec(tensor.device_mesh)
+    placements = tuple(_placement(name, p, spec.axes[i]) for i, p in enumerate(tensor.placements))
+    return TensorLayout(name, tuple(tensor.shape), dtype, spec, placements)
+
+
+_MESH_SPECS: dict[tuple[int, int], tuple[weakref.ref, MeshSpec]] = {}  # (id(mesh), rank) -> (the mesh, its spec)
+
+
+def mesh_spec(mesh: Any) -> MeshSpec:
+    """A DeviceMesh as data. Kept per mesh object and calling rank: a DeviceMesh rebuilds its rank
+    tensor on every `.mesh`, which costs more than all the rest of describing a tensor, and every
+    parameter shares a few meshes; torch reuses one sub-mesh object for the sub-meshes of different
+    ranks (it answers for the rank asking), so the rank is part of the key."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    key = (id(mesh), rank)
+    known = _MESH_SPECS.get(key)
+    if known is not None and known[0]() is mesh:
+        return known[1]
     names = mesh.mesh_dim_names or tuple(f"axis{i}" for i in range(mesh.ndim))
     spec = MeshSpec(tuple(names), tuple(mesh.shape), tuple(int(r) for r in mesh.mesh.flatten().tolist()))
-    placements = tuple(_placement(name, p, names[i]) for i, p in enumerate(tensor.placements))
-    return TensorLayout(name, tuple(tensor.shape), dtype, spec, placements)
+    _MESH_SPECS[key] = (weakref.ref(mesh, lambda _, key=key: _MESH_SPECS.pop(key, None)), spec)
+    return spec
 
 
 def fragment_of(name: str, tensor: torch.Tensor, *, rank: int) -> Fragment:

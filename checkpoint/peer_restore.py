@@ -11,6 +11,7 @@ reads in flight at once, so the survivors' memories are read in parallel.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -29,7 +30,7 @@ from .erasure_plan import GroupPlan
 from .errors import CheckpointError
 from .flatten import merge_trees
 from .keeper_protocol import Entry, SlotLayout
-from .layout import Box, Fragment
+from .layout import Box, Fragment, pieces
 from .peer_plan import Inventory, MemoryPlan
 from .peer_wire import PeerClient
 from .protector import NodeCoding, segment_read
@@ -125,12 +126,19 @@ class PeerReader:
         self._count(fetched=nbytes, decoded=nbytes)
         return self._decode(source.node, rank, offset, np.empty(nbytes, dtype=np.uint8) if out is None else out)
 
+    def here(self, rank: int, offset: int, nbytes: int) -> np.ndarray | None:
+        """Bytes [offset, offset+nbytes) of old rank `rank`'s slot in this node's memory (staged ahead,
+        or the slot held here: a view, counted as copied locally), else None."""
+        found = self._here(rank, offset, nbytes)
+        if found is not None:
+            self._count(local_bytes=nbytes)
+        return found
+
     def holds(self, rank: int, offset: int, nbytes: int) -> bool:
         """Whether this node's memory has bytes [offset, offset+nbytes) of old rank `rank`'s slot."""
         return self._here(rank, offset, nbytes) is not None
 
     def _here(self, rank: int, offset: int, nbytes: int) -> np.ndarray | None:
-        """Those bytes in this node's memory (staged ahead, or the slot held here), else None."""
         step = self.chosen.step
         if self.staged is not None and (ahead := self.staged(rank, step, offset, nbytes)) is not None:
             return ahead
@@ -267,7 +275,7 @@ def plan_copies(layouts: Mapping[int, SlotLayout], fragments: Mapping[str, Fragm
     for name, fragment in fragments.items():
         wanted, covered = list(fragment.pieces()), set[tuple]()
         for rank, entry in by_name.get(name, []):
-            work = _overlaps(Fragment.from_json(entry.fragment), wanted, covered)
+            work = _overlaps(entry.fragment["segments"], wanted, covered)
             if work:
                 covered.update(key for key, _, _ in work)
                 copies.append(Copy(name, rank, entry, tuple(work)))
@@ -292,14 +300,16 @@ def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.nd
         out, entry = targets[copy.name][1], copy.entry
         spans = [_byte_span(entry.shape, src) for _, _, src in copy.work]
         if all(span is not None and _region(out, dst).flags.c_contiguous for span, (_, dst, _) in zip(spans, copy.work)):
-            # each region is one run of bytes on both sides: read it straight into place
+            # each region is one run of bytes on both sides: copy or read it straight into place
             itemsize = storage_dtype(entry.dtype).itemsize
             for (_, dst, _), (first, last) in zip(copy.work, spans):
                 view, base = _region(out, dst).reshape(-1).view(np.uint8), entry.offset + first * itemsize
-                queue = here if reader.holds(copy.rank, base, view.size) else reads
-                for a in range(0, view.size, READ_BYTES):
+                if (source := reader.here(copy.rank, base, view.size)) is not None:
+                    here.append(partial(copy_into, view, source))
+                    continue
+                for a in range(0, view.size, READ_BYTES):  # pieces spread a tensor over the reading threads
                     piece = view[a : a + READ_BYTES]
-                    queue.append(partial(reader.read, copy.rank, base + a, piece.size, out=piece))
+                    reads.append(partial(reader.read, copy.rank, base + a, piece.size, out=piece))
         else:
             start, stop = copy.span()
             (here if reader.holds(copy.rank, start, stop - start) else reads).append(partial(_copy_regions, reader, copy, out))
@@ -320,8 +330,16 @@ def _byte_span(shape: tuple[int, ...], region: tuple[slice, ...]) -> tuple[int, 
     split = next((d for d, n in enumerate(sizes) if n > 1), len(shape) - 1)
     if any(sizes[d] != shape[d] for d in range(split + 1, len(shape))):
         return None  # a run needs single indices before one dim and whole dims after it
-    first = int(np.ravel_multi_index(tuple(s.start for s in region), shape))
-    return first, first + int(np.prod(sizes))
+    first = _flat_index([s.start for s in region], shape)
+    return first, first + math.prod(sizes)
+
+
+def _flat_index(index: list[int], shape: tuple[int, ...]) -> int:
+    """The row-major position of `index` in `shape` (numpy's ravel_multi_index costs more than a copy's planning)."""
+    flat = 0
+    for i, n in zip(index, shape):
+        flat = flat * n + i
+    return flat
 
 
 def _region(out: np.ndarray, where: tuple[slice, ...]) -> np.ndarray:
@@ -333,8 +351,8 @@ def _covering(shape: tuple[int, ...], regions: list[tuple[slice, ...]]) -> tuple
     """[first, last) element, in row-major order, of the one run that covers every region."""
     if not shape:
         return 0, 1
-    first = min(int(np.ravel_multi_index(tuple(s.start for s in r), shape)) for r in regions)
-    last = max(int(np.ravel_multi_index(tuple(s.stop - 1 for s in r), shape)) for r in regions) + 1
+    first = min(_flat_index([s.start for s in r], shape) for r in regions)
+    last = max(_flat_index([s.stop - 1 for s in r], shape) for r in regions) + 1
     return first, last
 
 
@@ -350,11 +368,12 @@ def _read_span(reader: PeerReader, copy: Copy) -> np.ndarray:
     return flat.reshape(entry.shape)
 
 
-def _overlaps(old: Fragment, wanted: list[tuple[Box, tuple[slice, ...]]], covered: set[tuple]) -> list[tuple[tuple, tuple, tuple]]:
-    """(intersection key, destination slices in the new local data, source slices in `old`'s) for
-    each of `wanted` (the new fragment's pieces) that `old` holds part of."""
+def _overlaps(old: list, wanted: list[tuple[Box, tuple[slice, ...]]], covered: set[tuple]) -> list[tuple[tuple, tuple, tuple]]:
+    """(intersection key, destination slices in the new local data, source slices in the old local
+    data) for each of `wanted` (the new fragment's pieces) that the old fragment (its `segments`,
+    as stored) holds part of."""
     work = []
-    held = list(old.pieces())
+    held = list(pieces(old))
     for nbox, nslices in wanted:
         for obox, oslices in held:
             inter = nbox.intersect(obox)

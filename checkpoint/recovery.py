@@ -231,7 +231,7 @@ class Protection:
                                       local=held, staged=held.span if held is not None else None)  # fmt: skip
         finally:
             if held is not None:
-                held.close()
+                held.close_soon()
         if found.step is not None:
             return Resumed("peers", found.step, found.detail)
         self._peer_loss = found.detail if found.lost else ""

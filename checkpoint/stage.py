@@ -13,11 +13,12 @@ rank order) costs only the memory: the restore reads what it misses from the pee
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache, partial
+from functools import cached_property, lru_cache, partial
 
 import numpy as np
 
@@ -146,10 +147,19 @@ class Staged:
 
     def find(self, offset: int, nbytes: int) -> int | None:
         """Where bytes [offset, offset+nbytes) of the slot lie in the buffer, None if not all here."""
-        for a, b, at in self.spans:
-            if a <= offset and offset + nbytes <= b:
-                return at + offset - a
-        return None
+        i = bisect.bisect_right(self._starts, offset) - 1  # the last span starting at or before offset
+        if i < 0:
+            return None
+        a, b, at = self._by_start[i]
+        return at + offset - a if offset + nbytes <= b else None
+
+    @cached_property
+    def _by_start(self) -> list[tuple[int, int, int]]:
+        return sorted(self.spans)
+
+    @cached_property
+    def _starts(self) -> list[int]:
+        return [a for a, _, _ in self._by_start]
 
     def to_json(self) -> list[list[int]]:
         return [list(s) for s in self.spans]

@@ -65,6 +65,7 @@ class OptimizerState:
         self.optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
         if len(self.parts) != len(self.optimizers):
             raise CheckpointError(f"{len(self.parts)} model parts but {len(self.optimizers)} optimizers: pass one optimizer per part")
+        self._fqns: list[frozenset[str]] | None = None
 
     def state_dict(self) -> dict[str, dict[str, dict[str, Any]]]:
         out: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in _SECTIONS}
@@ -76,8 +77,7 @@ class OptimizerState:
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
-        for part, optim in zip(self.parts, self.optimizers):
-            own = get_model_state_dict(part).keys()
+        for part, optim, own in zip(self.parts, self.optimizers, self._names()):
             flat = {
                 f"{section}.{fqn}.{field}": value
                 for section in _SECTIONS
@@ -86,6 +86,13 @@ class OptimizerState:
                 for field, value in fields.items()
             }
             set_optimizer_state_dict(part, optim, flat, options=_FLAT)
+
+    def _names(self) -> list[frozenset[str]]:
+        """Each part's parameter FQNs, found once: a model's names stay as built, and finding them
+        walks every module (as long as the rest of a load's bookkeeping)."""
+        if self._fqns is None:
+            self._fqns = [frozenset(get_model_state_dict(part).keys()) for part in self.parts]
+        return self._fqns
 
 
 def _same_memory(a: Any, b: Any) -> bool:
