@@ -116,8 +116,7 @@ class PeerReader:
 
     def read(self, rank: int, offset: int, nbytes: int, *, out: np.ndarray | None = None) -> np.ndarray:
         """Bytes [offset, offset+nbytes) of old rank `rank`'s slot (into `out`, uint8, when given)."""
-        if (here := self._here(rank, offset, nbytes)) is not None:
-            self._count(local_bytes=nbytes)
+        if (here := self.here(rank, offset, nbytes)) is not None:
             return _deliver(here, out)  # a copy: the mapping goes at close
         source = self.chosen.sources[rank]
         if source.kind == "held":
