@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
+from .dtypes import dtype_name
 from .errors import CheckpointError
-from .flatten import TENSOR, flatten
+from .flatten import TENSOR, flatten, restore
 from .keeper_protocol import SlotLayout
-from .layout import fragment_of
+from .layout import Fragment, fragment_of
 from .states import ModelState, OptimizerState
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,18 @@ class Captured:
     step: int
     tensors: list[torch.Tensor]
     tree: dict[str, Any]
+
+
+@dataclass
+class RestoreTargets:
+    """What a restore fills: every tensor's fragment and local data, which the restore overwrites in
+    place, and for the states that then load through `load_state_dict` their templates and their
+    tensors as their state_dict holds them (`originals`)."""
+
+    fragments: dict[str, Fragment]
+    tensors: dict[str, torch.Tensor]
+    templates: dict[str, Any]
+    originals: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -55,6 +68,8 @@ class StateCapture:
         self._trees: dict[str, Callable[[dict[str, Any]], Any]] = {}  # key -> tree, given the volatile keys' fresh trees
         self._volatile: list[str] = []  # keys whose state_dict() runs every take
         self._checks: list[Callable[[], bool]] = []
+        self._fragments: dict[str, Fragment] = {}
+        self._in_place: dict[str, Callable[[Any], None]] = {}  # key -> loads its tree's JSON, its tensors filled in place
 
     def invalidate(self) -> None:
         """Forget the captured references (call after anything replaced parameters or optimizer state)."""
@@ -80,27 +95,58 @@ class StateCapture:
             out.append(_local(tensor).clone() if source.eager else tensor)
         return Captured(step, out, {key: build(fresh_trees) for key, build in self._trees.items()})
 
+    # ---- restore ------------------------------------------------------------------------------
+
+    def restore_targets(self) -> RestoreTargets:
+        """The tensors a restore overwrites, with their fragments. Parameters and optimizer state are
+        the captured live tensors themselves: no state_dict() is taken and no layout is derived again,
+        and once they are filled `load` has only their JSON left to apply."""
+        self.current_layout()
+        targets = RestoreTargets({}, {}, {}, {})
+        for source in self._sources:
+            if source.name.split("/", 1)[0] in self._in_place:
+                targets.tensors[source.name] = _local(source.get())
+                targets.fragments[source.name] = self._fragments[source.name]
+        for key, state in self.states.items():
+            if key not in self._in_place:
+                targets.templates[key] = state.state_dict()
+                for name, tensor in flatten(key, targets.templates[key])[0].items():
+                    targets.originals[name], targets.tensors[name] = tensor, _local(tensor)
+                    targets.fragments[name] = fragment_of(name, tensor, rank=self.rank)
+        return targets
+
+    def load(self, targets: RestoreTargets, trees: Mapping[str, Any]) -> None:
+        """Finish a restore whose `targets` hold the loaded values: the JSON of states filled in place,
+        `load_state_dict` for the rest."""
+        for key, state in self.states.items():
+            if key in self._in_place:
+                self._in_place[key](trees[key])
+            else:
+                state.load_state_dict(restore(trees[key], tensors=targets.originals, template=targets.templates[key]))
+
     # ---- classification, once ---------------------------------------------------------------
 
     def _build(self) -> None:
-        self._sources, self._trees, self._volatile, self._checks = [], {}, [], []
+        self._sources, self._trees, self._volatile, self._checks, self._in_place = [], {}, [], [], {}
         specs = []
         for key, state in self.states.items():
             tensors, tree = flatten(key, state.state_dict())
             if isinstance(state, ModelState):
-                sources, build = self._model(state, tensors, tree)
+                sources, build, apply = self._model(state, tensors, tree)
             elif isinstance(state, OptimizerState):
-                sources, build = self._optimizer(state, tensors, tree)
+                sources, build, apply = self._optimizer(state, tensors, tree)
             else:
-                sources, build = None, None
+                sources, build, apply = None, None, None
             if sources is None:
-                sources, build = self._volatile_state(key, tensors)
+                sources, build, apply = *self._volatile_state(key, tensors), None
             self._sources += sources
             self._trees[key] = build
+            if apply is not None:
+                self._in_place[key] = apply
             for name, tensor in tensors.items():
                 local = _local(tensor)
-                fragment = fragment_of(name, tensor, rank=self.rank)
-                specs.append((name, _dtype(local), tuple(local.shape), local.numel() * local.element_size(), fragment.to_json()))
+                fragment = self._fragments[name] = fragment_of(name, tensor, rank=self.rank)
+                specs.append((name, dtype_name(local.dtype), tuple(local.shape), local.numel() * local.element_size(), fragment.to_json()))
         order = {s.name: i for i, s in enumerate(self._sources)}
         specs.sort(key=lambda spec: order[spec[0]])
         self.layout = SlotLayout.build(specs)
@@ -133,8 +179,10 @@ class StateCapture:
                 module, attr = buffers[ident]
                 sources.append(_Source(name, lambda m=module, a=attr: getattr(m, a), eager=True))
             else:
-                return None, None
-        return sources, lambda _: tree
+                return None, None, None
+        # Nothing but tensors (no extra state): filled in place, the model has nothing left to load.
+        apply = _nothing if _only_tensors(tree) else None
+        return sources, lambda _: tree, apply
 
     def _optimizer(self, state: OptimizerState, tensors: Mapping[str, torch.Tensor], tree: Any):
         live: dict[tuple, tuple[int, int, Any, str, torch.Tensor]] = {}
@@ -148,7 +196,7 @@ class StateCapture:
         for name, tensor in tensors.items():
             hit = live.get(_identity(tensor))
             if hit is None:
-                return None, None
+                return None, None, None
             oi, gi, p, field, value = hit
             sources.append(_Source(name, _const(_local(tensor)), eager=False))
             self._checks.append(lambda o=state.optimizers[oi], p=p, f=field, v=value: o.state.get(p, {}).get(f) is v)
@@ -163,7 +211,7 @@ class StateCapture:
             if fqn not in group_of:
                 matches = [k for k, g in current.items() if g == fields]
                 if len(matches) != 1:
-                    return None, None
+                    return None, None, None
                 group_of[fqn] = matches[0]
 
         def build(_: dict[str, Any]) -> Any:
@@ -171,8 +219,28 @@ class StateCapture:
             return {**tree, "param_groups": {fqn: now[group_of[fqn]] for fqn in tree.get("param_groups", {})}}
 
         if build({}) != tree:
-            return None, None  # the optimizer's JSON is not just its groups' hyperparameters
-        return sources, build
+            return None, None, None  # the optimizer's JSON is not just its groups' hyperparameters
+
+        def apply(loaded: Any) -> None:
+            """The loaded hyperparameters into the groups of the parameters this rank holds."""
+            for fqn, fields in loaded.get("param_groups", {}).items():
+                if fqn in group_of:
+                    oi, gi = group_of[fqn]
+                    group = state.optimizers[oi].param_groups[gi]
+                    for field, value in fields.items():
+                        group[field] = restore(value, tensors={}, template=group.get(field))
+
+        return sources, build, apply
+
+
+def _nothing(_: Any) -> None:
+    pass
+
+
+def _only_tensors(tree: Any) -> bool:
+    if isinstance(tree, dict):
+        return set(tree) == {TENSOR} or all(_only_tensors(v) for v in tree.values())
+    return isinstance(tree, list) and all(_only_tensors(v) for v in tree)
 
 
 def _group_json(group: Mapping[str, Any]) -> Any:
@@ -190,10 +258,6 @@ def _identity(tensor: torch.Tensor) -> tuple:
     """Same memory, same extent: a state_dict entry that is this parameter or optimizer state."""
     local = _local(tensor)
     return (local.data_ptr(), local.numel(), local.dtype, tuple(local.stride())) if local.numel() else (id(tensor),)
-
-
-def _dtype(tensor: torch.Tensor) -> str:
-    return str(tensor.dtype).removeprefix("torch.")
 
 
 def _const(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:

@@ -26,6 +26,11 @@ _BITS = {
 }
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name a torch dtype is stored under ('bfloat16')."""
+    return str(dtype).removeprefix("torch.")
+
+
 def storage_dtype(dtype: str) -> np.dtype:
     """The numpy dtype whose bytes equal the torch dtype's."""
     if dtype in _NATIVE:
@@ -42,7 +47,7 @@ def torch_dtype(dtype: str) -> torch.dtype:
 
 def as_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A numpy view of a CPU tensor's bytes (no copy), whatever its dtype."""
-    name = str(tensor.dtype).removeprefix("torch.")
+    name = dtype_name(tensor.dtype)
     if name in _BITS:
         tensor = tensor.view(_BITS[name][1])
     return tensor.detach().numpy()

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .dtypes import dtype_name
 from .errors import CheckpointError
 
 Segment = tuple[int, int]  # [start, stop) in global indices along one dim
@@ -236,7 +237,7 @@ def layout_of(name: str, tensor: torch.Tensor) -> TensorLayout:
     """Describe a plain tensor or a DTensor; unknown placements (e.g. Partial) are refused."""
     from torch.distributed.tensor import DTensor
 
-    dtype = str(tensor.dtype).removeprefix("torch.")
+    dtype = dtype_name(tensor.dtype)
     if not isinstance(tensor, DTensor):
         return TensorLayout(name, tuple(tensor.shape), dtype)
     spec = mesh_spec(tensor.device_mesh)

@@ -22,7 +22,7 @@ from resurgo.trainer.config import CheckpointConfig
 
 from . import commit as commits
 from .comm import Comm, raise_failures
-from .dtypes import is_floating
+from .dtypes import dtype_name, is_floating
 from .errors import CheckpointError, join_problems
 from .flatten import flatten, merge_trees, restore, state_templates
 from .grid import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES
@@ -239,7 +239,7 @@ def _loadable(meta: CheckpointMeta, name: str, target: torch.Tensor) -> bool:
     array = meta.arrays.get(name)
     if array is None or tuple(array.shape) != tuple(target.shape):
         return False
-    dtype = str(target.dtype).removeprefix("torch.")
+    dtype = dtype_name(target.dtype)
     return array.dtype == dtype or (is_floating(array.dtype) and is_floating(dtype))
 
 

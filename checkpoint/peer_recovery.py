@@ -22,13 +22,11 @@ import torch
 
 from .comm import Comm
 from .encode_site import decide_site
-from .dtypes import as_numpy, storage_dtype, to_torch
+from .dtypes import as_numpy, dtype_name, storage_dtype, to_torch
 from .errors import CheckpointError
-from .flatten import restore, state_templates
+from .capture import StateCapture
 from .keeper_link import HeldSlots
 from .keeper_protocol import Client, KeeperError, KeeperGone, run_id, socket_path
-from .layout import fragment_of
-from .manager import _local
 from .peer_plan import Inventory, choose
 from .peer_restore import LocalSlot, LocalSpan, PeerReader, fill_targets, merged_trees
 from .peer_wire import PeerError
@@ -119,7 +117,7 @@ class PeerResume:
 
 
 def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, token: str, secret: str,
-                      states: Mapping[str, Any], topology: Mapping[str, int], node: str | None = None,
+                      capture: StateCapture, topology: Mapping[str, int], node: str | None = None,
                       local: LocalSlot | None = None, staged: LocalSpan | None = None) -> PeerResume:  # fmt: skip
     """Load the newest step the surviving keepers can rebuild (collective); `local` reads `node`'s own
     keeper from shared memory, `staged` the spans it fetched ahead (`stage_ahead`)."""
@@ -134,22 +132,21 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
         return PeerResume(None, why, lost=protected)
     reader = PeerReader(chosen, inventories, secret=secret, node=node, local=local, staged=staged)
     planned = time.perf_counter()
-    templates, targets = state_templates(states)
+    targets = capture.restore_targets()
     templated = time.perf_counter()
     # Host tensors are filled in place, as the disk loader does: a failure here ends in a restart, or
-    # in a disk load that overwrites every target, never in training on a half-filled state.
+    # in a disk load that overwrites every target, never in training on a half-filled state. Device
+    # tensors are filled through host buffers once every rank has read its state.
     buffers: dict[str, tuple[Any, np.ndarray]] = {}
-    in_place: set[str] = set()
+    staged_on_host: list[str] = []
     try:
-        for name, tensor in targets.items():
-            fragment = fragment_of(name, tensor, rank=comm.rank)
-            local = _local(tensor)
-            if local.device.type == "cpu" and local.is_contiguous():
-                buffers[name] = (fragment, as_numpy(local.detach()))
-                in_place.add(name)
+        for name, tensor in targets.tensors.items():
+            fragment = targets.fragments[name]
+            if tensor.device.type == "cpu" and tensor.is_contiguous():
+                buffers[name] = (fragment, as_numpy(tensor))
             else:
-                dtype = str(tensor.dtype).removeprefix("torch.")
-                buffers[name] = (fragment, np.empty(fragment.local_shape, dtype=storage_dtype(dtype)))
+                staged_on_host.append(name)
+                buffers[name] = (fragment, np.empty(fragment.local_shape, dtype=storage_dtype(dtype_name(tensor.dtype))))
         fill_targets(reader, buffers)  # checks that every element was filled
         same = chosen.plan.world_size == comm.world_size and dict(chosen.plan.topology) == dict(topology)
         trees = merged_trees(reader, rank=comm.rank, same_topology=same)
@@ -164,14 +161,9 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
         if comm.rank == 0:
             log.warning("rebuilding step %d from peer memory failed (%s)", chosen.step, errors[0])
         return PeerResume(None, f"rebuilding step {chosen.step} failed: {errors[0]}", lost=True)
-    from .recovery import as_target
-
-    loaded = {}
-    for name, (_, array) in buffers.items():
-        dtype = str(targets[name].dtype).removeprefix("torch.")
-        loaded[name] = targets[name] if name in in_place else as_target(to_torch(array, dtype), targets[name], private=True)
-    for key, state in states.items():
-        state.load_state_dict(restore(trees[key], tensors=loaded, template=templates[key]))
+    for name in staged_on_host:
+        targets.tensors[name].copy_(to_torch(buffers[name][1], dtype_name(targets.tensors[name].dtype)))
+    capture.load(targets, trees)
     mine = {"local": reader.local_bytes / 1e6, "peers": reader.fetched / 1e6, "decoded": reader.decoded / 1e6,
             "plan": planned - start, "templates": templated - planned, "read": read - templated,
             "load": time.perf_counter() - read, "fetch": reader.fetch_s, "decode": reader.decode_s}  # fmt: skip

@@ -286,7 +286,7 @@ class Protector:
         except queue.Full:
             pass
         self.server.stop()
-        for client in self._clients.values():
+        for client in list(self._clients.values()):  # the sending threads may still add or drop one
             client.close()
 
     # ---- plans and status -----------------------------------------------------------------

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .bulk_copy import copy_into
 from .codec import CRC_BYTES, ChunkCodec, checksum_ok
-from .dtypes import as_numpy, storage_dtype, to_torch
+from .dtypes import as_numpy, dtype_name, storage_dtype, to_torch
 from .errors import CheckpointError, join_problems
 from .grid import chunk_key, chunks_in
 from .layout import Fragment
@@ -231,7 +231,7 @@ def _copy(dst: np.ndarray | torch.Tensor, src: np.ndarray, *, dtype: str) -> Non
     """dst[...] = src, converting dtype (and device) where the target differs from storage."""
     if isinstance(dst, np.ndarray):
         copy_into(dst, src)
-    elif dst.device.type == "cpu" and str(dst.dtype).removeprefix("torch.") == dtype:
+    elif dst.device.type == "cpu" and dtype_name(dst.dtype) == dtype:
         copy_into(as_numpy(dst), src)
     else:
         dst.copy_(to_torch(np.array(src), dtype))

@@ -24,7 +24,6 @@ from resurgo.trainer.config import JobConfig
 
 from . import commit as commits
 from .capture import StateCapture
-from .flatten import restore, state_templates
 from .keeper_link import EXTERNAL, OFF, HeldSlots, KeeperLink
 from .keeper_protocol import KeeperError, KeeperGone, SlotLayout, StoreTarget, node_id
 from .errors import NothingToResume
@@ -194,13 +193,13 @@ class Protection:
                 return None
             assert mapped is not None
             views, trees = mapped
-            templates, targets = state_templates(self.states)
-            loaded = {name: into_target(view, targets[name]) for name, view in views.items()}
+            targets = self.capture.restore_targets()
+            for name, view in views.items():  # the layouts' digests agree: the same tensors, dtypes and shapes
+                targets.tensors[name].copy_(view)
         finally:
             if mapped is not None:
                 self._keeper("unpin", step=step)
-        for key, state in self.states.items():
-            state.load_state_dict(restore(trees[key], tensors=loaded, template=templates[key]))
+        self.capture.load(targets, trees)
         return Resumed("memory", step, f"newest step held by every rank's keeper; held here {sorted(held)}")
 
     def _map_snapshot(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -227,7 +226,7 @@ class Protection:
             held = HeldSlots(self.link)
         try:
             found = resume_from_peers(comm=self.comm, keeper=self._keeper, local_rank=self.local_rank, token=self.token,
-                                      secret=self.secret, states=self.states, topology=self.topology, node=node_id(),
+                                      secret=self.secret, capture=self.capture, topology=self.topology, node=node_id(),
                                       local=held, staged=held.span if held is not None else None)  # fmt: skip
         finally:
             if held is not None:
@@ -297,26 +296,3 @@ class SyncSave:
 
     def after_optimizer_step(self, step: int) -> None:
         self.checkpointer.maybe_save(step)
-
-
-def into_target(buffer: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """`buffer`'s values as training state shaped like `target`: copied into the target's own memory
-    when that is a host tensor of the same dtype and shape (its pages are faulted in already, and
-    loading it copies nothing more), else a fresh copy (`as_target`)."""
-    local = _local(target)
-    if local.device.type == "cpu" and (local.dtype, local.shape) == (buffer.dtype, buffer.shape):
-        local.detach().copy_(buffer)
-        return target
-    return as_target(buffer, target)
-
-
-def as_target(buffer: torch.Tensor, target: torch.Tensor, *, private: bool = False) -> torch.Tensor:
-    """`buffer` shaped like `target`: a copy (shared memory must never become training state), or the
-    buffer itself when it is `private` already and of the target's device and dtype."""
-    from torch.distributed.tensor import DTensor
-
-    local = target.to_local() if isinstance(target, DTensor) else target
-    data = buffer.to(device=local.device, dtype=local.dtype, copy=not private)
-    if isinstance(target, DTensor):
-        return DTensor.from_local(data, target.device_mesh, target.placements, run_check=False, shape=target.shape, stride=target.stride())
-    return data

@@ -3,12 +3,11 @@ has its snapshot mapped: one rank that cannot read its own leaves every rank's s
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
 
+from resurgo.checkpoint.capture import StateCapture
 from resurgo.checkpoint.flatten import flatten
 from resurgo.checkpoint.keeper_protocol import KeeperError
 from resurgo.checkpoint.recovery import Protection
@@ -29,8 +28,9 @@ def protection(comm: TwoRanks, model: nn.Module, snapshot: dict[str, torch.Tenso
     requests: list[str] = []
     p = object.__new__(Protection)
     p.comm, p.rank, p.states = comm, 0, {"model": ModelState(model)}
-    p.capture = SimpleNamespace(current_layout=lambda: SimpleNamespace(digest="d"))
-    p._keeper = lambda op, **_: requests.append(op) or ({"steps": [4], "digest": "d"} if op == "holdings" else {})
+    p.capture = StateCapture(p.states, rank=0)
+    digest = p.capture.current_layout().digest
+    p._keeper = lambda op, **_: requests.append(op) or ({"steps": [4], "digest": digest} if op == "holdings" else {})
     tree = flatten("model", p.states["model"].state_dict())[1]
 
     def mapped(step: int):
