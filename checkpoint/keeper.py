@@ -30,7 +30,7 @@ from .keeper_protocol import (
 )  # fmt: skip
 from .peer_plan import choose
 from .peer_restore import PeerReader
-from .protector import ProtectPlan, Protector
+from .protector import ProtectPlan, Protector, report_fields
 from .reclaim import reclaim_stale, try_lock
 from .slots import COMPLETE, DEFAULT_SLOTS, FREE, WRITING, PersistJob, RankData, RankSlots, Slot, choose_slot, newest_common
 
@@ -280,20 +280,24 @@ class Keeper:
         deadline = time.monotonic() + (REBUILD_WAIT_S if msg.get("wait", True) else 0.0)
         while (self._rebuilding or self._staging) and time.monotonic() < deadline:
             self._cond.wait(timeout=1.0)
-        return self._inventory()
+        return self._inventory(**report_fields(msg))
 
-    def _inventory(self) -> dict[str, Any]:
-        """Every held rank's complete steps, layout and JSON state (rebuilt ones too), plans, parity."""
+    def _inventory(self, *, compact: bool = False, ranks: list[int] | None = None, step: int | None = None) -> dict[str, Any]:
+        """Every held rank's complete steps and layout digest (rebuilt ones too), plans, parity; unless
+        `compact`, also each rank's layout and JSON states (only of `ranks`, and of `step`, when given).
+        A restore agrees on a step from compact inventories, then asks only for the ranks it reads."""
         with self._cond:
             held = {**self.rebuilt, **self.ranks}  # a rank registered here is served from its own slots
-            ranks = {str(r): {"steps": h.complete_steps(), "digest": h.layout.digest, "layout": h.layout.to_json(),
-                              "trees": {str(s.step): s.tree for s in h.slots if s.status == COMPLETE}}
-                     for r, h in held.items()}  # fmt: skip
+            held = {r: h for r, h in held.items() if ranks is None or r in ranks}
+            ranks_json = {str(r): {"steps": h.complete_steps(), "digest": h.layout.digest} for r, h in held.items()}
+            for r, h in held.items() if not compact else ():
+                trees = {str(s.step): s.tree for s in h.slots if s.status == COMPLETE and step in (None, s.step)}
+                ranks_json[str(r)].update(layout=h.layout.to_json(), trees=trees)
             rebuilt = {str(r): round(self._rebuild_s[r], 3) for r in self.rebuilt if r not in self.ranks}
             staged = {"mb": sum(s.nbytes for h in self.staged.values() for s, _ in h.pieces) / 1e6,
                       "seconds": sum(h.seconds for h in self.staged.values())} if self.staged else {}  # fmt: skip
             reads = {str(r): dict(v) for r, v in self.reads.items()}
-        return {"ranks": ranks, "rebuilt": rebuilt, "staged": staged, "reads": reads, **(self.protector.inventory() if self.protector else {"node": self.node})}
+        return {"ranks": ranks_json, "rebuilt": rebuilt, "staged": staged, "reads": reads, **(self.protector.inventory() if self.protector else {"node": self.node})}
 
     def _op_holdings(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         held = self.ranks.get(int(msg["rank"]))
@@ -754,3 +758,4 @@ def _free_slots(slots: list[Slot]) -> None:
         slot.segment.close()
         slot.free_shares()
         slot.status = FREE
+

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,21 +116,33 @@ class KeeperLink:
             self.spawned.poll()  # reap it if it already exited
 
 
+@dataclass
+class _Held:
+    """One old rank's step as this node's keeper holds it: the whole slot, or spans staged ahead;
+    its slot layout and JSON states (None: not held here)."""
+
+    whole: np.ndarray | None = None
+    staged: list[tuple[Staged, np.ndarray]] = field(default_factory=list)
+    layout: SlotLayout | None = None
+    tree: Any = None
+
+
 class HeldSlots:
     """Complete slots this node's keeper holds for any rank, read straight from its shared memory: a
     recovery copies its own node's old ranks without a socket, and the spans of other nodes' old
-    ranks its keeper staged ahead (`span`). Each stays pinned and mapped until `close` (mapped apart
-    from the link's own maps, which live as long as the worker)."""
+    ranks its keeper staged ahead (`span`), and learns their layouts and JSON states (`described`).
+    Each stays pinned and mapped until `close` (mapped apart from the link's own maps, which live as
+    long as the worker)."""
 
     def __init__(self, link: KeeperLink | Client, *, owned: bool = False) -> None:
         self.link, self.owned = link, owned  # an owned link (a connection of its own) closes with it
-        self._open: dict[tuple[int, int], tuple[np.ndarray | None, list[tuple[Staged, np.ndarray]]]] = {}
+        self._open: dict[tuple[int, int], _Held] = {}
         self._segments: list[Segment] = []
         self._lock = threading.RLock()  # warm() maps under it what it finds
 
     def __call__(self, rank: int, step: int) -> np.ndarray | None:
         """Rank `rank`'s slot bytes of `step`, None when this keeper does not hold them whole."""
-        return self._find(rank, step)[0]
+        return self._find(rank, step).whole
 
     def warm(self, rank: int) -> None:
         """Map, ahead of new rank `rank`'s restore, the old ranks' slots (or spans staged) that it
@@ -137,7 +150,7 @@ class HeldSlots:
         entry per page, work better done while the model is built. Returns once staging finished."""
         with self._lock:  # a restore asking meanwhile waits for these maps rather than racing on the link
             try:
-                reads = self.link.request("inventory").get("reads", {}).get(str(rank))
+                reads = self.link.request("inventory", compact=True).get("reads", {}).get(str(rank))
             except (KeeperGone, KeeperError):
                 return
             for old in reads["ranks"] if reads else ():
@@ -145,38 +158,44 @@ class HeldSlots:
 
     def span(self, rank: int, step: int, offset: int, nbytes: int) -> np.ndarray | None:
         """Bytes [offset, offset+nbytes) of rank `rank`'s slot of `step`, None unless held or staged here."""
-        whole, staged = self._find(rank, step)
-        if whole is not None:
-            return whole[offset : offset + nbytes] if offset + nbytes <= whole.size else None
-        for piece, data in staged:
+        held = self._find(rank, step)
+        if held.whole is not None:
+            return held.whole[offset : offset + nbytes] if offset + nbytes <= held.whole.size else None
+        for piece, data in held.staged:
             if (at := piece.find(offset, nbytes)) is not None:
                 return data[at : at + nbytes]
         return None
 
-    def _find(self, rank: int, step: int) -> tuple[np.ndarray | None, list[tuple[Staged, np.ndarray]]]:
+    def described(self, rank: int, step: int) -> tuple[SlotLayout, Any] | None:
+        """Rank `rank`'s slot layout and JSON states of `step`, when held or staged here."""
+        held = self._find(rank, step)
+        return (held.layout, held.tree) if held.layout is not None else None
+
+    def _find(self, rank: int, step: int) -> _Held:
         with self._lock:
             if (rank, step) not in self._open:
                 self._open[(rank, step)] = self._map(rank, step)
             return self._open[(rank, step)]
 
-    def _map(self, rank: int, step: int) -> tuple[np.ndarray | None, list[tuple[Staged, np.ndarray]]]:
+    def _map(self, rank: int, step: int) -> _Held:
         try:
             reply = self.link.request("read", rank=rank, step=step)
         except (KeeperGone, KeeperError):
-            return None, []
+            return _Held()
         try:
+            layout = SlotLayout.from_json(reply["layout"])
             if "staged" in reply:
-                pieces = []
+                held = _Held(layout=layout, tree=reply["tree"])
                 for piece in reply["staged"]:
                     segment = Segment.attach(piece["segment"])
                     self._segments.append(segment)
-                    pieces.append((Staged.from_json(rank, step, piece["spans"]), segment.array()))
-                return None, pieces
+                    held.staged.append((Staged.from_json(rank, step, piece["spans"]), segment.array()))
+                return held
             segment = Segment.attach(reply["segment"])
         except CheckpointError:
-            return None, []
+            return _Held()
         self._segments.append(segment)
-        return segment.array()[: SlotLayout.from_json(reply["layout"]).nbytes], []
+        return _Held(segment.array()[: layout.nbytes], layout=layout, tree=reply["tree"])
 
     def close_soon(self) -> None:
         """Close, on a thread of its own when this has a connection of its own: unpinning and unmapping
@@ -188,8 +207,8 @@ class HeldSlots:
 
     def close(self) -> None:
         with self._lock:
-            for (rank, step), (whole, staged) in self._open.items():
-                if whole is not None or staged:
+            for (rank, step), held in self._open.items():
+                if held.whole is not None or held.staged:
                     try:
                         self.link.request("unpin", rank=rank, step=step)
                     except (KeeperGone, KeeperError):

@@ -28,7 +28,7 @@ from .capture import StateCapture
 from .keeper_link import HeldSlots
 from .keeper_protocol import Client, KeeperError, KeeperGone, run_id, socket_path
 from .peer_plan import Inventory, choose
-from .peer_restore import LocalSlot, LocalSpan, PeerReader, fill_targets, merged_trees
+from .peer_restore import PeerReader, fill_targets, merged_trees
 from .peer_wire import PeerError
 from .protector import ProtectPlan
 
@@ -118,11 +118,13 @@ class PeerResume:
 
 def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, token: str, secret: str,
                       capture: StateCapture, topology: Mapping[str, int], node: str | None = None,
-                      local: LocalSlot | None = None, staged: LocalSpan | None = None) -> PeerResume:  # fmt: skip
-    """Load the newest step the surviving keepers can rebuild (collective); `local` reads `node`'s own
-    keeper from shared memory, `staged` the spans it fetched ahead (`stage_ahead`)."""
+                      held: HeldSlots | None = None) -> PeerResume:  # fmt: skip
+    """Load the newest step the surviving keepers can rebuild (collective); `held` reads `node`'s own
+    keeper from shared memory: its slots, and the spans it fetched ahead (`stage_ahead`)."""
     start = time.perf_counter()
-    report = keeper("inventory") if local_rank == 0 else None
+    # Compact: every rank receives every node's report, so it carries no layouts and no JSON states;
+    # each rank then asks the holders for those of the old ranks it reads (PeerReader.describe).
+    report = keeper("inventory", compact=True) if local_rank == 0 else None
     inventories = {i.node: i for i in (Inventory(r) for r in comm.all_gather(report) if r)}
     chosen, why = choose(list(inventories.values()), current=token)
     if chosen is None:
@@ -130,7 +132,10 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
         if comm.rank == 0 and protected:
             log.warning("peer memory cannot rebuild a step: %s", why)
         return PeerResume(None, why, lost=protected)
-    reader = PeerReader(chosen, inventories, secret=secret, node=node, local=local, staged=staged)
+    reader = PeerReader(chosen, inventories, secret=secret, node=node, local=held, staged=held.span if held else None,
+                        described=held.described if held else None)  # fmt: skip
+    reads = inventories[node].data.get("reads", {}).get(str(comm.rank)) if node in inventories else None
+    ranks = reads["ranks"] if reads and reads.get("step") == chosen.step else None  # as staging planned them
     planned = time.perf_counter()
     targets = capture.restore_targets()
     templated = time.perf_counter()
@@ -147,9 +152,9 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
             else:
                 staged_on_host.append(name)
                 buffers[name] = (fragment, np.empty(fragment.local_shape, dtype=storage_dtype(dtype_name(tensor.dtype))))
-        fill_targets(reader, buffers)  # checks that every element was filled
+        fill_targets(reader, buffers, ranks=ranks)  # checks that every element was filled
         same = chosen.plan.world_size == comm.world_size and dict(chosen.plan.topology) == dict(topology)
-        trees = merged_trees(reader, rank=comm.rank, same_topology=same)
+        trees = merged_trees(reader, rank=comm.rank, same_topology=same, ranks=ranks)
         error = None
     except (CheckpointError, PeerError, LookupError, ValueError) as e:
         error = f"rank {comm.rank}: {e}"
@@ -207,7 +212,7 @@ def previous_topology(run_dir: Any, *, comm: Comm) -> dict[str, int] | None:
     from the one it resumes (`parallel.elastic`); None when no keeper answers or knows a plan.
     """
     newest = None
-    plans = [ProtectPlan.from_json(p) for p in _ask_keeper(run_dir, "inventory", wait=False).get("plans", [])]
+    plans = [ProtectPlan.from_json(p) for p in _ask_keeper(run_dir, "inventory", wait=False, compact=True).get("plans", [])]
     if plans:
         plan = max(plans, key=lambda p: p.created)
         newest = (plan.created, {**{k: int(v) for k, v in plan.topology.items()}, "world_size": plan.world_size})

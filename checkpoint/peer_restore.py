@@ -15,7 +15,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -39,6 +39,7 @@ from .scratch import scratch
 
 LocalSlot = Callable[[int, int], "np.ndarray | None"]  # (old rank, step) -> its slot in this node's keeper
 LocalSpan = Callable[[int, int, int, int], "np.ndarray | None"]  # (old rank, step, offset, nbytes) -> bytes staged here
+Described = Callable[[int, int], "tuple[SlotLayout, Any] | None"]  # (old rank, step) -> its layout and JSON states, known here
 READ_BYTES = 16 * 2**20  # one read request: small enough to spread a tensor over the reading threads
 READ_THREADS = max(2, min(4, os.cpu_count() or 1))  # reads in flight; more threads than cores only contend
 _SCRATCH = 8  # scratch slots from here on: survivors received for a decode, one per stripe position
@@ -48,18 +49,21 @@ class PeerReader:
     """Reads old ranks' slot bytes of one `MemoryPlan` from the surviving keepers.
 
     `node` and `local` name this node and read its own keeper's slots from shared memory; `staged`
-    reads the byte ranges of other old ranks its keeper fetched ahead (stage.py); `run` executes
-    reads on `threads` threads, each with its own connection to every peer.
+    reads the byte ranges of other old ranks its keeper fetched ahead (stage.py), and `described`
+    gives the layouts and JSON states of what it holds or staged; `run` executes reads on `threads`
+    threads, each with its own connection to every peer.
     """
 
     def __init__(self, chosen: MemoryPlan, inventories: Mapping[str, Inventory], *, secret: str, node: str | None = None,
-                 local: LocalSlot | None = None, staged: LocalSpan | None = None, threads: int = READ_THREADS) -> None:  # fmt: skip
+                 local: LocalSlot | None = None, staged: LocalSpan | None = None, described: Described | None = None,
+                 threads: int = READ_THREADS) -> None:  # fmt: skip
         self.chosen, self.inventories, self.secret = chosen, inventories, secret
-        self.node, self.local, self.staged, self.threads = node, local, staged, threads
+        self.node, self.local, self.staged, self.described, self.threads = node, local, staged, described, threads
         self._tls = threading.local()
         self._connections: list[dict[str, PeerClient]] = []
         self._lock = threading.RLock()  # a meta fetched under it opens this thread's connection
         self._metas: dict[str, dict[str, Any]] = {}
+        self._described: dict[tuple[str, int], Mapping[str, Any]] = {}  # (holder, rank) -> its slot's layout and trees
         self.fetched = self.decoded = self.local_bytes = 0  # bytes of old slots read, rebuilt, and copied locally
         self.fetch_s = self.decode_s = 0.0  # summed over the reading threads
 
@@ -87,17 +91,61 @@ class PeerReader:
     # ---- what the old ranks were --------------------------------------------------------------
 
     def layout(self, rank: int) -> SlotLayout:
+        if (known := self._known(rank)) is not None:
+            return known[0]
         source = self.chosen.sources[rank]
         if source.kind == "held":
-            held = self.inventories[source.node].ranks[source.via]
-            return SlotLayout.from_json(held["layout"])
+            return SlotLayout.from_json(self._held(rank)["layout"])
         return SlotLayout.from_json(self._meta(source.node)["layouts"][str(rank)])
 
     def tree(self, rank: int) -> Any:
+        if (known := self._known(rank)) is not None:
+            return known[1]
         source = self.chosen.sources[rank]
         if source.kind == "held":
-            return self.inventories[source.node].ranks[source.via]["trees"][str(self.chosen.step)]
+            return self._held(rank)["trees"][str(self.chosen.step)]
         return self._meta(source.node)["trees"][str(rank)]
+
+    def describe(self, ranks: Sequence[int]) -> None:
+        """Ask for the slot layouts and JSON states of the held old `ranks` that compact inventories
+        leave out: one request per holder, for the chosen step only."""
+        by_node: dict[str, list[int]] = {}
+        for rank in ranks:
+            source = self.chosen.sources[rank]
+            if source.kind == "held" and self._known(rank) is None and "layout" not in self.inventories[source.node].ranks[source.via]:
+                by_node.setdefault(source.node, []).append(source.via)
+        with self._lock:
+            for node, vias in by_node.items():
+                vias = sorted({v for v in vias if (node, v) not in self._described})
+                if not vias:
+                    continue
+                reply, _ = self._client(node).request("inventory", ranks=vias, step=self.chosen.step)
+                found = reply["inventory"].get("ranks", {})
+                for via in vias:
+                    entry = found.get(str(via))
+                    if entry is None or str(self.chosen.step) not in entry.get("trees", {}):
+                        raise CheckpointError(f"the keeper on {node} no longer holds step {self.chosen.step} of rank {via}")
+                    self._described[(node, via)] = entry
+
+    def _known(self, rank: int) -> tuple[SlotLayout, Any] | None:
+        """Old rank `rank`'s layout and JSON states as this node's keeper handed them over with the
+        memory it holds or staged (no request, no parsing), else None."""
+        if self.described is None:
+            return None
+        source, step = self.chosen.sources[rank], self.chosen.step
+        found = self.described(rank, step)
+        if found is None and source.kind == "held" and source.via != rank and source.node == self.node:
+            found = self.described(source.via, step)
+        return found
+
+    def _held(self, rank: int) -> Mapping[str, Any]:
+        """The layout and JSON states of old rank `rank`'s held slot, from its holder's inventory."""
+        source = self.chosen.sources[rank]
+        entry = self.inventories[source.node].ranks[source.via]
+        if "layout" in entry:
+            return entry
+        self.describe([rank])
+        return self._described[(source.node, source.via)]
 
     def _meta(self, node: str) -> dict[str, Any]:
         """A lost node's meta (JSON state and layouts of its ranks) from any survivor holding it."""
@@ -285,13 +333,20 @@ def plan_copies(layouts: Mapping[int, SlotLayout], fragments: Mapping[str, Fragm
     return copies, problems
 
 
-def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.ndarray]]) -> None:
+def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.ndarray]], *,
+                 ranks: Sequence[int] | None = None) -> None:  # fmt: skip
     """Copy into every target (its fragment, a local numpy buffer) the boxes the old ranks held.
 
-    The whole plan is checked first (every element of every target covered), then read in parallel.
+    `ranks`: the old ranks expected to cover the targets (as this node's keeper planned them when
+    staging), whose layouts alone are then read; all old ranks when they do not. The whole plan is
+    checked first (every element of every target covered), then read in parallel.
     """
-    layouts = {rank: reader.layout(rank) for rank in reader.chosen.sources}
-    copies, problems = plan_copies(layouts, {name: fragment for name, (fragment, _) in targets.items()})
+    fragments = {name: fragment for name, (fragment, _) in targets.items()}
+    every = sorted(reader.chosen.sources)
+    some = sorted(set(ranks) & set(every)) if ranks is not None else every
+    copies, problems = _plan(reader, some, fragments)
+    if problems and some != every:
+        copies, problems = _plan(reader, every, fragments)
     if problems:
         raise CheckpointError("memory cannot rebuild this rank's state:\n  " + "\n  ".join(problems[:10]))
     reads, here = [], []
@@ -313,6 +368,11 @@ def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.nd
             start, stop = copy.span()
             (here if reader.holds(copy.rank, start, stop - start) else reads).append(partial(_copy_regions, reader, copy, out))
     reader.run(reads, here=here)
+
+
+def _plan(reader: PeerReader, ranks: Sequence[int], fragments: Mapping[str, Fragment]) -> tuple[list[Copy], list[str]]:
+    reader.describe(ranks)
+    return plan_copies({rank: reader.layout(rank) for rank in ranks}, fragments)
 
 
 def _copy_regions(reader: PeerReader, copy: Copy, out: np.ndarray) -> None:
@@ -395,9 +455,15 @@ def _numel(key: tuple) -> int:
     return n
 
 
-def merged_trees(reader: PeerReader, *, rank: int, same_topology: bool) -> dict[str, Any]:
-    """This rank's old JSON state on the same topology, else the union over the old ranks (rank 0 first)."""
+def merged_trees(reader: PeerReader, *, rank: int, same_topology: bool, ranks: Sequence[int] | None = None) -> dict[str, Any]:
+    """This rank's old JSON state on the same topology, else the union over the old ranks (rank 0
+    first): over old rank 0 and `ranks` when given, the ranks this rank reads tensors of, which
+    hold the JSON of those tensors (rank 0's holds the rest of the run's)."""
     if same_topology:
+        reader.describe([rank])
         return reader.tree(rank)
-    return merge_trees([reader.tree(r) for r in sorted(reader.chosen.sources)])
+    every = sorted(reader.chosen.sources)
+    olds = every if ranks is None else sorted({every[0], *(r for r in ranks if r in reader.chosen.sources)})
+    reader.describe(olds)
+    return merge_trees([reader.tree(r) for r in olds])
 

@@ -233,13 +233,14 @@ class Protector:
     """One per keeper; `serve` starts its TCP server, `protect` takes a plan, `submit` codes a step."""
 
     def __init__(self, *, node: str, host: str, slot_source: SlotSource, on_protected: Callable[[], None],
-                 report: Callable[[], dict[str, Any]] | None = None,
+                 report: Callable[..., dict[str, Any]] | None = None,
                  on_announced: Callable[[int], None] | None = None) -> None:  # fmt: skip
-        """`report`: this node's whole inventory (held slots too) for peers that ask; default `inventory()`.
+        """`report(compact=, ranks=, step=)`: this node's whole inventory (held slots too) for peers that
+        ask (`report_fields`); default `inventory()`.
         `on_announced(step)`: the group's leader began coding `step`: submit it once it is held here."""
         self.node, self.slot_source, self.on_protected = node, slot_source, on_protected
         self.on_announced = on_announced or (lambda step: None)
-        self.report = report or self.inventory
+        self.report = report or (lambda **_: self.inventory())
         self.plans: dict[str, tuple[ProtectPlan, ErasurePlan]] = {}
         self.current: str | None = None
         self.secret = ""  # the running incarnation's: what peers and workers must present
@@ -497,7 +498,7 @@ class Protector:
         if op == "fetch":
             return {}, self._fetch(header)
         if op == "inventory":
-            return {"inventory": self.report()}, None
+            return {"inventory": self.report(**report_fields(header))}, None
         if op == "meta_of":
             return {"meta": self.meta_of(str(header["token"]), int(header["step"]), str(header["node"]))}, None
         raise ValueError(f"unknown peer request {op!r}")
@@ -653,3 +654,12 @@ class Protector:
         with self._lock:
             return sum(b.data.size for b in self._parity.values()) + sum(s.size for s in self._spare)
 
+
+def report_fields(msg: dict[str, Any]) -> dict[str, Any]:
+    """The `inventory` request's options: `compact`, and the `ranks` and `step` to describe."""
+    fields: dict[str, Any] = {"compact": bool(msg.get("compact", False))}
+    if msg.get("ranks") is not None:
+        fields["ranks"] = [int(r) for r in msg["ranks"]]
+    if msg.get("step") is not None:
+        fields["step"] = int(msg["step"])
+    return fields

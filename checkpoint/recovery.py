@@ -227,7 +227,7 @@ class Protection:
         try:
             found = resume_from_peers(comm=self.comm, keeper=self._keeper, local_rank=self.local_rank, token=self.token,
                                       secret=self.secret, capture=self.capture, topology=self.topology, node=node_id(),
-                                      local=held, staged=held.span if held is not None else None)  # fmt: skip
+                                      held=held)  # fmt: skip
         finally:
             if held is not None:
                 held.close_soon()

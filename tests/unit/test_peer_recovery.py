@@ -74,8 +74,10 @@ class Cluster:
         self.ranks = {n: tuple(range(i * per_node, (i + 1) * per_node)) for i, n in enumerate(self.names)}
         self.slots: dict[str, dict[tuple[int, int], tuple[SlotLayout, np.ndarray]]] = {n: {} for n in self.names}
         self.protectors = {
-            n: Protector(node=n, host="127.0.0.1", slot_source=self._source(n), on_protected=lambda: None) for n in self.names
-        }
+            n: Protector(node=n, host="127.0.0.1", slot_source=self._source(n), on_protected=lambda: None,
+                         report=lambda n=n, **fields: self.report(n, **fields))
+            for n in self.names
+        }  # fmt: skip
         for p in self.protectors.values():
             p.start()
         self.plan = ProtectPlan(
@@ -117,16 +119,21 @@ class Cluster:
             self.protectors[node].stop()
             self.alive.discard(node)
 
-    def inventories(self) -> dict[str, Inventory]:
-        out = {}
-        for node in sorted(self.alive):
-            ranks = {}
-            for (r, step), (layout, _) in self.slots[node].items():
-                entry = ranks.setdefault(str(r), {"steps": [], "digest": layout.digest, "layout": layout.to_json(), "trees": {}})
-                entry["steps"].append(step)
-                entry["trees"][str(step)] = {"train": {"step": step, "rank": r}}
-            out[node] = Inventory({"ranks": ranks, **self.protectors[node].inventory()})
-        return out
+    def report(self, node: str, *, compact: bool = False, ranks=None, step=None) -> dict:
+        """`node`'s inventory as its keeper reports it (keeper.py `_inventory`)."""
+        held = {}
+        for (r, at), (layout, _) in self.slots[node].items():
+            if ranks is None or r in ranks:
+                entry = held.setdefault(str(r), {"steps": [], "digest": layout.digest})
+                entry["steps"].append(at)
+                if not compact:
+                    entry["layout"] = layout.to_json()
+                    if step in (None, at):
+                        entry.setdefault("trees", {})[str(at)] = {"train": {"step": at, "rank": r}}
+        return {"ranks": held, **self.protectors[node].inventory()}
+
+    def inventories(self, *, compact: bool = False) -> dict[str, Inventory]:
+        return {node: Inventory(self.report(node, compact=compact)) for node in sorted(self.alive)}
 
     def close(self) -> None:
         self.lose(*list(self.alive))
@@ -145,10 +152,13 @@ def cluster():
         c.close()
 
 
-def assert_restores(c: Cluster, *, step: int, new_world: int, on: str | None = None) -> PeerReader:
+def assert_restores(c: Cluster, *, step: int, new_world: int, on: str | None = None, compact: bool = False,
+                    reads=None) -> PeerReader:  # fmt: skip
     """Every rank of a `new_world`-rank topology gets exactly its slice of the state of `step`; the
-    reader runs `on` a node, copying that node's own slots from its memory instead of a socket."""
-    inventories = c.inventories()
+    reader runs `on` a node, copying that node's own slots from its memory instead of a socket.
+    `compact`: from inventories without layouts and JSON (the reader asks the holders for them);
+    `reads(rank)`: the old ranks each new rank is expected to read."""
+    inventories = c.inventories(compact=compact)
     chosen, why = choose(list(inventories.values()), current="bbbb")
     assert chosen is not None, why
     assert chosen.step == step
@@ -165,10 +175,10 @@ def assert_restores(c: Cluster, *, step: int, new_world: int, on: str | None = N
             for name, layout in layouts(new_world).items():
                 fragment = layout.fragment(rank)
                 targets[name] = (fragment, np.full(fragment.local_shape, -1, dtype=expected[name].dtype))
-            fill_targets(reader, targets)
+            fill_targets(reader, targets, ranks=reads(rank) if reads else None)
             for name, (fragment, out) in targets.items():
                 np.testing.assert_array_equal(out, local(expected[name], fragment), err_msg=name)
-        assert merged_trees(reader, rank=0, same_topology=False)["train"]["step"] == step
+        assert merged_trees(reader, rank=0, same_topology=False, ranks=reads(0) if reads else None)["train"]["step"] == step
     finally:
         reader.close()
     return reader
@@ -184,6 +194,16 @@ def test_one_lost_node_of_three_rebuilds_onto_fewer_ranks(cluster):
     assert reader.local_bytes > 0 and reader.fetched > 0  # node0's own slots from memory, the rest over TCP
     chosen, _ = choose(list(c.inventories().values()), current="bbbb")
     assert {s.kind for r, s in chosen.sources.items() if r in c.ranks["node1"]} == {"decoded"}
+
+
+def test_a_restore_from_compact_inventories_asks_only_for_the_old_ranks_it_reads(cluster):
+    c = cluster(nodes=3, per_node=2, k=2, m=1)
+    c.snapshot(1)
+    c.lose("node2")
+    reader = assert_restores(c, step=1, new_world=6, on="node0", compact=True, reads=lambda rank: [rank])
+    assert set(reader._described) == {("node0", 0), ("node0", 1), ("node1", 2), ("node1", 3)}  # 4, 5: decoded
+    # An expectation that misses old ranks falls back to all of them, and the state is still exact.
+    assert_restores(c, step=1, new_world=2, compact=True, reads=lambda rank: [5])
 
 
 def test_two_lost_nodes_of_four_with_two_parities(cluster):
