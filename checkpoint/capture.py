@@ -22,7 +22,7 @@ from .dtypes import dtype_name
 from .errors import CheckpointError
 from .flatten import TENSOR, flatten, restore
 from .keeper_protocol import SlotLayout
-from .layout import Fragment, fragment_of
+from .layout import Fragment, fragment_of, local_data
 from .states import ModelState, OptimizerState
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class StateCapture:
         out = []
         for source in self._sources:
             tensor = fresh[source.name] if source.name in fresh else source.get()
-            out.append(_local(tensor).clone() if source.eager else tensor)
+            out.append(local_data(tensor).clone() if source.eager else tensor)
         return Captured(step, out, {key: build(fresh_trees) for key, build in self._trees.items()})
 
     # ---- restore ------------------------------------------------------------------------------
@@ -105,13 +105,13 @@ class StateCapture:
         targets = RestoreTargets({}, {}, {}, {})
         for source in self._sources:
             if source.name.split("/", 1)[0] in self._in_place:
-                targets.tensors[source.name] = _local(source.get())
+                targets.tensors[source.name] = local_data(source.get())
                 targets.fragments[source.name] = self._fragments[source.name]
         for key, state in self.states.items():
             if key not in self._in_place:
                 targets.templates[key] = state.state_dict()
                 for name, tensor in flatten(key, targets.templates[key])[0].items():
-                    targets.originals[name], targets.tensors[name] = tensor, _local(tensor)
+                    targets.originals[name], targets.tensors[name] = tensor, local_data(tensor)
                     targets.fragments[name] = fragment_of(name, tensor, rank=self.rank)
         return targets
 
@@ -144,7 +144,7 @@ class StateCapture:
             if apply is not None:
                 self._in_place[key] = apply
             for name, tensor in tensors.items():
-                local = _local(tensor)
+                local = local_data(tensor)
                 fragment = self._fragments[name] = fragment_of(name, tensor, rank=self.rank)
                 specs.append((name, dtype_name(local.dtype), tuple(local.shape), local.numel() * local.element_size(), fragment.to_json()))
         order = {s.name: i for i, s in enumerate(self._sources)}
@@ -173,8 +173,8 @@ class StateCapture:
         sources = []
         for name, tensor in tensors.items():
             ident = _identity(tensor)
-            if ident in params or _local(tensor).numel() == 0:
-                sources.append(_Source(name, _const(_local(tensor)), eager=False))
+            if ident in params or local_data(tensor).numel() == 0:
+                sources.append(_Source(name, _const(local_data(tensor)), eager=False))
             elif ident in buffers:
                 module, attr = buffers[ident]
                 sources.append(_Source(name, lambda m=module, a=attr: getattr(m, a), eager=True))
@@ -198,7 +198,7 @@ class StateCapture:
             if hit is None:
                 return None, None, None
             oi, gi, p, field, value = hit
-            sources.append(_Source(name, _const(_local(tensor)), eager=False))
+            sources.append(_Source(name, _const(local_data(tensor)), eager=False))
             self._checks.append(lambda o=state.optimizers[oi], p=p, f=field, v=value: o.state.get(p, {}).get(f) is v)
         by_name = {n: live[_identity(t)][:2] for n, t in tensors.items()}
         for fqn, fields in tree.get("state", {}).items():
@@ -248,15 +248,9 @@ def _group_json(group: Mapping[str, Any]) -> Any:
     return None if tensors else tree
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach()
-
-
 def _identity(tensor: torch.Tensor) -> tuple:
     """Same memory, same extent: a state_dict entry that is this parameter or optimizer state."""
-    local = _local(tensor)
+    local = local_data(tensor)
     return (local.data_ptr(), local.numel(), local.dtype, tuple(local.stride())) if local.numel() else (id(tensor),)
 
 

@@ -758,4 +758,3 @@ def _free_slots(slots: list[Slot]) -> None:
         slot.segment.close()
         slot.free_shares()
         slot.status = FREE
-

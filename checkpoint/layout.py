@@ -266,10 +266,8 @@ def mesh_spec(mesh: Any) -> MeshSpec:
 
 def fragment_of(name: str, tensor: torch.Tensor, *, rank: int) -> Fragment:
     """This rank's fragment of `tensor`, checked against the shape of its real local data."""
-    from torch.distributed.tensor import DTensor
-
     fragment = layout_of(name, tensor).fragment(rank)
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    local = local_data(tensor)
     if tuple(local.shape) != fragment.local_shape:
         placements = ", ".join(str(p) for p in fragment.layout.placements)
         raise CheckpointError(
@@ -278,6 +276,13 @@ def fragment_of(name: str, tensor: torch.Tensor, *, rank: int) -> Fragment:
             "supported: redistribute the tensor to Shard/Replicate placements before checkpointing"
         )
     return fragment
+
+
+def local_data(tensor: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of `tensor` (a DTensor's local shard), detached from autograd."""
+    from torch.distributed.tensor import DTensor
+
+    return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach()
 
 
 def local_boxes(tensor: torch.Tensor, *, name: str = "tensor") -> list[Box]:

@@ -26,7 +26,7 @@ from .dtypes import dtype_name, is_floating
 from .errors import CheckpointError, join_problems
 from .flatten import flatten, merge_trees, restore, state_templates
 from .grid import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES
-from .layout import Fragment, fragment_of
+from .layout import Fragment, fragment_of, local_data
 from .metadata import CheckpointMeta, StateTrees
 from .plan import plan_save
 from .reader import Checkpoint, check
@@ -173,7 +173,7 @@ class Checkpointer:
         comm.agree(checked if isinstance(checked, str) else None, action=f"loading {path}")
         # Every rank checked every chunk it needs: only now do the targets change.
         with torch.no_grad():
-            checked.apply({n: _local(t) for n, t in targets.items()}, threads=self.io_threads)
+            checked.apply({n: local_data(t) for n, t in targets.items()}, threads=self.io_threads)
         for key in keys:
             if key in saved_trees:
                 self.states[key].load_state_dict(restore(saved_trees[key], tensors=targets, template=templates[key], prefix=key))
@@ -218,7 +218,7 @@ def _attempt(fn):
 
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    return _local(tensor).detach().cpu()
+    return local_data(tensor).cpu()
 
 
 def _mismatches(meta: CheckpointMeta, targets: Mapping[str, torch.Tensor], *, all_targets: set[str], prefixes: list[str], excluded) -> list[str]:
@@ -241,9 +241,3 @@ def _loadable(meta: CheckpointMeta, name: str, target: torch.Tensor) -> bool:
         return False
     dtype = dtype_name(target.dtype)
     return array.dtype == dtype or (is_floating(array.dtype) and is_floating(dtype))
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

@@ -27,7 +27,7 @@ from .capture import StateCapture
 from .keeper_link import EXTERNAL, OFF, HeldSlots, KeeperLink
 from .keeper_protocol import KeeperError, KeeperGone, SlotLayout, StoreTarget, node_id
 from .errors import NothingToResume
-from .manager import Checkpointer, Stateful, _local
+from .manager import Checkpointer, Stateful
 from .peer_recovery import agree_plan, resume_from_peers
 from .protector import ProtectPlan
 from .safetensors_io import load_safetensors
