@@ -37,7 +37,7 @@ def test_a_restore_fills_the_live_tensors_and_applies_the_json() -> None:
 
     states, optim, progress, ema = trained(1, lr=0.5, steps=1)  # other values, same structure
     capture = StateCapture(states, rank=0)
-    live = {name: t for name, t in capture.restore_targets().tensors.items()}
+    live = capture.restore_targets().tensors
     targets = capture.restore_targets()
     assert set(targets.tensors) == set(tensors)
     assert set(targets.templates) == {"progress", "ema"}  # only these go through load_state_dict
