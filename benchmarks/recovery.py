@@ -11,7 +11,9 @@ Simulated nodes on this machine (`LocalCluster`: a keeper and a torchrun agent e
    the host memory parity takes against one snapshot (expected about m/k);
 2. a node SIGKILLed mid-training, the job resuming on the survivors from memory (`fault.erasure`);
 3. the same kill with protection off and a disk checkpoint every `--every` steps, resuming from disk
-   (the page cache dropped first where the machine allows).
+   (the page cache dropped first where the machine allows);
+2 and 3 `--recoveries` times, in alternating order, with the restore ratio of every pair and their
+median (single restores of a few tenths of a second vary by half on a shared machine).
 
 For 2 and 3 it prints, from the nodes' logs and metrics, the time from the kill to: the survivors'
 workers failing (detection), the restarted workers starting to restore (re-rendezvous, start-up,
@@ -57,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kill-at", type=int, default=6, help="the step after which a node dies")
     parser.add_argument("--every", type=int, default=3, help="disk checkpoint interval of the disk run")
     parser.add_argument("--repeats", type=int, default=3, help="off/on pairs of overhead runs per core arrangement")
+    parser.add_argument("--recoveries", type=int, default=3, help="memory/disk pairs of kill runs, in alternating order")
     parser.add_argument("--dir", default=None, help="where runs and checkpoints go (default: a temporary folder)")
     return parser.parse_args()
 
@@ -227,15 +230,23 @@ def main() -> None:
           f"{share:.2f} x one snapshot (m/k = 1/{k} = {1 / k:.2f} per coded step; up to 3 steps' worth: the newest "
           "protected, the one being coded, and spare buffers the next step reuses)")  # fmt: skip
 
-    rows = [kill_run(args, root, memory=True), kill_run(args, root, memory=False)]
+    pairs = []
+    for repeat in range(args.recoveries):  # alternating order, as for the step times
+        order = (True, False) if repeat % 2 == 0 else (False, True)
+        runs = {memory: kill_run(args, root, memory=memory) for memory in order}
+        pairs.append((runs[True], runs[False]))
     print(f"\nnode {args.nodes - 1} SIGKILLed after step {args.kill_at}; seconds from the kill ({CACHE} for disk):")
-    print(f"{'source':<26}{'detect':>8}{'restart':>9}{'restore':>9}{'1st step':>10}{'total':>8}{'lost steps':>12}")
-    for r in rows:
-        print(f"{r.source:<26}{r.detect_s:>8.2f}{r.restart_s:>9.2f}{r.restore_s:>9.2f}{r.first_step_s:>10.2f}"
-              f"{r.total_s:>8.2f}{r.lost_steps:>12d}")  # fmt: skip
-    memory, disk = rows
-    print(f"restore from memory {memory.restore_s:.2f} s vs disk {disk.restore_s:.2f} s: "
-          f"{disk.restore_s / memory.restore_s:.1f}x faster (target >= 5x)")
+    print(f"{'pair':<6}{'source':<26}{'detect':>8}{'restart':>9}{'restore':>9}{'1st step':>10}{'total':>8}{'lost steps':>12}")
+    for i, pair in enumerate(pairs, 1):
+        for r in pair:
+            print(f"{i:<6}{r.source:<26}{r.detect_s:>8.2f}{r.restart_s:>9.2f}{r.restore_s:>9.3f}{r.first_step_s:>10.2f}"
+                  f"{r.total_s:>8.2f}{r.lost_steps:>12d}")  # fmt: skip
+    ratios = [disk.restore_s / memory.restore_s for memory, disk in pairs]
+    each = ", ".join(f"{d.restore_s:.3f}/{m.restore_s:.3f} = {r:.1f}x" for (m, d), r in zip(pairs, ratios))
+    print(f"restore, disk over memory: {each}; median {statistics.median(ratios):.1f}x faster from memory (target >= 5x)")
+    totals = [statistics.median(r.total_s for r in side) for side in zip(*pairs)]
+    print(f"median time from the kill to the first step after recovery: memory {totals[0]:.2f} s, disk {totals[1]:.2f} s")
+    memory, disk = pairs[-1]
     ahead = _REBUILT.search(memory.detail)
     print(f"decode: {ahead[1] + ', while the workers restarted (inside the restart column, off the critical path)' if ahead else 'inside the restore'}")
     staged = _STAGED.search(memory.detail)

@@ -159,7 +159,7 @@ class Protection:
         if self.rank == 0:
             where = {"memory": "from keeper memory", "peers": "from peer keepers' memory", "disk": "from disk", "fresh": "fresh start",
                      "safetensors": "weights from safetensors, fresh optimizer"}[result.source]
-            log.info("resume: %s at step %d (%s) in %.2f s", where, result.step, result.detail, time.perf_counter() - start)
+            log.info("resume: %s at step %d (%s) in %.3f s", where, result.step, result.detail, time.perf_counter() - start)
         return result
 
     def _from_safetensors(self, source: Path) -> Resumed:
