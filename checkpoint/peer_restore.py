@@ -64,6 +64,7 @@ class PeerReader:
         self._lock = threading.RLock()  # a meta fetched under it opens this thread's connection
         self._metas: dict[str, dict[str, Any]] = {}
         self._described: dict[tuple[str, int], Mapping[str, Any]] = {}  # (holder, rank) -> its slot's layout and trees
+        self._descriptions: dict[int, tuple[SlotLayout, Any]] = {}  # old rank -> its layout and JSON state
         self.fetched = self.decoded = self.local_bytes = 0  # bytes of old slots read, rebuilt, and copied locally
         self.fetch_s = self.decode_s = 0.0  # summed over the reading threads
 
@@ -91,20 +92,10 @@ class PeerReader:
     # ---- what the old ranks were --------------------------------------------------------------
 
     def layout(self, rank: int) -> SlotLayout:
-        if (known := self._known(rank)) is not None:
-            return known[0]
-        source = self.chosen.sources[rank]
-        if source.kind == "held":
-            return SlotLayout.from_json(self._held(rank)["layout"])
-        return SlotLayout.from_json(self._meta(source.node)["layouts"][str(rank)])
+        return self._description(rank)[0]
 
     def tree(self, rank: int) -> Any:
-        if (known := self._known(rank)) is not None:
-            return known[1]
-        source = self.chosen.sources[rank]
-        if source.kind == "held":
-            return self._held(rank)["trees"][str(self.chosen.step)]
-        return self._meta(source.node)["trees"][str(rank)]
+        return self._description(rank)[1]
 
     def describe(self, ranks: Sequence[int]) -> None:
         """Ask for the slot layouts and JSON states of the held old `ranks` that compact inventories
@@ -112,7 +103,7 @@ class PeerReader:
         by_node: dict[str, list[int]] = {}
         for rank in ranks:
             source = self.chosen.sources[rank]
-            if source.kind == "held" and self._known(rank) is None and "layout" not in self.inventories[source.node].ranks[source.via]:
+            if source.kind == "held" and self._handed(rank) is None and "layout" not in self.inventories[source.node].ranks[source.via]:
                 by_node.setdefault(source.node, []).append(source.via)
         with self._lock:
             for node, vias in by_node.items():
@@ -127,8 +118,28 @@ class PeerReader:
                         raise CheckpointError(f"the keeper on {node} no longer holds step {self.chosen.step} of rank {via}")
                     self._described[(node, via)] = entry
 
-    def _known(self, rank: int) -> tuple[SlotLayout, Any] | None:
-        """Old rank `rank`'s layout and JSON states as this node's keeper handed them over with the
+    def _description(self, rank: int) -> tuple[SlotLayout, Any]:
+        """Old rank `rank`'s slot layout and JSON state of the chosen step, looked up once: as this
+        node's keeper handed them over with the memory it holds or staged, else from the holder's
+        inventory (asked for when compact), else, for a lost rank, from its node's meta."""
+        with self._lock:
+            if rank in self._descriptions:
+                return self._descriptions[rank]
+        found, source, step = self._handed(rank), self.chosen.sources[rank], str(self.chosen.step)
+        if found is None and source.kind == "held":
+            entry = self.inventories[source.node].ranks[source.via]
+            if "layout" not in entry:
+                self.describe([rank])
+                entry = self._described[(source.node, source.via)]
+            found = SlotLayout.from_json(entry["layout"]), entry["trees"][step]
+        elif found is None:
+            meta = self._meta(source.node)
+            found = SlotLayout.from_json(meta["layouts"][str(rank)]), meta["trees"][str(rank)]
+        with self._lock:
+            return self._descriptions.setdefault(rank, found)
+
+    def _handed(self, rank: int) -> tuple[SlotLayout, Any] | None:
+        """Old rank `rank`'s layout and JSON state as this node's keeper handed them over with the
         memory it holds or staged (no request, no parsing), else None."""
         if self.described is None:
             return None
@@ -137,15 +148,6 @@ class PeerReader:
         if found is None and source.kind == "held" and source.via != rank and source.node == self.node:
             found = self.described(source.via, step)
         return found
-
-    def _held(self, rank: int) -> Mapping[str, Any]:
-        """The layout and JSON states of old rank `rank`'s held slot, from its holder's inventory."""
-        source = self.chosen.sources[rank]
-        entry = self.inventories[source.node].ranks[source.via]
-        if "layout" in entry:
-            return entry
-        self.describe([rank])
-        return self._described[(source.node, source.via)]
 
     def _meta(self, node: str) -> dict[str, Any]:
         """A lost node's meta (JSON state and layouts of its ranks) from any survivor holding it."""
