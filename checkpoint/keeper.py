@@ -17,47 +17,27 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import rebuild, shm, stage
+from . import shm
 from .errors import CheckpointError
 from .keeper_protocol import (
     PROTOCOL_VERSION, KeeperError, SlotLayout, StoreTarget, decode, encode, lock_path, node_id, run_id, segment_name, socket_path,
 )  # fmt: skip
-from .peer_plan import choose
-from .peer_restore import PeerReader
+from .keeper_ahead import REBUILD_WAIT_S, RestoreAhead
 from .protector import ProtectPlan, Protector, report_fields
 from .reclaim import reclaim_stale, try_lock
-from .slots import COMPLETE, DEFAULT_SLOTS, FREE, WRITING, PersistJob, RankData, RankSlots, Slot, choose_slot, newest_common
+from .slots import COMPLETE, DEFAULT_SLOTS, WRITING, PersistJob, RankData, RankSlots, Slot, choose_slot, free, newest_common
 
 log = logging.getLogger(__name__)
 
 WAIT_S = 900.0  # longest a required snapshot or a finishing worker waits for a persist
-REBUILD_WAIT_S = 120.0  # longest an inventory waits for a rebuild of lost ranks to finish
-REBUILT_SLOT = -1  # the segment name's slot index of a lost rank rebuilt here
-STAGED_SLOT = -2  # and of the first piece of an old rank staged here (the next ones count down)
 
 
 class KeeperRunning(RuntimeError):
     """Another keeper of this run already serves this node."""
-
-
-@dataclass
-class _Staged:
-    """Spans of one old rank's slot of `step` staged here for a restore (stage.py): its description and pieces."""
-
-    step: int
-    layout: SlotLayout
-    tree: Any
-    pieces: list[tuple[stage.Staged, Slot]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def covered(self) -> list[stage.Span]:
-        return stage.merge([(a, b) for staged, _ in self.pieces for a, b, _ in staged.spans])
 
 
 @dataclass
@@ -68,7 +48,7 @@ class _Conn:
     reads: list[Slot] = field(default_factory=list)
 
 
-class Keeper:
+class Keeper(RestoreAhead):
     def __init__(self, *, run_dir: Path, host_memory_bytes: int = 0, slots: int = 0, idle_timeout_s: float = 900.0,
                  exit_when_finished: bool = True) -> None:  # fmt: skip
         if slots == 1 or slots < 0:
@@ -78,16 +58,10 @@ class Keeper:
         self.host_memory_bytes, self.fixed_slots = host_memory_bytes, slots
         self.idle_timeout_s, self.exit_when_finished = idle_timeout_s, exit_when_finished
         self.ranks: dict[int, RankSlots] = {}
-        self.rebuilt: dict[int, RankSlots] = {}  # lost nodes' ranks decoded here (rebuild.py), apart from ours
-        self._rebuild_s: dict[int, float] = {}
-        self._rebuilding = False
+        self._init_ahead()
         self._serial = 0  # numbers every segment this keeper makes
         self._budget = 0  # bytes of snapshots (and scaled shares) per node; 0: unbounded
         self._shares_over_budget: set[int] = set()  # ranks told once that their shares do not fit
-        self.staged: dict[int, _Staged] = {}  # other nodes' old ranks, the spans this node's restore reads
-        self.reads: dict[int, dict[str, Any]] = {}  # new rank -> the step and old ranks its restore reads
-        self._stage_requests: list[tuple[int, dict[str, int]]] = []
-        self._staging = False
         self.local_world: int | None = None
         self.token = ""
         self.target: StoreTarget | None = None
@@ -178,7 +152,7 @@ class Keeper:
             self.protector.stop()
         with self._cond:
             for held in self.ranks.values():
-                _free(held)
+                free(held.slots)
             self.ranks.clear()
             for lost in list(self.rebuilt):
                 self._drop_rebuilt(lost)
@@ -326,31 +300,12 @@ class Keeper:
         self._cond.notify_all()
         return {}
 
-    def _staged(self, msg: dict[str, Any]) -> _Staged | None:
-        """The spans staged here of an old rank's step that this keeper does not hold whole."""
-        rank, step = int(msg["rank"]), int(msg["step"])
-        held = self._held(rank)
-        if held is not None and held.find(step) is not None:
-            return None
-        staged = self.staged.get(rank)
-        return staged if staged is not None and staged.pieces and staged.step == step else None
-
-    def _op_stage(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        """A restarted worker's new rank and topology: fetch what its restore will read from peers now."""
-        if self.protector is None or self.protector.newest_plan() is None:
-            return {"staging": False}
-        self._stage_requests.append((int(msg["rank"]), {str(a): int(n) for a, n in msg["topology"].items()}))
-        if not self._staging:
-            self._staging = True
-            threading.Thread(target=self._stage_loop, name="resurgo-keeper-stage", daemon=True).start()
-        return {"staging": True}
-
     def _op_register(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         rank, layout, token = int(msg["rank"]), SlotLayout.from_json(msg["layout"]), str(msg["token"])
         if token != self.token:
             self.token, self.finished = token, set()
             for stale in [r for r in self.ranks if r >= int(msg["world_size"])]:
-                _free(self.ranks.pop(stale))
+                free(self.ranks.pop(stale).slots)
             # A new incarnation snapshots only after every rank resumed: nobody reads rebuilt ranks now.
             for lost in [r for r, h in self.rebuilt.items() if not any(s.pins for s in h.slots)]:
                 self._drop_rebuilt(lost)
@@ -362,7 +317,7 @@ class Keeper:
         if held is None or held.layout.digest != layout.digest:
             if held is not None:
                 log.info("rank %d changed its snapshot layout: its held snapshots are dropped", rank)
-                _free(held)
+                free(held.slots)
             self.ranks[rank] = held = RankSlots(rank, layout, token)
             self._budget = self.host_memory_bytes or int(msg.get("host_memory_bytes", 0))
             count = self._slot_count(layout, budget=self._budget)
@@ -559,133 +514,6 @@ class Keeper:
             slot = held.find(step) if held else None
             return slot.segment.array()[: held.layout.nbytes] if slot is not None and held is not None else None
 
-    # ---- rebuilding lost ranks (called with the lock held) ----------------------------------
-
-    def _start_rebuild(self) -> None:
-        """A worker died: if a peer node died with it, rebuild its ranks here before the restart asks."""
-        if self._rebuilding or self.protector is None or self.protector.newest_plan() is None:
-            return
-        self._rebuilding = True
-        threading.Thread(target=self._rebuild, name="resurgo-keeper-rebuild", daemon=True).start()
-
-    def _survivors(self) -> Any:
-        """What the reachable keepers of the newest plan hold (this one's too), None if none can say."""
-        plan = self.protector.newest_plan() if self.protector is not None else None
-        return rebuild.probe(plan, node=self.node, own=self._inventory()) if plan else None
-
-    @contextmanager
-    def _pinned(self, step: int) -> Iterator[None]:
-        """This node's own slots of `step` kept from reuse while a background reader decodes from them."""
-        with self._cond:
-            pinned = [s for h in self.ranks.values() if (s := h.find(step)) is not None]
-            for slot in pinned:
-                slot.pins += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                for slot in pinned:
-                    slot.pins -= 1
-
-    def _rebuild(self) -> None:
-        try:
-            inventories = self._survivors()
-            chosen, ranks = rebuild.plan_rebuild(inventories, node=self.node) if inventories else (None, [])
-            if chosen is not None and ranks:
-                with self._pinned(chosen.step):
-                    for rank in ranks:
-                        self._rebuild_rank(chosen, inventories, rank)
-        except Exception:
-            log.exception("rebuilding lost ranks ahead of the restart failed: the recovery decodes them itself")
-        finally:
-            with self._cond:
-                self._rebuilding = False
-                self._cond.notify_all()
-
-    def _drop_rebuilt(self, rank: int) -> None:
-        _free(self.rebuilt.pop(rank))
-        self._rebuild_s.pop(rank, None)
-
-    def _rebuild_rank(self, chosen: Any, inventories: Any, rank: int) -> None:
-        with self._cond:
-            if rank in self.rebuilt:
-                self._drop_rebuilt(rank)
-            allocate = _Allocation(self._name(rank, REBUILT_SLOT))
-        with allocate:
-            done, _ = rebuild.rebuild_rank(chosen, inventories, rank=rank, node=self.node, local=self._slot_bytes, allocate=allocate)
-        slot = Slot(REBUILT_SLOT, allocate.segment, step=done.step, status=COMPLETE, tree=done.tree)
-        with self._cond:
-            self.rebuilt[rank] = RankSlots(rank, done.layout, done.token, slots=[slot])
-            self._rebuild_s[rank] = done.seconds
-        log.info("rebuilt lost rank %d's snapshot of step %d (%.1f MB) from peers' memory in %.2f s",
-                 rank, done.step, done.layout.nbytes / 1e6, done.seconds)  # fmt: skip
-
-    # ---- staging what a restore will read (stage.py) ------------------------------------------
-
-    def _stage_loop(self) -> None:
-        while True:
-            with self._cond:
-                while self._rebuilding:  # a rebuilt rank is held whole: nothing of it to stage
-                    self._cond.wait(timeout=1.0)
-                requests, self._stage_requests = self._stage_requests, []
-                if not requests:
-                    self._staging = False
-                    self._cond.notify_all()
-                    return
-            try:
-                self._stage(requests)
-            except Exception:
-                log.exception("staging for the restore failed: the restore reads from peers itself")
-
-    def _stage(self, requests: list[tuple[int, dict[str, int]]]) -> None:
-        inventories = self._survivors()
-        chosen, _ = choose(list(inventories.values()), current="") if inventories else (None, "")
-        if chosen is None:
-            return
-        by_topology: dict[tuple[tuple[str, int], ...], list[int]] = {}
-        for rank, topology in requests:
-            by_topology.setdefault(tuple(topology.items()), []).append(rank)
-        reader = PeerReader(chosen, inventories, secret=chosen.plan.secret, node=self.node, local=self._slot_bytes)
-        held = lambda r: self._slot_bytes(r, chosen.step) is not None  # noqa: E731
-        try:
-            with self._pinned(chosen.step):
-                for topology, ranks in by_topology.items():
-                    reads = stage.restore_reads(reader, topology=dict(topology), ranks=ranks)
-                    with self._cond:
-                        self.reads.update({r: {"step": chosen.step, "ranks": sorted(by_old)} for r, by_old in reads.items()})
-                    for old, spans in stage.staging_spans(reads, held=held).items():
-                        self._stage_spans(reader, old, spans)
-        finally:
-            reader.close()
-
-    def _stage_spans(self, reader: PeerReader, rank: int, spans: list[stage.Span]) -> None:
-        step, layout, tree = reader.chosen.step, reader.layout(rank), reader.tree(rank)
-        with self._cond:
-            staged = self.staged.get(rank)
-            if staged is not None and staged.step != step:
-                self._drop_staged(rank=rank, force=True)
-                staged = None
-            if staged is None:
-                staged = self.staged[rank] = _Staged(step, layout, tree)
-            spans = stage.subtract(spans, staged.covered())
-            index = STAGED_SLOT - len(staged.pieces)
-            allocate = _Allocation(self._name(rank, index))
-        if not spans:
-            return
-        with allocate:
-            done, _, seconds = stage.stage_rank(reader, rank=rank, spans=spans, allocate=allocate)
-        with self._cond:
-            staged.pieces.append((done, Slot(index, allocate.segment, step=step, status=COMPLETE, tree=staged.tree)))
-            staged.seconds += seconds
-        log.info("staged %.1f MB of old rank %d's step %d for the restore in %.2f s", done.nbytes / 1e6, rank, step, seconds)
-
-    def _drop_staged(self, *, rank: int | None = None, force: bool = False) -> None:
-        """Free staged spans (of `rank`, else of every old rank) that no restore reads now (or all: `force`)."""
-        for r in [rank] if rank is not None else list(self.staged):
-            staged = self.staged[r]
-            if force or not any(slot.pins for _, slot in staged.pieces):
-                _free_slots([slot for _, slot in self.staged.pop(r).pieces])
-
     def _notify(self) -> None:
         with self._cond:
             self._cond.notify_all()
@@ -724,37 +552,3 @@ class Keeper:
             "parity_bytes": self.protector.parity_bytes() if self.protector else 0,
             "protect_cpu_s": round(self.protector.cpu_s(), 4) if self.protector else 0.0,
         }
-
-
-class _Allocation:
-    """One shared memory segment named `name`, made on the call (`allocate(nbytes)` -> its bytes);
-    removed again when the block it is used in fails, so no half-filled copy is ever served."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.segment: shm.Segment | None = None
-
-    def __call__(self, nbytes: int) -> Any:
-        assert self.segment is None, "one segment per allocation"
-        self.segment = shm.Segment.create(self.name, nbytes)
-        return self.segment.array()[:nbytes]
-
-    def __enter__(self) -> _Allocation:
-        return self
-
-    def __exit__(self, kind: Any, *_: Any) -> None:
-        if kind is not None and self.segment is not None:
-            shm.unlink(self.segment.name)
-            self.segment.close()
-
-
-def _free(held: RankSlots) -> None:
-    _free_slots(held.slots)
-
-
-def _free_slots(slots: list[Slot]) -> None:
-    for slot in slots:
-        shm.unlink(slot.segment.name)
-        slot.segment.close()
-        slot.free_shares()
-        slot.status = FREE

@@ -103,6 +103,15 @@ def choose_slot(ranks: RankSlots, *, keep: Iterable[int], keep_newest: bool = Tr
     return min(candidates, key=lambda s: s.step, default=None)
 
 
+def free(slots: Iterable[Slot]) -> None:
+    """Unlink and unmap `slots` (with their shares): their memory goes once no worker maps it."""
+    for slot in slots:
+        unlink(slot.segment.name)
+        slot.segment.close()
+        slot.free_shares()
+        slot.status = FREE
+
+
 @dataclass
 class RankData:
     """One local rank's snapshot of the step being persisted: layout, slot bytes (pinned), JSON state."""
