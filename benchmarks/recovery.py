@@ -17,8 +17,9 @@ median (single restores of a few tenths of a second vary by half on a shared mac
 
 For 2 and 3 it prints, from the nodes' logs and metrics, the time from the kill to: the survivors'
 workers failing (detection), the restarted workers starting to restore (re-rendezvous, start-up,
-model build), the end of the restore (decode + reshard, or load), the first completed step; and the
-steps of work lost. The survivors' keepers decode the lost node's ranks while the workers restart
+model build), the end of the restore (decode + reshard, or load), the first completed step, and the
+step the node died after completed again (regained: the lost steps redone); and the steps of work
+lost. The survivors' keepers decode the lost node's ranks while the workers restart
 (checkpoint/rebuild.py); the restore then reads them as held copies, and the line `decode:` says
 how long that took. Once a restarted worker knows its new rank, its keeper fetches what that rank's
 restore would read from other nodes while the model is built (checkpoint/stage.py); the line
@@ -152,6 +153,7 @@ class Recovery:
     restore_s: float
     first_step_s: float
     lost_steps: int
+    regained_s: float  # from the kill until the step the node died after is done again
     detail: str
 
     @property
@@ -180,10 +182,13 @@ def kill_run(args: argparse.Namespace, root: Path, *, memory: bool) -> Recovery:
     restore_s = float(resumed["s"])
     step = int(re.search(r"at step (\d+)", resumed["what"])[1])
     t_detect = min(_glog_time(m) for m in _GLOG_FAIL.finditer(log) if _glog_time(m) > t_kill)
-    first = next(r for r in metrics(cluster.run_dir)[killed_at:] if r["step"] == step + 1)
+    after = metrics(cluster.run_dir)[killed_at:]
+    first = next(r for r in after if r["step"] == step + 1)
+    regained = next(r for r in after if r["step"] == killed_at)
     return Recovery(
         source=resumed["what"].split(" at step")[0], detect_s=t_detect - t_kill, restart_s=t_resumed - restore_s - t_detect,
-        restore_s=restore_s, first_step_s=first["time"] - t_resumed, lost_steps=killed_at - step, detail=resumed["what"],
+        restore_s=restore_s, first_step_s=first["time"] - t_resumed, lost_steps=killed_at - step,
+        regained_s=regained["time"] - t_kill, detail=resumed["what"],
     )  # fmt: skip
 
 
@@ -236,16 +241,18 @@ def main() -> None:
         runs = {memory: kill_run(args, root, memory=memory) for memory in order}
         pairs.append((runs[True], runs[False]))
     print(f"\nnode {args.nodes - 1} SIGKILLed after step {args.kill_at}; seconds from the kill ({CACHE} for disk):")
-    print(f"{'pair':<6}{'source':<26}{'detect':>8}{'restart':>9}{'restore':>9}{'1st step':>10}{'total':>8}{'lost steps':>12}")
+    print(f"{'pair':<6}{'source':<26}{'detect':>8}{'restart':>9}{'restore':>9}{'1st step':>10}{'total':>8}{'lost steps':>12}{'regained':>10}")
     for i, pair in enumerate(pairs, 1):
         for r in pair:
             print(f"{i:<6}{r.source:<26}{r.detect_s:>8.2f}{r.restart_s:>9.2f}{r.restore_s:>9.3f}{r.first_step_s:>10.2f}"
-                  f"{r.total_s:>8.2f}{r.lost_steps:>12d}")  # fmt: skip
+                  f"{r.total_s:>8.2f}{r.lost_steps:>12d}{r.regained_s:>10.2f}")  # fmt: skip
     ratios = [disk.restore_s / memory.restore_s for memory, disk in pairs]
     each = ", ".join(f"{d.restore_s:.3f}/{m.restore_s:.3f} = {r:.1f}x" for (m, d), r in zip(pairs, ratios))
     print(f"restore, disk over memory: {each}; median {statistics.median(ratios):.1f}x faster from memory (target >= 5x)")
     totals = [statistics.median(r.total_s for r in side) for side in zip(*pairs)]
-    print(f"median time from the kill to the first step after recovery: memory {totals[0]:.2f} s, disk {totals[1]:.2f} s")
+    regained = [statistics.median(r.regained_s for r in side) for side in zip(*pairs)]
+    print(f"median time from the kill to the first step after recovery: memory {totals[0]:.2f} s, disk {totals[1]:.2f} s; "
+          f"to the step the node died after done again (regained): memory {regained[0]:.2f} s, disk {regained[1]:.2f} s")
     memory, disk = pairs[-1]
     ahead = _REBUILT.search(memory.detail)
     print(f"decode: {ahead[1] + ', while the workers restarted (inside the restart column, off the critical path)' if ahead else 'inside the restore'}")
