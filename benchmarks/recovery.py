@@ -241,7 +241,8 @@ def main() -> None:
         runs = {memory: kill_run(args, root, memory=memory) for memory in order}
         pairs.append((runs[True], runs[False]))
     print(f"\nnode {args.nodes - 1} SIGKILLed after step {args.kill_at}; seconds from the kill ({CACHE} for disk):")
-    print(f"{'pair':<6}{'source':<26}{'detect':>8}{'restart':>9}{'restore':>9}{'1st step':>10}{'total':>8}{'lost steps':>12}{'regained':>10}")
+    print(f"{'pair':<6}{'source':<26}{'detect':>8}{'restart':>9}{'restore':>9}{'1st step':>10}{'total':>8}"
+          f"{'lost steps':>12}{'regained':>10}")  # fmt: skip
     for i, pair in enumerate(pairs, 1):
         for r in pair:
             print(f"{i:<6}{r.source:<26}{r.detect_s:>8.2f}{r.restart_s:>9.2f}{r.restore_s:>9.3f}{r.first_step_s:>10.2f}"

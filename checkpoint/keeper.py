@@ -5,7 +5,7 @@ rank), durable (its chunks fsynced) and committed (the checkpoint sealed on ever
 persists steps the workers flag to the universal store from a background thread, so no training
 process pays for disk I/O or holds the GIL for it. One keeper per run and node is ensured by a lock
 file; whatever a dead keeper left (segments, socket) is reclaimed at start, also for other runs
-whose keepers are gone.
+whose keepers are gone. What it does ahead of a restore after a node loss is in keeper_ahead.py.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ class _Staged:
 
 class RestoreAhead:
     """The keeper's rebuilds and staging, mixed into `Keeper`: they share its lock (`_cond`), its
-    protector, its ranks and its segment names."""
+    protector and ranks, and use its `_held`, `_inventory`, `_name` and `_slot_bytes`."""
 
     _cond: threading.Condition
     protector: Protector | None
