@@ -12,6 +12,11 @@ class NothingToResume(CheckpointError):
     stops at once instead of spending its restarts on the same verdict."""
 
 
+class SaveFailed(CheckpointError):
+    """A checkpoint could not be committed (after retries): the run stops, since a restart meets the
+    same file system, and training on would pile up work that no disk holds."""
+
+
 def join_problems(problems: list[str], *, limit: int = 50) -> str:
     """One problem per line, capped so a badly damaged checkpoint still gives a readable error."""
     shown = [f"  - {p}" for p in problems[:limit]]

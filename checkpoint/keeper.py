@@ -6,6 +6,12 @@ persists steps the workers flag to the universal store from a background thread,
 process pays for disk I/O or holds the GIL for it. One keeper per run and node is ensured by a lock
 file; whatever a dead keeper left (segments, socket) is reclaimed at start, also for other runs
 whose keepers are gone. What it does ahead of a restore after a node loss is in keeper_ahead.py.
+
+It never outlives its job: with no worker connected it holds its snapshots for the lease
+(`fault.keeper_lease_s`) only while a process that can restart the workers lives (their torchrun
+agent, or the worker itself when it ran alone); once that is gone it frees everything and exits. With
+nothing worth keeping (no complete snapshot, no rebuilt rank, no parity for peers) it frees its
+memory at once, and a keeper a worker started (`--auto`) exits too: the next worker starts another.
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ from .keeper_protocol import (
 )  # fmt: skip
 from .keeper_ahead import REBUILD_WAIT_S, RestoreAhead
 from .protector import ProtectPlan, Protector, report_fields
-from .reclaim import reclaim_stale, try_lock
+from .reclaim import process_alive, reclaim_stale, try_lock
 from .slots import COMPLETE, DEFAULT_SLOTS, WRITING, PersistJob, RankData, RankSlots, Slot, choose_slot, free, newest_common
 
 log = logging.getLogger(__name__)
 
 WAIT_S = 900.0  # longest a required snapshot or a finishing worker waits for a persist
+ORPHAN_GRACE_S = 5.0  # how long a keeper nobody can come back to waits before it exits
 
 
 class KeeperRunning(RuntimeError):
@@ -50,13 +57,16 @@ class _Conn:
 
 class Keeper(RestoreAhead):
     def __init__(self, *, run_dir: Path, host_memory_bytes: int = 0, slots: int = 0, idle_timeout_s: float = 900.0,
-                 exit_when_finished: bool = True) -> None:  # fmt: skip
+                 exit_when_finished: bool = True, auto: bool = False) -> None:  # fmt: skip
         if slots == 1 or slots < 0:
             raise KeeperError(f"a keeper needs at least 2 slots per rank (got {slots}); 0 picks {DEFAULT_SLOTS}")
         self.rid = run_id(run_dir)
         self.keeper_id = secrets.token_hex(3)
         self.host_memory_bytes, self.fixed_slots = host_memory_bytes, slots
         self.idle_timeout_s, self.exit_when_finished = idle_timeout_s, exit_when_finished
+        self.auto = auto  # started by a worker: another is started when needed
+        self.launchers: set[int] = set()  # processes that can restart this node's workers (from their registrations)
+        self._idle_noted = False
         self.ranks: dict[int, RankSlots] = {}
         self._init_ahead()
         self._serial = 0  # numbers every segment this keeper makes
@@ -67,6 +77,7 @@ class Keeper(RestoreAhead):
         self.target: StoreTarget | None = None
         self.finished: set[int] = set()
         self.durable = self.committed = -1
+        self.failed, self.failure = -1, ""  # the newest step whose persist failed for good, and why
         self.skipped = 0
         self._jobs: dict[tuple[str, int], tuple[PersistJob, list[Slot]]] = {}  # (incarnation, step) -> job, pinned slots
         self._persisted: set[tuple[str, int]] = set()
@@ -150,6 +161,8 @@ class Keeper(RestoreAhead):
             self._persister.stop()
         if self.protector is not None:
             self.protector.stop()
+        if self.target is not None and any(h.rank == 0 for h in self._current()):
+            shutil.rmtree(self.target.coord, ignore_errors=True)  # no persist of this keeper's runs is left
         with self._cond:
             for held in self.ranks.values():
                 free(held.slots)
@@ -166,13 +179,44 @@ class Keeper(RestoreAhead):
         log.info("keeper %s of run %s stopped", self.keeper_id, self.rid)
 
     def _check_idle(self) -> None:
+        """Exit once no worker can come back to what this keeper holds, or the lease ran out."""
         with self._cond:
-            busy = self._conns or self._jobs
-            if busy:
-                self._idle_since = time.monotonic()
-            elif time.monotonic() - self._idle_since > self.idle_timeout_s:
-                log.info("no worker for %.0f s: keeper exits", self.idle_timeout_s)
+            if self._conns or self._jobs or self._rebuilding or self._staging:
+                self._idle_since, self._idle_noted = time.monotonic(), False
+                return
+            idle = time.monotonic() - self._idle_since
+            worth = self._worth_keeping()
+            orphaned = bool(self.launchers) and not any(map(process_alive, self.launchers))
+            if orphaned or (self.auto and not worth):
+                why = (f"the workers and their launcher (pid {', '.join(map(str, sorted(self.launchers)))}) are gone" if orphaned
+                       else "a worker started it and it holds nothing worth keeping")  # fmt: skip
+                if idle > ORPHAN_GRACE_S:
+                    log.info("%s: keeper frees %.3g GiB and exits", why, self._held_bytes() / 2**30)
+                    self._stop.set()
+                return
+            if not worth and self.ranks:
+                log.info("no worker connected and no complete snapshot: freeing %.3g GiB of empty slots", self._held_bytes() / 2**30)
+                for held in self.ranks.values():
+                    free(held.slots)
+                self.ranks.clear()
+            if idle > self.idle_timeout_s:
+                log.info("no worker for %.0f s (fault.keeper_lease_s): keeper frees %.3g GiB and exits", self.idle_timeout_s,
+                         self._held_bytes() / 2**30)  # fmt: skip
                 self._stop.set()
+            elif not self._idle_noted and worth:
+                self._idle_noted = True
+                log.info("no worker connected: holding %.3g GiB for a restart for up to %.0f s (fault.keeper_lease_s)%s",
+                         self._held_bytes() / 2**30, self.idle_timeout_s,
+                         f" while pid {', '.join(map(str, sorted(self.launchers)))} lives" if self.launchers else "")  # fmt: skip
+
+    def _worth_keeping(self) -> bool:
+        """Whether anything here can serve a restart: a complete snapshot, a rebuilt rank, parity for peers."""
+        held = [*self.ranks.values(), *self.rebuilt.values()]
+        return any(h.complete_steps() for h in held) or (self.protector is not None and self.protector.parity_bytes() > 0)
+
+    def _held_bytes(self) -> int:
+        parity = self.protector.parity_bytes() if self.protector else 0
+        return sum(h.nbytes for h in [*self.ranks.values(), *self.rebuilt.values()]) + parity
 
     # ---- connections -----------------------------------------------------------------------
 
@@ -221,8 +265,6 @@ class Keeper(RestoreAhead):
                 return
             self._stop.set()
             log.info("every local rank finished: keeper exits")
-            if self.target is not None and any(h.rank == 0 for h in self._current()):
-                shutil.rmtree(self.target.coord, ignore_errors=True)  # the run's persists are all committed
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -304,6 +346,8 @@ class Keeper(RestoreAhead):
         rank, layout, token = int(msg["rank"]), SlotLayout.from_json(msg["layout"]), str(msg["token"])
         if token != self.token:
             self.token, self.finished = token, set()
+            self.failed, self.failure = -1, ""
+            self.launchers = set()
             for stale in [r for r in self.ranks if r >= int(msg["world_size"])]:
                 free(self.ranks.pop(stale).slots)
             # A new incarnation snapshots only after every rank resumed: nobody reads rebuilt ranks now.
@@ -312,6 +356,11 @@ class Keeper(RestoreAhead):
             self._drop_staged()
             self.reads.clear()
         self.local_world = int(msg["local_world_size"])
+        if msg.get("launcher"):
+            self.launchers.add(int(msg["launcher"]))
+        if msg.get("lease_s") and float(msg["lease_s"]) != self.idle_timeout_s:
+            self.idle_timeout_s = float(msg["lease_s"])
+            log.info("lease: snapshots are held for up to %.0f s without workers (fault.keeper_lease_s)", self.idle_timeout_s)
         self.target = StoreTarget.from_json(msg["store"]) if msg.get("store") else None
         held = self.ranks.get(rank)
         if held is None or held.layout.digest != layout.digest:
@@ -524,6 +573,8 @@ class Keeper(RestoreAhead):
                 self.durable = max(self.durable, job.step)
             elif stage == "committed":
                 self.committed = max(self.committed, job.step)
+            elif stage == "failed" and job.target.token == self.token and job.step > self.failed:
+                self.failed, self.failure = job.step, error or "unknown error"
             if stage == "failed" or stage == "committed" or (stage == "durable" and not job.committer):
                 _, slots = self._jobs.pop((job.target.token, job.step), (None, []))
                 for slot in slots:
@@ -545,6 +596,8 @@ class Keeper(RestoreAhead):
             "copied": newest_common(self._current()),
             "durable": self.durable,
             "committed": self.committed,
+            "failed": self.failed,
+            "failure": self.failure,
             "backlog": len(self._jobs),
             "host_bytes": sum(h.nbytes for h in self.ranks.values()),
             "skipped": self.skipped,

@@ -25,6 +25,7 @@ from .errors import CheckpointError
 PROTOCOL_VERSION = 1
 ALIGN = 256  # bytes; keeps every tensor's host copy aligned for vectorized and DMA copies
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_OWNER = re.compile(r"\.p(\d+)\.r-?\d+\.s\d+\.\d+$")
 
 
 class KeeperError(CheckpointError):
@@ -83,9 +84,16 @@ def segment_prefix(rid: str) -> str:
     return f"resurgo.{rid}."
 
 
-def segment_name(rid: str, *, keeper_id: str, rank: int, slot: int, serial: int) -> str:
-    """A keeper numbers its segments: a name is never used twice, as a worker keeps what it mapped."""
-    return f"{segment_prefix(rid)}{keeper_id}.r{rank}.s{slot}.{serial}"
+def segment_name(rid: str, *, keeper_id: str, rank: int, slot: int, serial: int, pid: int | None = None) -> str:
+    """A keeper numbers its segments: a name is never used twice, as a worker keeps what it mapped. The
+    keeper's pid in the name lets any later keeper on the node reclaim them once it is dead."""
+    return f"{segment_prefix(rid)}{keeper_id}.p{os.getpid() if pid is None else pid}.r{rank}.s{slot}.{serial}"
+
+
+def segment_owner(name: str) -> int | None:
+    """The pid of the keeper that made segment `name`, None for a name without one."""
+    found = _OWNER.search(name)
+    return int(found.group(1)) if found else None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,12 @@ without talking), each keeper writes the chunks its local ranks own straight fro
 then a per-rank done file (fsynced, carrying the rank's JSON state); the keeper holding global rank
 0 commits (metadata, fsync, COMMITTED last) once every rank's done file exists. Coordination files
 live in `<root>/.keeper-<token>/`, outside the zarr folder.
+
+A failed attempt (a full disk, a permission, an I/O error) is not left to look like a save in
+progress: its keeper removes what it wrote and drops a `failed-<step>.<attempt>` note, so that the
+keepers waiting for it give up at once instead of at their deadline; every keeper then retries the
+step as a new attempt (its own folder and coordination files) up to `retries` times, and reports the
+step failed, with the reason, when the last attempt fails.
 """
 
 from __future__ import annotations
@@ -35,14 +41,18 @@ from .store import DEFAULT_IO_THREADS, HostFragment, create_arrays, write_fragme
 log = logging.getLogger(__name__)
 
 POLL_S = 0.02
+RETRIES = 2  # further attempts at a step whose persist failed (a transient I/O error)
+RETRY_WAIT_S = 1.0  # before attempt n, n times this
 
 
 class Persister:
     """One background thread writing jobs in order; `on_done(job, stage, error)` reports progress."""
 
     def __init__(self, *, on_done: Callable[[PersistJob, str, str | None], None], timeout_s: float = 600.0,
-                 io_threads: int = DEFAULT_IO_THREADS, is_current: Callable[[str], bool] = lambda token: True) -> None:  # fmt: skip
+                 io_threads: int = DEFAULT_IO_THREADS, is_current: Callable[[str], bool] = lambda token: True,
+                 retries: int = RETRIES, retry_wait_s: float = RETRY_WAIT_S) -> None:  # fmt: skip
         self.on_done, self.timeout_s, self.io_threads = on_done, timeout_s, io_threads
+        self.retries, self.retry_wait_s = retries, retry_wait_s
         self.is_current = is_current  # False once the run incarnation (token) that asked for a persist ended
         self._jobs: queue.Queue[PersistJob | None] = queue.Queue()
         self._plans: dict[str, SavePlan] = {}
@@ -58,18 +68,30 @@ class Persister:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            try:
-                self.persist(job)
-            except Exception as e:  # a failed persist must not stop later ones
-                log.error("persisting step %d failed: %s", job.step, e)
-                self.on_done(job, "failed", str(e))
+            error = ""
+            for attempt in range(self.retries + 1):
+                if attempt:
+                    time.sleep(self.retry_wait_s * attempt)
+                try:
+                    self.persist(job, attempt=attempt)
+                    error = ""
+                    break
+                except Exception as e:  # a failed persist must not stop later ones
+                    error = str(e)
+                    log.error("persisting step %d to %s failed (attempt %d of %d): %s", job.step, job.target.root,
+                              attempt + 1, self.retries + 1, e)  # fmt: skip
+                    self._abandon(job, attempt, error)
+                    if not self.is_current(job.target.token):
+                        break  # the run restarted: the new incarnation persists its own steps
+            if error:
+                self.on_done(job, "failed", f"step {job.step} could not be written to {job.target.root}: {error}")
 
-    def persist(self, job: PersistJob) -> None:
+    def persist(self, job: PersistJob, *, attempt: int = 0) -> None:
         start = time.perf_counter()
         target = job.target
         plan = self._plan(job)
-        tmp = commits.tmp_dir(Path(target.root), job.step, target.token)
-        ready = target.coord / f"ready-{job.step}"
+        tmp = _attempt_dir(target, job.step, attempt)
+        ready = target.coord / f"ready-{job.step}.{attempt}.json"
         if job.committer:
             if tmp.exists():
                 shutil.rmtree(tmp)  # left by a killed attempt at this very step
@@ -77,21 +99,34 @@ class Persister:
             create_arrays(tmp, plan)
             _write_json(ready, {"step": job.step})
         else:
-            self._wait_for(job, [ready], what=f"the committing keeper to create step {job.step}")
+            self._wait_for(job, [ready], attempt=attempt, what=f"the committing keeper to create step {job.step}")
         nbytes = 0
         for rank, held in sorted(job.ranks.items()):
             nbytes += write_fragments(tmp, plan, rank=rank, sources=_host_fragments(held), threads=self.io_threads)
-            _write_json(_done_file(target, job.step, rank), {"rank": rank, "step": job.step, "state": held.tree})
+            _write_json(_done_file(target, job.step, attempt, rank), {"rank": rank, "step": job.step, "state": held.tree})
         self.on_done(job, "durable", None)
         if job.committer:
-            self._commit(job, plan, tmp)
+            self._commit(job, plan, tmp, attempt=attempt)
             log.info("keeper committed step %d (%.1f MB from memory) in %.2f s", job.step, nbytes / 1e6, time.perf_counter() - start)
             self.on_done(job, "committed", None)
 
-    def _commit(self, job: PersistJob, plan: SavePlan, tmp: Path) -> None:
+    def _abandon(self, job: PersistJob, attempt: int, error: str) -> None:
+        """After a failed attempt: its folder goes (the committer's), the other keepers learn why
+        (best effort: on a full disk the note fits once the folder is gone)."""
         target = job.target
-        done = [_done_file(target, job.step, r) for r in range(target.world_size)]
-        self._wait_for(job, done, what=f"every rank's fragments of step {job.step}")
+        if job.committer:
+            commits.abort(_attempt_dir(target, job.step, attempt))
+        for path in _coord_files(target, f"{job.step}.{attempt}"):
+            path.unlink(missing_ok=True)
+        try:
+            _write_json(_failed_file(target, job.step, attempt), {"step": job.step, "error": error})
+        except OSError as e:
+            log.warning("could not tell the other keepers that step %d failed (%s): they give up at their deadline", job.step, e)
+
+    def _commit(self, job: PersistJob, plan: SavePlan, tmp: Path, *, attempt: int) -> None:
+        target = job.target
+        done = [_done_file(target, job.step, attempt, r) for r in range(target.world_size)]
+        self._wait_for(job, done, attempt=attempt, what=f"every rank's fragments of step {job.step}")
         trees = [json.loads(p.read_bytes())["state"] for p in done]
         topology = {**dict(target.topology), "world_size": target.world_size}
         meta = CheckpointMeta.from_plan(plan, step=job.step, topology=topology, states=StateTrees.from_ranks(trees))
@@ -100,7 +135,7 @@ class Persister:
         except CheckpointError:
             commits.abort(tmp)
             raise
-        for path in [*done, target.coord / f"ready-{job.step}"]:
+        for path in _coord_files(target, f"{job.step}"):  # every attempt's
             path.unlink(missing_ok=True)
         commits.prune(Path(target.root), keep=target.keep, current=job.step)
 
@@ -124,8 +159,10 @@ class Persister:
         self._plans[target.token] = _plan_from_json(json.loads(plan_file.read_bytes()))
         return self._plans[target.token]
 
-    def _wait_for(self, job: PersistJob, paths: list[Path], *, what: str) -> None:
-        _wait_for(paths, timeout_s=self.timeout_s, what=what, alive=lambda: self.is_current(job.target.token))
+    def _wait_for(self, job: PersistJob, paths: list[Path], *, what: str, attempt: int | None = None) -> None:
+        """Until `paths` exist; gives up when the run restarted, or when another keeper's attempt failed."""
+        failed = _failed_file(job.target, job.step, attempt) if attempt is not None else None
+        _wait_for(paths, timeout_s=self.timeout_s, what=what, alive=lambda: self.is_current(job.target.token), failed=failed)
 
 
 def _host_fragments(held: RankData) -> dict[str, HostFragment]:
@@ -137,8 +174,22 @@ def _host_fragments(held: RankData) -> dict[str, HostFragment]:
     return out
 
 
-def _done_file(target: StoreTarget, step: int, rank: int) -> Path:
-    return target.coord / f"done-{step}-{rank}.json"
+def _attempt_dir(target: StoreTarget, step: int, attempt: int) -> Path:
+    """The temporary folder of one attempt at `step` (the token stays hex, as commit's cleanup expects)."""
+    return commits.tmp_dir(Path(target.root), step, f"{target.token}{attempt:02x}")
+
+
+def _done_file(target: StoreTarget, step: int, attempt: int, rank: int) -> Path:
+    return target.coord / f"done-{step}.{attempt}.{rank}.json"
+
+
+def _failed_file(target: StoreTarget, step: int, attempt: int) -> Path:
+    return target.coord / f"failed-{step}.{attempt}.json"
+
+
+def _coord_files(target: StoreTarget, prefix: str) -> list[Path]:
+    """The ready, done and failed files of a step ("<step>") or of one attempt ("<step>.<attempt>")."""
+    return [p for kind in ("ready", "done", "failed") for p in target.coord.glob(f"{kind}-{prefix}.*")]
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -149,9 +200,16 @@ def _write_json(path: Path, obj: Any) -> None:
     fsync_dir(path.parent)
 
 
-def _wait_for(paths: list[Path], *, timeout_s: float, what: str, alive: Callable[[], bool] = lambda: True) -> None:
+def _wait_for(paths: list[Path], *, timeout_s: float, what: str, alive: Callable[[], bool] = lambda: True,
+              failed: Path | None = None) -> None:  # fmt: skip
     deadline = time.monotonic() + timeout_s
     while not all(p.exists() for p in paths):
+        if failed is not None and failed.exists():
+            try:
+                reason = json.loads(failed.read_bytes())["error"]
+            except (OSError, ValueError, KeyError):
+                reason = "no reason recorded"
+            raise CheckpointError(f"another keeper failed this attempt while this one waited for {what}: {reason}")
         if not alive():
             raise CheckpointError(f"abandoned waiting for {what}: the run restarted (a rank died) before every rank wrote it")
         if time.monotonic() > deadline:

@@ -1,15 +1,20 @@
 """Per-node ownership of a run's keeper resources: one lock file per run, and reclaiming the
-shared memory and sockets of runs whose keeper died (a SIGKILLed keeper cleans up nothing)."""
+shared memory and sockets of runs whose keeper died (a SIGKILLed keeper cleans up nothing).
+
+Two ways find a dead keeper's memory: its run's lock file, free, in this keeper folder; and, for
+any run and any keeper folder (nodes simulated on one machine each have their own), the keeper's
+pid in each segment's name, no longer running."""
 
 from __future__ import annotations
 
 import fcntl
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import shm
-from .keeper_protocol import segment_prefix, socket_dir
+from .keeper_protocol import segment_owner, segment_prefix, socket_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +38,57 @@ def reclaim_stale(*, own: str) -> int:
         finally:
             if fd is not None:
                 os.close(fd)
+    for name, size in shm.list_segments(shm.PREFIX):
+        owner = segment_owner(name)
+        if owner is not None and not process_alive(owner):
+            reclaimed += shm.unlink(name)
+            nbytes += size
     if reclaimed:
         log.warning("reclaimed %d shared memory segments (%.2f GiB) of dead keepers: the memory snapshots they held are lost",
                     reclaimed, nbytes / 2**30)  # fmt: skip
     return reclaimed
+
+
+@dataclass(frozen=True)
+class NodeKeeper:
+    """A keeper of this node as its lock file and segments show it (for `resurgo-keeper list`)."""
+
+    run: str  # the run id
+    pid: int | None
+    alive: bool
+    segments: int
+    nbytes: int
+
+
+def node_keepers() -> list[NodeKeeper]:
+    """Every keeper this node shows a trace of: a lock file in this keeper folder, or shared memory
+    (of any keeper folder) named with its pid; dead ones too, until reclaimed."""
+    found: dict[tuple[str, int | None], list[int]] = {}
+    for lock in socket_dir().glob("*.lock"):
+        try:
+            pid = int(lock.read_text().strip() or 0) or None
+        except (OSError, ValueError):
+            pid = None
+        found.setdefault((lock.name.removesuffix(".lock"), pid), [])
+    for name, size in shm.list_segments(shm.PREFIX):
+        run = name.removeprefix(shm.PREFIX).split(".", 1)[0]
+        found.setdefault((run, segment_owner(name)), []).append(size)
+    return [NodeKeeper(run, pid, pid is not None and process_alive(pid), len(sizes), sum(sizes))
+            for (run, pid), sizes in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))]  # fmt: skip
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc: kill(0) answered
 
 
 def try_lock(path: Path) -> int | None:

@@ -26,7 +26,7 @@ from . import commit as commits
 from .capture import StateCapture
 from .keeper_link import EXTERNAL, OFF, HeldSlots, KeeperLink
 from .keeper_protocol import KeeperError, KeeperGone, SlotLayout, StoreTarget, node_id
-from .errors import NothingToResume
+from .errors import CheckpointError, NothingToResume, SaveFailed
 from .manager import Checkpointer, Stateful
 from .peer_recovery import agree_plan, resume_from_peers
 from .protector import ProtectPlan
@@ -37,6 +37,8 @@ from .states import ModelState, OptimizerState
 log = logging.getLogger(__name__)
 
 CONNECT_WAIT_S = 120.0  # a keeper starting on a busy node
+COMMIT_WAIT_S = 600.0  # longest the end of a run waits for its final checkpoint's commit
+COMMIT_POLL_S = 0.2
 
 
 def train_states(trainer: Any) -> dict[str, Stateful]:
@@ -56,6 +58,11 @@ def build_protection(cfg: JobConfig, *, trainer: Any, warmed: HeldSlots | None =
     )  # fmt: skip
 
 
+def launcher_pid() -> int:
+    """The process that restarts this worker when it fails: its torchrun agent, else nobody but itself."""
+    return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
+
+
 @dataclass(frozen=True)
 class Resumed:
     source: str  # "memory", "disk", "safetensors" or "fresh"
@@ -72,6 +79,7 @@ class Protection:
         ck = cfg.checkpoint
         self.cfg, self.states, self.rank = cfg, dict(states), rank
         self.root = Path(ck.dir) if ck.dir else run_dir / "checkpoints"
+        self.run_dir = run_dir
         self.checkpointer = Checkpointer(ck, root=self.root, states=self.states, topology=topology)
         self.comm = self.checkpointer.comm
         self.token = self.comm.all_gather(secrets.token_hex(4))[0]  # names this incarnation's persists
@@ -89,7 +97,8 @@ class Protection:
             if ck.every:
                 self.hooks.append(SyncSave(self.checkpointer))
             return
-        self.link = KeeperLink(run_dir=run_dir, mode=cfg.fault.keeper, local_rank=local_rank)
+        self.link = KeeperLink(run_dir=run_dir, mode=cfg.fault.keeper, local_rank=local_rank,
+                               keeper_args=["--auto", "--idle-timeout", str(cfg.fault.keeper_lease_s)])
         # auto: local rank 0 starts a keeper if none runs (it answers within a second, long before
         # it has loaded the store code); external: the launch script promised one.
         if not self.link.connect(wait_s=CONNECT_WAIT_S):
@@ -104,7 +113,7 @@ class Protection:
             store = StoreTarget(str(self.root.absolute()), ck.keep, ck.compression, dict(topology), self.comm.world_size, self.token)
         registration = Registration(
             rank=rank, local_world_size=local_world_size, world_size=self.comm.world_size, token=self.token, store=store,
-            host_memory_bytes=int(ck.host_memory_gb * 2**30),
+            host_memory_bytes=int(ck.host_memory_gb * 2**30), launcher=launcher_pid(), lease_s=cfg.fault.keeper_lease_s,
         )  # fmt: skip
         self.capture = StateCapture(self.states, rank=rank)
         # The state's layout, and with it the optimizer's state (created by a zero step), exist from the
@@ -279,10 +288,32 @@ class Protection:
                     self._keeper("persist", step=step)
             if ok:
                 engine.update_status(self._keeper("finish"))
+                if self.cfg.checkpoint.every and step > 0:
+                    self._await_commit(step)
         finally:
             engine.close()
             if self.link is not None:
                 self.link.close()
+
+
+    def _await_commit(self, step: int) -> None:
+        """The run ends with its final checkpoint committed (by whichever node's keeper commits), or
+        with an error that says why not: a run whose end is not on disk must not exit 0."""
+        assert self.engine is not None
+        stats, deadline = self.engine.stats, time.monotonic() + COMMIT_WAIT_S
+        while stats.committed < step and stats.failed < 0:
+            if time.monotonic() > deadline:
+                raise SaveFailed(
+                    f"the final checkpoint (step {step}) was not committed under {self.root} within {COMMIT_WAIT_S:.0f} s "
+                    f"(newest committed: step {stats.committed}): see the keeper's log in {self.run_dir}"
+                )
+            try:
+                self.engine.update_status(self._keeper("status", strict=True))
+            except (KeeperGone, KeeperError) as e:
+                raise SaveFailed(f"the keeper stopped before the final checkpoint (step {step}) was committed: {e}") from None
+            if stats.committed < step:
+                time.sleep(COMMIT_POLL_S)
+        self.engine.check_saved()
 
 
 class SyncSave:
@@ -295,4 +326,9 @@ class SyncSave:
         pass
 
     def after_optimizer_step(self, step: int) -> None:
-        self.checkpointer.maybe_save(step)
+        try:
+            self.checkpointer.maybe_save(step)
+        except SaveFailed:
+            raise
+        except CheckpointError as e:
+            raise SaveFailed(str(e)) from None

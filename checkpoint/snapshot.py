@@ -24,6 +24,7 @@ import torch
 
 from . import erasure
 from .capture import Captured, StateCapture
+from .errors import SaveFailed
 from .keeper_link import KeeperLink
 from .keeper_protocol import KeeperGone, SlotLayout, StoreTarget
 from .protector import ShareRecipe
@@ -43,12 +44,15 @@ class Registration:
     store: StoreTarget | None  # None: nothing is persisted
     host_memory_bytes: int = 0  # 0: the keeper's default
     resumed_from: int = 0  # the step this incarnation started from: held snapshots of later steps are stale
+    launcher: int = 0  # the process that can restart this worker (its torchrun agent, else itself)
+    lease_s: float = 0.0  # how long the keeper holds snapshots without workers while the launcher lives; 0: its own
 
     def message(self, layout: SlotLayout) -> dict[str, Any]:
         return {
             "rank": self.rank, "local_world_size": self.local_world_size, "world_size": self.world_size,
             "token": self.token, "store": self.store.to_json() if self.store else None,
             "host_memory_bytes": self.host_memory_bytes, "resumed_from": self.resumed_from, "layout": layout.to_json(),
+            "launcher": self.launcher, "lease_s": self.lease_s,
         }  # fmt: skip
 
 
@@ -68,6 +72,8 @@ class SnapshotStats:
     parity_bytes: int = 0  # parity this node's keeper holds for its group's snapshots
     protect_cpu_s: float = 0.0  # CPU time this node's keeper has spent on erasure coding so far
     skipped: int = 0
+    failed: int = -1  # newest step the keeper could not persist, after its retries
+    failure: str = ""  # the keeper's reason
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -78,6 +84,7 @@ class SnapshotStats:
             "persist_backlog": self.backlog,
             "durable_step": self.durable,
             "committed_step": self.committed,
+            "persist_failed_step": self.failed,
             "protected_step": self.protected,
             "protection_lag": self.step - self.protected if self.protected >= 0 else -1,
             "host_mem_gib": round(self.host_bytes / 2**30, 4),
@@ -110,6 +117,7 @@ class SnapshotEngine:
         self.fence()
 
     def after_optimizer_step(self, step: int) -> None:
+        self.check_saved()  # after the step's metrics are logged: they show the failure too
         if self.due(step):
             self.begin(step, persist=self.persist_due(step))
         else:
@@ -145,9 +153,21 @@ class SnapshotEngine:
                 self._keeper_lost(e)
         self.stats.fence_s = time.perf_counter() - start
 
+    def check_saved(self) -> None:
+        """Stop the run when a checkpoint was lost: training on would pile up work no disk holds."""
+        if self.stats.failed >= 0:
+            raise SaveFailed(
+                f"the checkpoint of step {self.stats.failed} could not be written after retries: {self.stats.failure}. "
+                f"The newest committed checkpoint is step {self.stats.committed}: fix the file system (free space, "
+                "permissions) or set checkpoint.dir elsewhere, then restart with checkpoint.resume=latest"
+            )
+
     def close(self) -> None:
-        self.fence()
-        self._thread.stop()
+        """Wait for the copy under way and stop; a failed save was reported by `fence` or `close`'s caller."""
+        try:
+            self.fence()
+        finally:
+            self._thread.stop()
 
     # ---- background -------------------------------------------------------------------------
 
@@ -222,6 +242,9 @@ class SnapshotEngine:
         s.parity_bytes = int(status.get("parity_bytes", s.parity_bytes))
         s.protect_cpu_s = float(status.get("protect_cpu_s", s.protect_cpu_s))
         s.backlog, s.host_bytes = int(status.get("backlog", s.backlog)), int(status.get("host_bytes", s.host_bytes))
+        if int(status.get("failed", -1)) > s.failed:
+            s.failed, s.failure = int(status["failed"]), str(status.get("failure", ""))
+            log.error("rank %d: the keeper could not persist step %d: %s", self.registration.rank, s.failed, s.failure)
 
 
 def slot_views(segment: Segment, layout: SlotLayout) -> list[torch.Tensor]:

@@ -194,10 +194,15 @@ class FaultConfig:
     keeper: str = "auto"  # auto: local rank 0 starts one if none runs | off | external
     erasure: ErasureConfig = field(default_factory=ErasureConfig)
     checkfree: bool = False
+    # How long a keeper holds its snapshots with no worker connected while the workers' launcher (their
+    # torchrun agent) lives, for a restart to resume from memory; a keeper whose launcher is gone exits.
+    keeper_lease_s: float = 900.0
 
     def __post_init__(self) -> None:
         if self.keeper not in KEEPER_MODES:
             raise ValueError(f"fault.keeper={self.keeper!r}: choose one of {KEEPER_MODES}")
+        if self.keeper_lease_s <= 0:
+            raise ValueError(f"fault.keeper_lease_s={self.keeper_lease_s} must be > 0 (seconds)")
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 
 from resurgo.checkpoint import persist as persist_module
 from resurgo.checkpoint import shm
-from resurgo.checkpoint.keeper import Keeper, KeeperRunning
+from resurgo.checkpoint.keeper import ORPHAN_GRACE_S, Keeper, KeeperRunning
 from resurgo.checkpoint.keeper_protocol import (
     Client, KeeperError, SlotLayout, lock_path, run_id, segment_name, segment_prefix, socket_dir, socket_path,
 )  # fmt: skip
@@ -38,7 +40,7 @@ class FakeWorker:
     """A rank that talks to the keeper like SnapshotEngine, writing numpy arrays into its slots."""
 
     def __init__(self, keeper: Keeper, *, rank: int = 0, local_world: int = 1, root: Path | None = None, token: str = "ab12",
-                 resumed_from: int = 0, world: int = 0) -> None:  # fmt: skip
+                 resumed_from: int = 0, world: int = 0, **register: object) -> None:  # fmt: skip
         world = world or local_world
         self.client = Client(socket_path(keeper.rid), timeout=60)
         self.rank, self.layout = rank, layout_of(TENSORS, rank=rank)
@@ -47,7 +49,7 @@ class FakeWorker:
             store = {"root": str(root), "keep": 2, "compression": "none", "topology": {"dp": 1}, "world_size": world, "token": token}
         reply = self.client.request(
             "register", rank=rank, local_world_size=local_world, world_size=world, token=token, store=store,
-            layout=self.layout.to_json(), host_memory_bytes=0, resumed_from=resumed_from,
+            layout=self.layout.to_json(), host_memory_bytes=0, resumed_from=resumed_from, **register,
         )
         self.segments = [shm.Segment.attach(n) for n in reply["segments"]]
 
@@ -312,3 +314,114 @@ def test_a_changed_layout_gets_segments_under_new_names(serve):
         layout=layout_of(wider).to_json(), host_memory_bytes=0, resumed_from=0,
     )  # fmt: skip
     assert len(reply["segments"]) == len(before) and not set(reply["segments"]) & set(before)
+
+
+def test_a_persist_that_fails_once_is_retried_and_committed(serve, tmp_path, monkeypatch):
+    original, calls = persist_module.write_fragments, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(persist_module, "write_fragments", flaky)
+    keeper = serve()
+    worker = FakeWorker(keeper, root=tmp_path / "ckpt")
+    worker.snapshot(2, persist=True)
+    status = wait_status(keeper, "committed", 2)
+    assert status["failed"] == -1 and len(calls) == 2
+    assert not list((tmp_path / "ckpt").glob(".step-*"))  # the failed attempt's folder is gone
+    left = {p.name for p in (tmp_path / "ckpt" / ".keeper-ab12").iterdir()}
+    assert left == {"plan.json", "fragments-0.json"}  # the run's save plan; no attempt's files
+
+
+def test_a_keeper_failing_its_part_fails_the_step_on_every_node_at_once(serve, tmp_path, monkeypatch):
+    """Two nodes' keepers persist one step: the second cannot write. The committer stops waiting for
+    it at its note (not at the 600 s deadline), every attempt's folder goes, and both report why."""
+    original = persist_module.write_fragments
+
+    def failing_rank_1(*args, **kwargs):
+        if kwargs["rank"] == 1:
+            raise OSError(5, "Input/output error")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(persist_module, "write_fragments", failing_rank_1)
+    committer, other = serve(), serve()
+    workers = [FakeWorker(k, rank=r, root=tmp_path / "ckpt", world=2) for r, k in enumerate((committer, other))]
+    for worker in workers:
+        worker.snapshot(2, persist=True)
+    for keeper in (committer, other):
+        status = wait_status(keeper, "failed", 2, timeout=20)  # three attempts, 1 + 2 s apart
+        assert "Input/output error" in status["failure"] and str(tmp_path / "ckpt") in status["failure"]
+    assert not list((tmp_path / "ckpt").glob(".step-*")) and not list((tmp_path / "ckpt").glob("step-*"))
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def wait_stopped(keeper: Keeper, *, timeout: float) -> float:
+    start = time.monotonic()
+    while socket_path(keeper.rid).exists():
+        assert time.monotonic() - start < timeout, "the keeper did not exit"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_a_keeper_whose_workers_and_launcher_are_gone_frees_its_memory_and_exits(serve):
+    keeper = serve()
+    worker = FakeWorker(keeper, launcher=_dead_pid())
+    worker.snapshot(1)
+    worker.client.close()
+    wait_stopped(keeper, timeout=ORPHAN_GRACE_S + 10)
+    assert not shm.list_segments(segment_prefix(keeper.rid))
+
+
+def test_a_keeper_holding_nothing_worth_keeping_frees_its_memory(serve):
+    """Its launcher lives (this process): an external keeper stays, without memory; one a worker started exits."""
+    for auto in (False, True):
+        keeper = serve(auto=auto)
+        worker = FakeWorker(keeper, launcher=os.getpid())
+        assert worker.client.request("acquire", rank=0, step=1)["slot"] is not None  # killed before its first snapshot completed
+        worker.client.close()
+        if auto:
+            wait_stopped(keeper, timeout=ORPHAN_GRACE_S + 10)
+        else:
+            deadline = time.monotonic() + 10
+            while shm.list_segments(segment_prefix(keeper.rid)):
+                assert time.monotonic() < deadline, "the empty slots were not freed"
+                time.sleep(0.05)
+            assert socket_path(keeper.rid).exists()
+
+
+def test_a_killed_keepers_memory_is_reclaimed_by_any_keeper_of_any_run(serve, tmp_path):
+    """Its lock lives in another keeper folder (a node simulated on this machine): the pid in the
+    segment's name says its keeper is dead."""
+    dead = run_id(tmp_path / "elsewhere")
+    orphan = shm.Segment.create(segment_name(dead, keeper_id="0dead2", rank=0, slot=0, serial=1, pid=_dead_pid()), 4096)
+    mine = shm.Segment.create(segment_name(dead, keeper_id="0live0", rank=0, slot=1, serial=2), 4096)  # this process: alive
+    serve()
+    assert not (shm.SHM_DIR / orphan.name).exists() and (shm.SHM_DIR / mine.name).exists()
+    shm.unlink(mine.name)
+
+
+def test_keepers_of_a_node_are_listed_and_stopped_from_the_command_line(tmp_path):
+    run_dir = tmp_path / "cli"
+    keeper = subprocess.Popen([sys.executable, "-m", "resurgo.launch.keeper", "--run-dir", str(run_dir)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not socket_path(run_id(run_dir)).exists():
+            assert time.monotonic() < deadline and keeper.poll() is None, "the keeper did not start"
+            time.sleep(0.05)
+        cli = [sys.executable, "-m", "resurgo.launch.keeper"]
+        listed = subprocess.run([*cli, "list"], capture_output=True, text=True, check=True).stdout
+        assert any(run_id(run_dir) in line and str(keeper.pid) in line and "running" in line for line in listed.splitlines())
+        stopped = subprocess.run([*cli, "stop", str(run_dir)], capture_output=True, text=True, check=True, timeout=60)
+        assert "stopped 1 keeper" in stopped.stdout
+        assert keeper.wait(timeout=10) == 0
+    finally:
+        if keeper.poll() is None:
+            keeper.kill()
