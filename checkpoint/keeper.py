@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -36,6 +37,7 @@ from .keeper_ahead import REBUILD_WAIT_S, RestoreAhead
 from .protector import ProtectPlan, Protector, report_fields
 from .reclaim import process_alive, reclaim_stale, try_lock
 from .slots import COMPLETE, DEFAULT_SLOTS, WRITING, PersistJob, RankData, RankSlots, Slot, choose_slot, free, newest_common
+from .watch import HangWatch
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,8 @@ class Keeper(RestoreAhead):
         self.auto = auto  # started by a worker: another is started when needed
         self.launchers: set[int] = set()  # processes that can restart this node's workers (from their registrations)
         self._idle_noted = False
+        self.pids: dict[int, int] = {}  # the running incarnation's local ranks' processes
+        self.watch = HangWatch()  # their progress and the peer keepers; its timeout comes with the registrations
         self.ranks: dict[int, RankSlots] = {}
         self._init_ahead()
         self._serial = 0  # numbers every segment this keeper makes
@@ -127,6 +131,7 @@ class Keeper(RestoreAhead):
                     conn, _ = self._sock.accept()
                 except socket.timeout:
                     self._check_idle()
+                    self._check_hang()
                     continue
                 with self._cond:
                     self._conns += 1
@@ -159,6 +164,7 @@ class Keeper(RestoreAhead):
             self._loading.join()
         if self._persister is not None:
             self._persister.stop()
+        self.watch.stop()
         if self.protector is not None:
             self.protector.stop()
         if self.target is not None and any(h.rank == 0 for h in self._current()):
@@ -209,6 +215,24 @@ class Keeper(RestoreAhead):
                          self._held_bytes() / 2**30, self.idle_timeout_s,
                          f" while pid {', '.join(map(str, sorted(self.launchers)))} lives" if self.launchers else "")  # fmt: skip
 
+    def _check_hang(self) -> None:
+        """End this node's ranks when one of them or a peer node hangs: the launcher restarts them and
+        they resume from memory, instead of waiting in a collective for its timeout."""
+        reason = self.watch.trouble()
+        if reason is None:
+            return
+        with self._cond:
+            pids = {r: p for r, p in self.pids.items() if process_alive(p)}
+            self.pids = {}
+        self.watch.forget()
+        log.error("%s: ending this node's ranks %s (pids %s) so that the launcher restarts them from memory",
+                  reason, sorted(pids), sorted(pids.values()))  # fmt: skip
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)  # a stopped process takes no other signal
+            except ProcessLookupError:
+                pass
+
     def _worth_keeping(self) -> bool:
         """Whether anything here can serve a restart: a complete snapshot, a rebuilt rank, parity for peers."""
         held = [*self.ranks.values(), *self.rebuilt.values()]
@@ -253,6 +277,7 @@ class Keeper(RestoreAhead):
                         slot.reset()
             for slot in conn.reads:
                 slot.pins -= 1
+            self.watch.forget(conn.ranks)  # a dead rank is its launcher's business; a restarted one beats anew
             self._idle_since = time.monotonic()
             if conn.ranks - self.finished:
                 self._start_rebuild()
@@ -286,8 +311,11 @@ class Keeper(RestoreAhead):
         assert self.protector is not None
         if msg.get("plan") is None:
             self.protector.pause(secret=str(msg["secret"]))
+            self.watch.watch_peers({}, secret="")
             return {"describe": "no erasure coding: a single node"}
-        plan = self.protector.protect(ProtectPlan.from_json(msg["plan"]))
+        protect = ProtectPlan.from_json(msg["plan"])
+        plan = self.protector.protect(protect)
+        self.watch.watch_peers({n: a for n, a in protect.peers.items() if n != self.node}, secret=protect.secret)
         return {"describe": plan.describe()}
 
     def _op_inventory(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
@@ -347,7 +375,8 @@ class Keeper(RestoreAhead):
         if token != self.token:
             self.token, self.finished = token, set()
             self.failed, self.failure = -1, ""
-            self.launchers = set()
+            self.launchers, self.pids = set(), {}
+            self.watch.forget()
             for stale in [r for r in self.ranks if r >= int(msg["world_size"])]:
                 free(self.ranks.pop(stale).slots)
             # A new incarnation snapshots only after every rank resumed: nobody reads rebuilt ranks now.
@@ -356,6 +385,10 @@ class Keeper(RestoreAhead):
             self._drop_staged()
             self.reads.clear()
         self.local_world = int(msg["local_world_size"])
+        if msg.get("pid"):
+            self.pids[rank] = int(msg["pid"])
+        if msg.get("hang_timeout_s") is not None:
+            self.watch.timeout_s = float(msg["hang_timeout_s"])
         if msg.get("launcher"):
             self.launchers.add(int(msg["launcher"]))
         if msg.get("lease_s") and float(msg["lease_s"]) != self.idle_timeout_s:
@@ -398,6 +431,7 @@ class Keeper(RestoreAhead):
             if not required or time.monotonic() > deadline:
                 self.skipped += 1
                 return {"slot": None, "reason": "busy", **self._status()}
+            self.watch.excuse(held.rank)
             self._cond.wait(timeout=1.0)
         slot.reset(WRITING, step)
         return {"slot": slot.index, "shares": self._share_space(held, slot)}
@@ -431,10 +465,16 @@ class Keeper(RestoreAhead):
     def _op_finish(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         """The rank's run ended; answered once every queued persist is done, so the run ends durable."""
         self.finished.add(self._rank(msg).rank)
+        self.watch.forget({self._rank(msg).rank})
         deadline = time.monotonic() + WAIT_S
         while self._jobs and time.monotonic() < deadline:
             self._cond.wait(timeout=1.0)
         return self._status()
+
+    def _op_progress(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        """A local rank finished a step (sent after every optimizer step)."""
+        self.watch.beat(int(msg["rank"]), int(msg["step"]))
+        return {}
 
     def _op_status(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         return self._status()

@@ -21,6 +21,7 @@ from .keeper_protocol import SlotLayout
 from .peer_plan import choose
 from .peer_restore import PeerReader
 from .protector import Protector
+from .watch import HangWatch
 from .slots import COMPLETE, RankSlots, Slot, free
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,11 @@ class _Staged:
 
 class RestoreAhead:
     """The keeper's rebuilds and staging, mixed into `Keeper`: they share its lock (`_cond`), its
-    protector and ranks, and use its `_held`, `_inventory`, `_name` and `_slot_bytes`."""
+    protector, ranks and peer watch, and use its `_held`, `_inventory`, `_name` and `_slot_bytes`."""
 
     _cond: threading.Condition
     protector: Protector | None
+    watch: HangWatch
     node: str
     ranks: dict[int, RankSlots]
 
@@ -93,7 +95,9 @@ class RestoreAhead:
     def _survivors(self) -> Any:
         """What the reachable keepers of the newest plan hold (this one's too), None if none can say."""
         plan = self.protector.newest_plan() if self.protector is not None else None
-        return rebuild.probe(plan, node=self.node, own=self._inventory()) if plan else None
+        # A peer hung with its sockets open would hold every request to it until its timeout.
+        silent = self.watch.silent(rebuild.PROBE_TIMEOUT_S)
+        return rebuild.probe(plan, node=self.node, own=self._inventory(), skip=silent) if plan else None
 
     @contextmanager
     def _pinned(self, step: int) -> Iterator[None]:

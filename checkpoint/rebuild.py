@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -44,12 +44,14 @@ class Rebuilt:
     seconds: float
 
 
-def probe(plan: ProtectPlan, *, node: str, own: Mapping[str, Any], timeout: float = PROBE_TIMEOUT_S) -> dict[str, Inventory] | None:
-    """The inventories of the plan's nodes that answer (this node's is `own`); the others are lost.
-    None when a peer answers but refuses (it serves another run, or no longer holds this plan): rebuild nothing."""
+def probe(plan: ProtectPlan, *, node: str, own: Mapping[str, Any], timeout: float = PROBE_TIMEOUT_S,
+          skip: Collection[str] = ()) -> dict[str, Inventory] | None:  # fmt: skip
+    """The inventories of the plan's nodes that answer (this node's is `own`); the others, and those in
+    `skip` (known silent), are lost. None when a peer answers but refuses (it serves another run, or no
+    longer holds this plan): rebuild nothing."""
     found = {node: Inventory(own)}
     for peer, address in plan.peers.items():
-        if peer == node:
+        if peer == node or peer in skip:
             continue
         try:
             client = PeerClient(address, secret=plan.secret, timeout=timeout)

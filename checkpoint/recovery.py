@@ -25,7 +25,7 @@ from resurgo.trainer.config import JobConfig
 from . import commit as commits
 from .capture import StateCapture
 from .keeper_link import EXTERNAL, OFF, HeldSlots, KeeperLink
-from .keeper_protocol import KeeperError, KeeperGone, SlotLayout, StoreTarget, node_id
+from .keeper_protocol import Client, KeeperError, KeeperGone, SlotLayout, StoreTarget, node_id
 from .errors import CheckpointError, NothingToResume, SaveFailed
 from .manager import Checkpointer, Stateful
 from .peer_recovery import agree_plan, resume_from_peers
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 CONNECT_WAIT_S = 120.0  # a keeper starting on a busy node
 COMMIT_WAIT_S = 600.0  # longest the end of a run waits for its final checkpoint's commit
 COMMIT_POLL_S = 0.2
+BEAT_TIMEOUT_S = 10.0  # a keeper that takes longer to note a step is itself stuck: beat again next step
 
 
 def train_states(trainer: Any) -> dict[str, Stateful]:
@@ -114,6 +115,7 @@ class Protection:
         registration = Registration(
             rank=rank, local_world_size=local_world_size, world_size=self.comm.world_size, token=self.token, store=store,
             host_memory_bytes=int(ck.host_memory_gb * 2**30), launcher=launcher_pid(), lease_s=cfg.fault.keeper_lease_s,
+            hang_timeout_s=cfg.fault.hang_timeout_s,
         )  # fmt: skip
         self.capture = StateCapture(self.states, rank=rank)
         # The state's layout, and with it the optimizer's state (created by a zero step), exist from the
@@ -124,6 +126,8 @@ class Protection:
             persist_every=ck.every, device=device,
         )  # fmt: skip
         self.hooks.append(self.engine)
+        if cfg.fault.hang_timeout_s:
+            self.hooks.append(ProgressBeat(self.link.path, rank=rank))
         erasure = cfg.fault.erasure
         if erasure.parity > 0:
             self.plan, self.secret = agree_plan(comm=self.comm, keeper=self._keeper, local_rank=local_rank, token=self.token,
@@ -314,6 +318,31 @@ class Protection:
             if stats.committed < step:
                 time.sleep(COMMIT_POLL_S)
         self.engine.check_saved()
+
+
+class ProgressBeat:
+    """Tells the keeper, on a connection of its own, each step this rank finished: a rank that stops
+    telling is hung (watch.py). One small request per step, from the training thread."""
+
+    def __init__(self, path: Path, *, rank: int) -> None:
+        self.path, self.rank = path, rank
+        self.client: Client | None = None
+
+    def before_optimizer_step(self) -> None:
+        pass
+
+    def after_optimizer_step(self, step: int) -> None:
+        try:
+            if self.client is None:
+                self.client = Client(self.path, timeout=BEAT_TIMEOUT_S)
+            self.client.request("progress", rank=self.rank, step=step)
+        except (KeeperGone, KeeperError):
+            self.close()  # no keeper, no watch: the process-group timeout still bounds a hang
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
 
 
 class SyncSave:

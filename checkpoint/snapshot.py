@@ -12,6 +12,7 @@ event; on CPU with `copy_`, which releases the GIL. `fence()` runs right before 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -46,13 +47,14 @@ class Registration:
     resumed_from: int = 0  # the step this incarnation started from: held snapshots of later steps are stale
     launcher: int = 0  # the process that can restart this worker (its torchrun agent, else itself)
     lease_s: float = 0.0  # how long the keeper holds snapshots without workers while the launcher lives; 0: its own
+    hang_timeout_s: float = 0.0  # a rank without a finished step for this long is hung: the keeper ends the node's ranks
 
     def message(self, layout: SlotLayout) -> dict[str, Any]:
         return {
             "rank": self.rank, "local_world_size": self.local_world_size, "world_size": self.world_size,
             "token": self.token, "store": self.store.to_json() if self.store else None,
             "host_memory_bytes": self.host_memory_bytes, "resumed_from": self.resumed_from, "layout": layout.to_json(),
-            "launcher": self.launcher, "lease_s": self.lease_s,
+            "launcher": self.launcher, "lease_s": self.lease_s, "pid": os.getpid(), "hang_timeout_s": self.hang_timeout_s,
         }  # fmt: skip
 
 

@@ -39,7 +39,7 @@ OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 @record
 def train(cfg: JobConfig) -> list[float]:
-    env = init_distributed(cfg.train.device)
+    env = init_distributed(cfg.train.device, timeout_s=cfg.fault.collective_timeout_s)
     trainer = protection = None
     finished = False
     run_dir = Path(cfg.run.root) / run_name(cfg.run.name)

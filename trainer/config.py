@@ -197,10 +197,24 @@ class FaultConfig:
     # How long a keeper holds its snapshots with no worker connected while the workers' launcher (their
     # torchrun agent) lives, for a restart to resume from memory; a keeper whose launcher is gone exits.
     keeper_lease_s: float = 900.0
+    # A rank that finishes no step for this long is hung (a stopped process, a deadlock, a node gone
+    # with its sockets open): its keeper ends the node's ranks and the launcher's restart resumes from
+    # memory; a peer node's keeper silent for as long ends them too. Collectives time out at twice
+    # this with a keeper (a backstop; the keeper acts first and says why), at this without one.
+    # Longer than the slowest step, checkpoint save included. 0: no watch, collectives at 30 minutes.
+    hang_timeout_s: float = 600.0
+
+    @property
+    def collective_timeout_s(self) -> float:
+        if not self.hang_timeout_s:
+            return 1800.0
+        return self.hang_timeout_s * (1 if self.keeper == "off" else 2)
 
     def __post_init__(self) -> None:
         if self.keeper not in KEEPER_MODES:
             raise ValueError(f"fault.keeper={self.keeper!r}: choose one of {KEEPER_MODES}")
+        if self.hang_timeout_s < 0:
+            raise ValueError(f"fault.hang_timeout_s={self.hang_timeout_s} must be >= 0 (seconds; 0 turns the watch off)")
         if self.keeper_lease_s <= 0:
             raise ValueError(f"fault.keeper_lease_s={self.keeper_lease_s} must be > 0 (seconds)")
 

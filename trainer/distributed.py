@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -24,12 +25,14 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(device: str) -> DistEnv:
-    """Join (or create) the default process group: NCCL+gloo on GPU, gloo on CPU.
+def init_distributed(device: str, *, timeout_s: float = 1800.0) -> DistEnv:
+    """Join (or create) the default process group: NCCL+gloo on GPU, gloo on CPU; a collective that
+    waits longer than `timeout_s` fails (fault.hang_timeout_s sets it).
 
     A plain `python -m` run becomes a world of one over an in-memory store, so the trainer never
     branches on "distributed or not".
     """
+    timeout = timedelta(seconds=timeout_s)
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -48,9 +51,10 @@ def init_distributed(device: str) -> DistEnv:
             # gloo workers would find their dead predecessors' addresses; prefix by attempt.
             agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
             store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, device_id=dev if use_cuda else None)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, device_id=dev if use_cuda else None,
+                                    timeout=timeout)  # fmt: skip
         elif "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=dev if use_cuda else None)
+            dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=dev if use_cuda else None, timeout=timeout)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)

@@ -60,12 +60,15 @@ WRAPPER = textwrap.dedent(
         from resurgo.checkpoint.keeper_link import keeper_pid
         from resurgo.trainer.trainer import Trainer
 
-        if point in ("forward", "keeper"):
+        if point in ("forward", "keeper", "stop"):
             forward_backward = Trainer.forward_backward
             def patched(self, *args, **kwargs):
                 if self.progress.step + 1 == at:
                     if point == "forward":
                         die()
+                    if point == "stop":  # hung, sockets open: only a watch notices
+                        (run_dir / "stopped_at").write_text(str(time.time()))
+                        os.kill(os.getpid(), signal.SIGSTOP)
                     os.kill(keeper_pid(run_dir), signal.SIGKILL)
                 if point == "keeper" and self.progress.step + 1 > at:
                     time.sleep(1.5)  # steps as long as a real one: the new keeper starts meanwhile
@@ -188,6 +191,24 @@ def test_keeper_killed_training_goes_on_and_a_new_keeper_takes_over(tmp_path, re
     assert steps_logged(tmp_path / "run") == list(range(1, STEPS + 1))
     assert commits.latest(tmp_path / "run" / "checkpoints") == tmp_path / "run" / "checkpoints" / f"step-{STEPS:08d}"
     assert "reclaimed" in (tmp_path / "run" / "keeper.log").read_text()
+
+
+HANG_S = 8.0
+RESTART_S = 60.0  # torchrun's restart, the new workers' start-up and the restore, on a loaded 2-core machine
+
+
+def test_a_stopped_rank_is_ended_by_its_keeper_and_resumes_from_memory(tmp_path, reference):
+    """A rank SIGSTOPped mid-step (the other waits for it in a collective, both sockets open): its
+    keeper ends the node's ranks after fault.hang_timeout_s, before any collective times out, and
+    the restart resumes from memory, bit-exactly."""
+    output = torchrun(tmp_path, name="run", fault=("stop", 5, 1), overrides=[f"fault.hang_timeout_s={HANG_S:g}"])
+    assert "made no progress for" in (tmp_path / "run" / "keeper.log").read_text()
+    assert "timed out" not in output.lower()  # no collective waited for its own timeout
+    assert check_resumed(tmp_path, output, reference) in (3, 4)
+    stopped = float((tmp_path / "run" / "stopped_at").read_text())
+    stamp = re.search(r"\[([\d-]+ [\d:]+),(\d+)\]\[[\w.]+\]\[INFO\] - resume: from keeper memory", output)
+    resumed = time.mktime(time.strptime(stamp[1], "%Y-%m-%d %H:%M:%S")) + int(stamp[2]) / 1000
+    assert HANG_S <= resumed - stopped <= HANG_S + RESTART_S, resumed - stopped
 
 
 # A keeper that stalls after writing a few chunks of step 2, so that the test can kill it there.
