@@ -225,6 +225,9 @@ class Keeper(RestoreAhead):
             pids = {r: p for r, p in self.pids.items() if process_alive(p)}
             self.pids = {}
         self.watch.forget()
+        if not pids:
+            log.warning("%s; no rank of this node runs now", reason)
+            return
         log.error("%s: ending this node's ranks %s (pids %s) so that the launcher restarts them from memory",
                   reason, sorted(pids), sorted(pids.values()))  # fmt: skip
         for pid in pids.values():

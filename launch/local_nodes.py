@@ -235,6 +235,13 @@ class LocalCluster:
             raise RuntimeError(f"{node.node_id}: processes {sorted(left)} survived SIGKILL")
         _reclaim(node.keeper_dir)
 
+    def freeze_node(self, index: int) -> None:
+        """SIGSTOP the node's agent, workers and keeper: a hung machine, whose sockets stay open and
+        whose peers see no error, only silence. `kill_node` (or `stop`) ends it later."""
+        pids = self.node_pids(index)
+        _signal(pids, signal.SIGSTOP)
+        _signal(self.node_pids(index) - pids, signal.SIGSTOP)  # forked meanwhile
+
     def node_pids(self, index: int) -> set[int]:
         """The live processes of a node: its agent, keeper, workers and whatever they started."""
         node = self._nodes[index]

@@ -171,3 +171,33 @@ def test_a_node_lost_during_the_parity_exchange_resumes_from_the_newest_protecte
     assert source == "peer keepers' memory", log[-3000:]
     assert max(protected) <= step < newest - 1, (protected, step, newest)  # the step being coded was not taken
     assert_matches(latest_losses(cluster.run_dir), reference)
+
+
+HANG_S = 8.0
+
+
+def test_a_hung_node_is_left_behind_and_the_job_resumes_from_memory(tmp_path, reference):
+    """Node 2 SIGSTOPped (agent, worker and keeper, sockets open): the survivors' keepers end their
+    ranks after fault.hang_timeout_s, as its keeper stops answering and their ranks stop progressing;
+    the job goes on with 2 nodes from memory, without waiting for a collective's timeout."""
+    extra = [f"fault.hang_timeout_s={HANG_S:g}"]
+    with cluster_of(tmp_path, nodes=3, per_node=1, min_nodes=2, extra=extra) as cluster:
+        wait_for_step(cluster, 8)
+        cluster.freeze_node(2)
+        frozen = time.monotonic()
+        deadline = frozen + 300
+        while len(resumes(cluster)) < 2:  # the fresh start, then the recovery onto 2 nodes
+            assert time.monotonic() < deadline, cluster.output(0)[-4000:]
+            time.sleep(0.2)
+        recovered_s = time.monotonic() - frozen
+        while None in cluster.poll()[:2]:  # node 2 stays stopped until the cluster ends
+            assert time.monotonic() < deadline, cluster.output(0)[-4000:]
+            time.sleep(0.2)
+        assert cluster.poll()[:2] == [0, 0], cluster.output(0)[-4000:]
+        log = cluster.output(0)
+    assert "made no progress for" in log or "has not answered for" in log, log[-3000:]
+    assert "ending this node's ranks" in log
+    (source, step), = [r for r in resumes(cluster) if r[0] != "fresh start"]
+    assert source == "peer keepers' memory" and step >= 8 - 2, log[-3000:]
+    assert HANG_S <= recovered_s <= HANG_S + 90, recovered_s  # the watch's timeout plus the restart
+    assert_matches(latest_losses(cluster.run_dir), reference)
