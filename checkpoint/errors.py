@@ -17,6 +17,10 @@ class SaveFailed(CheckpointError):
     same file system, and training on would pile up work that no disk holds."""
 
 
+class PeerUnreachable(CheckpointError):
+    """Keepers of different nodes cannot connect: a setup error no restart changes."""
+
+
 def join_problems(problems: list[str], *, limit: int = 50) -> str:
     """One problem per line, capped so a badly damaged checkpoint still gives a readable error."""
     shown = [f"  - {p}" for p in problems[:limit]]

@@ -34,6 +34,7 @@ from .keeper_protocol import (
     PROTOCOL_VERSION, KeeperError, SlotLayout, StoreTarget, decode, encode, lock_path, node_id, run_id, segment_name, socket_path,
 )  # fmt: skip
 from .keeper_ahead import REBUILD_WAIT_S, RestoreAhead
+from .peer_wire import advertised_host, unreachable
 from .protector import ProtectPlan, Protector, report_fields
 from .reclaim import process_alive, reclaim_stale, try_lock
 from .slots import COMPLETE, DEFAULT_SLOTS, WRITING, PersistJob, RankData, RankSlots, Slot, choose_slot, free, newest_common
@@ -42,6 +43,7 @@ from .watch import HangWatch
 log = logging.getLogger(__name__)
 
 WAIT_S = 900.0  # longest a required snapshot or a finishing worker waits for a persist
+REACH_TIMEOUT_S = 10.0  # for a peer keeper to accept a connection at start
 ORPHAN_GRACE_S = 5.0  # how long a keeper nobody can come back to waits before it exits
 
 
@@ -115,7 +117,7 @@ class Keeper(RestoreAhead):
         os.chmod(path, 0o600)
         self._sock.listen(64)
         self._sock.settimeout(0.2)
-        self.protector = Protector(node=self.node, host=os.environ.get("RESURGO_PEER_HOST", "127.0.0.1"),
+        self.protector = Protector(node=self.node, host=advertised_host(),
                                    slot_source=self._slot_bytes, on_protected=self._notify, report=self._inventory,
                                    on_announced=self._announced)  # fmt: skip
         self.protector.start()
@@ -320,6 +322,17 @@ class Keeper(RestoreAhead):
         plan = self.protector.protect(protect)
         self.watch.watch_peers({n: a for n, a in protect.peers.items() if n != self.node}, secret=protect.secret)
         return {"describe": plan.describe()}
+
+    def _op_reach(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+        """Which of the running plan's peer keepers this one cannot reach, and why (checked once per plan)."""
+        plan = self.protector.newest_plan() if self.protector else None
+        peers = {n: a for n, a in (plan.peers.items() if plan else ()) if n != self.node}
+        self._cond.release()  # connecting takes up to the timeout: serve the workers meanwhile
+        try:
+            found = {node: unreachable(address, timeout=REACH_TIMEOUT_S) for node, address in peers.items()}
+        finally:
+            self._cond.acquire()
+        return {"node": self.node, "unreachable": {n: f"{peers[n]}: {why}" for n, why in found.items() if why}}
 
     def _op_inventory(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         """What this node holds for a recovery, once a rebuild or staging under way has finished

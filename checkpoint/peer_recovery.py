@@ -23,7 +23,7 @@ import torch
 from .comm import Comm
 from .encode_site import decide_site
 from .dtypes import as_numpy, dtype_name, storage_dtype, to_torch
-from .errors import CheckpointError
+from .errors import CheckpointError, PeerUnreachable
 from .capture import StateCapture
 from .keeper_link import HeldSlots
 from .keeper_protocol import Client, KeeperError, KeeperGone, run_id, socket_path
@@ -98,12 +98,25 @@ def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank:
                        site=site)  # fmt: skip
     plan.erasure()  # refuses a node count the code cannot use, on every rank alike
     reply = keeper("protect", plan=plan.to_json()) if local_rank == 0 else {}
+    _check_reach(comm, keeper("reach") if local_rank == 0 else None)
     if comm.rank == 0:
         log.info("erasure plan, %d nodes:\n%s", len(nodes), reply.get("describe", ""))
     if comm.rank == 0 and parity >= 2:
         where = "by each worker on its device, before the copy to host" if site == "device" else "by the parity holders"
         log.info("shares of parity rows 1..m-1 are scaled %s (%s)", where, why)
     return plan, secret
+
+
+def _check_reach(comm: Comm, mine: Mapping[str, Any] | None) -> None:
+    """Every node's keeper reaches every other (collective): one clear error at start rather than a
+    warning per step from the parity exchange."""
+    problems = [f"{r['node']} -> {peer} at {why}" for r in comm.all_gather(mine) if r for peer, why in sorted(r["unreachable"].items())]
+    if problems:
+        raise PeerUnreachable(
+            "keepers cannot reach each other, so no node's memory can be protected:\n  " + "\n  ".join(problems) +
+            "\nset RESURGO_PEER_HOST on every node to an address the other nodes can reach (launch/multinode.sh "
+            "--peer-host), open that port range between the nodes, or set fault.erasure.parity=0"
+        )
 
 
 @dataclass(frozen=True)

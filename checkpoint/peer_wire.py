@@ -124,6 +124,45 @@ class PeerClient:
             pass
 
 
+def advertised_host() -> str:
+    """The address this node's keeper listens on for its peers: RESURGO_PEER_HOST when set, else the
+    local end of the route to the rendezvous host (MASTER_ADDR, which torchrun gives every worker and
+    thus every keeper a worker starts), else the host name's address when that is not loopback, else
+    loopback (one machine). No packet is sent: connecting a UDP socket only picks the route."""
+    explicit = os.environ.get("RESURGO_PEER_HOST")
+    if explicit:
+        return explicit
+    master = os.environ.get("MASTER_ADDR")
+    if master:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((master, int(os.environ.get("MASTER_PORT", "29500"))))
+                return probe.getsockname()[0]
+        except OSError:
+            pass
+    try:
+        named = socket.gethostbyname(socket.gethostname())
+        if not named.startswith("127."):
+            return named
+    except OSError:
+        pass
+    return "127.0.0.1"
+
+
+def unreachable(address: str, *, timeout: float) -> str | None:
+    """Why the keeper at `address` cannot be reached, None when it answers (a refusal is an answer:
+    it may not know this run's secret yet)."""
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            send_frame(sock, {"op": "ping", "secret": ""})
+            if recv_frame(sock) is None:
+                return "it closed the connection"
+    except (OSError, ValueError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
 class PeerServer:
     """Accepts peer connections on `host` (an ephemeral port) and answers each frame with `handler`."""
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from resurgo.checkpoint.comm import Comm
-from resurgo.checkpoint.errors import NothingToResume, SaveFailed
+from resurgo.checkpoint.errors import NothingToResume, PeerUnreachable, SaveFailed
 from resurgo.checkpoint.keeper_link import HeldSlots
 from resurgo.checkpoint.peer_recovery import previous_topology, stage_ahead
 from resurgo.checkpoint.recovery import build_protection
@@ -85,7 +85,7 @@ def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> tuple[JobCon
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         train(load_config(cfg))
-    except (NothingToResume, SaveFailed) as e:  # cleaned up and recorded by now: no restart can change it, so stop
+    except (NothingToResume, PeerUnreachable, SaveFailed) as e:  # cleaned up and recorded by now: no restart can change it, so stop
         logging.getLogger(__name__).error("%s", e)  # before the agent stops: its signal may cut Hydra's report short
         stop_restarts()
         raise
