@@ -351,8 +351,9 @@ class Keeper(RestoreAhead):
             held = {r: h for r, h in held.items() if ranks is None or r in ranks}
             ranks_json = {str(r): {"steps": h.complete_steps(), "digest": h.layout.digest} for r, h in held.items()}
             for r, h in held.items() if not compact else ():
-                trees = {str(s.step): s.tree for s in h.slots if s.status == COMPLETE and step in (None, s.step)}
-                ranks_json[str(r)].update(layout=h.layout.to_json(), trees=trees)
+                steps = [s for s in h.slots if s.status == COMPLETE and step in (None, s.step)]
+                ranks_json[str(r)].update(layout=h.layout.to_json(), trees={str(s.step): s.tree for s in steps},
+                                          sums={str(s.step): s.checksums for s in steps})  # fmt: skip
             rebuilt = {str(r): round(self._rebuild_s[r], 3) for r in self.rebuilt if r not in self.ranks}
             staged = {"mb": sum(s.nbytes for h in self.staged.values() for s, _ in h.pieces) / 1e6,
                       "seconds": sum(h.seconds for h in self.staged.values())} if self.staged else {}  # fmt: skip
@@ -371,11 +372,11 @@ class Keeper(RestoreAhead):
                 slot.pins += 1
                 conn.reads.append(slot)
             pieces = [{"segment": slot.segment.name, "spans": s.to_json()} for s, slot in staged.pieces]
-            return {"staged": pieces, "layout": staged.layout.to_json(), "tree": staged.tree}
+            return {"staged": pieces, "layout": staged.layout.to_json(), "tree": staged.tree, "checksums": staged.checksums}
         held, slot = self._complete(msg)
         slot.pins += 1
         conn.reads.append(slot)
-        return {"segment": slot.segment.name, "layout": held.layout.to_json(), "tree": slot.tree}
+        return {"segment": slot.segment.name, "layout": held.layout.to_json(), "tree": slot.tree, "checksums": slot.checksums}
 
     def _op_unpin(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         staged = self._staged(msg)
@@ -458,6 +459,7 @@ class Keeper(RestoreAhead):
         if slot.status != WRITING or slot.step != step:
             raise KeeperError(f"rank {held.rank} completed slot {index} for step {step}, which it was not writing")
         slot.status, slot.tree, slot.persist = COMPLETE, msg["tree"], bool(msg.get("persist"))
+        slot.checksums = [int(c) for c in msg["checksums"]] if msg.get("checksums") is not None else None
         slot.scaled = str(msg.get("scaled") or "") if slot.shares is not None else ""
         self._maybe_persist(step)
         self._maybe_protect(step)
@@ -593,6 +595,7 @@ class Keeper(RestoreAhead):
         if any(s is None for s in slots):
             return
         ranks = {h.rank: (h.layout, s.segment.array()[: h.layout.nbytes], s.tree) for h, s in zip(current, slots)}
+        sums = {h.rank: s.checksums for h, s in zip(current, slots)}
         shares = {h.rank: (s.scaled, s.shares.array()) for h, s in zip(current, slots) if s.scaled and s.shares is not None}
         for slot in slots:
             slot.pins += 1
@@ -603,7 +606,7 @@ class Keeper(RestoreAhead):
                     slot.pins -= 1
                 self._cond.notify_all()
 
-        if not self.protector.submit(step, ranks, release, shares):
+        if not self.protector.submit(step, ranks, release, shares, sums=sums):
             for slot in slots:
                 slot.pins -= 1
 

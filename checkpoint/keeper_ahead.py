@@ -38,6 +38,7 @@ class _Staged:
     step: int
     layout: SlotLayout
     tree: Any
+    checksums: list[int] | None
     pieces: list[tuple[stage.Staged, Slot]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -139,7 +140,7 @@ class RestoreAhead:
             allocate = _Allocation(self._name(rank, REBUILT_SLOT))
         with allocate:
             done, _ = rebuild.rebuild_rank(chosen, inventories, rank=rank, node=self.node, local=self._slot_bytes, allocate=allocate)
-        slot = Slot(REBUILT_SLOT, allocate.segment, step=done.step, status=COMPLETE, tree=done.tree)
+        slot = Slot(REBUILT_SLOT, allocate.segment, step=done.step, status=COMPLETE, tree=done.tree, checksums=done.sums)
         with self._cond:
             self.rebuilt[rank] = RankSlots(rank, done.layout, done.token, slots=[slot])
             self._rebuild_s[rank] = done.seconds
@@ -192,7 +193,7 @@ class RestoreAhead:
                 self._drop_staged(rank=rank, force=True)
                 staged = None
             if staged is None:
-                staged = self.staged[rank] = _Staged(step, layout, tree)
+                staged = self.staged[rank] = _Staged(step, layout, tree, reader.sums(rank))
             spans = stage.subtract(spans, staged.covered())
             index = STAGED_SLOT - len(staged.pieces)
             allocate = _Allocation(self._name(rank, index))

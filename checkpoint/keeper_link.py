@@ -125,6 +125,7 @@ class _Held:
     staged: list[tuple[Staged, np.ndarray]] = field(default_factory=list)
     layout: SlotLayout | None = None
     tree: Any = None
+    sums: list[int] | None = None
 
 
 class HeldSlots:
@@ -166,10 +167,10 @@ class HeldSlots:
                 return data[at : at + nbytes]
         return None
 
-    def described(self, rank: int, step: int) -> tuple[SlotLayout, Any] | None:
-        """Rank `rank`'s slot layout and JSON states of `step`, when held or staged here."""
+    def described(self, rank: int, step: int) -> tuple[SlotLayout, Any, list[int] | None] | None:
+        """Rank `rank`'s slot layout, JSON states and checksums of `step`, when held or staged here."""
         held = self._find(rank, step)
-        return (held.layout, held.tree) if held.layout is not None else None
+        return (held.layout, held.tree, held.sums) if held.layout is not None else None
 
     def _find(self, rank: int, step: int) -> _Held:
         with self._lock:
@@ -185,7 +186,7 @@ class HeldSlots:
         try:
             layout = SlotLayout.from_json(reply["layout"])
             if "staged" in reply:
-                held = _Held(layout=layout, tree=reply["tree"])
+                held = _Held(layout=layout, tree=reply["tree"], sums=reply.get("checksums"))
                 for piece in reply["staged"]:
                     segment = Segment.attach(piece["segment"])
                     self._segments.append(segment)
@@ -195,7 +196,7 @@ class HeldSlots:
         except CheckpointError:
             return _Held()
         self._segments.append(segment)
-        return _Held(segment.array()[: layout.nbytes], layout=layout, tree=reply["tree"])
+        return _Held(segment.array()[: layout.nbytes], layout=layout, tree=reply["tree"], sums=reply.get("checksums"))
 
     def close_soon(self) -> None:
         """Close, on a thread of its own when this has a connection of its own: unpinning and unmapping

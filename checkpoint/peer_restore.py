@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import crc32c
 import numpy as np
 
-from . import erasure
+from . import checksum, erasure
 from .bulk_copy import copy_into
 from .dtypes import storage_dtype
 from .erasure_plan import GroupPlan
@@ -39,7 +40,7 @@ from .scratch import scratch
 
 LocalSlot = Callable[[int, int], "np.ndarray | None"]  # (old rank, step) -> its slot in this node's keeper
 LocalSpan = Callable[[int, int, int, int], "np.ndarray | None"]  # (old rank, step, offset, nbytes) -> bytes staged here
-Described = Callable[[int, int], "tuple[SlotLayout, Any] | None"]  # (old rank, step) -> its layout and JSON states, known here
+Described = Callable[[int, int], "tuple[SlotLayout, Any, list[int] | None] | None"]  # (old rank, step) -> its layout, JSON states, checksums
 READ_BYTES = 16 * 2**20  # one read request: small enough to spread a tensor over the reading threads
 READ_THREADS = max(2, min(4, os.cpu_count() or 1))  # reads in flight; more threads than cores only contend
 _SCRATCH = 8  # scratch slots from here on: survivors received for a decode, one per stripe position
@@ -64,7 +65,8 @@ class PeerReader:
         self._lock = threading.RLock()  # a meta fetched under it opens this thread's connection
         self._metas: dict[str, dict[str, Any]] = {}
         self._described: dict[tuple[str, int], Mapping[str, Any]] = {}  # (holder, rank) -> its slot's layout and trees
-        self._descriptions: dict[int, tuple[SlotLayout, Any]] = {}  # old rank -> its layout and JSON state
+        self._descriptions: dict[int, tuple[SlotLayout, Any, list[int] | None]] = {}  # old rank -> layout, JSON state, checksums
+        self._checked: set[tuple[int, int]] = set()  # (old rank, piece) verified in this node's memory, which stays put
         self.fetched = self.decoded = self.local_bytes = 0  # bytes of old slots read, rebuilt, and copied locally
         self.fetch_s = self.decode_s = 0.0  # summed over the reading threads
 
@@ -97,6 +99,10 @@ class PeerReader:
     def tree(self, rank: int) -> Any:
         return self._description(rank)[1]
 
+    def sums(self, rank: int) -> list[int] | None:
+        """Old rank `rank`'s slot checksums (checksum.py), None when its keeper had none."""
+        return self._description(rank)[2]
+
     def describe(self, ranks: Sequence[int]) -> None:
         """Ask for the slot layouts and JSON states of the held old `ranks` that compact inventories
         leave out: one request per holder, for the chosen step only."""
@@ -118,7 +124,7 @@ class PeerReader:
                         raise CheckpointError(f"the keeper on {node} no longer holds step {self.chosen.step} of rank {via}")
                     self._described[(node, via)] = entry
 
-    def _description(self, rank: int) -> tuple[SlotLayout, Any]:
+    def _description(self, rank: int) -> tuple[SlotLayout, Any, list[int] | None]:
         """Old rank `rank`'s slot layout and JSON state of the chosen step, looked up once: as this
         node's keeper handed them over with the memory it holds or staged, else from the holder's
         inventory (asked for when compact), else, for a lost rank, from its node's meta."""
@@ -131,14 +137,14 @@ class PeerReader:
             if "layout" not in entry:
                 self.describe([rank])
                 entry = self._described[(source.node, source.via)]
-            found = SlotLayout.from_json(entry["layout"]), entry["trees"][step]
+            found = SlotLayout.from_json(entry["layout"]), entry["trees"][step], entry.get("sums", {}).get(step)
         elif found is None:
             meta = self._meta(source.node)
-            found = SlotLayout.from_json(meta["layouts"][str(rank)]), meta["trees"][str(rank)]
+            found = SlotLayout.from_json(meta["layouts"][str(rank)]), meta["trees"][str(rank)], meta.get("sums", {}).get(str(rank))
         with self._lock:
             return self._descriptions.setdefault(rank, found)
 
-    def _handed(self, rank: int) -> tuple[SlotLayout, Any] | None:
+    def _handed(self, rank: int) -> tuple[SlotLayout, Any, list[int] | None] | None:
         """Old rank `rank`'s layout and JSON state as this node's keeper handed them over with the
         memory it holds or staged (no request, no parsing), else None."""
         if self.described is None:
@@ -165,9 +171,36 @@ class PeerReader:
     # ---- bytes --------------------------------------------------------------------------------
 
     def read(self, rank: int, offset: int, nbytes: int, *, out: np.ndarray | None = None) -> np.ndarray:
-        """Bytes [offset, offset+nbytes) of old rank `rank`'s slot (into `out`, uint8, when given)."""
+        """Bytes [offset, offset+nbytes) of old rank `rank`'s slot (into `out`, uint8, when given),
+        checked: a fetched or decoded range is widened to whole pieces, whose checksums it must match."""
         if (here := self.here(rank, offset, nbytes)) is not None:
             return _deliver(here, out)  # a copy: the mapping goes at close
+        sums = self.sums(rank)
+        start, stop, indices = checksum.covering(self.layout(rank), offset, nbytes) if sums else (offset, offset + nbytes, [])
+        start, stop = min(start, offset), max(stop, offset + nbytes)  # padding between tensors is in no piece
+        if (start, stop) == (offset, offset + nbytes):
+            data = self._read_far(rank, offset, nbytes, out=out)
+            self._verify(rank, start, data, indices)
+            return data
+        whole = self._read_far(rank, start, stop - start)
+        self._verify(rank, start, whole, indices)
+        return _deliver(whole[offset - start : offset - start + nbytes], out)
+
+    def _verify(self, rank: int, start: int, data: np.ndarray, indices: list[int]) -> None:
+        """Check `data`, bytes of old rank `rank`'s slot from `start`, against the pieces `indices`."""
+        sums, every = self.sums(rank), checksum.pieces(self.layout(rank))
+        for i in indices:
+            a, n, name = every[i]
+            if crc32c.crc32c(data[a - start : a - start + n]) != sums[i]:
+                source = self.chosen.sources[rank]
+                where = f"held by {source.node}" if source.kind == "held" else f"decoded for lost {source.node}"
+                raise checksum.ChecksumMismatch(
+                    f"old rank {rank}'s snapshot of step {self.chosen.step} ({where}), {name} bytes [{a}, {a + n}): checksum "
+                    "mismatch: a keeper's memory or the network corrupted it"
+                )
+
+    def _read_far(self, rank: int, offset: int, nbytes: int, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Bytes of old rank `rank`'s slot that this node does not hold: fetched, or decoded."""
         source = self.chosen.sources[rank]
         if source.kind == "held":
             self._count(fetched=nbytes)
@@ -177,14 +210,33 @@ class PeerReader:
 
     def here(self, rank: int, offset: int, nbytes: int) -> np.ndarray | None:
         """Bytes [offset, offset+nbytes) of old rank `rank`'s slot in this node's memory (staged ahead,
-        or the slot held here: a view, counted as copied locally), else None."""
+        or the slot held here: a view, counted as copied locally), else None. Checked once per piece:
+        None too when this node's memory does not hold the whole pieces around them."""
         found = self._here(rank, offset, nbytes)
-        if found is not None:
-            self._count(local_bytes=nbytes)
+        if found is None:
+            return None
+        sums = self.sums(rank)
+        if sums:
+            start, stop, indices = checksum.covering(self.layout(rank), offset, nbytes)
+            with self._lock:
+                indices = [i for i in indices if (rank, i) not in self._checked]
+            if indices:
+                every = checksum.pieces(self.layout(rank))
+                lo, hi = every[indices[0]][0], every[indices[-1]][0] + every[indices[-1]][1]
+                if (around := self._here(rank, lo, hi - lo)) is None:
+                    return None
+                self._verify(rank, lo, around, indices)
+                with self._lock:
+                    self._checked.update((rank, i) for i in indices)
+        self._count(local_bytes=nbytes)
         return found
 
     def holds(self, rank: int, offset: int, nbytes: int) -> bool:
-        """Whether this node's memory has bytes [offset, offset+nbytes) of old rank `rank`'s slot."""
+        """Whether this node's memory has bytes [offset, offset+nbytes) of old rank `rank`'s slot
+        (with the whole pieces around them, to check)."""
+        if self.sums(rank):
+            start, stop, _ = checksum.covering(self.layout(rank), offset, nbytes)
+            offset, nbytes = min(start, offset), max(stop, offset + nbytes) - min(start, offset)
         return self._here(rank, offset, nbytes) is not None
 
     def _here(self, rank: int, offset: int, nbytes: int) -> np.ndarray | None:

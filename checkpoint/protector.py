@@ -261,7 +261,7 @@ class Protector:
         self._stopping = False
         self._clients: dict[str, PeerClient] = {}
         self._sent: dict[tuple[str, str, int], str] = {}  # (token, peer, rank) -> layout digest the peer holds
-        self._jobs: queue.Queue[tuple[str, int, dict, Callable[[], None], dict] | None] = queue.Queue(maxsize=1)
+        self._jobs: queue.Queue[tuple[str, int, dict, Callable[[], None], dict, dict] | None] = queue.Queue(maxsize=1)
         self._notices: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
         self.server = PeerServer(host=host, handler=self._handle, secrets=self._secrets,
                                  background=frozenset({"contribute", "meta", "parity_done"}))  # fmt: skip
@@ -364,11 +364,13 @@ class Protector:
     # ---- coding a step ----------------------------------------------------------------------
 
     def submit(self, step: int, ranks: dict[int, tuple[SlotLayout, np.ndarray, Any]], release: Callable[[], None],
-               shares: Mapping[int, tuple[str, np.ndarray]] | None = None) -> bool:  # fmt: skip
+               shares: Mapping[int, tuple[str, np.ndarray]] | None = None,
+               sums: Mapping[int, list[int] | None] | None = None) -> bool:  # fmt: skip
         """Code `step` of the local ranks ({rank: (slot layout, slot bytes, tree)}) in the background;
         False (and nothing held) when this node does not code it now. `shares`: the ranks' scaled
         shares ({rank: (token of their recipe, bytes)}), sent as they are when every coded rank has
-        them for this incarnation; else the holders scale.
+        them for this incarnation; else the holders scale. `sums`: the slots' checksums, which travel
+        in the meta so that a rank rebuilt from parity is checked as a held one is.
 
         Every node of a group must code the same steps, or no parity completes: the group's first
         node (the leader) codes whenever it is free and a step is due, and waits until that step is
@@ -381,7 +383,7 @@ class Protector:
             if not self._leads(token) and self._announced.get(token) != step:
                 return False
             self._coding = step
-        self._jobs.put((token, step, ranks, release, dict(shares or {})))
+        self._jobs.put((token, step, ranks, release, dict(shares or {}), dict(sums or {})))
         return True
 
     def _leads(self, token: str) -> bool:
@@ -395,11 +397,11 @@ class Protector:
     def _code_loop(self) -> None:
         background_priority()
         while (job := self._jobs.get()) is not None:
-            token, step, ranks, release, shares = job
+            token, step, ranks, release, shares, sums = job
             start = time.thread_time()
             coded = False
             try:
-                self._code(token, step, ranks, shares)
+                self._code(token, step, ranks, shares, sums)
                 coded = True
                 with self._lock:
                     self._coded[token] = max(self._coded.get(token, -1), step)
@@ -431,7 +433,7 @@ class Protector:
             return self._thread_cpu_s + self.server.background_cpu_s
 
     def _code(self, token: str, step: int, ranks: dict[int, tuple[SlotLayout, np.ndarray, Any]],
-              shares: Mapping[int, tuple[str, np.ndarray]]) -> None:  # fmt: skip
+              shares: Mapping[int, tuple[str, np.ndarray]], sums: Mapping[int, list[int] | None]) -> None:  # fmt: skip
         plan, erasure_plan = self.plans[token]
         group = erasure_plan.group_of(self.node)
         if group is None:
@@ -439,7 +441,7 @@ class Protector:
         coded = erasure_plan.coded_on(self.node)
         coding = NodeCoding(plan.k, tuple((r, int(ranks[r][1].size)) for r in coded))
         meta = {"node": self.node, "coded": [[r, n] for r, n in coding.sizes],
-                "trees": {str(r): tree for r, (_, _, tree) in ranks.items()},
+                "trees": {str(r): tree for r, (_, _, tree) in ranks.items()}, "sums": {str(r): s for r, s in sums.items()},
                 "digests": {str(r): layout.digest for r, (layout, _, _) in ranks.items()}}  # fmt: skip
         for node in group.nodes:
             # A layout changes only when the state does: each peer gets it once per incarnation.

@@ -41,6 +41,7 @@ class Rebuilt:
     token: str
     layout: SlotLayout
     tree: Any
+    sums: list[int] | None  # its checksums, as its worker computed them (every piece was checked on decoding)
     seconds: float
 
 
@@ -97,7 +98,7 @@ def rebuild_rank(chosen: MemoryPlan, inventories: Mapping[str, Inventory], *, ra
     start = time.perf_counter()
     reader = PeerReader(chosen, inventories, secret=chosen.plan.secret, node=node, local=local)
     try:
-        layout, tree = reader.layout(rank), reader.tree(rank)
+        layout, tree, sums = reader.layout(rank), reader.tree(rank), reader.sums(rank)
         out = allocate(layout.nbytes)
         reads = [partial(reader.read, rank, a, min(READ_BYTES, layout.nbytes - a), out=out[a : a + READ_BYTES])
                  for a in range(0, layout.nbytes, READ_BYTES)]  # fmt: skip
@@ -105,4 +106,4 @@ def rebuild_rank(chosen: MemoryPlan, inventories: Mapping[str, Inventory], *, ra
     finally:
         reader.close()
     seconds = time.perf_counter() - start
-    return Rebuilt(rank, chosen.step, chosen.plan.token, layout, tree, seconds), out
+    return Rebuilt(rank, chosen.step, chosen.plan.token, layout, tree, sums, seconds), out

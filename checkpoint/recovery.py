@@ -22,8 +22,10 @@ import torch
 
 from resurgo.trainer.config import JobConfig
 
+from . import checksum
 from . import commit as commits
 from .capture import StateCapture
+from .checksum import ChecksumMismatch
 from .keeper_link import EXTERNAL, OFF, HeldSlots, KeeperLink
 from .keeper_protocol import Client, KeeperError, KeeperGone, SlotLayout, StoreTarget, node_id
 from .errors import CheckpointError, NothingToResume, SaveFailed
@@ -194,7 +196,7 @@ class Protection:
         mapped, error = None, None
         try:
             mapped = self._map_snapshot(step)
-        except (KeeperError, KeeperGone) as e:
+        except (KeeperError, KeeperGone, ChecksumMismatch) as e:
             error = str(e)
         try:
             # Every rank's snapshot is mapped and checked before any tensor is overwritten: a rank that
@@ -224,7 +226,11 @@ class Protection:
             current = self.capture.current_layout()
             if layout.digest != current.digest:
                 raise KeeperError(f"rank {self.rank}'s snapshot layout differs from its state now (the topology or model changed)")
-            views = slot_views(self.link.map([reply["segment"]])[0], layout)
+            segment = self.link.map([reply["segment"]])[0]
+            if reply.get("checksums") is not None:
+                what = f"rank {self.rank}'s snapshot of step {step} in its keeper's memory"
+                checksum.verify(segment.array(), layout, reply["checksums"], what=what)
+            views = slot_views(segment, layout)
         except BaseException:
             self._keeper("unpin", step=step)
             raise

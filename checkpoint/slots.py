@@ -34,9 +34,10 @@ class Slot:
     pins: int = 0  # persists and restores reading it; a pinned slot is never overwritten
     shares: Segment | None = None  # the worker's scaled parity shares of `step`, beside its bytes
     scaled: str = ""  # the incarnation whose recipe those shares follow; "" when there are none
+    checksums: list[int] | None = None  # crc32c of each piece of `step` (checksum.py), set when complete
 
     def reset(self, status: str = FREE, step: int = -1) -> None:
-        self.status, self.step, self.tree, self.persist, self.scaled = status, step, None, False, ""
+        self.status, self.step, self.tree, self.persist, self.scaled, self.checksums = status, step, None, False, "", None
 
     def share_space(self, name: Callable[[], str], nbytes: int) -> Segment:
         """The segment for `nbytes` of scaled shares, made anew (named by `name()`) when too small."""

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import erasure
+from . import checksum, erasure
 from .capture import Captured, StateCapture
 from .errors import SaveFailed
 from .keeper_link import KeeperLink
@@ -190,11 +190,13 @@ class SnapshotEngine:
         shares = self._shares(slot, reply.get("shares"))
         try:
             self.copier.copy(self._views[slot], captured.tensors, ready, shares=shares)
+            # Checked by every restore from memory, from peers or from parity (checksum.py).
+            sums = checksum.checksums(self._slots[slot].numpy(), self.capture.layout)
         except BaseException:
             self.link.request("abort", rank=rank, slot=slot)
             raise
         self.update_status(self.link.request("complete", rank=rank, slot=slot, step=step, tree=captured.tree, persist=persist,
-                                             scaled=shares.recipe.token if shares else ""))  # fmt: skip
+                                             scaled=shares.recipe.token if shares else "", checksums=sums))  # fmt: skip
         self.stats.copied = step
 
     def _shares(self, slot: int, where: dict[str, Any] | None) -> Shares | None:

@@ -22,6 +22,7 @@ from functools import cached_property, lru_cache, partial
 
 import numpy as np
 
+from . import checksum
 from .layout import Fragment, MeshSpec, TensorLayout
 from .peer_restore import READ_BYTES, PeerReader, plan_copies
 
@@ -90,7 +91,9 @@ def restore_reads(reader: PeerReader, *, topology: Mapping[str, int], ranks: Seq
         copies, _ = plan_copies(layouts, fragments)
         spans: dict[int, list[Span]] = {}
         for copy in copies:
-            spans.setdefault(copy.rank, []).append(copy.span())
+            start, stop = copy.span()  # widened to whole pieces: the restore checks their checksums
+            lo, hi, _ = checksum.covering(layouts[copy.rank], start, stop - start)
+            spans.setdefault(copy.rank, []).append((min(lo, start), max(hi, stop)))
         reads[rank] = {r: merge(s) for r, s in spans.items()}
     return reads
 

@@ -16,7 +16,7 @@ from resurgo.checkpoint.layout import MeshSpec, Placement, TensorLayout
 from resurgo.checkpoint.peer_plan import Inventory, choose
 from resurgo.checkpoint.peer_recovery import replica_sets
 from resurgo.checkpoint.peer_restore import PeerReader, fill_targets, merged_trees
-from resurgo.checkpoint import erasure, protector
+from resurgo.checkpoint import checksum, erasure, protector
 from resurgo.checkpoint.protector import Pace, ProtectPlan, Protector, _Parity
 from resurgo.checkpoint.peer_wire import PeerClient, PeerError
 from resurgo.checkpoint.rebuild import plan_rebuild, probe, rebuild_rank, rebuilder
@@ -107,7 +107,8 @@ class Cluster:
                     out = np.full(recipe.rows * recipe.nbytes, 0xA5, dtype=np.uint8)
                     recipe.scale(slot, out)
                     shares[r] = (shares_token or recipe.token, out)
-            while not self.protectors[node].submit(step, ranks, lambda: None, shares):
+            sums = {r: checksum.checksums(slot, layout) for r, (layout, slot, _) in ranks.items()}
+            while not self.protectors[node].submit(step, ranks, lambda: None, shares, sums=sums):
                 time.sleep(0.01)
         deadline = time.monotonic() + 30
         while wait and any(self.protectors[n].protected_step() < step for n in self.alive if self.plan.erasure().groups):
@@ -122,7 +123,7 @@ class Cluster:
     def report(self, node: str, *, compact: bool = False, ranks=None, step=None) -> dict:
         """`node`'s inventory as its keeper reports it (keeper.py `_inventory`)."""
         held = {}
-        for (r, at), (layout, _) in self.slots[node].items():
+        for (r, at), (layout, slot) in self.slots[node].items():
             if ranks is None or r in ranks:
                 entry = held.setdefault(str(r), {"steps": [], "digest": layout.digest})
                 entry["steps"].append(at)
@@ -130,6 +131,7 @@ class Cluster:
                     entry["layout"] = layout.to_json()
                     if step in (None, at):
                         entry.setdefault("trees", {})[str(at)] = {"train": {"step": at, "rank": r}}
+                        entry.setdefault("sums", {})[str(at)] = checksum.checksums(slot, layout)
         return {"ranks": held, **self.protectors[node].inventory()}
 
     def inventories(self, *, compact: bool = False) -> dict[str, Inventory]:
@@ -494,3 +496,44 @@ def test_shares_scaled_for_another_incarnation_are_not_used(cluster):
     c.snapshot(1, shares_token="zzzz")  # as if scaled under the previous plan: the holders scale instead
     c.lose("node0", "node2")
     assert_restores(c, step=1, new_world=2)
+
+
+def test_a_byte_flipped_on_the_wire_or_in_parity_memory_is_caught_before_any_target_takes_it(cluster, monkeypatch):
+    """Every piece a restore reads is checked against the checksums its worker computed: a held
+    rank fetched from a peer whose bytes a faulty link flips, and a lost rank decoded from parity
+    flipped in its holder's memory, both fail with the rank and tensor named."""
+    c = cluster(nodes=3, per_node=2, k=2, m=1)
+    c.snapshot(1)
+    c.lose("node1")
+    serve = Protector._fetch
+
+    def flipping(self, header):
+        data = np.array(serve(self, header))
+        if header["kind"] == "slot":
+            data[data.size // 2] ^= 0x10
+        return data
+
+    monkeypatch.setattr(Protector, "_fetch", flipping)
+    with pytest.raises(checksum.ChecksumMismatch, match=r"old rank \d's snapshot of step 1 \(held by node\d\), model/w"):
+        assert_restores(c, step=1, new_world=2)
+    monkeypatch.setattr(Protector, "_fetch", serve)
+    for buf in c.protectors["node2"]._parity.values():  # parity of node1's segment lives on node2
+        buf.data[0] ^= 0x01
+    with pytest.raises(checksum.ChecksumMismatch, match="decoded for lost node1"):
+        assert_restores(c, step=1, new_world=2)
+
+
+def test_pieces_follow_tensors_and_cover_any_span(monkeypatch):
+    monkeypatch.setattr(checksum, "PIECE_BYTES", 64)
+    monkeypatch.setattr(checksum, "_PIECES", {})
+    layout, slot = rank_slot(0, 1, 1)  # model/w: 13 x 7 float32 = 364 bytes, then model/b and optim/step
+    w = next(e for e in layout.entries if e.name == "model/w")
+    pieces = checksum.pieces(layout)
+    assert [(a - w.offset, n) for a, n, name in pieces if name == "model/w"] == [(0, 64), (64, 64), (128, 64), (192, 64), (256, 64), (320, 44)]
+    start, stop, indices = checksum.covering(layout, w.offset + 70, 100)
+    assert (start - w.offset, stop - w.offset, indices) == (64, 192, [1, 2])
+    sums = checksum.checksums(slot, layout)
+    checksum.verify(slot, layout, sums, what="rank 0")
+    slot[w.offset + 300] ^= 1
+    with pytest.raises(checksum.ChecksumMismatch, match="rank 0: checksum mismatch in model/w"):
+        checksum.verify(slot, layout, sums, what="rank 0")
