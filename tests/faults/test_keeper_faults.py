@@ -60,11 +60,20 @@ WRAPPER = textwrap.dedent(
         from resurgo.checkpoint.keeper_link import keeper_pid
         from resurgo.trainer.trainer import Trainer
 
-        if point in ("forward", "keeper", "stop"):
+        if point in ("forward", "keeper", "stop", "flip"):
             forward_backward = Trainer.forward_backward
             def patched(self, *args, **kwargs):
                 if self.progress.step + 1 == at:
                     if point == "forward":
+                        die()
+                    if point == "flip":  # one bit of every snapshot this rank's keeper holds goes bad, then the rank dies
+                        from resurgo.checkpoint import shm
+                        from resurgo.checkpoint.keeper_protocol import run_id, segment_prefix
+                        for name, _ in shm.list_segments(segment_prefix(run_id(run_dir))):
+                            if f".r{rank}.s" in name:
+                                segment = shm.Segment.attach(name)
+                                segment.array()[0] ^= 0x04
+                                segment.close()
                         die()
                     if point == "stop":  # hung, sockets open: only a watch notices
                         (run_dir / "stopped_at").write_text(str(time.time()))
@@ -191,6 +200,13 @@ def test_keeper_killed_training_goes_on_and_a_new_keeper_takes_over(tmp_path, re
     assert steps_logged(tmp_path / "run") == list(range(1, STEPS + 1))
     assert commits.latest(tmp_path / "run" / "checkpoints") == tmp_path / "run" / "checkpoints" / f"step-{STEPS:08d}"
     assert "reclaimed" in (tmp_path / "run" / "keeper.log").read_text()
+
+
+def test_a_bit_flipped_in_keeper_memory_is_caught_and_the_disk_serves(tmp_path, reference):
+    output = torchrun(tmp_path, name="run", fault=("flip", 7, 1))
+    assert "checksum mismatch" in output and "is unusable" in output, output[-6000:]
+    assert re.search(r"resume: from disk at step 4", output), output[-6000:]
+    assert losses(tmp_path / "run") == reference
 
 
 HANG_S = 8.0
