@@ -178,19 +178,27 @@ class ResurgoRun:
     def __init__(self, trainer: Any, folder: Path) -> None:
         from dataclasses import replace
 
+        from resurgo.checkpoint import checksum
         from resurgo.checkpoint.recovery import build_protection
 
         ck = replace(trainer.cfg.checkpoint, dir=str(folder / "resurgo"), every=10**9, snapshot_every=1)  # persists asked below
         self.trainer, self.protection = trainer, build_protection(replace(trainer.cfg, checkpoint=ck), trainer=trainer)
-        self.engine, self.copies, self.closed = self.protection.engine, [], False
-        copy = self.engine.copier.copy
+        self.engine, self.copies, self.sums, self.closed = self.protection.engine, [], [], False
+        copy, sums = self.engine.copier.copy, checksum.checksums
 
-        def timed_copy(*args: Any) -> None:  # in the snapshot thread, overlapping forward/backward
+        def timed_copy(*args: Any, **kwargs: Any) -> None:  # in the snapshot thread, overlapping forward/backward
             start = time.perf_counter()
-            copy(*args)
+            copy(*args, **kwargs)
             self.copies.append(time.perf_counter() - start)
 
+        def timed_checksums(*args: Any, **kwargs: Any) -> list[int]:  # right after the copy, in the same thread
+            start = time.perf_counter()
+            found = sums(*args, **kwargs)
+            self.sums.append(time.perf_counter() - start)
+            return found
+
         self.engine.copier.copy = timed_copy
+        checksum.checksums = timed_checksums
 
     def close(self) -> None:
         if not self.closed:
@@ -266,9 +274,10 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None
     rows = []
     for mode, hook in hooks.items():
         copies = statistics.median(hook.run.copies) if isinstance(hook, Resurgo) else 0.0
-        measured = torch.tensor([statistics.median(hook.blocked), statistics.median(hook.steps), copies])
+        sums = statistics.median(hook.run.sums) if isinstance(hook, Resurgo) else 0.0
+        measured = torch.tensor([statistics.median(hook.blocked), statistics.median(hook.steps), copies, sums])
         dist.all_reduce(measured, op=dist.ReduceOp.MAX)
-        rows.append((mode, float(measured[0]), float(measured[1]), hook.shm[0], float(measured[2])))
+        rows.append((mode, float(measured[0]), float(measured[1]), hook.shm[0], float(measured[2]), float(measured[3])))
         hook.close()
     if rank == 0:
         report(rows, args=args, state_bytes=float(totals[0]))
@@ -289,21 +298,22 @@ def make(mode: str, trainer: Any, folder: Path, shared: dict[str, Any]) -> Timed
     }[mode]()
 
 
-def report(rows: list[tuple[str, float, float, int, float]], *, args: argparse.Namespace, state_bytes: float) -> None:
-    none = next(step for mode, _, step, _, _ in rows if mode == "none")
+def report(rows: list[tuple[str, float, float, int, float, float]], *, args: argparse.Namespace, state_bytes: float) -> None:
+    none = next(step for mode, _, step, _, _, _ in rows if mode == "none")
     print(f"{args.ranks} CPU ranks, FSDP2, {args.layers} layers x dim {args.dim}, {args.batch}x{args.seq} tokens per step; "
           f"checkpointed state {state_bytes / 2**20:.0f} MiB (parameters + AdamW moments, all ranks); every method checkpoints "
           f"every step; {args.rounds} rounds x {args.steps} measured steps per method (after {args.warmup} warm-up)")  # fmt: skip
     print(f"{'method':<16}{'blocked/step (median)':>24}{'of step':>10}{'step time':>12}{'vs none':>10}{'host shm':>12}")
-    shared = next(held for mode, _, _, held, _ in rows if mode == "resurgo")
-    for mode, blocked, step, held, _ in rows:
+    shared = next(held for mode, _, _, held, _, _ in rows if mode == "resurgo")
+    for mode, blocked, step, held, _, _ in rows:
         held = shared if mode.startswith("resurgo") else held  # one keeper serves both rows
         print(f"{mode:<16}{blocked * 1e3:>21.2f} ms{blocked / step:>10.2%}{step:>10.3f} s{step / none:>9.3f}x{held / 2**20:>8.0f} MiB")
-    blocked = {mode: b for mode, b, _, _, _ in rows}
-    copy = next(c for mode, _, _, _, c in rows if mode == "resurgo")
+    blocked = {mode: b for mode, b, _, _, _, _ in rows}
+    copy, sums = next((c, s) for mode, _, _, _, c, s in rows if mode == "resurgo")
     print(f"resurgo: a memory snapshot every step into the keeper; +persist: the keeper also writes one in every "
           f"{args.steps + args.warmup} to the universal store (one per turn, committed within it). The background copy takes "
-          f"{copy * 1e3:.1f} ms per rank per step ({copy / none:.1%} of a step); resurgo blocks "
+          f"{copy * 1e3:.1f} ms per rank per step ({copy / none:.1%} of a step), then its checksums {sums * 1e3:.1f} ms "
+          f"({sums / max(copy, 1e-9):.1%} of the copy, {sums / none:.1%} of a step); resurgo blocks "
           f"{blocked['dcp.async_save'] / max(blocked['resurgo'], 1e-9):.0f}x less than dcp.async_save")  # fmt: skip
 
 
