@@ -425,3 +425,14 @@ def test_keepers_of_a_node_are_listed_and_stopped_from_the_command_line(tmp_path
     finally:
         if keeper.poll() is None:
             keeper.kill()
+
+
+def test_a_keeper_whose_lease_ends_frees_its_memory_and_exits(serve):
+    """Its launcher lives (this process) but no worker came back within the lease (fault.keeper_lease_s)."""
+    keeper = serve()
+    worker = FakeWorker(keeper, launcher=os.getpid(), lease_s=1.0)
+    worker.snapshot(1)
+    assert keeper.idle_timeout_s == 1.0
+    worker.client.close()
+    assert wait_stopped(keeper, timeout=15) >= 1.0
+    assert not shm.list_segments(segment_prefix(keeper.rid))
