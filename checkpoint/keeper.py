@@ -316,11 +316,11 @@ class Keeper(RestoreAhead):
         assert self.protector is not None
         if msg.get("plan") is None:
             self.protector.pause(secret=str(msg["secret"]))
-            self.watch.watch_peers({}, secret="")
+            self.watch.watch_peers({})
             return {"describe": "no erasure coding: a single node"}
         protect = ProtectPlan.from_json(msg["plan"])
         plan = self.protector.protect(protect)
-        self.watch.watch_peers({n: a for n, a in protect.peers.items() if n != self.node}, secret=protect.secret)
+        self.watch.watch_peers({n: a for n, a in protect.peers.items() if n != self.node})
         return {"describe": plan.describe()}
 
     def _op_reach(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:

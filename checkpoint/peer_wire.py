@@ -2,12 +2,21 @@
 
 Parity contributions, fetches of snapshot bytes during a recovery and small notices travel here,
 never over the training process groups, so a slow exchange cannot stall or deadlock a training
-collective. Every request carries the run's secret (handed to the keepers by their workers), so a
-stranger on the network can neither read snapshot memory nor write parity.
+collective.
+
+A connection starts with a challenge: the server sends a random nonce, the client answers with the
+HMAC-SHA256 of it under the run's secret (handed to the keepers by their workers), and the server
+reads nothing else until the answer matches a secret it accepts. So the secret never travels, a
+stranger can neither read snapshot memory nor write parity, and what a stranger sends costs the
+keeper 32 bytes and one thread for at most HANDSHAKE_S; connections are capped (MAX_CONNECTIONS),
+and so is every frame an authenticated peer sends (MAX_PAYLOAD). What it does not give: privacy
+(snapshot bytes travel in clear: keep the keepers' ports on a private network, or under WireGuard
+or IPsec) and protection from a peer that knows the secret (any rank's worker does).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -25,13 +34,26 @@ log = logging.getLogger(__name__)
 
 _RECEIVE_SLOT = 3  # the scratch buffer a serving thread receives payloads into
 _HEAD = struct.Struct("!IQ")  # header bytes, payload bytes
+_HELLO = b"RSGO1"  # what a keeper's port says first (with its nonce): the protocol and its version
+_NONCE = 32
 MAX_HEADER = 64 * 2**20
+MAX_PAYLOAD = 64 * 2**20  # the largest frame a keeper receives: pieces are 4 MiB, reads 16 MiB
+MAX_CONNECTIONS = 256  # served at once; more are closed at accept
+HANDSHAKE_S = 10.0  # for a client to prove it knows the secret
 
 Handler = Callable[[dict[str, Any], memoryview], tuple[dict[str, Any], bytes | memoryview | None]]
 
 
 class PeerError(ConnectionError):
     """A peer keeper cannot be reached, refused a request, or broke the connection."""
+
+
+class PeerRefused(PeerError):
+    """A peer keeper answered but refused: it serves another run, or no longer this plan."""
+
+
+def proof(secret: str, nonce: bytes) -> bytes:
+    return hmac.new(secret.encode(), nonce, hashlib.sha256).digest()
 
 
 def background_priority() -> None:
@@ -57,7 +79,8 @@ def send_frame(sock: socket.socket, header: dict[str, Any], payload: bytes | mem
         sock.sendall(data)
 
 
-def recv_frame(sock: socket.socket, *, into: memoryview | None = None, reuse: bool = False) -> tuple[dict[str, Any], memoryview] | None:
+def recv_frame(sock: socket.socket, *, into: memoryview | None = None, reuse: bool = False,
+               max_payload: int | None = None) -> tuple[dict[str, Any], memoryview] | None:  # fmt: skip
     """The next frame, or None when the peer closed the connection between frames; a payload of
     exactly `into`'s size is received straight into it (no copy), others, with `reuse`, into this
     thread's receive buffer (valid until its next frame), else into a new buffer."""
@@ -65,8 +88,8 @@ def recv_frame(sock: socket.socket, *, into: memoryview | None = None, reuse: bo
     if head is None:
         return None
     hlen, plen = _HEAD.unpack(head)
-    if hlen > MAX_HEADER:
-        raise PeerError(f"a peer sent a {hlen}-byte header: not a resurgo keeper, or a different version")
+    if hlen > MAX_HEADER or (max_payload is not None and plen > max_payload):
+        raise PeerError(f"a peer sent a frame of {hlen} + {plen} bytes: not a resurgo keeper, or a different version")
     header = json.loads(bytes(_recv_exact(sock, hlen)))
     target = into if into is not None and into.nbytes == plen else None
     if target is None and reuse:
@@ -100,13 +123,26 @@ class PeerClient:
             raise PeerError(f"the keeper at {address} cannot be reached ({e})") from None
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._lock = threading.Lock()
+        try:
+            nonce = _hello(self._sock, address)
+            self._sock.sendall(proof(secret, nonce))
+            verdict = recv_frame(self._sock)
+        except OSError as e:
+            self.close()
+            raise PeerError(f"the keeper at {address} stopped answering ({e})") from None
+        except PeerError:
+            self.close()
+            raise
+        if verdict is None or not verdict[0].get("ok"):
+            self.close()
+            raise PeerRefused(f"the keeper at {address} refused the connection: {(verdict or ({},))[0].get('error', 'closed')}")
 
     def request(self, op: str, payload: bytes | memoryview | None = None, *, into: memoryview | None = None,
                 **fields: Any) -> tuple[dict[str, Any], memoryview]:  # fmt: skip
         """The reply and its payload (received into `into` when that has the payload's size)."""
         with self._lock:
             try:
-                send_frame(self._sock, {"op": op, "secret": self.secret, **fields}, payload)
+                send_frame(self._sock, {"op": op, **fields}, payload)
                 frame = recv_frame(self._sock, into=into)
             except OSError as e:
                 raise PeerError(f"the keeper at {self.address} stopped answering ({e})") from None
@@ -114,7 +150,7 @@ class PeerClient:
             raise PeerError(f"the keeper at {self.address} closed the connection (it exited or was killed)")
         reply, data = frame
         if not reply.get("ok"):
-            raise PeerError(f"the keeper at {self.address} refused {op}: {reply.get('error')}")
+            raise PeerRefused(f"the keeper at {self.address} refused {op}: {reply.get('error')}")
         return reply, data
 
     def close(self) -> None:
@@ -149,16 +185,22 @@ def advertised_host() -> str:
     return "127.0.0.1"
 
 
+def _hello(sock: socket.socket, address: str) -> bytes:
+    """The nonce a keeper's port greets a connection with."""
+    hello = bytes(_recv_exact(sock, len(_HELLO) + _NONCE))
+    if not hello.startswith(_HELLO):
+        raise PeerError(f"{address} is not a resurgo keeper of this version (it greeted with {hello[:len(_HELLO)]!r})")
+    return hello[len(_HELLO) :]
+
+
 def unreachable(address: str, *, timeout: float) -> str | None:
-    """Why the keeper at `address` cannot be reached, None when it answers (a refusal is an answer:
-    it may not know this run's secret yet)."""
+    """Why the keeper at `address` cannot be reached, None when it greets (whatever secret it accepts:
+    it may not know this run's yet). A hung keeper's kernel accepts the connection; its greeting never comes."""
     host, port = address.rsplit(":", 1)
     try:
         with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-            send_frame(sock, {"op": "ping", "secret": ""})
-            if recv_frame(sock) is None:
-                return "it closed the connection"
-    except (OSError, ValueError) as e:
+            _hello(sock, address)
+    except (OSError, PeerError) as e:
         return str(e) or type(e).__name__
     return None
 
@@ -178,6 +220,8 @@ class PeerServer:
         self.address = f"{host}:{self._sock.getsockname()[1]}"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="resurgo-peer-accept", daemon=True)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._refused = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -193,14 +237,30 @@ class PeerServer:
                 conn, _ = self._sock.accept()
             except (socket.timeout, OSError):
                 continue
+            if not self._slots.acquire(blocking=False):
+                conn.close()
+                self._refused += 1
+                if self._refused in (1, 100, 10_000):
+                    log.warning("%d peer connection(s) refused: %d are served at once", self._refused, MAX_CONNECTIONS)
+                continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), name="resurgo-peer-conn", daemon=True).start()
 
-    def _answer(self, conn: socket.socket, header: dict[str, Any], payload: memoryview) -> None:
-        given = str(header.get("secret", ""))
-        if not any(s and hmac.compare_digest(given, s) for s in self.secrets()):
-            send_frame(conn, {"ok": False, "error": "wrong run secret: this keeper serves another run"})
-            return
+    def _authenticate(self, conn: socket.socket) -> str | None:
+        """The secret the client proves it knows, None (and a refusal sent) when it proves none."""
+        conn.settimeout(HANDSHAKE_S)
+        nonce = os.urandom(_NONCE)
+        conn.sendall(_HELLO + nonce)
+        given = bytes(_recv_exact(conn, hashlib.sha256().digest_size))  # all a stranger gets to send
+        secret = next((s for s in self.secrets() if s and hmac.compare_digest(proof(s, nonce), given)), None)
+        send_frame(conn, {"ok": True} if secret else {"ok": False, "error": "wrong run secret: this keeper serves another run"})
+        conn.settimeout(None)
+        return secret
+
+    def _answer(self, conn: socket.socket, secret: str, header: dict[str, Any], payload: memoryview) -> None:
+        if secret not in self.secrets():
+            send_frame(conn, {"ok": False, "error": "the run secret this connection proved is no longer accepted"})
+            raise PeerError("a connection's secret expired")
         try:
             reply, data = self.handler(header, payload)
             send_frame(conn, {"ok": True, **reply}, data)
@@ -210,13 +270,14 @@ class PeerServer:
     def _serve(self, conn: socket.socket) -> None:
         first, background, mark = True, False, time.thread_time()
         try:  # a handler is done with a payload before the next frame is read: reuse one buffer
-            while (frame := recv_frame(conn, reuse=True)) is not None:
+            secret = self._authenticate(conn)
+            while secret is not None and (frame := recv_frame(conn, reuse=True, max_payload=MAX_PAYLOAD)) is not None:
                 header, payload = frame
                 if first and header.get("op") in self.background:
                     background_priority()
                     background = True
                 first = False
-                self._answer(conn, header, payload)
+                self._answer(conn, secret, header, payload)
                 if background:  # this frame's CPU: receiving, handling, replying
                     now = time.thread_time()
                     with self._cpu_lock:
@@ -226,3 +287,4 @@ class PeerServer:
             pass
         finally:
             conn.close()
+            self._slots.release()

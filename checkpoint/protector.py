@@ -499,8 +499,6 @@ class Protector:
             return self._parity_done(str(header["token"]), int(header["step"]), int(header["stripe"]), int(header["parity"])), None
         if op == "fetch":
             return {}, self._fetch(header)
-        if op == "ping":  # a peer's watch (watch.py): answered at once, on a thread of normal priority
-            return {}, None
         if op == "inventory":
             return {"inventory": self.report(**report_fields(header))}, None
         if op == "meta_of":

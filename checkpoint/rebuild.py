@@ -24,7 +24,7 @@ import numpy as np
 from .keeper_protocol import SlotLayout
 from .peer_plan import Inventory, MemoryPlan, choose
 from .peer_restore import READ_BYTES, LocalSlot, PeerReader
-from .peer_wire import PeerClient, PeerError
+from .peer_wire import PeerClient, PeerError, PeerRefused
 from .protector import ProtectPlan
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ def probe(plan: ProtectPlan, *, node: str, own: Mapping[str, Any], timeout: floa
             continue
         try:
             client = PeerClient(address, secret=plan.secret, timeout=timeout)
+        except PeerRefused as e:
+            log.info("the keeper of %s is alive but refused this plan (%s): nothing is rebuilt ahead", peer, e)
+            return None
         except PeerError:
             continue  # nothing listens there: the node is gone
         try:

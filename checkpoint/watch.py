@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-from .peer_wire import PeerClient, PeerError
+from .peer_wire import unreachable
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,6 @@ class HangWatch:
         self._beats: dict[int, tuple[float, int]] = {}  # rank -> (when, step) of its last finished step
         self._lock = threading.Lock()
         self._peers: dict[str, str] = {}  # node -> keeper address, of the running plan
-        self._secret = ""
         self._answered: dict[str, float] = {}  # node -> when it last answered a ping
         self._reported: set[str] = set()
         self._stop = threading.Event()
@@ -61,12 +60,12 @@ class HangWatch:
 
     # ---- peers ----------------------------------------------------------------------------------
 
-    def watch_peers(self, peers: Mapping[str, str], *, secret: str) -> None:
+    def watch_peers(self, peers: Mapping[str, str]) -> None:
         """Ping these peer keepers (node -> address) from now on; an empty mapping stops pinging."""
         with self._lock:
             now = time.monotonic()
             self._answered = {node: self._answered.get(node, now) if node in self._peers else now for node in peers}
-            self._peers, self._secret = dict(peers), secret
+            self._peers = dict(peers)
 
     def silent(self, seconds: float) -> set[str]:
         """The watched peers whose keeper has not answered a ping for `seconds`."""
@@ -93,24 +92,13 @@ class HangWatch:
         return None
 
     def _ping_loop(self) -> None:
-        clients: dict[str, PeerClient] = {}
+        """A peer answers when its keeper greets a new connection: a hung one's kernel still accepts it."""
         while not self._stop.wait(PING_S):
             with self._lock:
-                peers, secret = dict(self._peers), self._secret
-            for node in [n for n in clients if n not in peers or clients[n].address != peers[n] or clients[n].secret != secret]:
-                clients.pop(node).close()
+                peers = dict(self._peers)
             for node, address in peers.items():
-                try:
-                    if node not in clients:
-                        clients[node] = PeerClient(address, secret=secret, timeout=2 * PING_S)
-                    clients[node].request("ping")
-                except PeerError:
-                    if node in clients:
-                        clients.pop(node).close()
-                    continue
-                with self._lock:
-                    if node in self._answered:
-                        self._answered[node] = time.monotonic()
-                    self._reported.discard(node)
-        for client in clients.values():
-            client.close()
+                if unreachable(address, timeout=2 * PING_S) is None:
+                    with self._lock:
+                        if node in self._answered:
+                            self._answered[node] = time.monotonic()
+                        self._reported.discard(node)

@@ -43,6 +43,10 @@ def test_a_keeper_that_answers_is_reachable_even_before_it_knows_the_secret():
     finally:
         server.stop()
     assert "refused" in unreachable(f"127.0.0.1:{closed_port()}", timeout=5).lower()
+    with socket.socket() as silent:  # listening, never greeting: a hung keeper's port
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        assert "timed out" in unreachable("127.0.0.1:%d" % silent.getsockname()[1], timeout=0.5)
 
 
 def test_unreachable_peers_are_one_clear_error_on_every_rank():

@@ -421,12 +421,13 @@ def test_a_keeper_serves_the_secrets_of_the_plans_it_holds_and_no_other(cluster)
     keeper.protect(replace(c.plan, token="bbbb", created=2.0, secret="n3xt"))
 
     def answers(secret: str) -> bool:
-        client = PeerClient(keeper.address, secret=secret)
+        try:
+            client = PeerClient(keeper.address, secret=secret)
+        except PeerError:
+            return False
         try:
             client.request("inventory")
             return True
-        except PeerError:
-            return False
         finally:
             client.close()
 
