@@ -256,12 +256,28 @@ class Protection:
         return None
 
     def _from_disk(self) -> Resumed | None:
-        latest = commits.latest(self.root) if self.rank == 0 else None
-        path = self.comm.all_gather(str(latest) if latest else None)[0]
-        if path is None:
-            return None
+        """The newest committed checkpoint that loads: one that fails its checks (damaged chunks or
+        document, an interrupted copy) is skipped with its reason, and an older one loads instead;
+        a load changes no tensor until every rank checked every chunk it needs."""
+        found = [str(p) for _, p in reversed(commits.committed(self.root))] if self.rank == 0 else None
+        candidates: list[str] = self.comm.all_gather(found)[0]
         why = f"memory cannot rebuild a step: {self._peer_loss}" if self._peer_loss else "no step held in memory by every rank"
-        return Resumed("disk", self.checkpointer.load(Path(path)), f"{path}; {why}")
+        skipped: list[str] = []
+        for path in candidates:
+            try:
+                step = self.checkpointer.load(Path(path))
+            except CheckpointError as e:
+                reason = str(e).splitlines()[0]
+                if self.rank == 0:
+                    log.warning("skipping checkpoint %s, which cannot be loaded: %s", path, e)
+                skipped.append(f"{Path(path).name} ({reason})")
+                continue
+            damaged = f"; skipped {', '.join(skipped)}" if skipped else ""
+            return Resumed("disk", step, f"{path}; {why}{damaged}")
+        if skipped:
+            raise CheckpointError(f"no committed checkpoint under {self.root} can be loaded: {'; '.join(skipped)}. "
+                                  "Restore a copy of the folder, or start over with checkpoint.resume=none")  # fmt: skip
+        return None
 
     def _keeper(self, op: str, *, strict: bool = False, **fields: Any) -> dict[str, Any]:
         """A request for this rank; without `strict`, a missing keeper answers {} (there is nothing to use)."""

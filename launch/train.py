@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from resurgo.checkpoint.comm import Comm
@@ -88,7 +89,17 @@ def _hydra_main(cfg: DictConfig) -> None:
     except (NothingToResume, PeerUnreachable, SaveFailed) as e:  # cleaned up and recorded by now: no restart can change it, so stop
         logging.getLogger(__name__).error("%s", e)  # before the agent stops: its signal may cut Hydra's report short
         stop_restarts()
-        raise
+        user_error(e)
+    except (ValueError, OmegaConfBaseException) as e:  # a wrong config or a damaged checkpoint: the message says what to do
+        user_error(e)
+
+
+def user_error(e: BaseException) -> None:
+    """Exit 1 with the message alone; RESURGO_DEBUG=1 (or Hydra's HYDRA_FULL_ERROR=1) shows the traceback."""
+    if os.environ.get("RESURGO_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise e
+    print(f"error: {e}\n(RESURGO_DEBUG=1 shows where it was raised)", file=sys.stderr)
+    sys.exit(1)
 
 
 def _torchrun_safe_argv(argv: list[str], rank: int) -> list[str]:

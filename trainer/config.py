@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
+from resurgo.checkpoint.codec import ChunkCodec
+
 PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B")
 ELASTIC_POLICIES = ("off", "resize_dp")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -163,6 +165,7 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if self.every < 0 or self.snapshot_every < 0 or self.keep < 1:
             raise ValueError("checkpoint.every >= 0, checkpoint.snapshot_every >= 0, checkpoint.keep >= 1")
+        ChunkCodec.parse(self.compression)  # at start, not at the first save
 
 
 @dataclass

@@ -115,3 +115,22 @@ def test_export_to_safetensors_then_initialize_a_run_on_another_topology(uninter
     source = read_checkpoint(uninterrupted / "ckpt" / "step-00000005")
     model = [n for n in source if n.startswith("model/")]
     assert model and all(np.array_equal(started[n], source[n]) for n in model)
+
+
+def test_resume_latest_skips_damaged_checkpoints_and_loads_the_newest_valid_one(tmp_path):
+    """Step 4's chunk is damaged and step 6 holds only COMMITTED (an interrupted copy): the resume
+    names both and loads step 2, which an exact path would not have replaced."""
+    ckpt = tmp_path / "ckpt"
+    overrides = BASE + ["optim.schedule.decay_steps=10", "fault.keeper=off", "checkpoint.every=2", f"checkpoint.dir={ckpt}"]
+    launch(overrides + ["train.steps=4"], nproc=1, root=tmp_path, name="first")
+    shard = next(p for p in sorted((ckpt / "step-00000004").rglob("*")) if p.is_file() and p.parent.name == "c")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (ckpt / "step-00000006").mkdir()
+    (ckpt / "step-00000006" / "COMMITTED").write_text("{}")
+    proc = launch(overrides + ["train.steps=5", "checkpoint.resume=latest"], nproc=1, root=tmp_path, name="second")
+    log = proc.stdout + proc.stderr
+    assert "skipping checkpoint" in log and "step-00000006" in log and "step-00000004" in log
+    assert "resume: from disk at step 2" in log
+    assert [r["step"] for r in read_metrics(tmp_path / "second")] == [3, 4, 5]
