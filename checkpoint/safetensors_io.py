@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,10 +13,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from . import commit as commits
 from .dtypes import as_numpy, torch_dtype
 from .errors import CheckpointError, join_problems
+from .fsio import fsync_dir
 from .layout import TensorLayout, fragment_of
 from .reader import Checkpoint, ReadRequest, read_fragments
+from .store import io_error
 
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 << 30
@@ -30,9 +34,14 @@ def export_safetensors(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     prefix: str = "model/",
     progress: bool = False,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write the tensors under `prefix` (names without it) as shards of at most `max_shard_bytes`
-    plus `model.safetensors.index.json`; floating tensors are cast to `dtype` when given."""
+    plus `model.safetensors.index.json`; floating tensors are cast to `dtype` when given.
+
+    Written into a temporary folder beside `out`, renamed into place once complete: a failed export
+    leaves `out` as it was, and an export never mixes with an older one's shards. A non-empty `out`
+    is replaced only with `overwrite`."""
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r} is not known: choose one of {sorted(DTYPES)}")
     cast = torch_dtype(DTYPES[dtype]) if dtype else None
@@ -41,7 +50,34 @@ def export_safetensors(
         raise CheckpointError(f"{checkpoint.path} has no tensors under {prefix!r}: nothing to export")
     shards = _shards(checkpoint, names, cast=cast, max_bytes=max_shard_bytes)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file: export into a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out} is not empty: choose an empty or new folder, or pass --overwrite to replace it")
+    tmp = out.parent / f".{out.name}.tmp-{commits.new_token()}"
+    try:
+        tmp.mkdir(parents=True)
+        files = _write_shards(checkpoint, shards, tmp, names=names, cast=cast, prefix=prefix, progress=progress)
+        old = out.parent / f".{out.name}.old-{commits.new_token()}"
+        if out.exists():
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if old.exists():
+                old.rename(out)  # the older export stays as it was
+            raise
+        fsync_dir(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise io_error(e, action=f"exporting to {out}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out / f.name for f in files]
+
+
+def _write_shards(checkpoint: Checkpoint, shards: list[list[str]], out: Path, *, names: list[str], cast: torch.dtype | None,
+                  prefix: str, progress: bool) -> list[Path]:  # fmt: skip
     weight_map, files, total = {}, [], 0
     with tqdm(total=len(names), unit="tensor", desc="export", disable=not progress) as bar:
         for i, shard in enumerate(shards):

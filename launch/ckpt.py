@@ -63,7 +63,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    files = export_safetensors(_open(args.checkpoint), Path(args.out), dtype=args.dtype, max_shard_bytes=args.max_shard_size, progress=True)
+    files = export_safetensors(_open(args.checkpoint), Path(args.out), dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+                               progress=True, overwrite=args.overwrite)  # fmt: skip
     print(f"wrote {len(files)} file(s) and model.safetensors.index.json to {args.out}")
     return 0
 
@@ -113,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_BYTES)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only once the new export is complete)")
     p.set_defaults(run=_export)
     p = sub.add_parser("diff", help="max absolute difference per tensor")
     p.add_argument("a")

@@ -95,3 +95,22 @@ def test_plain_zarr_reads_a_compressed_checkpoint(root):
         group = zarr.open(str(root / "step-00000002"), mode="r")  # saved with zstd
         np.testing.assert_array_equal(group["model/w"][...], _model(1.5)["w"].numpy())
         np.testing.assert_array_equal(group["model/mask"][...], _model(1.5)["mask"].numpy())
+
+
+def test_export_refuses_a_non_empty_folder_replaces_it_only_when_told_and_never_mixes(root, tmp_path_factory, capsys):
+    out = tmp_path_factory.mktemp("hf")
+    step1, step2 = str(root / "step-00000001"), str(root / "step-00000002")
+    assert main(["export", "--to", "safetensors", step1, str(out), "--max-shard-size", "200B"]) == 0
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) >= 2
+    assert main(["export", "--to", "safetensors", step2, str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err and sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert main(["export", "--to", "safetensors", step2, str(out), "--overwrite"]) == 0
+    assert [p.name for p in out.glob("*.safetensors")] == ["model-00001-of-00001.safetensors"]  # no stale shard of step 1
+    assert torch.equal(load_file(out / "model-00001-of-00001.safetensors")["b"], torch.full((5,), 1.5))
+    assert not list(out.parent.glob(f".{out.name}.*"))  # no temporary or replaced folder left
+    (out.parent / "a-file").write_text("x")
+    for target in (out.parent / "a-file", out.parent / "a-file" / "below"):
+        assert main(["export", "--to", "safetensors", step2, str(target)]) == 2
+        err = capsys.readouterr().err
+        assert "error: " in err and "Traceback" not in err
