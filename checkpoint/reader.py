@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -138,7 +139,11 @@ def check_array(root: Path, array: ArrayPlan) -> list[str]:
     """The array's zarr document exists and agrees with the checkpoint's metadata."""
     doc = root / array.path / "zarr.json"
     try:
-        data = json.loads(doc.read_text())
+        fd = open_inside(root, doc)
+        try:
+            data = json.loads(os.read(fd, os.fstat(fd).st_size + 1))
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         return [f"tensor {array.name!r}: array {array.path!r} is missing (no {doc})"]
     except (OSError, ValueError) as e:
@@ -167,7 +172,7 @@ def read_shard(root: Path, codec: ChunkCodec, array: ArrayPlan, shard_read: Shar
     path = root / array.path / chunk_key(shard_read.shard)
     what = f"tensor {array.name!r} shard {chunk_key(shard_read.shard)}"
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_inside(root, path)
     except FileNotFoundError:
         raise ChunkProblem(f"{what} is missing ({path})") from None
     except OSError as e:
@@ -184,6 +189,19 @@ def read_shard(root: Path, codec: ChunkCodec, array: ArrayPlan, shard_read: Shar
         raise ChunkProblem(f"{what}: {e}") from None
     finally:
         os.close(fd)
+
+
+def open_inside(root: Path, path: Path) -> int:
+    """A read-only descriptor of `path`, a regular file inside the checkpoint folder `root`: a symlink
+    out of it or anything but a file (a FIFO would block a reader forever) is refused with OSError."""
+    real, target = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real, target]) != real:
+        raise OSError(f"{path} resolves to {target}, outside the checkpoint folder (a symlink): do not load this checkpoint")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file: the checkpoint is damaged or was tampered with")
+    return fd
 
 
 def whole_shard(array: ArrayPlan, shard: tuple[int, ...]) -> ShardRead:

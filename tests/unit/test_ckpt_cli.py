@@ -114,3 +114,17 @@ def test_export_refuses_a_non_empty_folder_replaces_it_only_when_told_and_never_
         assert main(["export", "--to", "safetensors", step2, str(target)]) == 2
         err = capsys.readouterr().err
         assert "error: " in err and "Traceback" not in err
+
+
+def test_verify_refuses_a_shard_that_is_a_symlink_out_or_a_fifo(root, tmp_path_factory, capsys):
+    outside = tmp_path_factory.mktemp("outside") / "secret"
+    outside.write_bytes((root / "step-00000002/model/w/c/0/0").read_bytes())
+    (root / "step-00000002/model/w/c/0/0").unlink()
+    (root / "step-00000002/model/w/c/0/0").symlink_to(outside)
+    import os
+
+    (root / "step-00000002/model/b/c/0").unlink()
+    os.mkfifo(root / "step-00000002/model/b/c/0")
+    assert main(["verify", str(root / "step-00000002")]) == 1  # returns: a FIFO never blocks it
+    out = capsys.readouterr().out
+    assert "outside the checkpoint folder" in out and "not a regular file" in out
