@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -81,8 +82,9 @@ class CheckpointMeta:
                 "upgrade resurgo to load it"
             )
         try:
+            _check_fields(data)
             arrays = {str(n): ArrayPlan.from_json(str(n), a) for n, a in data["tensors"].items()}
-            state = data.get("state", {})
+            state = data["state"]
             meta = CheckpointMeta(
                 step=int(data["step"]),
                 topology=dict(data["topology"]),
@@ -91,14 +93,49 @@ class CheckpointMeta:
                 states=StateTrees(tuple(state.get("trees", [])), tuple(int(i) for i in state.get("rank_tree", []))),
                 format_version=version,
             )
-            int(meta.topology["world_size"])
-        except (KeyError, TypeError, ValueError) as e:
+            _check_arrays(meta)
+            _check_states(meta)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             if isinstance(e, CheckpointError):
-                raise
+                raise CheckpointError(f"{where}: {e}: the checkpoint is damaged") from None
             raise CheckpointError(f"{where} is malformed ({type(e).__name__}: {e}): the checkpoint is damaged") from e
         for name, array in arrays.items():
             check_inside(array.path, what=f"tensor {name!r}", where=where)
         return meta
+
+
+def _check_fields(data: dict[str, Any]) -> None:
+    """The document's top-level fields have their types (the rest is checked as it is parsed)."""
+    kinds = {"step": int, "topology": dict, "compression": str, "tensors": dict, "state": dict}
+    for key, kind in kinds.items():
+        if key not in data:
+            raise CheckpointError(f"field {key!r} is missing")
+        if not isinstance(data[key], kind) or isinstance(data[key], bool):
+            raise CheckpointError(f"field {key!r} is {type(data[key]).__name__}, not {kind.__name__}")
+    if data["step"] < 0:
+        raise CheckpointError(f"field 'step' is {data['step']}, not >= 0")
+    if not isinstance(data["state"].get("trees"), list) or not isinstance(data["state"].get("rank_tree"), list):
+        raise CheckpointError("field 'state' needs the lists 'trees' and 'rank_tree'")
+
+
+def _check_arrays(meta: CheckpointMeta) -> None:
+    for name, a in meta.arrays.items():
+        dims = {"shape": a.shape, "shards": a.shards, "chunks": a.chunks}
+        if len({len(d) for d in dims.values()}) != 1:
+            raise CheckpointError(f"tensor {name!r}: shape, shards and chunks differ in rank {dims}")
+        if any(n < 0 for n in a.shape) or any(n < 1 for n in (*a.shards, *a.chunks)):
+            raise CheckpointError(f"tensor {name!r}: shape >= 0 and shards, chunks >= 1 in every dim, not {dims}")
+        if any(s % c for s, c in zip(a.shards, a.chunks)):
+            raise CheckpointError(f"tensor {name!r}: shards {a.shards} are not whole chunks {a.chunks}")
+
+
+def _check_states(meta: CheckpointMeta) -> None:
+    world, s = int(meta.topology["world_size"]), meta.states
+    if world < 1:
+        raise CheckpointError(f"field 'topology.world_size' is {world}, not >= 1")
+    if len(s.rank_tree) != world or any(not 0 <= i < len(s.trees) for i in s.rank_tree):
+        raise CheckpointError(f"field 'state.rank_tree' must give each of the {world} saving ranks one of the "
+                              f"{len(s.trees)} trees, not {list(s.rank_tree)[:8]}")  # fmt: skip
 
 
 def check_inside(path: str, *, what: str, where: Path) -> None:
@@ -122,17 +159,26 @@ def read_metadata(directory: Path) -> CheckpointMeta:
         )
     doc = directory / METADATA_FILE
     try:
-        raw = doc.read_bytes()
         marker = json.loads((directory / COMMITTED_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"the {COMMITTED_FILE} marker of {directory} is damaged ({e}); load an earlier checkpoint") from e
+    if not isinstance(marker, dict) or not isinstance(marker.get("step"), int):
+        raise CheckpointError(f"the {COMMITTED_FILE} marker of {directory} is damaged (no step); load an earlier checkpoint")
+    try:
+        raw = doc.read_bytes()
         data = json.loads(raw)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {doc} ({e}): the checkpoint is damaged; load an earlier one") from e
-    if not isinstance(marker, dict) or marker.get("metadata_crc32c") != crc32c.crc32c(raw):
+    if marker.get("metadata_crc32c") != crc32c.crc32c(raw):
         raise CheckpointError(
             f"{doc} does not match the checksum in its {COMMITTED_FILE} marker: the document was changed after "
             "the save; load an earlier checkpoint"
         )
     meta = CheckpointMeta.from_json(data, where=doc)
+    named = re.fullmatch(r"step-(\d+)", directory.name)
+    if marker["step"] != meta.step or (named and int(named.group(1)) != meta.step):
+        raise CheckpointError(f"{doc} holds step {meta.step}, but its folder and {COMMITTED_FILE} marker say "
+                              f"{directory.name} and step {marker['step']}: the checkpoint was tampered with; load another")  # fmt: skip
     real = os.path.realpath(directory)
     for name, array in meta.arrays.items():
         target = os.path.realpath(directory / array.path)

@@ -128,3 +128,41 @@ def test_verify_refuses_a_shard_that_is_a_symlink_out_or_a_fifo(root, tmp_path_f
     assert main(["verify", str(root / "step-00000002")]) == 1  # returns: a FIFO never blocks it
     out = capsys.readouterr().out
     assert "outside the checkpoint folder" in out and "not a regular file" in out
+
+
+def _rewrite(folder: Path, change) -> None:
+    """Change the checkpoint's document and reseal its marker, as a tampering tool would."""
+    import crc32c
+
+    data = json.loads((folder / "resurgo.json").read_text())
+    change(data)
+    raw = json.dumps(data).encode()
+    (folder / "resurgo.json").write_bytes(raw)
+    step = data["step"] if isinstance(data.get("step"), int) else 2
+    (folder / "COMMITTED").write_text(json.dumps({"step": step, "metadata_crc32c": crc32c.crc32c(raw)}))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(tensors=list(d["tensors"])), "field 'tensors' is list, not dict"),
+        (lambda d: d["tensors"]["model/w"].update(chunks=[0, 0]), "'model/w': shape >= 0 and shards, chunks >= 1"),
+        (lambda d: d["state"].update(rank_tree=[3]), "state.rank_tree"),
+        (lambda d: d.pop("state"), "field 'state' is missing"),
+        (lambda d: d.update(step=7), "holds step 7, but its folder"),
+        (lambda d: d.update(step="2"), "field 'step' is str, not int"),
+    ],
+)
+def test_a_tampered_document_is_one_error_naming_the_field(root, capsys, change, message):
+    folder = root / "step-00000002"
+    _rewrite(folder, change)
+    for command in (["verify", str(folder)], ["inspect", str(folder)], ["diff", str(folder), str(root / "step-00000001")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_a_garbage_marker_is_reported_as_the_marker(root, capsys):
+    (root / "step-00000002" / "COMMITTED").write_text("garbage")
+    assert main(["inspect", str(root / "step-00000002")]) == 2
+    assert "COMMITTED marker of" in capsys.readouterr().err
