@@ -196,7 +196,6 @@ class ErasureConfig:
 class FaultConfig:
     keeper: str = "auto"  # auto: local rank 0 starts one if none runs | off | external
     erasure: ErasureConfig = field(default_factory=ErasureConfig)
-    checkfree: bool = False
     # How long a keeper holds its snapshots with no worker connected while the workers' launcher (their
     # torchrun agent) lives, for a restart to resume from memory; a keeper whose launcher is gone exits.
     keeper_lease_s: float = 900.0
