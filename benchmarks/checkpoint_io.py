@@ -81,7 +81,7 @@ def _rank_main(rank: int, args: argparse.Namespace, n_tensors: int, port: int, r
     saves = {  # (timed save of round i, what it wrote)
         "dd_write": (lambda i: rank == 0 and _dd_write(scratch / "dd.bin", nbytes), lambda i: scratch / "dd.bin"),
         "resurgo_save": (lambda i: resurgo.save(i), lambda i: resurgo.root / f"step-{i:08d}"),
-        "dcp_save": (lambda i: _dcp_save(scratch / f"dcp-{i}", state), lambda i: scratch / f"dcp-{i}"),
+        "dcp_save": (lambda i: _dcp_save(scratch / f"dcp-{i}", state, threads=args.io_threads), lambda i: scratch / f"dcp-{i}"),
         "resurgo_zstd_save": (lambda i: zstd.save(i), lambda i: zstd.root / f"step-{i:08d}"),
     }
     # Rounds interleave the systems so each meets the same (shared, noisy) disk conditions.
@@ -137,10 +137,12 @@ def _resurgo(root: Path, state: dict[str, torch.Tensor], *, io_threads: int, max
     return Checkpointer(cfg, root=root, states={"t": _InPlace(state)}, io_threads=io_threads, max_chunk_bytes=max_chunk_bytes)
 
 
-def _dcp_save(path: Path, state: dict[str, torch.Tensor]) -> None:
+def _dcp_save(path: Path, state: dict[str, torch.Tensor], *, threads: int) -> None:
+    """With as many writer threads per rank as resurgo's (DCP's default is one); its reader has no such option."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save({f"t/{k}": v for k, v in state.items()}, checkpoint_id=str(path))
+    writer = dcp.FileSystemWriter(str(path), thread_count=threads)
+    dcp.save({f"t/{k}": v for k, v in state.items()}, storage_writer=writer)
 
 
 def _dcp_load(path: Path, targets: dict[str, torch.Tensor]) -> None:
@@ -225,7 +227,7 @@ def _print(r: dict) -> None:
     def bw(nbytes: float, seconds: float) -> str:
         return f"{nbytes / 1e9 / seconds:.2f} GB/s"
 
-    print(f"resurgo: chunks <= {r['chunk_mib']:g} MiB, {r['io_threads']} I/O threads per rank")
+    print(f"resurgo: chunks <= {r['chunk_mib']:g} MiB, {r['io_threads']} I/O threads per rank; dcp: {r['io_threads']} writer threads per rank")
     print(f"state: {r['tensors']} fp32 tensors of {ROWS}x{COLS}, {gb:.2f} GB; save on dp_shard=4, load on 2 (stage split) x tp=2 Shard(1)")
     print(f"raw disk (dd, {gb:.2f} GB):   write+fsync {r['dd_write']:.2f} s ({bw(r['bytes'], r['dd_write'])})   read back {r['dd_read']:.2f} s ({bw(r['bytes'], r['dd_read'])})")
     print(f"save  resurgo      {r['resurgo_save']:.2f} s ({bw(r['bytes'], r['resurgo_save'])})")
