@@ -59,7 +59,13 @@ def cluster_of(tmp_path, *, nodes: int, per_node: int, min_nodes: int, extra=())
 
 
 def kill_at(cluster: LocalCluster, step: int, *nodes: int) -> None:
+    """Kill `nodes` once training reached `step` and some step is protected: on a loaded machine the
+    keepers' coding (idle priority) can lag that far behind the first steps."""
     wait_for_step(cluster, step)
+    deadline = time.monotonic() + 180
+    while not any(r["protected_step"] >= 0 for r in read_metrics(cluster.run_dir)):
+        assert time.monotonic() < deadline, cluster.output(0)[-4000:]
+        time.sleep(0.1)
     for index in nodes:
         cluster.kill_node(index)
 
