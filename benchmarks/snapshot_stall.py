@@ -6,8 +6,10 @@ a synchronous torch.save of the gathered state, dcp.save, dcp.async_save (shared
 staging in a thread, its own gloo group), and resurgo (a memory snapshot every step held by the
 node's keeper; and the same with one snapshot per turn persisted to the universal store by the
 keeper). Per method it prints the median time training is blocked per step (the slowest rank's),
-the median step time against none, and the host memory holding checkpoint copies (measured: the
-growth of shared memory mapped by the workers and the keeper in the method's first turn).
+the mean step time against none (each turn's drain of what is still in flight included, so that a
+persist or an upload that outlasts the steps counts), and the host memory holding checkpoint copies
+(measured: the growth of shared memory mapped by the workers and the keeper in the method's first
+turn). Snapshots the keeper skipped would block nothing: with any, it refuses to report.
 
     python benchmarks/snapshot_stall.py --ranks 4
 """
@@ -76,6 +78,7 @@ class Timed:
     def __init__(self) -> None:
         self.blocked: list[float] = []
         self.steps: list[float] = []
+        self.drains: list[float] = []  # each turn's end: what was still in flight (a persist, an upload)
         self.shm: list[int] = []
         self._fence = 0.0
 
@@ -269,16 +272,26 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None
                     del hook.blocked[blocked:]
             if not hook.shm:  # what a method keeps, it allocates in its first turn
                 hook.shm.append(max(node_shared_memory(folder) - base_shm, 0))
+            start = time.perf_counter()
             hook.pause()
+            hook.drains.append(time.perf_counter() - start)
             trainer.hooks = []
     rows = []
+    skipped = torch.tensor([float(shared["run"].engine.stats.skipped)])
+    dist.all_reduce(skipped, op=dist.ReduceOp.MAX)
     for mode, hook in hooks.items():
         copies = statistics.median(hook.run.copies) if isinstance(hook, Resurgo) else 0.0
         sums = statistics.median(hook.run.sums) if isinstance(hook, Resurgo) else 0.0
-        measured = torch.tensor([statistics.median(hook.blocked), statistics.median(hook.steps), copies, sums])
+        # Step time: the mean over every measured step with each turn's drain, so that a persist or
+        # an upload that outlasts the steps, and one costly step in a turn, both count.
+        step = (sum(hook.steps) + sum(hook.drains)) / len(hook.steps)
+        measured = torch.tensor([statistics.median(hook.blocked), step, copies, sums])
         dist.all_reduce(measured, op=dist.ReduceOp.MAX)
         rows.append((mode, float(measured[0]), float(measured[1]), hook.shm[0], float(measured[2]), float(measured[3])))
         hook.close()
+    if rank == 0 and skipped.item():
+        raise SystemExit(f"{int(skipped.item())} resurgo snapshot(s) were skipped (the keeper had no free slot): a skipped "
+                         "snapshot blocks nothing, so the resurgo rows would flatter it; not reporting")  # fmt: skip
     if rank == 0:
         report(rows, args=args, state_bytes=float(totals[0]))
     trainer.close()
@@ -303,7 +316,7 @@ def report(rows: list[tuple[str, float, float, int, float, float]], *, args: arg
     print(f"{args.ranks} CPU ranks, FSDP2, {args.layers} layers x dim {args.dim}, {args.batch}x{args.seq} tokens per step; "
           f"checkpointed state {state_bytes / 2**20:.0f} MiB (parameters + AdamW moments, all ranks); every method checkpoints "
           f"every step; {args.rounds} rounds x {args.steps} measured steps per method (after {args.warmup} warm-up)")  # fmt: skip
-    print(f"{'method':<16}{'blocked/step (median)':>24}{'of step':>10}{'step time':>12}{'vs none':>10}{'host shm':>12}")
+    print(f"{'method':<16}{'blocked/step (median)':>24}{'of step':>10}{'step (mean)':>12}{'vs none':>10}{'host shm':>12}")
     shared = next(held for mode, _, _, held, _, _ in rows if mode == "resurgo")
     for mode, blocked, step, held, _, _ in rows:
         held = shared if mode.startswith("resurgo") else held  # one keeper serves both rows
