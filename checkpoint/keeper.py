@@ -482,8 +482,9 @@ class Keeper(RestoreAhead):
 
     def _op_finish(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         """The rank's run ended; answered once every queued persist is done, so the run ends durable."""
-        self.finished.add(self._rank(msg).rank)
-        self.watch.forget({self._rank(msg).rank})
+        rank = self._rank(msg).rank
+        self.finished.add(rank)
+        self.watch.forget({rank})
         deadline = time.monotonic() + WAIT_S
         while self._jobs and time.monotonic() < deadline:
             self._cond.wait(timeout=1.0)

@@ -135,13 +135,31 @@ class Checkpointer:
         if spec == "none":
             return None
         if spec == "latest":
-            path = commits.latest(self.root)
-            if path is None:
+            found = self.load_latest()
+            if found is None:
                 log.info("no committed checkpoint under %s: starting fresh", self.root)
                 return None
-        else:
-            path = Path(spec)
-        return self.load(path)
+            return found[0]
+        return self.load(Path(spec))
+
+    def load_latest(self) -> tuple[int, Path, list[str]] | None:
+        """Load the newest committed checkpoint that loads (collective): one that fails its checks
+        (damaged chunks or document, an interrupted copy) is skipped with its reason and an older one
+        loaded instead, since a load changes no tensor until every rank checked every chunk it needs.
+        (step, path, what was skipped); None when there is no committed checkpoint."""
+        found = [str(p) for _, p in reversed(commits.committed(self.root))] if self.comm.rank == 0 else None
+        skipped: list[str] = []
+        for path in map(Path, self.comm.all_gather(found)[0]):
+            try:
+                return self.load(path), path, skipped
+            except CheckpointError as e:
+                if self.comm.rank == 0:
+                    log.warning("skipping checkpoint %s, which cannot be loaded: %s", path, e)
+                skipped.append(f"{path.name} ({str(e).splitlines()[0]})")
+        if skipped:
+            raise CheckpointError(f"no committed checkpoint under {self.root} can be loaded: {'; '.join(skipped)}. "
+                                  "Restore a copy of the folder, or start over with checkpoint.resume=none")  # fmt: skip
+        return None
 
     def load(self, path: Path) -> int:
         """Load a committed checkpoint into the states (resharding as needed); returns its step."""

@@ -200,7 +200,7 @@ def unreachable(address: str, *, timeout: float) -> str | None:
     try:
         with socket.create_connection((host, int(port)), timeout=timeout) as sock:
             _hello(sock, address)
-    except (OSError, PeerError) as e:
+    except (OSError, ValueError, PeerError) as e:
         return str(e) or type(e).__name__
     return None
 

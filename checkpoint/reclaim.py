@@ -78,7 +78,7 @@ def node_keepers() -> list[NodeKeeper]:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    """Whether `pid` runs (a zombie, dead but not yet reaped, or a dying process does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -86,7 +86,9 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False  # gone between the two looks
     except (OSError, IndexError):
         return True  # no /proc: kill(0) answered
 

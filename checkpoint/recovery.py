@@ -23,9 +23,7 @@ import torch
 from resurgo.trainer.config import JobConfig
 
 from . import checksum
-from . import commit as commits
 from .capture import StateCapture
-from .checksum import ChecksumMismatch
 from .keeper_link import EXTERNAL, OFF, HeldSlots, KeeperLink
 from .keeper_protocol import Client, KeeperError, KeeperGone, SlotLayout, StoreTarget, node_id
 from .errors import CheckpointError, NothingToResume, SaveFailed
@@ -196,7 +194,7 @@ class Protection:
         mapped, error = None, None
         try:
             mapped = self._map_snapshot(step)
-        except (KeeperError, KeeperGone, ChecksumMismatch) as e:
+        except (KeeperError, KeeperGone, checksum.ChecksumMismatch) as e:
             error = str(e)
         try:
             # Every rank's snapshot is mapped and checked before any tensor is overwritten: a rank that
@@ -256,28 +254,13 @@ class Protection:
         return None
 
     def _from_disk(self) -> Resumed | None:
-        """The newest committed checkpoint that loads: one that fails its checks (damaged chunks or
-        document, an interrupted copy) is skipped with its reason, and an older one loads instead;
-        a load changes no tensor until every rank checked every chunk it needs."""
-        found = [str(p) for _, p in reversed(commits.committed(self.root))] if self.rank == 0 else None
-        candidates: list[str] = self.comm.all_gather(found)[0]
+        found = self.checkpointer.load_latest()
+        if found is None:
+            return None
+        step, path, skipped = found
         why = f"memory cannot rebuild a step: {self._peer_loss}" if self._peer_loss else "no step held in memory by every rank"
-        skipped: list[str] = []
-        for path in candidates:
-            try:
-                step = self.checkpointer.load(Path(path))
-            except CheckpointError as e:
-                reason = str(e).splitlines()[0]
-                if self.rank == 0:
-                    log.warning("skipping checkpoint %s, which cannot be loaded: %s", path, e)
-                skipped.append(f"{Path(path).name} ({reason})")
-                continue
-            damaged = f"; skipped {', '.join(skipped)}" if skipped else ""
-            return Resumed("disk", step, f"{path}; {why}{damaged}")
-        if skipped:
-            raise CheckpointError(f"no committed checkpoint under {self.root} can be loaded: {'; '.join(skipped)}. "
-                                  "Restore a copy of the folder, or start over with checkpoint.resume=none")  # fmt: skip
-        return None
+        damaged = f"; skipped {', '.join(skipped)}" if skipped else ""
+        return Resumed("disk", step, f"{path}; {why}{damaged}")
 
     def _keeper(self, op: str, *, strict: bool = False, **fields: Any) -> dict[str, Any]:
         """A request for this rank; without `strict`, a missing keeper answers {} (there is nothing to use)."""
@@ -320,7 +303,6 @@ class Protection:
             engine.close()
             if self.link is not None:
                 self.link.close()
-
 
     def _await_commit(self, step: int) -> None:
         """The run ends with its final checkpoint committed (by whichever node's keeper commits), or
@@ -379,7 +361,5 @@ class SyncSave:
     def after_optimizer_step(self, step: int) -> None:
         try:
             self.checkpointer.maybe_save(step)
-        except SaveFailed:
-            raise
         except CheckpointError as e:
             raise SaveFailed(str(e)) from None

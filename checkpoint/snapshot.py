@@ -165,7 +165,8 @@ class SnapshotEngine:
             )
 
     def close(self) -> None:
-        """Wait for the copy under way and stop; a failed save was reported by `fence` or `close`'s caller."""
+        """Wait for the copy under way and stop (a failed save is raised by `after_optimizer_step`
+        and by the end of the run, never here: after a failure it would hide the first error)."""
         try:
             self.fence()
         finally:

@@ -12,14 +12,11 @@ peer once a plan names it; a peer reported once is not reported again until it a
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Mapping
 
 from .peer_wire import unreachable
-
-log = logging.getLogger(__name__)
 
 PING_S = 1.0  # between pings of each peer keeper
 

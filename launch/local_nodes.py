@@ -32,7 +32,7 @@ from pathlib import Path
 
 from resurgo.checkpoint import shm
 from resurgo.checkpoint.keeper_protocol import segment_prefix
-from resurgo.checkpoint.reclaim import try_lock
+from resurgo.checkpoint.reclaim import process_alive, try_lock
 
 # Rendezvous settings (torchrun --rdzv-conf) that let the survivors of a lost node train again within
 # seconds instead of the defaults' ~45 s:
@@ -254,7 +254,7 @@ class LocalCluster:
                 continue  # gone, or another user's
             if marker in environ.split(b"\0"):
                 found.add(pid)
-        return {pid for pid in found | _descendants(found) if pid != os.getpid() and _alive(pid)}
+        return {pid for pid in found | _descendants(found) if pid != os.getpid() and process_alive(pid)}
 
     def output(self, index: int) -> str:
         """Everything node `index`'s keeper and agent (with its workers) printed so far."""
@@ -310,11 +310,6 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[1])
 
 
-def _alive(pid: int) -> bool:
-    stat = _stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")  # a zombie runs nothing; its parent reaps it
-
-
 def _descendants(roots: set[int]) -> set[int]:
     children: dict[int, list[int]] = {}
     for pid in _all_pids():
@@ -340,7 +335,7 @@ def _signal(pids: set[int], sig: int) -> None:
 
 def _wait_gone(pids: set[int], *, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

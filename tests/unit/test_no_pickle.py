@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pickle
 
-import pytest
 import torch
 from test_ckpt_workers import TensorState
 
