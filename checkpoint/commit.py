@@ -3,15 +3,18 @@
 A save is written under `<root>/.step-<n>.tmp-<token>/`. Only after every writer fsynced its chunks
 does one process write the metadata, fsync it, write `COMMITTED` last, rename the folder to
 `step-<n>` and fsync the root. A folder without `COMMITTED` is never taken for a checkpoint; a
-`.tmp` folder left by a killed save is ignored and removed by a later successful commit.
+`.tmp` folder left by a killed save is ignored; it is removed by the next save on its writer's host
+(its `.owner` names a process that is gone) or else by a later successful commit.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import os
 import secrets
 import shutil
+import socket
 from pathlib import Path
 
 import crc32c
@@ -19,11 +22,13 @@ import crc32c
 from .errors import CheckpointError
 from .fsio import fsync_dir, fsync_tree, write_file
 from .metadata import COMMITTED_FILE, METADATA_FILE, CheckpointMeta
+from .reclaim import process_alive
 from .store import io_error
 from .zarr_meta import DOCUMENT, consolidated_root
 
 _COMMITTED = re.compile(r"step-(\d{8,})")
 _TMP = re.compile(r"\.step-(\d{8,})\.(tmp|old)-[0-9a-f]+")
+OWNER_FILE = ".owner"  # in a save folder until its commit: the host and pid of the process that writes it
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -41,14 +46,36 @@ def tmp_dir(root: Path, step: int, token: str) -> Path:
 
 
 def begin(root: Path, *, step: int, token: str) -> Path:
-    """Create the folder a save writes into (one process)."""
+    """Create the folder a save writes into (one process), after removing what killed saves left."""
     path = tmp_dir(root, step, token)
     try:
         Path(root).mkdir(parents=True, exist_ok=True)
+        sweep(root)
+        if path.exists():
+            shutil.rmtree(path)  # a killed attempt under this very name
         path.mkdir()
+        (path / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     except OSError as e:
         raise io_error(e, action=f"creating checkpoint folder {path}") from e
     return path
+
+
+def sweep(root: Path) -> list[Path]:
+    """Remove the partial saves whose writer on this host is gone (killed mid-save), so that a disk
+    a killed save filled frees up before the next one. Saves of live writers, or of other hosts
+    (whose processes cannot be asked), stay until a later commit prunes them."""
+    removed = []
+    for child in Path(root).iterdir():
+        if not _TMP.fullmatch(child.name):
+            continue
+        try:
+            owner = json.loads((child / OWNER_FILE).read_bytes())
+        except (OSError, ValueError):
+            continue  # being created, or left by a version that did not say
+        if owner.get("host") == socket.gethostname() and not process_alive(int(owner.get("pid", 0))):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
 
 
 def commit(directory: Path, *, meta: CheckpointMeta) -> Path:
@@ -68,6 +95,7 @@ def commit(directory: Path, *, meta: CheckpointMeta) -> Path:
             replaced = root / f".step-{meta.step:08d}.old-{new_token()}"
             final.rename(replaced)
         directory.rename(final)
+        (final / OWNER_FILE).unlink(missing_ok=True)  # kept until here: a save killed before the rename is swept
         fsync_dir(root)
     except OSError as e:
         raise io_error(e, action=f"committing checkpoint {final}") from e

@@ -93,10 +93,7 @@ class Persister:
         tmp = _attempt_dir(target, job.step, attempt)
         ready = target.coord / f"ready-{job.step}.{attempt}.json"
         if job.committer:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a killed attempt at this very step
-            tmp.mkdir(parents=True)
-            create_arrays(tmp, plan)
+            create_arrays(commits.begin(Path(target.root), step=job.step, token=_attempt_token(target, attempt)), plan)
             _write_json(ready, {"step": job.step})
         else:
             self._wait_for(job, [ready], attempt=attempt, what=f"the committing keeper to create step {job.step}")
@@ -174,9 +171,13 @@ def _host_fragments(held: RankData) -> dict[str, HostFragment]:
     return out
 
 
+def _attempt_token(target: StoreTarget, attempt: int) -> str:
+    """Names one attempt's temporary folder (hex, as commit's cleanup expects)."""
+    return f"{target.token}{attempt:02x}"
+
+
 def _attempt_dir(target: StoreTarget, step: int, attempt: int) -> Path:
-    """The temporary folder of one attempt at `step` (the token stays hex, as commit's cleanup expects)."""
-    return commits.tmp_dir(Path(target.root), step, f"{target.token}{attempt:02x}")
+    return commits.tmp_dir(Path(target.root), step, _attempt_token(target, attempt))
 
 
 def _done_file(target: StoreTarget, step: int, attempt: int, rank: int) -> Path:

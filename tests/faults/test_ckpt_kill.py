@@ -100,5 +100,8 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, point):
     assert ck.resume() == 1
     assert torch.equal(state.loaded["w"], torch.arange(4096.0).reshape(64, 64)) and state.loaded["step"] == 1
 
-    ck.save(3)  # a later successful save removes the stale partial one
+    # Named as a later step, which no commit's pruning removes: its dead writer is what clears it,
+    # before the next save writes (a killed save that filled the disk would fail every later one).
+    partial[0].rename(tmp_path / partial[0].name.replace("00000002", "00000009"))
+    ck.save(3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000003"]

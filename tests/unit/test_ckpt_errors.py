@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import torch
 from test_ckpt_workers import TensorState
 
-from resurgo.checkpoint import store
+from resurgo.checkpoint import commit, store
 from resurgo.checkpoint.commit import latest
 from resurgo.checkpoint.errors import CheckpointError
 from resurgo.checkpoint.manager import Checkpointer
@@ -201,6 +202,38 @@ def test_real_full_tmpfs_keeps_the_previous_checkpoint(tmp_path):
         big = {**_tensors(), "big": torch.ones(512, 512)}  # 1 MiB does not fit
         with pytest.raises(CheckpointError, match="disk is full"):
             _checkpointer(root, TensorState(big)).save(2)
+        _assert_only_step_one(root)
+
+
+def _partial_save(root: Path, step: int, token: str, *, pid: int, host: str | None = None, nbytes: int = 16) -> Path:
+    folder = root / f".step-{step:08d}.tmp-{token}"
+    folder.mkdir(parents=True)
+    (folder / "chunk").write_bytes(b"\0" * nbytes)
+    (folder / commit.OWNER_FILE).write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid}))
+    return folder
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_a_save_sweeps_partial_saves_whose_writer_died_and_only_those(tmp_path):
+    dead = _partial_save(tmp_path, 9, "dead", pid=_dead_pid())
+    live = _partial_save(tmp_path, 9, "11fe", pid=os.getpid())
+    remote = _partial_save(tmp_path, 9, "0a", pid=_dead_pid(), host="another-host")
+    _checkpointer(tmp_path, TensorState(_tensors())).save(1)
+    assert not dead.exists() and live.exists() and remote.exists()
+    assert not (tmp_path / "step-00000001" / commit.OWNER_FILE).exists()  # a committed checkpoint holds no owner
+
+
+def test_a_disk_filled_by_a_killed_save_frees_up_for_the_next(tmp_path):
+    root = tmp_path / "small"
+    root.mkdir()
+    with _tmpfs(root, size="160k"):
+        _partial_save(root, 9, "dead", pid=_dead_pid(), nbytes=150_000)
+        _checkpointer(root, TensorState(_tensors())).save(1)
         _assert_only_step_one(root)
 
 
