@@ -42,7 +42,7 @@ class StepResult:
     loss: float
     grad_norm: float
     lr: float
-    step_time_s: float
+    step_time_s: float  # since the previous step ended: its end-of-step hooks (snapshot start, a save) count here
 
 
 class Trainer:
@@ -66,6 +66,7 @@ class Trainer:
         self.optimizers = [build_optimizer(list(m.parameters()), cfg.optim, device=env.device) for m in self.parts.modules]
         self.progress = TrainProgress(seed=t.seed, rank=env.rank, topology=self.dims.as_dict(), model=asdict(cfg.model))
         self.hooks: list[StepHook] = []
+        self._last_step_end: float | None = None  # when the previous step's record was taken
         self.metric_sources: list[Callable[[], dict[str, float]]] = []  # more numbers for each logged record
         flops_per_token = 6 * count_params(cfg.model) + 12 * cfg.model.n_layers * cfg.model.dim * t.seq_len
         self.metrics = MetricsLogger(
@@ -117,16 +118,18 @@ class Trainer:
         return losses
 
     def train_step(self) -> StepResult:
-        start = time.perf_counter()
+        """One step. Its time runs from the previous step's end, so it includes that step's hooks,
+        which run after the record is logged (a step restored from memory always has its record)."""
+        start = self._last_step_end if self._last_step_end is not None else time.perf_counter()
         inputs, targets = self.next_batch()
         loss = self.forward_backward(inputs, targets)
         grad_norm = clip_grad_norm_(self.parts.parameters(), max_norm=self.cfg.optim.grad_clip, pp=self.dims.pp)
         lr = self.optimizer_step()
+        self._last_step_end = time.perf_counter()
         result = StepResult(
             step=self.progress.step, loss=self.global_mean(loss), grad_norm=grad_norm.item(), lr=lr,
-            step_time_s=time.perf_counter() - start,
+            step_time_s=self._last_step_end - start,
         )
-        # Logged before the hooks snapshot the step: a step restored from memory always has its record.
         self.log(result)
         for hook in self.hooks:
             hook.after_optimizer_step(self.progress.step)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from test_keeper import serve  # noqa: F401  (fixture)
 TOPOLOGY = {"tp": 2, "dp_shard": 2}
 
 
-def make_trainer(run_dir: str, *, every: int, restarted: bool = False):
+def make_trainer(run_dir: str, *, every: int, restarted: bool = False, keeper: str = "external"):
     from resurgo.checkpoint.recovery import build_protection
     from resurgo.trainer.config import load_config
     from resurgo.trainer.distributed import init_distributed
@@ -27,11 +28,33 @@ def make_trainer(run_dir: str, *, every: int, restarted: bool = False):
     cfg = load_config(OmegaConf.create({
         "model": {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
         "train": {"device": "cpu", "steps": 8, "seq_len": 16, "batch_size": 4, "log_every": 0, "precision": "fp32"},
-        "parallel": TOPOLOGY, "checkpoint": {"every": every, "keep": 5}, "fault": {"keeper": "external"},
+        "parallel": TOPOLOGY, "checkpoint": {"every": every, "keep": 5}, "fault": {"keeper": keeper},
     }))  # fmt: skip
     trainer = Trainer(cfg, env=init_distributed("cpu"), run_dir=Path(run_dir))
     protection = build_protection(cfg, trainer=trainer)
     return trainer, protection
+
+
+class SlowHook:
+    """An end-of-step hook that takes a known time, as a snapshot's start or a synchronous save does."""
+
+    def before_optimizer_step(self) -> None:
+        pass
+
+    def after_optimizer_step(self, step: int) -> None:
+        time.sleep(HOOK_S)
+
+
+HOOK_S = 0.5
+
+
+def step_times_task(run_dir: str) -> list[float]:
+    trainer, protection = make_trainer(run_dir, every=0, keeper="off")
+    trainer.hooks.append(SlowHook())
+    times = [trainer.train_step().step_time_s for _ in range(3)]
+    protection.close(step=trainer.progress.step)
+    trainer.close()
+    return times
 
 
 def persist_task(run_dir: str, sync_root: str) -> None:
@@ -96,3 +119,9 @@ def test_restart_from_keeper_memory_continues_bit_exactly(serve, tmp_path):  # n
     for source, step, consumed, got, expected in workers().run(restore_task, str(tmp_path / "run0")):
         assert (source, step, consumed) == ("memory", 3, 5 * 4)
         assert got == expected
+
+
+def test_step_time_includes_the_end_of_step_hooks(tmp_path):
+    times = workers().run(step_times_task, str(tmp_path))[0]
+    # Each step after the first also pays its predecessor's hook (the tiny steps take far less).
+    assert all(t >= HOOK_S for t in times[1:]), times
