@@ -12,11 +12,13 @@ persist or an upload that outlasts the steps counts), and the host memory holdin
 turn). Snapshots the keeper skipped would block nothing: with any, it refuses to report.
 
     python benchmarks/snapshot_stall.py --ranks 4
+    python benchmarks/snapshot_stall.py --ranks 1 --device cuda --dim 768 --layers 12 --heads 12 --seq 1024
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -45,6 +47,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="global sequences per step")
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--root", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: one GPU per rank, bf16")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here, as JSON")
     return parser.parse_args()
 
 
@@ -245,12 +250,15 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None
     from resurgo.trainer.trainer import Trainer
 
     cfg = load_config(OmegaConf.create({
-        "model": {"dim": args.dim, "n_layers": args.layers, "n_heads": 8, "n_kv_heads": 4},
-        "train": {"device": "cpu", "steps": 10_000, "seq_len": args.seq, "batch_size": args.batch, "log_every": 0, "precision": "fp32"},
+        "model": {"dim": args.dim, "n_layers": args.layers, "n_heads": args.heads, "n_kv_heads": args.heads // 2,
+                  "max_seq_len": max(args.seq, 16)},
+        "train": {"device": args.device, "steps": 10_000, "seq_len": args.seq, "batch_size": args.batch, "log_every": 0,
+                  "precision": "bf16" if args.device == "cuda" else "fp32"},
         "parallel": {"dp_shard": args.ranks}, "fault": {"keeper": "auto"},
     }))  # fmt: skip
-    trainer = Trainer(cfg, env=init_distributed("cpu"), run_dir=folder / "run")
-    state_bytes = sum(p.to_local().nbytes for p in trainer.parts.parameters()) * 3  # parameters and two moments
+    trainer = Trainer(cfg, env=init_distributed(args.device), run_dir=folder / "run")
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in trainer.parts.parameters()]
+    state_bytes = sum(t.nbytes for t in local) * 3  # parameters and two AdamW moments
     totals = torch.tensor([float(state_bytes)])
     dist.all_reduce(totals)
     shared: dict[str, Any] = {}
@@ -294,6 +302,9 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None
                          "snapshot blocks nothing, so the resurgo rows would flatter it; not reporting")  # fmt: skip
     if rank == 0:
         report(rows, args=args, state_bytes=float(totals[0]))
+        if args.json:
+            fields = ("method", "blocked_s", "step_s", "host_shm_bytes", "copy_s", "checksum_s")
+            args.json.write_text(json.dumps([dict(zip(fields, row)) for row in rows], indent=1))
     trainer.close()
     shutdown()
 
