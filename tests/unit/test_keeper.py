@@ -28,6 +28,22 @@ from resurgo.checkpoint.slots import COMPLETE, FREE, RankSlots, Slot, choose_slo
 TENSORS = {"model/w": np.arange(24, dtype=np.float32).reshape(4, 6), "optim/step": np.array(3.0, dtype=np.float32)}
 
 
+def tensors_at(step: int) -> dict[str, np.ndarray]:
+    """What the fake rank holds after `step`: every step's bytes differ, so a snapshot or checkpoint
+    holding another step's slot shows."""
+    return {"model/w": TENSORS["model/w"] + 1000 * step, "optim/step": np.array(step, dtype=np.float32)}
+
+
+def assert_holds_step(ckpt_dir: Path, step: int, *, rank: int = 0) -> None:
+    """The committed checkpoint claims `step` and holds exactly the bytes the rank wrote at that step."""
+    ckpt = Checkpoint.open(ckpt_dir)
+    assert ckpt.meta.step == step and ckpt.meta.states.of_rank(rank) == {"train": {"step": step}}
+    for name, expected in tensors_at(step).items():
+        out = np.full_like(expected, -1)
+        read_fragments(ckpt, [ReadRequest(TensorLayout(name, expected.shape, str(expected.dtype)).fragment(rank), out)])
+        np.testing.assert_array_equal(out, expected, err_msg=f"{name} of {ckpt_dir.name}")
+
+
 def layout_of(tensors: dict[str, np.ndarray], *, rank: int = 0) -> SlotLayout:
     specs = []
     for name, a in tensors.items():
@@ -53,13 +69,13 @@ class FakeWorker:
         )
         self.segments = [shm.Segment.attach(n) for n in reply["segments"]]
 
-    def snapshot(self, step: int, *, persist: bool = False, required: bool = False, scale: float = 1.0) -> dict:
+    def snapshot(self, step: int, *, persist: bool = False, required: bool = False) -> dict:
         reply = self.client.request("acquire", rank=self.rank, step=step, required=required)
         if reply["slot"] is None:
             return reply
-        data = self.segments[reply["slot"]].array()
+        data, tensors = self.segments[reply["slot"]].array(), tensors_at(step)
         for entry in self.layout.entries:
-            data[entry.offset : entry.offset + entry.nbytes] = np.frombuffer((TENSORS[entry.name] * scale).tobytes(), np.uint8)
+            data[entry.offset : entry.offset + entry.nbytes] = np.frombuffer(tensors[entry.name].tobytes(), np.uint8)
         return self.client.request("complete", rank=self.rank, slot=reply["slot"], step=step, tree={"train": {"step": step}}, persist=persist)
 
 
@@ -124,14 +140,25 @@ def test_persisted_snapshot_is_committed_and_reads_back(serve, tmp_path):
     worker.snapshot(2, persist=True)
     status = wait_status(keeper, "committed", 2)
     assert status["copied"] == 2 and status["durable"] == 2 and status["backlog"] == 0
-    ckpt = Checkpoint.open(tmp_path / "ckpt" / "step-00000002")
-    assert ckpt.meta.step == 2 and ckpt.meta.states.of_rank(0) == {"train": {"step": 2}}
-    assert dict(ckpt.meta.topology) == {"dp": 1, "world_size": 1}
-    for name, expected in TENSORS.items():
-        out = np.zeros_like(expected)
-        read_fragments(ckpt, [ReadRequest(TensorLayout(name, expected.shape, str(expected.dtype)).fragment(0), out)])
-        np.testing.assert_array_equal(out, expected)
+    assert_holds_step(tmp_path / "ckpt" / "step-00000002", 2)  # not step 1's slot
+    assert dict(Checkpoint.open(tmp_path / "ckpt" / "step-00000002").meta.topology) == {"dp": 1, "world_size": 1}
     assert not list((tmp_path / "ckpt").glob(".step-*"))  # nothing half-written left behind
+
+
+def test_persisting_an_older_held_step_writes_that_steps_slot(serve, tmp_path):
+    """Slots are reused round the ring: after steps 1-5 in 3 slots, steps 3, 4 and 5 sit in slots
+    2, 0 and 1. A persist of 4 or 3 must write their own slots, not the newest or the slot's index."""
+    keeper = serve(slots=3)
+    worker = FakeWorker(keeper, root=tmp_path / "ckpt")
+    for step in range(1, 6):
+        worker.snapshot(step)
+    assert worker.client.request("holdings", rank=0)["steps"] == [3, 4, 5]
+    worker.client.request("persist", rank=0, step=4)
+    wait_status(keeper, "committed", 4)
+    worker.client.request("persist", rank=0, step=3)
+    assert worker.client.request("finish", rank=0)["backlog"] == 0
+    assert_holds_step(tmp_path / "ckpt" / "step-00000004", 4)
+    assert_holds_step(tmp_path / "ckpt" / "step-00000003", 3)
 
 
 def test_a_dead_worker_frees_its_unfinished_slot_and_keeps_complete_ones(serve):
@@ -160,6 +187,8 @@ def test_a_slow_persist_skips_snapshots_and_makes_a_required_one_wait(serve, tmp
     assert worker.snapshot(4, required=True, persist=True)["copied"] == 4
     assert time.monotonic() - start >= 0.4  # backpressure: waited for the persist, then got the slot
     assert wait_status(keeper, "committed", 4)["committed"] == 4
+    assert_holds_step(tmp_path / "ckpt" / "step-00000001", 1)  # its slot was not reused while it persisted
+    assert_holds_step(tmp_path / "ckpt" / "step-00000004", 4)
 
 
 def test_a_persist_waiting_for_a_dead_incarnation_is_abandoned(serve, tmp_path):
@@ -174,6 +203,7 @@ def test_a_persist_waiting_for_a_dead_incarnation_is_abandoned(serve, tmp_path):
     again.snapshot(3, persist=True)
     assert wait_status(keeper, "committed", 3, timeout=20)["backlog"] == 0
     assert not (tmp_path / "ckpt" / "step-00000002").exists()
+    assert_holds_step(tmp_path / "ckpt" / "step-00000003", 3)
 
 
 def test_a_new_incarnation_drops_what_it_did_not_resume_from(serve):
@@ -231,7 +261,7 @@ def test_finish_waits_for_the_last_persist_then_the_keeper_exits(serve, tmp_path
         assert time.monotonic() < deadline, "the keeper did not exit after its last rank finished"
         time.sleep(0.05)
     assert not shm.list_segments(segment_prefix(keeper.rid))
-    assert os.path.isdir(tmp_path / "ckpt" / "step-00000003")
+    assert_holds_step(tmp_path / "ckpt" / "step-00000003", 3)
 
 
 
@@ -255,7 +285,7 @@ def test_warming_maps_and_pins_what_a_restore_will_read(serve):
     assert [s.step for s in keeper.ranks[0].slots if s.pins] == [1]  # pinned for the restore: not reused meanwhile
     entry = worker.layout.entries[0]
     data = held(0, 1)[entry.offset : entry.offset + entry.nbytes].view(np.float32)
-    np.testing.assert_array_equal(data, TENSORS[entry.name].ravel())
+    np.testing.assert_array_equal(data, tensors_at(1)[entry.name].ravel())  # step 1's slot, not step 2's
     assert link.ops == ["inventory", "read"]  # the restore's lookup found it mapped
     held.close()
     assert not any(s.pins for s in keeper.ranks[0].slots)  # closing released it
@@ -331,6 +361,7 @@ def test_a_persist_that_fails_once_is_retried_and_committed(serve, tmp_path, mon
     worker.snapshot(2, persist=True)
     status = wait_status(keeper, "committed", 2)
     assert status["failed"] == -1 and len(calls) == 2
+    assert_holds_step(tmp_path / "ckpt" / "step-00000002", 2)
     assert not list((tmp_path / "ckpt").glob(".step-*"))  # the failed attempt's folder is gone
     left = {p.name for p in (tmp_path / "ckpt" / ".keeper-ab12").iterdir()}
     assert left == {"plan.json", "fragments-0.json"}  # the run's save plan; no attempt's files
