@@ -24,11 +24,14 @@ RTOL = 1e-4
 RESUMED = re.compile(r"resume: (?:from )?(peer keepers' memory|disk|keeper memory|fresh start)\D*(\d+)")
 
 
+def reference_run(root: Path, steps: int = STEPS) -> dict[int, float]:
+    launch([o for o in BASE if o != "train.device=cpu"] + [f"train.steps={steps}"], nproc=1, root=root)
+    return {r["step"]: r["loss"] for r in read_metrics(root / "run")}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[int, float]:
-    root = tmp_path_factory.mktemp("reference")
-    launch([o for o in BASE if o != "train.device=cpu"], nproc=1, root=root)
-    return {r["step"]: r["loss"] for r in read_metrics(root / "run")}
+    return reference_run(tmp_path_factory.mktemp("reference"))
 
 
 def wait_for_step(cluster: LocalCluster, step: int, *, timeout: float = 180) -> None:
@@ -47,8 +50,8 @@ def resumes(cluster: LocalCluster) -> list[tuple[str, int]]:
     return [(m[1], int(m[2])) for m in RESUMED.finditer(cluster.output(0))]
 
 
-def assert_matches(losses: dict[int, float], reference: dict[int, float]) -> None:
-    assert sorted(losses) == list(range(1, STEPS + 1))
+def assert_matches(losses: dict[int, float], reference: dict[int, float], *, steps: int = STEPS) -> None:
+    assert sorted(losses) == list(range(1, steps + 1))
     for step, loss in losses.items():
         assert loss == pytest.approx(reference[step], rel=RTOL), step
 
@@ -125,8 +128,15 @@ def test_more_lost_than_parity_without_a_disk_checkpoint_stops(tmp_path):
     assert log.count("a restart cannot change this failure") == 1, log[-3000:]  # the first verdict ends the job
 
 
-def test_a_replacement_node_grows_the_job_back(tmp_path, reference):
-    with cluster_of(tmp_path, nodes=3, per_node=1, min_nodes=2, extra=["train.steps=150"]) as cluster:
+GROW_STEPS = 150  # long enough for the replacement node to join before the run ends
+
+
+def test_a_replacement_node_grows_the_job_back(tmp_path):
+    """Lose one of 3 nodes, recover onto 2 from memory, then a new node joins: every step's loss,
+    on 3, 2 and 3 nodes again, follows one process training the same steps (the learning-rate
+    schedule depends on train.steps, so the reference runs GROW_STEPS too)."""
+    reference = reference_run(tmp_path / "reference", GROW_STEPS)
+    with cluster_of(tmp_path, nodes=3, per_node=1, min_nodes=2, extra=[f"train.steps={GROW_STEPS}"]) as cluster:
         kill_at(cluster, 6, 2)
         deadline = time.monotonic() + 180
         while len(resumes(cluster)) < 2:  # the fresh start, then the recovery onto 2 nodes
@@ -138,8 +148,7 @@ def test_a_replacement_node_grows_the_job_back(tmp_path, reference):
     recovered = [r[0] for r in resumes(cluster)][1:]
     assert recovered[:2] == ["peer keepers' memory", "peer keepers' memory"], log[-3000:]
     assert "world 2 -> 3" in log
-    losses = latest_losses(cluster.run_dir)
-    assert sorted(losses) == list(range(1, 151))
+    assert_matches(latest_losses(cluster.run_dir), reference, steps=GROW_STEPS)
 
 
 def test_a_second_failure_during_recovery_starts_it_over(tmp_path, reference):
