@@ -49,9 +49,30 @@ def test_causal():
 
 
 def test_rope_preserves_norm_and_relative_positions():
-    tables = rope_tables(head_dim=8, seq_len=16, theta=10000.0, device=torch.device("cpu"))
-    q = torch.randn(1, 16, 1, 8)
+    head_dim, seq, theta = 8, 16, 10000.0
+    tables = rope_tables(head_dim=head_dim, seq_len=seq, theta=theta, device=torch.device("cpu"))
+    q = torch.randn(1, seq, 2, head_dim)
     torch.testing.assert_close(apply_rope(q, tables).norm(dim=-1), q.norm(dim=-1))
+
+    # The same q and k at every position: scores[h, m, n] = <R(m) q, R(n) k>.
+    torch.manual_seed(0)
+    q, k = torch.randn(2, head_dim), torch.randn(2, head_dim)
+    rq = apply_rope(q.expand(1, seq, 2, head_dim), tables)[0]
+    rk = apply_rope(k.expand(1, seq, 2, head_dim), tables)[0]
+    scores = torch.einsum("mhd,nhd->hmn", rq, rk)
+    # Attention sees positions only through m - n: shifting both by s leaves every score unchanged.
+    for s in (1, 3, 7, seq - 1):
+        torch.testing.assert_close(scores[:, s:, s:], scores[:, : seq - s, : seq - s])
+    # It does see m - n: the offsets give different scores (a rotation ignoring position would not).
+    offsets = torch.stack([scores[:, d, 0] for d in range(seq)], dim=-1)
+    assert (offsets[:, 1:] - offsets[:, :1]).abs().min() > 1e-3, offsets
+    # And exactly as RoPE defines it: channel pairs as complex numbers turned by (m - n) * theta^(-2j/d).
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    qc, kc = (torch.view_as_complex(t.double().unflatten(-1, (-1, 2)).contiguous()) for t in (q, k))
+    delta = torch.arange(seq, dtype=torch.float64)[:, None] - torch.arange(seq, dtype=torch.float64)[None, :]
+    angles = delta[..., None] * freqs
+    expected = ((qc * kc.conj())[:, None, None, :] * torch.polar(torch.ones_like(angles), angles)).real.sum(-1)
+    torch.testing.assert_close(scores.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_init_is_identical_for_a_pipeline_stage_and_independent_of_order():
