@@ -44,13 +44,14 @@ TOPOLOGIES = [
 
 
 class BaselineLoop:
-    """What a user would write by hand: model, AdamW, the same batches, clip, step."""
+    """What a user would write by hand: model, AdamW, the same batches, clip, step (bf16: autocast)."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, *, device: torch.device = torch.device("cpu"), bf16: bool = False) -> None:
         with torch.device("meta"):
             self.model = Transformer(cfg.model)
-        self.model.to_empty(device="cpu")
+        self.model.to_empty(device=device)
         self.model.init_weights(seed=cfg.train.seed)
+        self.device, self.bf16 = device, bf16
         o = cfg.optim
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, fused=True
@@ -61,7 +62,9 @@ class BaselineLoop:
 
     def train_step(self) -> None:
         x, y = self.sampler.next_batch(global_batch=self.batch, dp_rank=0, dp=1)
-        loss = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
+        x, y = x.to(self.device), y.to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = F.cross_entropy(self.model(x).flatten(0, 1).float(), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()

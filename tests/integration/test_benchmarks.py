@@ -11,9 +11,10 @@ import pytest
 from conftest import REPO
 
 
-def bench(name: str, *args: str, timeout: float = 300) -> str:
+def bench(name: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> str:
     cmd = [sys.executable, str(REPO / "benchmarks" / name), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -36,6 +37,14 @@ def test_checkpoint_io_saves_and_loads_against_dcp_with_equal_threads(tmp_path):
 
 def test_erasure_coding_runs_against_the_libraries():
     assert "resurgo / best library" in bench("erasure.py", "--mib", "4", "--repeat", "1")
+
+
+def test_gpu_check_runs_every_part_at_a_tiny_size_on_cpu():
+    out = bench("gpu.py", "--tiny", env={"TRITON_INTERPRET": "1"})
+    table = out[out.index("part  "):]
+    for measure in ("encode k=4 m=2", "parity identical", "device to host", "registered shared segment", "tokens/s (2x32",
+                    "blocked per step", "a snapshot every step", "background copy"):  # fmt: skip
+        assert measure in table, out
 
 
 @pytest.mark.slow  # about 9 minutes here: test_node_loss covers the recovery it measures
