@@ -149,16 +149,19 @@ class Checkpointer:
         (step, path, what was skipped); None when there is no committed checkpoint."""
         found = [str(p) for _, p in reversed(commits.committed(self.root))] if self.comm.rank == 0 else None
         skipped: list[str] = []
+        newest: CheckpointError | None = None
         for path in map(Path, self.comm.all_gather(found)[0]):
             try:
                 return self.load(path), path, skipped
             except CheckpointError as e:
                 if self.comm.rank == 0:
                     log.warning("skipping checkpoint %s, which cannot be loaded: %s", path, e)
-                skipped.append(f"{path.name} ({str(e).splitlines()[0]})")
+                skipped.append(f"{path.name} ({_reason(e)})")
+                newest = newest or e
         if skipped:
             raise CheckpointError(f"no committed checkpoint under {self.root} can be loaded: {'; '.join(skipped)}. "
-                                  "Restore a copy of the folder, or start over with checkpoint.resume=none")  # fmt: skip
+                                  "Restore a copy of the folder, or start over with checkpoint.resume=none. "
+                                  f"The newest one's error: {newest}")  # fmt: skip
         return None
 
     def load(self, path: Path) -> int:
@@ -221,6 +224,14 @@ _ADVICE = (
     "load with matching model/optimizer settings, exclude tensors with checkpoint.exclude (glob patterns), "
     "set checkpoint.load_optimizer=false to load weights only, or load non-strictly"
 )
+
+
+def _reason(error: CheckpointError) -> str:
+    """The line of a load's error that says why: an agreed failure's first line is only its header."""
+    lines = str(error).splitlines()
+    cause = lines[1] if len(lines) > 1 and lines[0].endswith(" failed:") else lines[0]
+    cause = cause.split("] ", 1)[1] if cause.startswith("[rank ") else cause
+    return cause.removesuffix(":")
 
 
 def _attempt(fn):
