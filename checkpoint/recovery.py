@@ -23,6 +23,7 @@ import torch
 from resurgo.trainer.config import JobConfig
 
 from . import checksum
+from . import commit as commits
 from .capture import StateCapture
 from .keeper_link import EXTERNAL, OFF, HeldSlots, KeeperLink
 from .keeper_protocol import Client, KeeperError, KeeperGone, SlotLayout, StoreTarget, node_id
@@ -318,10 +319,21 @@ class Protection:
             try:
                 self.engine.update_status(self._keeper("status", strict=True))
             except (KeeperGone, KeeperError) as e:
-                raise SaveFailed(f"the keeper stopped before the final checkpoint (step {step}) was committed: {e}") from None
+                # A keeper exits once its last local rank's finish is answered and its part is written:
+                # the committing keeper (maybe another node's) may still be sealing the step.
+                self._await_commit_on_disk(step, deadline=deadline, why=str(e))
+                stats.committed = step
+                break
             if stats.committed < step:
                 time.sleep(COMMIT_POLL_S)
         self.engine.check_saved()
+
+    def _await_commit_on_disk(self, step: int, *, deadline: float, why: str) -> None:
+        while not any(done == step for done, _ in commits.committed(self.root)):
+            if time.monotonic() > deadline:
+                raise SaveFailed(f"the keeper stopped ({why}) and the final checkpoint (step {step}) was not committed under "
+                                 f"{self.root} within {COMMIT_WAIT_S:.0f} s: see the keepers' logs in {self.run_dir}")  # fmt: skip
+            time.sleep(COMMIT_POLL_S)
 
 
 class ProgressBeat:

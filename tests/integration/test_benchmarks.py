@@ -47,7 +47,14 @@ def test_gpu_check_runs_every_part_at_a_tiny_size_on_cpu():
         assert measure in table, out
 
 
-@pytest.mark.slow  # about 9 minutes here: test_node_loss covers the recovery it measures
+def test_recovery_headlines_kill_to_first_step_from_memory_and_from_disk():
+    out = bench("recovery.py", "--skip-overhead", "--gb", "0.01", "--steps", "6", "--kill-at", "3", "--every", "2",
+                "--recoveries", "1", timeout=900)  # fmt: skip
+    assert "kill -> first step after recovery" in out and "kill -> the step the node died after done again" in out, out
+    assert "from peer keepers' memory" in out and "from disk" in out, out
+
+
+@pytest.mark.slow  # about 9 minutes here, with the overhead runs: the test above runs the kills
 def test_recovery_measures_a_node_loss_from_memory_and_from_disk():
     out = bench("recovery.py", "--gb", "0.02", "--steps", "8", "--kill-at", "4", "--every", "2", "--repeats", "1", "--recoveries", "1",
                 timeout=1200)  # fmt: skip
