@@ -5,6 +5,8 @@ is restarted by torchrun (--max-restarts=1), resumes from the keeper's memory ha
 `snapshot_every` steps, and its losses continue bit-exactly those of an uninterrupted run. A killed
 keeper costs the memory snapshots only: training goes on, a new keeper starts and protection
 resumes. A keeper killed in the middle of a persist leaves the previous committed checkpoint loadable.
+A rank that finishes before the final step is complete on every rank ends cleanly when its keeper
+exits after the commit.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ WRAPPER = textwrap.dedent(
 
     point, at, rank = os.environ["FAULT_POINT"], int(os.environ["FAULT_STEP"]), int(os.environ["FAULT_RANK"])
     run_dir = Path(os.environ["FAULT_RUN_DIR"])
+    if point == "late_copy":  # polls 2 s apart: the first rank done asks again only after its keeper exited
+        from resurgo.checkpoint import recovery
+        recovery.COMMIT_POLL_S = 2.0
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and int(os.environ["RANK"]) == rank:
         from resurgo.checkpoint import snapshot
         from resurgo.checkpoint.keeper_link import keeper_pid
@@ -91,6 +96,15 @@ WRAPPER = textwrap.dedent(
                 if len(calls) == at:  # one snapshot per step
                     copy(self, dst[: len(dst) // 2], src[: len(src) // 2], ready)
                     die()
+                copy(self, dst, src, ready, **kwargs)
+            snapshot.HostCopier.copy = patched
+        elif point == "late_copy":  # this rank's copy of step `at` lags: the other rank finishes first
+            copy = snapshot.HostCopier.copy
+            calls = []
+            def patched(self, dst, src, ready, **kwargs):
+                calls.append(1)
+                if len(calls) == at:
+                    time.sleep(3)
                 copy(self, dst, src, ready, **kwargs)
             snapshot.HostCopier.copy = patched
         elif point == "persist":
@@ -182,7 +196,15 @@ def test_worker_killed_during_forward_resumes_from_memory(tmp_path, reference):
     assert check_resumed(tmp_path, output, reference) in (4, 5)  # the copy of step 5 may still have been running
 
 
-@pytest.mark.slow
+def test_a_rank_waiting_for_the_final_commit_outlives_its_keepers_exit(tmp_path, reference):
+    """Rank 1's copy of the final step lags: rank 0 finishes first and waits for the commit, which
+    rank 1's finish then sees through, and the keeper exits. The commit on disk ends rank 0's wait."""
+    output = torchrun(tmp_path, name="run", fault=("late_copy", STEPS, 1))
+    assert "keeper stopped before the final checkpoint" not in output
+    assert losses(tmp_path / "run") == reference
+    assert commits.latest(tmp_path / "run" / "checkpoints") == tmp_path / "run" / "checkpoints" / f"step-{STEPS:08d}"
+
+
 def test_worker_killed_while_its_keeper_persists(tmp_path, reference):
     output = torchrun(tmp_path, name="run", fault=("persist", EVERY, 1))
     assert check_resumed(tmp_path, output, reference) == EVERY
@@ -190,7 +212,6 @@ def test_worker_killed_while_its_keeper_persists(tmp_path, reference):
     assert step.meta.step == EVERY and verify(step) == []  # the keeper finished it without its worker
 
 
-@pytest.mark.slow
 def test_keeper_killed_training_goes_on_and_a_new_keeper_takes_over(tmp_path, reference):
     output = torchrun(tmp_path, name="run", fault=("keeper", 3, 0))
     assert "memory snapshots up to step" in output and "were lost" in output
