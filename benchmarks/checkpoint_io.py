@@ -130,7 +130,7 @@ class _InPlace:
 
 
 def _resurgo(root: Path, state: dict[str, torch.Tensor], *, io_threads: int, max_chunk_bytes: int, compression: str = "none"):
-    from resurgo.checkpoint.manager import Checkpointer
+    from resurgo.checkpoint.store.checkpointer import Checkpointer
     from resurgo.trainer.config import CheckpointConfig
 
     cfg = CheckpointConfig(keep=10, compression=compression)

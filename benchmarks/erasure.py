@@ -20,8 +20,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from resurgo.checkpoint.encode_site import choose_site, measure_rates
-from resurgo.checkpoint.erasure import CHUNK_BYTES, THREADS, decode, encode
+from resurgo.checkpoint.erasure.share_site import choose_site, measure_rates
+from resurgo.checkpoint.erasure.code import CHUNK_BYTES, THREADS, decode, encode
 from resurgo.kernels import isal
 
 SHAPES = [(4, 1), (4, 2), (8, 2), (8, 3)]

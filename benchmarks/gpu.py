@@ -137,9 +137,9 @@ def snapshots(size: Size, device: torch.device) -> list[Row]:
 
 
 def copier(size: Size, device: torch.device) -> list[Row]:
-    from resurgo.checkpoint import shm
-    from resurgo.checkpoint.keeper_link import _pin, _unpin
-    from resurgo.checkpoint.snapshot import CudaCopier, HostCopier
+    from resurgo.checkpoint.keeper import shm
+    from resurgo.checkpoint.keeper.client import _pin, _unpin
+    from resurgo.checkpoint.snapshot.engine import CudaCopier, HostCopier
 
     cuda = device.type == "cuda"
     numel = size.copy_mib * 2**20 // 2 // 16
@@ -175,7 +175,7 @@ def copier(size: Size, device: torch.device) -> list[Row]:
 
 
 def erasure_coding(size: Size, device: torch.device) -> list[Row]:
-    from resurgo.checkpoint import erasure
+    from resurgo.checkpoint.erasure import code as erasure
     from resurgo.kernels import gf256
     from resurgo.kernels.erasure_triton import combine_triton
 

@@ -20,9 +20,9 @@ workers failing (detection), the restarted workers starting to restore (re-rende
 model build), the end of the restore (decode + reshard, or load), the first completed step, and the
 step the node died after completed again (regained: the lost steps redone); and the steps of work
 lost. The survivors' keepers decode the lost node's ranks while the workers restart
-(checkpoint/rebuild.py); the restore then reads them as held copies, and the line `decode:` says
+(checkpoint/keeper/rebuild.py); the restore then reads them as held copies, and the line `decode:` says
 how long that took. Once a restarted worker knows its new rank, its keeper fetches what that rank's
-restore would read from other nodes while the model is built (checkpoint/stage.py); the line
+restore would read from other nodes while the model is built (checkpoint/keeper/prefetch.py); the line
 `staged:` says how much, and how long it took.
 
     python benchmarks/recovery.py --gb 1.0

@@ -68,7 +68,7 @@ def shared_memory_bytes(pid: int | str = "self") -> int:
 
 def node_shared_memory(folder: Path) -> int:
     """This benchmark's shared memory: every rank's (summed over ranks) plus the keeper's."""
-    from resurgo.checkpoint.keeper_link import keeper_pid
+    from resurgo.checkpoint.keeper.client import keeper_pid
 
     total = torch.tensor([float(shared_memory_bytes())])
     if dist.get_rank() == 0 and (pid := keeper_pid(folder / "run")) is not None:
@@ -186,8 +186,8 @@ class ResurgoRun:
     def __init__(self, trainer: Any, folder: Path) -> None:
         from dataclasses import replace
 
-        from resurgo.checkpoint import checksum
-        from resurgo.checkpoint.recovery import build_protection
+        from resurgo.checkpoint.state import checksum
+        from resurgo.checkpoint.recovery.protection import build_protection
 
         ck = replace(trainer.cfg.checkpoint, dir=str(folder / "resurgo"), every=10**9, snapshot_every=1)  # persists asked below
         self.trainer, self.protection = trainer, build_protection(replace(trainer.cfg, checkpoint=ck), trainer=trainer)

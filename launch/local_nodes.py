@@ -30,9 +30,10 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from resurgo.checkpoint import shm
-from resurgo.checkpoint.keeper_protocol import segment_prefix
-from resurgo.checkpoint.reclaim import process_alive, try_lock
+from resurgo.checkpoint.keeper import shm
+from resurgo.checkpoint.keeper.protocol import segment_prefix
+from resurgo.checkpoint.keeper.reclaim import try_lock
+from resurgo.checkpoint.process import process_alive
 
 # Rendezvous settings (torchrun --rdzv-conf) that let the survivors of a lost node train again within
 # seconds instead of the defaults' ~45 s:

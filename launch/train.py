@@ -20,9 +20,9 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from resurgo.checkpoint.comm import Comm
 from resurgo.checkpoint.errors import NothingToResume, PeerUnreachable, SaveFailed
-from resurgo.checkpoint.keeper_link import HeldSlots
-from resurgo.checkpoint.peer_recovery import previous_topology, stage_ahead
-from resurgo.checkpoint.recovery import build_protection
+from resurgo.checkpoint.keeper.client import HeldSlots
+from resurgo.checkpoint.recovery.peers import previous_topology, stage_ahead
+from resurgo.checkpoint.recovery.protection import build_protection
 from resurgo.parallel.dims import ParallelDims
 from resurgo.parallel.elastic import fit_topology
 from resurgo.trainer.config import JobConfig, load_config

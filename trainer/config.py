@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
-from resurgo.checkpoint.codec import ChunkCodec
+from resurgo.checkpoint.store.codec import ChunkCodec
 
 PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B")
 ELASTIC_POLICIES = ("off", "resize_dp")

@@ -9,13 +9,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from resurgo.checkpoint.commit import latest
-from resurgo.checkpoint.manager import Checkpointer
+from resurgo.checkpoint.store.commit import latest
+from resurgo.checkpoint.store.checkpointer import Checkpointer
 from resurgo.trainer.config import CheckpointConfig
 
 # Runs in a child process: save step 1, then stop at the chosen point of saving step 2 and wait to be killed.
@@ -24,8 +23,9 @@ CHILD = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import torch
-    from resurgo.checkpoint import commit, store
-    from resurgo.checkpoint.manager import Checkpointer
+    from resurgo.checkpoint.store import commit
+    from resurgo.checkpoint.store import writer as store
+    from resurgo.checkpoint.store.checkpointer import Checkpointer
     from resurgo.trainer.config import CheckpointConfig
 
     root, point = Path(sys.argv[1]), sys.argv[2]

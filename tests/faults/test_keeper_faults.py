@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from resurgo.checkpoint import commit as commits
-from resurgo.checkpoint.keeper_link import keeper_pid
-from resurgo.checkpoint.keeper_protocol import run_id, segment_prefix
-from resurgo.checkpoint.reader import Checkpoint, verify
-from resurgo.checkpoint.shm import list_segments
+from resurgo.checkpoint.store import commit as commits
+from resurgo.checkpoint.keeper.client import keeper_pid
+from resurgo.checkpoint.keeper.protocol import run_id, segment_prefix
+from resurgo.checkpoint.store.reader import Checkpoint, verify
+from resurgo.checkpoint.keeper.shm import list_segments
 
 STEPS, EVERY = 8, 4
 BASE = ["experiment=smoke", f"train.steps={STEPS}", "train.precision=fp32", "parallel.dp_shard=2", f"checkpoint.every={EVERY}",
@@ -58,11 +58,11 @@ WRAPPER = textwrap.dedent(
     point, at, rank = os.environ["FAULT_POINT"], int(os.environ["FAULT_STEP"]), int(os.environ["FAULT_RANK"])
     run_dir = Path(os.environ["FAULT_RUN_DIR"])
     if point == "late_copy":  # polls 2 s apart: the first rank done asks again only after its keeper exited
-        from resurgo.checkpoint import recovery
+        from resurgo.checkpoint.recovery import protection as recovery
         recovery.COMMIT_POLL_S = 2.0
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and int(os.environ["RANK"]) == rank:
-        from resurgo.checkpoint import snapshot
-        from resurgo.checkpoint.keeper_link import keeper_pid
+        from resurgo.checkpoint.snapshot import engine as snapshot
+        from resurgo.checkpoint.keeper.client import keeper_pid
         from resurgo.trainer.trainer import Trainer
 
         if point in ("forward", "keeper", "stop", "flip"):
@@ -72,8 +72,8 @@ WRAPPER = textwrap.dedent(
                     if point == "forward":
                         die()
                     if point == "flip":  # one bit of every snapshot this rank's keeper holds goes bad, then the rank dies
-                        from resurgo.checkpoint import shm
-                        from resurgo.checkpoint.keeper_protocol import run_id, segment_prefix
+                        from resurgo.checkpoint.keeper import shm
+                        from resurgo.checkpoint.keeper.protocol import run_id, segment_prefix
                         for name, _ in shm.list_segments(segment_prefix(run_id(run_dir))):
                             if f".r{rank}.s" in name:
                                 segment = shm.Segment.attach(name)
@@ -253,7 +253,7 @@ STALLING_KEEPER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from resurgo.checkpoint import store
+    from resurgo.checkpoint.store import writer as store
     from resurgo.launch.keeper import main
 
     marker = Path(sys.argv[1]) / "stalled"
@@ -272,12 +272,12 @@ STALLING_KEEPER = textwrap.dedent(
 
 
 def test_keeper_killed_during_a_persist_leaves_the_previous_checkpoint_loadable(tmp_path):
-    from resurgo.checkpoint.capture import StateCapture
-    from resurgo.checkpoint.keeper_link import EXTERNAL, KeeperLink
-    from resurgo.checkpoint.manager import Checkpointer
-    from resurgo.checkpoint.keeper_protocol import StoreTarget
-    from resurgo.checkpoint.snapshot import Registration, SnapshotEngine
-    from resurgo.checkpoint.states import ModelState, OptimizerState
+    from resurgo.checkpoint.snapshot.capture import StateCapture
+    from resurgo.checkpoint.keeper.client import EXTERNAL, KeeperLink
+    from resurgo.checkpoint.store.checkpointer import Checkpointer
+    from resurgo.checkpoint.keeper.protocol import StoreTarget
+    from resurgo.checkpoint.snapshot.engine import Registration, SnapshotEngine
+    from resurgo.checkpoint.state.stateful import ModelState, OptimizerState
     from resurgo.trainer.config import CheckpointConfig
 
     run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"

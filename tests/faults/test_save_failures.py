@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import read_metrics
-from resurgo.checkpoint import commit as commits
-from resurgo.checkpoint.keeper_link import keeper_pid
+from resurgo.checkpoint.store import commit as commits
+from resurgo.checkpoint.keeper.client import keeper_pid
 
 TINY = ["model=tiny", "train.device=cpu", "train.seq_len=32", "train.batch_size=4", "model.n_layers=2"]
 

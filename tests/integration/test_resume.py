@@ -89,7 +89,7 @@ def test_plain_zarr_reads_a_full_parameter(uninterrupted):
 
 
 def test_metadata_records_the_model_config_and_library_versions(uninterrupted):
-    from resurgo.checkpoint.metadata import read_metadata
+    from resurgo.checkpoint.store.metadata import read_metadata
 
     meta = read_metadata(uninterrupted / "ckpt" / "step-00000010")
     train = meta.states.of_rank(0)["train"]

@@ -9,7 +9,7 @@ import pytest
 
 from resurgo.checkpoint import bulk_copy
 from resurgo.checkpoint.bulk_copy import copy_into
-from resurgo.checkpoint.dtypes import _BITS, _NATIVE, storage_dtype
+from resurgo.checkpoint.state.dtypes import _BITS, _NATIVE, storage_dtype
 
 STORED = sorted({str(storage_dtype(name)) for name in [*_NATIVE, *_BITS]})
 

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from test_snapshot import Ema, Net, Progress
 
-from resurgo.checkpoint.capture import StateCapture
-from resurgo.checkpoint.flatten import flatten
-from resurgo.checkpoint.snapshot import HostCopier, slot_views
-from resurgo.checkpoint.states import ModelState, OptimizerState
+from resurgo.checkpoint.snapshot.capture import StateCapture
+from resurgo.checkpoint.state.flatten import flatten
+from resurgo.checkpoint.snapshot.engine import HostCopier, slot_views
+from resurgo.checkpoint.state.stateful import ModelState, OptimizerState
 
 
 def trained(seed: int, *, lr: float, steps: int) -> tuple[dict, torch.optim.Optimizer, Progress, Ema]:

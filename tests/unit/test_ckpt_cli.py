@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from test_ckpt_workers import TensorState
 
 from resurgo.checkpoint.errors import CheckpointError
-from resurgo.checkpoint.manager import Checkpointer
-from resurgo.checkpoint.safetensors_io import load_safetensors
+from resurgo.checkpoint.store.checkpointer import Checkpointer
+from resurgo.checkpoint.store.safetensors_io import load_safetensors
 from resurgo.launch.ckpt import main
 from resurgo.trainer.config import CheckpointConfig
 

@@ -18,10 +18,12 @@ import pytest
 import torch
 from test_ckpt_workers import TensorState
 
-from resurgo.checkpoint import commit, store
-from resurgo.checkpoint.commit import latest
+from resurgo.checkpoint.store import commit
+
+from resurgo.checkpoint.store import writer as store
+from resurgo.checkpoint.store.commit import latest
 from resurgo.checkpoint.errors import CheckpointError
-from resurgo.checkpoint.manager import Checkpointer
+from resurgo.checkpoint.store.checkpointer import Checkpointer
 from resurgo.trainer.config import CheckpointConfig
 
 

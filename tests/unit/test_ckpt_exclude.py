@@ -11,7 +11,7 @@ import torch
 from test_ckpt_workers import TensorState
 
 from resurgo.checkpoint.errors import CheckpointError
-from resurgo.checkpoint.manager import Checkpointer
+from resurgo.checkpoint.store.checkpointer import Checkpointer
 from resurgo.trainer.config import CheckpointConfig
 
 

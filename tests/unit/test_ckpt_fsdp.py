@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from test_ckpt_workers import workers
 from torch import nn
 
-from resurgo.checkpoint.manager import Checkpointer
-from resurgo.checkpoint.states import ModelState, OptimizerState
+from resurgo.checkpoint.store.checkpointer import Checkpointer
+from resurgo.checkpoint.state.stateful import ModelState, OptimizerState
 from resurgo.trainer.config import CheckpointConfig
 
 
@@ -47,7 +47,7 @@ def _full(state: dict) -> dict[str, torch.Tensor]:
     """Every tensor of a nested state, gathered whole (a collective for DTensors)."""
     from torch.distributed.tensor import DTensor
 
-    from resurgo.checkpoint.flatten import flatten
+    from resurgo.checkpoint.state.flatten import flatten
 
     tensors, _ = flatten("s", state)
     return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone().contiguous() for n, t in tensors.items()}
@@ -141,7 +141,7 @@ def safetensors_task(folder: str, expected_file: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    from resurgo.checkpoint.safetensors_io import load_safetensors
+    from resurgo.checkpoint.store.safetensors_io import load_safetensors
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     model = Tiny()
@@ -157,9 +157,9 @@ def safetensors_task(folder: str, expected_file: str) -> None:
 
 
 def test_safetensors_export_initializes_a_sharded_model(saved, tmp_path):
-    from resurgo.checkpoint.commit import latest
-    from resurgo.checkpoint.reader import Checkpoint
-    from resurgo.checkpoint.safetensors_io import export_safetensors
+    from resurgo.checkpoint.store.commit import latest
+    from resurgo.checkpoint.store.reader import Checkpoint
+    from resurgo.checkpoint.store.safetensors_io import export_safetensors
 
     export_safetensors(Checkpoint.open(latest(saved)), tmp_path, dtype="bf16", max_shard_bytes=256)
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1

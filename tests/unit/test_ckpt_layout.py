@@ -13,9 +13,9 @@ from torch.distributed.tensor._utils import _compute_local_shape_and_global_offs
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from resurgo.checkpoint.errors import CheckpointError
-from resurgo.checkpoint.grid import choose_grid, tile
-from resurgo.checkpoint.layout import Box, MeshSpec, Placement, TensorLayout
-from resurgo.checkpoint.plan import array_path, chunk_reads, plan_reads, plan_save
+from resurgo.checkpoint.store.grid import choose_grid, tile
+from resurgo.checkpoint.state.layout import Box, MeshSpec, Placement, TensorLayout
+from resurgo.checkpoint.store.save_plan import array_path, chunk_reads, plan_reads, plan_save
 
 
 def _layout(shape, sizes, placements, name="w") -> TensorLayout:

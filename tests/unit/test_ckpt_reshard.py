@@ -11,8 +11,8 @@ import torch
 import zarr
 from test_ckpt_workers import TensorState, workers
 
-from resurgo.checkpoint.commit import latest
-from resurgo.checkpoint.manager import Checkpointer
+from resurgo.checkpoint.store.commit import latest
+from resurgo.checkpoint.store.checkpointer import Checkpointer
 from resurgo.trainer.config import CheckpointConfig
 
 SHAPES = {
@@ -167,7 +167,7 @@ def test_plain_zarr_reads_the_full_tensor(saved):
 
 
 def test_every_chunk_file_exists_and_replicas_are_written_once(saved):
-    from resurgo.checkpoint.reader import Checkpoint, verify
+    from resurgo.checkpoint.store.reader import Checkpoint, verify
 
     ckpt = Checkpoint.open(latest(saved))
     assert verify(ckpt) == []
@@ -203,7 +203,7 @@ def disk_full_on_one_rank_task(root: str) -> str:
 
     import torch.distributed as dist
 
-    from resurgo.checkpoint import store
+    from resurgo.checkpoint.store import writer as store
     from resurgo.checkpoint.errors import CheckpointError
 
     rank = dist.get_rank()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resurgo.checkpoint.encode_site import CodingRates, choose_site, decide_site, measure_rates
+from resurgo.checkpoint.erasure.share_site import CodingRates, choose_site, decide_site, measure_rates
 
 GB = 1e9
 

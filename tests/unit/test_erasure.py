@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resurgo.checkpoint import erasure
-from resurgo.checkpoint.erasure import Stripe, as_bytes, decode, encode
+from resurgo.checkpoint.erasure import code as erasure
+from resurgo.checkpoint.erasure.code import Stripe, as_bytes, decode, encode
 from resurgo.kernels import gf256, isal
 
 BACKENDS = ["auto", "numpy"] + (["isal"] if isal.load() is not None else [])

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resurgo.checkpoint.erasure_plan import ErasurePlan, plan_erasure
+from resurgo.checkpoint.erasure.plan import ErasurePlan, plan_erasure
 
 
 def _cluster(nodes: int, per_node: int) -> tuple[list[str], dict[str, list[int]]]:

@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent(
     assert torch.equal(rebuilt, data[:2])
 
     # the device path's staging: ragged sources read as zero-extended, outputs cut to their lengths
-    from resurgo.checkpoint import erasure
+    from resurgo.checkpoint.erasure import code as erasure
     ragged = [torch.from_numpy(rng.integers(0, 256, n, dtype=np.uint8)) for n in (70, 3, 0, 65)]
     parity = [torch.empty(70, dtype=torch.uint8) for _ in range(3)]
     matrix = gf256.cauchy_parity(4, 3)
@@ -65,9 +65,9 @@ SCRIPT = textwrap.dedent(
     assert short.numpy().tobytes() == want[0][:5]
 
     # a worker's scaled shares (fault.erasure.encode=device), through the kernel, as the holders would scale them
-    from resurgo.checkpoint.keeper_protocol import SlotLayout
-    from resurgo.checkpoint.protector import NodeCoding, share_recipe
-    from resurgo.checkpoint.snapshot import Shares, scale_on_device
+    from resurgo.checkpoint.state.slot_layout import SlotLayout
+    from resurgo.checkpoint.erasure.service import NodeCoding, share_recipe
+    from resurgo.checkpoint.snapshot.engine import Shares, scale_on_device
     erasure._on_device = lambda srcs: all(isinstance(b, torch.Tensor) for b in srcs)
     tensors = [torch.randn(33, 7), torch.zeros(0), torch.arange(50, dtype=torch.int16), torch.randn(6, 4)[:, 1:3]]  # the last one not contiguous
     layout = SlotLayout.build([(f"t{i}", str(t.dtype)[6:], tuple(t.shape), t.numel() * t.element_size(), {})

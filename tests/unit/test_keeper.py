@@ -14,16 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from resurgo.checkpoint import persist as persist_module
-from resurgo.checkpoint import shm
-from resurgo.checkpoint.keeper import ORPHAN_GRACE_S, Keeper, KeeperRunning
-from resurgo.checkpoint.keeper_protocol import (
-    Client, KeeperError, SlotLayout, lock_path, run_id, segment_name, segment_prefix, socket_dir, socket_path,
+from resurgo.checkpoint.keeper import persist as persist_module
+from resurgo.checkpoint.keeper import shm
+from resurgo.checkpoint.keeper.server import ORPHAN_GRACE_S, Keeper, KeeperRunning
+from resurgo.checkpoint.keeper.protocol import (
+    Client, KeeperError, lock_path, run_id, segment_name, segment_prefix, socket_dir, socket_path,
 )  # fmt: skip
-from resurgo.checkpoint.layout import TensorLayout
-from resurgo.checkpoint.protector import ShareRecipe
-from resurgo.checkpoint.reader import Checkpoint, ReadRequest, read_fragments
-from resurgo.checkpoint.slots import COMPLETE, FREE, RankSlots, Slot, choose_slot
+from resurgo.checkpoint.state.slot_layout import SlotLayout
+from resurgo.checkpoint.state.layout import TensorLayout
+from resurgo.checkpoint.erasure.service import ShareRecipe
+from resurgo.checkpoint.store.reader import Checkpoint, ReadRequest, read_fragments
+from resurgo.checkpoint.keeper.slots import COMPLETE, FREE, RankSlots, Slot, choose_slot
 
 TENSORS = {"model/w": np.arange(24, dtype=np.float32).reshape(4, 6), "optim/step": np.array(3.0, dtype=np.float32)}
 
@@ -266,7 +267,7 @@ def test_finish_waits_for_the_last_persist_then_the_keeper_exits(serve, tmp_path
 
 
 def test_warming_maps_and_pins_what_a_restore_will_read(serve):
-    from resurgo.checkpoint.keeper_link import HeldSlots
+    from resurgo.checkpoint.keeper.client import HeldSlots
 
     class Counting(Client):
         def request(self, op, **fields):

@@ -2,7 +2,7 @@
 
 import math
 
-from resurgo.checkpoint.layout import TensorLayout
+from resurgo.checkpoint.state.layout import TensorLayout
 from resurgo.launch.layouts import target_layouts
 from resurgo.trainer.config import load_config
 

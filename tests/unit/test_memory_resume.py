@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from resurgo.checkpoint.capture import StateCapture
-from resurgo.checkpoint.flatten import flatten
-from resurgo.checkpoint.keeper_protocol import KeeperError
-from resurgo.checkpoint.recovery import Protection
-from resurgo.checkpoint.states import ModelState
+from resurgo.checkpoint.snapshot.capture import StateCapture
+from resurgo.checkpoint.state.flatten import flatten
+from resurgo.checkpoint.keeper.protocol import KeeperError
+from resurgo.checkpoint.recovery.protection import Protection
+from resurgo.checkpoint.state.stateful import ModelState
 
 
 class TwoRanks:

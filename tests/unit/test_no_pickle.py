@@ -8,7 +8,7 @@ import pickle
 import torch
 from test_ckpt_workers import TensorState
 
-from resurgo.checkpoint.manager import Checkpointer
+from resurgo.checkpoint.store.checkpointer import Checkpointer
 from resurgo.launch.ckpt import main
 from resurgo.trainer.config import CheckpointConfig
 

@@ -8,10 +8,10 @@ import time
 import pytest
 
 from resurgo.checkpoint.errors import PeerUnreachable
-from resurgo.checkpoint.keeper_protocol import Client, node_id, socket_path
-from resurgo.checkpoint.peer_recovery import _check_reach
-from resurgo.checkpoint.peer_wire import PeerServer, advertised_host, unreachable
-from resurgo.checkpoint.protector import ProtectPlan
+from resurgo.checkpoint.keeper.protocol import Client, node_id, socket_path
+from resurgo.checkpoint.recovery.peers import _check_reach
+from resurgo.checkpoint.erasure.wire import PeerServer, advertised_host, unreachable
+from resurgo.checkpoint.erasure.service import ProtectPlan
 from test_keeper import serve  # noqa: F401  (fixture)
 
 

@@ -11,16 +11,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from resurgo.checkpoint.keeper_protocol import SlotLayout
-from resurgo.checkpoint.layout import MeshSpec, Placement, TensorLayout
-from resurgo.checkpoint.peer_plan import Inventory, choose
-from resurgo.checkpoint.peer_recovery import replica_sets
-from resurgo.checkpoint.peer_restore import PeerReader, fill_targets, merged_trees
-from resurgo.checkpoint import checksum, erasure, protector
-from resurgo.checkpoint.protector import Pace, ProtectPlan, Protector, _Parity
-from resurgo.checkpoint.peer_wire import PeerClient, PeerError
-from resurgo.checkpoint.rebuild import plan_rebuild, probe, rebuild_rank, rebuilder
-from resurgo.checkpoint.stage import merge, new_fragment, restore_reads, stage_rank, staging_spans, subtract
+from resurgo.checkpoint.state.slot_layout import SlotLayout
+from resurgo.checkpoint.state.layout import MeshSpec, Placement, TensorLayout
+from resurgo.checkpoint.erasure.peer_plan import Inventory, choose
+from resurgo.checkpoint.recovery.peers import replica_sets
+from resurgo.checkpoint.erasure.peer_read import PeerReader, fill_targets, merged_trees
+from resurgo.checkpoint.state import checksum
+from resurgo.checkpoint.erasure import code as erasure
+from resurgo.checkpoint.erasure import service as protector
+from resurgo.checkpoint.erasure.service import Pace, ProtectPlan, Protector, _Parity
+from resurgo.checkpoint.erasure.wire import PeerClient, PeerError
+from resurgo.checkpoint.keeper.rebuild import plan_rebuild, probe, rebuild_rank, rebuilder
+from resurgo.checkpoint.keeper.prefetch import merge, new_fragment, restore_reads, stage_rank, staging_spans, subtract
 
 SHAPES = {"model/w": (13, 7), "model/b": (5,), "optim/step": ()}  # 13 rows: uneven on any world size
 

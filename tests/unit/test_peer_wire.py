@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from resurgo.checkpoint import peer_wire
-from resurgo.checkpoint.peer_wire import PeerClient, PeerError, PeerRefused, PeerServer, recv_frame, send_frame
+from resurgo.checkpoint.erasure import wire as peer_wire
+from resurgo.checkpoint.erasure.wire import PeerClient, PeerError, PeerRefused, PeerServer, recv_frame, send_frame
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ import torch
 from test_keeper import serve  # noqa: F401  (fixture)
 from torch import nn
 
-from resurgo.checkpoint.capture import StateCapture
-from resurgo.checkpoint.flatten import flatten
-from resurgo.checkpoint.keeper_link import EXTERNAL, KeeperLink
-from resurgo.checkpoint.snapshot import HostCopier, Registration, SnapshotEngine, slot_views
-from resurgo.checkpoint.shm import Segment
-from resurgo.checkpoint.states import ModelState, OptimizerState
+from resurgo.checkpoint.snapshot.capture import StateCapture
+from resurgo.checkpoint.state.flatten import flatten
+from resurgo.checkpoint.keeper.client import EXTERNAL, KeeperLink
+from resurgo.checkpoint.snapshot.engine import HostCopier, Registration, SnapshotEngine, slot_views
+from resurgo.checkpoint.keeper.shm import Segment
+from resurgo.checkpoint.state.stateful import ModelState, OptimizerState
 
 
 class Net(nn.Module):
@@ -182,7 +182,7 @@ def test_replaced_optimizer_state_is_captured_afresh(keeper):
 
 
 def test_external_keeper_missing_is_a_clear_error(tmp_path, monkeypatch):
-    from resurgo.checkpoint import recovery
+    from resurgo.checkpoint.recovery import protection as recovery
     from resurgo.trainer.config import JobConfig
 
     monkeypatch.setattr(recovery, "CONNECT_WAIT_S", 0.2)

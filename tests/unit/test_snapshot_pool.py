@@ -18,7 +18,7 @@ TOPOLOGY = {"tp": 2, "dp_shard": 2}
 
 
 def make_trainer(run_dir: str, *, every: int, restarted: bool = False, keeper: str = "external"):
-    from resurgo.checkpoint.recovery import build_protection
+    from resurgo.checkpoint.recovery.protection import build_protection
     from resurgo.trainer.config import load_config
     from resurgo.trainer.distributed import init_distributed
     from resurgo.trainer.trainer import Trainer
@@ -58,7 +58,7 @@ def step_times_task(run_dir: str) -> list[float]:
 
 
 def persist_task(run_dir: str, sync_root: str) -> None:
-    from resurgo.checkpoint.manager import Checkpointer
+    from resurgo.checkpoint.store.checkpointer import Checkpointer
 
     trainer, protection = make_trainer(run_dir, every=2)
     protection.resume()

@@ -1,0 +1,667 @@
+"""The keeper's erasure-coding side: parity for its node's snapshots, held by peers, and fetches for recovery.
+
+When a step is complete on every local rank, the node's coded ranks' slots, end to end, form its
+coded stream, cut into k segments (`NodeCoding`). For every stripe it feeds, each segment's share
+of each parity buffer (`erasure.accumulate`) is added by the parity holder as the pieces arrive, so a
+holder keeps one buffer per parity and never a copy of anybody's data. Before its shares, a node
+sends every peer of its group its ranks' JSON state and slot layouts (the meta), which a rebuilt
+rank needs as much as its bytes. A step is protected when every parity of the group is complete.
+
+All of it runs on the keeper's own threads and its own TCP connections: the training never waits for
+it; a step whose coding is still running when the next one completes is skipped (protection lag).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import code as erasure
+from .plan import ErasurePlan, plan_erasure
+from ..state.slot_layout import SlotLayout
+from .wire import PeerClient, PeerError, PeerServer, background_priority
+
+log = logging.getLogger(__name__)
+
+PIECE_BYTES = 4 * 2**20  # per message: bounds the memory a holder spends on one incoming piece
+KEEP_PLANS = 2  # the running incarnation's plan and the one it may be recovering from
+PROTECT_WAIT_S = 120.0  # longest a group's leader waits for a step's parity before coding another
+
+
+@dataclass(frozen=True)
+class ProtectPlan:
+    """What the workers of one run incarnation tell every keeper: who holds which ranks, and where."""
+
+    token: str
+    created: float  # wall clock at rank 0: the newest plan is the incarnation to recover
+    secret: str
+    nodes: tuple[str, ...]
+    ranks: Mapping[str, tuple[int, ...]]  # node -> global ranks
+    replicas: tuple[tuple[int, ...], ...]
+    k: int
+    m: int
+    peers: Mapping[str, str]  # node -> keeper address
+    world_size: int
+    topology: Mapping[str, Any]
+    every: int = 1  # code every n-th snapshot step: less traffic, up to n steps more lost with a node
+    max_mb_s: float = 0.0  # cap on the parity traffic a keeper sends (0: none)
+    site: str = "host"  # where shares of parity rows >= 1 are scaled (encode_site.py)
+
+    def erasure(self) -> ErasurePlan:
+        return plan_erasure(self.nodes, self.ranks, k=self.k, m=self.m, replicas=self.replicas)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"token": self.token, "created": self.created, "secret": self.secret, "nodes": list(self.nodes),
+                "ranks": {n: list(r) for n, r in self.ranks.items()}, "replicas": [list(r) for r in self.replicas],
+                "k": self.k, "m": self.m, "peers": dict(self.peers), "world_size": self.world_size,
+                "topology": dict(self.topology), "every": self.every, "max_mb_s": self.max_mb_s, "site": self.site}  # fmt: skip
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> ProtectPlan:
+        return ProtectPlan(
+            token=str(data["token"]), created=float(data["created"]), secret=str(data["secret"]),
+            nodes=tuple(str(n) for n in data["nodes"]),
+            ranks={str(n): tuple(int(r) for r in rs) for n, rs in data["ranks"].items()},
+            replicas=tuple(tuple(int(r) for r in rs) for rs in data["replicas"]), k=int(data["k"]), m=int(data["m"]),
+            peers={str(n): str(a) for n, a in data["peers"].items()}, world_size=int(data["world_size"]),
+            topology=dict(data["topology"]), every=int(data.get("every", 1)), max_mb_s=float(data.get("max_mb_s", 0.0)),
+            site=str(data.get("site", "host")),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class NodeCoding:
+    """How one node's coded stream (its coded ranks' slots end to end) is cut into k segments."""
+
+    k: int
+    sizes: tuple[tuple[int, int], ...]  # (rank, slot bytes) in stream order
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.sizes)
+
+    @property
+    def segment(self) -> int:
+        """Every segment's stride; the last ones may be shorter (or empty)."""
+        return -(-self.total // self.k) if self.k else 0
+
+    def length(self, index: int) -> int:
+        return max(0, min(self.segment, self.total - index * self.segment))
+
+    def base(self, rank: int) -> int:
+        """Where `rank`'s slot starts in the stream."""
+        offset = 0
+        for r, n in self.sizes:
+            if r == rank:
+                return offset
+            offset += n
+        raise KeyError(f"rank {rank} is not coded on this node")
+
+
+def stream_read(parts: Sequence[np.ndarray], start: int, nbytes: int) -> np.ndarray:
+    """Bytes [start, start+nbytes) of the concatenation of `parts`, zero beyond its end (a view, not a
+    copy, when they lie inside one part)."""
+    offset = 0
+    for part in parts:
+        if offset <= start and start + nbytes <= offset + part.size:
+            return part[start - offset : start - offset + nbytes]
+        offset += part.size
+    out = np.zeros(nbytes, dtype=np.uint8)
+    offset = 0
+    for part in parts:
+        lo, hi = max(start, offset), min(start + nbytes, offset + part.size)
+        if lo < hi:
+            out[lo - start : hi - start] = part[lo - offset : hi - offset]
+        offset += part.size
+    return out
+
+
+def segment_read(coding: NodeCoding, parts: Sequence[np.ndarray], index: int, offset: int, nbytes: int) -> np.ndarray:
+    """Bytes [offset, offset+nbytes) of segment `index` of a node's coded stream (its slots `parts`),
+    zero beyond the segment's end as the parity computation saw them."""
+    end = min(offset + nbytes, coding.length(index))
+    piece = stream_read(parts, index * coding.segment + offset, max(0, end - offset))
+    return np.concatenate([piece, np.zeros(nbytes - piece.size, dtype=np.uint8)]) if piece.size < nbytes else piece
+
+
+@dataclass(frozen=True)
+class ShareRecipe:
+    """How a worker scales its slot's shares of parity rows 1..m-1 before handing them to the keeper
+    (fault.erasure.encode=device): per byte range of the slot, one segment of its node's coded stream
+    each, the coefficient of every such row. The shares lie row after row beside the slot."""
+
+    token: str  # the incarnation whose plan it follows: shares of another one are not used
+    nbytes: int  # the slot's: one row of shares
+    ranges: tuple[tuple[int, int, tuple[int, ...]], ...]  # (start, stop, coefficients of rows 1..m-1)
+
+    @property
+    def rows(self) -> int:
+        return len(self.ranges[0][2]) if self.ranges else 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"token": self.token, "nbytes": self.nbytes, "ranges": [[a, b, list(c)] for a, b, c in self.ranges]}
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> ShareRecipe:
+        ranges = tuple((int(a), int(b), tuple(int(x) for x in c)) for a, b, c in data["ranges"])
+        return ShareRecipe(str(data["token"]), int(data["nbytes"]), ranges)
+
+    def scale(self, slot: np.ndarray, out: np.ndarray) -> None:
+        """The shares of a slot already in host memory (a worker without a GPU)."""
+        rows = [out[row * self.nbytes : (row + 1) * self.nbytes] for row in range(self.rows)]
+        for start, stop, coefficients in self.ranges:
+            erasure.scale(slot[start:stop], coefficients, out=[row[start:stop] for row in rows])
+
+
+def share_recipe(coding: NodeCoding, rank: int, *, m: int, token: str) -> ShareRecipe:
+    """`rank`'s recipe when its node's coded stream is cut as `coding`: segment t's bytes enter
+    parity p with coefficient G[p, t], as the holder's `accumulate` applies it."""
+    matrix = erasure.parity_matrix(coding.k, m)
+    base, size = coding.base(rank), dict(coding.sizes)[rank]
+    ranges = []
+    for t in range(coding.k):
+        lo, hi = max(base, t * coding.segment), min(base + size, t * coding.segment + coding.length(t))
+        if lo < hi:
+            ranges.append((lo - base, hi - base, tuple(int(matrix[p, t]) for p in range(1, m))))
+    return ShareRecipe(token, size, tuple(ranges))
+
+
+@dataclass
+class _Parity:
+    """One parity buffer being summed from its k shares, piece by piece (every sender cuts its share
+    at the same PIECE_BYTES grid). The first piece to reach a grid cell is stored, scaled, and the
+    rest of the cell cleared; later ones are added. So the buffer is never zero-filled first, and
+    the first share costs a copy, not a read-modify-write."""
+
+    data: np.ndarray  # its bytes are garbage outside the cells in `filled`
+    filled: set[int] = field(default_factory=set)  # offsets of the grid cells written so far
+    lengths: dict[int, int] = field(default_factory=dict)  # data index -> its segment length
+    received: dict[int, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def complete(self, k: int) -> bool:
+        return len(self.lengths) == k and all(self.received.get(t, 0) == n for t, n in self.lengths.items())
+
+    def add(self, offset: int, piece: np.ndarray, *, k: int, m: int, parity: int, index: int) -> None:
+        """Add data buffer `index`'s share piece at `offset` (a grid cell's start)."""
+        if offset % PIECE_BYTES or piece.size > PIECE_BYTES:
+            raise ValueError(f"a {piece.size}-byte share piece at offset {offset} is off the {PIECE_BYTES}-byte grid")
+        first = offset not in self.filled
+        if piece.size:
+            erasure.accumulate(self.data[offset:], piece, k=k, m=m, parity=parity, index=index, store=first)
+        if first:
+            self.data[offset + piece.size : offset + PIECE_BYTES] = 0  # past a shorter share's end
+            self.filled.add(offset)
+
+    def grow(self, length: int) -> None:
+        """Extend to a longer segment than the first one seen; what no share has reached reads as zero."""
+        if length <= self.data.size:
+            return
+        grown = np.zeros(length, dtype=np.uint8)
+        grown[: self.data.size] = self.data
+        self.data = grown
+
+
+class Pace:
+    """Spaces sends so that they average at most a given rate: each waits until the one before it
+    would have taken its share of the time at that rate."""
+
+    def __init__(self) -> None:
+        self.due = 0.0
+
+    def wait(self, nbytes: int, *, bytes_per_s: float) -> None:
+        if bytes_per_s <= 0:
+            return
+        now = time.monotonic()
+        if self.due > now:
+            time.sleep(self.due - now)
+            now = self.due
+        self.due = now + nbytes / bytes_per_s
+
+
+SlotSource = Callable[[int, int], "np.ndarray | None"]  # (rank, step) -> the slot's bytes, None if not held
+
+
+class Protector:
+    """One per keeper; `serve` starts its TCP server, `protect` takes a plan, `submit` codes a step."""
+
+    def __init__(self, *, node: str, host: str, slot_source: SlotSource, on_protected: Callable[[], None],
+                 report: Callable[..., dict[str, Any]] | None = None,
+                 on_announced: Callable[[int], None] | None = None) -> None:  # fmt: skip
+        """`report(compact=, ranks=, step=)`: this node's whole inventory (held slots too) for peers that
+        ask (`report_fields`); default `inventory()`.
+        `on_announced(step)`: the group's leader began coding `step`: submit it once it is held here."""
+        self.node, self.slot_source, self.on_protected = node, slot_source, on_protected
+        self.on_announced = on_announced or (lambda step: None)
+        self.report = report or (lambda **_: self.inventory())
+        self.plans: dict[str, tuple[ProtectPlan, ErasurePlan]] = {}
+        self.current: str | None = None
+        self.secret = ""  # the running incarnation's: what peers and workers must present
+        self._parity: dict[tuple[str, int, int, int], _Parity] = {}
+        self._spare: list[np.ndarray] = []  # evicted parity buffers: a step reuses them, not fresh pages
+        self._done: dict[tuple[str, int], set[tuple[int, int]]] = {}
+        self._meta: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}  # (token, step) -> node -> meta
+        self._layouts: dict[tuple[str, int], dict[str, Any]] = {}  # (token, rank) -> slot layout json
+        self.protected: dict[str, int] = {}
+        self._coded: dict[str, int] = {}  # token -> newest step whose shares this node sent
+        self._thread_cpu_s = 0.0  # the coding and notice threads' CPU time
+        self._pace = Pace()  # of the parity traffic sent, across steps (fault.erasure.max_mb_s)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a step protected, a new plan, or the coder stopping
+        self._announced: dict[str, int] = {}  # token -> the step the group's leader codes now
+        self._scaled: set[str] = set()  # incarnations whose workers' scaled shares were used
+        self._coding = -1  # the step being coded (until the leader saw it protected): nothing else is taken meanwhile
+        self._stopping = False
+        self._clients: dict[str, PeerClient] = {}
+        self._sent: dict[tuple[str, str, int], str] = {}  # (token, peer, rank) -> layout digest the peer holds
+        self._jobs: queue.Queue[tuple[str, int, dict, Callable[[], None], dict, dict] | None] = queue.Queue(maxsize=1)
+        self._notices: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self.server = PeerServer(host=host, handler=self._handle, secrets=self._secrets,
+                                 background=frozenset({"contribute", "meta", "parity_done"}))  # fmt: skip
+        self._threads = [threading.Thread(target=self._code_loop, name="resurgo-erasure", daemon=True),
+                         threading.Thread(target=self._notice_loop, name="resurgo-erasure-notice", daemon=True)]  # fmt: skip
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def start(self) -> None:
+        self.server.start()
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._changed.notify_all()
+        self._notices.put(None)
+        try:
+            self._jobs.put(None, timeout=5)
+        except queue.Full:
+            pass
+        self.server.stop()
+        for client in list(self._clients.values()):  # the sending threads may still add or drop one
+            client.close()
+
+    # ---- plans and status -----------------------------------------------------------------
+
+    def protect(self, plan: ProtectPlan) -> ErasurePlan:
+        """Adopt the running incarnation's plan (the previous one stays for a recovery reading it)."""
+        erasure_plan = plan.erasure()
+        with self._lock:
+            self.plans[plan.token] = (plan, erasure_plan)
+            self.current, self.secret = plan.token, plan.secret
+            # Keep the newest earlier plan with a protected step: a recovery that failed midway and the
+            # one after it both read that incarnation's memory.
+            earlier = sorted((t for t in self.plans if t != plan.token and t in self.protected),
+                             key=lambda t: self.plans[t][0].created)[-(KEEP_PLANS - 1):]  # fmt: skip
+            for stale in [t for t in self.plans if t != plan.token and t not in earlier]:
+                self._forget(stale)
+            self._changed.notify_all()  # a leader waiting on the last incarnation's parity codes this one's
+        return erasure_plan
+
+    def pause(self, *, secret: str) -> None:
+        """Code nothing until the next plan (one node left); earlier plans stay for a recovery,
+        served to the workers that know the running incarnation's `secret`."""
+        with self._lock:
+            self.current, self.secret = None, secret
+            self._changed.notify_all()
+
+    def newest_plan(self) -> ProtectPlan | None:
+        """The plan of the newest incarnation this keeper coded for."""
+        with self._lock:
+            plans = [p for p, _ in self.plans.values()]
+        return max(plans, key=lambda p: p.created, default=None)
+
+    def protected_step(self) -> int:
+        with self._lock:
+            return self.protected.get(self.current, -1) if self.current else -1
+
+    def coded_step(self) -> int:
+        """The newest step of the running incarnation whose shares this node sent: it becomes the
+        protected one as soon as the group's parity completes, so its slots must stay whole."""
+        with self._lock:
+            return self._coded.get(self.current, -1) if self.current else -1
+
+    def share_recipe(self, rank: int, sizes: Mapping[int, int]) -> ShareRecipe | None:
+        """`rank`'s recipe for the running incarnation, given every local rank's slot bytes; None when
+        its workers do not scale shares (the plan's site is the host, or `rank` is not coded here)."""
+        with self._lock:
+            if self.current is None:
+                return None
+            plan, erasure_plan = self.plans[self.current]
+        coded = erasure_plan.coded_on(self.node)
+        if plan.site != "device" or plan.m < 2 or rank not in coded or any(r not in sizes for r in coded):
+            return None
+        return share_recipe(NodeCoding(plan.k, tuple((r, int(sizes[r])) for r in coded)), rank, m=plan.m, token=plan.token)
+
+    def coding_step(self) -> int:
+        """The step being coded now, -1 when none."""
+        with self._lock:
+            return self._coding
+
+    def inventory(self) -> dict[str, Any]:
+        """What this node can serve to a recovery: plans, complete parity, the metas it holds."""
+        with self._lock:
+            parity: dict[str, dict[str, list[list[int]]]] = {}
+            for (token, step, stripe, p), buf in self._parity.items():
+                k = self.plans[token][0].k if token in self.plans else 0
+                if k and buf.complete(k):
+                    parity.setdefault(token, {}).setdefault(str(step), []).append([stripe, p, *[buf.lengths[t] for t in range(k)]])
+            metas: dict[str, dict[str, dict[str, Any]]] = {}
+            for (token, step), by_node in self._meta.items():
+                metas.setdefault(token, {})[str(step)] = {n: m["digests"] for n, m in by_node.items()}
+            return {"node": self.node, "address": self.address, "plans": [p.to_json() for p, _ in self.plans.values()],
+                    "parity": parity, "metas": metas, "protected": dict(self.protected)}  # fmt: skip
+
+    # ---- coding a step ----------------------------------------------------------------------
+
+    def submit(self, step: int, ranks: dict[int, tuple[SlotLayout, np.ndarray, Any]], release: Callable[[], None],
+               shares: Mapping[int, tuple[str, np.ndarray]] | None = None,
+               sums: Mapping[int, list[int] | None] | None = None) -> bool:  # fmt: skip
+        """Code `step` of the local ranks ({rank: (slot layout, slot bytes, tree)}) in the background;
+        False (and nothing held) when this node does not code it now. `shares`: the ranks' scaled
+        shares ({rank: (token of their recipe, bytes)}), sent as they are when every coded rank has
+        them for this incarnation; else the holders scale. `sums`: the slots' checksums, which travel
+        in the meta so that a rank rebuilt from parity is checked as a held one is.
+
+        Every node of a group must code the same steps, or no parity completes: the group's first
+        node (the leader) codes whenever it is free and a step is due, and waits until that step is
+        protected before it takes another; the others code the step the leader announced (its meta
+        comes first), as soon as they hold it."""
+        with self._lock:
+            token = self.current
+            if token is None or step % self.plans[token][0].every or self._coding >= 0:
+                return False
+            if not self._leads(token) and self._announced.get(token) != step:
+                return False
+            self._coding = step
+        self._jobs.put((token, step, ranks, release, dict(shares or {}), dict(sums or {})))
+        return True
+
+    def _leads(self, token: str) -> bool:
+        """Whether this node leads its group in incarnation `token` (False once its plan is forgotten:
+        a new plan may replace it while the coder waits)."""
+        if token not in self.plans:
+            return False
+        group = self.plans[token][1].group_of(self.node)
+        return group is None or group.nodes[0] == self.node
+
+    def _code_loop(self) -> None:
+        background_priority()
+        while (job := self._jobs.get()) is not None:
+            token, step, ranks, release, shares, sums = job
+            start = time.thread_time()
+            coded = False
+            try:
+                self._code(token, step, ranks, shares, sums)
+                coded = True
+                with self._lock:
+                    self._coded[token] = max(self._coded.get(token, -1), step)
+            except PeerError as e:
+                log.warning("step %d is not protected: %s", step, e)
+            except Exception:
+                log.exception("coding step %d failed", step)
+            finally:
+                release()
+                self._add_cpu(time.thread_time() - start)
+            with self._lock:
+                if coded and self._leads(token):  # the others are still sending theirs: wait, not outrun them
+                    if not self._changed.wait_for(lambda: self.protected.get(token, -1) >= step or self._stopping
+                                                  or token != self.current, timeout=PROTECT_WAIT_S):  # fmt: skip
+                        log.warning("step %d is not protected %.0f s after this node sent its shares: coding the next",
+                                    step, PROTECT_WAIT_S)  # fmt: skip
+                self._coding = -1
+                announced = self._announced.get(token, -1) if not self._leads(token) else -1
+            if announced > step:  # announced while this step was being coded
+                self.on_announced(announced)
+
+    def _add_cpu(self, seconds: float) -> None:
+        with self._lock:
+            self._thread_cpu_s += seconds
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) this keeper spent protecting: coding, sending, adding shares."""
+        with self._lock:
+            return self._thread_cpu_s + self.server.background_cpu_s
+
+    def _code(self, token: str, step: int, ranks: dict[int, tuple[SlotLayout, np.ndarray, Any]],
+              shares: Mapping[int, tuple[str, np.ndarray]], sums: Mapping[int, list[int] | None]) -> None:  # fmt: skip
+        plan, erasure_plan = self.plans[token]
+        group = erasure_plan.group_of(self.node)
+        if group is None:
+            return
+        coded = erasure_plan.coded_on(self.node)
+        coding = NodeCoding(plan.k, tuple((r, int(ranks[r][1].size)) for r in coded))
+        meta = {"node": self.node, "coded": [[r, n] for r, n in coding.sizes],
+                "trees": {str(r): tree for r, (_, _, tree) in ranks.items()}, "sums": {str(r): s for r, s in sums.items()},
+                "digests": {str(r): layout.digest for r, (layout, _, _) in ranks.items()}}  # fmt: skip
+        for node in group.nodes:
+            # A layout changes only when the state does: each peer gets it once per incarnation.
+            new = {r: layout for r, (layout, _, _) in ranks.items() if self._sent.get((token, node, r)) != layout.digest}
+            layouts = {str(r): layout.to_json() for r, layout in new.items()}
+            self._send(node, plan, "meta", token=token, step=step, meta={**meta, "layouts": layouts})
+            self._sent.update({(token, node, r): layout.digest for r, layout in new.items()})
+        rows = [[ranks[r][1] for r in coded]]  # row p: what goes to parity p (row 0 the data itself)
+        if plan.site == "device" and all(shares.get(r, ("",))[0] == token for r in coded):
+            rows += [[shares[r][1][(p - 1) * n : p * n] for r, n in coding.sizes] for p in range(1, plan.m)]
+            if token not in self._scaled:
+                self._scaled.add(token)
+                log.info("from step %d the workers scale the shares of parity rows 1..%d: the holders only add them", step, plan.m - 1)
+        for index, stripe in enumerate(group.stripes):
+            for t in (t for (n, t) in stripe.data if n == self.node):
+                length = coding.length(t)
+                for p, holder in enumerate(stripe.parity):
+                    scaled = 0 < p < len(rows)
+                    for offset in range(0, max(length, 1), PIECE_BYTES):
+                        piece = stream_read(rows[p if scaled else 0], t * coding.segment + offset, min(PIECE_BYTES, length - offset))
+                        self._pace.wait(piece.size, bytes_per_s=plan.max_mb_s * 1e6)
+                        self._send(holder, plan, "contribute", piece, token=token, step=step, stripe=index, index=t,
+                                   parity=p, offset=offset, length=length, scaled=scaled)  # fmt: skip
+
+    def _send(self, node: str, plan: ProtectPlan, op: str, payload: Any = None, **fields: Any) -> dict[str, Any]:
+        if node == self.node:
+            reply, _ = self._handle({"op": op, **fields}, memoryview(payload if payload is not None else b""))
+            return reply
+        client = self._clients.get(node)
+        if client is None or client.address != plan.peers[node] or client.secret != plan.secret:
+            client = self._clients[node] = PeerClient(plan.peers[node], secret=plan.secret)
+        try:
+            return client.request(op, payload, **fields)[0]
+        except PeerError:
+            self._clients.pop(node, None)
+            client.close()
+            self._sent = {key: d for key, d in self._sent.items() if key[1] != node}  # it may come back empty
+            raise
+
+    # ---- serving peers ----------------------------------------------------------------------
+
+    def _secrets(self) -> set[str]:
+        """The running incarnation's secret and those of the earlier ones kept: a survivor still
+        staging an earlier incarnation's memory reads on after its peers adopted the next plan."""
+        with self._lock:
+            return {self.secret, *(p.secret for p, _ in self.plans.values())}
+
+    def _handle(self, header: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], Any]:
+        op = header.get("op")
+        if op == "contribute":
+            return self._contribute(header, payload), None
+        if op == "meta":
+            return self._store_meta(header), None
+        if op == "parity_done":
+            return self._parity_done(str(header["token"]), int(header["step"]), int(header["stripe"]), int(header["parity"])), None
+        if op == "fetch":
+            return {}, self._fetch(header)
+        if op == "inventory":
+            return {"inventory": self.report(**report_fields(header))}, None
+        if op == "meta_of":
+            return {"meta": self.meta_of(str(header["token"]), int(header["step"]), str(header["node"]))}, None
+        raise ValueError(f"unknown peer request {op!r}")
+
+    def _contribute(self, h: dict[str, Any], payload: memoryview) -> dict[str, Any]:
+        token, step, stripe, p, t = str(h["token"]), int(h["step"]), int(h["stripe"]), int(h["parity"]), int(h["index"])
+        offset, length = int(h["offset"]), int(h["length"])
+        with self._lock:
+            plan, _ = self.plans[token]
+            key = (token, step, stripe, p)
+            buf = self._parity.get(key)
+            if buf is None:
+                buf = self._parity[key] = self._new_parity(length)
+        piece = np.frombuffer(payload, dtype=np.uint8)
+        with buf.lock:  # outside the keeper's lock: shares for other buffers are added meanwhile
+            buf.grow(length)
+            # A scaled share is added as parity 0's are, with coefficient 1.
+            buf.add(offset, piece, k=plan.k, m=plan.m, parity=0 if h.get("scaled") else p, index=t)
+            buf.lengths[t] = length
+            buf.received[t] = buf.received.get(t, 0) + piece.size
+            complete = buf.complete(plan.k)
+        if complete:
+            group = self.plans[token][1].group_of(self.node)
+            for node in group.nodes if group else ():
+                self._notices.put((node, {"op": "parity_done", "token": token, "step": step, "stripe": stripe, "parity": p}))
+        return {}
+
+    def _store_meta(self, h: dict[str, Any]) -> dict[str, Any]:
+        meta, token, step = dict(h["meta"]), str(h["token"]), int(h["step"])
+        with self._lock:
+            for rank, layout in meta.pop("layouts", {}).items():
+                self._layouts[(token, int(rank))] = layout
+            self._meta.setdefault((token, step), {})[str(meta["node"])] = meta
+            plan = self.plans.get(token)
+            group = plan[1].group_of(self.node) if plan else None
+            announced = group is not None and meta["node"] == group.nodes[0] != self.node and token == self.current
+            if announced:
+                self._announced[token] = max(self._announced.get(token, -1), step)
+        if announced:
+            self.on_announced(step)
+        return {}
+
+    def _parity_done(self, token: str, step: int, stripe: int, p: int) -> dict[str, Any]:
+        with self._lock:
+            if token not in self.plans:
+                return {}
+            plan, erasure_plan = self.plans[token]
+            group = erasure_plan.group_of(self.node)
+            done = self._done.setdefault((token, step), set())
+            done.add((stripe, p))
+            newly = group is not None and len(done) == len(group.stripes) * plan.m and step > self.protected.get(token, -1)
+            if newly:
+                self.protected[token] = step
+                self._evict(token, step)
+                self._changed.notify_all()
+        if newly:
+            self.on_protected()
+        return {}
+
+    def _notice_loop(self) -> None:
+        background_priority()
+        while (notice := self._notices.get()) is not None:
+            start = time.thread_time()
+            node, message = notice
+            with self._lock:
+                entry = self.plans.get(message["token"])
+            if entry is None:
+                continue
+            try:
+                self._send(node, entry[0], message.pop("op"), **message)
+            except PeerError as e:
+                log.info("parity notice to %s not delivered: %s", node, e)
+            self._add_cpu(time.thread_time() - start)
+
+    def _fetch(self, h: dict[str, Any]) -> np.ndarray:
+        kind, step, offset, nbytes = str(h["kind"]), int(h["step"]), int(h["offset"]), int(h["nbytes"])
+        if kind == "slot":
+            data = self.slot_source(int(h["rank"]), step)
+            if data is None:
+                raise LookupError(f"rank {h['rank']}'s snapshot of step {step} is not held on {self.node}")
+            return stream_read([data], offset, nbytes)
+        token = str(h["token"])
+        if kind == "parity":
+            with self._lock:
+                buf = self._parity.get((token, step, int(h["stripe"]), int(h["parity"])))
+            if buf is None:
+                raise LookupError(f"no parity {h['stripe']}/{h['parity']} of step {step} on {self.node}")
+            return stream_read([buf.data], offset, nbytes)
+        if kind == "segment":
+            with self._lock:
+                plan, erasure_plan = self.plans[token]
+            coded = erasure_plan.coded_on(self.node)
+            parts = [self.slot_source(r, step) for r in coded]
+            if any(p is None for p in parts):
+                raise LookupError(f"{self.node} no longer holds every coded rank of step {step}")
+            coding = NodeCoding(plan.k, tuple((r, int(p.size)) for r, p in zip(coded, parts)))
+            return segment_read(coding, parts, int(h["index"]), offset, nbytes)
+        raise ValueError(f"unknown fetch kind {kind!r}")
+
+    def meta_of(self, token: str, step: int, node: str) -> dict[str, Any] | None:
+        """A node's meta of `step` (its ranks' JSON state and slot layouts), None if not held here."""
+        with self._lock:
+            meta = self._meta.get((token, step), {}).get(node)
+            if meta is None:
+                return None
+            ranks = [int(r) for r in meta["trees"]]
+            return {**meta, "layouts": {str(r): self._layouts.get((token, r)) for r in ranks}}
+
+    # ---- memory bounds ----------------------------------------------------------------------
+
+    def _evict(self, token: str, step: int) -> None:
+        """A newer step of `token` is protected: older parity of it, and all of other incarnations, go."""
+        def stale(t: str, s: int) -> bool:
+            return t != token or s < step
+
+        # Spares: as many buffers as this step uses, for the next step to fill (segment sizes repeat);
+        # a spare no segment of this step fits (an earlier incarnation's layout) would only crowd out
+        # one that does, and every later step would then fill fresh pages.
+        used = [b.data.size for k, b in self._parity.items() if k[:2] == (token, step)]
+        keep, sizes = len(used), set(used)
+        self._spare = [s for s in self._spare if s.size in sizes]
+        for key in [k for k in self._parity if stale(k[0], k[1])]:
+            self._drop_parity(key, keep=keep, sizes=sizes)
+        for table in (self._done, self._meta):
+            for key in [k for k in table if stale(*k)]:
+                del table[key]
+        for key in [k for k in self._layouts if k[0] != token]:
+            del self._layouts[key]
+
+    def _new_parity(self, length: int) -> _Parity:
+        """A parity buffer of `length` bytes: a spare one of that size, else new (its first shares fill it)."""
+        for i, spare in enumerate(self._spare):
+            if spare.size == length:
+                return _Parity(self._spare.pop(i))
+        return _Parity(np.empty(length, dtype=np.uint8))
+
+    def _drop_parity(self, key: tuple[str, int, int, int], *, keep: int, sizes: set[int]) -> None:
+        """Evict one parity buffer, kept as a spare while fewer than `keep` are and its size is in use."""
+        buf = self._parity.pop(key)
+        if len(self._spare) < keep and buf.data.size in sizes:
+            self._spare.append(buf.data)
+
+    def _forget(self, token: str) -> None:
+        self.plans.pop(token, None)
+        self.protected.pop(token, None)
+        self._coded.pop(token, None)
+        for table in (self._parity, self._done, self._meta, self._layouts):
+            for key in [k for k in table if k[0] == token]:
+                del table[key]
+
+    def parity_bytes(self) -> int:
+        """Host memory parity takes here: buffers held and spares."""
+        with self._lock:
+            return sum(b.data.size for b in self._parity.values()) + sum(s.size for s in self._spare)
+
+
+def report_fields(msg: dict[str, Any]) -> dict[str, Any]:
+    """The `inventory` request's options: `compact`, and the `ranks` and `step` to describe."""
+    fields: dict[str, Any] = {"compact": bool(msg.get("compact", False))}
+    if msg.get("ranks") is not None:
+        fields["ranks"] = [int(r) for r in msg["ranks"]]
+    if msg.get("step") is not None:
+        fields["step"] = int(msg["step"])
+    return fields

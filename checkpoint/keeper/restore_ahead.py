@@ -1,0 +1,240 @@
+"""What a keeper does for a restore before the restarted workers ask for it.
+
+When a worker dies with a peer node, the keeper decodes that node's ranks from the survivors'
+memory (rebuild.py) while torchrun restarts the job. Once a restarted worker tells it its new rank
+and topology (op `stage`), it fetches what that rank's restore would read from other nodes
+(stage.py) while the model is built. Both leave whole copies in this keeper's shared memory, which
+the restore then reads as held: only the copy into the workers' tensors remains on its path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import rebuild
+
+from . import shm
+
+from . import prefetch as stage
+from ..state.slot_layout import SlotLayout
+from ..erasure.peer_plan import choose
+from ..erasure.peer_read import PeerReader
+from ..erasure.service import Protector
+from .watch import HangWatch
+from .slots import COMPLETE, RankSlots, Slot, free
+
+log = logging.getLogger(__name__)
+
+REBUILD_WAIT_S = 120.0  # longest an inventory waits for a rebuild of lost ranks to finish
+REBUILT_SLOT = -1  # the segment name's slot index of a lost rank rebuilt here
+STAGED_SLOT = -2  # and of the first piece of an old rank staged here (the next ones count down)
+
+
+@dataclass
+class _Staged:
+    """Spans of one old rank's slot of `step` staged here for a restore (stage.py): its description and pieces."""
+
+    step: int
+    layout: SlotLayout
+    tree: Any
+    checksums: list[int] | None
+    pieces: list[tuple[stage.Staged, Slot]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def covered(self) -> list[stage.Span]:
+        return stage.merge([(a, b) for staged, _ in self.pieces for a, b, _ in staged.spans])
+
+
+class RestoreAhead:
+    """The keeper's rebuilds and staging, mixed into `Keeper`: they share its lock (`_cond`), its
+    protector, ranks and peer watch, and use its `_held`, `_inventory`, `_name` and `_slot_bytes`."""
+
+    _cond: threading.Condition
+    protector: Protector | None
+    watch: HangWatch
+    node: str
+    ranks: dict[int, RankSlots]
+
+    def _init_ahead(self) -> None:
+        self.rebuilt: dict[int, RankSlots] = {}  # lost nodes' ranks decoded here (rebuild.py), apart from ours
+        self._rebuild_s: dict[int, float] = {}
+        self._rebuilding = False
+        self.staged: dict[int, _Staged] = {}  # other nodes' old ranks, the spans this node's restore reads
+        self.reads: dict[int, dict[str, Any]] = {}  # new rank -> the step and old ranks its restore reads
+        self._stage_requests: list[tuple[int, dict[str, int]]] = []
+        self._staging = False
+
+    def _staged(self, msg: dict[str, Any]) -> _Staged | None:
+        """The spans staged here of an old rank's step that this keeper does not hold whole."""
+        rank, step = int(msg["rank"]), int(msg["step"])
+        held = self._held(rank)
+        if held is not None and held.find(step) is not None:
+            return None
+        staged = self.staged.get(rank)
+        return staged if staged is not None and staged.pieces and staged.step == step else None
+
+    def _op_stage(self, msg: dict[str, Any], conn: Any) -> dict[str, Any]:
+        """A restarted worker's new rank and topology: fetch what its restore will read from peers now."""
+        if self.protector is None or self.protector.newest_plan() is None:
+            return {"staging": False}
+        self._stage_requests.append((int(msg["rank"]), {str(a): int(n) for a, n in msg["topology"].items()}))
+        if not self._staging:
+            self._staging = True
+            threading.Thread(target=self._stage_loop, name="resurgo-keeper-stage", daemon=True).start()
+        return {"staging": True}
+
+    # ---- rebuilding lost ranks (called with the lock held) ----------------------------------
+
+    def _start_rebuild(self) -> None:
+        """A worker died: if a peer node died with it, rebuild its ranks here before the restart asks."""
+        if self._rebuilding or self.protector is None or self.protector.newest_plan() is None:
+            return
+        self._rebuilding = True
+        threading.Thread(target=self._rebuild, name="resurgo-keeper-rebuild", daemon=True).start()
+
+    def _survivors(self) -> Any:
+        """What the reachable keepers of the newest plan hold (this one's too), None if none can say."""
+        plan = self.protector.newest_plan() if self.protector is not None else None
+        # A peer hung with its sockets open would hold every request to it until its timeout.
+        silent = self.watch.silent(rebuild.PROBE_TIMEOUT_S)
+        return rebuild.probe(plan, node=self.node, own=self._inventory(), skip=silent) if plan else None
+
+    @contextmanager
+    def _pinned(self, step: int) -> Iterator[None]:
+        """This node's own slots of `step` kept from reuse while a background reader decodes from them."""
+        with self._cond:
+            pinned = [s for h in self.ranks.values() if (s := h.find(step)) is not None]
+            for slot in pinned:
+                slot.pins += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                for slot in pinned:
+                    slot.pins -= 1
+
+    def _rebuild(self) -> None:
+        try:
+            inventories = self._survivors()
+            chosen, ranks = rebuild.plan_rebuild(inventories, node=self.node) if inventories else (None, [])
+            if chosen is not None and ranks:
+                with self._pinned(chosen.step):
+                    for rank in ranks:
+                        self._rebuild_rank(chosen, inventories, rank)
+        except Exception:
+            log.exception("rebuilding lost ranks ahead of the restart failed: the recovery decodes them itself")
+        finally:
+            with self._cond:
+                self._rebuilding = False
+                self._cond.notify_all()
+
+    def _drop_rebuilt(self, rank: int) -> None:
+        free(self.rebuilt.pop(rank).slots)
+        self._rebuild_s.pop(rank, None)
+
+    def _rebuild_rank(self, chosen: Any, inventories: Any, rank: int) -> None:
+        with self._cond:
+            if rank in self.rebuilt:
+                self._drop_rebuilt(rank)
+            allocate = _Allocation(self._name(rank, REBUILT_SLOT))
+        with allocate:
+            done, _ = rebuild.rebuild_rank(chosen, inventories, rank=rank, node=self.node, local=self._slot_bytes, allocate=allocate)
+        slot = Slot(REBUILT_SLOT, allocate.segment, step=done.step, status=COMPLETE, tree=done.tree, checksums=done.sums)
+        with self._cond:
+            self.rebuilt[rank] = RankSlots(rank, done.layout, done.token, slots=[slot])
+            self._rebuild_s[rank] = done.seconds
+        log.info("rebuilt lost rank %d's snapshot of step %d (%.1f MB) from peers' memory in %.2f s",
+                 rank, done.step, done.layout.nbytes / 1e6, done.seconds)  # fmt: skip
+
+    # ---- staging what a restore will read (stage.py) ------------------------------------------
+
+    def _stage_loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._rebuilding:  # a rebuilt rank is held whole: nothing of it to stage
+                    self._cond.wait(timeout=1.0)
+                requests, self._stage_requests = self._stage_requests, []
+                if not requests:
+                    self._staging = False
+                    self._cond.notify_all()
+                    return
+            try:
+                self._stage(requests)
+            except Exception:
+                log.exception("staging for the restore failed: the restore reads from peers itself")
+
+    def _stage(self, requests: list[tuple[int, dict[str, int]]]) -> None:
+        inventories = self._survivors()
+        chosen, _ = choose(list(inventories.values()), current="") if inventories else (None, "")
+        if chosen is None:
+            return
+        by_topology: dict[tuple[tuple[str, int], ...], list[int]] = {}
+        for rank, topology in requests:
+            by_topology.setdefault(tuple(topology.items()), []).append(rank)
+        reader = PeerReader(chosen, inventories, secret=chosen.plan.secret, node=self.node, local=self._slot_bytes)
+        held = lambda r: self._slot_bytes(r, chosen.step) is not None  # noqa: E731
+        try:
+            with self._pinned(chosen.step):
+                for topology, ranks in by_topology.items():
+                    reads = stage.restore_reads(reader, topology=dict(topology), ranks=ranks)
+                    with self._cond:
+                        self.reads.update({r: {"step": chosen.step, "ranks": sorted(by_old)} for r, by_old in reads.items()})
+                    for old, spans in stage.staging_spans(reads, held=held).items():
+                        self._stage_spans(reader, old, spans)
+        finally:
+            reader.close()
+
+    def _stage_spans(self, reader: PeerReader, rank: int, spans: list[stage.Span]) -> None:
+        step, layout, tree = reader.chosen.step, reader.layout(rank), reader.tree(rank)
+        with self._cond:
+            staged = self.staged.get(rank)
+            if staged is not None and staged.step != step:
+                self._drop_staged(rank=rank, force=True)
+                staged = None
+            if staged is None:
+                staged = self.staged[rank] = _Staged(step, layout, tree, reader.sums(rank))
+            spans = stage.subtract(spans, staged.covered())
+            index = STAGED_SLOT - len(staged.pieces)
+            allocate = _Allocation(self._name(rank, index))
+        if not spans:
+            return
+        with allocate:
+            done, _, seconds = stage.stage_rank(reader, rank=rank, spans=spans, allocate=allocate)
+        with self._cond:
+            staged.pieces.append((done, Slot(index, allocate.segment, step=step, status=COMPLETE, tree=staged.tree)))
+            staged.seconds += seconds
+        log.info("staged %.1f MB of old rank %d's step %d for the restore in %.2f s", done.nbytes / 1e6, rank, step, seconds)
+
+    def _drop_staged(self, *, rank: int | None = None, force: bool = False) -> None:
+        """Free staged spans (of `rank`, else of every old rank) that no restore reads now (or all: `force`)."""
+        for r in [rank] if rank is not None else list(self.staged):
+            staged = self.staged[r]
+            if force or not any(slot.pins for _, slot in staged.pieces):
+                free([slot for _, slot in self.staged.pop(r).pieces])
+
+
+class _Allocation:
+    """One shared memory segment named `name`, made on the call (`allocate(nbytes)` -> its bytes);
+    removed again when the block it is used in fails, so no half-filled copy is ever served."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.segment: shm.Segment | None = None
+
+    def __call__(self, nbytes: int) -> Any:
+        assert self.segment is None, "one segment per allocation"
+        self.segment = shm.Segment.create(self.name, nbytes)
+        return self.segment.array()[:nbytes]
+
+    def __enter__(self) -> _Allocation:
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if kind is not None and self.segment is not None:
+            shm.unlink(self.segment.name)
+            self.segment.close()

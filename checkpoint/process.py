@@ -1,0 +1,22 @@
+"""Whether a process lives, as a keeper, a launcher or a save's writer needs to know."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, or a dying process does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False  # gone between the two looks
+    except (OSError, IndexError):
+        return True  # no /proc: kill(0) answered

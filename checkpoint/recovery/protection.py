@@ -1,0 +1,378 @@
+"""How a run is protected and how it comes back: the hooks the trainer runs, and resume at start.
+
+`build_protection` wires the levels for one worker: memory snapshots every step held by the node's
+keeper (which also persists every `checkpoint.every`-th one), or, with `fault.keeper=off`, plain
+synchronous saves. `Protection.resume` (collective) restores the newest step every rank can rebuild
+from the cheapest place: the keeper's memory (same topology, plain copies, no disk), else the newest
+committed checkpoint on disk, else nothing (a fresh start); it logs which, in one line on rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resurgo.trainer.config import JobConfig
+
+from ..state import checksum
+from ..store import commit as commits
+from ..snapshot.capture import StateCapture
+from ..keeper.client import EXTERNAL, OFF, HeldSlots, KeeperLink
+from ..keeper.protocol import Client, KeeperError, KeeperGone, StoreTarget, node_id
+from ..state.slot_layout import SlotLayout
+from ..errors import CheckpointError, NothingToResume, SaveFailed
+from ..store.checkpointer import Checkpointer, Stateful
+from .peers import agree_plan, resume_from_peers
+from ..erasure.service import ProtectPlan
+from ..store.safetensors_io import load_safetensors
+from ..snapshot.engine import Registration, SnapshotEngine, slot_views
+from ..state.stateful import ModelState, OptimizerState
+
+log = logging.getLogger(__name__)
+
+CONNECT_WAIT_S = 120.0  # a keeper starting on a busy node
+COMMIT_WAIT_S = 600.0  # longest the end of a run waits for its final checkpoint's commit
+COMMIT_POLL_S = 0.2
+BEAT_TIMEOUT_S = 10.0  # a keeper that takes longer to note a step is itself stuck: beat again next step
+
+
+def train_states(trainer: Any) -> dict[str, Stateful]:
+    """Everything a checkpoint of `trainer` holds, by key: the same keys in memory and on disk."""
+    parts = trainer.parts.modules
+    return {"model": ModelState(parts), "optim": OptimizerState(parts, trainer.optimizers), **trainer.states}
+
+
+def build_protection(cfg: JobConfig, *, trainer: Any, warmed: HeldSlots | None = None) -> Protection:
+    """The protection of one worker (collective: every rank calls it, before `resume`); `warmed`:
+    this node's memory mapped ahead for a restore from peers (`peer_recovery.stage_ahead`)."""
+    env = trainer.env
+    return Protection(
+        cfg, states=train_states(trainer), run_dir=Path(trainer.run_dir), rank=env.rank, local_rank=env.local_rank,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), device=env.device, topology=trainer.dims.as_dict(),
+        warmed=warmed,
+    )  # fmt: skip
+
+
+def launcher_pid() -> int:
+    """The process that restarts this worker when it fails: its torchrun agent, else nobody but itself."""
+    return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
+
+
+@dataclass(frozen=True)
+class Resumed:
+    source: str  # "memory", "disk", "safetensors" or "fresh"
+    step: int  # 0 for a fresh start
+    detail: str
+
+
+class Protection:
+    """Hooks for the trainer (`hooks`), per-step numbers (`metrics()`), `resume()` at start, `close()` at the end."""
+
+    def __init__(self, cfg: JobConfig, *, states: Mapping[str, Stateful], run_dir: Path, rank: int, local_rank: int,
+                 local_world_size: int, device: torch.device, topology: Mapping[str, Any],
+                 warmed: HeldSlots | None = None) -> None:  # fmt: skip
+        ck = cfg.checkpoint
+        self.cfg, self.states, self.rank = cfg, dict(states), rank
+        self.root = Path(ck.dir) if ck.dir else run_dir / "checkpoints"
+        self.run_dir = run_dir
+        self.checkpointer = Checkpointer(ck, root=self.root, states=self.states, topology=topology)
+        self.comm = self.checkpointer.comm
+        self.token = self.comm.all_gather(secrets.token_hex(4))[0]  # names this incarnation's persists
+        # Collective: a replacement node starts at restart count 0 while the survivors do not.
+        self.restarted = any(self.comm.all_gather(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0))
+        self.link: KeeperLink | None = None
+        self.engine: SnapshotEngine | None = None
+        self.plan: ProtectPlan | None = None
+        self.secret = ""  # set when the keepers code across nodes or may hold an earlier incarnation's memory
+        self._peer_loss = ""  # why peer memory could not rebuild state it had protected
+        self.local_rank, self.topology = local_rank, dict(topology)
+        self.warmed = warmed  # closed once resumed, whatever the source
+        self.hooks: list[Any] = []
+        if cfg.fault.keeper == OFF or not (ck.snapshot_every or ck.every):
+            if ck.every:
+                self.hooks.append(SyncSave(self.checkpointer))
+            return
+        self.link = KeeperLink(run_dir=run_dir, mode=cfg.fault.keeper, local_rank=local_rank,
+                               keeper_args=["--auto", "--idle-timeout", str(cfg.fault.keeper_lease_s)])
+        # auto: local rank 0 starts a keeper if none runs (it answers within a second, long before
+        # it has loaded the store code); external: the launch script promised one.
+        if not self.link.connect(wait_s=CONNECT_WAIT_S):
+            if cfg.fault.keeper == EXTERNAL:
+                raise ValueError(
+                    f"fault.keeper=external but no keeper answers at {self.link.path}: start "
+                    f"`resurgo-keeper --run-dir {run_dir}` on every node before the workers, or use fault.keeper=auto"
+                )
+            log.warning("no keeper answered within %.0f s; training goes on, snapshots start when one does", CONNECT_WAIT_S)
+        store = None
+        if ck.every:
+            store = StoreTarget(str(self.root.absolute()), ck.keep, ck.compression, dict(topology), self.comm.world_size, self.token)
+        registration = Registration(
+            rank=rank, local_world_size=local_world_size, world_size=self.comm.world_size, token=self.token, store=store,
+            host_memory_bytes=int(ck.host_memory_gb * 2**30), launcher=launcher_pid(), lease_s=cfg.fault.keeper_lease_s,
+            hang_timeout_s=cfg.fault.hang_timeout_s,
+        )  # fmt: skip
+        self.capture = StateCapture(self.states, rank=rank)
+        # The state's layout, and with it the optimizer's state (created by a zero step), exist from the
+        # start: a resume then only fills them, and the first snapshot finds them ready.
+        self.capture.current_layout()
+        self.engine = SnapshotEngine(
+            capture=self.capture, link=self.link, registration=registration, every=ck.snapshot_every,
+            persist_every=ck.every, device=device,
+        )  # fmt: skip
+        self.hooks.append(self.engine)
+        if cfg.fault.hang_timeout_s:
+            self.hooks.append(ProgressBeat(self.link.path, rank=rank))
+        erasure = cfg.fault.erasure
+        if erasure.parity > 0:
+            self.plan, self.secret = agree_plan(comm=self.comm, keeper=self._keeper, local_rank=local_rank, token=self.token,
+                                   data=erasure.data, parity=erasure.parity, topology=self.topology,
+                                   degrade=self.restarted, every=erasure.every,
+                                   max_mb_s=erasure.max_mb_s, encode=erasure.encode, device=device)  # fmt: skip
+
+    def metrics(self) -> dict[str, float]:
+        return self.engine.stats.metrics() if self.engine is not None else {}
+
+    # ---- resume -------------------------------------------------------------------------------
+
+    def resume(self) -> Resumed:
+        """Restore the newest step every rank can rebuild (collective); logs the source on rank 0."""
+        self.comm.all_gather(None)  # the logged time is the restore's, not the wait for the slowest rank's start-up
+        start = time.perf_counter()
+        spec = self.cfg.checkpoint.resume
+        # After a restart the run's own progress is newer than whatever checkpoint.resume names.
+        restarted = self.restarted
+        result = None
+        if restarted or spec == "latest":
+            result = self._from_memory() or self._from_peers() or self._from_disk()
+        if self.warmed is not None:  # not read: memory of this node's own ranks served, or no peers' path
+            self.warmed.close()
+            self.warmed = None
+        if result is None and spec not in ("none", "latest"):
+            result = Resumed("disk", self.checkpointer.load(Path(spec)), spec)
+        if result is None and self._peer_loss:
+            raise NothingToResume(
+                f"the nodes left cannot rebuild the run's state from memory ({self._peer_loss}) and no committed "
+                f"checkpoint is under {self.root}: refusing to start fresh. Bring back the lost nodes, or restart "
+                "with checkpoint.resume=none to start over deliberately (set checkpoint.every to protect on disk too)"
+            )
+        if result is None and self.cfg.checkpoint.init_from:
+            result = self._from_safetensors(Path(self.cfg.checkpoint.init_from))
+        if result is None:
+            result = Resumed("fresh", 0, "nothing in memory or on disk" if restarted or spec == "latest" else "checkpoint.resume=none")
+        if self.engine is not None:
+            self.capture.invalidate()
+            self.engine.registration = replace(self.engine.registration, resumed_from=result.step)
+            self.engine.stats.copied = result.step if result.source == "memory" else -1
+        if self.rank == 0:
+            where = {"memory": "from keeper memory", "peers": "from peer keepers' memory", "disk": "from disk", "fresh": "fresh start",
+                     "safetensors": "weights from safetensors, fresh optimizer"}[result.source]
+            log.info("resume: %s at step %d (%s) in %.3f s", where, result.step, result.detail, time.perf_counter() - start)
+        return result
+
+    def _from_safetensors(self, source: Path) -> Resumed:
+        """A fresh run whose weights come from safetensors files (each rank reads only its slices)."""
+        model = self.states["model"]
+        weights = model.state_dict()
+        load_safetensors(source, weights)
+        model.load_state_dict(weights)
+        return Resumed("safetensors", 0, str(source))
+
+    def _from_memory(self) -> Resumed | None:
+        reply = self._keeper("holdings")
+        # Snapshots of another layout (the topology changed) are for the peers' path, not this one.
+        held = reply.get("steps", []) if reply and reply.get("digest") == self.capture.current_layout().digest else []
+        common = set.intersection(*[set(h) for h in self.comm.all_gather(held)])
+        if not common:
+            return None
+        step = max(common)
+        mapped, error = None, None
+        try:
+            mapped = self._map_snapshot(step)
+        except (KeeperError, KeeperGone, checksum.ChecksumMismatch) as e:
+            error = str(e)
+        try:
+            # Every rank's snapshot is mapped and checked before any tensor is overwritten: a rank that
+            # cannot read its own then leaves every rank's state untouched for the next source.
+            errors = [e for e in self.comm.all_gather(error) if e]
+            if errors:
+                if self.rank == 0:
+                    log.warning("memory snapshot of step %d is unusable (%s): trying peers, then disk", step, errors[0])
+                return None
+            assert mapped is not None
+            views, trees = mapped
+            targets = self.capture.restore_targets()
+            for name, view in views.items():  # the layouts' digests agree: the same tensors, dtypes and shapes
+                targets.tensors[name].copy_(view)
+        finally:
+            if mapped is not None:
+                self._keeper("unpin", step=step)
+        self.capture.load(targets, trees)
+        return Resumed("memory", step, f"newest step held by every rank's keeper; held here {sorted(held)}")
+
+    def _map_snapshot(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This rank's tensors of `step` as views of the keeper's memory (pinned until "unpin"), and its JSON state."""
+        assert self.link is not None
+        reply = self._keeper("read", step=step, strict=True)
+        try:
+            layout = SlotLayout.from_json(reply["layout"])
+            current = self.capture.current_layout()
+            if layout.digest != current.digest:
+                raise KeeperError(f"rank {self.rank}'s snapshot layout differs from its state now (the topology or model changed)")
+            segment = self.link.map([reply["segment"]])[0]
+            if reply.get("checksums") is not None:
+                what = f"rank {self.rank}'s snapshot of step {step} in its keeper's memory"
+                checksum.verify(segment.array(), layout, reply["checksums"], what=what)
+            views = slot_views(segment, layout)
+        except BaseException:
+            self._keeper("unpin", step=step)
+            raise
+        return {entry.name: view for entry, view in zip(layout.entries, views)}, reply["tree"]
+
+    def _from_peers(self) -> Resumed | None:
+        """The previous incarnation's state from the surviving nodes' keepers, decoded and resharded."""
+        if not self.secret:
+            return None
+        held, self.warmed = self.warmed, None
+        if held is None and self.link is not None and self.link.client is not None:
+            held = HeldSlots(self.link)
+        try:
+            found = resume_from_peers(comm=self.comm, keeper=self._keeper, local_rank=self.local_rank, token=self.token,
+                                      secret=self.secret, capture=self.capture, topology=self.topology, node=node_id(),
+                                      held=held)  # fmt: skip
+        finally:
+            if held is not None:
+                held.close_soon()
+        if found.step is not None:
+            return Resumed("peers", found.step, found.detail)
+        self._peer_loss = found.detail if found.lost else ""
+        return None
+
+    def _from_disk(self) -> Resumed | None:
+        found = self.checkpointer.load_latest()
+        if found is None:
+            return None
+        step, path, skipped = found
+        why = f"memory cannot rebuild a step: {self._peer_loss}" if self._peer_loss else "no step held in memory by every rank"
+        damaged = f"; skipped {', '.join(skipped)}" if skipped else ""
+        return Resumed("disk", step, f"{path}; {why}{damaged}")
+
+    def _keeper(self, op: str, *, strict: bool = False, **fields: Any) -> dict[str, Any]:
+        """A request for this rank; without `strict`, a missing keeper answers {} (there is nothing to use)."""
+        if self.link is None:
+            return {}
+        try:
+            if self.link.client is None and not self.link.connect(wait_s=0.0):
+                raise KeeperGone(f"no keeper answers at {self.link.path}")
+            return self.link.request(op, rank=self.rank, **fields)
+        except (KeeperGone, KeeperError):
+            if strict:
+                raise
+            return {}
+
+    # ---- end ----------------------------------------------------------------------------------
+
+    def close(self, *, step: int, ok: bool = True) -> None:
+        """End of run: snapshot and persist the final step (when persisting), wait until it is committed.
+
+        After a failure (`ok=False`) nothing is finished: the keeper keeps the snapshots for the restart.
+        """
+        if self.engine is None or self.link is None:
+            return
+        engine = self.engine
+        engine.fence()
+        try:
+            if ok and self.cfg.checkpoint.every and step > 0:
+                if self.link.client is None:  # a lost keeper: the end of the run must still be persisted
+                    self.link.connect(wait_s=CONNECT_WAIT_S)
+                if engine.stats.copied != step:
+                    engine.begin(step, persist=True)
+                    engine.fence()
+                elif not engine.persist_due(step):
+                    self._keeper("persist", step=step)
+            if ok:
+                engine.update_status(self._keeper("finish"))
+                if self.cfg.checkpoint.every and step > 0:
+                    self._await_commit(step)
+        finally:
+            engine.close()
+            if self.link is not None:
+                self.link.close()
+
+    def _await_commit(self, step: int) -> None:
+        """The run ends with its final checkpoint committed (by whichever node's keeper commits), or
+        with an error that says why not: a run whose end is not on disk must not exit 0."""
+        assert self.engine is not None
+        stats, deadline = self.engine.stats, time.monotonic() + COMMIT_WAIT_S
+        while stats.committed < step and stats.failed < 0:
+            if time.monotonic() > deadline:
+                raise SaveFailed(
+                    f"the final checkpoint (step {step}) was not committed under {self.root} within {COMMIT_WAIT_S:.0f} s "
+                    f"(newest committed: step {stats.committed}): see the keeper's log in {self.run_dir}"
+                )
+            try:
+                self.engine.update_status(self._keeper("status", strict=True))
+            except (KeeperGone, KeeperError) as e:
+                # A keeper exits once its last local rank's finish is answered and its part is written:
+                # the committing keeper (maybe another node's) may still be sealing the step.
+                self._await_commit_on_disk(step, deadline=deadline, why=str(e))
+                stats.committed = step
+                break
+            if stats.committed < step:
+                time.sleep(COMMIT_POLL_S)
+        self.engine.check_saved()
+
+    def _await_commit_on_disk(self, step: int, *, deadline: float, why: str) -> None:
+        while not any(done == step for done, _ in commits.committed(self.root)):
+            if time.monotonic() > deadline:
+                raise SaveFailed(f"the keeper stopped ({why}) and the final checkpoint (step {step}) was not committed under "
+                                 f"{self.root} within {COMMIT_WAIT_S:.0f} s: see the keepers' logs in {self.run_dir}")  # fmt: skip
+            time.sleep(COMMIT_POLL_S)
+
+
+class ProgressBeat:
+    """Tells the keeper, on a connection of its own, each step this rank finished: a rank that stops
+    telling is hung (watch.py). One small request per step, from the training thread."""
+
+    def __init__(self, path: Path, *, rank: int) -> None:
+        self.path, self.rank = path, rank
+        self.client: Client | None = None
+
+    def before_optimizer_step(self) -> None:
+        pass
+
+    def after_optimizer_step(self, step: int) -> None:
+        try:
+            if self.client is None:
+                self.client = Client(self.path, timeout=BEAT_TIMEOUT_S)
+            self.client.request("progress", rank=self.rank, step=step)
+        except (KeeperGone, KeeperError):
+            self.close()  # no keeper, no watch: the process-group timeout still bounds a hang
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+class SyncSave:
+    """Without a keeper: a blocking collective save every `checkpoint.every` steps."""
+
+    def __init__(self, checkpointer: Checkpointer) -> None:
+        self.checkpointer = checkpointer
+
+    def before_optimizer_step(self) -> None:
+        pass
+
+    def after_optimizer_step(self, step: int) -> None:
+        try:
+            self.checkpointer.maybe_save(step)
+        except CheckpointError as e:
+            raise SaveFailed(str(e)) from None
