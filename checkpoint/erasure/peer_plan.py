@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .plan import ErasurePlan
-from .service import ProtectPlan
+from .coding import ErasureSetup
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Source:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    plan: ProtectPlan
+    plan: ErasureSetup
     erasure: ErasurePlan
     step: int
     sources: Mapping[int, Source]
@@ -63,8 +63,8 @@ class Inventory:
         """node -> {rank: slot layout digest}, for the nodes whose meta of `step` is held here."""
         return dict(self.data.get("metas", {}).get(token, {}).get(str(step), {}))
 
-    def plans(self) -> list[ProtectPlan]:
-        return [ProtectPlan.from_json(p) for p in self.data.get("plans", [])]
+    def plans(self) -> list[ErasureSetup]:
+        return [ErasureSetup.from_json(p) for p in self.data.get("plans", [])]
 
 
 def choose(inventories: Sequence[Inventory], *, current: str) -> tuple[MemoryPlan | None, str]:
@@ -79,7 +79,7 @@ def choose(inventories: Sequence[Inventory], *, current: str) -> tuple[MemoryPla
     return None, "; ".join(reasons) or "no keeper holds an earlier incarnation's snapshots"
 
 
-def _choose_step(plan: ProtectPlan, inventories: Sequence[Inventory]) -> tuple[MemoryPlan | None, str]:
+def _choose_step(plan: ErasureSetup, inventories: Sequence[Inventory]) -> tuple[MemoryPlan | None, str]:
     erasure = plan.erasure()
     alive = {inv.node: inv for inv in inventories}
     steps = sorted({s for inv in inventories for r in inv.ranks.values() for s in r["steps"]}, reverse=True)
@@ -95,7 +95,7 @@ def _choose_step(plan: ProtectPlan, inventories: Sequence[Inventory]) -> tuple[M
     return None, first_reason or "no step is held in memory"
 
 
-def _sources(plan: ProtectPlan, erasure: ErasurePlan, alive: Mapping[str, Inventory], step: int) -> tuple[dict[int, Source], list[int]]:
+def _sources(plan: ErasureSetup, erasure: ErasurePlan, alive: Mapping[str, Inventory], step: int) -> tuple[dict[int, Source], list[int]]:
     replica_of = {r: members for members in plan.replicas for r in members}
     digests: dict[int, str] = {}  # what each rank's slot looked like when it was coded
     for inv in alive.values():
@@ -122,7 +122,7 @@ def _sources(plan: ProtectPlan, erasure: ErasurePlan, alive: Mapping[str, Invent
     return sources, missing
 
 
-def _decodable_node(plan: ProtectPlan, erasure: ErasurePlan, alive: Mapping[str, Inventory], rank: int, step: int,
+def _decodable_node(plan: ErasureSetup, erasure: ErasurePlan, alive: Mapping[str, Inventory], rank: int, step: int,
                     holders: Mapping[int, str]) -> str | None:  # fmt: skip
     """The lost node whose stripes rebuild `rank` at `step`, None if they cannot."""
     node = next((c.node for c in erasure.coverage if rank in c.coded), None)

@@ -36,7 +36,7 @@ from ..state.slot_layout import Entry, SlotLayout
 from ..state.layout import Box, Fragment, pieces
 from .peer_plan import Inventory, MemoryPlan
 from .wire import PeerClient
-from .service import NodeCoding, segment_read
+from .coding import NodeCoding, segment_read
 from ..scratch import scratch
 
 

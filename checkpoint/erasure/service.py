@@ -17,14 +17,15 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from . import code as erasure
-from .plan import ErasurePlan, plan_erasure
+from .coding import ErasureSetup, NodeCoding, ShareRecipe, segment_read, share_recipe, stream_read
+from .plan import ErasurePlan
 from ..state.slot_layout import SlotLayout
 from .wire import PeerClient, PeerError, PeerServer, background_priority
 
@@ -33,144 +34,6 @@ log = logging.getLogger(__name__)
 PIECE_BYTES = 4 * 2**20  # per message: bounds the memory a holder spends on one incoming piece
 KEEP_PLANS = 2  # the running incarnation's plan and the one it may be recovering from
 PROTECT_WAIT_S = 120.0  # longest a group's leader waits for a step's parity before coding another
-
-
-@dataclass(frozen=True)
-class ProtectPlan:
-    """What the workers of one run incarnation tell every keeper: who holds which ranks, and where."""
-
-    token: str
-    created: float  # wall clock at rank 0: the newest plan is the incarnation to recover
-    secret: str
-    nodes: tuple[str, ...]
-    ranks: Mapping[str, tuple[int, ...]]  # node -> global ranks
-    replicas: tuple[tuple[int, ...], ...]
-    k: int
-    m: int
-    peers: Mapping[str, str]  # node -> keeper address
-    world_size: int
-    topology: Mapping[str, Any]
-    every: int = 1  # code every n-th snapshot step: less traffic, up to n steps more lost with a node
-    max_mb_s: float = 0.0  # cap on the parity traffic a keeper sends (0: none)
-    site: str = "host"  # where shares of parity rows >= 1 are scaled (encode_site.py)
-
-    def erasure(self) -> ErasurePlan:
-        return plan_erasure(self.nodes, self.ranks, k=self.k, m=self.m, replicas=self.replicas)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"token": self.token, "created": self.created, "secret": self.secret, "nodes": list(self.nodes),
-                "ranks": {n: list(r) for n, r in self.ranks.items()}, "replicas": [list(r) for r in self.replicas],
-                "k": self.k, "m": self.m, "peers": dict(self.peers), "world_size": self.world_size,
-                "topology": dict(self.topology), "every": self.every, "max_mb_s": self.max_mb_s, "site": self.site}  # fmt: skip
-
-    @staticmethod
-    def from_json(data: Mapping[str, Any]) -> ProtectPlan:
-        return ProtectPlan(
-            token=str(data["token"]), created=float(data["created"]), secret=str(data["secret"]),
-            nodes=tuple(str(n) for n in data["nodes"]),
-            ranks={str(n): tuple(int(r) for r in rs) for n, rs in data["ranks"].items()},
-            replicas=tuple(tuple(int(r) for r in rs) for rs in data["replicas"]), k=int(data["k"]), m=int(data["m"]),
-            peers={str(n): str(a) for n, a in data["peers"].items()}, world_size=int(data["world_size"]),
-            topology=dict(data["topology"]), every=int(data.get("every", 1)), max_mb_s=float(data.get("max_mb_s", 0.0)),
-            site=str(data.get("site", "host")),
-        )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class NodeCoding:
-    """How one node's coded stream (its coded ranks' slots end to end) is cut into k segments."""
-
-    k: int
-    sizes: tuple[tuple[int, int], ...]  # (rank, slot bytes) in stream order
-
-    @property
-    def total(self) -> int:
-        return sum(n for _, n in self.sizes)
-
-    @property
-    def segment(self) -> int:
-        """Every segment's stride; the last ones may be shorter (or empty)."""
-        return -(-self.total // self.k) if self.k else 0
-
-    def length(self, index: int) -> int:
-        return max(0, min(self.segment, self.total - index * self.segment))
-
-    def base(self, rank: int) -> int:
-        """Where `rank`'s slot starts in the stream."""
-        offset = 0
-        for r, n in self.sizes:
-            if r == rank:
-                return offset
-            offset += n
-        raise KeyError(f"rank {rank} is not coded on this node")
-
-
-def stream_read(parts: Sequence[np.ndarray], start: int, nbytes: int) -> np.ndarray:
-    """Bytes [start, start+nbytes) of the concatenation of `parts`, zero beyond its end (a view, not a
-    copy, when they lie inside one part)."""
-    offset = 0
-    for part in parts:
-        if offset <= start and start + nbytes <= offset + part.size:
-            return part[start - offset : start - offset + nbytes]
-        offset += part.size
-    out = np.zeros(nbytes, dtype=np.uint8)
-    offset = 0
-    for part in parts:
-        lo, hi = max(start, offset), min(start + nbytes, offset + part.size)
-        if lo < hi:
-            out[lo - start : hi - start] = part[lo - offset : hi - offset]
-        offset += part.size
-    return out
-
-
-def segment_read(coding: NodeCoding, parts: Sequence[np.ndarray], index: int, offset: int, nbytes: int) -> np.ndarray:
-    """Bytes [offset, offset+nbytes) of segment `index` of a node's coded stream (its slots `parts`),
-    zero beyond the segment's end as the parity computation saw them."""
-    end = min(offset + nbytes, coding.length(index))
-    piece = stream_read(parts, index * coding.segment + offset, max(0, end - offset))
-    return np.concatenate([piece, np.zeros(nbytes - piece.size, dtype=np.uint8)]) if piece.size < nbytes else piece
-
-
-@dataclass(frozen=True)
-class ShareRecipe:
-    """How a worker scales its slot's shares of parity rows 1..m-1 before handing them to the keeper
-    (fault.erasure.encode=device): per byte range of the slot, one segment of its node's coded stream
-    each, the coefficient of every such row. The shares lie row after row beside the slot."""
-
-    token: str  # the incarnation whose plan it follows: shares of another one are not used
-    nbytes: int  # the slot's: one row of shares
-    ranges: tuple[tuple[int, int, tuple[int, ...]], ...]  # (start, stop, coefficients of rows 1..m-1)
-
-    @property
-    def rows(self) -> int:
-        return len(self.ranges[0][2]) if self.ranges else 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"token": self.token, "nbytes": self.nbytes, "ranges": [[a, b, list(c)] for a, b, c in self.ranges]}
-
-    @staticmethod
-    def from_json(data: Mapping[str, Any]) -> ShareRecipe:
-        ranges = tuple((int(a), int(b), tuple(int(x) for x in c)) for a, b, c in data["ranges"])
-        return ShareRecipe(str(data["token"]), int(data["nbytes"]), ranges)
-
-    def scale(self, slot: np.ndarray, out: np.ndarray) -> None:
-        """The shares of a slot already in host memory (a worker without a GPU)."""
-        rows = [out[row * self.nbytes : (row + 1) * self.nbytes] for row in range(self.rows)]
-        for start, stop, coefficients in self.ranges:
-            erasure.scale(slot[start:stop], coefficients, out=[row[start:stop] for row in rows])
-
-
-def share_recipe(coding: NodeCoding, rank: int, *, m: int, token: str) -> ShareRecipe:
-    """`rank`'s recipe when its node's coded stream is cut as `coding`: segment t's bytes enter
-    parity p with coefficient G[p, t], as the holder's `accumulate` applies it."""
-    matrix = erasure.parity_matrix(coding.k, m)
-    base, size = coding.base(rank), dict(coding.sizes)[rank]
-    ranges = []
-    for t in range(coding.k):
-        lo, hi = max(base, t * coding.segment), min(base + size, t * coding.segment + coding.length(t))
-        if lo < hi:
-            ranges.append((lo - base, hi - base, tuple(int(matrix[p, t]) for p in range(1, m))))
-    return ShareRecipe(token, size, tuple(ranges))
 
 
 @dataclass
@@ -229,7 +92,7 @@ class Pace:
 SlotSource = Callable[[int, int], "np.ndarray | None"]  # (rank, step) -> the slot's bytes, None if not held
 
 
-class Protector:
+class ParityService:
     """One per keeper; `serve` starts its TCP server, `protect` takes a plan, `submit` codes a step."""
 
     def __init__(self, *, node: str, host: str, slot_source: SlotSource, on_protected: Callable[[], None],
@@ -241,7 +104,7 @@ class Protector:
         self.node, self.slot_source, self.on_protected = node, slot_source, on_protected
         self.on_announced = on_announced or (lambda step: None)
         self.report = report or (lambda **_: self.inventory())
-        self.plans: dict[str, tuple[ProtectPlan, ErasurePlan]] = {}
+        self.plans: dict[str, tuple[ErasureSetup, ErasurePlan]] = {}
         self.current: str | None = None
         self.secret = ""  # the running incarnation's: what peers and workers must present
         self._parity: dict[tuple[str, int, int, int], _Parity] = {}
@@ -292,7 +155,7 @@ class Protector:
 
     # ---- plans and status -----------------------------------------------------------------
 
-    def protect(self, plan: ProtectPlan) -> ErasurePlan:
+    def protect(self, plan: ErasureSetup) -> ErasurePlan:
         """Adopt the running incarnation's plan (the previous one stays for a recovery reading it)."""
         erasure_plan = plan.erasure()
         with self._lock:
@@ -314,7 +177,7 @@ class Protector:
             self.current, self.secret = None, secret
             self._changed.notify_all()
 
-    def newest_plan(self) -> ProtectPlan | None:
+    def newest_plan(self) -> ErasureSetup | None:
         """The plan of the newest incarnation this keeper coded for."""
         with self._lock:
             plans = [p for p, _ in self.plans.values()]
@@ -466,7 +329,7 @@ class Protector:
                         self._send(holder, plan, "contribute", piece, token=token, step=step, stripe=index, index=t,
                                    parity=p, offset=offset, length=length, scaled=scaled)  # fmt: skip
 
-    def _send(self, node: str, plan: ProtectPlan, op: str, payload: Any = None, **fields: Any) -> dict[str, Any]:
+    def _send(self, node: str, plan: ErasureSetup, op: str, payload: Any = None, **fields: Any) -> dict[str, Any]:
         if node == self.node:
             reply, _ = self._handle({"op": op, **fields}, memoryview(payload if payload is not None else b""))
             return reply

@@ -25,7 +25,7 @@ from ..state.slot_layout import SlotLayout
 from ..erasure.peer_plan import Inventory, MemoryPlan, choose
 from ..erasure.peer_read import READ_BYTES, LocalSlot, PeerReader
 from ..erasure.wire import PeerClient, PeerError, PeerRefused
-from ..erasure.service import ProtectPlan
+from ..erasure.coding import ErasureSetup
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Rebuilt:
     seconds: float
 
 
-def probe(plan: ProtectPlan, *, node: str, own: Mapping[str, Any], timeout: float = PROBE_TIMEOUT_S,
+def probe(plan: ErasureSetup, *, node: str, own: Mapping[str, Any], timeout: float = PROBE_TIMEOUT_S,
           skip: Collection[str] = ()) -> dict[str, Inventory] | None:  # fmt: skip
     """The inventories of the plan's nodes that answer (this node's is `own`); the others, and those in
     `skip` (known silent), are lost. None when a peer answers but refuses (it serves another run, or no

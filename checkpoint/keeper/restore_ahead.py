@@ -24,7 +24,7 @@ from . import prefetch as stage
 from ..state.slot_layout import SlotLayout
 from ..erasure.peer_plan import choose
 from ..erasure.peer_read import PeerReader
-from ..erasure.service import Protector
+from ..erasure.service import ParityService
 from .watch import HangWatch
 from .slots import COMPLETE, RankSlots, Slot, free
 
@@ -55,7 +55,7 @@ class RestoreAhead:
     protector, ranks and peer watch, and use its `_held`, `_inventory`, `_name` and `_slot_bytes`."""
 
     _cond: threading.Condition
-    protector: Protector | None
+    protector: ParityService | None
     watch: HangWatch
     node: str
     ranks: dict[int, RankSlots]

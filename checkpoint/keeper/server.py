@@ -36,7 +36,8 @@ from .protocol import (
 from ..state.slot_layout import SlotLayout
 from .restore_ahead import REBUILD_WAIT_S, RestoreAhead
 from ..erasure.wire import advertised_host, unreachable
-from ..erasure.service import ProtectPlan, Protector, report_fields
+from ..erasure.service import ParityService, report_fields
+from ..erasure.coding import ErasureSetup
 from ..process import process_alive
 from .reclaim import reclaim_stale, try_lock
 from .slots import COMPLETE, DEFAULT_SLOTS, WRITING, PersistJob, RankData, RankSlots, Slot, choose_slot, free, newest_common
@@ -99,7 +100,7 @@ class Keeper(RestoreAhead):
         # The store code imports torch and zarr (seconds): load it while already answering workers.
         self._persister: Any = None
         self.node = node_id()
-        self.protector: Protector | None = None
+        self.protector: ParityService | None = None
         self._loading = threading.Thread(target=self._load_persister, name="resurgo-keeper-load", daemon=True)
 
     # ---- life cycle ------------------------------------------------------------------------
@@ -119,7 +120,7 @@ class Keeper(RestoreAhead):
         os.chmod(path, 0o600)
         self._sock.listen(64)
         self._sock.settimeout(0.2)
-        self.protector = Protector(node=self.node, host=advertised_host(),
+        self.protector = ParityService(node=self.node, host=advertised_host(),
                                    slot_source=self._slot_bytes, on_protected=self._notify, report=self._inventory,
                                    on_announced=self._announced)  # fmt: skip
         self.protector.start()
@@ -320,7 +321,7 @@ class Keeper(RestoreAhead):
             self.protector.pause(secret=str(msg["secret"]))
             self.watch.watch_peers({})
             return {"describe": "no erasure coding: a single node"}
-        protect = ProtectPlan.from_json(msg["plan"])
+        protect = ErasureSetup.from_json(msg["plan"])
         plan = self.protector.protect(protect)
         self.watch.watch_peers({n: a for n, a in protect.peers.items() if n != self.node})
         return {"describe": plan.describe()}

@@ -30,7 +30,7 @@ from ..keeper.protocol import Client, KeeperError, KeeperGone, run_id, socket_pa
 from ..erasure.peer_plan import Inventory, choose
 from ..erasure.peer_read import PeerReader, fill_targets, merged_trees
 from ..erasure.wire import PeerError
-from ..erasure.service import ProtectPlan
+from ..erasure.coding import ErasureSetup
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def code_shape(nodes: int, *, data: str, parity: int, degrade: bool) -> tuple[in
 def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, token: str, data: str,
                parity: int, topology: Mapping[str, int], degrade: bool = False, every: int = 1,
                max_mb_s: float = 0.0, encode: str = "auto",
-               device: torch.device | None = None) -> tuple[ProtectPlan | None, str]:  # fmt: skip
+               device: torch.device | None = None) -> tuple[ErasureSetup | None, str]:  # fmt: skip
     """The erasure plan of this incarnation (None on one node), installed in every node's keeper, and
     the incarnation's secret, which keepers ask of whoever reads their memory. Where the shares are
     scaled (`encode`, encode_site.py) is decided on rank 0, on its device, for every node."""
@@ -92,7 +92,7 @@ def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank:
     if k < 1:
         raise ValueError(f"fault.erasure.parity={parity} leaves no data node among {len(nodes)} nodes; lower it")
     site, why = comm.all_gather(decide_site(encode, m=parity, device=device) if comm.rank == 0 else None)[0]
-    plan = ProtectPlan(token=token, created=created, secret=secret, nodes=tuple(nodes), ranks=ranks,
+    plan = ErasureSetup(token=token, created=created, secret=secret, nodes=tuple(nodes), ranks=ranks,
                        replicas=replica_sets(topology, comm.world_size), k=k, m=parity, peers=peers,
                        world_size=comm.world_size, topology=dict(topology), every=every, max_mb_s=max_mb_s,
                        site=site)  # fmt: skip
@@ -225,7 +225,7 @@ def previous_topology(run_dir: Any, *, comm: Comm) -> dict[str, int] | None:
     from the one it resumes (`parallel.elastic`); None when no keeper answers or knows a plan.
     """
     newest = None
-    plans = [ProtectPlan.from_json(p) for p in _ask_keeper(run_dir, "inventory", wait=False, compact=True).get("plans", [])]
+    plans = [ErasureSetup.from_json(p) for p in _ask_keeper(run_dir, "inventory", wait=False, compact=True).get("plans", [])]
     if plans:
         plan = max(plans, key=lambda p: p.created)
         newest = (plan.created, {**{k: int(v) for k, v in plan.topology.items()}, "world_size": plan.world_size})

@@ -31,7 +31,7 @@ from ..state.slot_layout import SlotLayout
 from ..errors import CheckpointError, NothingToResume, SaveFailed
 from ..store.checkpointer import Checkpointer, Stateful
 from .peers import agree_plan, resume_from_peers
-from ..erasure.service import ProtectPlan
+from ..erasure.coding import ErasureSetup
 from ..store.safetensors_io import load_safetensors
 from ..snapshot.engine import Registration, SnapshotEngine, slot_views
 from ..state.stateful import ModelState, OptimizerState
@@ -90,7 +90,7 @@ class Protection:
         self.restarted = any(self.comm.all_gather(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0))
         self.link: KeeperLink | None = None
         self.engine: SnapshotEngine | None = None
-        self.plan: ProtectPlan | None = None
+        self.plan: ErasureSetup | None = None
         self.secret = ""  # set when the keepers code across nodes or may hold an earlier incarnation's memory
         self._peer_loss = ""  # why peer memory could not rebuild state it had protected
         self.local_rank, self.topology = local_rank, dict(topology)

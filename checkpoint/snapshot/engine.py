@@ -31,7 +31,7 @@ from ..errors import SaveFailed
 from ..keeper.client import KeeperLink
 from ..keeper.protocol import KeeperGone, StoreTarget
 from ..state.slot_layout import SlotLayout
-from ..erasure.service import ShareRecipe
+from ..erasure.coding import ShareRecipe
 from ..keeper.shm import Segment
 
 log = logging.getLogger(__name__)

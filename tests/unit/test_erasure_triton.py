@@ -66,7 +66,7 @@ SCRIPT = textwrap.dedent(
 
     # a worker's scaled shares (fault.erasure.encode=device), through the kernel, as the holders would scale them
     from resurgo.checkpoint.state.slot_layout import SlotLayout
-    from resurgo.checkpoint.erasure.service import NodeCoding, share_recipe
+    from resurgo.checkpoint.erasure.coding import NodeCoding, share_recipe
     from resurgo.checkpoint.snapshot.engine import Shares, scale_on_device
     erasure._on_device = lambda srcs: all(isinstance(b, torch.Tensor) for b in srcs)
     tensors = [torch.randn(33, 7), torch.zeros(0), torch.arange(50, dtype=torch.int16), torch.randn(6, 4)[:, 1:3]]  # the last one not contiguous

@@ -22,7 +22,7 @@ from resurgo.checkpoint.keeper.protocol import (
 )  # fmt: skip
 from resurgo.checkpoint.state.slot_layout import SlotLayout
 from resurgo.checkpoint.state.layout import TensorLayout
-from resurgo.checkpoint.erasure.service import ShareRecipe
+from resurgo.checkpoint.erasure.coding import ShareRecipe
 from resurgo.checkpoint.store.reader import Checkpoint, ReadRequest, read_fragments
 from resurgo.checkpoint.keeper.slots import COMPLETE, FREE, RankSlots, Slot, choose_slot
 

@@ -11,7 +11,7 @@ from resurgo.checkpoint.errors import PeerUnreachable
 from resurgo.checkpoint.keeper.protocol import Client, node_id, socket_path
 from resurgo.checkpoint.recovery.peers import _check_reach
 from resurgo.checkpoint.erasure.wire import PeerServer, advertised_host, unreachable
-from resurgo.checkpoint.erasure.service import ProtectPlan
+from resurgo.checkpoint.erasure.coding import ErasureSetup
 from test_keeper import serve  # noqa: F401  (fixture)
 
 
@@ -63,7 +63,7 @@ def test_a_keeper_reports_the_peers_of_its_plan_it_cannot_reach(serve):  # noqa:
     keeper = serve()
     client = Client(socket_path(keeper.rid), timeout=60)
     me, address = node_id(), client.request("hello")["peer_address"]
-    plan = ProtectPlan(token="ab12", created=time.time(), secret="s" * 32, nodes=(me, "gone"), ranks={me: (0,), "gone": (1,)},
+    plan = ErasureSetup(token="ab12", created=time.time(), secret="s" * 32, nodes=(me, "gone"), ranks={me: (0,), "gone": (1,)},
                        replicas=(), k=1, m=1, peers={me: address, "gone": f"127.0.0.1:{closed_port()}"}, world_size=2,
                        topology={"dp_shard": 2})  # fmt: skip
     client.request("protect", plan=plan.to_json())

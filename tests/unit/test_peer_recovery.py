@@ -1,6 +1,6 @@
 """Erasure-coded memory across nodes, in one process: real keepers' coders talking TCP on loopback.
 
-Each simulated node runs a `Protector` over fake slots (the bytes a keeper would hold); nodes are
+Each simulated node runs a `ParityService` over fake slots (the bytes a keeper would hold); nodes are
 lost by stopping theirs. What survives is then read back onto a new topology, exactly."""
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from resurgo.checkpoint.recovery.peers import replica_sets
 from resurgo.checkpoint.erasure.peer_read import PeerReader, fill_targets, merged_trees
 from resurgo.checkpoint.state import checksum
 from resurgo.checkpoint.erasure import code as erasure
-from resurgo.checkpoint.erasure import service as protector
-from resurgo.checkpoint.erasure.service import Pace, ProtectPlan, Protector, _Parity
+from resurgo.checkpoint.erasure import service
+from resurgo.checkpoint.erasure.service import Pace, ParityService, _Parity
+from resurgo.checkpoint.erasure.coding import ErasureSetup
 from resurgo.checkpoint.erasure.wire import PeerClient, PeerError
 from resurgo.checkpoint.keeper.rebuild import plan_rebuild, probe, rebuild_rank, rebuilder
 from resurgo.checkpoint.keeper.prefetch import merge, new_fragment, restore_reads, stage_rank, staging_spans, subtract
@@ -68,7 +69,7 @@ def rank_slot(rank: int, world: int, step: int) -> tuple[SlotLayout, np.ndarray]
 
 
 class Cluster:
-    """Nodes of one incarnation: each a Protector over the slots its ranks would hold."""
+    """Nodes of one incarnation: each a ParityService over the slots its ranks would hold."""
 
     def __init__(self, *, nodes: int, per_node: int, k: int, m: int, replicas=(), site: str = "host") -> None:
         self.names = [f"node{i}" for i in range(nodes)]
@@ -76,13 +77,13 @@ class Cluster:
         self.ranks = {n: tuple(range(i * per_node, (i + 1) * per_node)) for i, n in enumerate(self.names)}
         self.slots: dict[str, dict[tuple[int, int], tuple[SlotLayout, np.ndarray]]] = {n: {} for n in self.names}
         self.protectors = {
-            n: Protector(node=n, host="127.0.0.1", slot_source=self._source(n), on_protected=lambda: None,
+            n: ParityService(node=n, host="127.0.0.1", slot_source=self._source(n), on_protected=lambda: None,
                          report=lambda n=n, **fields: self.report(n, **fields))
             for n in self.names
         }  # fmt: skip
         for p in self.protectors.values():
             p.start()
-        self.plan = ProtectPlan(
+        self.plan = ErasureSetup(
             token="aaaa", created=1.0, secret="s3cret", nodes=tuple(self.names), ranks=self.ranks,
             replicas=tuple(replicas), k=k, m=m, peers={n: p.address for n, p in self.protectors.items()},
             world_size=self.world, topology={"pp": 1, "dp_replicate": 1, "dp_shard": self.world, "tp": 1}, site=site,
@@ -247,13 +248,13 @@ def test_replicas_need_no_parity(cluster):
 
 def test_a_failed_recovery_keeps_the_incarnation_it_read():
     """Plans of incarnations that never protected a step do not push out the one holding the state."""
-    p = Protector(node="node0", host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
+    p = ParityService(node="node0", host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
     base = dict(secret="x", nodes=("node0", "node1"), ranks={"node0": (0,), "node1": (1,)}, replicas=(), k=1, m=1,
                 peers={}, world_size=2, topology={})  # fmt: skip
-    p.protect(ProtectPlan(token="01", created=1.0, **base))
+    p.protect(ErasureSetup(token="01", created=1.0, **base))
     p.protected["01"] = 5
     for i, token in enumerate(["02", "03", "04"]):
-        p.protect(ProtectPlan(token=token, created=2.0 + i, **base))
+        p.protect(ErasureSetup(token=token, created=2.0 + i, **base))
     assert set(p.plans) == {"01", "04"}
 
 
@@ -354,7 +355,7 @@ def test_spans_merge_and_subtract():
 
 
 def test_spares_of_an_earlier_layout_give_way_to_buffers_the_next_step_fits():
-    p = Protector(node="node0", host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
+    p = ParityService(node="node0", host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
     p._spare = [np.zeros(5, dtype=np.uint8)]  # the size an earlier incarnation's segments had
     for step in (1, 2):
         p._parity[("t", step, 0, 0)] = _Parity(np.zeros(20, dtype=np.uint8))
@@ -508,7 +509,7 @@ def test_a_byte_flipped_on_the_wire_or_in_parity_memory_is_caught_before_any_tar
     c = cluster(nodes=3, per_node=2, k=2, m=1)
     c.snapshot(1)
     c.lose("node1")
-    serve = Protector._fetch
+    serve = ParityService._fetch
 
     def flipping(self, header):
         data = np.array(serve(self, header))
@@ -516,10 +517,10 @@ def test_a_byte_flipped_on_the_wire_or_in_parity_memory_is_caught_before_any_tar
             data[data.size // 2] ^= 0x10
         return data
 
-    monkeypatch.setattr(Protector, "_fetch", flipping)
+    monkeypatch.setattr(ParityService, "_fetch", flipping)
     with pytest.raises(checksum.ChecksumMismatch, match=r"old rank \d's snapshot of step 1 \(held by node\d\), model/w"):
         assert_restores(c, step=1, new_world=2)
-    monkeypatch.setattr(Protector, "_fetch", serve)
+    monkeypatch.setattr(ParityService, "_fetch", serve)
     for buf in c.protectors["node2"]._parity.values():  # parity of node1's segment lives on node2
         buf.data[0] ^= 0x01
     with pytest.raises(checksum.ChecksumMismatch, match="decoded for lost node1"):
