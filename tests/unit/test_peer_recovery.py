@@ -370,7 +370,7 @@ def test_spares_of_an_earlier_layout_give_way_to_buffers_the_next_step_fits():
 def test_a_parity_summed_piece_by_piece_in_any_order_equals_the_encoded_one(monkeypatch, m):
     """Shares of unequal lengths, their pieces interleaved at random, added into a buffer holding an
     earlier step's bytes (never cleared first), and a longer share arriving after a shorter one."""
-    monkeypatch.setattr(protector, "PIECE_BYTES", 8)
+    monkeypatch.setattr(service, "PIECE_BYTES", 8)
     rng = np.random.default_rng(3)
     k, lengths = 3, (29, 40, 17)
     data = [rng.integers(0, 256, n, dtype=np.uint8) for n in lengths]
