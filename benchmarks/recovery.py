@@ -23,7 +23,7 @@ lost. The survivors' keepers decode the lost node's ranks while the workers rest
 (checkpoint/keeper/rebuild.py); the restore then reads them as held copies, and the line `decode:` says
 how long that took. Once a restarted worker knows its new rank, its keeper fetches what that rank's
 restore would read from other nodes while the model is built (checkpoint/keeper/prefetch.py); the line
-`staged:` says how much, and how long it took.
+`prefetched:` says how much, and how long it took.
 
     python benchmarks/recovery.py --gb 1.0
 """
@@ -142,7 +142,7 @@ def compare(args: argparse.Namespace, root: Path, *, split: bool) -> tuple[str, 
 _PY_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", re.M)
 _GLOG_FAIL = re.compile(r"^E(\d\d)(\d\d) (\d\d:\d\d:\d\d\.\d+) .*failed \(exitcode", re.M)
 _REBUILT = re.compile(r"rebuilt from peers' memory while the job restarted: ([^;]*)")
-_STAGED = re.compile(r"staged from peers while the workers started: ([^;]*)")
+_PREFETCHED = re.compile(r"prefetched from peers while the workers started: ([^;]*)")
 _RESUME = re.compile(r"^\[(?P<t>[^\]]+)\]\[[^\]]+\]\[INFO\] - resume: (?P<what>.*) in (?P<s>[\d.]+) s$", re.M)
 
 
@@ -258,13 +258,13 @@ def main() -> None:
           f"{regained[1] / regained[0]:.2f}x faster from memory")
     ratios = [disk.restore_s / memory.restore_s for memory, disk in pairs]
     each = ", ".join(f"{d.restore_s:.3f}/{m.restore_s:.3f} = {r:.1f}x" for (m, d), r in zip(pairs, ratios))
-    print(f"the restore alone (after the survivors' keepers decoded and staged, see below), disk over memory: {each}; "
+    print(f"the restore alone (after the survivors' keepers decoded and prefetched; see below), disk over memory: {each}; "
           f"median {statistics.median(ratios):.1f}x")
     memory, disk = pairs[-1]
     ahead = _REBUILT.search(memory.detail)
     print(f"decode: {ahead[1] + ', while the workers restarted (inside the restart column, off the critical path)' if ahead else 'inside the restore'}")
-    staged = _STAGED.search(memory.detail)
-    print(f"staged: {staged[1] + ', while the model was built (inside the restart column)' if staged else 'nothing'}")
+    prefetched = _PREFETCHED.search(memory.detail)
+    print(f"prefetched: {prefetched[1] + ', while the model was built (inside the restart column)' if prefetched else 'nothing'}")
     print(f"work lost: memory {memory.lost_steps} step(s) (snapshot_every=1), disk {disk.lost_steps} (checkpoint.every={args.every})")
     print(f"memory: {memory.detail}\ndisk: {disk.detail}")
 

@@ -21,7 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from resurgo.checkpoint.comm import Comm
 from resurgo.checkpoint.errors import NothingToResume, PeerUnreachable, SaveFailed
 from resurgo.checkpoint.keeper.client import HeldSlots
-from resurgo.checkpoint.recovery.peers import previous_topology, stage_ahead
+from resurgo.checkpoint.recovery.peers import previous_topology, prefetch_ahead
 from resurgo.checkpoint.recovery.protection import build_protection
 from resurgo.parallel.dims import ParallelDims
 from resurgo.parallel.elastic import fit_topology
@@ -66,7 +66,7 @@ def train(cfg: JobConfig) -> list[float]:
 def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> tuple[JobConfig, HeldSlots | None]:
     """The config with parallel degrees fitted to this world (collective): on a restart after nodes
     were lost or added, the elastic policy resizes data parallelism from the topology being resumed.
-    With erasure protection, also this node's memory being readied for the restore (`stage_ahead`)."""
+    With erasure protection, also this node's memory being readied for the restore (`prefetch_ahead`)."""
     # Asked on every start, not only on restarts: a replacement node joins with restart count 0.
     previous = previous_topology(run_dir, comm=Comm.create()) if cfg.fault.keeper != "off" else None
     if previous is None:
@@ -78,7 +78,7 @@ def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> tuple[JobCon
     p = fitted.parallel
     dims = ParallelDims.resolve(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, world_size=world_size)
     # The keeper fetches, and this process maps, what the restore reads while the model is built.
-    warmed = stage_ahead(run_dir, rank=rank, topology=dims.as_dict()) if cfg.fault.erasure.parity > 0 else None
+    warmed = prefetch_ahead(run_dir, rank=rank, topology=dims.as_dict()) if cfg.fault.erasure.parity > 0 else None
     return replace(cfg, parallel=fitted.parallel, train=replace(cfg.train, grad_accum=fitted.grad_accum)), warmed
 
 

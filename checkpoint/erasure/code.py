@@ -361,10 +361,10 @@ def _cuda_chunk(matrix: np.ndarray, srcs: Sequence[Buffer], dsts: Sequence[Buffe
     from resurgo.kernels.erasure_triton import combine_triton
 
     width = -(-(stop - start) // 4) * 4
-    staged = torch.zeros((len(srcs), width), dtype=torch.uint8, device=srcs[0].device)
-    for row, s in zip(staged, srcs):
+    padded = torch.zeros((len(srcs), width), dtype=torch.uint8, device=srcs[0].device)
+    for row, s in zip(padded, srcs):
         row[: stop - start] = _window(s, start, stop)
     out = torch.empty((len(dsts), width), dtype=torch.uint8, device=srcs[0].device)
-    combine_triton(matrix, staged, out)
+    combine_triton(matrix, padded, out)
     for d, o in zip(dsts, out):
         _store(d, o[: stop - start], start)

@@ -41,7 +41,7 @@ from ..scratch import scratch
 
 
 LocalSlot = Callable[[int, int], "np.ndarray | None"]  # (old rank, step) -> its slot in this node's keeper
-LocalSpan = Callable[[int, int, int, int], "np.ndarray | None"]  # (old rank, step, offset, nbytes) -> bytes staged here
+LocalSpan = Callable[[int, int, int, int], "np.ndarray | None"]  # (old rank, step, offset, nbytes) -> bytes prefetched here
 Described = Callable[[int, int], "tuple[SlotLayout, Any, list[int] | None] | None"]  # (old rank, step) -> its layout, JSON states, checksums
 READ_BYTES = 16 * 2**20  # one read request: small enough to spread a tensor over the reading threads
 READ_THREADS = max(2, min(4, os.cpu_count() or 1))  # reads in flight; more threads than cores only contend
@@ -51,17 +51,17 @@ _SCRATCH = 8  # scratch slots from here on: survivors received for a decode, one
 class PeerReader:
     """Reads old ranks' slot bytes of one `MemoryPlan` from the surviving keepers.
 
-    `node` and `local` name this node and read its own keeper's slots from shared memory; `staged`
-    reads the byte ranges of other old ranks its keeper fetched ahead (stage.py), and `described`
-    gives the layouts and JSON states of what it holds or staged; `run` executes reads on `threads`
+    `node` and `local` name this node and read its own keeper's slots from shared memory; `prefetched`
+    reads the byte ranges of other old ranks its keeper fetched ahead (prefetch.py), and `described`
+    gives the layouts and JSON states of what it holds or prefetched; `run` executes reads on `threads`
     threads, each with its own connection to every peer.
     """
 
     def __init__(self, chosen: MemoryPlan, inventories: Mapping[str, Inventory], *, secret: str, node: str | None = None,
-                 local: LocalSlot | None = None, staged: LocalSpan | None = None, described: Described | None = None,
+                 local: LocalSlot | None = None, prefetched: LocalSpan | None = None, described: Described | None = None,
                  threads: int = READ_THREADS) -> None:  # fmt: skip
         self.chosen, self.inventories, self.secret = chosen, inventories, secret
-        self.node, self.local, self.staged, self.described, self.threads = node, local, staged, described, threads
+        self.node, self.local, self.prefetched, self.described, self.threads = node, local, prefetched, described, threads
         self._tls = threading.local()
         self._connections: list[dict[str, PeerClient]] = []
         self._lock = threading.RLock()  # a meta fetched under it opens this thread's connection
@@ -128,7 +128,7 @@ class PeerReader:
 
     def _description(self, rank: int) -> tuple[SlotLayout, Any, list[int] | None]:
         """Old rank `rank`'s slot layout and JSON state of the chosen step, looked up once: as this
-        node's keeper handed them over with the memory it holds or staged, else from the holder's
+        node's keeper handed them over with the memory it holds or prefetched, else from the holder's
         inventory (asked for when compact), else, for a lost rank, from its node's meta."""
         with self._lock:
             if rank in self._descriptions:
@@ -148,7 +148,7 @@ class PeerReader:
 
     def _handed(self, rank: int) -> tuple[SlotLayout, Any, list[int] | None] | None:
         """Old rank `rank`'s layout and JSON state as this node's keeper handed them over with the
-        memory it holds or staged (no request, no parsing), else None."""
+        memory it holds or prefetched (no request, no parsing), else None."""
         if self.described is None:
             return None
         source, step = self.chosen.sources[rank], self.chosen.step
@@ -211,7 +211,7 @@ class PeerReader:
         return self._decode(source.node, rank, offset, np.empty(nbytes, dtype=np.uint8) if out is None else out)
 
     def here(self, rank: int, offset: int, nbytes: int) -> np.ndarray | None:
-        """Bytes [offset, offset+nbytes) of old rank `rank`'s slot in this node's memory (staged ahead,
+        """Bytes [offset, offset+nbytes) of old rank `rank`'s slot in this node's memory (prefetched ahead,
         or the slot held here: a view, counted as copied locally), else None. Checked once per piece:
         None too when this node's memory does not hold the whole pieces around them."""
         found = self._here(rank, offset, nbytes)
@@ -243,7 +243,7 @@ class PeerReader:
 
     def _here(self, rank: int, offset: int, nbytes: int) -> np.ndarray | None:
         step = self.chosen.step
-        if self.staged is not None and (ahead := self.staged(rank, step, offset, nbytes)) is not None:
+        if self.prefetched is not None and (ahead := self.prefetched(rank, step, offset, nbytes)) is not None:
             return ahead
         source = self.chosen.sources[rank]
         mine = self.local(source.via, step) if source.kind == "held" and self.local and source.node == self.node else None
@@ -394,7 +394,7 @@ def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.nd
     """Copy into every target (its fragment, a local numpy buffer) the boxes the old ranks held.
 
     `ranks`: the old ranks expected to cover the targets (as this node's keeper planned them when
-    staging), whose layouts alone are then read; all old ranks when they do not. The whole plan is
+    prefetching), whose layouts alone are then read; all old ranks when they do not. The whole plan is
     checked first (every element of every target covered), then read in parallel.
     """
     fragments = {name: fragment for name, (fragment, _) in targets.items()}

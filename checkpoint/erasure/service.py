@@ -348,7 +348,7 @@ class ParityService:
 
     def _secrets(self) -> set[str]:
         """The running incarnation's secret and those of the earlier ones kept: a survivor still
-        staging an earlier incarnation's memory reads on after its peers adopted the next plan."""
+        prefetching an earlier incarnation's memory reads on after its peers adopted the next plan."""
         with self._lock:
             return {self.secret, *(p.secret for p, _ in self.plans.values())}
 

@@ -23,7 +23,7 @@ from ..errors import CheckpointError
 from .protocol import Client, KeeperError, KeeperGone, lock_path, run_id, socket_path
 from ..state.slot_layout import SlotLayout
 from .shm import Segment
-from .prefetch import Staged
+from .prefetch import Prefetched
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +119,11 @@ class KeeperLink:
 
 @dataclass
 class _Held:
-    """One old rank's step as this node's keeper holds it: the whole slot, or spans staged ahead;
+    """One old rank's step as this node's keeper holds it: the whole slot, or spans prefetched ahead;
     its slot layout and JSON states (None: not held here)."""
 
     whole: np.ndarray | None = None
-    staged: list[tuple[Staged, np.ndarray]] = field(default_factory=list)
+    prefetched: list[tuple[Prefetched, np.ndarray]] = field(default_factory=list)
     layout: SlotLayout | None = None
     tree: Any = None
     sums: list[int] | None = None
@@ -132,7 +132,7 @@ class _Held:
 class HeldSlots:
     """Complete slots this node's keeper holds for any rank, read straight from its shared memory: a
     recovery copies its own node's old ranks without a socket, and the spans of other nodes' old
-    ranks its keeper staged ahead (`span`), and learns their layouts and JSON states (`described`).
+    ranks its keeper prefetched ahead (`span`), and learns their layouts and JSON states (`described`).
     Each stays pinned and mapped until `close` (mapped apart from the link's own maps, which live as
     long as the worker)."""
 
@@ -147,9 +147,9 @@ class HeldSlots:
         return self._find(rank, step).whole
 
     def warm(self, rank: int) -> None:
-        """Map, ahead of new rank `rank`'s restore, the old ranks' slots (or spans staged) that it
-        will read, as its keeper planned them when staging: mapping a segment costs a page-table
-        entry per page, work better done while the model is built. Returns once staging finished."""
+        """Map, ahead of new rank `rank`'s restore, the old ranks' slots (or spans prefetched) that it
+        will read, as its keeper planned them when prefetching: mapping a segment costs a page-table
+        entry per page, work better done while the model is built. Returns once the prefetch finished."""
         with self._lock:  # a restore asking meanwhile waits for these maps rather than racing on the link
             try:
                 reads = self.link.request("inventory", compact=True).get("reads", {}).get(str(rank))
@@ -159,17 +159,17 @@ class HeldSlots:
                 self._find(old, reads["step"])
 
     def span(self, rank: int, step: int, offset: int, nbytes: int) -> np.ndarray | None:
-        """Bytes [offset, offset+nbytes) of rank `rank`'s slot of `step`, None unless held or staged here."""
+        """Bytes [offset, offset+nbytes) of rank `rank`'s slot of `step`, None unless held or prefetched here."""
         held = self._find(rank, step)
         if held.whole is not None:
             return held.whole[offset : offset + nbytes] if offset + nbytes <= held.whole.size else None
-        for piece, data in held.staged:
+        for piece, data in held.prefetched:
             if (at := piece.find(offset, nbytes)) is not None:
                 return data[at : at + nbytes]
         return None
 
     def described(self, rank: int, step: int) -> tuple[SlotLayout, Any, list[int] | None] | None:
-        """Rank `rank`'s slot layout, JSON states and checksums of `step`, when held or staged here."""
+        """Rank `rank`'s slot layout, JSON states and checksums of `step`, when held or prefetched here."""
         held = self._find(rank, step)
         return (held.layout, held.tree, held.sums) if held.layout is not None else None
 
@@ -186,12 +186,12 @@ class HeldSlots:
             return _Held()
         try:
             layout = SlotLayout.from_json(reply["layout"])
-            if "staged" in reply:
+            if "prefetched" in reply:
                 held = _Held(layout=layout, tree=reply["tree"], sums=reply.get("checksums"))
-                for piece in reply["staged"]:
+                for piece in reply["prefetched"]:
                     segment = Segment.attach(piece["segment"])
                     self._segments.append(segment)
-                    held.staged.append((Staged.from_json(rank, step, piece["spans"]), segment.array()))
+                    held.prefetched.append((Prefetched.from_json(rank, step, piece["spans"]), segment.array()))
                 return held
             segment = Segment.attach(reply["segment"])
         except CheckpointError:
@@ -210,7 +210,7 @@ class HeldSlots:
     def close(self) -> None:
         with self._lock:
             for (rank, step), held in self._open.items():
-                if held.whole is not None or held.staged:
+                if held.whole is not None or held.prefetched:
                     try:
                         self.link.request("unpin", rank=rank, step=step)
                     except (KeeperGone, KeeperError):

@@ -46,7 +46,7 @@ RETRY_WAIT_S = 1.0  # before attempt n, n times this
 
 
 class Persister:
-    """One background thread writing jobs in order; `on_done(job, stage, error)` reports progress."""
+    """One background thread writing jobs in order; `on_done(job, phase, error)` reports progress."""
 
     def __init__(self, *, on_done: Callable[[PersistJob, str, str | None], None], timeout_s: float = 600.0,
                  io_threads: int = DEFAULT_IO_THREADS, is_current: Callable[[str], bool] = lambda token: True,

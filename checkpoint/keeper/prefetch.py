@@ -1,4 +1,4 @@
-"""Stage in a keeper, while its node's restarted workers build their model, the bytes they will read
+"""Prefetch into a keeper, while its node's restarted workers build their model, the bytes they will read
 from other nodes.
 
 A restart after a node loss spends seconds in start-up and model build before any rank asks for
@@ -98,9 +98,9 @@ def restore_reads(reader: PeerReader, *, topology: Mapping[str, int], ranks: Seq
     return reads
 
 
-def staging_spans(reads: Mapping[int, Mapping[int, Sequence[Span]]], *, held: Callable[[int], bool]) -> dict[int, list[Span]]:
+def prefetch_spans(reads: Mapping[int, Mapping[int, Sequence[Span]]], *, held: Callable[[int], bool]) -> dict[int, list[Span]]:
     """Old rank -> the merged spans of its slot that any new rank of `reads` (`restore_reads`) will
-    read, for the old ranks not `held` whole on this node: what staging fetches."""
+    read, for the old ranks not `held` whole on this node: what the prefetch fetches."""
     spans: dict[int, list[Span]] = {}
     for by_old in reads.values():
         for rank, runs in by_old.items():
@@ -137,7 +137,7 @@ def subtract(spans: Sequence[Span], have: Sequence[Span]) -> list[Span]:
 
 
 @dataclass(frozen=True)
-class Staged:
+class Prefetched:
     """Byte spans of old rank `rank`'s slot of `step`, stored back to back in one buffer."""
 
     rank: int
@@ -168,13 +168,13 @@ class Staged:
         return [list(s) for s in self.spans]
 
     @staticmethod
-    def from_json(rank: int, step: int, data: Sequence[Sequence[int]]) -> Staged:
-        return Staged(rank, step, tuple((int(a), int(b), int(at)) for a, b, at in data))
+    def from_json(rank: int, step: int, data: Sequence[Sequence[int]]) -> Prefetched:
+        return Prefetched(rank, step, tuple((int(a), int(b), int(at)) for a, b, at in data))
 
 
-def stage_rank(reader: PeerReader, *, rank: int, spans: Sequence[Span], allocate: Callable[[int], np.ndarray]) -> tuple[Staged, np.ndarray, float]:
+def prefetch_rank(reader: PeerReader, *, rank: int, spans: Sequence[Span], allocate: Callable[[int], np.ndarray]) -> tuple[Prefetched, np.ndarray, float]:
     """Read `spans` of old `rank`'s slot (from peers, or decoded) into memory from `allocate(nbytes)`,
-    in parallel; what was staged, the buffer, and the seconds it took."""
+    in parallel; what was prefetched, the buffer, and the seconds it took."""
     start = time.perf_counter()
     placed, at = [], 0
     for a, b in spans:
@@ -184,4 +184,4 @@ def stage_rank(reader: PeerReader, *, rank: int, spans: Sequence[Span], allocate
     reads = [partial(reader.read, rank, a + o, min(READ_BYTES, b - a - o), out=out[p + o : p + min(b - a, o + READ_BYTES)])
              for a, b, p in placed for o in range(0, b - a, READ_BYTES)]  # fmt: skip
     reader.run(reads)
-    return Staged(rank, reader.chosen.step, tuple(placed)), out, time.perf_counter() - start
+    return Prefetched(rank, reader.chosen.step, tuple(placed)), out, time.perf_counter() - start

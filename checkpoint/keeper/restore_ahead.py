@@ -2,8 +2,8 @@
 
 When a worker dies with a peer node, the keeper decodes that node's ranks from the survivors'
 memory (rebuild.py) while torchrun restarts the job. Once a restarted worker tells it its new rank
-and topology (op `stage`), it fetches what that rank's restore would read from other nodes
-(stage.py) while the model is built. Both leave whole copies in this keeper's shared memory, which
+and topology (op `prefetch`), it fetches what that rank's restore would read from other nodes
+(prefetch.py) while the model is built. Both leave whole copies in this keeper's shared memory, which
 the restore then reads as held: only the copy into the workers' tensors remains on its path.
 """
 
@@ -20,7 +20,7 @@ from . import rebuild
 
 from . import shm
 
-from . import prefetch as stage
+from . import prefetch
 from ..state.slot_layout import SlotLayout
 from ..erasure.peer_plan import choose
 from ..erasure.peer_read import PeerReader
@@ -32,26 +32,26 @@ log = logging.getLogger(__name__)
 
 REBUILD_WAIT_S = 120.0  # longest an inventory waits for a rebuild of lost ranks to finish
 REBUILT_SLOT = -1  # the segment name's slot index of a lost rank rebuilt here
-STAGED_SLOT = -2  # and of the first piece of an old rank staged here (the next ones count down)
+PREFETCHED_SLOT = -2  # and of the first piece of an old rank prefetched here (the next ones count down)
 
 
 @dataclass
-class _Staged:
-    """Spans of one old rank's slot of `step` staged here for a restore (stage.py): its description and pieces."""
+class _Prefetched:
+    """Spans of one old rank's slot of `step` prefetched here for a restore (prefetch.py): its description and pieces."""
 
     step: int
     layout: SlotLayout
     tree: Any
     checksums: list[int] | None
-    pieces: list[tuple[stage.Staged, Slot]] = field(default_factory=list)
+    pieces: list[tuple[prefetch.Prefetched, Slot]] = field(default_factory=list)
     seconds: float = 0.0
 
-    def covered(self) -> list[stage.Span]:
-        return stage.merge([(a, b) for staged, _ in self.pieces for a, b, _ in staged.spans])
+    def covered(self) -> list[prefetch.Span]:
+        return prefetch.merge([(a, b) for prefetched, _ in self.pieces for a, b, _ in prefetched.spans])
 
 
 class RestoreAhead:
-    """The keeper's rebuilds and staging, mixed into `Keeper`: they share its lock (`_cond`), its
+    """The keeper's rebuilds and prefetches, mixed into `Keeper`: they share its lock (`_cond`), its
     protector, ranks and peer watch, and use its `_held`, `_inventory`, `_name` and `_slot_bytes`."""
 
     _cond: threading.Condition
@@ -64,29 +64,29 @@ class RestoreAhead:
         self.rebuilt: dict[int, RankSlots] = {}  # lost nodes' ranks decoded here (rebuild.py), apart from ours
         self._rebuild_s: dict[int, float] = {}
         self._rebuilding = False
-        self.staged: dict[int, _Staged] = {}  # other nodes' old ranks, the spans this node's restore reads
+        self.prefetched: dict[int, _Prefetched] = {}  # other nodes' old ranks, the spans this node's restore reads
         self.reads: dict[int, dict[str, Any]] = {}  # new rank -> the step and old ranks its restore reads
-        self._stage_requests: list[tuple[int, dict[str, int]]] = []
-        self._staging = False
+        self._prefetch_requests: list[tuple[int, dict[str, int]]] = []
+        self._prefetching = False
 
-    def _staged(self, msg: dict[str, Any]) -> _Staged | None:
-        """The spans staged here of an old rank's step that this keeper does not hold whole."""
+    def _prefetched(self, msg: dict[str, Any]) -> _Prefetched | None:
+        """The spans prefetched here of an old rank's step that this keeper does not hold whole."""
         rank, step = int(msg["rank"]), int(msg["step"])
         held = self._held(rank)
         if held is not None and held.find(step) is not None:
             return None
-        staged = self.staged.get(rank)
-        return staged if staged is not None and staged.pieces and staged.step == step else None
+        prefetched = self.prefetched.get(rank)
+        return prefetched if prefetched is not None and prefetched.pieces and prefetched.step == step else None
 
-    def _op_stage(self, msg: dict[str, Any], conn: Any) -> dict[str, Any]:
+    def _op_prefetch(self, msg: dict[str, Any], conn: Any) -> dict[str, Any]:
         """A restarted worker's new rank and topology: fetch what its restore will read from peers now."""
         if self.protector is None or self.protector.newest_plan() is None:
-            return {"staging": False}
-        self._stage_requests.append((int(msg["rank"]), {str(a): int(n) for a, n in msg["topology"].items()}))
-        if not self._staging:
-            self._staging = True
-            threading.Thread(target=self._stage_loop, name="resurgo-keeper-stage", daemon=True).start()
-        return {"staging": True}
+            return {"prefetching": False}
+        self._prefetch_requests.append((int(msg["rank"]), {str(a): int(n) for a, n in msg["topology"].items()}))
+        if not self._prefetching:
+            self._prefetching = True
+            threading.Thread(target=self._prefetch_loop, name="resurgo-keeper-prefetch", daemon=True).start()
+        return {"prefetching": True}
 
     # ---- rebuilding lost ranks (called with the lock held) ----------------------------------
 
@@ -151,24 +151,24 @@ class RestoreAhead:
         log.info("rebuilt lost rank %d's snapshot of step %d (%.1f MB) from peers' memory in %.2f s",
                  rank, done.step, done.layout.nbytes / 1e6, done.seconds)  # fmt: skip
 
-    # ---- staging what a restore will read (stage.py) ------------------------------------------
+    # ---- prefetching what a restore will read (prefetch.py) ------------------------------------------
 
-    def _stage_loop(self) -> None:
+    def _prefetch_loop(self) -> None:
         while True:
             with self._cond:
-                while self._rebuilding:  # a rebuilt rank is held whole: nothing of it to stage
+                while self._rebuilding:  # a rebuilt rank is held whole: nothing of it to prefetch
                     self._cond.wait(timeout=1.0)
-                requests, self._stage_requests = self._stage_requests, []
+                requests, self._prefetch_requests = self._prefetch_requests, []
                 if not requests:
-                    self._staging = False
+                    self._prefetching = False
                     self._cond.notify_all()
                     return
             try:
-                self._stage(requests)
+                self._prefetch(requests)
             except Exception:
-                log.exception("staging for the restore failed: the restore reads from peers itself")
+                log.exception("prefetching for the restore failed: the restore reads from peers itself")
 
-    def _stage(self, requests: list[tuple[int, dict[str, int]]]) -> None:
+    def _prefetch(self, requests: list[tuple[int, dict[str, int]]]) -> None:
         inventories = self._survivors()
         chosen, _ = choose(list(inventories.values()), current="") if inventories else (None, "")
         if chosen is None:
@@ -181,41 +181,41 @@ class RestoreAhead:
         try:
             with self._pinned(chosen.step):
                 for topology, ranks in by_topology.items():
-                    reads = stage.restore_reads(reader, topology=dict(topology), ranks=ranks)
+                    reads = prefetch.restore_reads(reader, topology=dict(topology), ranks=ranks)
                     with self._cond:
                         self.reads.update({r: {"step": chosen.step, "ranks": sorted(by_old)} for r, by_old in reads.items()})
-                    for old, spans in stage.staging_spans(reads, held=held).items():
-                        self._stage_spans(reader, old, spans)
+                    for old, spans in prefetch.prefetch_spans(reads, held=held).items():
+                        self._prefetch_spans(reader, old, spans)
         finally:
             reader.close()
 
-    def _stage_spans(self, reader: PeerReader, rank: int, spans: list[stage.Span]) -> None:
+    def _prefetch_spans(self, reader: PeerReader, rank: int, spans: list[prefetch.Span]) -> None:
         step, layout, tree = reader.chosen.step, reader.layout(rank), reader.tree(rank)
         with self._cond:
-            staged = self.staged.get(rank)
-            if staged is not None and staged.step != step:
-                self._drop_staged(rank=rank, force=True)
-                staged = None
-            if staged is None:
-                staged = self.staged[rank] = _Staged(step, layout, tree, reader.sums(rank))
-            spans = stage.subtract(spans, staged.covered())
-            index = STAGED_SLOT - len(staged.pieces)
+            prefetched = self.prefetched.get(rank)
+            if prefetched is not None and prefetched.step != step:
+                self._drop_prefetched(rank=rank, force=True)
+                prefetched = None
+            if prefetched is None:
+                prefetched = self.prefetched[rank] = _Prefetched(step, layout, tree, reader.sums(rank))
+            spans = prefetch.subtract(spans, prefetched.covered())
+            index = PREFETCHED_SLOT - len(prefetched.pieces)
             allocate = _Allocation(self._name(rank, index))
         if not spans:
             return
         with allocate:
-            done, _, seconds = stage.stage_rank(reader, rank=rank, spans=spans, allocate=allocate)
+            done, _, seconds = prefetch.prefetch_rank(reader, rank=rank, spans=spans, allocate=allocate)
         with self._cond:
-            staged.pieces.append((done, Slot(index, allocate.segment, step=step, status=COMPLETE, tree=staged.tree)))
-            staged.seconds += seconds
-        log.info("staged %.1f MB of old rank %d's step %d for the restore in %.2f s", done.nbytes / 1e6, rank, step, seconds)
+            prefetched.pieces.append((done, Slot(index, allocate.segment, step=step, status=COMPLETE, tree=prefetched.tree)))
+            prefetched.seconds += seconds
+        log.info("prefetched %.1f MB of old rank %d's step %d for the restore in %.2f s", done.nbytes / 1e6, rank, step, seconds)
 
-    def _drop_staged(self, *, rank: int | None = None, force: bool = False) -> None:
-        """Free staged spans (of `rank`, else of every old rank) that no restore reads now (or all: `force`)."""
-        for r in [rank] if rank is not None else list(self.staged):
-            staged = self.staged[r]
-            if force or not any(slot.pins for _, slot in staged.pieces):
-                free([slot for _, slot in self.staged.pop(r).pieces])
+    def _drop_prefetched(self, *, rank: int | None = None, force: bool = False) -> None:
+        """Free prefetched spans (of `rank`, else of every old rank) that no restore reads now (or all: `force`)."""
+        for r in [rank] if rank is not None else list(self.prefetched):
+            prefetched = self.prefetched[r]
+            if force or not any(slot.pins for _, slot in prefetched.pieces):
+                free([slot for _, slot in self.prefetched.pop(r).pieces])
 
 
 class _Allocation:

@@ -180,7 +180,7 @@ class Keeper(RestoreAhead):
             self.ranks.clear()
             for lost in list(self.rebuilt):
                 self._drop_rebuilt(lost)
-            self._drop_staged(force=True)
+            self._drop_prefetched(force=True)
         if self._sock is not None:
             self._sock.close()
             socket_path(self.rid).unlink(missing_ok=True)
@@ -192,7 +192,7 @@ class Keeper(RestoreAhead):
     def _check_idle(self) -> None:
         """Exit once no worker can come back to what this keeper holds, or the lease ran out."""
         with self._cond:
-            if self._conns or self._jobs or self._rebuilding or self._staging:
+            if self._conns or self._jobs or self._rebuilding or self._prefetching:
                 self._idle_since, self._idle_noted = time.monotonic(), False
                 return
             idle = time.monotonic() - self._idle_since
@@ -338,10 +338,10 @@ class Keeper(RestoreAhead):
         return {"node": self.node, "unreachable": {n: f"{peers[n]}: {why}" for n, why in found.items() if why}}
 
     def _op_inventory(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        """What this node holds for a recovery, once a rebuild or staging under way has finished
+        """What this node holds for a recovery, once a rebuild or prefetch under way has finished
         (unless `wait` is false: a worker asking only for the plans)."""
         deadline = time.monotonic() + (REBUILD_WAIT_S if msg.get("wait", True) else 0.0)
-        while (self._rebuilding or self._staging) and time.monotonic() < deadline:
+        while (self._rebuilding or self._prefetching) and time.monotonic() < deadline:
             self._cond.wait(timeout=1.0)
         return self._inventory(**report_fields(msg))
 
@@ -358,32 +358,32 @@ class Keeper(RestoreAhead):
                 ranks_json[str(r)].update(layout=h.layout.to_json(), trees={str(s.step): s.tree for s in steps},
                                           sums={str(s.step): s.checksums for s in steps})  # fmt: skip
             rebuilt = {str(r): round(self._rebuild_s[r], 3) for r in self.rebuilt if r not in self.ranks}
-            staged = {"mb": sum(s.nbytes for h in self.staged.values() for s, _ in h.pieces) / 1e6,
-                      "seconds": sum(h.seconds for h in self.staged.values())} if self.staged else {}  # fmt: skip
+            prefetched = {"mb": sum(s.nbytes for h in self.prefetched.values() for s, _ in h.pieces) / 1e6,
+                      "seconds": sum(h.seconds for h in self.prefetched.values())} if self.prefetched else {}  # fmt: skip
             reads = {str(r): dict(v) for r, v in self.reads.items()}
-        return {"ranks": ranks_json, "rebuilt": rebuilt, "staged": staged, "reads": reads, **(self.protector.inventory() if self.protector else {"node": self.node})}
+        return {"ranks": ranks_json, "rebuilt": rebuilt, "prefetched": prefetched, "reads": reads, **(self.protector.inventory() if self.protector else {"node": self.node})}
 
     def _op_holdings(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         held = self.ranks.get(int(msg["rank"]))
         return {"steps": held.complete_steps() if held else [], "digest": held.layout.digest if held else None}
 
     def _op_read(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        """A held snapshot's segment (pinned until unpinned), else the spans of it staged here."""
-        staged = self._staged(msg)
-        if staged is not None:
-            for _, slot in staged.pieces:
+        """A held snapshot's segment (pinned until unpinned), else the spans of it prefetched here."""
+        prefetched = self._prefetched(msg)
+        if prefetched is not None:
+            for _, slot in prefetched.pieces:
                 slot.pins += 1
                 conn.reads.append(slot)
-            pieces = [{"segment": slot.segment.name, "spans": s.to_json()} for s, slot in staged.pieces]
-            return {"staged": pieces, "layout": staged.layout.to_json(), "tree": staged.tree, "checksums": staged.checksums}
+            pieces = [{"segment": slot.segment.name, "spans": s.to_json()} for s, slot in prefetched.pieces]
+            return {"prefetched": pieces, "layout": prefetched.layout.to_json(), "tree": prefetched.tree, "checksums": prefetched.checksums}
         held, slot = self._complete(msg)
         slot.pins += 1
         conn.reads.append(slot)
         return {"segment": slot.segment.name, "layout": held.layout.to_json(), "tree": slot.tree, "checksums": slot.checksums}
 
     def _op_unpin(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        staged = self._staged(msg)
-        for slot in [slot for _, slot in staged.pieces] if staged is not None else [self._complete(msg)[1]]:
+        prefetched = self._prefetched(msg)
+        for slot in [slot for _, slot in prefetched.pieces] if prefetched is not None else [self._complete(msg)[1]]:
             if slot in conn.reads:
                 conn.reads.remove(slot)
                 slot.pins -= 1
@@ -402,7 +402,7 @@ class Keeper(RestoreAhead):
             # A new incarnation snapshots only after every rank resumed: nobody reads rebuilt ranks now.
             for lost in [r for r, h in self.rebuilt.items() if not any(s.pins for s in h.slots)]:
                 self._drop_rebuilt(lost)
-            self._drop_staged()
+            self._drop_prefetched()
             self.reads.clear()
         self.local_world = int(msg["local_world_size"])
         if msg.get("pid"):
@@ -630,15 +630,15 @@ class Keeper(RestoreAhead):
         with self._cond:
             self._cond.notify_all()
 
-    def _persist_done(self, job: PersistJob, stage: str, error: str | None) -> None:
+    def _persist_done(self, job: PersistJob, phase: str, error: str | None) -> None:
         with self._cond:
-            if stage == "durable":
+            if phase == "durable":
                 self.durable = max(self.durable, job.step)
-            elif stage == "committed":
+            elif phase == "committed":
                 self.committed = max(self.committed, job.step)
-            elif stage == "failed" and job.target.token == self.token and job.step > self.failed:
+            elif phase == "failed" and job.target.token == self.token and job.step > self.failed:
                 self.failed, self.failure = job.step, error or "unknown error"
-            if stage == "failed" or stage == "committed" or (stage == "durable" and not job.committer):
+            if phase == "failed" or phase == "committed" or (phase == "durable" and not job.committer):
                 _, slots = self._jobs.pop((job.target.token, job.step), (None, []))
                 for slot in slots:
                     slot.pins -= 1

@@ -133,7 +133,7 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
                       capture: StateCapture, topology: Mapping[str, int], node: str | None = None,
                       held: HeldSlots | None = None) -> PeerResume:  # fmt: skip
     """Load the newest step the surviving keepers can rebuild (collective); `held` reads `node`'s own
-    keeper from shared memory: its slots, and the spans it fetched ahead (`stage_ahead`)."""
+    keeper from shared memory: its slots, and the spans it fetched ahead (`prefetch_ahead`)."""
     start = time.perf_counter()
     # Compact: every rank receives every node's report, so it carries no layouts and no JSON states;
     # each rank then asks the holders for those of the old ranks it reads (PeerReader.describe).
@@ -145,10 +145,10 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
         if comm.rank == 0 and protected:
             log.warning("peer memory cannot rebuild a step: %s", why)
         return PeerResume(None, why, lost=protected)
-    reader = PeerReader(chosen, inventories, secret=secret, node=node, local=held, staged=held.span if held else None,
+    reader = PeerReader(chosen, inventories, secret=secret, node=node, local=held, prefetched=held.span if held else None,
                         described=held.described if held else None)  # fmt: skip
     reads = inventories[node].data.get("reads", {}).get(str(comm.rank)) if node in inventories else None
-    ranks = reads["ranks"] if reads and reads.get("step") == chosen.step else None  # as staging planned them
+    ranks = reads["ranks"] if reads and reads.get("step") == chosen.step else None  # as the prefetch planned them
     planned = time.perf_counter()
     targets = capture.restore_targets()
     templated = time.perf_counter()
@@ -156,14 +156,14 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
     # in a disk load that overwrites every target, never in training on a half-filled state. Device
     # tensors are filled through host buffers once every rank has read its state.
     buffers: dict[str, tuple[Any, np.ndarray]] = {}
-    staged_on_host: list[str] = []
+    prefetched_on_host: list[str] = []
     try:
         for name, tensor in targets.tensors.items():
             fragment = targets.fragments[name]
             if tensor.device.type == "cpu" and tensor.is_contiguous():
                 buffers[name] = (fragment, as_numpy(tensor))
             else:
-                staged_on_host.append(name)
+                prefetched_on_host.append(name)
                 buffers[name] = (fragment, np.empty(fragment.local_shape, dtype=storage_dtype(dtype_name(tensor.dtype))))
         fill_targets(reader, buffers, ranks=ranks)  # checks that every element was filled
         same = chosen.plan.world_size == comm.world_size and dict(chosen.plan.topology) == dict(topology)
@@ -179,7 +179,7 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
         if comm.rank == 0:
             log.warning("rebuilding step %d from peer memory failed (%s)", chosen.step, errors[0])
         return PeerResume(None, f"rebuilding step {chosen.step} failed: {errors[0]}", lost=True)
-    for name in staged_on_host:
+    for name in prefetched_on_host:
         targets.tensors[name].copy_(to_torch(buffers[name][1], dtype_name(targets.tensors[name].dtype)))
     capture.load(targets, trees)
     mine = {"local": reader.local_bytes / 1e6, "peers": reader.fetched / 1e6, "decoded": reader.decoded / 1e6,
@@ -191,9 +191,9 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
     ahead = [f"rank {s.via} by {s.node}'s keeper in {inventories[s.node].data['rebuilt'][str(s.via)]:.2f} s"
              for s in chosen.sources.values() if s.kind == "held" and str(s.via) in inventories[s.node].data.get("rebuilt", {})]  # fmt: skip
     rebuilt = f"; rebuilt from peers' memory while the job restarted: {', '.join(ahead)}" if ahead else ""
-    staging = [f"{inv.data['staged']['mb']:.1f} MB by {n}'s keeper in {inv.data['staged']['seconds']:.2f} s"
-               for n, inv in inventories.items() if inv.data.get("staged")]  # fmt: skip
-    rebuilt += f"; staged from peers while the workers started: {', '.join(staging)}" if staging else ""
+    fetched = [f"{inv.data['prefetched']['mb']:.1f} MB by {n}'s keeper in {inv.data['prefetched']['seconds']:.2f} s"
+               for n, inv in inventories.items() if inv.data.get("prefetched")]  # fmt: skip
+    rebuilt += f"; prefetched from peers while the workers started: {', '.join(fetched)}" if fetched else ""
     detail = (f"{chosen.describe()}{rebuilt}; {total['local']:.1f} MB copied from this node's keeper, {total['peers']:.1f} MB read "
               f"from peers, {total['decoded']:.1f} MB of it decoded; slowest rank: plan {slow['plan']:.2f} s, templates "
               f"{slow['templates']:.2f} s, read {slow['read']:.2f} s ({reader.threads} threads: fetch {slow['fetch']:.2f}, "
@@ -201,16 +201,16 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
     return PeerResume(chosen.step, detail)
 
 
-def stage_ahead(run_dir: Any, *, rank: int, topology: Mapping[str, int]) -> HeldSlots | None:
+def prefetch_ahead(run_dir: Any, *, rank: int, topology: Mapping[str, int]) -> HeldSlots | None:
     """Tell this node's keeper the rank and topology this worker restarts with, so that it fetches
-    what the restore will read from other nodes while the model is built (stage.py), and meanwhile
+    what the restore will read from other nodes while the model is built (prefetch.py), and meanwhile
     map what the keeper holds for the restore (`HeldSlots.warm`, on a thread of its own). The slots
     are the restore's to read and close; None when no keeper takes it (none runs, or it knows no
     earlier incarnation)."""
-    client = _keeper_client(run_dir, timeout=900.0)  # the warm waits for staging on it
+    client = _keeper_client(run_dir, timeout=900.0)  # it waits for the prefetch
     if client is None:
         return None
-    if not _request(client, "stage", rank=rank, topology=dict(topology)).get("staging"):
+    if not _request(client, "prefetch", rank=rank, topology=dict(topology)).get("prefetching"):
         client.close()
         return None
     held = HeldSlots(client, owned=True)

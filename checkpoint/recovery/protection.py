@@ -52,7 +52,7 @@ def train_states(trainer: Any) -> dict[str, Stateful]:
 
 def build_protection(cfg: JobConfig, *, trainer: Any, warmed: HeldSlots | None = None) -> Protection:
     """The protection of one worker (collective: every rank calls it, before `resume`); `warmed`:
-    this node's memory mapped ahead for a restore from peers (`peer_recovery.stage_ahead`)."""
+    this node's memory mapped ahead for a restore from peers (`recovery.peers.prefetch_ahead`)."""
     env = trainer.env
     return Protection(
         cfg, states=train_states(trainer), run_dir=Path(trainer.run_dir), rank=env.rank, local_rank=env.local_rank,

@@ -103,7 +103,7 @@ def load_safetensors(source: Path, targets: Mapping[str, torch.Tensor], *, stric
     names not found when not strict. Targets change only after every slice was read."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     where = _weight_files(Path(source))
-    problems, missing, staged = [], [], {}
+    problems, missing, loaded = [], [], {}
     for name, target in targets.items():
         if name not in where:
             (problems if strict else missing).append(f"{name}: not in {source}")
@@ -118,11 +118,11 @@ def load_safetensors(source: Path, targets: Mapping[str, torch.Tensor], *, stric
             buf = torch.empty(fragment.local_shape, dtype=target.dtype)
             for box, local in fragment.pieces():
                 buf[local] = view[box.slices()] if box.sizes else f.get_tensor(name)
-        staged[name] = buf
+        loaded[name] = buf
     if problems:
         raise CheckpointError(f"cannot initialize from {source}:\n{join_problems(problems)}")
     with torch.no_grad():
-        for name, buf in staged.items():
+        for name, buf in loaded.items():
             target = targets[name]
             local = target.to_local() if hasattr(target, "to_local") else target
             local.copy_(buf)

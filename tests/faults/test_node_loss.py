@@ -84,8 +84,8 @@ def test_a_lost_node_comes_back_from_memory_on_fewer_nodes(tmp_path, reference):
     # node1's keeper decoded node2's ranks while the job restarted; the workers read them as held copies
     assert "lost node2" in log and "world 6 -> 4" in log
     assert "rebuilt from peers' memory while the job restarted: rank 4 by node1's keeper" in log, log[-3000:]
-    # Each survivor staged what its new ranks read from the other one while the model was built.
-    assert "staged from peers while the workers started: " in log and " 0.0 MB read from peers" in log, log[-3000:]
+    # Each survivor prefetched what its new ranks read from the other one while the model was built.
+    assert "prefetched from peers while the workers started: " in log and " 0.0 MB read from peers" in log, log[-3000:]
     assert not list(tmp_path.glob("run/checkpoints/step-*")), "no disk checkpoint was asked for"
     assert_matches(latest_losses(cluster.run_dir), reference)
     # The 2 nodes protect their own steps at once, not after the leader gave up on the dead node's parity.

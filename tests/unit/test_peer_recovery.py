@@ -23,7 +23,7 @@ from resurgo.checkpoint.erasure.service import Pace, ParityService, _Parity
 from resurgo.checkpoint.erasure.coding import ErasureSetup
 from resurgo.checkpoint.erasure.wire import PeerClient, PeerError
 from resurgo.checkpoint.keeper.rebuild import plan_rebuild, probe, rebuild_rank, rebuilder
-from resurgo.checkpoint.keeper.prefetch import merge, new_fragment, restore_reads, stage_rank, staging_spans, subtract
+from resurgo.checkpoint.keeper.prefetch import merge, new_fragment, restore_reads, prefetch_rank, prefetch_spans, subtract
 
 SHAPES = {"model/w": (13, 7), "model/b": (5,), "optim/step": ()}  # 13 rows: uneven on any world size
 
@@ -312,7 +312,7 @@ def test_a_resized_rank_holds_the_same_placements_on_the_new_mesh():
     assert new_fragment(v, old=old, new={"pp": 1, "dp_shard": 4}, rank=0, holders=(3, 4, 5)) is None  # stages regrouped
 
 
-def test_survivors_stage_what_their_new_ranks_read_from_peers(cluster):
+def test_survivors_prefetch_what_their_new_ranks_read_from_peers(cluster):
     c = cluster(nodes=3, per_node=1, k=2, m=1)
     c.snapshot(1)
     c.lose("node2")
@@ -321,21 +321,21 @@ def test_survivors_stage_what_their_new_ranks_read_from_peers(cluster):
     topology = {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 1}
     for node, new_rank in (("node0", 0), ("node1", 1)):
         held = lambda rank, at, node=node: (c.slots[node].get((rank, at)) or (None, None))[1]  # noqa: E731
-        stager = PeerReader(chosen, inventories, secret=c.plan.secret, node=node, local=held)
-        reads = restore_reads(stager, topology=topology, ranks=[new_rank])
+        fetcher = PeerReader(chosen, inventories, secret=c.plan.secret, node=node, local=held)
+        reads = restore_reads(fetcher, topology=topology, ranks=[new_rank])
         assert set(reads[new_rank]) & set(c.ranks[node])  # it reads its own node's old ranks too
-        spans = staging_spans(reads, held=lambda r: held(r, 1) is not None)
+        spans = prefetch_spans(reads, held=lambda r: held(r, 1) is not None)
         assert spans and all(r not in c.ranks[node] for r in spans)  # only what other nodes hold, or held
-        pieces = {r: stage_rank(stager, rank=r, spans=s, allocate=lambda n: np.zeros(n, dtype=np.uint8))[:2]
+        pieces = {r: prefetch_rank(fetcher, rank=r, spans=s, allocate=lambda n: np.zeros(n, dtype=np.uint8))[:2]
                   for r, s in spans.items()}  # fmt: skip
-        stager.close()
+        fetcher.close()
 
-        def staged(rank, at, offset, nbytes, pieces=pieces):
+        def prefetched(rank, at, offset, nbytes, pieces=pieces):
             piece, data = pieces.get(rank, (None, None))
             where = piece.find(offset, nbytes) if piece is not None and piece.step == at else None
             return None if where is None else data[where : where + nbytes]
 
-        reader = PeerReader(chosen, inventories, secret=c.plan.secret, node=node, local=held, staged=staged)
+        reader = PeerReader(chosen, inventories, secret=c.plan.secret, node=node, local=held, prefetched=prefetched)
         expected = global_state(1)
         targets = {}
         for name, layout in layouts(2).items():
@@ -416,7 +416,7 @@ def test_a_new_plan_frees_a_leader_waiting_on_the_last_incarnations_parity(clust
 
 
 def test_a_keeper_serves_the_secrets_of_the_plans_it_holds_and_no_other(cluster):
-    """A survivor staging an earlier incarnation's memory reads on after its peers adopted the next
+    """A survivor prefetching an earlier incarnation's memory reads on after its peers adopted the next
     plan; a stranger, or a plan the keeper forgot, is refused."""
     c = cluster(nodes=3, per_node=1, k=2, m=1)
     c.snapshot(1)  # protected: the plan is kept when the next one comes
