@@ -81,7 +81,10 @@ def _rank_main(rank: int, args: argparse.Namespace, n_tensors: int, port: int, r
     saves = {  # (timed save of round i, what it wrote)
         "dd_write": (lambda i: rank == 0 and _dd_write(scratch / "dd.bin", nbytes), lambda i: scratch / "dd.bin"),
         "resurgo_save": (lambda i: resurgo.save(i), lambda i: resurgo.root / f"step-{i:08d}"),
-        "dcp_save": (lambda i: _dcp_save(scratch / f"dcp-{i}", state, threads=args.io_threads), lambda i: scratch / f"dcp-{i}"),
+        "dcp_save": (
+            lambda i: _dcp_save(scratch / f"dcp-{i}", state, threads=args.io_threads),
+            lambda i: scratch / f"dcp-{i}",
+        ),
         "resurgo_zstd_save": (lambda i: zstd.save(i), lambda i: zstd.root / f"step-{i:08d}"),
     }
     # Rounds interleave the systems so each meets the same (shared, noisy) disk conditions.
@@ -129,12 +132,16 @@ class _InPlace:
             tensor.to_local().copy_(state_dict[name].to_local())
 
 
-def _resurgo(root: Path, state: dict[str, torch.Tensor], *, io_threads: int, max_chunk_bytes: int, compression: str = "none"):
+def _resurgo(
+    root: Path, state: dict[str, torch.Tensor], *, io_threads: int, max_chunk_bytes: int, compression: str = "none"
+):
     from resurgo.checkpoint.store.checkpointer import Checkpointer
     from resurgo.trainer.config import CheckpointConfig
 
     cfg = CheckpointConfig(keep=10, compression=compression)
-    return Checkpointer(cfg, root=root, states={"t": _InPlace(state)}, io_threads=io_threads, max_chunk_bytes=max_chunk_bytes)
+    return Checkpointer(
+        cfg, root=root, states={"t": _InPlace(state)}, io_threads=io_threads, max_chunk_bytes=max_chunk_bytes
+    )
 
 
 def _dcp_save(path: Path, state: dict[str, torch.Tensor], *, threads: int) -> None:
@@ -157,7 +164,14 @@ def _source_state(mesh, n: int, rank: int) -> dict[str, torch.Tensor]:
     rows = ROWS // 4
     gen = torch.Generator().manual_seed(rank)
     return {
-        f"{i:02d}": DTensor.from_local(torch.randn(rows, COLS, generator=gen), mesh, [Shard(0)], run_check=False, shape=(ROWS, COLS), stride=(COLS, 1))
+        f"{i:02d}": DTensor.from_local(
+            torch.randn(rows, COLS, generator=gen),
+            mesh,
+            [Shard(0)],
+            run_check=False,
+            shape=(ROWS, COLS),
+            stride=(COLS, 1),
+        )
         for i in range(n)
     }
 
@@ -169,7 +183,9 @@ def _target_state(grid, n: int, rank: int) -> dict[str, torch.Tensor]:
     stage = grid.get_coordinate()[0]
     tp = grid["tp"]
     return {
-        f"{i:02d}": DTensor.from_local(torch.zeros(ROWS, COLS // 2), tp, [Shard(1)], run_check=False, shape=(ROWS, COLS), stride=(COLS, 1))
+        f"{i:02d}": DTensor.from_local(
+            torch.zeros(ROWS, COLS // 2), tp, [Shard(1)], run_check=False, shape=(ROWS, COLS), stride=(COLS, 1)
+        )
         for i in range(n)
         if i * 2 // n == stage
     }
@@ -213,7 +229,11 @@ _DD_BLOCK = 64 << 20
 def _dd_write(path: Path, nbytes: int) -> None:
     path.unlink(missing_ok=True)
     count = max(1, -(-nbytes // _DD_BLOCK))
-    subprocess.run(["dd", "if=/dev/zero", f"of={path}", f"bs={_DD_BLOCK}", f"count={count}", "conv=fsync"], capture_output=True, check=True)
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={path}", f"bs={_DD_BLOCK}", f"count={count}", "conv=fsync"],
+        capture_output=True,
+        check=True,
+    )
 
 
 def _dd_read(path: Path) -> None:
@@ -227,24 +247,36 @@ def _print(r: dict) -> None:
     def bw(nbytes: float, seconds: float) -> str:
         return f"{nbytes / 1e9 / seconds:.2f} GB/s"
 
-    print(f"resurgo: chunks <= {r['chunk_mib']:g} MiB, {r['io_threads']} I/O threads per rank; dcp: {r['io_threads']} writer threads per rank")
-    print(f"state: {r['tensors']} fp32 tensors of {ROWS}x{COLS}, {gb:.2f} GB; save on dp_shard=4, load on 2 (stage split) x tp=2 Shard(1)")
-    print(f"raw disk (dd, {gb:.2f} GB):   write+fsync {r['dd_write']:.2f} s ({bw(r['bytes'], r['dd_write'])})   read back {r['dd_read']:.2f} s ({bw(r['bytes'], r['dd_read'])})")
+    print(
+        f"resurgo: chunks <= {r['chunk_mib']:g} MiB, {r['io_threads']} I/O threads per rank; dcp: {r['io_threads']} writer threads per rank"
+    )
+    print(
+        f"state: {r['tensors']} fp32 tensors of {ROWS}x{COLS}, {gb:.2f} GB; save on dp_shard=4, load on 2 (stage split) x tp=2 Shard(1)"
+    )
+    print(
+        f"raw disk (dd, {gb:.2f} GB):   write+fsync {r['dd_write']:.2f} s ({bw(r['bytes'], r['dd_write'])})   read back {r['dd_read']:.2f} s ({bw(r['bytes'], r['dd_read'])})"
+    )
     print(f"save  resurgo      {r['resurgo_save']:.2f} s ({bw(r['bytes'], r['resurgo_save'])})")
     print(f"save  dcp          {r['dcp_save']:.2f} s ({bw(r['bytes'], r['dcp_save'])})")
     print(f"save  resurgo zstd {r['resurgo_zstd_save']:.2f} s ({bw(r['bytes'], r['resurgo_zstd_save'])})")
     print(f"load+reshard resurgo {r['resurgo_load']:.2f} s ({bw(tgt, r['resurgo_load'])} into targets)")
     print(f"load+reshard dcp     {r['dcp_load']:.2f} s ({bw(tgt, r['dcp_load'])} into targets)")
     print(f"loaded tensors identical between resurgo and dcp: {r['loaded_equal']}")
-    print(f"bytes on disk: resurgo {r['disk_resurgo'] / 1e9:.3f} GB, resurgo zstd {r['disk_resurgo_zstd'] / 1e9:.3f} GB, dcp {r['disk_dcp'] / 1e9:.3f} GB")
+    print(
+        f"bytes on disk: resurgo {r['disk_resurgo'] / 1e9:.3f} GB, resurgo zstd {r['disk_resurgo_zstd'] / 1e9:.3f} GB, dcp {r['disk_dcp'] / 1e9:.3f} GB"
+    )
     save_ratio = r["resurgo_save"] / r["dcp_save"]
     load_ratio = r["resurgo_load"] / r["dcp_load"]
     save_frac = r["dd_write"] / r["resurgo_save"]
     load_frac = r["dd_read"] / r["resurgo_load"]
     print(f"ratio save  resurgo/dcp = {save_ratio:.2f}x (target <= 1.0)   {'ok' if save_ratio <= 1.0 else 'MISSED'}")
     print(f"ratio load  resurgo/dcp = {load_ratio:.2f}x (target <= 0.7)   {'ok' if load_ratio <= 0.7 else 'MISSED'}")
-    print(f"save bandwidth = {save_frac:.0%} of raw disk write (target >= 60%)   {'ok' if save_frac >= 0.6 else 'MISSED'}")
-    print(f"load bandwidth = {load_frac:.0%} of raw read back (target >= 60%)   {'ok' if load_frac >= 0.6 else 'MISSED'}")
+    print(
+        f"save bandwidth = {save_frac:.0%} of raw disk write (target >= 60%)   {'ok' if save_frac >= 0.6 else 'MISSED'}"
+    )
+    print(
+        f"load bandwidth = {load_frac:.0%} of raw read back (target >= 60%)   {'ok' if load_frac >= 0.6 else 'MISSED'}"
+    )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from resurgo.checkpoint.erasure.share_site import choose_site, measure_rates
 from resurgo.checkpoint.erasure.code import CHUNK_BYTES, THREADS, decode, encode
+from resurgo.checkpoint.erasure.share_site import choose_site, measure_rates
 from resurgo.kernels import isal
 
 SHAPES = [(4, 1), (4, 2), (8, 2), (8, 3)]
@@ -110,18 +110,26 @@ def main() -> None:
     size = args.mib * 2**20 // (8 * 64) * (8 * 64)
     data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
     copy = np.empty_like(data)
-    chunks = [data[o : o + int(args.segment_mib * 2**20)].tobytes() for o in range(0, size, int(args.segment_mib * 2**20))]
+    chunks = [
+        data[o : o + int(args.segment_mib * 2**20)].tobytes() for o in range(0, size, int(args.segment_mib * 2**20))
+    ]
     backend = "ISA-L ec_encode_data via ctypes" if isal.load() is not None else "numpy (no libisal found)"
     print(f"{args.mib} MiB of data per (k,m), best of {args.repeat} interleaved rounds, {os.cpu_count()} cores")
-    print(f"resurgo CPU path: {backend}, zero-copy, {CHUNK_BYTES // 2**20} MiB chunks per buffer, 1 thread (and {THREADS}, as the keepers run it)")
-    print(f"libraries: pyeclib {', '.join(PYECLIB_TYPES)} and zfec, fed {args.segment_mib:g} MiB segments"
-          f"{', glibc keeps freed memory (mallopt)' if tuned else ''}")
-    print(f"memcpy = np.copyto of the same bytes into a preallocated buffer, timed in the same rounds\n")
+    print(
+        f"resurgo CPU path: {backend}, zero-copy, {CHUNK_BYTES // 2**20} MiB chunks per buffer, 1 thread (and {THREADS}, as the keepers run it)"
+    )
+    print(
+        f"libraries: pyeclib {', '.join(PYECLIB_TYPES)} and zfec, fed {args.segment_mib:g} MiB segments"
+        f"{', glibc keeps freed memory (mallopt)' if tuned else ''}"
+    )
+    print("memcpy = np.copyto of the same bytes into a preallocated buffer, timed in the same rounds\n")
     print(f"{'k,m':>5} {'codec':<26} {'encode GB/s':>12} {'decode GB/s':>12}")
     for k, m in SHAPES:
         # The libraries and memcpy run on one thread: resurgo's headline is its one-thread row.
-        pairs = {"resurgo": resurgo_tasks(data, k=k, m=m, backend="auto", threads=1),
-                 f"resurgo ({THREADS} threads)": resurgo_tasks(data, k=k, m=m, backend="auto")}  # fmt: skip
+        pairs = {
+            "resurgo": resurgo_tasks(data, k=k, m=m, backend="auto", threads=1),
+            f"resurgo ({THREADS} threads)": resurgo_tasks(data, k=k, m=m, backend="auto"),
+        }
         if args.numpy:
             pairs["resurgo (numpy fallback)"] = resurgo_tasks(data, k=k, m=m, backend="numpy")
         for ec_type in PYECLIB_TYPES:
@@ -138,8 +146,10 @@ def main() -> None:
         best_enc = max(libs, key=lambda n: rate[n + "/enc"])
         best_dec = max(libs, key=lambda n: rate[n + "/dec"])
         enc, dec = rate["resurgo/enc"], rate["resurgo/dec"]
-        line = (f"      resurgo / best library, one thread each: encode {enc / rate[best_enc + '/enc']:.2f}x ({best_enc}), "
-                f"decode {dec / rate[best_dec + '/dec']:.2f}x ({best_dec})")
+        line = (
+            f"      resurgo / best library, one thread each: encode {enc / rate[best_enc + '/enc']:.2f}x ({best_enc}), "
+            f"decode {dec / rate[best_dec + '/dec']:.2f}x ({best_dec})"
+        )
         if m == 1:
             line += f"\n      XOR / memcpy: encode {enc / rate['memcpy']:.2f}, decode {dec / rate['memcpy']:.2f}"
         print(line)

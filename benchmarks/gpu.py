@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from throughput import BaselineLoop, timed
 
 HERE = Path(__file__).resolve().parent
@@ -56,10 +55,22 @@ class Size:
     ec_bytes: int
 
 
-FULL = Size(model={"dim": 768, "n_layers": 12, "n_heads": 12, "n_kv_heads": 4, "ffn_hidden": 2048, "max_seq_len": 2048},
-            batch=16, seq=1024, steps=20, copy_mib=1024, ec_bytes=256 * 2**20)  # fmt: skip
-TINY = Size(model={"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 4, "max_seq_len": 64}, batch=2, seq=32, steps=2,
-            copy_mib=4, ec_bytes=2**16)  # fmt: skip
+FULL = Size(
+    model={"dim": 768, "n_layers": 12, "n_heads": 12, "n_kv_heads": 4, "ffn_hidden": 2048, "max_seq_len": 2048},
+    batch=16,
+    seq=1024,
+    steps=20,
+    copy_mib=1024,
+    ec_bytes=256 * 2**20,
+)
+TINY = Size(
+    model={"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 4, "max_seq_len": 64},
+    batch=2,
+    seq=32,
+    steps=2,
+    copy_mib=4,
+    ec_bytes=2**16,
+)
 
 
 def sync(device: torch.device) -> None:
@@ -85,9 +96,20 @@ def training(size: Size, device: torch.device) -> list[Row]:
     from resurgo.trainer.trainer import Trainer
 
     bf16 = device.type == "cuda"
-    cfg = load_config({"model": size.model, "fault": {"keeper": "off"}, "train": {
-        "device": device.type, "precision": "bf16" if bf16 else "fp32", "steps": 10**6, "batch_size": size.batch,
-        "seq_len": size.seq, "log_every": 0}})  # fmt: skip
+    cfg = load_config(
+        {
+            "model": size.model,
+            "fault": {"keeper": "off"},
+            "train": {
+                "device": device.type,
+                "precision": "bf16" if bf16 else "fp32",
+                "steps": 10**6,
+                "batch_size": size.batch,
+                "seq_len": size.seq,
+                "log_every": 0,
+            },
+        }
+    )
     env = init_distributed(device.type)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, env=env, run_dir=Path(tmp))
@@ -104,8 +126,15 @@ def training(size: Size, device: torch.device) -> list[Row]:
         torch.cuda.empty_cache()  # the snapshot part runs in another process on the same device
     tokens = size.batch * size.seq
     ours_tps, theirs_tps = tokens / statistics.median(ours), tokens / statistics.median(theirs)
-    rows = [Row("training", f"tokens/s ({size.batch}x{size.seq}, {'bf16' if bf16 else 'fp32'})", f"{ours_tps:,.0f}",
-                f"{theirs_tps:,.0f}", f"{ours_tps / theirs_tps:.3f}")]  # fmt: skip
+    rows = [
+        Row(
+            "training",
+            f"tokens/s ({size.batch}x{size.seq}, {'bf16' if bf16 else 'fp32'})",
+            f"{ours_tps:,.0f}",
+            f"{theirs_tps:,.0f}",
+            f"{ours_tps / theirs_tps:.3f}",
+        )
+    ]
     peak = peak_flops(env.device)
     if peak:
         mfu = lambda tps: f"{tps * flops_per_token / peak:.1%}"  # noqa: E731
@@ -117,23 +146,67 @@ def snapshots(size: Size, device: torch.device) -> list[Row]:
     m = size.model
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        cmd = [sys.executable, str(HERE / "snapshot_stall.py"), "--ranks", "1", "--device", device.type,
-               "--dim", str(m["dim"]), "--layers", str(m["n_layers"]), "--heads", str(m["n_heads"]), "--batch", str(size.batch),
-               "--seq", str(size.seq), "--rounds", "2" if device.type == "cuda" else "1", "--steps", "4" if device.type == "cuda" else "1",
-               "--warmup", "1" if device.type == "cuda" else "0", "--root", tmp, "--json", str(out)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(HERE / "snapshot_stall.py"),
+            "--ranks",
+            "1",
+            "--device",
+            device.type,
+            "--dim",
+            str(m["dim"]),
+            "--layers",
+            str(m["n_layers"]),
+            "--heads",
+            str(m["n_heads"]),
+            "--batch",
+            str(size.batch),
+            "--seq",
+            str(size.seq),
+            "--rounds",
+            "2" if device.type == "cuda" else "1",
+            "--steps",
+            "4" if device.type == "cuda" else "1",
+            "--warmup",
+            "1" if device.type == "cuda" else "0",
+            "--root",
+            tmp,
+            "--json",
+            str(out),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
         print(proc.stdout, end="")
         if proc.returncode:
-            return [Row("snapshots", "snapshot_stall.py failed", proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "")]
+            return [
+                Row(
+                    "snapshots",
+                    "snapshot_stall.py failed",
+                    proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "",
+                )
+            ]
         rows = {r["method"]: r for r in json.loads(out.read_text())}
     ours, dcp, none = rows["resurgo"], rows["dcp.async_save"], rows["none"]
     return [
-        Row("snapshots", "blocked per step (median), vs dcp.async_save", f"{ours['blocked_s'] * 1e3:.2f} ms",
-            f"{dcp['blocked_s'] * 1e3:.2f} ms", f"{ours['blocked_s'] / max(dcp['blocked_s'], 1e-9):.3f}"),
-        Row("snapshots", "tokens/s, a snapshot every step, vs none", f"{size.batch * size.seq / ours['step_s']:,.0f}",
-            f"{size.batch * size.seq / none['step_s']:,.0f}", f"{none['step_s'] / ours['step_s']:.3f}"),
-        Row("snapshots", "background copy + checksums per step", f"{ours['copy_s'] * 1e3:.1f} + {ours['checksum_s'] * 1e3:.1f} ms"),
-    ]  # fmt: skip
+        Row(
+            "snapshots",
+            "blocked per step (median), vs dcp.async_save",
+            f"{ours['blocked_s'] * 1e3:.2f} ms",
+            f"{dcp['blocked_s'] * 1e3:.2f} ms",
+            f"{ours['blocked_s'] / max(dcp['blocked_s'], 1e-9):.3f}",
+        ),
+        Row(
+            "snapshots",
+            "tokens/s, a snapshot every step, vs none",
+            f"{size.batch * size.seq / ours['step_s']:,.0f}",
+            f"{size.batch * size.seq / none['step_s']:,.0f}",
+            f"{none['step_s'] / ours['step_s']:.3f}",
+        ),
+        Row(
+            "snapshots",
+            "background copy + checksums per step",
+            f"{ours['copy_s'] * 1e3:.1f} + {ours['checksum_s'] * 1e3:.1f} ms",
+        ),
+    ]
 
 
 def copier(size: Size, device: torch.device) -> list[Row]:
@@ -168,10 +241,21 @@ def copier(size: Size, device: torch.device) -> list[Row]:
         shm.unlink(segment.name)
     kind = "CudaCopier, side stream" if cuda else "HostCopier"
     return [
-        Row("copier", f"device to host GB/s ({kind}), vs pageable", f"{rates['page-locked']:.1f}", f"{rates['pageable']:.1f}",
-            f"{rates['page-locked'] / rates['pageable']:.2f}"),
-        Row("copier", "into a registered shared segment (keeper slot)", f"{rates['registered shared memory']:.1f}", "", "bytes exact"),
-    ]  # fmt: skip
+        Row(
+            "copier",
+            f"device to host GB/s ({kind}), vs pageable",
+            f"{rates['page-locked']:.1f}",
+            f"{rates['pageable']:.1f}",
+            f"{rates['page-locked'] / rates['pageable']:.2f}",
+        ),
+        Row(
+            "copier",
+            "into a registered shared segment (keeper slot)",
+            f"{rates['registered shared memory']:.1f}",
+            "",
+            "bytes exact",
+        ),
+    ]
 
 
 def erasure_coding(size: Size, device: torch.device) -> list[Row]:
@@ -198,9 +282,16 @@ def erasure_coding(size: Size, device: torch.device) -> list[Row]:
     if not (identical and exact):
         raise SystemExit(f"erasure coding disagrees: parity identical {identical}, decode exact {exact}")
     kernel = "Triton on device" if device.type == "cuda" else "Triton interpreted"
-    return [Row("erasure", f"encode k={k} m={m} GB/s ({kernel} vs host)", f"{k * n / kernel_s / 1e9:.2f}",
-                f"{k * n / host_s / 1e9:.2f}", f"{host_s / kernel_s:.2f}"),
-            Row("erasure", "parity identical, two lost buffers decoded", "yes")]  # fmt: skip
+    return [
+        Row(
+            "erasure",
+            f"encode k={k} m={m} GB/s ({kernel} vs host)",
+            f"{k * n / kernel_s / 1e9:.2f}",
+            f"{k * n / host_s / 1e9:.2f}",
+            f"{host_s / kernel_s:.2f}",
+        ),
+        Row("erasure", "parity identical, two lost buffers decoded", "yes"),
+    ]
 
 
 def print_table(rows: list[Row], device: torch.device) -> None:

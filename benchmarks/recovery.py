@@ -45,7 +45,6 @@ from pathlib import Path
 
 from resurgo.launch.local_nodes import LocalCluster
 
-
 # Steps before the overhead is measured: start-up, and the keepers' first coded steps, which touch
 # their parity and receive buffers for the first time (reused from then on).
 WARMUP = 6
@@ -56,11 +55,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--per-node", type=int, default=1, help="ranks per node")
     parser.add_argument("--gb", type=float, default=1.0, help="training state to protect, in GB")
-    parser.add_argument("--steps", type=int, default=14, help=f"steps per overhead run (the first {WARMUP} are warm-up)")
+    parser.add_argument(
+        "--steps", type=int, default=14, help=f"steps per overhead run (the first {WARMUP} are warm-up)"
+    )
     parser.add_argument("--kill-at", type=int, default=6, help="the step after which a node dies")
     parser.add_argument("--every", type=int, default=3, help="disk checkpoint interval of the disk run")
     parser.add_argument("--repeats", type=int, default=3, help="off/on pairs of overhead runs per core arrangement")
-    parser.add_argument("--recoveries", type=int, default=3, help="memory/disk pairs of kill runs, in alternating order")
+    parser.add_argument(
+        "--recoveries", type=int, default=3, help="memory/disk pairs of kill runs, in alternating order"
+    )
     parser.add_argument("--skip-overhead", action="store_true", help="only the kill runs (2 and 3)")
     parser.add_argument("--dir", default=None, help="where runs and checkpoints go (default: a temporary folder)")
     return parser.parse_args()
@@ -71,14 +74,28 @@ def model_overrides(gb: float) -> list[str]:
     dim = 1024
     per_layer = 12 * dim * dim + 2 * dim  # attention 4 d^2, SwiGLU 3 * d * (8/3 d), norms
     layers = max(1, round(gb * 1e9 / 12 / per_layer))
-    return [f"model.dim={dim}", f"model.n_layers={layers}", "model.n_heads=16", "model.n_kv_heads=16", "model.vocab_size=256"]
+    return [
+        f"model.dim={dim}",
+        f"model.n_layers={layers}",
+        "model.n_heads=16",
+        "model.n_kv_heads=16",
+        "model.vocab_size=256",
+    ]
 
 
 def train_overrides(args: argparse.Namespace, steps: int) -> list[str]:
     ranks = args.nodes * args.per_node
     batch = math.lcm(ranks, ranks - args.per_node)  # one sequence per rank and pass, before and after the loss
-    return [*model_overrides(args.gb), f"train.steps={steps}", f"train.batch_size={batch}", "train.seq_len=16",
-            "train.log_every=1", "train.device=cpu", "train.precision=fp32", "optim.lr=1e-4"]  # fmt: skip
+    return [
+        *model_overrides(args.gb),
+        f"train.steps={steps}",
+        f"train.batch_size={batch}",
+        "train.seq_len=16",
+        "train.log_every=1",
+        "train.device=cpu",
+        "train.precision=fp32",
+        "optim.lr=1e-4",
+    ]
 
 
 def fresh(root: Path, name: str) -> str:
@@ -114,16 +131,21 @@ def overhead_run(args: argparse.Namespace, root: Path, *, parity: int, split: bo
     overrides = [*train_overrides(args, args.steps), f"fault.erasure.parity={parity}"]
     cpus = sorted(os.sched_getaffinity(0))
     bound = dict(keeper_cpus=cpus[-1:], worker_cpus=cpus[:-1]) if split else {}
-    with LocalCluster(nodes=args.nodes, nproc_per_node=args.per_node, overrides=overrides, run_root=root, name=name,
-                      **bound) as cluster:  # fmt: skip
+    with LocalCluster(
+        nodes=args.nodes, nproc_per_node=args.per_node, overrides=overrides, run_root=root, name=name, **bound
+    ) as cluster:
         codes = cluster.wait(timeout=1800)
         if any(codes):
             raise RuntimeError(f"overhead run failed {codes}:\n{cluster.output(0)[-3000:]}")
         records = metrics(cluster.run_dir)
     steps = [r["step_time_s"] for r in records[WARMUP:]]
     cpu = [r.get("protect_cpu_s", 0.0) for r in records]
-    return Overhead(statistics.median(steps), records[-1]["host_mem_gib"], max(r.get("parity_mem_gib", 0.0) for r in records),
-                    (cpu[-1] - cpu[WARMUP - 1]) / max(1, len(cpu) - WARMUP))  # fmt: skip
+    return Overhead(
+        statistics.median(steps),
+        records[-1]["host_mem_gib"],
+        max(r.get("parity_mem_gib", 0.0) for r in records),
+        (cpu[-1] - cpu[WARMUP - 1]) / max(1, len(cpu) - WARMUP),
+    )
 
 
 def compare(args: argparse.Namespace, root: Path, *, split: bool) -> tuple[str, Overhead]:
@@ -166,8 +188,14 @@ def kill_run(args: argparse.Namespace, root: Path, *, memory: bool) -> Recovery:
     name = fresh(root, "from-memory" if memory else "from-disk")
     protection = ["fault.erasure.parity=1"] if memory else ["fault.erasure.parity=0", f"checkpoint.every={args.every}"]
     overrides = [*train_overrides(args, args.kill_at + 4), *protection]
-    with LocalCluster(nodes=args.nodes, nproc_per_node=args.per_node, min_nodes=args.nodes - 1, overrides=overrides,
-                      run_root=root, name=name) as cluster:  # fmt: skip
+    with LocalCluster(
+        nodes=args.nodes,
+        nproc_per_node=args.per_node,
+        min_nodes=args.nodes - 1,
+        overrides=overrides,
+        run_root=root,
+        name=name,
+    ) as cluster:
         wait_steps(cluster, args.kill_at)
         killed_at = len(metrics(cluster.run_dir))
         t_kill = time.time()
@@ -188,10 +216,15 @@ def kill_run(args: argparse.Namespace, root: Path, *, memory: bool) -> Recovery:
     first = next(r for r in after if r["step"] == step + 1)
     regained = next(r for r in after if r["step"] == killed_at)
     return Recovery(
-        source=resumed["what"].split(" at step")[0], detect_s=t_detect - t_kill, restart_s=t_resumed - restore_s - t_detect,
-        restore_s=restore_s, first_step_s=first["time"] - t_resumed, lost_steps=killed_at - step,
-        regained_s=regained["time"] - t_kill, detail=resumed["what"],
-    )  # fmt: skip
+        source=resumed["what"].split(" at step")[0],
+        detect_s=t_detect - t_kill,
+        restart_s=t_resumed - restore_s - t_detect,
+        restore_s=restore_s,
+        first_step_s=first["time"] - t_resumed,
+        lost_steps=killed_at - step,
+        regained_s=regained["time"] - t_kill,
+        detail=resumed["what"],
+    )
 
 
 def drop_page_cache() -> None:
@@ -225,18 +258,29 @@ def main() -> None:
     if not args.skip_overhead:
         shared, on = compare(args, root, split=False)
         k = args.nodes - 1
-        print(f"step time (median after {WARMUP} warm-up steps), the nodes sharing all {os.cpu_count()} cores: {shared}", flush=True)
+        print(
+            f"step time (median after {WARMUP} warm-up steps), the nodes sharing all {os.cpu_count()} cores: {shared}",
+            flush=True,
+        )
         if len(os.sched_getaffinity(0)) >= 2:
             # As on GPU nodes, whose keepers code on host cores that training leaves free: what remains
             # is what coding takes from training through memory bandwidth and caches.
             bound, _ = compare(args, root, split=True)
-            print(f"step time, keepers bound to one core and workers to the others: {bound} (target <= 1.05)", flush=True)
-        print(f"coding CPU of node 0's keeper: {on.coding_cpu_s:.3f} s per step = {on.coding_cpu_s / on.step_s:.1%} of one core "
-              f"(the simulated nodes share this machine's cores; real nodes each code on their own)")  # fmt: skip
-        share = on.parity_gib / (on.snapshot_gib / 3) if on.snapshot_gib else float("nan")  # the keeper holds 3 slots per rank
-        print(f"host memory of rank 0's node: snapshots {on.snapshot_gib:.3f} GiB (3 slots), parity {on.parity_gib:.3f} GiB = "
-              f"{share:.2f} x one snapshot (m/k = 1/{k} = {1 / k:.2f} per coded step; up to 3 steps' worth: the newest "
-              "protected, the one being coded, and spare buffers the next step reuses)")  # fmt: skip
+            print(
+                f"step time, keepers bound to one core and workers to the others: {bound} (target <= 1.05)", flush=True
+            )
+        print(
+            f"coding CPU of node 0's keeper: {on.coding_cpu_s:.3f} s per step = {on.coding_cpu_s / on.step_s:.1%} of one core "
+            f"(the simulated nodes share this machine's cores; real nodes each code on their own)"
+        )
+        share = (
+            on.parity_gib / (on.snapshot_gib / 3) if on.snapshot_gib else float("nan")
+        )  # the keeper holds 3 slots per rank
+        print(
+            f"host memory of rank 0's node: snapshots {on.snapshot_gib:.3f} GiB (3 slots), parity {on.parity_gib:.3f} GiB = "
+            f"{share:.2f} x one snapshot (m/k = 1/{k} = {1 / k:.2f} per coded step; up to 3 steps' worth: the newest "
+            "protected, the one being coded, and spare buffers the next step reuses)"
+        )
 
     pairs = []
     for repeat in range(args.recoveries):  # alternating order, as for the step times
@@ -244,28 +288,44 @@ def main() -> None:
         runs = {memory: kill_run(args, root, memory=memory) for memory in order}
         pairs.append((runs[True], runs[False]))
     print(f"\nnode {args.nodes - 1} SIGKILLed after step {args.kill_at}; seconds from the kill ({CACHE} for disk):")
-    print(f"{'pair':<6}{'source':<26}{'detect':>8}{'restart':>9}{'restore':>9}{'1st step':>10}{'total':>8}"
-          f"{'lost steps':>12}{'regained':>10}")  # fmt: skip
+    print(
+        f"{'pair':<6}{'source':<26}{'detect':>8}{'restart':>9}{'restore':>9}{'1st step':>10}{'total':>8}"
+        f"{'lost steps':>12}{'regained':>10}"
+    )
     for i, pair in enumerate(pairs, 1):
         for r in pair:
-            print(f"{i:<6}{r.source:<26}{r.detect_s:>8.2f}{r.restart_s:>9.2f}{r.restore_s:>9.3f}{r.first_step_s:>10.2f}"
-                  f"{r.total_s:>8.2f}{r.lost_steps:>12d}{r.regained_s:>10.2f}")  # fmt: skip
+            print(
+                f"{i:<6}{r.source:<26}{r.detect_s:>8.2f}{r.restart_s:>9.2f}{r.restore_s:>9.3f}{r.first_step_s:>10.2f}"
+                f"{r.total_s:>8.2f}{r.lost_steps:>12d}{r.regained_s:>10.2f}"
+            )
     totals = [statistics.median(r.total_s for r in side) for side in zip(*pairs)]
     regained = [statistics.median(r.regained_s for r in side) for side in zip(*pairs)]
-    print(f"kill -> first step after recovery (median): memory {totals[0]:.2f} s, disk {totals[1]:.2f} s, "
-          f"{totals[1] / totals[0]:.2f}x faster from memory")
-    print(f"kill -> the step the node died after done again (median): memory {regained[0]:.2f} s, disk {regained[1]:.2f} s, "
-          f"{regained[1] / regained[0]:.2f}x faster from memory")
+    print(
+        f"kill -> first step after recovery (median): memory {totals[0]:.2f} s, disk {totals[1]:.2f} s, "
+        f"{totals[1] / totals[0]:.2f}x faster from memory"
+    )
+    print(
+        f"kill -> the step the node died after done again (median): memory {regained[0]:.2f} s, disk {regained[1]:.2f} s, "
+        f"{regained[1] / regained[0]:.2f}x faster from memory"
+    )
     ratios = [disk.restore_s / memory.restore_s for memory, disk in pairs]
     each = ", ".join(f"{d.restore_s:.3f}/{m.restore_s:.3f} = {r:.1f}x" for (m, d), r in zip(pairs, ratios))
-    print(f"the restore alone (after the survivors' keepers decoded and prefetched; see below), disk over memory: {each}; "
-          f"median {statistics.median(ratios):.1f}x")
+    print(
+        f"the restore alone (after the survivors' keepers decoded and prefetched; see below), disk over memory: {each}; "
+        f"median {statistics.median(ratios):.1f}x"
+    )
     memory, disk = pairs[-1]
     ahead = _REBUILT.search(memory.detail)
-    print(f"decode: {ahead[1] + ', while the workers restarted (inside the restart column, off the critical path)' if ahead else 'inside the restore'}")
+    print(
+        f"decode: {ahead[1] + ', while the workers restarted (inside the restart column, off the critical path)' if ahead else 'inside the restore'}"
+    )
     prefetched = _PREFETCHED.search(memory.detail)
-    print(f"prefetched: {prefetched[1] + ', while the model was built (inside the restart column)' if prefetched else 'nothing'}")
-    print(f"work lost: memory {memory.lost_steps} step(s) (snapshot_every=1), disk {disk.lost_steps} (checkpoint.every={args.every})")
+    print(
+        f"prefetched: {prefetched[1] + ', while the model was built (inside the restart column)' if prefetched else 'nothing'}"
+    )
+    print(
+        f"work lost: memory {memory.lost_steps} step(s) (snapshot_every=1), disk {disk.lost_steps} (checkpoint.every={args.every})"
+    )
     print(f"memory: {memory.detail}\ndisk: {disk.detail}")
 
 

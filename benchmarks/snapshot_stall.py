@@ -117,11 +117,18 @@ class TorchSave(Timed):
         self.trainer, self.path = trainer, folder / "full.pt"
 
     def save(self, step: int) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model, optim = self.trainer.parts.modules[0], self.trainer.optimizers[0]
-        state = {"model": get_model_state_dict(model, options=options), "optim": get_optimizer_state_dict(model, optim, options=options)}
+        state = {
+            "model": get_model_state_dict(model, options=options),
+            "optim": get_optimizer_state_dict(model, optim, options=options),
+        }
         if dist.get_rank() == 0:
             torch.save(state, self.path)
         dist.barrier()
@@ -152,8 +159,12 @@ class DcpAsyncSave(DcpSave):
         super().__init__(trainer, folder)
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-        options = StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=True,
-                                 use_async_staging=True, use_non_blocking_copy=torch.cuda.is_available())  # fmt: skip
+        options = StagingOptions(
+            use_pinned_memory=torch.cuda.is_available(),
+            use_shared_memory=True,
+            use_async_staging=True,
+            use_non_blocking_copy=torch.cuda.is_available(),
+        )
         self.stager = DefaultStager(options)
         self.group = dist.new_group(backend="gloo")  # never shares a group with training collectives
         self.pending: Any = None
@@ -167,8 +178,12 @@ class DcpAsyncSave(DcpSave):
         import torch.distributed.checkpoint as dcp
 
         self.pause()
-        self.pending = dcp.async_save(self.state(), checkpoint_id=str(self.folder / "dcp_async"), process_group=self.group,
-                                      async_stager=self.stager)  # fmt: skip
+        self.pending = dcp.async_save(
+            self.state(),
+            checkpoint_id=str(self.folder / "dcp_async"),
+            process_group=self.group,
+            async_stager=self.stager,
+        )
 
     def pause(self) -> None:
         if self.pending is not None:
@@ -187,10 +202,11 @@ class ResurgoRun:
         from dataclasses import replace
 
         from resurgo.checkpoint.state import checksum
-        from resurgo.checkpoint.recovery.protection import build_protection
 
-        ck = replace(trainer.cfg.checkpoint, dir=str(folder / "resurgo"), every=10**9, snapshot_every=1)  # persists asked below
-        self.trainer, self.protection = trainer, build_protection(replace(trainer.cfg, checkpoint=ck), trainer=trainer)
+        ck = replace(
+            trainer.cfg.checkpoint, dir=str(folder / "resurgo"), every=10**9, snapshot_every=1
+        )  # persists asked below
+        self.trainer, self.protection = trainer, trainer.build_protection(checkpoint=ck)
         self.engine, self.copies, self.sums, self.closed = self.protection.engine, [], [], False
         copy, sums = self.engine.copier.copy, checksum.checksums
 
@@ -240,8 +256,15 @@ class Resurgo(Timed):
 
 
 def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(args.ranks),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(args.ranks), OMP_NUM_THREADS="1")  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(args.ranks),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(args.ranks),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     from omegaconf import OmegaConf
 
@@ -249,13 +272,29 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None
     from resurgo.trainer.distributed import init_distributed, shutdown
     from resurgo.trainer.trainer import Trainer
 
-    cfg = load_config(OmegaConf.create({
-        "model": {"dim": args.dim, "n_layers": args.layers, "n_heads": args.heads, "n_kv_heads": args.heads // 2,
-                  "max_seq_len": max(args.seq, 16)},
-        "train": {"device": args.device, "steps": 10_000, "seq_len": args.seq, "batch_size": args.batch, "log_every": 0,
-                  "precision": "bf16" if args.device == "cuda" else "fp32"},
-        "parallel": {"dp_shard": args.ranks}, "fault": {"keeper": "auto"},
-    }))  # fmt: skip
+    cfg = load_config(
+        OmegaConf.create(
+            {
+                "model": {
+                    "dim": args.dim,
+                    "n_layers": args.layers,
+                    "n_heads": args.heads,
+                    "n_kv_heads": args.heads // 2,
+                    "max_seq_len": max(args.seq, 16),
+                },
+                "train": {
+                    "device": args.device,
+                    "steps": 10_000,
+                    "seq_len": args.seq,
+                    "batch_size": args.batch,
+                    "log_every": 0,
+                    "precision": "bf16" if args.device == "cuda" else "fp32",
+                },
+                "parallel": {"dp_shard": args.ranks},
+                "fault": {"keeper": "auto"},
+            }
+        )
+    )
     trainer = Trainer(cfg, env=init_distributed(args.device), run_dir=folder / "run")
     local = [p.to_local() if hasattr(p, "to_local") else p for p in trainer.parts.parameters()]
     state_bytes = sum(t.nbytes for t in local) * 3  # parameters and two AdamW moments
@@ -264,7 +303,7 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None
     shared: dict[str, Any] = {}
     hooks = {mode: make(mode, trainer, folder, shared) for mode in MODES}
     for round_ in range(args.rounds):
-        for mode, hook in hooks.items():
+        for hook in hooks.values():
             trainer.hooks = [hook]
             base_shm = node_shared_memory(folder)
             warmup = args.warmup + (FIRST_TURN_WARMUP if round_ == 0 else 0)
@@ -298,8 +337,10 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: Path) -> None
         rows.append((mode, float(measured[0]), float(measured[1]), hook.shm[0], float(measured[2]), float(measured[3])))
         hook.close()
     if rank == 0 and skipped.item():
-        raise SystemExit(f"{int(skipped.item())} resurgo snapshot(s) were skipped (the keeper had no free slot): a skipped "
-                         "snapshot blocks nothing, so the resurgo rows would flatter it; not reporting")  # fmt: skip
+        raise SystemExit(
+            f"{int(skipped.item())} resurgo snapshot(s) were skipped (the keeper had no free slot): a skipped "
+            "snapshot blocks nothing, so the resurgo rows would flatter it; not reporting"
+        )
     if rank == 0:
         report(rows, args=args, state_bytes=float(totals[0]))
         if args.json:
@@ -322,23 +363,33 @@ def make(mode: str, trainer: Any, folder: Path, shared: dict[str, Any]) -> Timed
     }[mode]()
 
 
-def report(rows: list[tuple[str, float, float, int, float, float]], *, args: argparse.Namespace, state_bytes: float) -> None:
+def report(
+    rows: list[tuple[str, float, float, int, float, float]], *, args: argparse.Namespace, state_bytes: float
+) -> None:
     none = next(step for mode, _, step, _, _, _ in rows if mode == "none")
-    print(f"{args.ranks} CPU ranks, FSDP2, {args.layers} layers x dim {args.dim}, {args.batch}x{args.seq} tokens per step; "
-          f"checkpointed state {state_bytes / 2**20:.0f} MiB (parameters + AdamW moments, all ranks); every method checkpoints "
-          f"every step; {args.rounds} rounds x {args.steps} measured steps per method (after {args.warmup} warm-up)")  # fmt: skip
-    print(f"{'method':<16}{'blocked/step (median)':>24}{'of step':>10}{'step (mean)':>12}{'vs none':>10}{'host shm':>12}")
+    print(
+        f"{args.ranks} CPU ranks, FSDP2, {args.layers} layers x dim {args.dim}, {args.batch}x{args.seq} tokens per step; "
+        f"checkpointed state {state_bytes / 2**20:.0f} MiB (parameters + AdamW moments, all ranks); every method checkpoints "
+        f"every step; {args.rounds} rounds x {args.steps} measured steps per method (after {args.warmup} warm-up)"
+    )
+    print(
+        f"{'method':<16}{'blocked/step (median)':>24}{'of step':>10}{'step (mean)':>12}{'vs none':>10}{'host shm':>12}"
+    )
     shared = next(held for mode, _, _, held, _, _ in rows if mode == "resurgo")
     for mode, blocked, step, held, _, _ in rows:
         held = shared if mode.startswith("resurgo") else held  # one keeper serves both rows
-        print(f"{mode:<16}{blocked * 1e3:>21.2f} ms{blocked / step:>10.2%}{step:>10.3f} s{step / none:>9.3f}x{held / 2**20:>8.0f} MiB")
+        print(
+            f"{mode:<16}{blocked * 1e3:>21.2f} ms{blocked / step:>10.2%}{step:>10.3f} s{step / none:>9.3f}x{held / 2**20:>8.0f} MiB"
+        )
     blocked = {mode: b for mode, b, _, _, _, _ in rows}
     copy, sums = next((c, s) for mode, _, _, _, c, s in rows if mode == "resurgo")
-    print(f"resurgo: a memory snapshot every step into the keeper; +persist: the keeper also writes one in every "
-          f"{args.steps + args.warmup} to the universal store (one per turn, committed within it). The background copy takes "
-          f"{copy * 1e3:.1f} ms per rank per step ({copy / none:.1%} of a step), then its checksums {sums * 1e3:.1f} ms "
-          f"({sums / max(copy, 1e-9):.1%} of the copy, {sums / none:.1%} of a step); resurgo blocks "
-          f"{blocked['dcp.async_save'] / max(blocked['resurgo'], 1e-9):.0f}x less than dcp.async_save")  # fmt: skip
+    print(
+        f"resurgo: a memory snapshot every step into the keeper; +persist: the keeper also writes one in every "
+        f"{args.steps + args.warmup} to the universal store (one per turn, committed within it). The background copy takes "
+        f"{copy * 1e3:.1f} ms per rank per step ({copy / none:.1%} of a step), then its checksums {sums * 1e3:.1f} ms "
+        f"({sums / max(copy, 1e-9):.1%} of the copy, {sums / none:.1%} of a step); resurgo blocks "
+        f"{blocked['dcp.async_save'] / max(blocked['resurgo'], 1e-9):.0f}x less than dcp.async_save"
+    )
 
 
 def main() -> None:

@@ -54,7 +54,12 @@ class BaselineLoop:
         self.device, self.bf16 = device, bf16
         o = cfg.optim
         self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, fused=True
+            self.model.parameters(),
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            fused=True,
         )
         tokens = load_tokens(cfg.data, make_tokenizer(cfg.data.tokenizer))
         self.sampler = GlobalSampler(tokens, seq_len=cfg.train.seq_len, seed=cfg.data.seed)
@@ -107,9 +112,22 @@ def topologies(steps: int) -> None:
     print(f"\n{'topology':<40} {'procs':>5} {'tokens/s':>12}")
     for nproc, overrides in [(1, [])] + TOPOLOGIES:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   "-m", "resurgo.launch.train", *overrides_base, *overrides, f"run.root={tmp}", "run.name=b"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env={"OMP_NUM_THREADS": str(max(1, 2 // nproc)), **_env()})
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={nproc}",
+                "-m",
+                "resurgo.launch.train",
+                *overrides_base,
+                *overrides,
+                f"run.root={tmp}",
+                "run.name=b",
+            ]
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, cwd=tmp, env={"OMP_NUM_THREADS": str(max(1, 2 // nproc)), **_env()}
+            )
             name = " ".join(o.removeprefix("parallel.") for o in overrides) or "single process"
             if proc.returncode:
                 print(f"{name:<40} {nproc:>5} {'failed':>12}\n{proc.stderr[-2000:]}")

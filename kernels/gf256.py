@@ -8,7 +8,7 @@ decodes on any other.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -76,7 +76,7 @@ def mat_inv(a: np.ndarray) -> np.ndarray:
     return work[:, n:].copy()
 
 
-@lru_cache(maxsize=None)
+@cache
 def cauchy_parity(k: int, m: int) -> np.ndarray:
     """The m x k parity rows of the systematic generator.
 

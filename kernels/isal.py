@@ -65,7 +65,6 @@ class IsaL:
         dst_ptrs = (ctypes.c_void_p * rows)(*(d.ctypes.data for d in dsts))
         self._lib.ec_encode_data(size, cols, rows, tables.ctypes.data, src_ptrs, dst_ptrs)
 
-
     def multiply_add(self, coefficient: int, src: np.ndarray, dst: np.ndarray) -> bool:
         """dst ^= coefficient * src in one pass (a parity holder adding a share); False when this
         library lacks gf_vect_mad, or for fewer than the 64 bytes its SIMD versions need."""

@@ -18,8 +18,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from resurgo.checkpoint.store.commit import latest
 from resurgo.checkpoint.errors import CheckpointError
+from resurgo.checkpoint.store.commit import latest
 from resurgo.checkpoint.store.reader import Checkpoint, verify
 from resurgo.checkpoint.store.safetensors_io import DEFAULT_MAX_SHARD_BYTES, DTYPES, export_safetensors
 from resurgo.checkpoint.store.tools import describe, diff, plan_for_layouts
@@ -58,13 +58,21 @@ def _verify(args: argparse.Namespace) -> int:
         return 1
     shards = sum(1 for a in ckpt.meta.arrays.values() for _ in a.shard_indices())
     chunks = sum(1 for a in ckpt.meta.arrays.values() for _ in a.chunk_indices())
-    print(f"{ckpt.path}: ok (step {ckpt.meta.step}, {len(ckpt.meta.arrays)} tensors, {shards} shards, {chunks} chunks verified)")
+    print(
+        f"{ckpt.path}: ok (step {ckpt.meta.step}, {len(ckpt.meta.arrays)} tensors, {shards} shards, {chunks} chunks verified)"
+    )
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    files = export_safetensors(_open(args.checkpoint), Path(args.out), dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-                               progress=True, overwrite=args.overwrite)  # fmt: skip
+    files = export_safetensors(
+        _open(args.checkpoint),
+        Path(args.out),
+        dtype=args.dtype,
+        max_shard_bytes=args.max_shard_size,
+        progress=True,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {len(files)} file(s) and model.safetensors.index.json to {args.out}")
     return 0
 
@@ -99,7 +107,9 @@ def _size(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resurgo-ckpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="resurgo-ckpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(required=True, dest="command")
     p = sub.add_parser("inspect", help="step, saving topology, tensors")
     p.add_argument("checkpoint")
@@ -114,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_BYTES)
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only once the new export is complete)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty OUT (only once the new export is complete)"
+    )
     p.set_defaults(run=_export)
     p = sub.add_parser("diff", help="max absolute difference per tensor")
     p.add_argument("a")

@@ -25,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-from resurgo.checkpoint.keeper.server import Keeper, KeeperRunning
 from resurgo.checkpoint.keeper.protocol import run_id
 from resurgo.checkpoint.keeper.reclaim import node_keepers, reclaim_stale
+from resurgo.checkpoint.keeper.server import Keeper, KeeperRunning
 from resurgo.checkpoint.process import process_alive
 
 STOP_WAIT_S = 30.0  # a stopping keeper finishes the persists under way; then it is killed
@@ -35,15 +35,30 @@ STOP_WAIT_S = 30.0  # a stopping keeper finishes the persists under way; then it
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="resurgo-keeper", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-dir", required=True, type=Path, help="the run folder (run.root/run.name) the workers use")
-    parser.add_argument("--host-memory-gb", type=float, default=0.0,
-                        help="snapshot budget for this node; 0: what the workers ask (checkpoint.host_memory_gb)")
-    parser.add_argument("--slots", type=int, default=0, help="snapshot buffers per rank (>= 2); 0: from the budget, at most 3")
-    parser.add_argument("--idle-timeout", type=float, default=900.0,
-                        help="the lease: exit after this many seconds without workers (the workers' fault.keeper_lease_s overrides it)")
+    parser.add_argument(
+        "--run-dir", required=True, type=Path, help="the run folder (run.root/run.name) the workers use"
+    )
+    parser.add_argument(
+        "--host-memory-gb",
+        type=float,
+        default=0.0,
+        help="snapshot budget for this node; 0: what the workers ask (checkpoint.host_memory_gb)",
+    )
+    parser.add_argument(
+        "--slots", type=int, default=0, help="snapshot buffers per rank (>= 2); 0: from the budget, at most 3"
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=900.0,
+        help="the lease: exit after this many seconds without workers (the workers' fault.keeper_lease_s overrides it)",
+    )
     parser.add_argument("--stay", action="store_true", help="keep running when every local rank finished")
-    parser.add_argument("--auto", action="store_true",
-                        help="started by a worker (fault.keeper=auto): exit as soon as no worker is connected and nothing is worth keeping")
+    parser.add_argument(
+        "--auto",
+        action="store_true",
+        help="started by a worker (fault.keeper=auto): exit as soon as no worker is connected and nothing is worth keeping",
+    )
     return parser.parse_args(argv)
 
 
@@ -62,7 +77,9 @@ def list_keepers() -> int:
 def stop_keepers(argv: list[str]) -> int:
     """SIGTERM the chosen keepers (they finish their persists), SIGKILL what is left after STOP_WAIT_S,
     then free what dead keepers left."""
-    parser = argparse.ArgumentParser(prog="resurgo-keeper stop", description="stop this node's keepers of the given runs")
+    parser = argparse.ArgumentParser(
+        prog="resurgo-keeper stop", description="stop this node's keepers of the given runs"
+    )
     parser.add_argument("runs", nargs="*", help="run folders (run.root/run.name) or run ids from `resurgo-keeper list`")
     parser.add_argument("--all", action="store_true", help="every keeper of this node")
     args = parser.parse_args(argv)
@@ -91,10 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["stop"]:
         return stop_keepers(argv[1:])
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s keeper[%(process)d] %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s keeper[%(process)d] %(levelname)s %(message)s", stream=sys.stderr
+    )
     keeper = Keeper(
-        run_dir=args.run_dir, host_memory_bytes=int(args.host_memory_gb * 2**30), slots=args.slots,
-        idle_timeout_s=args.idle_timeout, exit_when_finished=not args.stay, auto=args.auto,
+        run_dir=args.run_dir,
+        host_memory_bytes=int(args.host_memory_gb * 2**30),
+        slots=args.slots,
+        idle_timeout_s=args.idle_timeout,
+        exit_when_finished=not args.stay,
+        auto=args.auto,
     )
     try:
         keeper.start()

@@ -37,11 +37,22 @@ def _rank_layouts(cfg: JobConfig, *, rank: int, world_size: int) -> dict[str, tu
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         p = cfg.parallel
-        dims = ParallelDims.resolve(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, world_size=world_size)
+        dims = ParallelDims.resolve(
+            pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, world_size=world_size
+        )
         parts = build_model_parts(
-            build=lambda: Transformer(cfg.model), mesh=dims.build_mesh("cpu"), dims=dims, device=torch.device("meta"),
-            param_dtype=torch.float32, activation_checkpoint=False, seed=0, pp_schedule=p.pp_schedule,
-            stages_per_rank=p.n_stages_per_rank, microbatches=p.n_microbatches, loss_fn=None, materialize=False,
+            build=lambda: Transformer(cfg.model),
+            mesh=dims.build_mesh("cpu"),
+            dims=dims,
+            device=torch.device("meta"),
+            param_dtype=torch.float32,
+            activation_checkpoint=False,
+            seed=0,
+            pp_schedule=p.pp_schedule,
+            stages_per_rank=p.n_stages_per_rank,
+            microbatches=p.n_microbatches,
+            loss_fn=None,
+            materialize=False,
         )
         tensors: dict[str, torch.Tensor] = {}
         for module in parts.modules:

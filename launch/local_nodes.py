@@ -48,8 +48,12 @@ from resurgo.checkpoint.process import process_alive
 #   quickly when one never comes.
 # - close_timeout=10: how long closing the rendezvous at the end may take (default 30 s).
 RDZV_CONF = {
-    "join_timeout": 120, "last_call_timeout": 5, "close_timeout": 10, "keep_alive_interval": 2, "keep_alive_max_attempt": 3,
-}  # fmt: skip
+    "join_timeout": 120,
+    "last_call_timeout": 5,
+    "close_timeout": 10,
+    "keep_alive_interval": 2,
+    "keep_alive_max_attempt": 3,
+}
 # torch 2.13's agents share one store with the workers, but the rank-0 agent publishes its address only
 # in the first round it is rank 0: a node joining later (a replacement) waits for it until the
 # rendezvous times out. Without the sharing, rank 0 publishes a fresh address every round.
@@ -74,25 +78,40 @@ class Node:
 class LocalCluster:
     """N simulated nodes training one run; a context manager, so no process outlives a test.
 
-        with LocalCluster(nodes=3, nproc_per_node=1, min_nodes=2, overrides=["train.device=cpu"]) as cluster:
-            cluster.kill_node(2)      # SIGKILL a whole node; node 0 hosts the rendezvous, never kill it
-            cluster.add_node()        # a replacement joins at the next re-rendezvous
-            codes = cluster.wait(timeout=600)
+    with LocalCluster(nodes=3, nproc_per_node=1, min_nodes=2, overrides=["train.device=cpu"]) as cluster:
+        cluster.kill_node(2)      # SIGKILL a whole node; node 0 hosts the rendezvous, never kill it
+        cluster.add_node()        # a replacement joins at the next re-rendezvous
+        codes = cluster.wait(timeout=600)
     """
 
     def __init__(
-        self, *, nodes: int, nproc_per_node: int, overrides: Sequence[str] = (), min_nodes: int | None = None,
-        max_nodes: int | None = None, max_restarts: int = 3, run_root: Path | str = "runs", name: str = "local",
-        env: Mapping[str, str] | None = None, keeper_args: Sequence[str] = (), rdzv_conf: Mapping[str, object] = RDZV_CONF,
-        keeper_cpus: Collection[int] | None = None, worker_cpus: Collection[int] | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        nodes: int,
+        nproc_per_node: int,
+        overrides: Sequence[str] = (),
+        min_nodes: int | None = None,
+        max_nodes: int | None = None,
+        max_restarts: int = 3,
+        run_root: Path | str = "runs",
+        name: str = "local",
+        env: Mapping[str, str] | None = None,
+        keeper_args: Sequence[str] = (),
+        rdzv_conf: Mapping[str, object] = RDZV_CONF,
+        keeper_cpus: Collection[int] | None = None,
+        worker_cpus: Collection[int] | None = None,
+    ) -> None:
         self.max_nodes = nodes if max_nodes is None else max_nodes
         self.min_nodes = nodes if min_nodes is None else min_nodes
         if not 1 <= self.min_nodes <= nodes <= self.max_nodes:
-            raise ValueError(f"need 1 <= min_nodes ({self.min_nodes}) <= nodes ({nodes}) <= max_nodes ({self.max_nodes})")
+            raise ValueError(
+                f"need 1 <= min_nodes ({self.min_nodes}) <= nodes ({nodes}) <= max_nodes ({self.max_nodes})"
+            )
         taken = [o for o in overrides if o.lstrip("+").split("=", 1)[0] in ("run.root", "run.name")]
         if taken:
-            raise ValueError(f"{taken}: the cluster sets the run folder; pass run_root= / name= (--run-root / --name) instead")
+            raise ValueError(
+                f"{taken}: the cluster sets the run folder; pass run_root= / name= (--run-root / --name) instead"
+            )
         self.nodes, self.nproc_per_node, self.max_restarts = nodes, nproc_per_node, max_restarts
         self.overrides, self.keeper_args = list(overrides), list(keeper_args)
         self.run_root, self.name = Path(run_root).absolute(), name
@@ -136,12 +155,21 @@ class LocalCluster:
         log = self.run_dir / "logs" / f"{node_id}.log"
         env = {**self.env, "RESURGO_NODE_ID": node_id, "RESURGO_KEEPER_DIR": str(keeper_dir), "RESURGO_PEER_HOST": HOST}
         with open(log, "ab") as out:  # append mode: the keeper's and the agent's lines interleave, never overwrite
-            spawn = dict(stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=self.run_root,
-                         start_new_session=True)  # fmt: skip
+            spawn = dict(
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=self.run_root, start_new_session=True
+            )
             keeper = subprocess.Popen(
-                [*_on_cpus(self.keeper_cpus), sys.executable, "-m", "resurgo.launch.keeper", "--run-dir", str(self.run_dir),
-                 *self.keeper_args], **spawn,
-            )  # fmt: skip
+                [
+                    *_on_cpus(self.keeper_cpus),
+                    sys.executable,
+                    "-m",
+                    "resurgo.launch.keeper",
+                    "--run-dir",
+                    str(self.run_dir),
+                    *self.keeper_args,
+                ],
+                **spawn,
+            )
             agent = subprocess.Popen([*_on_cpus(self.worker_cpus), *self._agent_cmd(host=index == 0)], **spawn)
         self._nodes.append(Node(index, node_id, keeper_dir, log, keeper, agent))
         return index
@@ -152,22 +180,38 @@ class LocalCluster:
         # qualified hostname, may not resolve).
         conf = ",".join(f"{k}={v}" for k, v in {**self.rdzv_conf, "is_host": int(host)}.items())
         return [
-            sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.min_nodes}:{self.max_nodes}",
-            f"--nproc-per-node={self.nproc_per_node}", f"--max-restarts={self.max_restarts}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={HOST}:{self.port}", f"--rdzv-id={self.name}", f"--rdzv-conf={conf}", f"--local-addr={HOST}",
-            "-m", "resurgo.launch.train", f"run.root={self.run_root}", f"run.name={self.name}", "fault.keeper=external",
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={self.min_nodes}:{self.max_nodes}",
+            f"--nproc-per-node={self.nproc_per_node}",
+            f"--max-restarts={self.max_restarts}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={HOST}:{self.port}",
+            f"--rdzv-id={self.name}",
+            f"--rdzv-conf={conf}",
+            f"--local-addr={HOST}",
+            "-m",
+            "resurgo.launch.train",
+            f"run.root={self.run_root}",
+            f"run.name={self.name}",
+            "fault.keeper=external",
             *self.overrides,
-        ]  # fmt: skip
+        ]
 
     def _wait_for_store(self) -> None:
         deadline = time.monotonic() + READY_S
         while not _listening(self.port):
             if self._nodes[0].agent.poll() is not None:
-                raise RuntimeError(f"node 0's agent exited ({self._nodes[0].agent.returncode}) before hosting the "
-                                   f"rendezvous store:\n{self.output(0)[-3000:]}")  # fmt: skip
+                raise RuntimeError(
+                    f"node 0's agent exited ({self._nodes[0].agent.returncode}) before hosting the "
+                    f"rendezvous store:\n{self.output(0)[-3000:]}"
+                )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"node 0 did not host the rendezvous store on port {self.port} within {READY_S:.0f} s; "
-                                   f"see {self._nodes[0].log}")  # fmt: skip
+                raise TimeoutError(
+                    f"node 0 did not host the rendezvous store on port {self.port} within {READY_S:.0f} s; "
+                    f"see {self._nodes[0].log}"
+                )
             time.sleep(0.2)
 
     def wait(self, timeout: float | None = None) -> list[int | None]:
@@ -358,9 +402,12 @@ def _reclaim(keeper_dir: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m resurgo.launch.local_nodes", description=__doc__.split("\n\n")[0],
-                                     epilog="Everything after -- goes to resurgo.launch.train (add train.device=cpu "
-                                            "on a machine without enough GPUs).")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m resurgo.launch.local_nodes",
+        description=__doc__.split("\n\n")[0],
+        epilog="Everything after -- goes to resurgo.launch.train (add train.device=cpu "
+        "on a machine without enough GPUs).",
+    )
     parser.add_argument("--nodes", type=int, required=True, help="simulated nodes started at once")
     parser.add_argument("--nproc-per-node", type=int, required=True, help="workers per node")
     parser.add_argument("--min-nodes", type=int, default=None, help="the fewest nodes that train on (default: --nodes)")
@@ -368,8 +415,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-restarts", type=int, default=3, help="worker group restarts per agent before it fails")
     parser.add_argument("--run-root", default="runs", help="run.root")
     parser.add_argument("--name", default="local", help="run.name and the rendezvous id")
-    parser.add_argument("--kill", default=[], action="append", metavar="NODE@STEP",
-                        help="SIGKILL node NODE (agent, workers, keeper) once step STEP is logged; repeatable")
+    parser.add_argument(
+        "--kill",
+        default=[],
+        action="append",
+        metavar="NODE@STEP",
+        help="SIGKILL node NODE (agent, workers, keeper) once step STEP is logged; repeatable",
+    )
     parser.add_argument("--replace", action="store_true", help="start a replacement node after each kill")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every worker")
     args = parser.parse_args(argv)
@@ -395,9 +447,15 @@ def logged_steps(run_dir: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cluster = LocalCluster(
-        nodes=args.nodes, nproc_per_node=args.nproc_per_node, overrides=args.overrides, min_nodes=args.min_nodes,
-        max_nodes=args.max_nodes, max_restarts=args.max_restarts, run_root=args.run_root, name=args.name,
-    )  # fmt: skip
+        nodes=args.nodes,
+        nproc_per_node=args.nproc_per_node,
+        overrides=args.overrides,
+        min_nodes=args.min_nodes,
+        max_nodes=args.max_nodes,
+        max_restarts=args.max_restarts,
+        run_root=args.run_root,
+        name=args.name,
+    )
     with cluster:
         print(f"{args.nodes} nodes training {cluster.run_dir}; logs in {cluster.run_dir / 'logs'}", flush=True)
         try:

@@ -21,8 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from resurgo.checkpoint.comm import Comm
 from resurgo.checkpoint.errors import NothingToResume, PeerUnreachable, SaveFailed
 from resurgo.checkpoint.keeper.client import HeldSlots
-from resurgo.checkpoint.recovery.peers import previous_topology, prefetch_ahead
-from resurgo.checkpoint.recovery.protection import build_protection
+from resurgo.checkpoint.recovery.peers import prefetch_ahead, previous_topology
 from resurgo.parallel.dims import ParallelDims
 from resurgo.parallel.elastic import fit_topology
 from resurgo.trainer.config import JobConfig, load_config
@@ -47,7 +46,7 @@ def train(cfg: JobConfig) -> list[float]:
     try:
         cfg, warmed = fit_world(cfg, world_size=env.world_size, run_dir=run_dir)
         trainer = Trainer(cfg, env=env, run_dir=run_dir)
-        protection = build_protection(cfg, trainer=trainer, warmed=warmed)
+        protection = trainer.build_protection(warmed=warmed)
         protection.resume()
         trainer.hooks += protection.hooks
         trainer.metric_sources.append(protection.metrics)
@@ -76,7 +75,9 @@ def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> tuple[JobCon
     if fitted.note and rank == 0:
         logging.getLogger(__name__).info("elastic: %s", fitted.note)
     p = fitted.parallel
-    dims = ParallelDims.resolve(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, world_size=world_size)
+    dims = ParallelDims.resolve(
+        pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, world_size=world_size
+    )
     # The keeper fetches, and this process maps, what the restore reads while the model is built.
     warmed = prefetch_ahead(run_dir, rank=rank, topology=dims.as_dict()) if cfg.fault.erasure.parity > 0 else None
     return replace(cfg, parallel=fitted.parallel, train=replace(cfg.train, grad_accum=fitted.grad_accum)), warmed
@@ -86,11 +87,18 @@ def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> tuple[JobCon
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         train(load_config(cfg))
-    except (NothingToResume, PeerUnreachable, SaveFailed) as e:  # cleaned up and recorded by now: no restart can change it, so stop
+    except (
+        NothingToResume,
+        PeerUnreachable,
+        SaveFailed,
+    ) as e:  # cleaned up and recorded by now: no restart can change it, so stop
         logging.getLogger(__name__).error("%s", e)  # before the agent stops: its signal may cut Hydra's report short
         stop_restarts()
         user_error(e)
-    except (ValueError, OmegaConfBaseException) as e:  # a wrong config or a damaged checkpoint: the message says what to do
+    except (
+        ValueError,
+        OmegaConfBaseException,
+    ) as e:  # a wrong config or a damaged checkpoint: the message says what to do
         user_error(e)
 
 

@@ -20,7 +20,7 @@ class ParallelDims:
     world_size: int
 
     @classmethod
-    def resolve(cls, *, pp: int, dp_replicate: int, dp_shard: int, tp: int, world_size: int) -> "ParallelDims":
+    def resolve(cls, *, pp: int, dp_replicate: int, dp_shard: int, tp: int, world_size: int) -> ParallelDims:
         """Fill dp_shard=-1 with what the other degrees leave, then validate."""
         if dp_shard == -1:
             rest = pp * dp_replicate * tp

@@ -11,9 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Protocol
 
+from resurgo.parallel.config import ELASTIC_POLICIES, ParallelConfig
 from resurgo.parallel.dims import AXES, ParallelDims
-from resurgo.trainer.config import ELASTIC_POLICIES, ParallelConfig, TrainConfig
+
+
+class Batching(Protocol):
+    """What of the training loop's config the fit needs (the trainer's `Batching` has it)."""
+
+    batch_size: int  # global, in sequences: never changed by a fit
+    grad_accum: int
 
 
 @dataclass(frozen=True)
@@ -26,7 +34,7 @@ class Fitted:
 
 
 def fit_topology(
-    parallel: ParallelConfig, train: TrainConfig, *, world_size: int, previous: Mapping[str, int] | None = None
+    parallel: ParallelConfig, train: Batching, *, world_size: int, previous: Mapping[str, int] | None = None
 ) -> Fitted:
     """Fit `parallel` and `train.grad_accum` to `world_size` under the `parallel.elastic` policy.
 
@@ -54,10 +62,23 @@ def fit_topology(
     microbatches, reference_dp = fitted.n_microbatches if pp > 1 else 1, _reference_dp(parallel, previous)
     grad_accum = _grad_accum(train=train, dp=dp, microbatches=microbatches, reference_dp=reference_dp)
     if grad_accum is None:
-        raise ValueError(_no_split_message(train=train, world_size=world_size, dp=dp, pp_tp=pp * tp,
-                                           microbatches=microbatches, reference_dp=reference_dp))
-    note = _note(before=before, after=fitted, world_size=world_size, grad_accum=(train.grad_accum, grad_accum),
-                 batch_size=train.batch_size)
+        raise ValueError(
+            _no_split_message(
+                train=train,
+                world_size=world_size,
+                dp=dp,
+                pp_tp=pp * tp,
+                microbatches=microbatches,
+                reference_dp=reference_dp,
+            )
+        )
+    note = _note(
+        before=before,
+        after=fitted,
+        world_size=world_size,
+        grad_accum=(train.grad_accum, grad_accum),
+        batch_size=train.batch_size,
+    )
     return Fitted(parallel=fitted, grad_accum=grad_accum, note=note)
 
 
@@ -72,7 +93,7 @@ def _reference_dp(parallel: ParallelConfig, previous: Mapping[str, int] | None) 
     return previous["dp_replicate"] * previous["dp_shard"] if previous is not None else None
 
 
-def _grad_accum(*, train: TrainConfig, dp: int, microbatches: int, reference_dp: int | None) -> int | None:
+def _grad_accum(*, train: Batching, dp: int, microbatches: int, reference_dp: int | None) -> int | None:
     """Smallest grad_accum that keeps each rank's micro-batch no larger than at the reference dp and
     splits the global batch evenly; None when none does."""
     per_pass = dp * microbatches
@@ -81,15 +102,20 @@ def _grad_accum(*, train: TrainConfig, dp: int, microbatches: int, reference_dp:
     return next(fits, None)
 
 
-def _min_grad_accum(*, train: TrainConfig, dp: int, reference_dp: int | None) -> int:
+def _min_grad_accum(*, train: Batching, dp: int, reference_dp: int | None) -> int:
     """grad_accum * dp constant: sequences per rank per pass no more than at the reference dp."""
     return max(1, -(-train.grad_accum * reference_dp // dp)) if reference_dp else train.grad_accum
 
 
 def _resolves(parallel: ParallelConfig, *, world_size: int) -> bool:
     try:
-        ParallelDims.resolve(pp=parallel.pp, dp_replicate=parallel.dp_replicate, dp_shard=parallel.dp_shard,
-                             tp=parallel.tp, world_size=world_size)
+        ParallelDims.resolve(
+            pp=parallel.pp,
+            dp_replicate=parallel.dp_replicate,
+            dp_shard=parallel.dp_shard,
+            tp=parallel.tp,
+            world_size=world_size,
+        )
     except ValueError:
         return False
     return True
@@ -108,7 +134,7 @@ def _no_room_message(*, world_size: int, pp: int, tp: int) -> str:
 
 
 def _no_split_message(
-    *, train: TrainConfig, world_size: int, dp: int, pp_tp: int, microbatches: int, reference_dp: int | None
+    *, train: Batching, world_size: int, dp: int, pp_tp: int, microbatches: int, reference_dp: int | None
 ) -> str:
     def splits(d: int) -> bool:
         return _grad_accum(train=train, dp=d, microbatches=microbatches, reference_dp=reference_dp) is not None

@@ -13,7 +13,9 @@ def precision_policy(param_dtype: torch.dtype) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, policy: MixedPrecisionPolicy, reshard_after_forward: bool) -> None:
+def apply_fsdp(
+    model: nn.Module, dp_mesh: DeviceMesh, *, policy: MixedPrecisionPolicy, reshard_after_forward: bool
+) -> None:
     """Shard every block, then the rest, over `dp_mesh` (1-D: FSDP; 2-D replicate x shard: HSDP).
 
     Blocks are wrapped one by one so only one block's parameters are gathered at a time. Under

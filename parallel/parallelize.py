@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from .dims import ParallelDims
 from .activation import apply_activation_checkpointing
+from .dims import ParallelDims
 from .fsdp import apply_ddp, apply_fsdp, precision_policy
 from .pipeline import build_schedule, cut_stage, stage_ids_of
 from .tp import apply_tp
@@ -79,9 +79,7 @@ def build_model_parts(
     for stage_id in stage_ids:
         with torch.device("meta"):
             module = cut_stage(build(), stage_id=stage_id, n_stages=n_stages)
-        parallelize(
-            module, mesh=mesh, dims=dims, param_dtype=param_dtype, activation_checkpoint=activation_checkpoint
-        )
+        parallelize(module, mesh=mesh, dims=dims, param_dtype=param_dtype, activation_checkpoint=activation_checkpoint)
         if materialize:
             module.to_empty(device=device)
             module.init_weights(seed=seed)
@@ -89,8 +87,14 @@ def build_model_parts(
     schedule = None
     if dims.pp > 1 and materialize:
         schedule = build_schedule(
-            modules, stage_ids=stage_ids, n_stages=n_stages, pp_mesh=mesh["pp"], device=device,
-            schedule=pp_schedule, microbatches=microbatches, loss_fn=loss_fn,
+            modules,
+            stage_ids=stage_ids,
+            n_stages=n_stages,
+            pp_mesh=mesh["pp"],
+            device=device,
+            schedule=pp_schedule,
+            microbatches=microbatches,
+            loss_fn=loss_fn,
         )
     return ModelParts(
         modules=modules, schedule=schedule, has_first_stage=0 in stage_ids, has_last_stage=n_stages - 1 in stage_ids

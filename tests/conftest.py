@@ -19,8 +19,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def launch(
-    overrides: list[str], *, nproc: int, root: Path, name: str = "run", timeout: float = 600,
-    extra_torchrun: list[str] | None = None, check: bool = True,
+    overrides: list[str],
+    *,
+    nproc: int,
+    root: Path,
+    name: str = "run",
+    timeout: float = 600,
+    extra_torchrun: list[str] | None = None,
+    check: bool = True,
 ) -> subprocess.CompletedProcess:
     """`torchrun -m resurgo.launch.train` (or plain python for one process), as a user would."""
     args = [f"run.root={root}", f"run.name={name}", "train.device=cpu", *overrides]
@@ -28,14 +34,23 @@ def launch(
         cmd = [sys.executable, "-m", "resurgo.launch.train", *args]
     else:
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            *(extra_torchrun or []), "-m", "resurgo.launch.train", *args,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            *(extra_torchrun or []),
+            "-m",
+            "resurgo.launch.train",
+            *args,
         ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

@@ -49,12 +49,22 @@ def init_distributed(device: str, *, timeout_s: float = 1800.0) -> DistEnv:
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # torchrun reuses its store across restarts without a per-attempt prefix, so restarted
             # gloo workers would find their dead predecessors' addresses; prefix by attempt.
-            agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+            agent = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
+            )
             store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, device_id=dev if use_cuda else None,
-                                    timeout=timeout)  # fmt: skip
+            dist.init_process_group(
+                backend,
+                store=store,
+                rank=rank,
+                world_size=world_size,
+                device_id=dev if use_cuda else None,
+                timeout=timeout,
+            )
         elif "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=dev if use_cuda else None, timeout=timeout)
+            dist.init_process_group(
+                backend, rank=rank, world_size=world_size, device_id=dev if use_cuda else None, timeout=timeout
+            )
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)

@@ -34,7 +34,9 @@ def peak_memory_gib(device: torch.device) -> float:
 class MetricsLogger:
     """Writes records on rank 0 only; other ranks hold a logger that does nothing."""
 
-    def __init__(self, *, run_dir: Path, enabled: bool, total_steps: int, flops_per_token: float, device: torch.device) -> None:
+    def __init__(
+        self, *, run_dir: Path, enabled: bool, total_steps: int, flops_per_token: float, device: torch.device
+    ) -> None:
         self.enabled, self.total_steps, self.device = enabled, total_steps, device
         self.flops_per_token, self.peak = flops_per_token, peak_flops(device)
         self.interactive = enabled and sys.stdout.isatty()

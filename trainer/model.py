@@ -120,7 +120,9 @@ class Transformer(nn.Module):
         """
         self.rope.copy_(
             rope_tables(
-                head_dim=self.cfg.head_dim, seq_len=self.cfg.max_seq_len, theta=self.cfg.rope_theta,
+                head_dim=self.cfg.head_dim,
+                seq_len=self.cfg.max_seq_len,
+                theta=self.cfg.rope_theta,
                 device=self.rope.device,
             )
         )

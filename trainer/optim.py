@@ -9,14 +9,20 @@ import torch
 from .config import OptimConfig
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, *, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: list[torch.nn.Parameter], cfg: OptimConfig, *, device: torch.device
+) -> torch.optim.Optimizer:
     """AdamW with the fused kernel, one parameter group per mesh.
 
     A fused (or foreach) kernel takes all tensors of a group at once and refuses to mix plain
     tensors with DTensors or DTensors of different meshes, so parameters are grouped by mesh.
     """
     return torch.optim.AdamW(
-        mesh_groups(params), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+        mesh_groups(params),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
         fused=device.type in ("cuda", "cpu"),
     )
 

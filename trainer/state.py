@@ -25,8 +25,13 @@ class TrainProgress:
         self.restored_rng = False
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"step": self.step, "topology": dict(self.topology), "rank": self.rank, "model": self.model,
-                 "versions": library_versions()}  # fmt: skip
+        state = {
+            "step": self.step,
+            "topology": dict(self.topology),
+            "rank": self.rank,
+            "model": self.model,
+            "versions": library_versions(),
+        }
         state["cpu_rng"] = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda_rng"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()

@@ -7,16 +7,21 @@ there), `after_optimizer_step` the first moment the new ones exist (a snapshot b
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from resurgo.checkpoint.config import CheckpointConfig
+from resurgo.checkpoint.keeper.client import HeldSlots
+from resurgo.checkpoint.recovery.protection import Protection
+from resurgo.checkpoint.state.stateful import ModelState, OptimizerState
 from resurgo.parallel.clip import clip_grad_norm_
 from resurgo.parallel.dims import ParallelDims
 from resurgo.parallel.parallelize import ModelParts, build_model_parts
@@ -58,19 +63,32 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.sampler = self._build_sampler()
         self.parts: ModelParts = build_model_parts(
-            build=lambda: Transformer(cfg.model), mesh=self.mesh, dims=self.dims, device=env.device,
-            param_dtype=self._param_dtype(), activation_checkpoint=t.activation_checkpoint, seed=t.seed, pp_schedule=p.pp_schedule,
-            stages_per_rank=p.n_stages_per_rank, microbatches=p.n_microbatches, loss_fn=self._pipeline_loss,
+            build=lambda: Transformer(cfg.model),
+            mesh=self.mesh,
+            dims=self.dims,
+            device=env.device,
+            param_dtype=self._param_dtype(),
+            activation_checkpoint=t.activation_checkpoint,
+            seed=t.seed,
+            pp_schedule=p.pp_schedule,
+            stages_per_rank=p.n_stages_per_rank,
+            microbatches=p.n_microbatches,
+            loss_fn=self._pipeline_loss,
         )
         # One optimizer per stage module: state stays keyed by the module that owns the parameter.
-        self.optimizers = [build_optimizer(list(m.parameters()), cfg.optim, device=env.device) for m in self.parts.modules]
+        self.optimizers = [
+            build_optimizer(list(m.parameters()), cfg.optim, device=env.device) for m in self.parts.modules
+        ]
         self.progress = TrainProgress(seed=t.seed, rank=env.rank, topology=self.dims.as_dict(), model=asdict(cfg.model))
         self.hooks: list[StepHook] = []
         self._last_step_end: float | None = None  # when the previous step's record was taken
         self.metric_sources: list[Callable[[], dict[str, float]]] = []  # more numbers for each logged record
         flops_per_token = 6 * count_params(cfg.model) + 12 * cfg.model.n_layers * cfg.model.dim * t.seq_len
         self.metrics = MetricsLogger(
-            run_dir=run_dir, enabled=env.is_main, total_steps=t.steps, flops_per_token=flops_per_token,
+            run_dir=run_dir,
+            enabled=env.is_main,
+            total_steps=t.steps,
+            flops_per_token=flops_per_token,
             device=env.device,
         )
 
@@ -82,7 +100,8 @@ class Trainer:
         if t.batch_size % per_pass:
             raise ValueError(
                 f"train.batch_size={t.batch_size} must be divisible by data-parallel degree {dims.dp} x "
-                f"train.grad_accum={t.grad_accum}" + (f" x parallel.microbatches={p.n_microbatches}" if dims.pp > 1 else "")
+                f"train.grad_accum={t.grad_accum}"
+                + (f" x parallel.microbatches={p.n_microbatches}" if dims.pp > 1 else "")
             )
         if self.cfg.model.tie_embeddings and (dims.pp > 1 or dims.tp > 1):
             raise ValueError("model.tie_embeddings needs parallel.pp=1 and parallel.tp=1")
@@ -106,8 +125,34 @@ class Trainer:
 
     @property
     def states(self) -> dict[str, Any]:
-        """Everything a checkpoint must hold, as Stateful objects (the sampler and the progress)."""
-        return {"data": self.sampler, "train": self.progress}
+        """Everything a checkpoint must hold, as Stateful objects, by key: the same keys in memory and
+        on disk (model and optimizer state by parameter name, the data position, the progress)."""
+        parts = self.parts.modules
+        return {
+            "model": ModelState(parts),
+            "optim": OptimizerState(parts, self.optimizers),
+            "data": self.sampler,
+            "train": self.progress,
+        }
+
+    def build_protection(
+        self, *, checkpoint: CheckpointConfig | None = None, warmed: HeldSlots | None = None
+    ) -> Protection:
+        """This rank's checkpointing (collective: every rank builds it before `resume`): snapshots,
+        saves and recovery of `states`. `checkpoint` overrides the job's `checkpoint.*`."""
+        env = self.env
+        return Protection(
+            checkpoint or self.cfg.checkpoint,
+            self.cfg.fault,
+            states=self.states,
+            run_dir=self.run_dir,
+            rank=env.rank,
+            local_rank=env.local_rank,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+            device=env.device,
+            topology=self.dims.as_dict(),
+            warmed=warmed,
+        )
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -127,7 +172,10 @@ class Trainer:
         lr = self.optimizer_step()
         self._last_step_end = time.perf_counter()
         result = StepResult(
-            step=self.progress.step, loss=self.global_mean(loss), grad_norm=grad_norm.item(), lr=lr,
+            step=self.progress.step,
+            loss=self.global_mean(loss),
+            grad_norm=grad_norm.item(),
+            lr=lr,
             step_time_s=self._last_step_end - start,
         )
         self.log(result)

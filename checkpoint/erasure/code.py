@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from resurgo.kernels import gf256, isal
 
 from ..scratch import scratch
 
-Buffer = Union[torch.Tensor, np.ndarray]
+Buffer = torch.Tensor | np.ndarray
 Backend = Literal["auto", "isal", "numpy"]
 
 _ACCUMULATE_SLOT = -1  # the scratch buffer a share is scaled into before it is added
@@ -144,8 +144,17 @@ def is_xor(k: int, m: int, *, have: tuple[int, ...], want: int) -> bool:
     return bool((_decode_matrix(k, m, tuple(sorted(have))[:k], (want,)) == 1).all())
 
 
-def accumulate(dst: np.ndarray, src: np.ndarray, *, k: int, m: int, parity: int, index: int, backend: Backend = "auto",
-               store: bool = False) -> None:  # fmt: skip
+def accumulate(
+    dst: np.ndarray,
+    src: np.ndarray,
+    *,
+    k: int,
+    m: int,
+    parity: int,
+    index: int,
+    backend: Backend = "auto",
+    store: bool = False,
+) -> None:
     """dst[:len(src)] ^= G[parity, index] * src: one data buffer's share of a parity buffer (with
     `store`, = instead of ^=: the first share to reach those bytes).
 
@@ -159,12 +168,24 @@ def accumulate(dst: np.ndarray, src: np.ndarray, *, k: int, m: int, parity: int,
     target = dst[: _size(src)]
     coefficient = int(gf256.cauchy_parity(k, m)[parity, index])
     lib = isal.load() if backend != "numpy" and coefficient != 1 and not store else None
-    if lib is not None and isinstance(src, np.ndarray) and isinstance(target, np.ndarray) and lib.multiply_add(coefficient, src, target):
+    if (
+        lib is not None
+        and isinstance(src, np.ndarray)
+        and isinstance(target, np.ndarray)
+        and lib.multiply_add(coefficient, src, target)
+    ):
         return
     if coefficient != 1:
         scaled = target if store else scratch(_size(src), slot=_ACCUMULATE_SLOT)  # no fresh pages per piece
-        _combine(np.array([[coefficient]], dtype=np.uint8), [src], [scaled], size=_size(src), chunk_bytes=CHUNK_BYTES,
-                 threads=1, backend=backend)  # fmt: skip
+        _combine(
+            np.array([[coefficient]], dtype=np.uint8),
+            [src],
+            [scaled],
+            size=_size(src),
+            chunk_bytes=CHUNK_BYTES,
+            threads=1,
+            backend=backend,
+        )
         src = scaled
     if store:
         if src is not target:
@@ -212,7 +233,9 @@ def _survivors(survivors: Mapping[int, Buffer] | Iterable[tuple[int, Buffer]], s
     given: dict[int, Buffer] = {}
     for index, buf in pairs:
         if not isinstance(index, int) or not 0 <= index < stripe.k + stripe.m:
-            raise ValueError(f"survivor index {index!r} is outside 0..{stripe.k + stripe.m - 1} (k={stripe.k}, m={stripe.m})")
+            raise ValueError(
+                f"survivor index {index!r} is outside 0..{stripe.k + stripe.m - 1} (k={stripe.k}, m={stripe.m})"
+            )
         if index in given:
             raise ValueError(f"survivor index {index} is given twice; pass each buffer once")
         view = as_bytes(buf)
@@ -332,8 +355,11 @@ def _window(buf: Buffer, start: int, stop: int) -> Buffer:
     size = _size(buf)
     if size >= stop:
         return buf[start:stop]
-    padded = (torch.zeros(stop - start, dtype=torch.uint8, device=buf.device) if _is_torch(buf)
-              else np.zeros(stop - start, dtype=np.uint8))
+    padded = (
+        torch.zeros(stop - start, dtype=torch.uint8, device=buf.device)
+        if _is_torch(buf)
+        else np.zeros(stop - start, dtype=np.uint8)
+    )
     if size > start:
         padded[: size - start] = buf[start:size]
     return padded
@@ -346,8 +372,9 @@ def _store(dst: Buffer, part: Buffer, start: int) -> None:
         dst[start : start + n] = part[:n]
 
 
-def _cpu_chunk(kernel: Kernel, matrix: np.ndarray, srcs: Sequence[np.ndarray], dsts: Sequence[np.ndarray],
-               *, start: int, stop: int) -> None:
+def _cpu_chunk(
+    kernel: Kernel, matrix: np.ndarray, srcs: Sequence[np.ndarray], dsts: Sequence[np.ndarray], *, start: int, stop: int
+) -> None:
     ins = [_window(s, start, stop) for s in srcs]
     direct = [d.size >= stop for d in dsts]
     outs = [d[start:stop] if ok else np.empty(stop - start, dtype=np.uint8) for d, ok in zip(dsts, direct)]

@@ -37,22 +37,41 @@ class ErasureSetup:
         return plan_erasure(self.nodes, self.ranks, k=self.k, m=self.m, replicas=self.replicas)
 
     def to_json(self) -> dict[str, Any]:
-        return {"token": self.token, "created": self.created, "secret": self.secret, "nodes": list(self.nodes),
-                "ranks": {n: list(r) for n, r in self.ranks.items()}, "replicas": [list(r) for r in self.replicas],
-                "k": self.k, "m": self.m, "peers": dict(self.peers), "world_size": self.world_size,
-                "topology": dict(self.topology), "every": self.every, "max_mb_s": self.max_mb_s, "site": self.site}  # fmt: skip
+        return {
+            "token": self.token,
+            "created": self.created,
+            "secret": self.secret,
+            "nodes": list(self.nodes),
+            "ranks": {n: list(r) for n, r in self.ranks.items()},
+            "replicas": [list(r) for r in self.replicas],
+            "k": self.k,
+            "m": self.m,
+            "peers": dict(self.peers),
+            "world_size": self.world_size,
+            "topology": dict(self.topology),
+            "every": self.every,
+            "max_mb_s": self.max_mb_s,
+            "site": self.site,
+        }
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> ErasureSetup:
         return ErasureSetup(
-            token=str(data["token"]), created=float(data["created"]), secret=str(data["secret"]),
+            token=str(data["token"]),
+            created=float(data["created"]),
+            secret=str(data["secret"]),
             nodes=tuple(str(n) for n in data["nodes"]),
             ranks={str(n): tuple(int(r) for r in rs) for n, rs in data["ranks"].items()},
-            replicas=tuple(tuple(int(r) for r in rs) for rs in data["replicas"]), k=int(data["k"]), m=int(data["m"]),
-            peers={str(n): str(a) for n, a in data["peers"].items()}, world_size=int(data["world_size"]),
-            topology=dict(data["topology"]), every=int(data.get("every", 1)), max_mb_s=float(data.get("max_mb_s", 0.0)),
+            replicas=tuple(tuple(int(r) for r in rs) for rs in data["replicas"]),
+            k=int(data["k"]),
+            m=int(data["m"]),
+            peers={str(n): str(a) for n, a in data["peers"].items()},
+            world_size=int(data["world_size"]),
+            topology=dict(data["topology"]),
+            every=int(data.get("every", 1)),
+            max_mb_s=float(data.get("max_mb_s", 0.0)),
             site=str(data.get("site", "host")),
-        )  # fmt: skip
+        )
 
 
 @dataclass(frozen=True)

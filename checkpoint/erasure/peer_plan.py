@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .plan import ErasurePlan
 from .coding import ErasureSetup
+from .plan import ErasurePlan
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,10 @@ class MemoryPlan:
 
     def describe(self) -> str:
         decoded = sorted({s.node for s in self.sources.values() if s.kind == "decoded"})
-        return (f"step {self.step} of {self.plan.world_size} ranks on {len(self.plan.nodes)} nodes; lost "
-                f"{', '.join(self.lost) or 'none'}; decoding {', '.join(decoded) or 'nothing'}")  # fmt: skip
+        return (
+            f"step {self.step} of {self.plan.world_size} ranks on {len(self.plan.nodes)} nodes; lost "
+            f"{', '.join(self.lost) or 'none'}; decoding {', '.join(decoded) or 'nothing'}"
+        )
 
 
 class Inventory:
@@ -90,12 +92,16 @@ def _choose_step(plan: ErasureSetup, inventories: Sequence[Inventory]) -> tuple[
         if not missing:
             return MemoryPlan(plan, erasure, step, sources, lost), ""
         if not first_reason:
-            first_reason = (f"step {step}: ranks {missing[:8]} cannot be rebuilt (nodes lost: {', '.join(lost) or 'none'}; "
-                            f"each group survives {plan.m} lost)")  # fmt: skip
+            first_reason = (
+                f"step {step}: ranks {missing[:8]} cannot be rebuilt (nodes lost: {', '.join(lost) or 'none'}; "
+                f"each group survives {plan.m} lost)"
+            )
     return None, first_reason or "no step is held in memory"
 
 
-def _sources(plan: ErasureSetup, erasure: ErasurePlan, alive: Mapping[str, Inventory], step: int) -> tuple[dict[int, Source], list[int]]:
+def _sources(
+    plan: ErasureSetup, erasure: ErasurePlan, alive: Mapping[str, Inventory], step: int
+) -> tuple[dict[int, Source], list[int]]:
     replica_of = {r: members for members in plan.replicas for r in members}
     digests: dict[int, str] = {}  # what each rank's slot looked like when it was coded
     for inv in alive.values():
@@ -122,8 +128,14 @@ def _sources(plan: ErasureSetup, erasure: ErasurePlan, alive: Mapping[str, Inven
     return sources, missing
 
 
-def _decodable_node(plan: ErasureSetup, erasure: ErasurePlan, alive: Mapping[str, Inventory], rank: int, step: int,
-                    holders: Mapping[int, str]) -> str | None:  # fmt: skip
+def _decodable_node(
+    plan: ErasureSetup,
+    erasure: ErasurePlan,
+    alive: Mapping[str, Inventory],
+    rank: int,
+    step: int,
+    holders: Mapping[int, str],
+) -> str | None:
     """The lost node whose stripes rebuild `rank` at `step`, None if they cannot."""
     node = next((c.node for c in erasure.coverage if rank in c.coded), None)
     group = erasure.group_of(node) if node else None
@@ -138,7 +150,9 @@ def _decodable_node(plan: ErasureSetup, erasure: ErasurePlan, alive: Mapping[str
         if node not in (n for n, _ in stripe.data):
             continue
         data = sum(serves(n) for n, _ in stripe.data if n != node)
-        parity = sum(h in alive and (stripe_index, p) in alive[h].parity(plan.token, step) for p, h in enumerate(stripe.parity))
+        parity = sum(
+            h in alive and (stripe_index, p) in alive[h].parity(plan.token, step) for p, h in enumerate(stripe.parity)
+        )
         if data + parity < plan.k:
             return None
     return node

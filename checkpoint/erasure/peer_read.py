@@ -24,25 +24,27 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from ..state import checksum
-
-from . import code as erasure
 from ..bulk_copy import copy_into
-from ..state.dtypes import storage_dtype
-from .plan import GroupPlan
 from ..errors import CheckpointError
-from ..state.flatten import merge_trees
-from ..state.slot_layout import Entry, SlotLayout
-from ..state.layout import Box, Fragment, pieces
-from .peer_plan import Inventory, MemoryPlan
-from .wire import PeerClient
-from .coding import NodeCoding, segment_read
 from ..scratch import scratch
-
+from ..state import checksum
+from ..state.dtypes import storage_dtype
+from ..state.flatten import merge_trees
+from ..state.layout import Box, Fragment, pieces
+from ..state.slot_layout import Entry, SlotLayout
+from . import code as erasure
+from .coding import NodeCoding, segment_read
+from .peer_plan import Inventory, MemoryPlan
+from .plan import GroupPlan
+from .wire import PeerClient
 
 LocalSlot = Callable[[int, int], "np.ndarray | None"]  # (old rank, step) -> its slot in this node's keeper
-LocalSpan = Callable[[int, int, int, int], "np.ndarray | None"]  # (old rank, step, offset, nbytes) -> bytes prefetched here
-Described = Callable[[int, int], "tuple[SlotLayout, Any, list[int] | None] | None"]  # (old rank, step) -> its layout, JSON states, checksums
+LocalSpan = Callable[
+    [int, int, int, int], "np.ndarray | None"
+]  # (old rank, step, offset, nbytes) -> bytes prefetched here
+Described = Callable[
+    [int, int], "tuple[SlotLayout, Any, list[int] | None] | None"
+]  # (old rank, step) -> its layout, JSON states, checksums
 READ_BYTES = 16 * 2**20  # one read request: small enough to spread a tensor over the reading threads
 READ_THREADS = max(2, min(4, os.cpu_count() or 1))  # reads in flight; more threads than cores only contend
 _SCRATCH = 8  # scratch slots from here on: survivors received for a decode, one per stripe position
@@ -57,17 +59,34 @@ class PeerReader:
     threads, each with its own connection to every peer.
     """
 
-    def __init__(self, chosen: MemoryPlan, inventories: Mapping[str, Inventory], *, secret: str, node: str | None = None,
-                 local: LocalSlot | None = None, prefetched: LocalSpan | None = None, described: Described | None = None,
-                 threads: int = READ_THREADS) -> None:  # fmt: skip
+    def __init__(
+        self,
+        chosen: MemoryPlan,
+        inventories: Mapping[str, Inventory],
+        *,
+        secret: str,
+        node: str | None = None,
+        local: LocalSlot | None = None,
+        prefetched: LocalSpan | None = None,
+        described: Described | None = None,
+        threads: int = READ_THREADS,
+    ) -> None:
         self.chosen, self.inventories, self.secret = chosen, inventories, secret
-        self.node, self.local, self.prefetched, self.described, self.threads = node, local, prefetched, described, threads
+        self.node, self.local, self.prefetched, self.described, self.threads = (
+            node,
+            local,
+            prefetched,
+            described,
+            threads,
+        )
         self._tls = threading.local()
         self._connections: list[dict[str, PeerClient]] = []
         self._lock = threading.RLock()  # a meta fetched under it opens this thread's connection
         self._metas: dict[str, dict[str, Any]] = {}
         self._described: dict[tuple[str, int], Mapping[str, Any]] = {}  # (holder, rank) -> its slot's layout and trees
-        self._descriptions: dict[int, tuple[SlotLayout, Any, list[int] | None]] = {}  # old rank -> layout, JSON state, checksums
+        self._descriptions: dict[
+            int, tuple[SlotLayout, Any, list[int] | None]
+        ] = {}  # old rank -> layout, JSON state, checksums
         self._checked: set[tuple[int, int]] = set()  # (old rank, piece) verified in this node's memory, which stays put
         self.fetched = self.decoded = self.local_bytes = 0  # bytes of old slots read, rebuilt, and copied locally
         self.fetch_s = self.decode_s = 0.0  # summed over the reading threads
@@ -111,7 +130,11 @@ class PeerReader:
         by_node: dict[str, list[int]] = {}
         for rank in ranks:
             source = self.chosen.sources[rank]
-            if source.kind == "held" and self._handed(rank) is None and "layout" not in self.inventories[source.node].ranks[source.via]:
+            if (
+                source.kind == "held"
+                and self._handed(rank) is None
+                and "layout" not in self.inventories[source.node].ranks[source.via]
+            ):
                 by_node.setdefault(source.node, []).append(source.via)
         with self._lock:
             for node, vias in by_node.items():
@@ -123,7 +146,9 @@ class PeerReader:
                 for via in vias:
                     entry = found.get(str(via))
                     if entry is None or str(self.chosen.step) not in entry.get("trees", {}):
-                        raise CheckpointError(f"the keeper on {node} no longer holds step {self.chosen.step} of rank {via}")
+                        raise CheckpointError(
+                            f"the keeper on {node} no longer holds step {self.chosen.step} of rank {via}"
+                        )
                     self._described[(node, via)] = entry
 
     def _description(self, rank: int) -> tuple[SlotLayout, Any, list[int] | None]:
@@ -142,7 +167,11 @@ class PeerReader:
             found = SlotLayout.from_json(entry["layout"]), entry["trees"][step], entry.get("sums", {}).get(step)
         elif found is None:
             meta = self._meta(source.node)
-            found = SlotLayout.from_json(meta["layouts"][str(rank)]), meta["trees"][str(rank)], meta.get("sums", {}).get(str(rank))
+            found = (
+                SlotLayout.from_json(meta["layouts"][str(rank)]),
+                meta["trees"][str(rank)],
+                meta.get("sums", {}).get(str(rank)),
+            )
         with self._lock:
             return self._descriptions.setdefault(rank, found)
 
@@ -178,7 +207,9 @@ class PeerReader:
         if (here := self.here(rank, offset, nbytes)) is not None:
             return _deliver(here, out)  # a copy: the mapping goes at close
         sums = self.sums(rank)
-        start, stop, indices = checksum.covering(self.layout(rank), offset, nbytes) if sums else (offset, offset + nbytes, [])
+        start, stop, indices = (
+            checksum.covering(self.layout(rank), offset, nbytes) if sums else (offset, offset + nbytes, [])
+        )
         start, stop = min(start, offset), max(stop, offset + nbytes)  # padding between tensors is in no piece
         if (start, stop) == (offset, offset + nbytes):
             data = self._read_far(rank, offset, nbytes, out=out)
@@ -246,7 +277,9 @@ class PeerReader:
         if self.prefetched is not None and (ahead := self.prefetched(rank, step, offset, nbytes)) is not None:
             return ahead
         source = self.chosen.sources[rank]
-        mine = self.local(source.via, step) if source.kind == "held" and self.local and source.node == self.node else None
+        mine = (
+            self.local(source.via, step) if source.kind == "held" and self.local and source.node == self.node else None
+        )
         return mine[offset : offset + nbytes] if mine is not None and offset + nbytes <= mine.size else None
 
     def _count(self, **amounts: float) -> None:
@@ -276,16 +309,23 @@ class PeerReader:
         n = out.size
         plan, step, token = self.chosen.plan, self.chosen.step, self.chosen.plan.token
         stripe_index, stripe = next((i, s) for i, s in enumerate(group.stripes) if (node, index) in s.data)
-        lengths = tuple(max(0, min(self._coding(member).length(t) - a, n)) if member != node else n
-                        for member, t in stripe.data)  # fmt: skip
+        lengths = tuple(
+            max(0, min(self._coding(member).length(t) - a, n)) if member != node else n for member, t in stripe.data
+        )
         shape = erasure.Stripe(k=plan.k, m=plan.m, lengths=lengths)
         sources: dict[int, Callable[..., np.ndarray]] = {}  # survivor position -> its reader (out=...)
         for position, (member, t) in enumerate(stripe.data):
             if member != node and member in self.inventories and len(sources) < plan.k and self._serves(member):
                 sources[position] = partial(self._segment, member, t, a, lengths[position])
         for p, holder in enumerate(stripe.parity):
-            if len(sources) < plan.k and holder in self.inventories and (stripe_index, p) in self.inventories[holder].parity(token, step):
-                sources[plan.k + p] = partial(self._fetch, holder, kind="parity", token=token, stripe=stripe_index, parity=p, offset=a, nbytes=n)
+            if (
+                len(sources) < plan.k
+                and holder in self.inventories
+                and (stripe_index, p) in self.inventories[holder].parity(token, step)
+            ):
+                sources[plan.k + p] = partial(
+                    self._fetch, holder, kind="parity", token=token, stripe=stripe_index, parity=p, offset=a, nbytes=n
+                )
         position = next(i for i, (member, _) in enumerate(stripe.data) if member == node)
         if len(sources) == plan.k and erasure.is_xor(plan.k, plan.m, have=tuple(sorted(sources)), want=position):
             parity = next(i for i in sources if i >= plan.k)  # a data position is rebuilt from >= 1 parity
@@ -297,10 +337,14 @@ class PeerReader:
         else:
             survivors = {i: source(out=scratch(shape.length(i), slot=_SCRATCH + i)) for i, source in sources.items()}
             start = time.perf_counter()
-            erasure.decode(survivors, shape, want=[position], out={position: out}, threads=1)  # the reads are the threads
+            erasure.decode(
+                survivors, shape, want=[position], out={position: out}, threads=1
+            )  # the reads are the threads
         self._count(decode_s=time.perf_counter() - start)
 
-    def _segment(self, member: str, index: int, offset: int, nbytes: int, *, out: np.ndarray | None = None) -> np.ndarray:
+    def _segment(
+        self, member: str, index: int, offset: int, nbytes: int, *, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Part of a survivor's data segment: from this node's own memory when it is this node (a view
         where it lies in one slot), else received (into `out`, when given)."""
         if self.local and member == self.node:
@@ -314,8 +358,12 @@ class PeerReader:
 
     def _serves(self, member: str) -> bool:
         coded = self.chosen.erasure.coded_on(member)
-        return all(self.chosen.sources[r].kind == "held" and self.chosen.sources[r].node == member and
-                   self.chosen.sources[r].via == r for r in coded)  # fmt: skip
+        return all(
+            self.chosen.sources[r].kind == "held"
+            and self.chosen.sources[r].node == member
+            and self.chosen.sources[r].via == r
+            for r in coded
+        )
 
     def _coding(self, node: str) -> NodeCoding:
         coded = [(int(r), int(n)) for r, n in self._meta(node)["coded"]]
@@ -389,8 +437,9 @@ def plan_copies(layouts: Mapping[int, SlotLayout], fragments: Mapping[str, Fragm
     return copies, problems
 
 
-def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.ndarray]], *,
-                 ranks: Sequence[int] | None = None) -> None:  # fmt: skip
+def fill_targets(
+    reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.ndarray]], *, ranks: Sequence[int] | None = None
+) -> None:
     """Copy into every target (its fragment, a local numpy buffer) the boxes the old ranks held.
 
     `ranks`: the old ranks expected to cover the targets (as this node's keeper planned them when
@@ -409,10 +458,12 @@ def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.nd
     for copy in copies:
         out, entry = targets[copy.name][1], copy.entry
         spans = [_byte_span(entry.shape, src) for _, _, src in copy.work]
-        if all(span is not None and _region(out, dst).flags.c_contiguous for span, (_, dst, _) in zip(spans, copy.work)):
+        if all(
+            span is not None and _region(out, dst).flags.c_contiguous for span, (_, dst, _) in zip(spans, copy.work)
+        ):
             # each region is one run of bytes on both sides: copy or read it straight into place
             itemsize = storage_dtype(entry.dtype).itemsize
-            for (_, dst, _), (first, last) in zip(copy.work, spans):
+            for (_, dst, _), (first, _last) in zip(copy.work, spans):
                 view, base = _region(out, dst).reshape(-1).view(np.uint8), entry.offset + first * itemsize
                 if (source := reader.here(copy.rank, base, view.size)) is not None:
                     here.append(partial(copy_into, view, source))
@@ -422,7 +473,9 @@ def fill_targets(reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.nd
                     reads.append(partial(reader.read, copy.rank, base + a, piece.size, out=piece))
         else:
             start, stop = copy.span()
-            (here if reader.holds(copy.rank, start, stop - start) else reads).append(partial(_copy_regions, reader, copy, out))
+            (here if reader.holds(copy.rank, start, stop - start) else reads).append(
+                partial(_copy_regions, reader, copy, out)
+            )
     reader.run(reads, here=here)
 
 
@@ -479,11 +532,15 @@ def _read_span(reader: PeerReader, copy: Copy) -> np.ndarray:
     start, stop = copy.span()
     flat = np.empty(max(1, int(np.prod(entry.shape))), dtype=dtype)  # only the span is ever read
     first = (start - entry.offset) // dtype.itemsize
-    reader.read(copy.rank, start, stop - start, out=flat[first : first + (stop - start) // dtype.itemsize].view(np.uint8))
+    reader.read(
+        copy.rank, start, stop - start, out=flat[first : first + (stop - start) // dtype.itemsize].view(np.uint8)
+    )
     return flat.reshape(entry.shape)
 
 
-def _overlaps(old: list, wanted: list[tuple[Box, tuple[slice, ...]]], covered: set[tuple]) -> list[tuple[tuple, tuple, tuple]]:
+def _overlaps(
+    old: list, wanted: list[tuple[Box, tuple[slice, ...]]], covered: set[tuple]
+) -> list[tuple[tuple, tuple, tuple]]:
     """(intersection key, destination slices in the new local data, source slices in the old local
     data) for each of `wanted` (the new fragment's pieces) that the old fragment (its `segments`,
     as stored) holds part of."""
@@ -511,7 +568,9 @@ def _numel(key: tuple) -> int:
     return n
 
 
-def merged_trees(reader: PeerReader, *, rank: int, same_topology: bool, ranks: Sequence[int] | None = None) -> dict[str, Any]:
+def merged_trees(
+    reader: PeerReader, *, rank: int, same_topology: bool, ranks: Sequence[int] | None = None
+) -> dict[str, Any]:
     """This rank's old JSON state on the same topology, else the union over the old ranks (rank 0
     first): over old rank 0 and `ranks` when given, the ranks this rank reads tensors of, which
     hold the JSON of those tensors (rank 0's holds the rest of the run's)."""
@@ -522,4 +581,3 @@ def merged_trees(reader: PeerReader, *, rank: int, same_topology: bool, ranks: S
     olds = every if ranks is None else sorted({every[0], *(r for r in ranks if r in reader.chosen.sources)})
     reader.describe(olds)
     return merge_trees([reader.tree(r) for r in olds])
-

@@ -76,7 +76,9 @@ class ErasurePlan:
             lines.append(f"no parity: every rank's state has copies on more than m={self.m} nodes")
         for c in self.coverage:
             if c.copies:
-                held = ", ".join(f"rank {r} (copy on {'+'.join(nodes) or 'a coded rank here'})" for r, nodes in c.copies)
+                held = ", ".join(
+                    f"rank {r} (copy on {'+'.join(nodes) or 'a coded rank here'})" for r, nodes in c.copies
+                )
                 lines.append(f"node {c.node}: replicated, no parity needed for {held}")
         return "\n".join(lines)
 

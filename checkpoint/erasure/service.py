@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from ..state.slot_layout import SlotLayout
 from . import code as erasure
 from .coding import ErasureSetup, NodeCoding, ShareRecipe, segment_read, share_recipe, stream_read
 from .plan import ErasurePlan
-from ..state.slot_layout import SlotLayout
 from .wire import PeerClient, PeerError, PeerServer, background_priority
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,16 @@ SlotSource = Callable[[int, int], "np.ndarray | None"]  # (rank, step) -> the sl
 class ParityService:
     """One per keeper; `serve` starts its TCP server, `protect` takes a plan, `submit` codes a step."""
 
-    def __init__(self, *, node: str, host: str, slot_source: SlotSource, on_protected: Callable[[], None],
-                 report: Callable[..., dict[str, Any]] | None = None,
-                 on_announced: Callable[[int], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        node: str,
+        host: str,
+        slot_source: SlotSource,
+        on_protected: Callable[[], None],
+        report: Callable[..., dict[str, Any]] | None = None,
+        on_announced: Callable[[int], None] | None = None,
+    ) -> None:
         """`report(compact=, ranks=, step=)`: this node's whole inventory (held slots too) for peers that
         ask (`report_fields`); default `inventory()`.
         `on_announced(step)`: the group's leader began coding `step`: submit it once it is held here."""
@@ -126,10 +133,16 @@ class ParityService:
         self._sent: dict[tuple[str, str, int], str] = {}  # (token, peer, rank) -> layout digest the peer holds
         self._jobs: queue.Queue[tuple[str, int, dict, Callable[[], None], dict, dict] | None] = queue.Queue(maxsize=1)
         self._notices: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
-        self.server = PeerServer(host=host, handler=self._handle, secrets=self._secrets,
-                                 background=frozenset({"contribute", "meta", "parity_done"}))  # fmt: skip
-        self._threads = [threading.Thread(target=self._code_loop, name="resurgo-erasure", daemon=True),
-                         threading.Thread(target=self._notice_loop, name="resurgo-erasure-notice", daemon=True)]  # fmt: skip
+        self.server = PeerServer(
+            host=host,
+            handler=self._handle,
+            secrets=self._secrets,
+            background=frozenset({"contribute", "meta", "parity_done"}),
+        )
+        self._threads = [
+            threading.Thread(target=self._code_loop, name="resurgo-erasure", daemon=True),
+            threading.Thread(target=self._notice_loop, name="resurgo-erasure-notice", daemon=True),
+        ]
 
     @property
     def address(self) -> str:
@@ -163,8 +176,10 @@ class ParityService:
             self.current, self.secret = plan.token, plan.secret
             # Keep the newest earlier plan with a protected step: a recovery that failed midway and the
             # one after it both read that incarnation's memory.
-            earlier = sorted((t for t in self.plans if t != plan.token and t in self.protected),
-                             key=lambda t: self.plans[t][0].created)[-(KEEP_PLANS - 1):]  # fmt: skip
+            earlier = sorted(
+                (t for t in self.plans if t != plan.token and t in self.protected),
+                key=lambda t: self.plans[t][0].created,
+            )[-(KEEP_PLANS - 1) :]
             for stale in [t for t in self.plans if t != plan.token and t not in earlier]:
                 self._forget(stale)
             self._changed.notify_all()  # a leader waiting on the last incarnation's parity codes this one's
@@ -203,7 +218,9 @@ class ParityService:
         coded = erasure_plan.coded_on(self.node)
         if plan.site != "device" or plan.m < 2 or rank not in coded or any(r not in sizes for r in coded):
             return None
-        return share_recipe(NodeCoding(plan.k, tuple((r, int(sizes[r])) for r in coded)), rank, m=plan.m, token=plan.token)
+        return share_recipe(
+            NodeCoding(plan.k, tuple((r, int(sizes[r])) for r in coded)), rank, m=plan.m, token=plan.token
+        )
 
     def coding_step(self) -> int:
         """The step being coded now, -1 when none."""
@@ -217,18 +234,31 @@ class ParityService:
             for (token, step, stripe, p), buf in self._parity.items():
                 k = self.plans[token][0].k if token in self.plans else 0
                 if k and buf.complete(k):
-                    parity.setdefault(token, {}).setdefault(str(step), []).append([stripe, p, *[buf.lengths[t] for t in range(k)]])
+                    parity.setdefault(token, {}).setdefault(str(step), []).append(
+                        [stripe, p, *[buf.lengths[t] for t in range(k)]]
+                    )
             metas: dict[str, dict[str, dict[str, Any]]] = {}
             for (token, step), by_node in self._meta.items():
                 metas.setdefault(token, {})[str(step)] = {n: m["digests"] for n, m in by_node.items()}
-            return {"node": self.node, "address": self.address, "plans": [p.to_json() for p, _ in self.plans.values()],
-                    "parity": parity, "metas": metas, "protected": dict(self.protected)}  # fmt: skip
+            return {
+                "node": self.node,
+                "address": self.address,
+                "plans": [p.to_json() for p, _ in self.plans.values()],
+                "parity": parity,
+                "metas": metas,
+                "protected": dict(self.protected),
+            }
 
     # ---- coding a step ----------------------------------------------------------------------
 
-    def submit(self, step: int, ranks: dict[int, tuple[SlotLayout, np.ndarray, Any]], release: Callable[[], None],
-               shares: Mapping[int, tuple[str, np.ndarray]] | None = None,
-               sums: Mapping[int, list[int] | None] | None = None) -> bool:  # fmt: skip
+    def submit(
+        self,
+        step: int,
+        ranks: dict[int, tuple[SlotLayout, np.ndarray, Any]],
+        release: Callable[[], None],
+        shares: Mapping[int, tuple[str, np.ndarray]] | None = None,
+        sums: Mapping[int, list[int] | None] | None = None,
+    ) -> bool:
         """Code `step` of the local ranks ({rank: (slot layout, slot bytes, tree)}) in the background;
         False (and nothing held) when this node does not code it now. `shares`: the ranks' scaled
         shares ({rank: (token of their recipe, bytes)}), sent as they are when every coded rank has
@@ -277,10 +307,15 @@ class ParityService:
                 self._add_cpu(time.thread_time() - start)
             with self._lock:
                 if coded and self._leads(token):  # the others are still sending theirs: wait, not outrun them
-                    if not self._changed.wait_for(lambda: self.protected.get(token, -1) >= step or self._stopping
-                                                  or token != self.current, timeout=PROTECT_WAIT_S):  # fmt: skip
-                        log.warning("step %d is not protected %.0f s after this node sent its shares: coding the next",
-                                    step, PROTECT_WAIT_S)  # fmt: skip
+                    if not self._changed.wait_for(
+                        lambda: self.protected.get(token, -1) >= step or self._stopping or token != self.current,
+                        timeout=PROTECT_WAIT_S,
+                    ):
+                        log.warning(
+                            "step %d is not protected %.0f s after this node sent its shares: coding the next",
+                            step,
+                            PROTECT_WAIT_S,
+                        )
                 self._coding = -1
                 announced = self._announced.get(token, -1) if not self._leads(token) else -1
             if announced > step:  # announced while this step was being coded
@@ -295,20 +330,32 @@ class ParityService:
         with self._lock:
             return self._thread_cpu_s + self.server.background_cpu_s
 
-    def _code(self, token: str, step: int, ranks: dict[int, tuple[SlotLayout, np.ndarray, Any]],
-              shares: Mapping[int, tuple[str, np.ndarray]], sums: Mapping[int, list[int] | None]) -> None:  # fmt: skip
+    def _code(
+        self,
+        token: str,
+        step: int,
+        ranks: dict[int, tuple[SlotLayout, np.ndarray, Any]],
+        shares: Mapping[int, tuple[str, np.ndarray]],
+        sums: Mapping[int, list[int] | None],
+    ) -> None:
         plan, erasure_plan = self.plans[token]
         group = erasure_plan.group_of(self.node)
         if group is None:
             return
         coded = erasure_plan.coded_on(self.node)
         coding = NodeCoding(plan.k, tuple((r, int(ranks[r][1].size)) for r in coded))
-        meta = {"node": self.node, "coded": [[r, n] for r, n in coding.sizes],
-                "trees": {str(r): tree for r, (_, _, tree) in ranks.items()}, "sums": {str(r): s for r, s in sums.items()},
-                "digests": {str(r): layout.digest for r, (layout, _, _) in ranks.items()}}  # fmt: skip
+        meta = {
+            "node": self.node,
+            "coded": [[r, n] for r, n in coding.sizes],
+            "trees": {str(r): tree for r, (_, _, tree) in ranks.items()},
+            "sums": {str(r): s for r, s in sums.items()},
+            "digests": {str(r): layout.digest for r, (layout, _, _) in ranks.items()},
+        }
         for node in group.nodes:
             # A layout changes only when the state does: each peer gets it once per incarnation.
-            new = {r: layout for r, (layout, _, _) in ranks.items() if self._sent.get((token, node, r)) != layout.digest}
+            new = {
+                r: layout for r, (layout, _, _) in ranks.items() if self._sent.get((token, node, r)) != layout.digest
+            }
             layouts = {str(r): layout.to_json() for r, layout in new.items()}
             self._send(node, plan, "meta", token=token, step=step, meta={**meta, "layouts": layouts})
             self._sent.update({(token, node, r): layout.digest for r, layout in new.items()})
@@ -317,17 +364,35 @@ class ParityService:
             rows += [[shares[r][1][(p - 1) * n : p * n] for r, n in coding.sizes] for p in range(1, plan.m)]
             if token not in self._scaled:
                 self._scaled.add(token)
-                log.info("from step %d the workers scale the shares of parity rows 1..%d: the holders only add them", step, plan.m - 1)
+                log.info(
+                    "from step %d the workers scale the shares of parity rows 1..%d: the holders only add them",
+                    step,
+                    plan.m - 1,
+                )
         for index, stripe in enumerate(group.stripes):
             for t in (t for (n, t) in stripe.data if n == self.node):
                 length = coding.length(t)
                 for p, holder in enumerate(stripe.parity):
                     scaled = 0 < p < len(rows)
                     for offset in range(0, max(length, 1), PIECE_BYTES):
-                        piece = stream_read(rows[p if scaled else 0], t * coding.segment + offset, min(PIECE_BYTES, length - offset))
+                        piece = stream_read(
+                            rows[p if scaled else 0], t * coding.segment + offset, min(PIECE_BYTES, length - offset)
+                        )
                         self._pace.wait(piece.size, bytes_per_s=plan.max_mb_s * 1e6)
-                        self._send(holder, plan, "contribute", piece, token=token, step=step, stripe=index, index=t,
-                                   parity=p, offset=offset, length=length, scaled=scaled)  # fmt: skip
+                        self._send(
+                            holder,
+                            plan,
+                            "contribute",
+                            piece,
+                            token=token,
+                            step=step,
+                            stripe=index,
+                            index=t,
+                            parity=p,
+                            offset=offset,
+                            length=length,
+                            scaled=scaled,
+                        )
 
     def _send(self, node: str, plan: ErasureSetup, op: str, payload: Any = None, **fields: Any) -> dict[str, Any]:
         if node == self.node:
@@ -359,7 +424,9 @@ class ParityService:
         if op == "meta":
             return self._store_meta(header), None
         if op == "parity_done":
-            return self._parity_done(str(header["token"]), int(header["step"]), int(header["stripe"]), int(header["parity"])), None
+            return self._parity_done(
+                str(header["token"]), int(header["step"]), int(header["stripe"]), int(header["parity"])
+            ), None
         if op == "fetch":
             return {}, self._fetch(header)
         if op == "inventory":
@@ -388,7 +455,9 @@ class ParityService:
         if complete:
             group = self.plans[token][1].group_of(self.node)
             for node in group.nodes if group else ():
-                self._notices.put((node, {"op": "parity_done", "token": token, "step": step, "stripe": stripe, "parity": p}))
+                self._notices.put(
+                    (node, {"op": "parity_done", "token": token, "step": step, "stripe": stripe, "parity": p})
+                )
         return {}
 
     def _store_meta(self, h: dict[str, Any]) -> dict[str, Any]:
@@ -414,7 +483,9 @@ class ParityService:
             group = erasure_plan.group_of(self.node)
             done = self._done.setdefault((token, step), set())
             done.add((stripe, p))
-            newly = group is not None and len(done) == len(group.stripes) * plan.m and step > self.protected.get(token, -1)
+            newly = (
+                group is not None and len(done) == len(group.stripes) * plan.m and step > self.protected.get(token, -1)
+            )
             if newly:
                 self.protected[token] = step
                 self._evict(token, step)
@@ -476,6 +547,7 @@ class ParityService:
 
     def _evict(self, token: str, step: int) -> None:
         """A newer step of `token` is protected: older parity of it, and all of other incarnations, go."""
+
         def stale(t: str, s: int) -> bool:
             return t != token or s < step
 

@@ -41,8 +41,10 @@ class CodingRates:
 
     def describe(self) -> str:
         gb = lambda r: f"{r / 1e9:.1f}" if r else "-"  # noqa: E731
-        return (f"host multiply-accumulate {gb(self.host_mac)} GB/s, XOR {gb(self.host_xor)} GB/s; "
-                f"device scale {gb(self.device_scale)} GB/s, copy to host {gb(self.d2h)} GB/s")  # fmt: skip
+        return (
+            f"host multiply-accumulate {gb(self.host_mac)} GB/s, XOR {gb(self.host_xor)} GB/s; "
+            f"device scale {gb(self.device_scale)} GB/s, copy to host {gb(self.d2h)} GB/s"
+        )
 
 
 def choose_site(setting: str, *, m: int, rates: CodingRates | None) -> tuple[Site, str]:
@@ -59,8 +61,10 @@ def choose_site(setting: str, *, m: int, rates: CodingRates | None) -> tuple[Sit
     host = 1 / rates.host_mac
     device = 1 / rates.device_scale + 1 / rates.d2h + 1 / rates.host_xor
     site: Site = "device" if device < host else "host"
-    return site, (f"{rates.describe()}: per byte and parity row, host {host * 1e9:.3f} ns against device "
-                  f"{device * 1e9:.3f} ns (which also holds {m - 1} scaled copies per snapshot in host memory)")  # fmt: skip
+    return site, (
+        f"{rates.describe()}: per byte and parity row, host {host * 1e9:.3f} ns against device "
+        f"{device * 1e9:.3f} ns (which also holds {m - 1} scaled copies per snapshot in host memory)"
+    )
 
 
 def measure_rates(device: torch.device | None, *, nbytes: int = PROBE_BYTES) -> CodingRates:

@@ -79,8 +79,9 @@ def send_frame(sock: socket.socket, header: dict[str, Any], payload: bytes | mem
         sock.sendall(data)
 
 
-def recv_frame(sock: socket.socket, *, into: memoryview | None = None, reuse: bool = False,
-               max_payload: int | None = None) -> tuple[dict[str, Any], memoryview] | None:  # fmt: skip
+def recv_frame(
+    sock: socket.socket, *, into: memoryview | None = None, reuse: bool = False, max_payload: int | None = None
+) -> tuple[dict[str, Any], memoryview] | None:
     """The next frame, or None when the peer closed the connection between frames; a payload of
     exactly `into`'s size is received straight into it (no copy), others, with `reuse`, into this
     thread's receive buffer (valid until its next frame), else into a new buffer."""
@@ -98,7 +99,9 @@ def recv_frame(sock: socket.socket, *, into: memoryview | None = None, reuse: bo
     return header, payload
 
 
-def _recv_exact(sock: socket.socket, n: int, *, eof_ok: bool = False, into: memoryview | None = None) -> memoryview | None:
+def _recv_exact(
+    sock: socket.socket, n: int, *, eof_ok: bool = False, into: memoryview | None = None
+) -> memoryview | None:
     view = into if into is not None else memoryview(bytearray(n))
     got = 0
     while got < n:
@@ -135,10 +138,13 @@ class PeerClient:
             raise
         if verdict is None or not verdict[0].get("ok"):
             self.close()
-            raise PeerRefused(f"the keeper at {address} refused the connection: {(verdict or ({},))[0].get('error', 'closed')}")
+            raise PeerRefused(
+                f"the keeper at {address} refused the connection: {(verdict or ({},))[0].get('error', 'closed')}"
+            )
 
-    def request(self, op: str, payload: bytes | memoryview | None = None, *, into: memoryview | None = None,
-                **fields: Any) -> tuple[dict[str, Any], memoryview]:  # fmt: skip
+    def request(
+        self, op: str, payload: bytes | memoryview | None = None, *, into: memoryview | None = None, **fields: Any
+    ) -> tuple[dict[str, Any], memoryview]:
         """The reply and its payload (received into `into` when that has the payload's size)."""
         with self._lock:
             try:
@@ -189,7 +195,7 @@ def _hello(sock: socket.socket, address: str) -> bytes:
     """The nonce a keeper's port greets a connection with."""
     hello = bytes(_recv_exact(sock, len(_HELLO) + _NONCE))
     if not hello.startswith(_HELLO):
-        raise PeerError(f"{address} is not a resurgo keeper of this version (it greeted with {hello[:len(_HELLO)]!r})")
+        raise PeerError(f"{address} is not a resurgo keeper of this version (it greeted with {hello[: len(_HELLO)]!r})")
     return hello[len(_HELLO) :]
 
 
@@ -208,8 +214,14 @@ def unreachable(address: str, *, timeout: float) -> str | None:
 class PeerServer:
     """Accepts peer connections on `host` (an ephemeral port) and answers each frame with `handler`."""
 
-    def __init__(self, *, host: str, handler: Handler, secrets: Callable[[], Collection[str]],
-                 background: frozenset[str] = frozenset()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        host: str,
+        handler: Handler,
+        secrets: Callable[[], Collection[str]],
+        background: frozenset[str] = frozenset(),
+    ) -> None:
         """`background`: ops whose connections are served at idle priority (the first frame decides:
         a connection carries one client's traffic; a recovery's reads are never among them)."""
         self.handler, self.secrets, self.background = handler, secrets, background  # secrets: those accepted now
@@ -235,7 +247,7 @@ class PeerServer:
         while not self._stop.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             if not self._slots.acquire(blocking=False):
                 conn.close()
@@ -253,7 +265,9 @@ class PeerServer:
         conn.sendall(_HELLO + nonce)
         given = bytes(_recv_exact(conn, hashlib.sha256().digest_size))  # all a stranger gets to send
         secret = next((s for s in self.secrets() if s and hmac.compare_digest(proof(s, nonce), given)), None)
-        send_frame(conn, {"ok": True} if secret else {"ok": False, "error": "wrong run secret: this keeper serves another run"})
+        send_frame(
+            conn, {"ok": True} if secret else {"ok": False, "error": "wrong run secret: this keeper serves another run"}
+        )
         conn.settimeout(None)
         return secret
 

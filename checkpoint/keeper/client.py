@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .protocol import Client, KeeperError, KeeperGone, lock_path, run_id, socket_path
 from ..state.slot_layout import SlotLayout
-from .shm import Segment
 from .prefetch import Prefetched
+from .protocol import Client, KeeperError, KeeperGone, lock_path, run_id, socket_path
+from .shm import Segment
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,11 @@ class KeeperLink:
         with open(self.run_dir / "keeper.log", "ab") as out:
             self.spawned = subprocess.Popen(
                 [sys.executable, "-m", "resurgo.launch.keeper", "--run-dir", str(self.run_dir), *self.keeper_args],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+                close_fds=True,
             )
         log.info("started a keeper (pid %d) for %s", self.spawned.pid, self.run_dir)
 
@@ -229,8 +233,12 @@ def _pin(segment: Segment) -> None:
         return
     error = torch.cuda.cudart().cudaHostRegister(segment.address, segment.size, 0)
     if int(error) != 0:
-        log.warning("cudaHostRegister of %s (%d bytes) failed (error %s): snapshot copies will not overlap compute",
-                    segment.name, segment.size, error)  # fmt: skip
+        log.warning(
+            "cudaHostRegister of %s (%d bytes) failed (error %s): snapshot copies will not overlap compute",
+            segment.name,
+            segment.size,
+            error,
+        )
 
 
 def _unpin(segment: Segment) -> None:

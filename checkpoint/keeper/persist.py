@@ -27,16 +27,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..store import commit as commits
-from ..state.dtypes import storage_dtype
 from ..errors import CheckpointError
-from ..store.fsio import fsync_dir, write_file
-from .protocol import StoreTarget
+from ..state.dtypes import storage_dtype
 from ..state.layout import Fragment
+from ..store import commit as commits
+from ..store.fsio import fsync_dir, write_file
 from ..store.metadata import CheckpointMeta, StateTrees
 from ..store.save_plan import ArrayPlan, SavePlan, plan_save
-from .slots import PersistJob, RankData
 from ..store.writer import DEFAULT_IO_THREADS, HostFragment, create_arrays, write_fragments
+from .protocol import StoreTarget
+from .slots import PersistJob, RankData
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,16 @@ RETRY_WAIT_S = 1.0  # before attempt n, n times this
 class Persister:
     """One background thread writing jobs in order; `on_done(job, phase, error)` reports progress."""
 
-    def __init__(self, *, on_done: Callable[[PersistJob, str, str | None], None], timeout_s: float = 600.0,
-                 io_threads: int = DEFAULT_IO_THREADS, is_current: Callable[[str], bool] = lambda token: True,
-                 retries: int = RETRIES, retry_wait_s: float = RETRY_WAIT_S) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        on_done: Callable[[PersistJob, str, str | None], None],
+        timeout_s: float = 600.0,
+        io_threads: int = DEFAULT_IO_THREADS,
+        is_current: Callable[[str], bool] = lambda token: True,
+        retries: int = RETRIES,
+        retry_wait_s: float = RETRY_WAIT_S,
+    ) -> None:
         self.on_done, self.timeout_s, self.io_threads = on_done, timeout_s, io_threads
         self.retries, self.retry_wait_s = retries, retry_wait_s
         self.is_current = is_current  # False once the run incarnation (token) that asked for a persist ended
@@ -78,8 +85,14 @@ class Persister:
                     break
                 except Exception as e:  # a failed persist must not stop later ones
                     error = str(e)
-                    log.error("persisting step %d to %s failed (attempt %d of %d): %s", job.step, job.target.root,
-                              attempt + 1, self.retries + 1, e)  # fmt: skip
+                    log.error(
+                        "persisting step %d to %s failed (attempt %d of %d): %s",
+                        job.step,
+                        job.target.root,
+                        attempt + 1,
+                        self.retries + 1,
+                        e,
+                    )
                     self._abandon(job, attempt, error)
                     if not self.is_current(job.target.token):
                         break  # the run restarted: the new incarnation persists its own steps
@@ -100,11 +113,18 @@ class Persister:
         nbytes = 0
         for rank, held in sorted(job.ranks.items()):
             nbytes += write_fragments(tmp, plan, rank=rank, sources=_host_fragments(held), threads=self.io_threads)
-            _write_json(_done_file(target, job.step, attempt, rank), {"rank": rank, "step": job.step, "state": held.tree})
+            _write_json(
+                _done_file(target, job.step, attempt, rank), {"rank": rank, "step": job.step, "state": held.tree}
+            )
         self.on_done(job, "durable", None)
         if job.committer:
             self._commit(job, plan, tmp, attempt=attempt)
-            log.info("keeper committed step %d (%.1f MB from memory) in %.2f s", job.step, nbytes / 1e6, time.perf_counter() - start)
+            log.info(
+                "keeper committed step %d (%.1f MB from memory) in %.2f s",
+                job.step,
+                nbytes / 1e6,
+                time.perf_counter() - start,
+            )
             self.on_done(job, "committed", None)
 
     def _abandon(self, job: PersistJob, attempt: int, error: str) -> None:
@@ -118,7 +138,9 @@ class Persister:
         try:
             _write_json(_failed_file(target, job.step, attempt), {"step": job.step, "error": error})
         except OSError as e:
-            log.warning("could not tell the other keepers that step %d failed (%s): they give up at their deadline", job.step, e)
+            log.warning(
+                "could not tell the other keepers that step %d failed (%s): they give up at their deadline", job.step, e
+            )
 
     def _commit(self, job: PersistJob, plan: SavePlan, tmp: Path, *, attempt: int) -> None:
         target = job.target
@@ -159,7 +181,9 @@ class Persister:
     def _wait_for(self, job: PersistJob, paths: list[Path], *, what: str, attempt: int | None = None) -> None:
         """Until `paths` exist; gives up when the run restarted, or when another keeper's attempt failed."""
         failed = _failed_file(job.target, job.step, attempt) if attempt is not None else None
-        _wait_for(paths, timeout_s=self.timeout_s, what=what, alive=lambda: self.is_current(job.target.token), failed=failed)
+        _wait_for(
+            paths, timeout_s=self.timeout_s, what=what, alive=lambda: self.is_current(job.target.token), failed=failed
+        )
 
 
 def _host_fragments(held: RankData) -> dict[str, HostFragment]:
@@ -201,8 +225,14 @@ def _write_json(path: Path, obj: Any) -> None:
     fsync_dir(path.parent)
 
 
-def _wait_for(paths: list[Path], *, timeout_s: float, what: str, alive: Callable[[], bool] = lambda: True,
-              failed: Path | None = None) -> None:  # fmt: skip
+def _wait_for(
+    paths: list[Path],
+    *,
+    timeout_s: float,
+    what: str,
+    alive: Callable[[], bool] = lambda: True,
+    failed: Path | None = None,
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not all(p.exists() for p in paths):
         if failed is not None and failed.exists():
@@ -212,7 +242,9 @@ def _wait_for(paths: list[Path], *, timeout_s: float, what: str, alive: Callable
                 reason = "no reason recorded"
             raise CheckpointError(f"another keeper failed this attempt while this one waited for {what}: {reason}")
         if not alive():
-            raise CheckpointError(f"abandoned waiting for {what}: the run restarted (a rank died) before every rank wrote it")
+            raise CheckpointError(
+                f"abandoned waiting for {what}: the run restarted (a rank died) before every rank wrote it"
+            )
         if time.monotonic() > deadline:
             missing = [p.name for p in paths if not p.exists()]
             raise CheckpointError(
@@ -223,8 +255,11 @@ def _wait_for(paths: list[Path], *, timeout_s: float, what: str, alive: Callable
 
 
 def _plan_to_json(plan: SavePlan) -> dict[str, Any]:
-    return {"world_size": plan.world_size, "compression": plan.compression,
-            "arrays": {n: a.to_json() for n, a in plan.arrays.items()}}  # fmt: skip
+    return {
+        "world_size": plan.world_size,
+        "compression": plan.compression,
+        "arrays": {n: a.to_json() for n, a in plan.arrays.items()},
+    }
 
 
 def _plan_from_json(data: Mapping[str, Any]) -> SavePlan:

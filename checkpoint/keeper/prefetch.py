@@ -22,9 +22,9 @@ from functools import cached_property, lru_cache, partial
 
 import numpy as np
 
+from ..erasure.peer_read import READ_BYTES, PeerReader, plan_copies
 from ..state import checksum
 from ..state.layout import Fragment, MeshSpec, TensorLayout
-from ..erasure.peer_read import READ_BYTES, PeerReader, plan_copies
 
 STAGE_AXIS = "pp"  # ranks of different coordinates on it hold different tensors, not parts of the same ones
 
@@ -40,8 +40,9 @@ def coordinates(topology: Mapping[str, int], rank: int) -> dict[str, int]:
     return coords
 
 
-def new_fragment(layout: TensorLayout, *, old: Mapping[str, int], new: Mapping[str, int], rank: int,
-                 holders: Sequence[int]) -> Fragment | None:  # fmt: skip
+def new_fragment(
+    layout: TensorLayout, *, old: Mapping[str, int], new: Mapping[str, int], rank: int, holders: Sequence[int]
+) -> Fragment | None:
     """What `rank` of a world laid out as `new` holds of a tensor that old ranks `holders` held as
     `layout` in the world laid out as `old`: the same placements on the same axes, resized; None
     when `rank` holds none of it (another pipeline stage) or the change is not a resize of them."""
@@ -66,11 +67,15 @@ def _submesh(axes: tuple[str, ...], topology: tuple[tuple[str, int], ...], rank:
     sizes = dict(topology)
     mine = coordinates(sizes, rank)
     world = math.prod(sizes.values())
-    ranks = tuple(r for r in range(world) if all(c == mine[a] for a, c in coordinates(sizes, r).items() if a not in axes))
+    ranks = tuple(
+        r for r in range(world) if all(c == mine[a] for a, c in coordinates(sizes, r).items() if a not in axes)
+    )
     return MeshSpec(axes, tuple(sizes[a] for a in axes), ranks)
 
 
-def restore_reads(reader: PeerReader, *, topology: Mapping[str, int], ranks: Sequence[int]) -> dict[int, dict[int, list[Span]]]:
+def restore_reads(
+    reader: PeerReader, *, topology: Mapping[str, int], ranks: Sequence[int]
+) -> dict[int, dict[int, list[Span]]]:
     """New rank -> old rank -> the merged byte spans of the old rank's slot that the new rank (of a
     world laid out as `topology`) will read in its restore."""
     old = {a: int(n) for a, n in reader.chosen.plan.topology.items() if a != "world_size"}
@@ -98,7 +103,9 @@ def restore_reads(reader: PeerReader, *, topology: Mapping[str, int], ranks: Seq
     return reads
 
 
-def prefetch_spans(reads: Mapping[int, Mapping[int, Sequence[Span]]], *, held: Callable[[int], bool]) -> dict[int, list[Span]]:
+def prefetch_spans(
+    reads: Mapping[int, Mapping[int, Sequence[Span]]], *, held: Callable[[int], bool]
+) -> dict[int, list[Span]]:
     """Old rank -> the merged spans of its slot that any new rank of `reads` (`restore_reads`) will
     read, for the old ranks not `held` whole on this node: what the prefetch fetches."""
     spans: dict[int, list[Span]] = {}
@@ -172,7 +179,9 @@ class Prefetched:
         return Prefetched(rank, step, tuple((int(a), int(b), int(at)) for a, b, at in data))
 
 
-def prefetch_rank(reader: PeerReader, *, rank: int, spans: Sequence[Span], allocate: Callable[[int], np.ndarray]) -> tuple[Prefetched, np.ndarray, float]:
+def prefetch_rank(
+    reader: PeerReader, *, rank: int, spans: Sequence[Span], allocate: Callable[[int], np.ndarray]
+) -> tuple[Prefetched, np.ndarray, float]:
     """Read `spans` of old `rank`'s slot (from peers, or decoded) into memory from `allocate(nbytes)`,
     in parallel; what was prefetched, the buffer, and the seconds it took."""
     start = time.perf_counter()
@@ -181,7 +190,10 @@ def prefetch_rank(reader: PeerReader, *, rank: int, spans: Sequence[Span], alloc
         placed.append((a, b, at))
         at += b - a
     out = allocate(at)
-    reads = [partial(reader.read, rank, a + o, min(READ_BYTES, b - a - o), out=out[p + o : p + min(b - a, o + READ_BYTES)])
-             for a, b, p in placed for o in range(0, b - a, READ_BYTES)]  # fmt: skip
+    reads = [
+        partial(reader.read, rank, a + o, min(READ_BYTES, b - a - o), out=out[p + o : p + min(b - a, o + READ_BYTES)])
+        for a, b, p in placed
+        for o in range(0, b - a, READ_BYTES)
+    ]
     reader.run(reads)
     return Prefetched(rank, reader.chosen.step, tuple(placed)), out, time.perf_counter() - start

@@ -110,12 +110,24 @@ class StoreTarget:
         token = str(data["token"])
         if not token or any(c not in "0123456789abcdef" for c in token):
             raise KeeperError(f"store token {token!r} must be lowercase hex")
-        return StoreTarget(str(data["root"]), int(data["keep"]), str(data["compression"]), dict(data["topology"]),
-                           int(data["world_size"]), token)  # fmt: skip
+        return StoreTarget(
+            str(data["root"]),
+            int(data["keep"]),
+            str(data["compression"]),
+            dict(data["topology"]),
+            int(data["world_size"]),
+            token,
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"root": self.root, "keep": self.keep, "compression": self.compression, "topology": dict(self.topology),
-                "world_size": self.world_size, "token": self.token}  # fmt: skip
+        return {
+            "root": self.root,
+            "keep": self.keep,
+            "compression": self.compression,
+            "topology": dict(self.topology),
+            "world_size": self.world_size,
+            "token": self.token,
+        }
 
     @property
     def coord(self) -> Path:

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from ..state.slot_layout import SlotLayout
+from ..erasure.coding import ErasureSetup
 from ..erasure.peer_plan import Inventory, MemoryPlan, choose
 from ..erasure.peer_read import READ_BYTES, LocalSlot, PeerReader
 from ..erasure.wire import PeerClient, PeerError, PeerRefused
-from ..erasure.coding import ErasureSetup
+from ..state.slot_layout import SlotLayout
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,14 @@ class Rebuilt:
     seconds: float
 
 
-def probe(plan: ErasureSetup, *, node: str, own: Mapping[str, Any], timeout: float = PROBE_TIMEOUT_S,
-          skip: Collection[str] = ()) -> dict[str, Inventory] | None:  # fmt: skip
+def probe(
+    plan: ErasureSetup,
+    *,
+    node: str,
+    own: Mapping[str, Any],
+    timeout: float = PROBE_TIMEOUT_S,
+    skip: Collection[str] = (),
+) -> dict[str, Inventory] | None:
     """The inventories of the plan's nodes that answer (this node's is `own`); the others, and those in
     `skip` (known silent), are lost. None when a peer answers but refuses (it serves another run, or no
     longer holds this plan): rebuild nothing."""
@@ -83,7 +89,9 @@ def rebuilder(nodes: Sequence[str], lost: str, alive: Sequence[str]) -> str | No
 def assigned(chosen: MemoryPlan, *, node: str, alive: Sequence[str]) -> list[int]:
     """The lost ranks of `chosen` (decoded, not held anywhere) that `node` is to rebuild."""
     nodes = list(chosen.plan.nodes)
-    return sorted(r for r, s in chosen.sources.items() if s.kind == "decoded" and rebuilder(nodes, s.node, alive) == node)
+    return sorted(
+        r for r, s in chosen.sources.items() if s.kind == "decoded" and rebuilder(nodes, s.node, alive) == node
+    )
 
 
 def plan_rebuild(inventories: Mapping[str, Inventory], *, node: str) -> tuple[MemoryPlan | None, list[int]]:
@@ -94,8 +102,15 @@ def plan_rebuild(inventories: Mapping[str, Inventory], *, node: str) -> tuple[Me
     return chosen, assigned(chosen, node=node, alive=list(inventories))
 
 
-def rebuild_rank(chosen: MemoryPlan, inventories: Mapping[str, Inventory], *, rank: int, node: str, local: LocalSlot,
-                 allocate: Callable[[int], np.ndarray]) -> tuple[Rebuilt, np.ndarray]:  # fmt: skip
+def rebuild_rank(
+    chosen: MemoryPlan,
+    inventories: Mapping[str, Inventory],
+    *,
+    rank: int,
+    node: str,
+    local: LocalSlot,
+    allocate: Callable[[int], np.ndarray],
+) -> tuple[Rebuilt, np.ndarray]:
     """Decode lost `rank`'s whole slot into memory from `allocate(nbytes)` (reading this node's own
     slots through `local`, the rest from peers, in parallel); its description and the bytes."""
     start = time.perf_counter()
@@ -103,8 +118,10 @@ def rebuild_rank(chosen: MemoryPlan, inventories: Mapping[str, Inventory], *, ra
     try:
         layout, tree, sums = reader.layout(rank), reader.tree(rank), reader.sums(rank)
         out = allocate(layout.nbytes)
-        reads = [partial(reader.read, rank, a, min(READ_BYTES, layout.nbytes - a), out=out[a : a + READ_BYTES])
-                 for a in range(0, layout.nbytes, READ_BYTES)]  # fmt: skip
+        reads = [
+            partial(reader.read, rank, a, min(READ_BYTES, layout.nbytes - a), out=out[a : a + READ_BYTES])
+            for a in range(0, layout.nbytes, READ_BYTES)
+        ]
         reader.run(reads)
     finally:
         reader.close()

@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import shm
 from ..process import process_alive
+from . import shm
 from .protocol import segment_owner, segment_prefix, socket_dir
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,11 @@ def reclaim_stale(*, own: str) -> int:
             reclaimed += shm.unlink(name)
             nbytes += size
     if reclaimed:
-        log.warning("reclaimed %d shared memory segments (%.2f GiB) of dead keepers: the memory snapshots they held are lost",
-                    reclaimed, nbytes / 2**30)  # fmt: skip
+        log.warning(
+            "reclaimed %d shared memory segments (%.2f GiB) of dead keepers: the memory snapshots they held are lost",
+            reclaimed,
+            nbytes / 2**30,
+        )
     return reclaimed
 
 
@@ -74,8 +77,10 @@ def node_keepers() -> list[NodeKeeper]:
     for name, size in shm.list_segments(shm.PREFIX):
         run = name.removeprefix(shm.PREFIX).split(".", 1)[0]
         found.setdefault((run, segment_owner(name)), []).append(size)
-    return [NodeKeeper(run, pid, pid is not None and process_alive(pid), len(sizes), sum(sizes))
-            for (run, pid), sizes in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))]  # fmt: skip
+    return [
+        NodeKeeper(run, pid, pid is not None and process_alive(pid), len(sizes), sum(sizes))
+        for (run, pid), sizes in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
+    ]
 
 
 def try_lock(path: Path) -> int | None:

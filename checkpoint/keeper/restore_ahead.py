@@ -16,17 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import rebuild
-
-from . import shm
-
-from . import prefetch
-from ..state.slot_layout import SlotLayout
 from ..erasure.peer_plan import choose
 from ..erasure.peer_read import PeerReader
 from ..erasure.service import ParityService
-from .watch import HangWatch
+from ..state.slot_layout import SlotLayout
+from . import prefetch, rebuild, shm
 from .slots import COMPLETE, RankSlots, Slot, free
+from .watch import HangWatch
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +139,22 @@ class RestoreAhead:
                 self._drop_rebuilt(rank)
             allocate = _Allocation(self._name(rank, REBUILT_SLOT))
         with allocate:
-            done, _ = rebuild.rebuild_rank(chosen, inventories, rank=rank, node=self.node, local=self._slot_bytes, allocate=allocate)
-        slot = Slot(REBUILT_SLOT, allocate.segment, step=done.step, status=COMPLETE, tree=done.tree, checksums=done.sums)
+            done, _ = rebuild.rebuild_rank(
+                chosen, inventories, rank=rank, node=self.node, local=self._slot_bytes, allocate=allocate
+            )
+        slot = Slot(
+            REBUILT_SLOT, allocate.segment, step=done.step, status=COMPLETE, tree=done.tree, checksums=done.sums
+        )
         with self._cond:
             self.rebuilt[rank] = RankSlots(rank, done.layout, done.token, slots=[slot])
             self._rebuild_s[rank] = done.seconds
-        log.info("rebuilt lost rank %d's snapshot of step %d (%.1f MB) from peers' memory in %.2f s",
-                 rank, done.step, done.layout.nbytes / 1e6, done.seconds)  # fmt: skip
+        log.info(
+            "rebuilt lost rank %d's snapshot of step %d (%.1f MB) from peers' memory in %.2f s",
+            rank,
+            done.step,
+            done.layout.nbytes / 1e6,
+            done.seconds,
+        )
 
     # ---- prefetching what a restore will read (prefetch.py) ------------------------------------------
 
@@ -183,7 +188,9 @@ class RestoreAhead:
                 for topology, ranks in by_topology.items():
                     reads = prefetch.restore_reads(reader, topology=dict(topology), ranks=ranks)
                     with self._cond:
-                        self.reads.update({r: {"step": chosen.step, "ranks": sorted(by_old)} for r, by_old in reads.items()})
+                        self.reads.update(
+                            {r: {"step": chosen.step, "ranks": sorted(by_old)} for r, by_old in reads.items()}
+                        )
                     for old, spans in prefetch.prefetch_spans(reads, held=held).items():
                         self._prefetch_spans(reader, old, spans)
         finally:
@@ -206,9 +213,17 @@ class RestoreAhead:
         with allocate:
             done, _, seconds = prefetch.prefetch_rank(reader, rank=rank, spans=spans, allocate=allocate)
         with self._cond:
-            prefetched.pieces.append((done, Slot(index, allocate.segment, step=step, status=COMPLETE, tree=prefetched.tree)))
+            prefetched.pieces.append(
+                (done, Slot(index, allocate.segment, step=step, status=COMPLETE, tree=prefetched.tree))
+            )
             prefetched.seconds += seconds
-        log.info("prefetched %.1f MB of old rank %d's step %d for the restore in %.2f s", done.nbytes / 1e6, rank, step, seconds)
+        log.info(
+            "prefetched %.1f MB of old rank %d's step %d for the restore in %.2f s",
+            done.nbytes / 1e6,
+            rank,
+            step,
+            seconds,
+        )
 
     def _drop_prefetched(self, *, rank: int | None = None, force: bool = False) -> None:
         """Free prefetched spans (of `rank`, else of every old rank) that no restore reads now (or all: `force`)."""

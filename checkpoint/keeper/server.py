@@ -28,19 +28,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import shm
-from ..errors import CheckpointError
-from .protocol import (
-    PROTOCOL_VERSION, KeeperError, StoreTarget, decode, encode, lock_path, node_id, run_id, segment_name, socket_path,
-)  # fmt: skip
-from ..state.slot_layout import SlotLayout
-from .restore_ahead import REBUILD_WAIT_S, RestoreAhead
-from ..erasure.wire import advertised_host, unreachable
-from ..erasure.service import ParityService, report_fields
 from ..erasure.coding import ErasureSetup
+from ..erasure.service import ParityService, report_fields
+from ..erasure.wire import advertised_host, unreachable
+from ..errors import CheckpointError
 from ..process import process_alive
+from ..state.slot_layout import SlotLayout
+from . import shm
+from .protocol import (
+    PROTOCOL_VERSION,
+    KeeperError,
+    StoreTarget,
+    decode,
+    encode,
+    lock_path,
+    node_id,
+    run_id,
+    segment_name,
+    socket_path,
+)
 from .reclaim import reclaim_stale, try_lock
-from .slots import COMPLETE, DEFAULT_SLOTS, WRITING, PersistJob, RankData, RankSlots, Slot, choose_slot, free, newest_common
+from .restore_ahead import REBUILD_WAIT_S, RestoreAhead
+from .slots import (
+    COMPLETE,
+    DEFAULT_SLOTS,
+    WRITING,
+    PersistJob,
+    RankData,
+    RankSlots,
+    Slot,
+    choose_slot,
+    free,
+    newest_common,
+)
 from .watch import HangWatch
 
 log = logging.getLogger(__name__)
@@ -63,8 +83,16 @@ class _Conn:
 
 
 class Keeper(RestoreAhead):
-    def __init__(self, *, run_dir: Path, host_memory_bytes: int = 0, slots: int = 0, idle_timeout_s: float = 900.0,
-                 exit_when_finished: bool = True, auto: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        run_dir: Path,
+        host_memory_bytes: int = 0,
+        slots: int = 0,
+        idle_timeout_s: float = 900.0,
+        exit_when_finished: bool = True,
+        auto: bool = False,
+    ) -> None:
         if slots == 1 or slots < 0:
             raise KeeperError(f"a keeper needs at least 2 slots per rank (got {slots}); 0 picks {DEFAULT_SLOTS}")
         self.rid = run_id(run_dir)
@@ -88,7 +116,9 @@ class Keeper(RestoreAhead):
         self.durable = self.committed = -1
         self.failed, self.failure = -1, ""  # the newest step whose persist failed for good, and why
         self.skipped = 0
-        self._jobs: dict[tuple[str, int], tuple[PersistJob, list[Slot]]] = {}  # (incarnation, step) -> job, pinned slots
+        self._jobs: dict[
+            tuple[str, int], tuple[PersistJob, list[Slot]]
+        ] = {}  # (incarnation, step) -> job, pinned slots
         self._persisted: set[tuple[str, int]] = set()
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -120,9 +150,14 @@ class Keeper(RestoreAhead):
         os.chmod(path, 0o600)
         self._sock.listen(64)
         self._sock.settimeout(0.2)
-        self.protector = ParityService(node=self.node, host=advertised_host(),
-                                   slot_source=self._slot_bytes, on_protected=self._notify, report=self._inventory,
-                                   on_announced=self._announced)  # fmt: skip
+        self.protector = ParityService(
+            node=self.node,
+            host=advertised_host(),
+            slot_source=self._slot_bytes,
+            on_protected=self._notify,
+            report=self._inventory,
+            on_announced=self._announced,
+        )
         self.protector.start()
         self._loading.start()
         log.info("keeper %s of run %s listening on %s (pid %d)", self.keeper_id, self.rid, path, os.getpid())
@@ -134,7 +169,7 @@ class Keeper(RestoreAhead):
             while not self._stop.is_set():
                 try:
                     conn, _ = self._sock.accept()
-                except socket.timeout:
+                except TimeoutError:
                     self._check_idle()
                     self._check_hang()
                     continue
@@ -199,26 +234,38 @@ class Keeper(RestoreAhead):
             worth = self._worth_keeping()
             orphaned = bool(self.launchers) and not any(map(process_alive, self.launchers))
             if orphaned or (self.auto and not worth):
-                why = (f"the workers and their launcher (pid {', '.join(map(str, sorted(self.launchers)))}) are gone" if orphaned
-                       else "a worker started it and it holds nothing worth keeping")  # fmt: skip
+                why = (
+                    f"the workers and their launcher (pid {', '.join(map(str, sorted(self.launchers)))}) are gone"
+                    if orphaned
+                    else "a worker started it and it holds nothing worth keeping"
+                )
                 if idle > ORPHAN_GRACE_S:
                     log.info("%s: keeper frees %.3g GiB and exits", why, self._held_bytes() / 2**30)
                     self._stop.set()
                 return
             if not worth and self.ranks:
-                log.info("no worker connected and no complete snapshot: freeing %.3g GiB of empty slots", self._held_bytes() / 2**30)
+                log.info(
+                    "no worker connected and no complete snapshot: freeing %.3g GiB of empty slots",
+                    self._held_bytes() / 2**30,
+                )
                 for held in self.ranks.values():
                     free(held.slots)
                 self.ranks.clear()
             if idle > self.idle_timeout_s:
-                log.info("no worker for %.0f s (fault.keeper_lease_s): keeper frees %.3g GiB and exits", self.idle_timeout_s,
-                         self._held_bytes() / 2**30)  # fmt: skip
+                log.info(
+                    "no worker for %.0f s (fault.keeper_lease_s): keeper frees %.3g GiB and exits",
+                    self.idle_timeout_s,
+                    self._held_bytes() / 2**30,
+                )
                 self._stop.set()
             elif not self._idle_noted and worth:
                 self._idle_noted = True
-                log.info("no worker connected: holding %.3g GiB for a restart for up to %.0f s (fault.keeper_lease_s)%s",
-                         self._held_bytes() / 2**30, self.idle_timeout_s,
-                         f" while pid {', '.join(map(str, sorted(self.launchers)))} lives" if self.launchers else "")  # fmt: skip
+                log.info(
+                    "no worker connected: holding %.3g GiB for a restart for up to %.0f s (fault.keeper_lease_s)%s",
+                    self._held_bytes() / 2**30,
+                    self.idle_timeout_s,
+                    f" while pid {', '.join(map(str, sorted(self.launchers)))} lives" if self.launchers else "",
+                )
 
     def _check_hang(self) -> None:
         """End this node's ranks when one of them or a peer node hangs: the launcher restarts them and
@@ -233,8 +280,12 @@ class Keeper(RestoreAhead):
         if not pids:
             log.warning("%s; no rank of this node runs now", reason)
             return
-        log.error("%s: ending this node's ranks %s (pids %s) so that the launcher restarts them from memory",
-                  reason, sorted(pids), sorted(pids.values()))  # fmt: skip
+        log.error(
+            "%s: ending this node's ranks %s (pids %s) so that the launcher restarts them from memory",
+            reason,
+            sorted(pids),
+            sorted(pids.values()),
+        )
         for pid in pids.values():
             try:
                 os.kill(pid, signal.SIGKILL)  # a stopped process takes no other signal
@@ -244,7 +295,9 @@ class Keeper(RestoreAhead):
     def _worth_keeping(self) -> bool:
         """Whether anything here can serve a restart: a complete snapshot, a rebuilt rank, parity for peers."""
         held = [*self.ranks.values(), *self.rebuilt.values()]
-        return any(h.complete_steps() for h in held) or (self.protector is not None and self.protector.parity_bytes() > 0)
+        return any(h.complete_steps() for h in held) or (
+            self.protector is not None and self.protector.parity_bytes() > 0
+        )
 
     def _held_bytes(self) -> int:
         parity = self.protector.parity_bytes() if self.protector else 0
@@ -260,7 +313,10 @@ class Keeper(RestoreAhead):
                 try:
                     reply = {"ok": True, **self.handle(decode(line), conn)}
                 except (KeeperError, ValueError, KeyError, TypeError) as e:
-                    reply = {"ok": False, "error": f"{type(e).__name__}: {e}" if not isinstance(e, KeeperError) else str(e)}
+                    reply = {
+                        "ok": False,
+                        "error": f"{type(e).__name__}: {e}" if not isinstance(e, KeeperError) else str(e),
+                    }
                 stream.write(encode(reply))
                 stream.flush()
                 self._maybe_exit()
@@ -311,8 +367,13 @@ class Keeper(RestoreAhead):
 
     def _op_hello(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         address = self.protector.address if self.protector else None
-        return {"keeper_id": self.keeper_id, "pid": os.getpid(), "protocol": PROTOCOL_VERSION, "node": self.node,
-                "peer_address": address}  # fmt: skip
+        return {
+            "keeper_id": self.keeper_id,
+            "pid": os.getpid(),
+            "protocol": PROTOCOL_VERSION,
+            "node": self.node,
+            "peer_address": address,
+        }
 
     def _op_protect(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         """The running incarnation's erasure plan (sent by local rank 0 once all ranks agreed on it)."""
@@ -345,7 +406,9 @@ class Keeper(RestoreAhead):
             self._cond.wait(timeout=1.0)
         return self._inventory(**report_fields(msg))
 
-    def _inventory(self, *, compact: bool = False, ranks: list[int] | None = None, step: int | None = None) -> dict[str, Any]:
+    def _inventory(
+        self, *, compact: bool = False, ranks: list[int] | None = None, step: int | None = None
+    ) -> dict[str, Any]:
         """Every held rank's complete steps and layout digest (rebuilt ones too), plans, parity; unless
         `compact`, also each rank's layout and JSON states (only of `ranks`, and of `step`, when given).
         A restore agrees on a step from compact inventories, then asks only for the ranks it reads."""
@@ -355,13 +418,28 @@ class Keeper(RestoreAhead):
             ranks_json = {str(r): {"steps": h.complete_steps(), "digest": h.layout.digest} for r, h in held.items()}
             for r, h in held.items() if not compact else ():
                 steps = [s for s in h.slots if s.status == COMPLETE and step in (None, s.step)]
-                ranks_json[str(r)].update(layout=h.layout.to_json(), trees={str(s.step): s.tree for s in steps},
-                                          sums={str(s.step): s.checksums for s in steps})  # fmt: skip
+                ranks_json[str(r)].update(
+                    layout=h.layout.to_json(),
+                    trees={str(s.step): s.tree for s in steps},
+                    sums={str(s.step): s.checksums for s in steps},
+                )
             rebuilt = {str(r): round(self._rebuild_s[r], 3) for r in self.rebuilt if r not in self.ranks}
-            prefetched = {"mb": sum(s.nbytes for h in self.prefetched.values() for s, _ in h.pieces) / 1e6,
-                      "seconds": sum(h.seconds for h in self.prefetched.values())} if self.prefetched else {}  # fmt: skip
+            prefetched = (
+                {
+                    "mb": sum(s.nbytes for h in self.prefetched.values() for s, _ in h.pieces) / 1e6,
+                    "seconds": sum(h.seconds for h in self.prefetched.values()),
+                }
+                if self.prefetched
+                else {}
+            )
             reads = {str(r): dict(v) for r, v in self.reads.items()}
-        return {"ranks": ranks_json, "rebuilt": rebuilt, "prefetched": prefetched, "reads": reads, **(self.protector.inventory() if self.protector else {"node": self.node})}
+        return {
+            "ranks": ranks_json,
+            "rebuilt": rebuilt,
+            "prefetched": prefetched,
+            "reads": reads,
+            **(self.protector.inventory() if self.protector else {"node": self.node}),
+        }
 
     def _op_holdings(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         held = self.ranks.get(int(msg["rank"]))
@@ -375,11 +453,21 @@ class Keeper(RestoreAhead):
                 slot.pins += 1
                 conn.reads.append(slot)
             pieces = [{"segment": slot.segment.name, "spans": s.to_json()} for s, slot in prefetched.pieces]
-            return {"prefetched": pieces, "layout": prefetched.layout.to_json(), "tree": prefetched.tree, "checksums": prefetched.checksums}
+            return {
+                "prefetched": pieces,
+                "layout": prefetched.layout.to_json(),
+                "tree": prefetched.tree,
+                "checksums": prefetched.checksums,
+            }
         held, slot = self._complete(msg)
         slot.pins += 1
         conn.reads.append(slot)
-        return {"segment": slot.segment.name, "layout": held.layout.to_json(), "tree": slot.tree, "checksums": slot.checksums}
+        return {
+            "segment": slot.segment.name,
+            "layout": held.layout.to_json(),
+            "tree": slot.tree,
+            "checksums": slot.checksums,
+        }
 
     def _op_unpin(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         prefetched = self._prefetched(msg)
@@ -413,7 +501,9 @@ class Keeper(RestoreAhead):
             self.launchers.add(int(msg["launcher"]))
         if msg.get("lease_s") and float(msg["lease_s"]) != self.idle_timeout_s:
             self.idle_timeout_s = float(msg["lease_s"])
-            log.info("lease: snapshots are held for up to %.0f s without workers (fault.keeper_lease_s)", self.idle_timeout_s)
+            log.info(
+                "lease: snapshots are held for up to %.0f s without workers (fault.keeper_lease_s)", self.idle_timeout_s
+            )
         self.target = StoreTarget.from_json(msg["store"]) if msg.get("store") else None
         held = self.ranks.get(rank)
         if held is None or held.layout.digest != layout.digest:
@@ -507,7 +597,9 @@ class Keeper(RestoreAhead):
         """A rank registered here (or, with `rebuilt`, a lost node's rank rebuilt here)."""
         held = self._held(int(msg["rank"])) if rebuilt else self.ranks.get(int(msg["rank"]))
         if held is None:
-            raise KeeperError(f"rank {msg['rank']} is not registered with this keeper (it was restarted): register again")
+            raise KeeperError(
+                f"rank {msg['rank']} is not registered with this keeper (it was restarted): register again"
+            )
         return held
 
     def _held(self, rank: int) -> RankSlots | None:
@@ -519,7 +611,9 @@ class Keeper(RestoreAhead):
         held = self._rank(msg, rebuilt=True)
         slot = held.find(int(msg["step"]))
         if slot is None:
-            raise KeeperError(f"rank {held.rank} has no complete snapshot of step {msg['step']} (held: {held.complete_steps()})")
+            raise KeeperError(
+                f"rank {held.rank} has no complete snapshot of step {msg['step']} (held: {held.complete_steps()})"
+            )
         return held, slot
 
     def _current(self) -> list[RankSlots]:
@@ -555,9 +649,13 @@ class Keeper(RestoreAhead):
         if self._budget and sum(s.segment.size + need for s in held.slots) > per_rank:
             if held.rank not in self._shares_over_budget:  # snapshot slots come first: the holders can scale
                 self._shares_over_budget.add(held.rank)
-                log.warning("rank %d's scaled shares (%.3g GiB a slot) do not fit checkpoint.host_memory_gb=%.3g beside "
-                            "its snapshots: the holders scale them; raise it to let the workers scale", held.rank,
-                            need / 2**30, self._budget / 2**30)  # fmt: skip
+                log.warning(
+                    "rank %d's scaled shares (%.3g GiB a slot) do not fit checkpoint.host_memory_gb=%.3g beside "
+                    "its snapshots: the holders scale them; raise it to let the workers scale",
+                    held.rank,
+                    need / 2**30,
+                    self._budget / 2**30,
+                )
             return None
         try:
             segment = slot.share_space(lambda: self._name(held.rank, slot.index), need)
@@ -600,7 +698,9 @@ class Keeper(RestoreAhead):
             return
         ranks = {h.rank: (h.layout, s.segment.array()[: h.layout.nbytes], s.tree) for h, s in zip(current, slots)}
         sums = {h.rank: s.checksums for h, s in zip(current, slots)}
-        shares = {h.rank: (s.scaled, s.shares.array()) for h, s in zip(current, slots) if s.scaled and s.shares is not None}
+        shares = {
+            h.rank: (s.scaled, s.shares.array()) for h, s in zip(current, slots) if s.scaled and s.shares is not None
+        }
         for slot in slots:
             slot.pins += 1
 

@@ -41,7 +41,9 @@ class Segment:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            raise CheckpointError(f"shared memory segment {name} already exists: another keeper of this run is alive") from None
+            raise CheckpointError(
+                f"shared memory segment {name} already exists: another keeper of this run is alive"
+            ) from None
         try:
             os.fchmod(fd, 0o600)  # the umask cannot loosen it, but be explicit
             if size:

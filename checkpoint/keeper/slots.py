@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import StoreTarget
-
 from ..state.slot_layout import Entry, SlotLayout
+from .protocol import StoreTarget
 from .shm import Segment, unlink
 
 FREE, WRITING, COMPLETE = "free", "writing", "complete"
@@ -39,7 +38,14 @@ class Slot:
     checksums: list[int] | None = None  # crc32c of each piece of `step` (checksum.py), set when complete
 
     def reset(self, status: str = FREE, step: int = -1) -> None:
-        self.status, self.step, self.tree, self.persist, self.scaled, self.checksums = status, step, None, False, "", None
+        self.status, self.step, self.tree, self.persist, self.scaled, self.checksums = (
+            status,
+            step,
+            None,
+            False,
+            "",
+            None,
+        )
 
     def share_space(self, name: Callable[[], str], nbytes: int) -> Segment:
         """The segment for `nbytes` of scaled shares, made anew (named by `name()`) when too small."""

@@ -84,8 +84,10 @@ class HangWatch:
             for node, when in sorted(self._answered.items()):
                 if now - when > self.timeout_s and node not in self._reported:
                     self._reported.add(node)
-                    return (f"the keeper of {node} has not answered for {now - when:.0f} s (fault.hang_timeout_s="
-                            f"{self.timeout_s:g}): that node is dead or hung")  # fmt: skip
+                    return (
+                        f"the keeper of {node} has not answered for {now - when:.0f} s (fault.hang_timeout_s="
+                        f"{self.timeout_s:g}): that node is dead or hung"
+                    )
         return None
 
     def _ping_loop(self) -> None:

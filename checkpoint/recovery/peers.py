@@ -21,18 +21,19 @@ import numpy as np
 import torch
 
 from ..comm import Comm
-from ..erasure.share_site import decide_site
-from ..state.dtypes import as_numpy, dtype_name, storage_dtype, to_torch
-from ..errors import CheckpointError, PeerUnreachable
-from ..snapshot.capture import StateCapture
-from ..keeper.client import HeldSlots
-from ..keeper.protocol import Client, KeeperError, KeeperGone, run_id, socket_path
+from ..erasure.coding import ErasureSetup
 from ..erasure.peer_plan import Inventory, choose
 from ..erasure.peer_read import PeerReader, fill_targets, merged_trees
+from ..erasure.share_site import decide_site
 from ..erasure.wire import PeerError
-from ..erasure.coding import ErasureSetup
+from ..errors import CheckpointError, PeerUnreachable
+from ..keeper.client import HeldSlots
+from ..keeper.protocol import Client, KeeperError, KeeperGone, run_id, socket_path
+from ..snapshot.capture import StateCapture
+from ..state.dtypes import as_numpy, dtype_name, storage_dtype, to_torch
 
 log = logging.getLogger(__name__)
+
 
 def replica_sets(topology: Mapping[str, int], world_size: int) -> tuple[tuple[int, ...], ...]:
     """Ranks holding identical state: those that differ only in their dp_replicate coordinate.
@@ -60,15 +61,27 @@ def code_shape(nodes: int, *, data: str, parity: int, degrade: bool) -> tuple[in
     if not degrade or k + parity <= nodes and k >= 1:
         return k, parity
     m = min(parity, nodes - 1)
-    log.warning("%d nodes cannot hold k+m = %d+%d: coding with k=%d, m=%d until nodes come back",
-                nodes, k, parity, nodes - m, m)  # fmt: skip
+    log.warning(
+        "%d nodes cannot hold k+m = %d+%d: coding with k=%d, m=%d until nodes come back", nodes, k, parity, nodes - m, m
+    )
     return nodes - m, m
 
 
-def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, token: str, data: str,
-               parity: int, topology: Mapping[str, int], degrade: bool = False, every: int = 1,
-               max_mb_s: float = 0.0, encode: str = "auto",
-               device: torch.device | None = None) -> tuple[ErasureSetup | None, str]:  # fmt: skip
+def agree_plan(
+    *,
+    comm: Comm,
+    keeper: Callable[..., dict[str, Any]],
+    local_rank: int,
+    token: str,
+    data: str,
+    parity: int,
+    topology: Mapping[str, int],
+    degrade: bool = False,
+    every: int = 1,
+    max_mb_s: float = 0.0,
+    encode: str = "auto",
+    device: torch.device | None = None,
+) -> tuple[ErasureSetup | None, str]:
     """The erasure plan of this incarnation (None on one node), installed in every node's keeper, and
     the incarnation's secret, which keepers ask of whoever reads their memory. Where the shares are
     scaled (`encode`, encode_site.py) is decided on rank 0, on its device, for every node."""
@@ -92,10 +105,22 @@ def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank:
     if k < 1:
         raise ValueError(f"fault.erasure.parity={parity} leaves no data node among {len(nodes)} nodes; lower it")
     site, why = comm.all_gather(decide_site(encode, m=parity, device=device) if comm.rank == 0 else None)[0]
-    plan = ErasureSetup(token=token, created=created, secret=secret, nodes=tuple(nodes), ranks=ranks,
-                       replicas=replica_sets(topology, comm.world_size), k=k, m=parity, peers=peers,
-                       world_size=comm.world_size, topology=dict(topology), every=every, max_mb_s=max_mb_s,
-                       site=site)  # fmt: skip
+    plan = ErasureSetup(
+        token=token,
+        created=created,
+        secret=secret,
+        nodes=tuple(nodes),
+        ranks=ranks,
+        replicas=replica_sets(topology, comm.world_size),
+        k=k,
+        m=parity,
+        peers=peers,
+        world_size=comm.world_size,
+        topology=dict(topology),
+        every=every,
+        max_mb_s=max_mb_s,
+        site=site,
+    )
     plan.erasure()  # refuses a node count the code cannot use, on every rank alike
     reply = keeper("protect", plan=plan.to_json()) if local_rank == 0 else {}
     _check_reach(comm, keeper("reach") if local_rank == 0 else None)
@@ -110,11 +135,17 @@ def agree_plan(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank:
 def _check_reach(comm: Comm, mine: Mapping[str, Any] | None) -> None:
     """Every node's keeper reaches every other (collective): one clear error at start rather than a
     warning per step from the parity exchange."""
-    problems = [f"{r['node']} -> {peer} at {why}" for r in comm.all_gather(mine) if r for peer, why in sorted(r["unreachable"].items())]
+    problems = [
+        f"{r['node']} -> {peer} at {why}"
+        for r in comm.all_gather(mine)
+        if r
+        for peer, why in sorted(r["unreachable"].items())
+    ]
     if problems:
         raise PeerUnreachable(
-            "keepers cannot reach each other, so no node's memory can be protected:\n  " + "\n  ".join(problems) +
-            "\nset RESURGO_PEER_HOST on every node to an address the other nodes can reach (launch/multinode.sh "
+            "keepers cannot reach each other, so no node's memory can be protected:\n  "
+            + "\n  ".join(problems)
+            + "\nset RESURGO_PEER_HOST on every node to an address the other nodes can reach (launch/multinode.sh "
             "--peer-host), open that port range between the nodes, or set fault.erasure.parity=0"
         )
 
@@ -129,9 +160,18 @@ class PeerResume:
     lost: bool = False
 
 
-def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], local_rank: int, token: str, secret: str,
-                      capture: StateCapture, topology: Mapping[str, int], node: str | None = None,
-                      held: HeldSlots | None = None) -> PeerResume:  # fmt: skip
+def resume_from_peers(
+    *,
+    comm: Comm,
+    keeper: Callable[..., dict[str, Any]],
+    local_rank: int,
+    token: str,
+    secret: str,
+    capture: StateCapture,
+    topology: Mapping[str, int],
+    node: str | None = None,
+    held: HeldSlots | None = None,
+) -> PeerResume:
     """Load the newest step the surviving keepers can rebuild (collective); `held` reads `node`'s own
     keeper from shared memory: its slots, and the spans it fetched ahead (`prefetch_ahead`)."""
     start = time.perf_counter()
@@ -145,8 +185,15 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
         if comm.rank == 0 and protected:
             log.warning("peer memory cannot rebuild a step: %s", why)
         return PeerResume(None, why, lost=protected)
-    reader = PeerReader(chosen, inventories, secret=secret, node=node, local=held, prefetched=held.span if held else None,
-                        described=held.described if held else None)  # fmt: skip
+    reader = PeerReader(
+        chosen,
+        inventories,
+        secret=secret,
+        node=node,
+        local=held,
+        prefetched=held.span if held else None,
+        described=held.described if held else None,
+    )
     reads = inventories[node].data.get("reads", {}).get(str(comm.rank)) if node in inventories else None
     ranks = reads["ranks"] if reads and reads.get("step") == chosen.step else None  # as the prefetch planned them
     planned = time.perf_counter()
@@ -164,7 +211,10 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
                 buffers[name] = (fragment, as_numpy(tensor))
             else:
                 prefetched_on_host.append(name)
-                buffers[name] = (fragment, np.empty(fragment.local_shape, dtype=storage_dtype(dtype_name(tensor.dtype))))
+                buffers[name] = (
+                    fragment,
+                    np.empty(fragment.local_shape, dtype=storage_dtype(dtype_name(tensor.dtype))),
+                )
         fill_targets(reader, buffers, ranks=ranks)  # checks that every element was filled
         same = chosen.plan.world_size == comm.world_size and dict(chosen.plan.topology) == dict(topology)
         trees = merged_trees(reader, rank=comm.rank, same_topology=same, ranks=ranks)
@@ -182,22 +232,38 @@ def resume_from_peers(*, comm: Comm, keeper: Callable[..., dict[str, Any]], loca
     for name in prefetched_on_host:
         targets.tensors[name].copy_(to_torch(buffers[name][1], dtype_name(targets.tensors[name].dtype)))
     capture.load(targets, trees)
-    mine = {"local": reader.local_bytes / 1e6, "peers": reader.fetched / 1e6, "decoded": reader.decoded / 1e6,
-            "plan": planned - start, "templates": templated - planned, "read": read - templated,
-            "load": time.perf_counter() - read, "fetch": reader.fetch_s, "decode": reader.decode_s}  # fmt: skip
+    mine = {
+        "local": reader.local_bytes / 1e6,
+        "peers": reader.fetched / 1e6,
+        "decoded": reader.decoded / 1e6,
+        "plan": planned - start,
+        "templates": templated - planned,
+        "read": read - templated,
+        "load": time.perf_counter() - read,
+        "fetch": reader.fetch_s,
+        "decode": reader.decode_s,
+    }
     ranks = comm.all_gather(mine)
     total = {key: sum(r[key] for r in ranks) for key in ("local", "peers", "decoded")}
     slow = {key: max(r[key] for r in ranks) for key in mine}
-    ahead = [f"rank {s.via} by {s.node}'s keeper in {inventories[s.node].data['rebuilt'][str(s.via)]:.2f} s"
-             for s in chosen.sources.values() if s.kind == "held" and str(s.via) in inventories[s.node].data.get("rebuilt", {})]  # fmt: skip
+    ahead = [
+        f"rank {s.via} by {s.node}'s keeper in {inventories[s.node].data['rebuilt'][str(s.via)]:.2f} s"
+        for s in chosen.sources.values()
+        if s.kind == "held" and str(s.via) in inventories[s.node].data.get("rebuilt", {})
+    ]
     rebuilt = f"; rebuilt from peers' memory while the job restarted: {', '.join(ahead)}" if ahead else ""
-    fetched = [f"{inv.data['prefetched']['mb']:.1f} MB by {n}'s keeper in {inv.data['prefetched']['seconds']:.2f} s"
-               for n, inv in inventories.items() if inv.data.get("prefetched")]  # fmt: skip
+    fetched = [
+        f"{inv.data['prefetched']['mb']:.1f} MB by {n}'s keeper in {inv.data['prefetched']['seconds']:.2f} s"
+        for n, inv in inventories.items()
+        if inv.data.get("prefetched")
+    ]
     rebuilt += f"; prefetched from peers while the workers started: {', '.join(fetched)}" if fetched else ""
-    detail = (f"{chosen.describe()}{rebuilt}; {total['local']:.1f} MB copied from this node's keeper, {total['peers']:.1f} MB read "
-              f"from peers, {total['decoded']:.1f} MB of it decoded; slowest rank: plan {slow['plan']:.2f} s, templates "
-              f"{slow['templates']:.2f} s, read {slow['read']:.2f} s ({reader.threads} threads: fetch {slow['fetch']:.2f}, "
-              f"decode {slow['decode']:.2f} thread-s), load {slow['load']:.2f} s")  # fmt: skip
+    detail = (
+        f"{chosen.describe()}{rebuilt}; {total['local']:.1f} MB copied from this node's keeper, {total['peers']:.1f} MB read "
+        f"from peers, {total['decoded']:.1f} MB of it decoded; slowest rank: plan {slow['plan']:.2f} s, templates "
+        f"{slow['templates']:.2f} s, read {slow['read']:.2f} s ({reader.threads} threads: fetch {slow['fetch']:.2f}, "
+        f"decode {slow['decode']:.2f} thread-s), load {slow['load']:.2f} s"
+    )
     return PeerResume(chosen.step, detail)
 
 
@@ -225,7 +291,9 @@ def previous_topology(run_dir: Any, *, comm: Comm) -> dict[str, int] | None:
     from the one it resumes (`parallel.elastic`); None when no keeper answers or knows a plan.
     """
     newest = None
-    plans = [ErasureSetup.from_json(p) for p in _ask_keeper(run_dir, "inventory", wait=False, compact=True).get("plans", [])]
+    plans = [
+        ErasureSetup.from_json(p) for p in _ask_keeper(run_dir, "inventory", wait=False, compact=True).get("plans", [])
+    ]
     if plans:
         plan = max(plans, key=lambda p: p.created)
         newest = (plan.created, {**{k: int(v) for k, v in plan.topology.items()}, "world_size": plan.world_size})

@@ -1,6 +1,7 @@
 """How a run is protected and how it comes back: the hooks the trainer runs, and resume at start.
 
-`build_protection` wires the levels for one worker: memory snapshots every step held by the node's
+`Protection` wires the levels for one worker (the trainer builds it, handing over its states by
+name): memory snapshots every step held by the node's
 keeper (which also persists every `checkpoint.every`-th one), or, with `fault.keeper=off`, plain
 synchronous saves. `Protection.resume` (collective) restores the newest step every rank can rebuild
 from the cheapest place: the keeper's memory (same topology, plain copies, no disk), else the newest
@@ -20,21 +21,19 @@ from typing import Any
 
 import torch
 
-from resurgo.trainer.config import JobConfig
-
-from ..state import checksum
-from ..store import commit as commits
-from ..snapshot.capture import StateCapture
+from ..config import CheckpointConfig, FaultConfig
+from ..erasure.coding import ErasureSetup
+from ..errors import CheckpointError, NothingToResume, SaveFailed
 from ..keeper.client import EXTERNAL, OFF, HeldSlots, KeeperLink
 from ..keeper.protocol import Client, KeeperError, KeeperGone, StoreTarget, node_id
-from ..state.slot_layout import SlotLayout
-from ..errors import CheckpointError, NothingToResume, SaveFailed
-from ..store.checkpointer import Checkpointer, Stateful
-from .peers import agree_plan, resume_from_peers
-from ..erasure.coding import ErasureSetup
-from ..store.safetensors_io import load_safetensors
+from ..snapshot.capture import StateCapture
 from ..snapshot.engine import Registration, SnapshotEngine, slot_views
-from ..state.stateful import ModelState, OptimizerState
+from ..state import checksum
+from ..state.slot_layout import SlotLayout
+from ..store import commit as commits
+from ..store.checkpointer import Checkpointer, Stateful
+from ..store.safetensors_io import load_safetensors
+from .peers import agree_plan, resume_from_peers
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +41,6 @@ CONNECT_WAIT_S = 120.0  # a keeper starting on a busy node
 COMMIT_WAIT_S = 600.0  # longest the end of a run waits for its final checkpoint's commit
 COMMIT_POLL_S = 0.2
 BEAT_TIMEOUT_S = 10.0  # a keeper that takes longer to note a step is itself stuck: beat again next step
-
-
-def train_states(trainer: Any) -> dict[str, Stateful]:
-    """Everything a checkpoint of `trainer` holds, by key: the same keys in memory and on disk."""
-    parts = trainer.parts.modules
-    return {"model": ModelState(parts), "optim": OptimizerState(parts, trainer.optimizers), **trainer.states}
-
-
-def build_protection(cfg: JobConfig, *, trainer: Any, warmed: HeldSlots | None = None) -> Protection:
-    """The protection of one worker (collective: every rank calls it, before `resume`); `warmed`:
-    this node's memory mapped ahead for a restore from peers (`recovery.peers.prefetch_ahead`)."""
-    env = trainer.env
-    return Protection(
-        cfg, states=train_states(trainer), run_dir=Path(trainer.run_dir), rank=env.rank, local_rank=env.local_rank,
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), device=env.device, topology=trainer.dims.as_dict(),
-        warmed=warmed,
-    )  # fmt: skip
 
 
 def launcher_pid() -> int:
@@ -76,11 +58,25 @@ class Resumed:
 class Protection:
     """Hooks for the trainer (`hooks`), per-step numbers (`metrics()`), `resume()` at start, `close()` at the end."""
 
-    def __init__(self, cfg: JobConfig, *, states: Mapping[str, Stateful], run_dir: Path, rank: int, local_rank: int,
-                 local_world_size: int, device: torch.device, topology: Mapping[str, Any],
-                 warmed: HeldSlots | None = None) -> None:  # fmt: skip
-        ck = cfg.checkpoint
-        self.cfg, self.states, self.rank = cfg, dict(states), rank
+    def __init__(
+        self,
+        checkpoint: CheckpointConfig,
+        fault: FaultConfig,
+        *,
+        states: Mapping[str, Stateful],
+        run_dir: Path,
+        rank: int,
+        local_rank: int,
+        local_world_size: int,
+        device: torch.device,
+        topology: Mapping[str, Any],
+        warmed: HeldSlots | None = None,
+    ) -> None:
+        """Collective: every rank builds it before `resume`; `warmed` is this node's memory mapped
+        ahead for a restore from peers (`recovery.peers.prefetch_ahead`)."""
+        ck = self.checkpoint = checkpoint
+        self.fault = fault
+        self.states, self.rank = dict(states), rank
         self.root = Path(ck.dir) if ck.dir else run_dir / "checkpoints"
         self.run_dir = run_dir
         self.checkpointer = Checkpointer(ck, root=self.root, states=self.states, topology=topology)
@@ -96,46 +92,74 @@ class Protection:
         self.local_rank, self.topology = local_rank, dict(topology)
         self.warmed = warmed  # closed once resumed, whatever the source
         self.hooks: list[Any] = []
-        if cfg.fault.keeper == OFF or not (ck.snapshot_every or ck.every):
+        if fault.keeper == OFF or not (ck.snapshot_every or ck.every):
             if ck.every:
                 self.hooks.append(SyncSave(self.checkpointer))
             return
-        self.link = KeeperLink(run_dir=run_dir, mode=cfg.fault.keeper, local_rank=local_rank,
-                               keeper_args=["--auto", "--idle-timeout", str(cfg.fault.keeper_lease_s)])
+        self.link = KeeperLink(
+            run_dir=run_dir,
+            mode=fault.keeper,
+            local_rank=local_rank,
+            keeper_args=["--auto", "--idle-timeout", str(fault.keeper_lease_s)],
+        )
         # auto: local rank 0 starts a keeper if none runs (it answers within a second, long before
         # it has loaded the store code); external: the launch script promised one.
         if not self.link.connect(wait_s=CONNECT_WAIT_S):
-            if cfg.fault.keeper == EXTERNAL:
+            if fault.keeper == EXTERNAL:
                 raise ValueError(
                     f"fault.keeper=external but no keeper answers at {self.link.path}: start "
                     f"`resurgo-keeper --run-dir {run_dir}` on every node before the workers, or use fault.keeper=auto"
                 )
-            log.warning("no keeper answered within %.0f s; training goes on, snapshots start when one does", CONNECT_WAIT_S)
+            log.warning(
+                "no keeper answered within %.0f s; training goes on, snapshots start when one does", CONNECT_WAIT_S
+            )
         store = None
         if ck.every:
-            store = StoreTarget(str(self.root.absolute()), ck.keep, ck.compression, dict(topology), self.comm.world_size, self.token)
+            store = StoreTarget(
+                str(self.root.absolute()), ck.keep, ck.compression, dict(topology), self.comm.world_size, self.token
+            )
         registration = Registration(
-            rank=rank, local_world_size=local_world_size, world_size=self.comm.world_size, token=self.token, store=store,
-            host_memory_bytes=int(ck.host_memory_gb * 2**30), launcher=launcher_pid(), lease_s=cfg.fault.keeper_lease_s,
-            hang_timeout_s=cfg.fault.hang_timeout_s,
-        )  # fmt: skip
+            rank=rank,
+            local_world_size=local_world_size,
+            world_size=self.comm.world_size,
+            token=self.token,
+            store=store,
+            host_memory_bytes=int(ck.host_memory_gb * 2**30),
+            launcher=launcher_pid(),
+            lease_s=fault.keeper_lease_s,
+            hang_timeout_s=fault.hang_timeout_s,
+        )
         self.capture = StateCapture(self.states, rank=rank)
         # The state's layout, and with it the optimizer's state (created by a zero step), exist from the
         # start: a resume then only fills them, and the first snapshot finds them ready.
         self.capture.current_layout()
         self.engine = SnapshotEngine(
-            capture=self.capture, link=self.link, registration=registration, every=ck.snapshot_every,
-            persist_every=ck.every, device=device,
-        )  # fmt: skip
+            capture=self.capture,
+            link=self.link,
+            registration=registration,
+            every=ck.snapshot_every,
+            persist_every=ck.every,
+            device=device,
+        )
         self.hooks.append(self.engine)
-        if cfg.fault.hang_timeout_s:
+        if fault.hang_timeout_s:
             self.hooks.append(ProgressBeat(self.link.path, rank=rank))
-        erasure = cfg.fault.erasure
+        erasure = fault.erasure
         if erasure.parity > 0:
-            self.plan, self.secret = agree_plan(comm=self.comm, keeper=self._keeper, local_rank=local_rank, token=self.token,
-                                   data=erasure.data, parity=erasure.parity, topology=self.topology,
-                                   degrade=self.restarted, every=erasure.every,
-                                   max_mb_s=erasure.max_mb_s, encode=erasure.encode, device=device)  # fmt: skip
+            self.plan, self.secret = agree_plan(
+                comm=self.comm,
+                keeper=self._keeper,
+                local_rank=local_rank,
+                token=self.token,
+                data=erasure.data,
+                parity=erasure.parity,
+                topology=self.topology,
+                degrade=self.restarted,
+                every=erasure.every,
+                max_mb_s=erasure.max_mb_s,
+                encode=erasure.encode,
+                device=device,
+            )
 
     def metrics(self) -> dict[str, float]:
         return self.engine.stats.metrics() if self.engine is not None else {}
@@ -146,7 +170,7 @@ class Protection:
         """Restore the newest step every rank can rebuild (collective); logs the source on rank 0."""
         self.comm.all_gather(None)  # the logged time is the restore's, not the wait for the slowest rank's start-up
         start = time.perf_counter()
-        spec = self.cfg.checkpoint.resume
+        spec = self.checkpoint.resume
         # After a restart the run's own progress is newer than whatever checkpoint.resume names.
         restarted = self.restarted
         result = None
@@ -163,18 +187,29 @@ class Protection:
                 f"checkpoint is under {self.root}: refusing to start fresh. Bring back the lost nodes, or restart "
                 "with checkpoint.resume=none to start over deliberately (set checkpoint.every to protect on disk too)"
             )
-        if result is None and self.cfg.checkpoint.init_from:
-            result = self._from_safetensors(Path(self.cfg.checkpoint.init_from))
+        if result is None and self.checkpoint.init_from:
+            result = self._from_safetensors(Path(self.checkpoint.init_from))
         if result is None:
-            result = Resumed("fresh", 0, "nothing in memory or on disk" if restarted or spec == "latest" else "checkpoint.resume=none")
+            result = Resumed(
+                "fresh",
+                0,
+                "nothing in memory or on disk" if restarted or spec == "latest" else "checkpoint.resume=none",
+            )
         if self.engine is not None:
             self.capture.invalidate()
             self.engine.registration = replace(self.engine.registration, resumed_from=result.step)
             self.engine.stats.copied = result.step if result.source == "memory" else -1
         if self.rank == 0:
-            where = {"memory": "from keeper memory", "peers": "from peer keepers' memory", "disk": "from disk", "fresh": "fresh start",
-                     "safetensors": "weights from safetensors, fresh optimizer"}[result.source]
-            log.info("resume: %s at step %d (%s) in %.3f s", where, result.step, result.detail, time.perf_counter() - start)
+            where = {
+                "memory": "from keeper memory",
+                "peers": "from peer keepers' memory",
+                "disk": "from disk",
+                "fresh": "fresh start",
+                "safetensors": "weights from safetensors, fresh optimizer",
+            }[result.source]
+            log.info(
+                "resume: %s at step %d (%s) in %.3f s", where, result.step, result.detail, time.perf_counter() - start
+            )
         return result
 
     def _from_safetensors(self, source: Path) -> Resumed:
@@ -225,7 +260,9 @@ class Protection:
             layout = SlotLayout.from_json(reply["layout"])
             current = self.capture.current_layout()
             if layout.digest != current.digest:
-                raise KeeperError(f"rank {self.rank}'s snapshot layout differs from its state now (the topology or model changed)")
+                raise KeeperError(
+                    f"rank {self.rank}'s snapshot layout differs from its state now (the topology or model changed)"
+                )
             segment = self.link.map([reply["segment"]])[0]
             if reply.get("checksums") is not None:
                 what = f"rank {self.rank}'s snapshot of step {step} in its keeper's memory"
@@ -244,9 +281,17 @@ class Protection:
         if held is None and self.link is not None and self.link.client is not None:
             held = HeldSlots(self.link)
         try:
-            found = resume_from_peers(comm=self.comm, keeper=self._keeper, local_rank=self.local_rank, token=self.token,
-                                      secret=self.secret, capture=self.capture, topology=self.topology, node=node_id(),
-                                      held=held)  # fmt: skip
+            found = resume_from_peers(
+                comm=self.comm,
+                keeper=self._keeper,
+                local_rank=self.local_rank,
+                token=self.token,
+                secret=self.secret,
+                capture=self.capture,
+                topology=self.topology,
+                node=node_id(),
+                held=held,
+            )
         finally:
             if held is not None:
                 held.close_soon()
@@ -260,7 +305,11 @@ class Protection:
         if found is None:
             return None
         step, path, skipped = found
-        why = f"memory cannot rebuild a step: {self._peer_loss}" if self._peer_loss else "no step held in memory by every rank"
+        why = (
+            f"memory cannot rebuild a step: {self._peer_loss}"
+            if self._peer_loss
+            else "no step held in memory by every rank"
+        )
         damaged = f"; skipped {', '.join(skipped)}" if skipped else ""
         return Resumed("disk", step, f"{path}; {why}{damaged}")
 
@@ -289,7 +338,7 @@ class Protection:
         engine = self.engine
         engine.fence()
         try:
-            if ok and self.cfg.checkpoint.every and step > 0:
+            if ok and self.checkpoint.every and step > 0:
                 if self.link.client is None:  # a lost keeper: the end of the run must still be persisted
                     self.link.connect(wait_s=CONNECT_WAIT_S)
                 if engine.stats.copied != step:
@@ -299,7 +348,7 @@ class Protection:
                     self._keeper("persist", step=step)
             if ok:
                 engine.update_status(self._keeper("finish"))
-                if self.cfg.checkpoint.every and step > 0:
+                if self.checkpoint.every and step > 0:
                     self._await_commit(step)
         finally:
             engine.close()
@@ -332,8 +381,10 @@ class Protection:
     def _await_commit_on_disk(self, step: int, *, deadline: float, why: str) -> None:
         while not any(done == step for done, _ in commits.committed(self.root)):
             if time.monotonic() > deadline:
-                raise SaveFailed(f"the keeper stopped ({why}) and the final checkpoint (step {step}) was not committed under "
-                                 f"{self.root} within {COMMIT_WAIT_S:.0f} s: see the keepers' logs in {self.run_dir}")  # fmt: skip
+                raise SaveFailed(
+                    f"the keeper stopped ({why}) and the final checkpoint (step {step}) was not committed under "
+                    f"{self.root} within {COMMIT_WAIT_S:.0f} s: see the keepers' logs in {self.run_dir}"
+                )
             time.sleep(COMMIT_POLL_S)
 
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from ..state.dtypes import dtype_name
 from ..errors import CheckpointError
+from ..state.dtypes import dtype_name
 from ..state.flatten import TENSOR, flatten, restore
-from ..state.slot_layout import SlotLayout
 from ..state.layout import Fragment, fragment_of, local_data
+from ..state.slot_layout import SlotLayout
 from ..state.stateful import ModelState, OptimizerState
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,15 @@ class StateCapture:
         self.states, self.rank = dict(states), rank
         self.layout: SlotLayout | None = None
         self._sources: list[_Source] = []
-        self._trees: dict[str, Callable[[dict[str, Any]], Any]] = {}  # key -> tree, given the volatile keys' fresh trees
+        self._trees: dict[
+            str, Callable[[dict[str, Any]], Any]
+        ] = {}  # key -> tree, given the volatile keys' fresh trees
         self._volatile: list[str] = []  # keys whose state_dict() runs every take
         self._checks: list[Callable[[], bool]] = []
         self._fragments: dict[str, Fragment] = {}
-        self._in_place: dict[str, Callable[[Any], None]] = {}  # key -> loads its tree's JSON, its tensors filled in place
+        self._in_place: dict[
+            str, Callable[[Any], None]
+        ] = {}  # key -> loads its tree's JSON, its tensors filled in place
 
     def invalidate(self) -> None:
         """Forget the captured references (call after anything replaced parameters or optimizer state)."""
@@ -146,7 +150,15 @@ class StateCapture:
             for name, tensor in tensors.items():
                 local = local_data(tensor)
                 fragment = self._fragments[name] = fragment_of(name, tensor, rank=self.rank)
-                specs.append((name, dtype_name(local.dtype), tuple(local.shape), local.numel() * local.element_size(), fragment.to_json()))
+                specs.append(
+                    (
+                        name,
+                        dtype_name(local.dtype),
+                        tuple(local.shape),
+                        local.numel() * local.element_size(),
+                        fragment.to_json(),
+                    )
+                )
         order = {s.name: i for i, s in enumerate(self._sources)}
         specs.sort(key=lambda spec: order[spec[0]])
         self.layout = SlotLayout.build(specs)
@@ -154,22 +166,33 @@ class StateCapture:
     def _volatile_state(self, key: str, tensors: Mapping[str, torch.Tensor]):
         if tensors:
             self._volatile.append(key)
-            log.info("state %r is read with state_dict() and its tensors copied at every snapshot: they are not "
-                     "parameters or optimizer state, so they may change during forward", key)  # fmt: skip
+            log.info(
+                "state %r is read with state_dict() and its tensors copied at every snapshot: they are not "
+                "parameters or optimizer state, so they may change during forward",
+                key,
+            )
             return [_Source(n, _missing(n), eager=True) for n in tensors], lambda fresh_trees: fresh_trees[key]
         state = self.states[key]
 
         def build(_: dict[str, Any]) -> Any:
             got, tree = flatten(key, state.state_dict())
             if got:
-                raise CheckpointError(f"state {key!r} returned tensors after returning none: snapshots need a fixed set of tensors")
+                raise CheckpointError(
+                    f"state {key!r} returned tensors after returning none: snapshots need a fixed set of tensors"
+                )
             return tree
 
         return [], build
 
     def _model(self, state: ModelState, tensors: Mapping[str, torch.Tensor], tree: Any):
         params = {_identity(p): p for part in state.parts for p in part.parameters()}
-        buffers = {_identity(b): (m, n) for part in state.parts for m in part.modules() for n, b in m.named_buffers(recurse=False) if b is not None}
+        buffers = {
+            _identity(b): (m, n)
+            for part in state.parts
+            for m in part.modules()
+            for n, b in m.named_buffers(recurse=False)
+            if b is not None
+        }
         sources = []
         for name, tensor in tensors.items():
             ident = _identity(tensor)
@@ -205,7 +228,9 @@ class StateCapture:
             refs = [v[TENSOR] for v in fields.values() if isinstance(v, dict) and TENSOR in v]
             if refs:
                 group_of[fqn] = by_name[refs[0]]
-        groups = lambda: {(oi, gi): _group_json(g) for oi, o in enumerate(state.optimizers) for gi, g in enumerate(o.param_groups)}
+        groups = lambda: {
+            (oi, gi): _group_json(g) for oi, o in enumerate(state.optimizers) for gi, g in enumerate(o.param_groups)
+        }
         current = groups()
         for fqn, fields in tree.get("param_groups", {}).items():
             if fqn not in group_of:
@@ -260,6 +285,8 @@ def _const(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
 
 def _missing(name: str) -> Callable[[], torch.Tensor]:
     def get() -> torch.Tensor:
-        raise CheckpointError(f"tensor {name!r} disappeared from its state between snapshots: snapshots need a fixed set of tensors")
+        raise CheckpointError(
+            f"tensor {name!r} disappeared from its state between snapshots: snapshots need a fixed set of tensors"
+        )
 
     return get

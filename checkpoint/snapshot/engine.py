@@ -16,23 +16,22 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ..state import checksum
-
 from ..erasure import code as erasure
-from .capture import Captured, StateCapture
+from ..erasure.coding import ShareRecipe
 from ..errors import SaveFailed
 from ..keeper.client import KeeperLink
 from ..keeper.protocol import KeeperGone, StoreTarget
-from ..state.slot_layout import SlotLayout
-from ..erasure.coding import ShareRecipe
 from ..keeper.shm import Segment
+from ..state import checksum
+from ..state.slot_layout import SlotLayout
+from .capture import Captured, StateCapture
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +49,25 @@ class Registration:
     resumed_from: int = 0  # the step this incarnation started from: held snapshots of later steps are stale
     launcher: int = 0  # the process that can restart this worker (its torchrun agent, else itself)
     lease_s: float = 0.0  # how long the keeper holds snapshots without workers while the launcher lives; 0: its own
-    hang_timeout_s: float = 0.0  # a rank without a finished step for this long is hung: the keeper ends the node's ranks
+    hang_timeout_s: float = (
+        0.0  # a rank without a finished step for this long is hung: the keeper ends the node's ranks
+    )
 
     def message(self, layout: SlotLayout) -> dict[str, Any]:
         return {
-            "rank": self.rank, "local_world_size": self.local_world_size, "world_size": self.world_size,
-            "token": self.token, "store": self.store.to_json() if self.store else None,
-            "host_memory_bytes": self.host_memory_bytes, "resumed_from": self.resumed_from, "layout": layout.to_json(),
-            "launcher": self.launcher, "lease_s": self.lease_s, "pid": os.getpid(), "hang_timeout_s": self.hang_timeout_s,
-        }  # fmt: skip
+            "rank": self.rank,
+            "local_world_size": self.local_world_size,
+            "world_size": self.world_size,
+            "token": self.token,
+            "store": self.store.to_json() if self.store else None,
+            "host_memory_bytes": self.host_memory_bytes,
+            "resumed_from": self.resumed_from,
+            "layout": layout.to_json(),
+            "launcher": self.launcher,
+            "lease_s": self.lease_s,
+            "pid": os.getpid(),
+            "hang_timeout_s": self.hang_timeout_s,
+        }
 
 
 @dataclass
@@ -101,8 +110,16 @@ class SnapshotStats:
 class SnapshotEngine:
     """The StepHook: snapshot every `every` steps (and every `persist_every`-th, which the keeper persists)."""
 
-    def __init__(self, *, capture: StateCapture, link: KeeperLink, registration: Registration, every: int = 1,
-                 persist_every: int = 0, device: torch.device | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        capture: StateCapture,
+        link: KeeperLink,
+        registration: Registration,
+        every: int = 1,
+        persist_every: int = 0,
+        device: torch.device | None = None,
+    ) -> None:
         if every < 0 or persist_every < 0:
             raise ValueError("checkpoint.snapshot_every and checkpoint.every must be >= 0")
         self.capture, self.link, self.registration = capture, link, registration
@@ -199,8 +216,18 @@ class SnapshotEngine:
         except BaseException:
             self.link.request("abort", rank=rank, slot=slot)
             raise
-        self.update_status(self.link.request("complete", rank=rank, slot=slot, step=step, tree=captured.tree, persist=persist,
-                                             scaled=shares.recipe.token if shares else "", checksums=sums))  # fmt: skip
+        self.update_status(
+            self.link.request(
+                "complete",
+                rank=rank,
+                slot=slot,
+                step=step,
+                tree=captured.tree,
+                persist=persist,
+                scaled=shares.recipe.token if shares else "",
+                checksums=sums,
+            )
+        )
         self.stats.copied = step
 
     def _shares(self, slot: int, where: dict[str, Any] | None) -> Shares | None:
@@ -210,7 +237,9 @@ class SnapshotEngine:
         (segment,) = self.link.map([where["segment"]])
         layout = self.capture.layout
         assert layout is not None
-        return Shares(ShareRecipe.from_json(where["recipe"]), torch.from_numpy(segment.array()), self._slots[slot], layout)
+        return Shares(
+            ShareRecipe.from_json(where["recipe"]), torch.from_numpy(segment.array()), self._slots[slot], layout
+        )
 
     def _ensure_registered(self) -> bool:
         """Connected and registered with the current layout; local rank 0 restarts a lost keeper."""
@@ -226,8 +255,12 @@ class SnapshotEngine:
             self._registered = (self.link.keeper_id, layout.digest)
             self.update_status(reply)
             if self._lost_since is not None:
-                log.warning("rank %d: memory snapshots resume with keeper %s at step %d", self.registration.rank,
-                            self.link.keeper_id, self.stats.step)  # fmt: skip
+                log.warning(
+                    "rank %d: memory snapshots resume with keeper %s at step %d",
+                    self.registration.rank,
+                    self.link.keeper_id,
+                    self.stats.step,
+                )
                 self._lost_since = None
         return True
 
@@ -237,9 +270,13 @@ class SnapshotEngine:
             what = "starting a new one" if self.link.may_start else "snapshots resume when a new one answers"
             log.warning(
                 "rank %d: the keeper of this node is gone (%s): memory snapshots up to step %d were lost; the newest "
-                "committed checkpoint is step %d; %s", self.registration.rank, error, self.stats.copied,
-                self.stats.committed, what,
-            )  # fmt: skip
+                "committed checkpoint is step %d; %s",
+                self.registration.rank,
+                error,
+                self.stats.copied,
+                self.stats.committed,
+                what,
+            )
         self._registered = None
         self.stats.copied = -1
 
@@ -278,7 +315,9 @@ class HostCopier:
     def mark(self) -> None:
         return None
 
-    def copy(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], ready: None, *, shares: Shares | None = None) -> None:
+    def copy(
+        self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], ready: None, *, shares: Shares | None = None
+    ) -> None:
         for d, s in zip(dst, src, strict=True):
             if d.numel():
                 d.copy_(s)
@@ -299,8 +338,14 @@ class CudaCopier:
         event.record(torch.cuda.current_stream(self.device))
         return event
 
-    def copy(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], ready: torch.cuda.Event, *,
-             shares: Shares | None = None) -> None:  # fmt: skip
+    def copy(
+        self,
+        dst: Sequence[torch.Tensor],
+        src: Sequence[torch.Tensor],
+        ready: torch.cuda.Event,
+        *,
+        shares: Shares | None = None,
+    ) -> None:
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
             for d, s in zip(dst, src, strict=True):
@@ -362,4 +407,3 @@ class _Background:
                 future.set_result(None)
             except BaseException as e:
                 future.set_exception(e)
-

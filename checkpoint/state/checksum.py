@@ -33,9 +33,11 @@ def pieces(layout: SlotLayout) -> list[tuple[int, int, str]]:
     """(offset, bytes, tensor name) of every checked piece of a slot laid out as `layout`, in slot order."""
     found = _PIECES.get(layout.digest)
     if found is None:
-        found = _PIECES[layout.digest] = [(e.offset + a, min(PIECE_BYTES, e.nbytes - a), e.name)
-                                          for e in sorted(layout.entries, key=lambda e: e.offset)
-                                          for a in range(0, e.nbytes, PIECE_BYTES)]  # fmt: skip
+        found = _PIECES[layout.digest] = [
+            (e.offset + a, min(PIECE_BYTES, e.nbytes - a), e.name)
+            for e in sorted(layout.entries, key=lambda e: e.offset)
+            for a in range(0, e.nbytes, PIECE_BYTES)
+        ]
     return found
 
 
@@ -46,10 +48,14 @@ def checksums(slot: np.ndarray, layout: SlotLayout) -> list[int]:
 
 def verify(slot: np.ndarray, layout: SlotLayout, sums: Sequence[int], *, what: str) -> None:
     """Raise ChecksumMismatch naming the tensors of `slot` whose bytes differ from `sums`."""
-    bad = sorted({name for (a, n, name), s in zip(pieces(layout), sums, strict=True) if crc32c.crc32c(slot[a : a + n]) != s})
+    bad = sorted(
+        {name for (a, n, name), s in zip(pieces(layout), sums, strict=True) if crc32c.crc32c(slot[a : a + n]) != s}
+    )
     if bad:
-        raise ChecksumMismatch(f"{what}: checksum mismatch in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: "
-                               "the memory holding it or the network corrupted it")  # fmt: skip
+        raise ChecksumMismatch(
+            f"{what}: checksum mismatch in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: "
+            "the memory holding it or the network corrupted it"
+        )
 
 
 def covering(layout: SlotLayout, offset: int, nbytes: int) -> tuple[int, int, list[int]]:

@@ -12,11 +12,21 @@ import torch
 from ..errors import CheckpointError
 
 _NATIVE = {
-    "float64": "<f8", "float32": "<f4", "float16": "<f2",
-    "int64": "<i8", "int32": "<i4", "int16": "<i2", "int8": "|i1",
-    "uint8": "|u1", "uint16": "<u2", "uint32": "<u4", "uint64": "<u8",
-    "bool": "|b1", "complex64": "<c8", "complex128": "<c16",
-}  # fmt: skip
+    "float64": "<f8",
+    "float32": "<f4",
+    "float16": "<f2",
+    "int64": "<i8",
+    "int32": "<i4",
+    "int16": "<i2",
+    "int8": "|i1",
+    "uint8": "|u1",
+    "uint16": "<u2",
+    "uint32": "<u4",
+    "uint64": "<u8",
+    "bool": "|b1",
+    "complex64": "<c8",
+    "complex128": "<c16",
+}
 _BITS = {
     "bfloat16": ("<u2", torch.uint16),
     "float8_e4m3fn": ("|u1", torch.uint8),

@@ -85,7 +85,14 @@ def merge_trees(trees: list[Any]) -> Any:
 
 
 def _union(a: Any, b: Any) -> Any:
-    if isinstance(a, dict) and isinstance(b, dict) and TENSOR not in a and ITEMS not in a and TENSOR not in b and ITEMS not in b:
+    if (
+        isinstance(a, dict)
+        and isinstance(b, dict)
+        and TENSOR not in a
+        and ITEMS not in a
+        and TENSOR not in b
+        and ITEMS not in b
+    ):
         return {**b, **{k: _union(v, b[k]) if k in b else v for k, v in a.items()}}
     return a
 
@@ -99,7 +106,9 @@ def _walk(path: str, obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
             return {k: _walk(_join(path, k), v, tensors) for k, v in obj.items()}
         if all(isinstance(k, (str, int, bool, float)) or k is None for k in obj):
             return {ITEMS: [[k, _walk(_join(path, str(k)), v, tensors)] for k, v in obj.items()]}
-        raise CheckpointError(f"state {path!r} has dict keys {list(obj)[:5]}: only str/int/float/bool keys are storable")
+        raise CheckpointError(
+            f"state {path!r} has dict keys {list(obj)[:5]}: only str/int/float/bool keys are storable"
+        )
     if isinstance(obj, (list, tuple)):
         return [_walk(_join(path, str(i)), v, tensors) for i, v in enumerate(obj)]
     if obj is None or isinstance(obj, (bool, int, float, str)):

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .dtypes import dtype_name
 from ..errors import CheckpointError
+from .dtypes import dtype_name
 
 Segment = tuple[int, int]  # [start, stop) in global indices along one dim
 
@@ -138,7 +138,9 @@ class TensorLayout:
             )
         for p in self.placements:
             if p.kind != "replicate" and not 0 <= p.dim < len(self.shape):
-                raise CheckpointError(f"tensor {self.name!r}: placement {p} names dim {p.dim} of a {len(self.shape)}-d tensor")
+                raise CheckpointError(
+                    f"tensor {self.name!r}: placement {p} names dim {p.dim} of a {len(self.shape)}-d tensor"
+                )
             if p.split_factor < 1:
                 raise CheckpointError(f"tensor {self.name!r}: split_factor must be >= 1, got {p}")
 
@@ -209,7 +211,11 @@ class Fragment:
         return [box for box, _ in self.pieces()]
 
     def to_json(self) -> dict[str, Any]:
-        return {"rank": self.rank, "layout": self.layout.to_json(), "segments": [[list(s) for s in segs] for segs in self.segments]}
+        return {
+            "rank": self.rank,
+            "layout": self.layout.to_json(),
+            "segments": [[list(s) for s in segs] for segs in self.segments],
+        }
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> Fragment:

@@ -27,13 +27,25 @@ class Entry:
     fragment: dict[str, Any]  # layout.Fragment.to_json(): where this local data sits in the global tensor
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "offset": self.offset,
-                "nbytes": self.nbytes, "fragment": self.fragment}  # fmt: skip
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+            "fragment": self.fragment,
+        }
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> Entry:
-        return Entry(str(data["name"]), str(data["dtype"]), tuple(int(x) for x in data["shape"]), int(data["offset"]),
-                     int(data["nbytes"]), dict(data["fragment"]))  # fmt: skip
+        return Entry(
+            str(data["name"]),
+            str(data["dtype"]),
+            tuple(int(x) for x in data["shape"]),
+            int(data["offset"]),
+            int(data["nbytes"]),
+            dict(data["fragment"]),
+        )
 
 
 @dataclass(frozen=True)

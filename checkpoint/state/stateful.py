@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -21,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from ..errors import CheckpointError
 
@@ -44,7 +44,9 @@ class ModelState:
             sd = get_model_state_dict(part)
             clash = out.keys() & sd.keys()
             if clash:
-                raise CheckpointError(f"model parts on this rank share names {sorted(clash)[:5]}: each FQN must live in one part")
+                raise CheckpointError(
+                    f"model parts on this rank share names {sorted(clash)[:5]}: each FQN must live in one part"
+                )
             out.update(sd)
         return out
 
@@ -52,7 +54,9 @@ class ModelState:
         for part in self.parts:
             current = get_model_state_dict(part)
             # A tensor a restore filled in place (in the parameter's own memory) needs no copy onto itself.
-            todo = {k: state_dict[k] for k in current if k in state_dict and not _same_memory(state_dict[k], current[k])}
+            todo = {
+                k: state_dict[k] for k in current if k in state_dict and not _same_memory(state_dict[k], current[k])
+            }
             if todo:
                 set_model_state_dict(part, todo, options=StateDictOptions(strict=False))
 
@@ -60,11 +64,17 @@ class ModelState:
 class OptimizerState:
     """Optimizer state of every model part, one optimizer per part, keyed by parameter FQN."""
 
-    def __init__(self, model_parts: nn.Module | Sequence[nn.Module], optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer]) -> None:
+    def __init__(
+        self,
+        model_parts: nn.Module | Sequence[nn.Module],
+        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    ) -> None:
         self.parts = _parts(model_parts)
         self.optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
         if len(self.parts) != len(self.optimizers):
-            raise CheckpointError(f"{len(self.parts)} model parts but {len(self.optimizers)} optimizers: pass one optimizer per part")
+            raise CheckpointError(
+                f"{len(self.parts)} model parts but {len(self.optimizers)} optimizers: pass one optimizer per part"
+            )
         self._fqns: list[frozenset[str]] | None = None
 
     def state_dict(self) -> dict[str, dict[str, dict[str, Any]]]:
@@ -98,5 +108,12 @@ class OptimizerState:
 def _same_memory(a: Any, b: Any) -> bool:
     """Whether two tensors (or DTensors) view the very same elements."""
     a, b = (t.to_local() if isinstance(t, DTensor) else t for t in (a, b))
-    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.device == b.device and a.dtype == b.dtype
-            and a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())  # fmt: skip
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.device == b.device
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )

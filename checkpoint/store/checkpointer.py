@@ -18,19 +18,18 @@ from typing import Any, Protocol
 
 import torch
 
-from resurgo.trainer.config import CheckpointConfig
-
-from . import commit as commits
 from ..comm import Comm, raise_failures
-from ..state.dtypes import dtype_name, is_floating
+from ..config import CheckpointConfig
 from ..errors import CheckpointError, join_problems
+from ..state.dtypes import dtype_name, is_floating
 from ..state.flatten import flatten, merge_trees, restore, state_templates
-from .grid import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES
 from ..state.layout import Fragment, fragment_of, local_data
-from .metadata import CheckpointMeta, StateTrees
-from .save_plan import plan_save
-from .reader import Checkpoint, check
 from ..state.stateful import OptimizerState
+from . import commit as commits
+from .grid import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES
+from .metadata import CheckpointMeta, StateTrees
+from .reader import Checkpoint, check
+from .save_plan import plan_save
 from .writer import DEFAULT_IO_THREADS, HostFragment, create_arrays, write_fragments
 
 log = logging.getLogger(__name__)
@@ -102,11 +101,20 @@ class Checkpointer:
         directory = commits.tmp_dir(self.root, step, token)
         try:
             comm.agree(error, action=f"saving step {step}")
-            nbytes = _attempt(lambda: write_fragments(directory, plan, rank=rank, sources=host, threads=self.io_threads, progress=self.progress))
+            nbytes = _attempt(
+                lambda: write_fragments(
+                    directory, plan, rank=rank, sources=host, threads=self.io_threads, progress=self.progress
+                )
+            )
             comm.agree(nbytes if isinstance(nbytes, str) else None, action=f"saving step {step}")
             error = None
             if rank == 0:
-                meta = CheckpointMeta.from_plan(plan, step=step, topology=self.topology, states=StateTrees.from_ranks([g["state"] for g in gathered]))
+                meta = CheckpointMeta.from_plan(
+                    plan,
+                    step=step,
+                    topology=self.topology,
+                    states=StateTrees.from_ranks([g["state"] for g in gathered]),
+                )
                 result = _attempt(lambda: commits.commit(directory, meta=meta))
                 error = result if isinstance(result, str) else None
                 if error is None:
@@ -159,9 +167,11 @@ class Checkpointer:
                 skipped.append(f"{path.name} ({_reason(e)})")
                 newest = newest or e
         if skipped:
-            raise CheckpointError(f"no committed checkpoint under {self.root} can be loaded: {'; '.join(skipped)}. "
-                                  "Restore a copy of the folder, or start over with checkpoint.resume=none. "
-                                  f"The newest one's error: {newest}")  # fmt: skip
+            raise CheckpointError(
+                f"no committed checkpoint under {self.root} can be loaded: {'; '.join(skipped)}. "
+                "Restore a copy of the folder, or start over with checkpoint.resume=none. "
+                f"The newest one's error: {newest}"
+            )
         return None
 
     def load(self, path: Path) -> int:
@@ -189,7 +199,12 @@ class Checkpointer:
             targets = {n: t for n, t in targets.items() if _loadable(ckpt.meta, n, t)}
         comm.agree(error, action=f"loading {path}")
         checked = _attempt(
-            lambda: check(ckpt, [fragment_of(n, t, rank=rank) for n, t in targets.items()], threads=self.io_threads, progress=self.progress)
+            lambda: check(
+                ckpt,
+                [fragment_of(n, t, rank=rank) for n, t in targets.items()],
+                threads=self.io_threads,
+                progress=self.progress,
+            )
         )
         comm.agree(checked if isinstance(checked, str) else None, action=f"loading {path}")
         # Every rank checked every chunk it needs: only now do the targets change.
@@ -197,7 +212,9 @@ class Checkpointer:
             checked.apply({n: local_data(t) for n, t in targets.items()}, threads=self.io_threads)
         for key in keys:
             if key in saved_trees:
-                self.states[key].load_state_dict(restore(saved_trees[key], tensors=targets, template=templates[key], prefix=key))
+                self.states[key].load_state_dict(
+                    restore(saved_trees[key], tensors=targets, template=templates[key], prefix=key)
+                )
         if rank == 0:
             log.info("loaded step %d from %s", ckpt.meta.step, path)
         return ckpt.meta.step
@@ -250,17 +267,23 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return local_data(tensor).cpu()
 
 
-def _mismatches(meta: CheckpointMeta, targets: Mapping[str, torch.Tensor], *, all_targets: set[str], prefixes: list[str], excluded) -> list[str]:
+def _mismatches(
+    meta: CheckpointMeta, targets: Mapping[str, torch.Tensor], *, all_targets: set[str], prefixes: list[str], excluded
+) -> list[str]:
     problems = []
     for name, t in sorted(targets.items()):
         array = meta.arrays.get(name)
         if array is None:
             problems.append(f"{name}: missing from the checkpoint (expected shape {tuple(t.shape)})")
         elif not _loadable(meta, name, t):
-            problems.append(f"{name}: saved {array.shape} {array.dtype}, expected {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}")
+            problems.append(
+                f"{name}: saved {array.shape} {array.dtype}, expected {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+            )
     for name in sorted(meta.arrays):
         if name.split("/", 1)[0] in prefixes and name not in all_targets and not excluded(name):
-            problems.append(f"{name}: in the checkpoint (shape {meta.arrays[name].shape}) but not in the state being loaded")
+            problems.append(
+                f"{name}: in the checkpoint (shape {meta.arrays[name].shape}) but not in the state being loaded"
+            )
     return problems
 
 

@@ -10,8 +10,8 @@ does one process write the metadata, fsync it, write `COMMITTED` last, rename th
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -20,9 +20,9 @@ from pathlib import Path
 import crc32c
 
 from ..errors import CheckpointError
+from ..process import process_alive
 from .fsio import fsync_dir, fsync_tree, write_file
 from .metadata import COMMITTED_FILE, METADATA_FILE, CheckpointMeta
-from ..process import process_alive
 from .writer import io_error
 from .zarr_meta import DOCUMENT, consolidated_root
 

@@ -23,7 +23,12 @@ _SMALL_FACTOR = 16
 
 
 def choose_grid(
-    shape: Sequence[int], boxes: Sequence[Box], *, itemsize: int, max_chunk_bytes: int, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    shape: Sequence[int],
+    boxes: Sequence[Box],
+    *,
+    itemsize: int,
+    max_chunk_bytes: int,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(shard shape, chunk shape): shards aligned to every box boundary, chunks tiling shards."""
     shards = tile(aligned_block(shape, boxes), itemsize=itemsize, max_bytes=max(max_shard_bytes, max_chunk_bytes))

@@ -16,8 +16,8 @@ from typing import Any
 
 import crc32c
 
-from .codec import ChunkCodec
 from ..errors import CheckpointError
+from .codec import ChunkCodec
 from .save_plan import ArrayPlan, SavePlan
 
 FORMAT = "resurgo-universal"
@@ -134,14 +134,22 @@ def _check_states(meta: CheckpointMeta) -> None:
     if world < 1:
         raise CheckpointError(f"field 'topology.world_size' is {world}, not >= 1")
     if len(s.rank_tree) != world or any(not 0 <= i < len(s.trees) for i in s.rank_tree):
-        raise CheckpointError(f"field 'state.rank_tree' must give each of the {world} saving ranks one of the "
-                              f"{len(s.trees)} trees, not {list(s.rank_tree)[:8]}")  # fmt: skip
+        raise CheckpointError(
+            f"field 'state.rank_tree' must give each of the {world} saving ranks one of the "
+            f"{len(s.trees)} trees, not {list(s.rank_tree)[:8]}"
+        )
 
 
 def check_inside(path: str, *, what: str, where: Path) -> None:
     """Refuse a stored relative path that could resolve outside the checkpoint folder."""
     p = PurePosixPath(path)
-    if not path or p.is_absolute() or "\\" in path or "\x00" in path or any(part in ("", ".", "..") for part in path.split("/")):
+    if (
+        not path
+        or p.is_absolute()
+        or "\\" in path
+        or "\x00" in path
+        or any(part in ("", ".", "..") for part in path.split("/"))
+    ):
         raise CheckpointError(
             f"{what} in {where} has path {path!r}, which points outside the checkpoint folder: "
             "the document is damaged or was tampered with; do not load it"
@@ -151,7 +159,9 @@ def check_inside(path: str, *, what: str, where: Path) -> None:
 def read_metadata(directory: Path) -> CheckpointMeta:
     """The validated document of a committed checkpoint folder."""
     if not directory.is_dir():
-        raise CheckpointError(f"checkpoint {directory} does not exist: check the path (or use checkpoint.resume=latest)")
+        raise CheckpointError(
+            f"checkpoint {directory} does not exist: check the path (or use checkpoint.resume=latest)"
+        )
     if not (directory / COMMITTED_FILE).is_file():
         raise CheckpointError(
             f"checkpoint {directory} has no {COMMITTED_FILE} marker: its save did not finish, so it is not valid; "
@@ -161,9 +171,13 @@ def read_metadata(directory: Path) -> CheckpointMeta:
     try:
         marker = json.loads((directory / COMMITTED_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"the {COMMITTED_FILE} marker of {directory} is damaged ({e}); load an earlier checkpoint") from e
+        raise CheckpointError(
+            f"the {COMMITTED_FILE} marker of {directory} is damaged ({e}); load an earlier checkpoint"
+        ) from e
     if not isinstance(marker, dict) or not isinstance(marker.get("step"), int):
-        raise CheckpointError(f"the {COMMITTED_FILE} marker of {directory} is damaged (no step); load an earlier checkpoint")
+        raise CheckpointError(
+            f"the {COMMITTED_FILE} marker of {directory} is damaged (no step); load an earlier checkpoint"
+        )
     try:
         raw = doc.read_bytes()
         data = json.loads(raw)
@@ -177,8 +191,10 @@ def read_metadata(directory: Path) -> CheckpointMeta:
     meta = CheckpointMeta.from_json(data, where=doc)
     named = re.fullmatch(r"step-(\d+)", directory.name)
     if marker["step"] != meta.step or (named and int(named.group(1)) != meta.step):
-        raise CheckpointError(f"{doc} holds step {meta.step}, but its folder and {COMMITTED_FILE} marker say "
-                              f"{directory.name} and step {marker['step']}: the checkpoint was tampered with; load another")  # fmt: skip
+        raise CheckpointError(
+            f"{doc} holds step {meta.step}, but its folder and {COMMITTED_FILE} marker say "
+            f"{directory.name} and step {marker['step']}: the checkpoint was tampered with; load another"
+        )
     real = os.path.realpath(directory)
     for name, array in meta.arrays.items():
         target = os.path.realpath(directory / array.path)

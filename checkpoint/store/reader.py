@@ -24,14 +24,14 @@ import torch
 from tqdm import tqdm
 
 from ..bulk_copy import copy_into
-from .codec import CRC_BYTES, ChunkCodec, checksum_ok
-from ..state.dtypes import as_numpy, dtype_name, storage_dtype, to_torch
 from ..errors import CheckpointError, join_problems
-from .grid import chunk_key, chunks_in
+from ..scratch import scratch
+from ..state.dtypes import as_numpy, dtype_name, storage_dtype, to_torch
 from ..state.layout import Fragment
+from .codec import CRC_BYTES, ChunkCodec, checksum_ok
+from .grid import chunk_key, chunks_in
 from .metadata import CheckpointMeta, read_metadata
 from .save_plan import ArrayPlan, ChunkRead, ShardRead, chunk_reads
-from ..scratch import scratch
 from .shard import IndexProblem, is_empty, read_index
 from .writer import DEFAULT_IO_THREADS
 
@@ -73,7 +73,13 @@ class Checked:
     reads: tuple[tuple[ArrayPlan, ShardRead], ...]
     mapped: tuple[list[tuple[ChunkRead, np.ndarray]] | None, ...] = ()  # per entry of `reads`
 
-    def apply(self, outs: Mapping[str, np.ndarray | torch.Tensor], *, threads: int = DEFAULT_IO_THREADS, progress: bool = False) -> None:
+    def apply(
+        self,
+        outs: Mapping[str, np.ndarray | torch.Tensor],
+        *,
+        threads: int = DEFAULT_IO_THREADS,
+        progress: bool = False,
+    ) -> None:
         """Copy every checked chunk into `outs[name]`, the requesting fragment's local data."""
         codec = ChunkCodec.parse(self.checkpoint.meta.compression)
         root = self.checkpoint.path
@@ -90,10 +96,14 @@ class Checked:
         problems = _problems(_run(list(range(len(self.reads))), copy, threads=threads, progress=progress, desc="load"))
         if problems:
             # Only a file changed between the two passes gets here.
-            raise CheckpointError(f"checkpoint {root} changed while loading; targets are partly written:\n{join_problems(problems)}")
+            raise CheckpointError(
+                f"checkpoint {root} changed while loading; targets are partly written:\n{join_problems(problems)}"
+            )
 
 
-def check(checkpoint: Checkpoint, fragments: Sequence[Fragment], *, threads: int = DEFAULT_IO_THREADS, progress: bool = False) -> Checked:
+def check(
+    checkpoint: Checkpoint, fragments: Sequence[Fragment], *, threads: int = DEFAULT_IO_THREADS, progress: bool = False
+) -> Checked:
     """Verify every chunk the fragments overlap; all problems are raised together."""
     codec = ChunkCodec.parse(checkpoint.meta.compression)
     problems: list[str] = []
@@ -109,7 +119,13 @@ def check(checkpoint: Checkpoint, fragments: Sequence[Fragment], *, threads: int
     results: list = []
     if not problems:
         hold = not codec.compressed and sum(len(r.chunks) for _, r in reads) <= _MAX_HELD_MAPS
-        results = _run(reads, lambda job: _checked(checkpoint.path, codec, *job, hold=hold), threads=threads, progress=progress, desc="check")
+        results = _run(
+            reads,
+            lambda job: _checked(checkpoint.path, codec, *job, hold=hold),
+            threads=threads,
+            progress=progress,
+            desc="check",
+        )
         problems = _problems(results)
     if problems:
         raise CheckpointError(
@@ -119,7 +135,13 @@ def check(checkpoint: Checkpoint, fragments: Sequence[Fragment], *, threads: int
     return Checked(checkpoint, tuple(reads), tuple(results))
 
 
-def read_fragments(checkpoint: Checkpoint, requests: Sequence[ReadRequest], *, threads: int = DEFAULT_IO_THREADS, progress: bool = False) -> None:
+def read_fragments(
+    checkpoint: Checkpoint,
+    requests: Sequence[ReadRequest],
+    *,
+    threads: int = DEFAULT_IO_THREADS,
+    progress: bool = False,
+) -> None:
     """Fill every request's buffer, only after every chunk it needs was checked."""
     checked = check(checkpoint, [r.fragment for r in requests], threads=threads, progress=progress)
     checked.apply({r.fragment.layout.name: r.out for r in requests}, threads=threads)
@@ -132,7 +154,11 @@ def verify(checkpoint: Checkpoint, *, threads: int = DEFAULT_IO_THREADS, progres
     for array in checkpoint.meta.arrays.values():
         problems += check_array(checkpoint.path, array)
         jobs += [(array, whole_shard(array, shard)) for shard in array.shard_indices()]
-    return problems + _problems(_run(jobs, lambda job: _checked(checkpoint.path, codec, *job), threads=threads, progress=progress, desc="verify"))
+    return problems + _problems(
+        _run(
+            jobs, lambda job: _checked(checkpoint.path, codec, *job), threads=threads, progress=progress, desc="verify"
+        )
+    )
 
 
 def check_array(root: Path, array: ArrayPlan) -> list[str]:
@@ -162,7 +188,9 @@ def check_array(root: Path, array: ArrayPlan) -> list[str]:
     return []
 
 
-def read_shard(root: Path, codec: ChunkCodec, array: ArrayPlan, shard_read: ShardRead) -> Iterator[tuple[ChunkRead, np.ndarray]]:
+def read_shard(
+    root: Path, codec: ChunkCodec, array: ArrayPlan, shard_read: ShardRead
+) -> Iterator[tuple[ChunkRead, np.ndarray]]:
     """Each requested chunk of one shard file, checked and decoded at full chunk shape (read-only,
     valid until the next one: a compressed chunk decodes into this thread's scratch memory).
 
@@ -196,7 +224,9 @@ def open_inside(root: Path, path: Path) -> int:
     out of it or anything but a file (a FIFO would block a reader forever) is refused with OSError."""
     real, target = os.path.realpath(root), os.path.realpath(path)
     if os.path.commonpath([real, target]) != real:
-        raise OSError(f"{path} resolves to {target}, outside the checkpoint folder (a symlink): do not load this checkpoint")
+        raise OSError(
+            f"{path} resolves to {target}, outside the checkpoint folder (a symlink): do not load this checkpoint"
+        )
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -218,7 +248,9 @@ def _map_chunk(fd: int, codec: ChunkCodec, array: ArrayPlan, entry: np.ndarray, 
     if (not codec.compressed and nbytes != expected) or nbytes < CRC_BYTES:
         raise ChunkProblem(f"{what} is {nbytes} bytes, expected {expected}")
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    blob = memoryview(mmap.mmap(fd, offset - start + nbytes, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | _POPULATE, offset=start))
+    blob = memoryview(
+        mmap.mmap(fd, offset - start + nbytes, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | _POPULATE, offset=start)
+    )
     blob = blob[offset - start :]
     body, crc = blob[:-CRC_BYTES], blob[-CRC_BYTES:]
     if not checksum_ok(body, crc):
@@ -236,7 +268,9 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # fault the whole chunk in at once
 _MAX_HELD_MAPS = 16384  # well under the kernel's default limit of 65530 mappings per process
 
 
-def _checked(root: Path, codec: ChunkCodec, array: ArrayPlan, shard_read: ShardRead, *, hold: bool = False) -> list[tuple[ChunkRead, np.ndarray]] | None:
+def _checked(
+    root: Path, codec: ChunkCodec, array: ArrayPlan, shard_read: ShardRead, *, hold: bool = False
+) -> list[tuple[ChunkRead, np.ndarray]] | None:
     """Check a shard's requested chunks; with `hold`, keep them mapped for copying later."""
     chunks = [(read, chunk) for read, chunk in read_shard(root, codec, array, shard_read)] if hold else None
     if not hold:
@@ -264,7 +298,10 @@ def _run(jobs: list, fn: Callable[[Any], Any], *, threads: int, progress: bool, 
         except ChunkProblem as e:
             return e
 
-    with tqdm(total=len(jobs), unit="chunk", desc=desc, disable=not progress) as bar, ThreadPoolExecutor(max(1, threads)) as pool:
+    with (
+        tqdm(total=len(jobs), unit="chunk", desc=desc, disable=not progress) as bar,
+        ThreadPoolExecutor(max(1, threads)) as pool,
+    ):
         results = []
         for result in pool.map(guarded, jobs):
             results.append(result)

@@ -13,17 +13,24 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import commit as commits
-from ..state.dtypes import as_numpy, torch_dtype
 from ..errors import CheckpointError, join_problems
-from .fsio import fsync_dir
+from ..state.dtypes import as_numpy, torch_dtype
 from ..state.layout import TensorLayout, fragment_of
+from . import commit as commits
+from .fsio import fsync_dir
 from .reader import Checkpoint, ReadRequest, read_fragments
 from .writer import io_error
 
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 << 30
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+DTYPES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "float32": "float32",
+}
 
 
 def export_safetensors(
@@ -76,8 +83,16 @@ def export_safetensors(
     return [out / f.name for f in files]
 
 
-def _write_shards(checkpoint: Checkpoint, shards: list[list[str]], out: Path, *, names: list[str], cast: torch.dtype | None,
-                  prefix: str, progress: bool) -> list[Path]:  # fmt: skip
+def _write_shards(
+    checkpoint: Checkpoint,
+    shards: list[list[str]],
+    out: Path,
+    *,
+    names: list[str],
+    cast: torch.dtype | None,
+    prefix: str,
+    progress: bool,
+) -> list[Path]:
     weight_map, files, total = {}, [], 0
     with tqdm(total=len(names), unit="tensor", desc="export", disable=not progress) as bar:
         for i, shard in enumerate(shards):

@@ -15,11 +15,20 @@ from typing import Any
 
 import numpy as np
 
-from .codec import CRC_BYTES, ChunkCodec
-from ..state.dtypes import storage_dtype
 from ..errors import CheckpointError, join_problems
-from .grid import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES, ChunkIndex, choose_grid, chunk_box, chunk_key, chunks_in, grid_shape
+from ..state.dtypes import storage_dtype
 from ..state.layout import Box, Fragment, TensorLayout
+from .codec import CRC_BYTES, ChunkCodec
+from .grid import (
+    DEFAULT_MAX_CHUNK_BYTES,
+    DEFAULT_MAX_SHARD_BYTES,
+    ChunkIndex,
+    choose_grid,
+    chunk_box,
+    chunk_key,
+    chunks_in,
+    grid_shape,
+)
 from .shard import ShardShape
 
 _SAFE = re.compile(r"[A-Za-z0-9._-]")
@@ -151,7 +160,11 @@ def plan_save(
     if problems:
         raise CheckpointError("cannot save these tensors:\n" + join_problems(problems))
     load: dict[int, int] = defaultdict(int)
-    jobs = [(box.numel * storage_dtype(by_name[n][0].layout.dtype).itemsize, n, box) for n, m in holders_of.items() for box in m]
+    jobs = [
+        (box.numel * storage_dtype(by_name[n][0].layout.dtype).itemsize, n, box)
+        for n, m in holders_of.items()
+        for box in m
+    ]
     writer: dict[tuple[str, Box], int] = {}
     for nbytes, name, box in sorted(jobs, key=lambda j: (-j[0], j[1], j[2].offsets)):
         chosen = min(holders_of[name][box], key=lambda r: (load[r], r))
@@ -160,7 +173,11 @@ def plan_save(
     for name, boxes in holders_of.items():
         first = by_name[name][0].layout
         shards, chunks = choose_grid(
-            first.shape, list(boxes), itemsize=storage_dtype(first.dtype).itemsize, max_chunk_bytes=max_chunk_bytes, max_shard_bytes=max_shard_bytes
+            first.shape,
+            list(boxes),
+            itemsize=storage_dtype(first.dtype).itemsize,
+            max_chunk_bytes=max_chunk_bytes,
+            max_shard_bytes=max_shard_bytes,
         )
         pieces = tuple(
             Piece(box, writer[(name, box)], tuple(sorted(holders)))
@@ -228,7 +245,10 @@ def chunk_reads(array: ArrayPlan, fragment: Fragment) -> tuple[ShardRead, ...]:
             overlap = array.chunk_box(index).intersect(box) if box.sizes else box
             if overlap is None:
                 continue
-            dest = tuple(slice(l.start + o - b, l.start + o - b + s) for l, o, b, s in zip(local, overlap.offsets, box.offsets, overlap.sizes))
+            dest = tuple(
+                slice(l.start + o - b, l.start + o - b + s)
+                for l, o, b, s in zip(local, overlap.offsets, box.offsets, overlap.sizes)
+            )
             targets[index].append((overlap, dest))
     shards: dict[ChunkIndex, list[ChunkRead]] = defaultdict(list)
     for index, t in sorted(targets.items()):
@@ -272,12 +292,7 @@ def _escape(part: str) -> str:
 def _check_names(by_name: Mapping[str, list[Fragment]]) -> None:
     """A tensor path may not also be a folder of another tensor (zarr: array vs group)."""
     paths = {array_path(n): n for n in by_name}
-    clashes = [
-        f"{paths[p]!r} is a prefix of {n!r}"
-        for n in by_name
-        for p in _prefixes(array_path(n))
-        if p in paths
-    ]
+    clashes = [f"{paths[p]!r} is a prefix of {n!r}" for n in by_name for p in _prefixes(array_path(n)) if p in paths]
     if clashes:
         raise CheckpointError("tensor names clash (one is a path prefix of another):\n" + join_problems(clashes))
 
@@ -308,7 +323,9 @@ def _check_tiling(array: ArrayPlan) -> None:
         return
     owner = np.full(grid_shape(array.shape, array.shards), -1, dtype=np.int64)
     for i, piece in enumerate(array.pieces):
-        region = tuple(slice(o // c, -(-(o + s) // c)) for o, s, c in zip(piece.box.offsets, piece.box.sizes, array.shards))
+        region = tuple(
+            slice(o // c, -(-(o + s) // c)) for o, s, c in zip(piece.box.offsets, piece.box.sizes, array.shards)
+        )
         taken = owner[region]
         if (taken >= 0).any():
             other = array.pieces[int(taken[taken >= 0].flat[0])]

@@ -51,7 +51,9 @@ class ShardShape:
 
     def chunks_of(self, shard: Sequence[int]) -> list[tuple[int, ...]]:
         """Global indices of a shard's chunks, in index (C) order."""
-        return [tuple(s * n + i for s, n, i in zip(shard, self.per_shard, inner)) for inner in np.ndindex(*self.per_shard)]
+        return [
+            tuple(s * n + i for s, n, i in zip(shard, self.per_shard, inner)) for inner in np.ndindex(*self.per_shard)
+        ]
 
 
 def shard_buffers(chunks: Iterable[Sequence[Buffer]]) -> Iterator[Sequence[Buffer]]:

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..state.dtypes import storage_dtype, torch_dtype
 from ..errors import CheckpointError
+from ..state.dtypes import storage_dtype, torch_dtype
 from ..state.layout import Box, Fragment, TensorLayout
-from .save_plan import ReadPlan, plan_reads
 from .reader import Checkpoint, ReadRequest, read_fragments
+from .save_plan import ReadPlan, plan_reads
 
 
 def _written_by(meta) -> list[str]:
@@ -41,8 +41,14 @@ def describe(checkpoint: Checkpoint) -> str:
     ]
     for name, a in sorted(meta.arrays.items()):
         layout = a.layout
-        placed = "plain" if layout.mesh is None else f"{dict(zip(layout.mesh.axes, layout.mesh.sizes))} [{', '.join(map(str, layout.placements))}]"
-        lines.append(f"{name:<48} {str(list(a.shape)):<18} {a.dtype:<9} {_bytes(a.nbytes):>10}  {str(list(a.shards)):<14} {str(list(a.chunks)):<14} {placed}")
+        placed = (
+            "plain"
+            if layout.mesh is None
+            else f"{dict(zip(layout.mesh.axes, layout.mesh.sizes))} [{', '.join(map(str, layout.placements))}]"
+        )
+        lines.append(
+            f"{name:<48} {str(list(a.shape)):<18} {a.dtype:<9} {_bytes(a.nbytes):>10}  {str(list(a.shards)):<14} {str(list(a.chunks)):<14} {placed}"
+        )
     return "\n".join(lines)
 
 
@@ -56,7 +62,9 @@ class TensorDiff:
 def diff(a: Checkpoint, b: Checkpoint, *, progress: bool = False) -> list[TensorDiff]:
     """Max absolute difference per tensor, streaming over `a`'s chunks (memory: one chunk)."""
     out = []
-    for name in tqdm(sorted(a.meta.arrays.keys() | b.meta.arrays.keys()), unit="tensor", desc="diff", disable=not progress):
+    for name in tqdm(
+        sorted(a.meta.arrays.keys() | b.meta.arrays.keys()), unit="tensor", desc="diff", disable=not progress
+    ):
         x, y = a.meta.arrays.get(name), b.meta.arrays.get(name)
         if x is None or y is None:
             out.append(TensorDiff(name, None, f"only in {'B' if x is None else 'A'}"))
@@ -107,7 +115,11 @@ def _max_abs(a: Checkpoint, b: Checkpoint, name: str) -> float:
 
 def _read_box(checkpoint: Checkpoint, array, box: Box) -> np.ndarray:
     out = np.empty(box.sizes, dtype=storage_dtype(array.dtype))
-    fragment = Fragment(TensorLayout(array.name, array.shape, array.dtype), 0, tuple(((o, o + s),) for o, s in zip(box.offsets, box.sizes)))
+    fragment = Fragment(
+        TensorLayout(array.name, array.shape, array.dtype),
+        0,
+        tuple(((o, o + s),) for o, s in zip(box.offsets, box.sizes)),
+    )
     read_fragments(checkpoint, [ReadRequest(fragment, out)])
     return out
 

@@ -18,16 +18,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .codec import ChunkCodec
-from ..state.dtypes import as_numpy
 from ..errors import CheckpointError, join_problems
+from ..scratch import scratch
+from ..state.dtypes import as_numpy
+from ..state.layout import Fragment
+from .codec import ChunkCodec
 from .fsio import fsync_file, write_buffers
 from .grid import ChunkIndex, chunk_key, chunks_in
-from ..state.layout import Fragment
 from .save_plan import ArrayPlan, Piece, SavePlan
-from .zarr_meta import write_documents
-from ..scratch import scratch
 from .shard import shard_buffers
+from .zarr_meta import write_documents
 
 DEFAULT_IO_THREADS = 4
 
@@ -76,12 +76,20 @@ def write_fragments(
     for array, piece in plan.writes_for(rank):
         source = sources.get(array.name)
         if source is None:
-            raise CheckpointError(f"tensor {array.name!r}: rank {rank} must write {piece.box} but was given no data for it")
+            raise CheckpointError(
+                f"tensor {array.name!r}: rank {rank} must write {piece.box} but was given no data for it"
+            )
         data = source.array()
         local = _local_slices(source.fragment, piece)
         for shard in chunks_in(piece.box, chunks=array.shards):
             jobs.append((array, shard, data, local, piece))
-    bar = tqdm(total=sum(math.prod(a.shards) * a.itemsize for a, *_ in jobs), unit="B", unit_scale=True, desc="save", disable=not progress)
+    bar = tqdm(
+        total=sum(math.prod(a.shards) * a.itemsize for a, *_ in jobs),
+        unit="B",
+        unit_scale=True,
+        desc="save",
+        disable=not progress,
+    )
     results: list[int | str] = []
     with bar, ThreadPoolExecutor(max(1, threads)) as pool:
         for job, result in zip(jobs, pool.map(lambda job: _write_shard(directory, codec, *job), jobs)):
@@ -112,11 +120,19 @@ def _local_slices(fragment: Fragment, piece: Piece) -> tuple[slice, ...]:
     for box, local in fragment.pieces():
         if box == piece.box:
             return local
-    raise CheckpointError(f"tensor {fragment.layout.name!r}: rank {fragment.rank} does not hold {piece.box} it must write")
+    raise CheckpointError(
+        f"tensor {fragment.layout.name!r}: rank {fragment.rank} does not hold {piece.box} it must write"
+    )
 
 
 def _write_shard(
-    directory: Path, codec: ChunkCodec, array: ArrayPlan, shard: ChunkIndex, data: np.ndarray, local: tuple[slice, ...], piece: Piece
+    directory: Path,
+    codec: ChunkCodec,
+    array: ArrayPlan,
+    shard: ChunkIndex,
+    data: np.ndarray,
+    local: tuple[slice, ...],
+    piece: Piece,
 ) -> int | str:
     path = directory / array.path / chunk_key(shard)
     try:
@@ -127,10 +143,20 @@ def _write_shard(
         return str(io_error(e, action=f"writing shard {chunk_key(shard)} of tensor {array.name!r} to {path}"))
 
 
-def _encoded(codec: ChunkCodec, array: ArrayPlan, chunk: ChunkIndex, data: np.ndarray, local: tuple[slice, ...], piece: Piece) -> list:
+def _encoded(
+    codec: ChunkCodec, array: ArrayPlan, chunk: ChunkIndex, data: np.ndarray, local: tuple[slice, ...], piece: Piece
+) -> list:
     """One chunk's encoded buffers, valid until the next chunk is encoded on this thread."""
     region = array.chunk_box(chunk)
-    src = data[(*(slice(l.start + o - b, l.start + o - b + s) for l, o, b, s in zip(local, region.offsets, piece.box.offsets, region.sizes)), ...)]
+    src = data[
+        (
+            *(
+                slice(l.start + o - b, l.start + o - b + s)
+                for l, o, b, s in zip(local, region.offsets, piece.box.offsets, region.sizes)
+            ),
+            ...,
+        )
+    ]
     if region.sizes != array.chunks:
         # zarr stores edge chunks at full chunk shape; the padding is never read back.
         padded = scratch(array.chunk_nbytes, slot=2).view(src.dtype).reshape(array.chunks)

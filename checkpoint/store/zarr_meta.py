@@ -19,8 +19,8 @@ from typing import Any
 
 import zarr
 
-from .codec import ChunkCodec
 from ..state.dtypes import storage_dtype
+from .codec import ChunkCodec
 from .fsio import write_buffers
 from .save_plan import ArrayPlan
 
@@ -52,7 +52,9 @@ def write_documents(directory: Path, arrays: Mapping[str, ArrayPlan], *, compres
         write_buffers(directory / group / DOCUMENT, [_encode(_GROUP)], sync=False)
     for array in arrays.values():
         (directory / array.path).mkdir(parents=True, exist_ok=True)
-        write_buffers(directory / array.path / DOCUMENT, [_encode(array_document(array, compression=compression))], sync=False)
+        write_buffers(
+            directory / array.path / DOCUMENT, [_encode(array_document(array, compression=compression))], sync=False
+        )
 
 
 def consolidated_root(arrays: Mapping[str, ArrayPlan], *, compression: str) -> bytes:
@@ -67,7 +69,7 @@ def _encode(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, indent=2).encode()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _template(dtype: str, compression: str, ndim: int) -> dict[str, Any]:
     """What zarr itself writes for an array of this dtype, compression and rank."""
     numpy_dtype = storage_dtype(dtype)

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from resurgo.checkpoint.store.commit import latest
 from resurgo.checkpoint.store.checkpointer import Checkpointer
+from resurgo.checkpoint.store.commit import latest
 from resurgo.trainer.config import CheckpointConfig
 
 # Runs in a child process: save step 1, then stop at the chosen point of saving step 2 and wait to be killed.

@@ -24,15 +24,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from resurgo.checkpoint.store import commit as commits
 from resurgo.checkpoint.keeper.client import keeper_pid
 from resurgo.checkpoint.keeper.protocol import run_id, segment_prefix
-from resurgo.checkpoint.store.reader import Checkpoint, verify
 from resurgo.checkpoint.keeper.shm import list_segments
+from resurgo.checkpoint.store import commit as commits
+from resurgo.checkpoint.store.reader import Checkpoint, verify
 
 STEPS, EVERY = 8, 4
-BASE = ["experiment=smoke", f"train.steps={STEPS}", "train.precision=fp32", "parallel.dp_shard=2", f"checkpoint.every={EVERY}",
-        "train.seq_len=32", "model.n_layers=2"]  # fmt: skip
+BASE = [
+    "experiment=smoke",
+    f"train.steps={STEPS}",
+    "train.precision=fp32",
+    "parallel.dp_shard=2",
+    f"checkpoint.every={EVERY}",
+    "train.seq_len=32",
+    "model.n_layers=2",
+]
 
 # torchrun runs this instead of `-m resurgo.launch.train`: on the first attempt, the chosen rank dies
 # (or kills its keeper) at the chosen point, then everything runs as a user would run it.
@@ -129,10 +136,28 @@ def torchrun(tmp_path: Path, *, name: str, fault: tuple[str, int, int] | None = 
     wrapper = tmp_path / "train_with_faults.py"
     wrapper.write_text(WRAPPER)
     point, step, rank = fault or ("none", 0, -1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT_POINT": point, "FAULT_STEP": str(step), "FAULT_RANK": str(rank),
-           "FAULT_RUN_DIR": str(run_dir)}  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
-           str(wrapper), *BASE, *overrides, f"run.root={tmp_path}", f"run.name={name}", "train.device=cpu"]  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "FAULT_POINT": point,
+        "FAULT_STEP": str(step),
+        "FAULT_RANK": str(rank),
+        "FAULT_RUN_DIR": str(run_dir),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "--max-restarts=1",
+        str(wrapper),
+        *BASE,
+        *overrides,
+        f"run.root={tmp_path}",
+        f"run.name={name}",
+        "train.device=cpu",
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     finally:
@@ -176,7 +201,9 @@ def check_resumed(tmp_path: Path, output: str, reference: dict[int, float]) -> i
     run_dir = tmp_path / "run"
     step = resumed_step(output)
     logged = steps_logged(run_dir)
-    assert logged[len(logged) - (STEPS - step) :] == list(range(step + 1, STEPS + 1)), logged  # the restart went on from there
+    assert logged[len(logged) - (STEPS - step) :] == list(range(step + 1, STEPS + 1)), (
+        logged
+    )  # the restart went on from there
     assert sorted(set(logged)) == list(range(1, STEPS + 1))
     assert len(logged) - STEPS <= 1, f"lost more than snapshot_every=1 steps: {logged}"
     assert losses(run_dir) == reference
@@ -272,12 +299,12 @@ STALLING_KEEPER = textwrap.dedent(
 
 
 def test_keeper_killed_during_a_persist_leaves_the_previous_checkpoint_loadable(tmp_path):
-    from resurgo.checkpoint.snapshot.capture import StateCapture
     from resurgo.checkpoint.keeper.client import EXTERNAL, KeeperLink
-    from resurgo.checkpoint.store.checkpointer import Checkpointer
     from resurgo.checkpoint.keeper.protocol import StoreTarget
+    from resurgo.checkpoint.snapshot.capture import StateCapture
     from resurgo.checkpoint.snapshot.engine import Registration, SnapshotEngine
     from resurgo.checkpoint.state.stateful import ModelState, OptimizerState
+    from resurgo.checkpoint.store.checkpointer import Checkpointer
     from resurgo.trainer.config import CheckpointConfig
 
     run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
@@ -291,8 +318,12 @@ def test_keeper_killed_during_a_persist_leaves_the_previous_checkpoint_loadable(
         link = KeeperLink(run_dir=run_dir, mode=EXTERNAL, local_rank=0)
         assert link.connect(wait_s=120)
         store = StoreTarget(str(root), 3, "none", {"dp": 1}, 1, "5eed")
-        engine = SnapshotEngine(capture=StateCapture(states, rank=0), link=link, persist_every=1,
-                                registration=Registration(rank=0, local_world_size=1, world_size=1, token="5eed", store=store))  # fmt: skip
+        engine = SnapshotEngine(
+            capture=StateCapture(states, rank=0),
+            link=link,
+            persist_every=1,
+            registration=Registration(rank=0, local_world_size=1, world_size=1, token="5eed", store=store),
+        )
         for step in (1, 2):
             model(torch.randn(4, 64)).sum().backward()
             engine.before_optimizer_step()
@@ -314,11 +345,17 @@ def test_keeper_killed_during_a_persist_leaves_the_previous_checkpoint_loadable(
     finally:
         if keeper.poll() is None:
             os.killpg(keeper.pid, signal.SIGKILL)
-    assert [p.name for p in root.iterdir() if p.name.startswith(".step-00000002.tmp-")], "the partial save should be left behind"
+    assert [p.name for p in root.iterdir() if p.name.startswith(".step-00000002.tmp-")], (
+        "the partial save should be left behind"
+    )
     assert commits.latest(root) == root / "step-00000001"
     assert verify(Checkpoint.open(root / "step-00000001")) == []
     fresh = torch.nn.Linear(64, 64)
-    ck = Checkpointer(CheckpointConfig(resume="latest"), root=root, states={"model": ModelState(fresh), "optim": OptimizerState(fresh, torch.optim.AdamW(fresh.parameters()))})
+    ck = Checkpointer(
+        CheckpointConfig(resume="latest"),
+        root=root,
+        states={"model": ModelState(fresh), "optim": OptimizerState(fresh, torch.optim.AdamW(fresh.parameters()))},
+    )
     assert ck.resume() == 1
     for name, value in fresh.state_dict().items():
         assert torch.equal(value, expected[name]), name

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import launch, read_metrics
 
+from conftest import launch, read_metrics
 from resurgo.launch.local_nodes import LocalCluster, logged_steps
 
 STEPS = 24
@@ -43,7 +43,10 @@ def wait_for_step(cluster: LocalCluster, step: int, *, timeout: float = 180) -> 
 
 def latest_losses(run_dir: Path) -> dict[int, float]:
     """The loss of every step, as last logged (steps replayed after a recovery overwrite earlier ones)."""
-    return {r["step"]: r["loss"] for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())}
+    return {
+        r["step"]: r["loss"]
+        for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    }
 
 
 def resumes(cluster: LocalCluster) -> list[tuple[str, int]]:
@@ -57,8 +60,14 @@ def assert_matches(losses: dict[int, float], reference: dict[int, float], *, ste
 
 
 def cluster_of(tmp_path, *, nodes: int, per_node: int, min_nodes: int, extra=()) -> LocalCluster:
-    return LocalCluster(nodes=nodes, nproc_per_node=per_node, min_nodes=min_nodes, overrides=BASE + list(extra),
-                        run_root=tmp_path, name="run")  # fmt: skip
+    return LocalCluster(
+        nodes=nodes,
+        nproc_per_node=per_node,
+        min_nodes=min_nodes,
+        overrides=BASE + list(extra),
+        run_root=tmp_path,
+        name="run",
+    )
 
 
 def kill_at(cluster: LocalCluster, step: int, *nodes: int) -> None:
@@ -79,7 +88,7 @@ def test_a_lost_node_comes_back_from_memory_on_fewer_nodes(tmp_path, reference):
         kill_at(cluster, 8, 2)
         assert cluster.wait(timeout=300)[:2] == [0, 0], cluster.output(0)[-4000:]
         log = cluster.output(0)
-    (source, step), = [r for r in resumes(cluster) if r[0] != "fresh start"]
+    ((source, step),) = [r for r in resumes(cluster) if r[0] != "fresh start"]
     assert source == "peer keepers' memory" and step >= 8 - 2, log[-3000:]  # one step in flight, one being coded
     # node1's keeper decoded node2's ranks while the job restarted; the workers read them as held copies
     assert "lost node2" in log and "world 6 -> 4" in log
@@ -172,7 +181,9 @@ def test_a_node_lost_during_the_parity_exchange_resumes_from_the_newest_protecte
     with cluster_of(tmp_path, nodes=3, per_node=1, min_nodes=2, extra=["fault.erasure.max_mb_s=0.4"]) as cluster:
         wait_for_step(cluster, 1)
         deadline = time.monotonic() + 180
-        while not (protected := [r["protected_step"] for r in read_metrics(cluster.run_dir) if r["protected_step"] >= 0]):
+        while not (
+            protected := [r["protected_step"] for r in read_metrics(cluster.run_dir) if r["protected_step"] >= 0]
+        ):
             assert time.monotonic() < deadline, cluster.output(0)[-4000:]
             time.sleep(0.05)
         newest = logged_steps(cluster.run_dir)  # the snapshots of the steps before it are complete
@@ -182,7 +193,7 @@ def test_a_node_lost_during_the_parity_exchange_resumes_from_the_newest_protecte
         assert max(r["snapshot_age"] for r in read_metrics(cluster.run_dir)[:newest]) <= 1
         assert cluster.wait(timeout=300)[:2] == [0, 0], cluster.output(0)[-4000:]
         log = cluster.output(0)
-    (source, step), = [r for r in resumes(cluster) if r[0] != "fresh start"]
+    ((source, step),) = [r for r in resumes(cluster) if r[0] != "fresh start"]
     assert source == "peer keepers' memory", log[-3000:]
     assert max(protected) <= step < newest - 1, (protected, step, newest)  # the step being coded was not taken
     assert_matches(latest_losses(cluster.run_dir), reference)
@@ -212,7 +223,7 @@ def test_a_hung_node_is_left_behind_and_the_job_resumes_from_memory(tmp_path, re
         log = cluster.output(0)
     assert "made no progress for" in log or "has not answered for" in log, log[-3000:]
     assert "ending this node's ranks" in log
-    (source, step), = [r for r in resumes(cluster) if r[0] != "fresh start"]
+    ((source, step),) = [r for r in resumes(cluster) if r[0] != "fresh start"]
     assert source == "peer keepers' memory" and step >= 8 - 2, log[-3000:]
     assert HANG_S <= recovered_s <= HANG_S + 90, recovered_s  # the watch's timeout plus the restart
     assert_matches(latest_losses(cluster.run_dir), reference)

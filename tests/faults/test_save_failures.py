@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import read_metrics
-from resurgo.checkpoint.store import commit as commits
 from resurgo.checkpoint.keeper.client import keeper_pid
+from resurgo.checkpoint.store import commit as commits
 
 TINY = ["model=tiny", "train.device=cpu", "train.seq_len=32", "train.batch_size=4", "model.n_layers=2"]
 
@@ -64,7 +64,16 @@ def test_a_failing_write_stops_the_run_when_it_happens(tmp_path, keeper):
     either way the run stops long before its last step, says why and where, and says so in its metrics."""
     (tmp_path / "file").write_text("not a folder")
     root = tmp_path / "file" / "ckpt"
-    proc = run(tmp_path, ["train.steps=1000", "train.log_every=1", "checkpoint.every=2", f"checkpoint.dir={root}", f"fault.keeper={keeper}"])
+    proc = run(
+        tmp_path,
+        [
+            "train.steps=1000",
+            "train.log_every=1",
+            "checkpoint.every=2",
+            f"checkpoint.dir={root}",
+            f"fault.keeper={keeper}",
+        ],
+    )
     assert proc.returncode != 0
     assert proc.stderr.count("error: ") == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "Not a directory" in proc.stderr and str(root) in proc.stderr

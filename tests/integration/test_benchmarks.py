@@ -20,7 +20,21 @@ def bench(name: str, *args: str, timeout: float = 300, env: dict[str, str] | Non
 
 
 def test_snapshot_stall_runs_every_method_and_reports_the_checksum_cost():
-    out = bench("snapshot_stall.py", "--ranks", "2", "--rounds", "1", "--steps", "1", "--warmup", "0", "--dim", "64", "--layers", "2")
+    out = bench(
+        "snapshot_stall.py",
+        "--ranks",
+        "2",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--dim",
+        "64",
+        "--layers",
+        "2",
+    )
     rows = [line.split()[0] for line in out.splitlines()[2:8]]
     assert rows == ["none", "torch.save", "dcp.save", "dcp.async_save", "resurgo", "resurgo+persist"], out
     assert "then its checksums" in out
@@ -41,21 +55,56 @@ def test_erasure_coding_runs_against_the_libraries():
 
 def test_gpu_check_runs_every_part_at_a_tiny_size_on_cpu():
     out = bench("gpu.py", "--tiny", env={"TRITON_INTERPRET": "1"})
-    table = out[out.index("part  "):]
-    for measure in ("encode k=4 m=2", "parity identical", "device to host", "registered shared segment", "tokens/s (2x32",
-                    "blocked per step", "a snapshot every step", "background copy"):  # fmt: skip
+    table = out[out.index("part  ") :]
+    for measure in (
+        "encode k=4 m=2",
+        "parity identical",
+        "device to host",
+        "registered shared segment",
+        "tokens/s (2x32",
+        "blocked per step",
+        "a snapshot every step",
+        "background copy",
+    ):
         assert measure in table, out
 
 
 def test_recovery_headlines_kill_to_first_step_from_memory_and_from_disk():
-    out = bench("recovery.py", "--skip-overhead", "--gb", "0.01", "--steps", "6", "--kill-at", "3", "--every", "2",
-                "--recoveries", "1", timeout=900)  # fmt: skip
+    out = bench(
+        "recovery.py",
+        "--skip-overhead",
+        "--gb",
+        "0.01",
+        "--steps",
+        "6",
+        "--kill-at",
+        "3",
+        "--every",
+        "2",
+        "--recoveries",
+        "1",
+        timeout=900,
+    )
     assert "kill -> first step after recovery" in out and "kill -> the step the node died after done again" in out, out
     assert "from peer keepers' memory" in out and "from disk" in out, out
 
 
 @pytest.mark.slow  # about 9 minutes here, with the overhead runs: the test above runs the kills
 def test_recovery_measures_a_node_loss_from_memory_and_from_disk():
-    out = bench("recovery.py", "--gb", "0.02", "--steps", "8", "--kill-at", "4", "--every", "2", "--repeats", "1", "--recoveries", "1",
-                timeout=1200)  # fmt: skip
+    out = bench(
+        "recovery.py",
+        "--gb",
+        "0.02",
+        "--steps",
+        "8",
+        "--kill-at",
+        "4",
+        "--every",
+        "2",
+        "--repeats",
+        "1",
+        "--recoveries",
+        "1",
+        timeout=1200,
+    )
     assert "from peer keepers' memory" in out and "from disk" in out

@@ -21,13 +21,22 @@ GOLDEN = REPO / "tests" / "golden" / "losses.json"
 BASE = ["experiment=smoke", "train.steps=6", "train.precision=fp32", "train.seed=7"]
 RUNS = {
     "pp=2 x tp=2": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=1F1B"]),
-    "dp_shard=2, a memory snapshot every step": (2, ["parallel.dp_shard=2", "fault.keeper=auto", "checkpoint.snapshot_every=1"]),
+    "dp_shard=2, a memory snapshot every step": (
+        2,
+        ["parallel.dp_shard=2", "fault.keeper=auto", "checkpoint.snapshot_every=1"],
+    ),
 }
 
 
 def cpu_kind() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown")  # fmt: skip
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
     return f"{model}; {torch.backends.cpu.get_cpu_capability()}; torch {torch.__version__}"
 
 

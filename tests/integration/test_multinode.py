@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import time
 
-from conftest import launch, read_metrics
 from test_topologies import BASE, assert_follows
 
+from conftest import launch, read_metrics
 from resurgo.launch.local_nodes import LocalCluster
 
 
 def test_two_nodes_match_single_node(tmp_path):
     launch(BASE + ["parallel.dp_shard=2"], nproc=2, root=tmp_path / "single")
     reference = read_metrics(tmp_path / "single" / "run")
-    with LocalCluster(nodes=2, nproc_per_node=1, overrides=BASE + ["parallel.dp_shard=2", "train.device=cpu"],
-                      run_root=tmp_path / "multi", name="run") as cluster:  # fmt: skip
+    with LocalCluster(
+        nodes=2,
+        nproc_per_node=1,
+        overrides=BASE + ["parallel.dp_shard=2", "train.device=cpu"],
+        run_root=tmp_path / "multi",
+        name="run",
+    ) as cluster:
         codes = cluster.wait(timeout=240)
         assert codes == [0, 0], [cluster.output(i)[-3000:] for i in range(2)]
     assert_follows(read_metrics(tmp_path / "multi" / "run"), reference)
@@ -22,7 +27,9 @@ def test_two_nodes_match_single_node(tmp_path):
 
 def test_kill_node_leaves_none_of_its_processes(tmp_path):
     overrides = ["experiment=smoke", "train.steps=100000", "train.device=cpu"]
-    with LocalCluster(nodes=2, nproc_per_node=1, min_nodes=1, overrides=overrides, run_root=tmp_path, name="run") as cluster:
+    with LocalCluster(
+        nodes=2, nproc_per_node=1, min_nodes=1, overrides=overrides, run_root=tmp_path, name="run"
+    ) as cluster:
         metrics = cluster.run_dir / "metrics.jsonl"
         deadline = time.monotonic() + 120
         while not (metrics.exists() and metrics.read_text().strip()):

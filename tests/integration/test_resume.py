@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from test_topologies import BASE, RTOL
 
 from conftest import launch, read_metrics
-from test_topologies import BASE, RTOL
 
 # decay_steps fixed: a run stopped at step 5 follows the same learning-rate curve as one of 10.
 DISK = ["optim.schedule.decay_steps=10", "fault.keeper=off", "checkpoint.every=5"]
@@ -21,10 +21,18 @@ PAIRS = {
     "pp=2 x tp=2 -> dp_shard=4": (["parallel.pp=2", "parallel.tp=2"], 4, ["parallel.dp_shard=4"], 4),
     "dp_shard=2 x tp=2 -> 1": (["parallel.dp_shard=2", "parallel.tp=2"], 4, [], 1),
     "pp=2 x tp=2 x dp_shard=2 -> pp=2 x dp_shard=2": (
-        ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=2"], 8, ["parallel.pp=2", "parallel.dp_shard=2"], 4,
+        ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=2"],
+        8,
+        ["parallel.pp=2", "parallel.dp_shard=2"],
+        4,
     ),
     # 64 and 256 rows over 3 ranks: uneven FSDP shards on save.
-    "dp_shard=3 (uneven) -> tp=2": (["parallel.dp_shard=3", "train.batch_size=24"], 3, ["parallel.tp=2", "train.batch_size=24"], 2),
+    "dp_shard=3 (uneven) -> tp=2": (
+        ["parallel.dp_shard=3", "train.batch_size=24"],
+        3,
+        ["parallel.tp=2", "train.batch_size=24"],
+        2,
+    ),
 }
 
 
@@ -72,10 +80,24 @@ def test_resume_on_another_topology(pair, uninterrupted, tmp_path):
     ckpt = f"checkpoint.dir={tmp_path}/ckpt"
     reference = read_metrics(uninterrupted / "run")
     if "train.batch_size=24" in save_overrides:
-        launch(BASE + DISK + ["train.batch_size=24", f"checkpoint.dir={tmp_path}/ref"], nproc=1, root=tmp_path, name="ref")
+        launch(
+            BASE + DISK + ["train.batch_size=24", f"checkpoint.dir={tmp_path}/ref"], nproc=1, root=tmp_path, name="ref"
+        )
         reference = read_metrics(tmp_path / "ref")
-    launch(BASE + DISK + save_overrides + [ckpt, "train.steps=5"], nproc=save_procs, root=tmp_path, name="save", extra_torchrun=[])
-    launch(BASE + DISK + load_overrides + [ckpt, "checkpoint.resume=latest"], nproc=load_procs, root=tmp_path, name="load", extra_torchrun=[])
+    launch(
+        BASE + DISK + save_overrides + [ckpt, "train.steps=5"],
+        nproc=save_procs,
+        root=tmp_path,
+        name="save",
+        extra_torchrun=[],
+    )
+    launch(
+        BASE + DISK + load_overrides + [ckpt, "checkpoint.resume=latest"],
+        nproc=load_procs,
+        root=tmp_path,
+        name="load",
+        extra_torchrun=[],
+    )
     resumed = read_metrics(tmp_path / "load")
     assert [r["step"] for r in resumed] == list(range(6, 11))
     for got, want in zip(resumed, reference[5:]):
@@ -103,14 +125,36 @@ def test_export_to_safetensors_then_initialize_a_run_on_another_topology(uninter
 
     exported = tmp_path / "hf"
     subprocess.run(
-        [sys.executable, "-m", "resurgo.launch.ckpt", "export", "--to", "safetensors",
-         str(uninterrupted / "ckpt" / "step-00000005"), str(exported)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "resurgo.launch.ckpt",
+            "export",
+            "--to",
+            "safetensors",
+            str(uninterrupted / "ckpt" / "step-00000005"),
+            str(exported),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     assert (exported / "model.safetensors.index.json").exists()
     # lr=0: the one step changes no weight, so the checkpoint it writes holds exactly the initial weights.
-    launch(BASE + DISK + [f"checkpoint.init_from={exported}", "train.steps=1", "checkpoint.every=1", "optim.lr=0",
-                          f"checkpoint.dir={tmp_path}/ckpt", "parallel.tp=2"], nproc=2, root=tmp_path)
+    launch(
+        BASE
+        + DISK
+        + [
+            f"checkpoint.init_from={exported}",
+            "train.steps=1",
+            "checkpoint.every=1",
+            "optim.lr=0",
+            f"checkpoint.dir={tmp_path}/ckpt",
+            "parallel.tp=2",
+        ],
+        nproc=2,
+        root=tmp_path,
+    )
     started = read_checkpoint(tmp_path / "ckpt" / "step-00000001")
     source = read_checkpoint(uninterrupted / "ckpt" / "step-00000005")
     model = [n for n in source if n.startswith("model/")]
@@ -121,7 +165,12 @@ def test_resume_latest_skips_damaged_checkpoints_and_loads_the_newest_valid_one(
     """Step 4's chunk is damaged and step 6 holds only COMMITTED (an interrupted copy): the resume
     names both and loads step 2, which an exact path would not have replaced."""
     ckpt = tmp_path / "ckpt"
-    overrides = BASE + ["optim.schedule.decay_steps=10", "fault.keeper=off", "checkpoint.every=2", f"checkpoint.dir={ckpt}"]
+    overrides = BASE + [
+        "optim.schedule.decay_steps=10",
+        "fault.keeper=off",
+        "checkpoint.every=2",
+        f"checkpoint.dir={ckpt}",
+    ]
     launch(overrides + ["train.steps=4"], nproc=1, root=tmp_path, name="first")
     shard = next(p for p in sorted((ckpt / "step-00000004").rglob("*")) if p.is_file() and p.parent.name == "c")
     data = bytearray(shard.read_bytes())

@@ -55,7 +55,11 @@ def test_grad_accumulation_matches(reference, tmp_path):
 def test_training_reduces_the_loss(tmp_path):
     """Past the 10 warm-up steps, the mean loss of the last 5 steps falls well below that of the first
     5: about 0.4 here, while batch-to-batch noise (seen with optim.lr=0) moves these means by < 0.02."""
-    launch(["experiment=smoke", "train.steps=40", "train.precision=fp32", "optim.schedule.warmup_steps=10"], nproc=1, root=tmp_path)
+    launch(
+        ["experiment=smoke", "train.steps=40", "train.precision=fp32", "optim.schedule.warmup_steps=10"],
+        nproc=1,
+        root=tmp_path,
+    )
     losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
     assert len(losses) == 40
     first, last = sum(losses[10:15]) / 5, sum(losses[-5:]) / 5

@@ -40,10 +40,7 @@ def parity_matrix(k: int, m: int) -> list[list[int]]:
 
 def combine(matrix: Sequence[Sequence[int]], srcs: Sequence[bytes]) -> list[bytes]:
     size = len(srcs[0])
-    return [
-        bytes(_dot(row, [s[b] for s in srcs]) for b in range(size))
-        for row in matrix
-    ]
+    return [bytes(_dot(row, [s[b] for s in srcs]) for b in range(size)) for row in matrix]
 
 
 def _dot(row: Sequence[int], column: Sequence[int]) -> int:

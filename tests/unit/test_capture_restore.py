@@ -10,8 +10,8 @@ import torch
 from test_snapshot import Ema, Net, Progress
 
 from resurgo.checkpoint.snapshot.capture import StateCapture
-from resurgo.checkpoint.state.flatten import flatten
 from resurgo.checkpoint.snapshot.engine import HostCopier, slot_views
+from resurgo.checkpoint.state.flatten import flatten
 from resurgo.checkpoint.state.stateful import ModelState, OptimizerState
 
 

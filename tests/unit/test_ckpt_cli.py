@@ -18,7 +18,11 @@ from resurgo.trainer.config import CheckpointConfig
 
 
 def _model(scale: float) -> dict[str, torch.Tensor]:
-    return {"w": torch.arange(96.0).reshape(12, 8) * scale, "b": torch.full((5,), scale), "mask": torch.tensor([True, False])}
+    return {
+        "w": torch.arange(96.0).reshape(12, 8) * scale,
+        "b": torch.full((5,), scale),
+        "mask": torch.tensor([True, False]),
+    }
 
 
 @pytest.fixture
@@ -43,7 +47,9 @@ def test_verify_passes_then_lists_every_problem(root, capsys):
     (root / "step-00000002/model/b/c/0").unlink()
     assert main(["verify", str(root / "step-00000002")]) == 1
     out = capsys.readouterr().out
-    assert "2 problem(s)" in out and "'model/w' shard c/0/0 is 7 bytes" in out and "'model/b' shard c/0 is missing" in out
+    assert (
+        "2 problem(s)" in out and "'model/w' shard c/0/0 is 7 bytes" in out and "'model/b' shard c/0 is missing" in out
+    )
 
 
 def test_diff_reports_max_abs_difference(root, capsys):
@@ -55,7 +61,22 @@ def test_diff_reports_max_abs_difference(root, capsys):
 
 def test_export_to_safetensors_and_initialize_from_it(root, tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
-    assert main(["export", "--to", "safetensors", str(root / "step-00000001"), str(out), "--dtype", "bf16", "--max-shard-size", "200B"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--to",
+                "safetensors",
+                str(root / "step-00000001"),
+                str(out),
+                "--dtype",
+                "bf16",
+                "--max-shard-size",
+                "200B",
+            ]
+        )
+        == 0
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == {"w", "b", "mask"} and len(set(index["weight_map"].values())) >= 2
     weights = {k: v for f in out.glob("model-*.safetensors") for k, v in load_file(f).items()}
@@ -69,7 +90,15 @@ def test_export_to_safetensors_and_initialize_from_it(root, tmp_path_factory):
 
 def test_plan_lists_chunks_and_bytes_per_rank(root, tmp_path, capsys):
     layouts = [
-        {"layout": {"name": "model/w", "shape": [12, 8], "dtype": "float32", "mesh": {"axes": ["tp"], "sizes": [2], "ranks": [0, 1]}, "placements": [{"kind": "shard", "dim": 0}]}},
+        {
+            "layout": {
+                "name": "model/w",
+                "shape": [12, 8],
+                "dtype": "float32",
+                "mesh": {"axes": ["tp"], "sizes": [2], "ranks": [0, 1]},
+                "placements": [{"kind": "shard", "dim": 0}],
+            }
+        },
         {"layout": {"name": "model/b", "shape": [5], "dtype": "float32"}, "ranks": [1]},
     ]
     (tmp_path / "layouts.json").write_text(json.dumps(layouts))
@@ -106,7 +135,9 @@ def test_export_refuses_a_non_empty_folder_replaces_it_only_when_told_and_never_
     assert main(["export", "--to", "safetensors", step2, str(out)]) == 2
     assert "is not empty" in capsys.readouterr().err and sorted(p.name for p in out.glob("*.safetensors")) == shards
     assert main(["export", "--to", "safetensors", step2, str(out), "--overwrite"]) == 0
-    assert [p.name for p in out.glob("*.safetensors")] == ["model-00001-of-00001.safetensors"]  # no stale shard of step 1
+    assert [p.name for p in out.glob("*.safetensors")] == [
+        "model-00001-of-00001.safetensors"
+    ]  # no stale shard of step 1
     assert torch.equal(load_file(out / "model-00001-of-00001.safetensors")["b"], torch.full((5,), 1.5))
     assert not list(out.parent.glob(f".{out.name}.*"))  # no temporary or replaced folder left
     (out.parent / "a-file").write_text("x")
@@ -156,7 +187,11 @@ def _rewrite(folder: Path, change) -> None:
 def test_a_tampered_document_is_one_error_naming_the_field(root, capsys, change, message):
     folder = root / "step-00000002"
     _rewrite(folder, change)
-    for command in (["verify", str(folder)], ["inspect", str(folder)], ["diff", str(folder), str(root / "step-00000001")]):
+    for command in (
+        ["verify", str(folder)],
+        ["inspect", str(folder)],
+        ["diff", str(folder), str(root / "step-00000001")],
+    ):
         assert main(command) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err

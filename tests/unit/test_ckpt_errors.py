@@ -18,12 +18,11 @@ import pytest
 import torch
 from test_ckpt_workers import TensorState
 
-from resurgo.checkpoint.store import commit
-
-from resurgo.checkpoint.store import writer as store
-from resurgo.checkpoint.store.commit import latest
 from resurgo.checkpoint.errors import CheckpointError
+from resurgo.checkpoint.store import commit
+from resurgo.checkpoint.store import writer as store
 from resurgo.checkpoint.store.checkpointer import Checkpointer
+from resurgo.checkpoint.store.commit import latest
 from resurgo.trainer.config import CheckpointConfig
 
 
@@ -47,7 +46,9 @@ def ckpt(tmp_path: Path) -> Path:
 
 
 def _load(ckpt: Path, targets: dict[str, torch.Tensor] | None = None) -> TensorState:
-    state = TensorState(targets if targets is not None else {n: torch.full_like(t, -7.0) for n, t in _tensors().items()})
+    state = TensorState(
+        targets if targets is not None else {n: torch.full_like(t, -7.0) for n, t in _tensors().items()}
+    )
     original = state.state
     with pytest.raises(CheckpointError) as info:
         _checkpointer(ckpt.parent, state, resume=str(ckpt)).resume()
@@ -257,7 +258,13 @@ class _tmpfs:
         self.path, self.opts = path, f"size={size}" + (f",{options}" if options else "")
 
     def __enter__(self) -> None:
-        if not _can_mount() or subprocess.run(["mount", "-t", "tmpfs", "-o", self.opts, f"resurgo-{uuid.uuid4().hex[:6]}", str(self.path)], capture_output=True).returncode:
+        if (
+            not _can_mount()
+            or subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", self.opts, f"resurgo-{uuid.uuid4().hex[:6]}", str(self.path)],
+                capture_output=True,
+            ).returncode
+        ):
             pytest.skip("needs permission to mount a tmpfs")
 
     def __exit__(self, *exc) -> None:
@@ -267,6 +274,7 @@ class _tmpfs:
 def _read_only(path: Path):
     """A read-only directory: chmod for ordinary users; a read-only tmpfs for root, who ignores modes."""
     if os.geteuid() != 0:
+
         class _Chmod:
             def __enter__(self):
                 path.chmod(0o500)

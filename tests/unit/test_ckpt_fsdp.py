@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from test_ckpt_workers import workers
 from torch import nn
 
-from resurgo.checkpoint.store.checkpointer import Checkpointer
 from resurgo.checkpoint.state.stateful import ModelState, OptimizerState
+from resurgo.checkpoint.store.checkpointer import Checkpointer
 from resurgo.trainer.config import CheckpointConfig
 
 
@@ -50,7 +50,9 @@ def _full(state: dict) -> dict[str, torch.Tensor]:
     from resurgo.checkpoint.state.flatten import flatten
 
     tensors, _ = flatten("s", state)
-    return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone().contiguous() for n, t in tensors.items()}
+    return {
+        n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone().contiguous() for n, t in tensors.items()
+    }
 
 
 def save_task(root: str) -> None:

@@ -13,8 +13,8 @@ from torch.distributed.tensor._utils import _compute_local_shape_and_global_offs
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from resurgo.checkpoint.errors import CheckpointError
-from resurgo.checkpoint.store.grid import choose_grid, tile
 from resurgo.checkpoint.state.layout import Box, MeshSpec, Placement, TensorLayout
+from resurgo.checkpoint.store.grid import choose_grid, tile
 from resurgo.checkpoint.store.save_plan import array_path, chunk_reads, plan_reads, plan_save
 
 
@@ -24,7 +24,9 @@ def _layout(shape, sizes, placements, name="w") -> TensorLayout:
 
 
 def _torch_placement(p: Placement):
-    return {"replicate": lambda: Replicate(), "shard": lambda: Shard(p.dim)}.get(p.kind, lambda: _StridedShard(p.dim, split_factor=p.split_factor))()
+    return {"replicate": lambda: Replicate(), "shard": lambda: Shard(p.dim)}.get(
+        p.kind, lambda: _StridedShard(p.dim, split_factor=p.split_factor)
+    )()
 
 
 def test_uneven_shard_follows_torch_chunk():
@@ -47,7 +49,11 @@ placements = st.one_of(
 
 
 @settings(max_examples=150, deadline=None)
-@given(shape=st.tuples(st.integers(0, 13), st.integers(1, 9)), sizes=st.lists(st.integers(1, 3), min_size=1, max_size=2), data=st.data())
+@given(
+    shape=st.tuples(st.integers(0, 13), st.integers(1, 9)),
+    sizes=st.lists(st.integers(1, 3), min_size=1, max_size=2),
+    data=st.data(),
+)
 def test_fragments_tile_the_tensor_like_dtensor(shape, sizes, data):
     layout = _layout(shape, sizes, [data.draw(placements) for _ in sizes])
     full = np.arange(math.prod(shape)).reshape(shape)
@@ -70,7 +76,10 @@ def test_fragments_tile_the_tensor_like_dtensor(shape, sizes, data):
 
 def test_plan_writes_each_replica_once_and_spreads_writers():
     plain = TensorLayout("p", (4, 4), "float32")
-    frags = {r: [TensorLayout(f"x{i}", (8,), "float32").fragment(r) for i in range(8)] + [plain.fragment(r)] for r in range(4)}
+    frags = {
+        r: [TensorLayout(f"x{i}", (8,), "float32").fragment(r) for i in range(8)] + [plain.fragment(r)]
+        for r in range(4)
+    }
     plan = plan_save(frags, world_size=4)
     for array in plan.arrays.values():
         assert len(array.pieces) == 1 and array.pieces[0].holders == (0, 1, 2, 3)
@@ -83,7 +92,10 @@ def test_shards_align_with_uneven_boxes_and_chunks_tile_them():
     plan = plan_save({r: [layout.fragment(r)] for r in range(4)}, world_size=4, max_chunk_bytes=24)
     assert (plan.arrays["w"].shards, plan.arrays["w"].chunks) == ((3, 6), (1, 3))
     halves = [Box((0, 0), (2048, 1024)), Box((2048, 0), (2048, 1024))]
-    assert choose_grid((4096, 1024), halves, itemsize=4, max_chunk_bytes=1 << 20, max_shard_bytes=4 << 20) == ((1024, 1024), (512, 512))
+    assert choose_grid((4096, 1024), halves, itemsize=4, max_chunk_bytes=1 << 20, max_shard_bytes=4 << 20) == (
+        (1024, 1024),
+        (512, 512),
+    )
     assert tile((3, 1 << 20), itemsize=4, max_bytes=1 << 20) == (3, 1 << 16)
     # A large prime side is left alone rather than cut into one-row slivers.
     assert tile((50257, 64), itemsize=4, max_bytes=1 << 20) == (50257, 4)
@@ -99,7 +111,10 @@ def test_gaps_overlaps_and_disagreeing_shapes_are_refused_by_name():
     with pytest.raises(CheckpointError, match=r"tensor 'w': box .* overlaps"):
         plan_save({0: [layout.fragment(0)], 1: [other.fragment(1)]}, world_size=2)
     with pytest.raises(CheckpointError, match="clash"):
-        plan_save({0: [TensorLayout("a", (1,), "float32").fragment(0), TensorLayout("a/b", (1,), "float32").fragment(0)]}, world_size=1)
+        plan_save(
+            {0: [TensorLayout("a", (1,), "float32").fragment(0), TensorLayout("a/b", (1,), "float32").fragment(0)]},
+            world_size=1,
+        )
 
 
 def test_array_paths_cannot_escape_or_clash_with_zarr_files():

@@ -11,8 +11,8 @@ import torch
 import zarr
 from test_ckpt_workers import TensorState, workers
 
-from resurgo.checkpoint.store.commit import latest
 from resurgo.checkpoint.store.checkpointer import Checkpointer
+from resurgo.checkpoint.store.commit import latest
 from resurgo.trainer.config import CheckpointConfig
 
 SHAPES = {
@@ -44,7 +44,9 @@ def global_tensor(name: str) -> torch.Tensor:
 def _meshes():
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh("cpu", (4,), mesh_dim_names=("dp",)), init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    return init_device_mesh("cpu", (4,), mesh_dim_names=("dp",)), init_device_mesh(
+        "cpu", (2, 2), mesh_dim_names=("dp", "tp")
+    )
 
 
 def _place(name: str, mesh, placements) -> torch.Tensor:
@@ -203,8 +205,8 @@ def disk_full_on_one_rank_task(root: str) -> str:
 
     import torch.distributed as dist
 
-    from resurgo.checkpoint.store import writer as store
     from resurgo.checkpoint.errors import CheckpointError
+    from resurgo.checkpoint.store import writer as store
 
     rank = dist.get_rank()
     tensors = {n: _place(n, *p) for n, p in save_layouts(rank).items()}

@@ -12,7 +12,8 @@ import os
 import queue
 import socket
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.multiprocessing as mp
 
@@ -38,7 +39,10 @@ class Workers:
         self.world = world
         self.tasks = [ctx.Queue() for _ in range(world)]
         self.results = ctx.Queue()
-        self.procs = [ctx.Process(target=_serve, args=(r, world, port, self.tasks[r], self.results), daemon=True) for r in range(world)]
+        self.procs = [
+            ctx.Process(target=_serve, args=(r, world, port, self.tasks[r], self.results), daemon=True)
+            for r in range(world)
+        ]
         for p in self.procs:
             p.start()
 
@@ -60,7 +64,9 @@ class Workers:
                     failures.append(f"rank {rank}:\n{value}")
         except queue.Empty:
             self.close()
-            raise AssertionError(f"{fn.__name__} timed out after {timeout}s on ranks {sorted(set(range(self.world)) - set(out))}") from None
+            raise AssertionError(
+                f"{fn.__name__} timed out after {timeout}s on ranks {sorted(set(range(self.world)) - set(out))}"
+            ) from None
         if failures:
             raise AssertionError("\n".join(sorted(failures)))
         return [out[r] for r in range(self.world)]

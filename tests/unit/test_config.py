@@ -50,5 +50,12 @@ def test_a_user_error_is_one_clear_message_without_a_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.splitlines()[0] == "error: model.dim=63 must be divisible by model.n_heads=4", proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
-    debug = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**__import__("os").environ, "RESURGO_DEBUG": "1"})
+    debug = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "RESURGO_DEBUG": "1"},
+    )
     assert debug.returncode == 1 and "model.dim=63" in debug.stderr and "Traceback" in debug.stderr

@@ -61,7 +61,9 @@ def test_sources(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "ab"}\n{"text": "c"}\n')
     assert load_tokens(DataConfig(source=str(tmp_path / "a.jsonl")), tok).tolist() == list(b"ab\n\nc")
     np.arange(10, dtype=np.uint32).tofile(tmp_path / "t.bin")
-    assert load_tokens(DataConfig(source=str(tmp_path / "t.bin"), token_dtype="uint32"), tok).tolist() == list(range(10))
+    assert load_tokens(DataConfig(source=str(tmp_path / "t.bin"), token_dtype="uint32"), tok).tolist() == list(
+        range(10)
+    )
     np.save(tmp_path / "t.npy", np.arange(5, dtype=np.uint16))
     assert load_tokens(DataConfig(source=str(tmp_path / "t.npy")), tok).tolist() == list(range(5))
     with pytest.raises(ValueError, match="not a file"):

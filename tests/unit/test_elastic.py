@@ -2,9 +2,10 @@ import itertools
 
 import pytest
 
+from resurgo.parallel.config import ParallelConfig
 from resurgo.parallel.dims import ParallelDims
 from resurgo.parallel.elastic import fit_topology
-from resurgo.trainer.config import ParallelConfig, TrainConfig
+from resurgo.trainer.config import TrainConfig
 
 
 def topology(*, world_size, pp=1, dp_replicate=1, tp=1):
@@ -14,7 +15,9 @@ def topology(*, world_size, pp=1, dp_replicate=1, tp=1):
 
 def dims_of(fitted, world_size):
     p = fitted.parallel
-    return ParallelDims.resolve(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, world_size=world_size)
+    return ParallelDims.resolve(
+        pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, world_size=world_size
+    )
 
 
 @pytest.mark.parametrize("previous", [None, topology(world_size=4, tp=2)])
@@ -50,22 +53,28 @@ def test_grad_accum_skips_ratios_that_do_not_split_the_batch():
 
 
 def test_tp_is_kept_when_the_world_halves():
-    fitted = fit_topology(ParallelConfig(tp=2), TrainConfig(batch_size=8), world_size=4,
-                          previous=topology(world_size=8, tp=2))
+    fitted = fit_topology(
+        ParallelConfig(tp=2), TrainConfig(batch_size=8), world_size=4, previous=topology(world_size=8, tp=2)
+    )
     assert (fitted.parallel.tp, fitted.parallel.dp_shard, fitted.grad_accum) == (2, 2, 2)
     assert fitted.note == "world 8 -> 4: dp_shard 4 -> 2, grad_accum 1 -> 2 (global batch 8 kept)"
 
 
 def test_tp_and_pp_come_from_the_resumed_run():
-    fitted = fit_topology(ParallelConfig(), TrainConfig(batch_size=16), world_size=8,
-                          previous=topology(world_size=4, pp=2, tp=2))
+    fitted = fit_topology(
+        ParallelConfig(), TrainConfig(batch_size=16), world_size=8, previous=topology(world_size=4, pp=2, tp=2)
+    )
     assert (fitted.parallel.pp, fitted.parallel.tp, fitted.parallel.dp_shard) == (2, 2, 2)
 
 
 def test_pp_times_tp_that_does_not_divide_is_refused():
     with pytest.raises(ValueError) as error:
-        fit_topology(ParallelConfig(pp=2, tp=2), TrainConfig(batch_size=16), world_size=6,
-                     previous=topology(world_size=8, pp=2, tp=2))
+        fit_topology(
+            ParallelConfig(pp=2, tp=2),
+            TrainConfig(batch_size=16),
+            world_size=6,
+            previous=topology(world_size=8, pp=2, tp=2),
+        )
     message = str(error.value)
     assert "world size 6 is not divisible by parallel.pp*tp = 2*2" in message
     assert "(4 or 8)" in message
@@ -88,9 +97,13 @@ def test_growing_dp_lowers_grad_accum(previous_world, world, grad_accum, batch_s
 
 def test_replicas_are_kept_when_they_divide_and_folded_otherwise():
     parallel = ParallelConfig(dp_replicate=2)
-    kept = fit_topology(parallel, TrainConfig(batch_size=16), world_size=4, previous=topology(world_size=8, dp_replicate=2))
+    kept = fit_topology(
+        parallel, TrainConfig(batch_size=16), world_size=4, previous=topology(world_size=8, dp_replicate=2)
+    )
     assert (kept.parallel.dp_replicate, kept.parallel.dp_shard, kept.grad_accum) == (2, 2, 2)
-    folded = fit_topology(parallel, TrainConfig(batch_size=12), world_size=3, previous=topology(world_size=6, dp_replicate=2))
+    folded = fit_topology(
+        parallel, TrainConfig(batch_size=12), world_size=3, previous=topology(world_size=6, dp_replicate=2)
+    )
     assert (folded.parallel.dp_replicate, folded.parallel.dp_shard, folded.grad_accum) == (1, 3, 2)
     assert folded.note == "world 6 -> 3: dp_replicate 2 -> 1, grad_accum 1 -> 2 (global batch 12 kept)"
 
@@ -112,7 +125,9 @@ def test_batch_that_cannot_be_split_is_refused():
 
 def test_pipeline_batch_refusal_names_the_microbatches():
     with pytest.raises(ValueError, match=r"degree 2 x parallel.microbatches=4 x train.grad_accum"):
-        fit_topology(ParallelConfig(pp=2), TrainConfig(batch_size=36), world_size=4, previous=topology(world_size=6, pp=2))
+        fit_topology(
+            ParallelConfig(pp=2), TrainConfig(batch_size=36), world_size=4, previous=topology(world_size=6, pp=2)
+        )
 
 
 def test_explicit_degrees_own_the_configured_grad_accum():
@@ -123,7 +138,11 @@ def test_explicit_degrees_own_the_configured_grad_accum():
     assert (first.parallel.dp_shard, first.grad_accum) == (4, 3)
     assert first.note == "world 4: dp_shard 6 -> 4, grad_accum 1 -> 3 (global batch 12 kept)"
     again = fit_topology(parallel, train, world_size=4, previous=topology(world_size=4))
-    assert (again.parallel.dp_shard, again.grad_accum, again.note) == (4, 3, "world 4: grad_accum 1 -> 3 (global batch 12 kept)")
+    assert (again.parallel.dp_shard, again.grad_accum, again.note) == (
+        4,
+        3,
+        "world 4: grad_accum 1 -> 3 (global batch 12 kept)",
+    )
 
 
 def test_invalid_degrees_are_refused_not_resized():
@@ -155,5 +174,7 @@ def test_resize_keeps_batch_and_micro_batch_bound(old, new):
     before, after = train.batch_size // (old // 2), train.batch_size // (dims.dp * fitted.grad_accum)
     assert after <= before
     # the smallest grad_accum that does both
-    assert not any(train.batch_size % (dims.dp * g) == 0 and train.batch_size // (dims.dp * g) <= before
-                   for g in range(1, fitted.grad_accum))
+    assert not any(
+        train.batch_size % (dims.dp * g) == 0 and train.batch_size // (dims.dp * g) <= before
+        for g in range(1, fitted.grad_accum)
+    )

@@ -102,7 +102,9 @@ def test_bad_input_is_refused(kwargs: dict, message: str) -> None:
     m=st.integers(1, 3),
     replicate=st.sampled_from([1, 2, 3]),
 )
-def test_any_m_lost_nodes_leave_every_rank_recoverable(nodes: int, per_node: int, k: int, m: int, replicate: int) -> None:
+def test_any_m_lost_nodes_leave_every_rank_recoverable(
+    nodes: int, per_node: int, k: int, m: int, replicate: int
+) -> None:
     names, ranks = _cluster(nodes, per_node)
     world = nodes * per_node
     stride = world // replicate if world % replicate == 0 else world

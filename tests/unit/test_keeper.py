@@ -14,17 +14,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from resurgo.checkpoint.erasure.coding import ShareRecipe
 from resurgo.checkpoint.keeper import persist as persist_module
 from resurgo.checkpoint.keeper import shm
-from resurgo.checkpoint.keeper.server import ORPHAN_GRACE_S, Keeper, KeeperRunning
 from resurgo.checkpoint.keeper.protocol import (
-    Client, KeeperError, lock_path, run_id, segment_name, segment_prefix, socket_dir, socket_path,
-)  # fmt: skip
-from resurgo.checkpoint.state.slot_layout import SlotLayout
-from resurgo.checkpoint.state.layout import TensorLayout
-from resurgo.checkpoint.erasure.coding import ShareRecipe
-from resurgo.checkpoint.store.reader import Checkpoint, ReadRequest, read_fragments
+    Client,
+    KeeperError,
+    lock_path,
+    run_id,
+    segment_name,
+    segment_prefix,
+    socket_dir,
+    socket_path,
+)
+from resurgo.checkpoint.keeper.server import ORPHAN_GRACE_S, Keeper, KeeperRunning
 from resurgo.checkpoint.keeper.slots import COMPLETE, FREE, RankSlots, Slot, choose_slot
+from resurgo.checkpoint.state.layout import TensorLayout
+from resurgo.checkpoint.state.slot_layout import SlotLayout
+from resurgo.checkpoint.store.reader import Checkpoint, ReadRequest, read_fragments
 
 TENSORS = {"model/w": np.arange(24, dtype=np.float32).reshape(4, 6), "optim/step": np.array(3.0, dtype=np.float32)}
 
@@ -56,17 +63,42 @@ def layout_of(tensors: dict[str, np.ndarray], *, rank: int = 0) -> SlotLayout:
 class FakeWorker:
     """A rank that talks to the keeper like SnapshotEngine, writing numpy arrays into its slots."""
 
-    def __init__(self, keeper: Keeper, *, rank: int = 0, local_world: int = 1, root: Path | None = None, token: str = "ab12",
-                 resumed_from: int = 0, world: int = 0, **register: object) -> None:  # fmt: skip
+    def __init__(
+        self,
+        keeper: Keeper,
+        *,
+        rank: int = 0,
+        local_world: int = 1,
+        root: Path | None = None,
+        token: str = "ab12",
+        resumed_from: int = 0,
+        world: int = 0,
+        **register: object,
+    ) -> None:
         world = world or local_world
         self.client = Client(socket_path(keeper.rid), timeout=60)
         self.rank, self.layout = rank, layout_of(TENSORS, rank=rank)
         store = None
         if root is not None:
-            store = {"root": str(root), "keep": 2, "compression": "none", "topology": {"dp": 1}, "world_size": world, "token": token}
+            store = {
+                "root": str(root),
+                "keep": 2,
+                "compression": "none",
+                "topology": {"dp": 1},
+                "world_size": world,
+                "token": token,
+            }
         reply = self.client.request(
-            "register", rank=rank, local_world_size=local_world, world_size=world, token=token, store=store,
-            layout=self.layout.to_json(), host_memory_bytes=0, resumed_from=resumed_from, **register,
+            "register",
+            rank=rank,
+            local_world_size=local_world,
+            world_size=world,
+            token=token,
+            store=store,
+            layout=self.layout.to_json(),
+            host_memory_bytes=0,
+            resumed_from=resumed_from,
+            **register,
         )
         self.segments = [shm.Segment.attach(n) for n in reply["segments"]]
 
@@ -77,7 +109,9 @@ class FakeWorker:
         data, tensors = self.segments[reply["slot"]].array(), tensors_at(step)
         for entry in self.layout.entries:
             data[entry.offset : entry.offset + entry.nbytes] = np.frombuffer(tensors[entry.name].tobytes(), np.uint8)
-        return self.client.request("complete", rank=self.rank, slot=reply["slot"], step=step, tree={"train": {"step": step}}, persist=persist)
+        return self.client.request(
+            "complete", rank=self.rank, slot=reply["slot"], step=step, tree={"train": {"step": step}}, persist=persist
+        )
 
 
 @pytest.fixture
@@ -127,11 +161,16 @@ def _slots(*states: tuple[str, int, int]) -> RankSlots:
 def test_slot_policy_keeps_the_newest_and_the_common_step_and_pinned_slots():
     assert choose_slot(_slots((COMPLETE, 5, 0), (FREE, -1, 0), (COMPLETE, 4, 0)), keep=[4]).index == 1
     assert choose_slot(_slots((COMPLETE, 3, 0), (COMPLETE, 5, 0), (COMPLETE, 4, 0)), keep=[4]).index == 0
-    assert choose_slot(_slots((COMPLETE, 3, 1), (COMPLETE, 5, 0), (COMPLETE, 4, 0)), keep=[4]) is None  # 3 is persisting
+    assert (
+        choose_slot(_slots((COMPLETE, 3, 1), (COMPLETE, 5, 0), (COMPLETE, 4, 0)), keep=[4]) is None
+    )  # 3 is persisting
     assert choose_slot(_slots((COMPLETE, 3, 0), (COMPLETE, 5, 0), (COMPLETE, 4, 0)), keep=[3]).index == 2
     # 4 is pinned (being coded) and 3 protected: only the newest, 5, may go, and only if the caller says so
     assert choose_slot(_slots((COMPLETE, 3, 0), (COMPLETE, 5, 0), (COMPLETE, 4, 1)), keep=[4, 3]) is None
-    assert choose_slot(_slots((COMPLETE, 3, 0), (COMPLETE, 5, 0), (COMPLETE, 4, 1)), keep=[4, 3], keep_newest=False).index == 1
+    assert (
+        choose_slot(_slots((COMPLETE, 3, 0), (COMPLETE, 5, 0), (COMPLETE, 4, 1)), keep=[4, 3], keep_newest=False).index
+        == 1
+    )
 
 
 def test_persisted_snapshot_is_committed_and_reads_back(serve, tmp_path):
@@ -265,7 +304,6 @@ def test_finish_waits_for_the_last_persist_then_the_keeper_exits(serve, tmp_path
     assert_holds_step(tmp_path / "ckpt" / "step-00000003", 3)
 
 
-
 def test_warming_maps_and_pins_what_a_restore_will_read(serve):
     from resurgo.checkpoint.keeper.client import HeldSlots
 
@@ -341,9 +379,16 @@ def test_a_changed_layout_gets_segments_under_new_names(serve):
     before = [s.name for s in worker.segments]
     wider = {**TENSORS, "model/b": np.ones(8, dtype=np.float32)}
     reply = worker.client.request(
-        "register", rank=0, local_world_size=1, world_size=1, token="ab12", store=None,
-        layout=layout_of(wider).to_json(), host_memory_bytes=0, resumed_from=0,
-    )  # fmt: skip
+        "register",
+        rank=0,
+        local_world_size=1,
+        world_size=1,
+        token="ab12",
+        store=None,
+        layout=layout_of(wider).to_json(),
+        host_memory_bytes=0,
+        resumed_from=0,
+    )
     assert len(reply["segments"]) == len(before) and not set(reply["segments"]) & set(before)
 
 
@@ -417,7 +462,9 @@ def test_a_keeper_holding_nothing_worth_keeping_frees_its_memory(serve):
     for auto in (False, True):
         keeper = serve(auto=auto)
         worker = FakeWorker(keeper, launcher=os.getpid())
-        assert worker.client.request("acquire", rank=0, step=1)["slot"] is not None  # killed before its first snapshot completed
+        assert (
+            worker.client.request("acquire", rank=0, step=1)["slot"] is not None
+        )  # killed before its first snapshot completed
         worker.client.close()
         if auto:
             wait_stopped(keeper, timeout=ORPHAN_GRACE_S + 10)
@@ -434,7 +481,9 @@ def test_a_killed_keepers_memory_is_reclaimed_by_any_keeper_of_any_run(serve, tm
     segment's name says its keeper is dead."""
     dead = run_id(tmp_path / "elsewhere")
     orphan = shm.Segment.create(segment_name(dead, keeper_id="0dead2", rank=0, slot=0, serial=1, pid=_dead_pid()), 4096)
-    mine = shm.Segment.create(segment_name(dead, keeper_id="0live0", rank=0, slot=1, serial=2), 4096)  # this process: alive
+    mine = shm.Segment.create(
+        segment_name(dead, keeper_id="0live0", rank=0, slot=1, serial=2), 4096
+    )  # this process: alive
     serve()
     assert not (shm.SHM_DIR / orphan.name).exists() and (shm.SHM_DIR / mine.name).exists()
     shm.unlink(mine.name)
@@ -442,7 +491,9 @@ def test_a_killed_keepers_memory_is_reclaimed_by_any_keeper_of_any_run(serve, tm
 
 def test_keepers_of_a_node_are_listed_and_stopped_from_the_command_line(tmp_path):
     run_dir = tmp_path / "cli"
-    keeper = subprocess.Popen([sys.executable, "-m", "resurgo.launch.keeper", "--run-dir", str(run_dir)], stderr=subprocess.DEVNULL)
+    keeper = subprocess.Popen(
+        [sys.executable, "-m", "resurgo.launch.keeper", "--run-dir", str(run_dir)], stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 60
         while not socket_path(run_id(run_dir)).exists():
@@ -450,7 +501,9 @@ def test_keepers_of_a_node_are_listed_and_stopped_from_the_command_line(tmp_path
             time.sleep(0.05)
         cli = [sys.executable, "-m", "resurgo.launch.keeper"]
         listed = subprocess.run([*cli, "list"], capture_output=True, text=True, check=True).stdout
-        assert any(run_id(run_dir) in line and str(keeper.pid) in line and "running" in line for line in listed.splitlines())
+        assert any(
+            run_id(run_dir) in line and str(keeper.pid) in line and "running" in line for line in listed.splitlines()
+        )
         stopped = subprocess.run([*cli, "stop", str(run_dir)], capture_output=True, text=True, check=True, timeout=60)
         assert "stopped 1 keeper" in stopped.stdout
         assert keeper.wait(timeout=10) == 0

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from resurgo.checkpoint.snapshot.capture import StateCapture
-from resurgo.checkpoint.state.flatten import flatten
 from resurgo.checkpoint.keeper.protocol import KeeperError
 from resurgo.checkpoint.recovery.protection import Protection
+from resurgo.checkpoint.snapshot.capture import StateCapture
+from resurgo.checkpoint.state.flatten import flatten
 from resurgo.checkpoint.state.stateful import ModelState
 
 
@@ -24,7 +24,9 @@ class TwoRanks:
         return [obj, obj if isinstance(obj, list) else self.other_error]
 
 
-def protection(comm: TwoRanks, model: nn.Module, snapshot: dict[str, torch.Tensor] | None) -> tuple[Protection, list[str]]:
+def protection(
+    comm: TwoRanks, model: nn.Module, snapshot: dict[str, torch.Tensor] | None
+) -> tuple[Protection, list[str]]:
     requests: list[str] = []
     p = object.__new__(Protection)
     p.comm, p.rank, p.states = comm, 0, {"model": ModelState(model)}
@@ -46,7 +48,9 @@ def protection(comm: TwoRanks, model: nn.Module, snapshot: dict[str, torch.Tenso
 def test_a_snapshot_is_copied_into_the_live_tensors_and_unpinned() -> None:
     model = nn.Linear(512, 1024)
     weight = model.weight
-    snapshot = {name: torch.full_like(t, 3.0) for name, t in flatten("model", ModelState(model).state_dict())[0].items()}
+    snapshot = {
+        name: torch.full_like(t, 3.0) for name, t in flatten("model", ModelState(model).state_dict())[0].items()
+    }
     p, requests = protection(TwoRanks(None), model, snapshot)
     resumed = p._from_memory()
     assert resumed is not None and resumed.step == 4
@@ -58,7 +62,9 @@ def test_a_snapshot_is_copied_into_the_live_tensors_and_unpinned() -> None:
 def test_one_rank_without_its_snapshot_leaves_every_state_untouched(failing: str) -> None:
     model = nn.Linear(512, 1024)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    snapshot = {name: torch.full_like(t, 3.0) for name, t in flatten("model", ModelState(model).state_dict())[0].items()}
+    snapshot = {
+        name: torch.full_like(t, 3.0) for name, t in flatten("model", ModelState(model).state_dict())[0].items()
+    }
     comm = TwoRanks("rank 1: its keeper is gone" if failing == "other" else None)
     p, requests = protection(comm, model, snapshot if failing == "other" else None)
     assert p._from_memory() is None

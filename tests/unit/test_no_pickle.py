@@ -15,7 +15,11 @@ from resurgo.trainer.config import CheckpointConfig
 
 def test_a_checkpoint_loads_with_every_unpickler_disabled(tmp_path, monkeypatch, capsys):
     saved = {"w": torch.arange(96.0).reshape(12, 8), "step": torch.tensor(7)}
-    Checkpointer(CheckpointConfig(keep=2, compression="zstd"), root=tmp_path, states={"model": TensorState(dict(saved)), "extra": TensorState({"lr": 0.1})}).save(3)
+    Checkpointer(
+        CheckpointConfig(keep=2, compression="zstd"),
+        root=tmp_path,
+        states={"model": TensorState(dict(saved)), "extra": TensorState({"lr": 0.1})},
+    ).save(3)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the load path unpickled something")
@@ -24,7 +28,10 @@ def test_a_checkpoint_loads_with_every_unpickler_disabled(tmp_path, monkeypatch,
         monkeypatch.setattr(module, name, refuse)
     model = TensorState({"w": torch.zeros(12, 8), "step": torch.tensor(0)})
     extra = TensorState({"lr": 0.0})
-    assert Checkpointer(CheckpointConfig(resume="latest"), root=tmp_path, states={"model": model, "extra": extra}).resume() == 3
+    assert (
+        Checkpointer(CheckpointConfig(resume="latest"), root=tmp_path, states={"model": model, "extra": extra}).resume()
+        == 3
+    )
     assert torch.equal(model.state["w"], saved["w"]) and int(model.state["step"]) == 7 and extra.state["lr"] == 0.1
     assert main(["verify", str(tmp_path)]) == 0 and main(["inspect", str(tmp_path)]) == 0
     assert "unpickled" not in capsys.readouterr().err

@@ -6,13 +6,13 @@ import socket
 import time
 
 import pytest
+from test_keeper import serve  # noqa: F401  (fixture)
 
+from resurgo.checkpoint.erasure.coding import ErasureSetup
+from resurgo.checkpoint.erasure.wire import PeerServer, advertised_host, unreachable
 from resurgo.checkpoint.errors import PeerUnreachable
 from resurgo.checkpoint.keeper.protocol import Client, node_id, socket_path
 from resurgo.checkpoint.recovery.peers import _check_reach
-from resurgo.checkpoint.erasure.wire import PeerServer, advertised_host, unreachable
-from resurgo.checkpoint.erasure.coding import ErasureSetup
-from test_keeper import serve  # noqa: F401  (fixture)
 
 
 def test_the_address_is_the_route_to_the_rendezvous_host_unless_set(monkeypatch):
@@ -46,7 +46,7 @@ def test_a_keeper_that_answers_is_reachable_even_before_it_knows_the_secret():
     with socket.socket() as silent:  # listening, never greeting: a hung keeper's port
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        assert "timed out" in unreachable("127.0.0.1:%d" % silent.getsockname()[1], timeout=0.5)
+        assert "timed out" in unreachable(f"127.0.0.1:{silent.getsockname()[1]}", timeout=0.5)
 
 
 def test_unreachable_peers_are_one_clear_error_on_every_rank():
@@ -54,18 +54,32 @@ def test_unreachable_peers_are_one_clear_error_on_every_rank():
         def all_gather(self, mine):
             return [mine, None, {"node": "node1", "unreachable": {"node0": "127.0.0.1:5: Connection refused"}}]
 
-    with pytest.raises(PeerUnreachable, match="node1 -> node0 at 127.0.0.1:5: Connection refused(.|\n)*RESURGO_PEER_HOST"):
+    with pytest.raises(
+        PeerUnreachable, match="node1 -> node0 at 127.0.0.1:5: Connection refused(.|\n)*RESURGO_PEER_HOST"
+    ):
         _check_reach(Gather(), {"node": "node0", "unreachable": {}})
-    _check_reach(type("Fine", (), {"all_gather": lambda self, mine: [mine, None]})(), {"node": "node0", "unreachable": {}})
+    _check_reach(
+        type("Fine", (), {"all_gather": lambda self, mine: [mine, None]})(), {"node": "node0", "unreachable": {}}
+    )
 
 
 def test_a_keeper_reports_the_peers_of_its_plan_it_cannot_reach(serve):  # noqa: F811
     keeper = serve()
     client = Client(socket_path(keeper.rid), timeout=60)
     me, address = node_id(), client.request("hello")["peer_address"]
-    plan = ErasureSetup(token="ab12", created=time.time(), secret="s" * 32, nodes=(me, "gone"), ranks={me: (0,), "gone": (1,)},
-                       replicas=(), k=1, m=1, peers={me: address, "gone": f"127.0.0.1:{closed_port()}"}, world_size=2,
-                       topology={"dp_shard": 2})  # fmt: skip
+    plan = ErasureSetup(
+        token="ab12",
+        created=time.time(),
+        secret="s" * 32,
+        nodes=(me, "gone"),
+        ranks={me: (0,), "gone": (1,)},
+        replicas=(),
+        k=1,
+        m=1,
+        peers={me: address, "gone": f"127.0.0.1:{closed_port()}"},
+        world_size=2,
+        topology={"dp_shard": 2},
+    )
     client.request("protect", plan=plan.to_json())
     reply = client.request("reach")
     assert reply["node"] == me and list(reply["unreachable"]) == ["gone"]

@@ -11,19 +11,26 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from resurgo.checkpoint.state.slot_layout import SlotLayout
-from resurgo.checkpoint.state.layout import MeshSpec, Placement, TensorLayout
-from resurgo.checkpoint.erasure.peer_plan import Inventory, choose
-from resurgo.checkpoint.recovery.peers import replica_sets
-from resurgo.checkpoint.erasure.peer_read import PeerReader, fill_targets, merged_trees
-from resurgo.checkpoint.state import checksum
 from resurgo.checkpoint.erasure import code as erasure
 from resurgo.checkpoint.erasure import service
-from resurgo.checkpoint.erasure.service import Pace, ParityService, _Parity
 from resurgo.checkpoint.erasure.coding import ErasureSetup
+from resurgo.checkpoint.erasure.peer_plan import Inventory, choose
+from resurgo.checkpoint.erasure.peer_read import PeerReader, fill_targets, merged_trees
+from resurgo.checkpoint.erasure.service import Pace, ParityService, _Parity
 from resurgo.checkpoint.erasure.wire import PeerClient, PeerError
+from resurgo.checkpoint.keeper.prefetch import (
+    merge,
+    new_fragment,
+    prefetch_rank,
+    prefetch_spans,
+    restore_reads,
+    subtract,
+)
 from resurgo.checkpoint.keeper.rebuild import plan_rebuild, probe, rebuild_rank, rebuilder
-from resurgo.checkpoint.keeper.prefetch import merge, new_fragment, restore_reads, prefetch_rank, prefetch_spans, subtract
+from resurgo.checkpoint.recovery.peers import replica_sets
+from resurgo.checkpoint.state import checksum
+from resurgo.checkpoint.state.layout import MeshSpec, Placement, TensorLayout
+from resurgo.checkpoint.state.slot_layout import SlotLayout
 
 SHAPES = {"model/w": (13, 7), "model/b": (5,), "optim/step": ()}  # 13 rows: uneven on any world size
 
@@ -77,17 +84,31 @@ class Cluster:
         self.ranks = {n: tuple(range(i * per_node, (i + 1) * per_node)) for i, n in enumerate(self.names)}
         self.slots: dict[str, dict[tuple[int, int], tuple[SlotLayout, np.ndarray]]] = {n: {} for n in self.names}
         self.protectors = {
-            n: ParityService(node=n, host="127.0.0.1", slot_source=self._source(n), on_protected=lambda: None,
-                         report=lambda n=n, **fields: self.report(n, **fields))
+            n: ParityService(
+                node=n,
+                host="127.0.0.1",
+                slot_source=self._source(n),
+                on_protected=lambda: None,
+                report=lambda n=n, **fields: self.report(n, **fields),
+            )
             for n in self.names
-        }  # fmt: skip
+        }
         for p in self.protectors.values():
             p.start()
         self.plan = ErasureSetup(
-            token="aaaa", created=1.0, secret="s3cret", nodes=tuple(self.names), ranks=self.ranks,
-            replicas=tuple(replicas), k=k, m=m, peers={n: p.address for n, p in self.protectors.items()},
-            world_size=self.world, topology={"pp": 1, "dp_replicate": 1, "dp_shard": self.world, "tp": 1}, site=site,
-        )  # fmt: skip
+            token="aaaa",
+            created=1.0,
+            secret="s3cret",
+            nodes=tuple(self.names),
+            ranks=self.ranks,
+            replicas=tuple(replicas),
+            k=k,
+            m=m,
+            peers={n: p.address for n, p in self.protectors.items()},
+            world_size=self.world,
+            topology={"pp": 1, "dp_replicate": 1, "dp_shard": self.world, "tp": 1},
+            site=site,
+        )
         for p in self.protectors.values():
             p.protect(self.plan)
         self.alive = set(self.names)
@@ -114,7 +135,9 @@ class Cluster:
             while not self.protectors[node].submit(step, ranks, lambda: None, shares, sums=sums):
                 time.sleep(0.01)
         deadline = time.monotonic() + 30
-        while wait and any(self.protectors[n].protected_step() < step for n in self.alive if self.plan.erasure().groups):
+        while wait and any(
+            self.protectors[n].protected_step() < step for n in self.alive if self.plan.erasure().groups
+        ):
             assert time.monotonic() < deadline, "parity never completed"
             time.sleep(0.01)
 
@@ -157,8 +180,9 @@ def cluster():
         c.close()
 
 
-def assert_restores(c: Cluster, *, step: int, new_world: int, on: str | None = None, compact: bool = False,
-                    reads=None) -> PeerReader:  # fmt: skip
+def assert_restores(
+    c: Cluster, *, step: int, new_world: int, on: str | None = None, compact: bool = False, reads=None
+) -> PeerReader:
     """Every rank of a `new_world`-rank topology gets exactly its slice of the state of `step`; the
     reader runs `on` a node, copying that node's own slots from its memory instead of a socket.
     `compact`: from inventories without layouts and JSON (the reader asks the holders for them);
@@ -183,7 +207,10 @@ def assert_restores(c: Cluster, *, step: int, new_world: int, on: str | None = N
             fill_targets(reader, targets, ranks=reads(rank) if reads else None)
             for name, (fragment, out) in targets.items():
                 np.testing.assert_array_equal(out, local(expected[name], fragment), err_msg=name)
-        assert merged_trees(reader, rank=0, same_topology=False, ranks=reads(0) if reads else None)["train"]["step"] == step
+        assert (
+            merged_trees(reader, rank=0, same_topology=False, ranks=reads(0) if reads else None)["train"]["step"]
+            == step
+        )
     finally:
         reader.close()
     return reader
@@ -249,8 +276,17 @@ def test_replicas_need_no_parity(cluster):
 def test_a_failed_recovery_keeps_the_incarnation_it_read():
     """Plans of incarnations that never protected a step do not push out the one holding the state."""
     p = ParityService(node="node0", host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
-    base = dict(secret="x", nodes=("node0", "node1"), ranks={"node0": (0,), "node1": (1,)}, replicas=(), k=1, m=1,
-                peers={}, world_size=2, topology={})  # fmt: skip
+    base = dict(
+        secret="x",
+        nodes=("node0", "node1"),
+        ranks={"node0": (0,), "node1": (1,)},
+        replicas=(),
+        k=1,
+        m=1,
+        peers={},
+        world_size=2,
+        topology={},
+    )
     p.protect(ErasureSetup(token="01", created=1.0, **base))
     p.protected["01"] = 5
     for i, token in enumerate(["02", "03", "04"]):
@@ -275,7 +311,9 @@ def test_a_survivor_rebuilds_a_lost_nodes_ranks_ahead_and_recovery_reads_them_as
     chosen, ranks = plan_rebuild(inventories, node="node1")  # the survivor nearest before node2
     assert ranks == [2]
     held = lambda rank, at: (c.slots["node1"].get((rank, at)) or (None, None))[1]  # noqa: E731
-    done, data = rebuild_rank(chosen, inventories, rank=2, node="node1", local=held, allocate=lambda n: np.zeros(n, dtype=np.uint8))
+    done, data = rebuild_rank(
+        chosen, inventories, rank=2, node="node1", local=held, allocate=lambda n: np.zeros(n, dtype=np.uint8)
+    )
     layout, slot = rank_slot(2, 3, 2)
     assert (done.step, done.layout.digest) == (2, layout.digest) and done.tree == {"train": {"step": 2, "rank": 2}}
     np.testing.assert_array_equal(data, slot)
@@ -300,7 +338,9 @@ def test_a_resized_rank_holds_the_same_placements_on_the_new_mesh():
     w = TensorLayout("w", (12, 8), "float32", MeshSpec(("dp_shard", "tp"), (3, 2), tuple(range(6))), shard)
     for rank in range(4):
         expected = TensorLayout("w", (12, 8), "float32", MeshSpec(("dp_shard", "tp"), (2, 2), tuple(range(4))), shard)
-        assert new_fragment(w, old=old, new=new, rank=rank, holders=range(6)).segments == expected.fragment(rank).segments
+        assert (
+            new_fragment(w, old=old, new=new, rank=rank, holders=range(6)).segments == expected.fragment(rank).segments
+        )
     # Two pipeline stages: a tensor of stage 1 is held by the new stage-1 ranks only, on their submesh.
     old, new = {"pp": 2, "dp_shard": 3}, {"pp": 2, "dp_shard": 2}
     v = TensorLayout("v", (10,), "float32", MeshSpec(("dp_shard",), (3,), (3, 4, 5)), (Placement("shard", 0),))
@@ -326,8 +366,10 @@ def test_survivors_prefetch_what_their_new_ranks_read_from_peers(cluster):
         assert set(reads[new_rank]) & set(c.ranks[node])  # it reads its own node's old ranks too
         spans = prefetch_spans(reads, held=lambda r: held(r, 1) is not None)
         assert spans and all(r not in c.ranks[node] for r in spans)  # only what other nodes hold, or held
-        pieces = {r: prefetch_rank(fetcher, rank=r, spans=s, allocate=lambda n: np.zeros(n, dtype=np.uint8))[:2]
-                  for r, s in spans.items()}  # fmt: skip
+        pieces = {
+            r: prefetch_rank(fetcher, rank=r, spans=s, allocate=lambda n: np.zeros(n, dtype=np.uint8))[:2]
+            for r, s in spans.items()
+        }
         fetcher.close()
 
         def prefetched(rank, at, offset, nbytes, pieces=pieces):
@@ -401,9 +443,17 @@ def test_a_new_plan_frees_a_leader_waiting_on_the_last_incarnations_parity(clust
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert leader.coding_step() == 2  # waiting for step 2 to be protected
-    survivors = replace(c.plan, token="bbbb", created=2.0, k=1, nodes=("node0", "node1"), ranks={"node0": (0,), "node1": (1,)},
-                        peers={n: c.protectors[n].address for n in ("node0", "node1")}, world_size=2,
-                        topology={**c.plan.topology, "dp_shard": 2})  # fmt: skip
+    survivors = replace(
+        c.plan,
+        token="bbbb",
+        created=2.0,
+        k=1,
+        nodes=("node0", "node1"),
+        ranks={"node0": (0,), "node1": (1,)},
+        peers={n: c.protectors[n].address for n in ("node0", "node1")},
+        world_size=2,
+        topology={**c.plan.topology, "dp_shard": 2},
+    )
     leader.protect(survivors)
     while leader.coding_step() != -1:
         assert time.monotonic() < deadline - 20, "the leader still waits on the dead incarnation's parity"
@@ -518,7 +568,9 @@ def test_a_byte_flipped_on_the_wire_or_in_parity_memory_is_caught_before_any_tar
         return data
 
     monkeypatch.setattr(ParityService, "_fetch", flipping)
-    with pytest.raises(checksum.ChecksumMismatch, match=r"old rank \d's snapshot of step 1 \(held by node\d\), model/w"):
+    with pytest.raises(
+        checksum.ChecksumMismatch, match=r"old rank \d's snapshot of step 1 \(held by node\d\), model/w"
+    ):
         assert_restores(c, step=1, new_world=2)
     monkeypatch.setattr(ParityService, "_fetch", serve)
     for buf in c.protectors["node2"]._parity.values():  # parity of node1's segment lives on node2
@@ -533,7 +585,14 @@ def test_pieces_follow_tensors_and_cover_any_span(monkeypatch):
     layout, slot = rank_slot(0, 1, 1)  # model/w: 13 x 7 float32 = 364 bytes, then model/b and optim/step
     w = next(e for e in layout.entries if e.name == "model/w")
     pieces = checksum.pieces(layout)
-    assert [(a - w.offset, n) for a, n, name in pieces if name == "model/w"] == [(0, 64), (64, 64), (128, 64), (192, 64), (256, 64), (320, 44)]
+    assert [(a - w.offset, n) for a, n, name in pieces if name == "model/w"] == [
+        (0, 64),
+        (64, 64),
+        (128, 64),
+        (192, 64),
+        (256, 64),
+        (320, 44),
+    ]
     start, stop, indices = checksum.covering(layout, w.offset + 70, 100)
     assert (start - w.offset, stop - w.offset, indices) == (64, 192, [1, 2])
     sums = checksum.checksums(slot, layout)

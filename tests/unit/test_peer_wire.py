@@ -19,7 +19,9 @@ from resurgo.checkpoint.erasure.wire import PeerClient, PeerError, PeerRefused, 
 def server(monkeypatch):
     monkeypatch.setattr(peer_wire, "MAX_CONNECTIONS", 8)
     monkeypatch.setattr(peer_wire, "HANDSHAKE_S", 0.5)
-    started = PeerServer(host="127.0.0.1", handler=lambda header, payload: ({"got": payload.nbytes}, None), secrets=lambda: {"s3cret"})
+    started = PeerServer(
+        host="127.0.0.1", handler=lambda header, payload: ({"got": payload.nbytes}, None), secrets=lambda: {"s3cret"}
+    )
     started.start()
     yield started
     started.stop()
@@ -102,4 +104,8 @@ def test_the_secret_never_travels():
     client.close()
     thread.join(5)
     listener.close()
-    assert received and b"t0p-s3cret" not in received and peer_wire.proof("t0p-s3cret", b"n" * peer_wire._NONCE) in received
+    assert (
+        received
+        and b"t0p-s3cret" not in received
+        and peer_wire.proof("t0p-s3cret", b"n" * peer_wire._NONCE) in received
+    )

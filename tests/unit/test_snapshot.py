@@ -11,11 +11,11 @@ import torch
 from test_keeper import serve  # noqa: F401  (fixture)
 from torch import nn
 
-from resurgo.checkpoint.snapshot.capture import StateCapture
-from resurgo.checkpoint.state.flatten import flatten
 from resurgo.checkpoint.keeper.client import EXTERNAL, KeeperLink
-from resurgo.checkpoint.snapshot.engine import HostCopier, Registration, SnapshotEngine, slot_views
 from resurgo.checkpoint.keeper.shm import Segment
+from resurgo.checkpoint.snapshot.capture import StateCapture
+from resurgo.checkpoint.snapshot.engine import HostCopier, Registration, SnapshotEngine, slot_views
+from resurgo.checkpoint.state.flatten import flatten
 from resurgo.checkpoint.state.stateful import ModelState, OptimizerState
 
 
@@ -58,13 +58,19 @@ class Setup:
         self.model = Net()
         self.optim = torch.optim.AdamW(self.model.parameters(), lr=0.01)
         self.progress, self.ema = Progress(), Ema(self.model)
-        self.states = {"model": ModelState(self.model), "optim": OptimizerState(self.model, self.optim), "train": self.progress, "ema": self.ema}
+        self.states = {
+            "model": ModelState(self.model),
+            "optim": OptimizerState(self.model, self.optim),
+            "train": self.progress,
+            "ema": self.ema,
+        }
         self.link = KeeperLink(run_dir=keeper_run_dir(keeper), mode=EXTERNAL, local_rank=0)
         assert self.link.connect(wait_s=5)
         self.engine = SnapshotEngine(
-            capture=StateCapture(self.states, rank=0), link=self.link,
+            capture=StateCapture(self.states, rank=0),
+            link=self.link,
             registration=Registration(rank=0, local_world_size=1, world_size=1, token="aa", store=None),
-        )  # fmt: skip
+        )
         if slow_copy_s:
             self.engine.copier = SlowCopier(slow_copy_s)
 
@@ -191,5 +197,14 @@ def test_external_keeper_missing_is_a_clear_error(tmp_path, monkeypatch):
     model = Net()
     states = {"model": ModelState(model), "optim": OptimizerState(model, torch.optim.AdamW(model.parameters()))}
     with pytest.raises(ValueError, match="start `resurgo-keeper --run-dir"):
-        recovery.Protection(cfg, states=states, run_dir=tmp_path / "run", rank=0, local_rank=0, local_world_size=1,
-                            device=torch.device("cpu"), topology={})  # fmt: skip
+        recovery.Protection(
+            cfg.checkpoint,
+            cfg.fault,
+            states=states,
+            run_dir=tmp_path / "run",
+            rank=0,
+            local_rank=0,
+            local_world_size=1,
+            device=torch.device("cpu"),
+            topology={},
+        )

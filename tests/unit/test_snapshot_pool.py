@@ -18,20 +18,32 @@ TOPOLOGY = {"tp": 2, "dp_shard": 2}
 
 
 def make_trainer(run_dir: str, *, every: int, restarted: bool = False, keeper: str = "external"):
-    from resurgo.checkpoint.recovery.protection import build_protection
     from resurgo.trainer.config import load_config
     from resurgo.trainer.distributed import init_distributed
     from resurgo.trainer.trainer import Trainer
 
     rank = torch.distributed.get_rank()
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), TORCHELASTIC_RESTART_COUNT=str(int(restarted)))
-    cfg = load_config(OmegaConf.create({
-        "model": {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
-        "train": {"device": "cpu", "steps": 8, "seq_len": 16, "batch_size": 4, "log_every": 0, "precision": "fp32"},
-        "parallel": TOPOLOGY, "checkpoint": {"every": every, "keep": 5}, "fault": {"keeper": keeper},
-    }))  # fmt: skip
+    cfg = load_config(
+        OmegaConf.create(
+            {
+                "model": {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
+                "train": {
+                    "device": "cpu",
+                    "steps": 8,
+                    "seq_len": 16,
+                    "batch_size": 4,
+                    "log_every": 0,
+                    "precision": "fp32",
+                },
+                "parallel": TOPOLOGY,
+                "checkpoint": {"every": every, "keep": 5},
+                "fault": {"keeper": keeper},
+            }
+        )
+    )
     trainer = Trainer(cfg, env=init_distributed("cpu"), run_dir=Path(run_dir))
-    protection = build_protection(cfg, trainer=trainer)
+    protection = trainer.build_protection()
     return trainer, protection
 
 
@@ -65,7 +77,9 @@ def persist_task(run_dir: str, sync_root: str) -> None:
     trainer.hooks += protection.hooks
     for _ in range(2):
         trainer.train_step()  # the keeper persists step 2 while...
-    sync = Checkpointer(trainer.cfg.checkpoint, root=Path(sync_root), states=protection.states, topology=trainer.dims.as_dict())
+    sync = Checkpointer(
+        trainer.cfg.checkpoint, root=Path(sync_root), states=protection.states, topology=trainer.dims.as_dict()
+    )
     sync.save(2)  # ...the same step is saved synchronously, with the copy possibly still in flight
     protection.close(step=2)
     trainer.close()
@@ -96,8 +110,11 @@ def restore_task(run_dir: str) -> list[float]:
 def same_tree(a: Path, b: Path) -> list[str]:
     """Relative paths of files that differ or exist on one side only."""
     comparison = filecmp.dircmp(a, b)
-    out = [str(Path(comparison.left).relative_to(a) / n) for n in comparison.left_only + comparison.right_only + comparison.diff_files]
-    for name, sub in comparison.subdirs.items():
+    out = [
+        str(Path(comparison.left).relative_to(a) / n)
+        for n in comparison.left_only + comparison.right_only + comparison.diff_files
+    ]
+    for name, _sub in comparison.subdirs.items():
         out += [f"{name}/{p}" for p in same_tree(a / name, b / name)]
     return out
 

@@ -1,0 +1,86 @@
+"""How state is protected: the typed schemas of `checkpoint.*` and `fault.*` (keeper, erasure coding,
+hang watch), owned here and composed into the job's config by the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .store.codec import ChunkCodec
+
+KEEPER_MODES = ("auto", "off", "external")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # '' : <run folder>/checkpoints
+    every: int = 0  # write a universal checkpoint every N steps; 0: never
+    snapshot_every: int = 1  # host-memory snapshot every N steps
+    keep: int = 3  # committed checkpoints kept on disk
+    resume: str = "none"  # none | latest | a checkpoint path
+    compression: str = "none"  # none | a numcodecs codec id such as 'lz4' or 'zstd'
+    init_from: str = ""  # safetensors file or folder: initial weights of a fresh run (fresh optimizer)
+    load_optimizer: bool = True  # false: weights only (fine-tuning)
+    exclude: list[str] = field(default_factory=list)  # glob patterns of tensors not to load
+    host_memory_gb: float = 0.0  # keeper budget per node for snapshots and the shares workers scale; 0: three snapshots per rank (one being written, one complete everywhere, one persisting)
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.snapshot_every < 0 or self.keep < 1:
+            raise ValueError("checkpoint.every >= 0, checkpoint.snapshot_every >= 0, checkpoint.keep >= 1")
+        ChunkCodec.parse(self.compression)  # at start, not at the first save
+
+
+@dataclass
+class ErasureConfig:
+    """Reed-Solomon coding of the keepers' snapshots across nodes: any m lost nodes of a group of
+    k+m come back from the others' memory, for m/k of a snapshot in extra host memory per node."""
+
+    data: str = "auto"  # k nodes of data per group, or 'auto': the node count minus parity (one group)
+    parity: int = 1  # m parity nodes per group (lost nodes survived); 0: no coding across nodes
+    every: int = 1  # code every n-th snapshot: 1/n of the traffic, up to n more steps lost with a node
+    max_mb_s: float = 0.0  # cap on the parity traffic each keeper sends, MB/s, to spare the training's network; 0: none
+    encode: str = (
+        "auto"  # where shares of parity rows >= 1 are scaled: host (the holders), device (the workers), auto (measured)
+    )
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"fault.erasure.every={self.every} must be >= 1")
+        if self.max_mb_s < 0:
+            raise ValueError(f"fault.erasure.max_mb_s={self.max_mb_s} must be >= 0 (0: no cap)")
+        if not 0 <= self.parity <= 4:
+            raise ValueError(f"fault.erasure.parity={self.parity} must be within 0..4 (0 turns coding off)")
+        if self.encode not in ("auto", "host", "device"):
+            raise ValueError(f"fault.erasure.encode={self.encode!r} must be auto, host or device")
+        if self.data != "auto" and not (self.data.isdigit() and 1 <= int(self.data) <= 32):
+            raise ValueError(f"fault.erasure.data={self.data!r} must be 'auto' or a node count within 1..32")
+
+
+@dataclass
+class FaultConfig:
+    keeper: str = "auto"  # auto: local rank 0 starts one if none runs | off | external
+    erasure: ErasureConfig = field(default_factory=ErasureConfig)
+    # How long a keeper holds its snapshots with no worker connected while the workers' launcher (their
+    # torchrun agent) lives, for a restart to resume from memory; a keeper whose launcher is gone exits.
+    keeper_lease_s: float = 900.0
+    # A rank that finishes no step for this long is hung (a stopped process, a deadlock, a node gone
+    # with its sockets open): its keeper ends the node's ranks and the launcher's restart resumes from
+    # memory; a peer node's keeper silent for as long ends them too. Collectives time out at twice
+    # this with a keeper (a backstop; the keeper acts first and says why), at this without one.
+    # Longer than the slowest step, checkpoint save included. 0: no watch, collectives at 30 minutes.
+    hang_timeout_s: float = 600.0
+
+    @property
+    def collective_timeout_s(self) -> float:
+        if not self.hang_timeout_s:
+            return 1800.0
+        return self.hang_timeout_s * (1 if self.keeper == "off" else 2)
+
+    def __post_init__(self) -> None:
+        if self.keeper not in KEEPER_MODES:
+            raise ValueError(f"fault.keeper={self.keeper!r}: choose one of {KEEPER_MODES}")
+        if self.hang_timeout_s < 0:
+            raise ValueError(
+                f"fault.hang_timeout_s={self.hang_timeout_s} must be >= 0 (seconds; 0 turns the watch off)"
+            )
+        if self.keeper_lease_s <= 0:
+            raise ValueError(f"fault.keeper_lease_s={self.keeper_lease_s} must be > 0 (seconds)")
