@@ -28,9 +28,10 @@ from ..erasure.share_site import decide_site
 from ..erasure.wire import PeerError
 from ..errors import CheckpointError, PeerUnreachable
 from ..keeper.client import HeldSlots
-from ..keeper.protocol import Client, KeeperError, KeeperGone, run_id, socket_path
+from ..keeper.protocol import Client, KeeperError, KeeperGone, node_id, run_id, socket_path
 from ..snapshot.capture import StateCapture
 from ..state.dtypes import as_numpy, dtype_name, storage_dtype, to_torch
+from .sources import KeeperRequest, Resumed
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,52 @@ class PeerResume:
     step: int | None
     detail: str
     lost: bool = False
+
+
+class PeersMemory:
+    """The rung between this node's memory and the disk: the surviving keepers' memory, decoded
+    where a node was lost and resharded onto the new topology. `loss` says why it could not
+    rebuild a step it had protected (a refused fresh start names it)."""
+
+    name, label = "peers", "from peer keepers' memory"
+
+    def __init__(
+        self,
+        *,
+        comm: Comm,
+        keeper: KeeperRequest,
+        local_rank: int,
+        token: str,
+        secret: str,
+        capture: StateCapture,
+        topology: Mapping[str, int],
+        held: Callable[[], HeldSlots | None],
+    ) -> None:
+        self.comm, self.keeper, self.local_rank, self.token, self.secret = comm, keeper, local_rank, token, secret
+        self.capture, self.topology, self.held = capture, topology, held
+        self.loss = ""
+
+    def restore(self) -> Resumed | None:
+        held = self.held()
+        try:
+            found = resume_from_peers(
+                comm=self.comm,
+                keeper=self.keeper,
+                local_rank=self.local_rank,
+                token=self.token,
+                secret=self.secret,
+                capture=self.capture,
+                topology=self.topology,
+                node=node_id(),
+                held=held,
+            )
+        finally:
+            if held is not None:
+                held.close_soon()
+        if found.step is not None:
+            return Resumed(self.name, found.step, found.detail)
+        self.loss = found.detail if found.lost else ""
+        return None
 
 
 def resume_from_peers(

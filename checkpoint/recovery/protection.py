@@ -15,7 +15,7 @@ import os
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,16 @@ from ..config import CheckpointConfig, FaultConfig
 from ..erasure.coding import ErasureSetup
 from ..errors import CheckpointError, NothingToResume, SaveFailed
 from ..keeper.client import EXTERNAL, OFF, HeldSlots, KeeperLink
-from ..keeper.protocol import Client, KeeperError, KeeperGone, StoreTarget, node_id
+from ..keeper.protocol import Client, KeeperError, KeeperGone, StoreTarget
 from ..snapshot.capture import StateCapture
-from ..snapshot.engine import Registration, SnapshotEngine, slot_views
-from ..state import checksum
-from ..state.slot_layout import SlotLayout
+from ..snapshot.engine import Registration, SnapshotEngine
 from ..store import commit as commits
 from ..store.checkpointer import Checkpointer, Stateful
 from ..store.safetensors_io import load_safetensors
-from .peers import agree_plan, resume_from_peers
+from .keeper_memory import KeeperMemory
+from .peers import PeersMemory, agree_plan
+from .sources import RecoverySource, Resumed, first_restored
+from .store_checkpoints import StoreCheckpoints
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,6 @@ BEAT_TIMEOUT_S = 10.0  # a keeper that takes longer to note a step is itself stu
 def launcher_pid() -> int:
     """The process that restarts this worker when it fails: its torchrun agent, else nobody but itself."""
     return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
-
-
-@dataclass(frozen=True)
-class Resumed:
-    source: str  # "memory", "disk", "safetensors" or "fresh"
-    step: int  # 0 for a fresh start
-    detail: str
 
 
 class Protection:
@@ -88,7 +82,6 @@ class Protection:
         self.engine: SnapshotEngine | None = None
         self.plan: ErasureSetup | None = None
         self.secret = ""  # set when the keepers code across nodes or may hold an earlier incarnation's memory
-        self._peer_loss = ""  # why peer memory could not rebuild state it had protected
         self.local_rank, self.topology = local_rank, dict(topology)
         self.warmed = warmed  # closed once resumed, whatever the source
         self.hooks: list[Any] = []
@@ -173,44 +166,79 @@ class Protection:
         spec = self.checkpoint.resume
         # After a restart the run's own progress is newer than whatever checkpoint.resume names.
         restarted = self.restarted
-        result = None
+        found, label = None, ""
+        peers = self._peers_memory()
         if restarted or spec == "latest":
-            result = self._from_memory() or self._from_peers() or self._from_disk()
+            ladder = self._sources(peers)
+            if (walked := first_restored(ladder)) is not None:
+                found, label = walked[0], walked[1].label
         if self.warmed is not None:  # not read: memory of this node's own ranks served, or no peers' path
             self.warmed.close()
             self.warmed = None
-        if result is None and spec not in ("none", "latest"):
-            result = Resumed("disk", self.checkpointer.load(Path(spec)), spec)
-        if result is None and self._peer_loss:
+        if found is None and spec not in ("none", "latest"):
+            found, label = Resumed("disk", self.checkpointer.load(Path(spec)), spec), StoreCheckpoints.label
+        if found is None and peers is not None and peers.loss:
             raise NothingToResume(
-                f"the nodes left cannot rebuild the run's state from memory ({self._peer_loss}) and no committed "
+                f"the nodes left cannot rebuild the run's state from memory ({peers.loss}) and no committed "
                 f"checkpoint is under {self.root}: refusing to start fresh. Bring back the lost nodes, or restart "
                 "with checkpoint.resume=none to start over deliberately (set checkpoint.every to protect on disk too)"
             )
-        if result is None and self.checkpoint.init_from:
-            result = self._from_safetensors(Path(self.checkpoint.init_from))
-        if result is None:
-            result = Resumed(
-                "fresh",
-                0,
-                "nothing in memory or on disk" if restarted or spec == "latest" else "checkpoint.resume=none",
+        if found is None and self.checkpoint.init_from:
+            found, label = (
+                self._from_safetensors(Path(self.checkpoint.init_from)),
+                "weights from safetensors, fresh optimizer",
             )
+        if found is None:
+            why = "nothing in memory or on disk" if restarted or spec == "latest" else "checkpoint.resume=none"
+            found, label = Resumed("fresh", 0, why), "fresh start"
         if self.engine is not None:
             self.capture.invalidate()
-            self.engine.registration = replace(self.engine.registration, resumed_from=result.step)
-            self.engine.stats.copied = result.step if result.source == "memory" else -1
+            self.engine.registration = replace(self.engine.registration, resumed_from=found.step)
+            self.engine.stats.copied = found.step if found.source == KeeperMemory.name else -1
         if self.rank == 0:
-            where = {
-                "memory": "from keeper memory",
-                "peers": "from peer keepers' memory",
-                "disk": "from disk",
-                "fresh": "fresh start",
-                "safetensors": "weights from safetensors, fresh optimizer",
-            }[result.source]
             log.info(
-                "resume: %s at step %d (%s) in %.3f s", where, result.step, result.detail, time.perf_counter() - start
+                "resume: %s at step %d (%s) in %.3f s", label, found.step, found.detail, time.perf_counter() - start
             )
-        return result
+        return found
+
+    def _sources(self, peers: PeersMemory | None) -> list[RecoverySource]:
+        """The ladder, cheapest first: this node's keeper, the peers' keepers, the store."""
+        ladder: list[RecoverySource] = []
+        if self.link is not None:
+            ladder.append(
+                KeeperMemory(comm=self.comm, rank=self.rank, keeper=self._keeper, link=self.link, capture=self.capture)
+            )
+        if peers is not None:
+            ladder.append(peers)
+
+        def why_not_memory() -> str:
+            loss = peers.loss if peers is not None else ""
+            return f"memory cannot rebuild a step: {loss}" if loss else "no step held in memory by every rank"
+
+        ladder.append(StoreCheckpoints(self.checkpointer, why_not_memory=why_not_memory))
+        return ladder
+
+    def _peers_memory(self) -> PeersMemory | None:
+        """The peers' rung, where keepers code across nodes (or may hold an earlier incarnation's memory)."""
+        if not self.secret:
+            return None
+        return PeersMemory(
+            comm=self.comm,
+            keeper=self._keeper,
+            local_rank=self.local_rank,
+            token=self.token,
+            secret=self.secret,
+            capture=self.capture,
+            topology=self.topology,
+            held=self._take_held,
+        )
+
+    def _take_held(self) -> HeldSlots | None:
+        """This node's memory for the peers' rung: as mapped ahead while the model was built, else now."""
+        held, self.warmed = self.warmed, None
+        if held is None and self.link is not None and self.link.client is not None:
+            held = HeldSlots(self.link)
+        return held
 
     def _from_safetensors(self, source: Path) -> Resumed:
         """A fresh run whose weights come from safetensors files (each rank reads only its slices)."""
@@ -219,99 +247,6 @@ class Protection:
         load_safetensors(source, weights)
         model.load_state_dict(weights)
         return Resumed("safetensors", 0, str(source))
-
-    def _from_memory(self) -> Resumed | None:
-        reply = self._keeper("holdings")
-        # Snapshots of another layout (the topology changed) are for the peers' path, not this one.
-        held = reply.get("steps", []) if reply and reply.get("digest") == self.capture.current_layout().digest else []
-        common = set.intersection(*[set(h) for h in self.comm.all_gather(held)])
-        if not common:
-            return None
-        step = max(common)
-        mapped, error = None, None
-        try:
-            mapped = self._map_snapshot(step)
-        except (KeeperError, KeeperGone, checksum.ChecksumMismatch) as e:
-            error = str(e)
-        try:
-            # Every rank's snapshot is mapped and checked before any tensor is overwritten: a rank that
-            # cannot read its own then leaves every rank's state untouched for the next source.
-            errors = [e for e in self.comm.all_gather(error) if e]
-            if errors:
-                if self.rank == 0:
-                    log.warning("memory snapshot of step %d is unusable (%s): trying peers, then disk", step, errors[0])
-                return None
-            assert mapped is not None
-            views, trees = mapped
-            targets = self.capture.restore_targets()
-            for name, view in views.items():  # the layouts' digests agree: the same tensors, dtypes and shapes
-                targets.tensors[name].copy_(view)
-        finally:
-            if mapped is not None:
-                self._keeper("unpin", step=step)
-        self.capture.load(targets, trees)
-        return Resumed("memory", step, f"newest step held by every rank's keeper; held here {sorted(held)}")
-
-    def _map_snapshot(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """This rank's tensors of `step` as views of the keeper's memory (pinned until "unpin"), and its JSON state."""
-        assert self.link is not None
-        reply = self._keeper("read", step=step, strict=True)
-        try:
-            layout = SlotLayout.from_json(reply["layout"])
-            current = self.capture.current_layout()
-            if layout.digest != current.digest:
-                raise KeeperError(
-                    f"rank {self.rank}'s snapshot layout differs from its state now (the topology or model changed)"
-                )
-            segment = self.link.map([reply["segment"]])[0]
-            if reply.get("checksums") is not None:
-                what = f"rank {self.rank}'s snapshot of step {step} in its keeper's memory"
-                checksum.verify(segment.array(), layout, reply["checksums"], what=what)
-            views = slot_views(segment, layout)
-        except BaseException:
-            self._keeper("unpin", step=step)
-            raise
-        return {entry.name: view for entry, view in zip(layout.entries, views)}, reply["tree"]
-
-    def _from_peers(self) -> Resumed | None:
-        """The previous incarnation's state from the surviving nodes' keepers, decoded and resharded."""
-        if not self.secret:
-            return None
-        held, self.warmed = self.warmed, None
-        if held is None and self.link is not None and self.link.client is not None:
-            held = HeldSlots(self.link)
-        try:
-            found = resume_from_peers(
-                comm=self.comm,
-                keeper=self._keeper,
-                local_rank=self.local_rank,
-                token=self.token,
-                secret=self.secret,
-                capture=self.capture,
-                topology=self.topology,
-                node=node_id(),
-                held=held,
-            )
-        finally:
-            if held is not None:
-                held.close_soon()
-        if found.step is not None:
-            return Resumed("peers", found.step, found.detail)
-        self._peer_loss = found.detail if found.lost else ""
-        return None
-
-    def _from_disk(self) -> Resumed | None:
-        found = self.checkpointer.load_latest()
-        if found is None:
-            return None
-        step, path, skipped = found
-        why = (
-            f"memory cannot rebuild a step: {self._peer_loss}"
-            if self._peer_loss
-            else "no step held in memory by every rank"
-        )
-        damaged = f"; skipped {', '.join(skipped)}" if skipped else ""
-        return Resumed("disk", step, f"{path}; {why}{damaged}")
 
     def _keeper(self, op: str, *, strict: bool = False, **fields: Any) -> dict[str, Any]:
         """A request for this rank; without `strict`, a missing keeper answers {} (there is nothing to use)."""

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from resurgo.checkpoint.keeper.protocol import KeeperError
-from resurgo.checkpoint.recovery.protection import Protection
+from resurgo.checkpoint.recovery.keeper_memory import KeeperMemory
 from resurgo.checkpoint.snapshot.capture import StateCapture
 from resurgo.checkpoint.state.flatten import flatten
 from resurgo.checkpoint.state.stateful import ModelState
@@ -26,14 +26,18 @@ class TwoRanks:
 
 def protection(
     comm: TwoRanks, model: nn.Module, snapshot: dict[str, torch.Tensor] | None
-) -> tuple[Protection, list[str]]:
+) -> tuple[KeeperMemory, list[str]]:
     requests: list[str] = []
-    p = object.__new__(Protection)
-    p.comm, p.rank, p.states = comm, 0, {"model": ModelState(model)}
-    p.capture = StateCapture(p.states, rank=0)
-    digest = p.capture.current_layout().digest
-    p._keeper = lambda op, **_: requests.append(op) or ({"steps": [4], "digest": digest} if op == "holdings" else {})
-    tree = flatten("model", p.states["model"].state_dict())[1]
+    states = {"model": ModelState(model)}
+    capture = StateCapture(states, rank=0)
+    digest = capture.current_layout().digest
+
+    def keeper(op, **_):
+        requests.append(op)
+        return {"steps": [4], "digest": digest} if op == "holdings" else {}
+
+    source = KeeperMemory(comm=comm, rank=0, keeper=keeper, link=None, capture=capture)
+    tree = flatten("model", states["model"].state_dict())[1]
 
     def mapped(step: int):
         if snapshot is None:
@@ -41,8 +45,8 @@ def protection(
         requests.append("read")
         return snapshot, {"model": tree}
 
-    p._map_snapshot = mapped
-    return p, requests
+    source._map_snapshot = mapped
+    return source, requests
 
 
 def test_a_snapshot_is_copied_into_the_live_tensors_and_unpinned() -> None:
@@ -52,7 +56,7 @@ def test_a_snapshot_is_copied_into_the_live_tensors_and_unpinned() -> None:
         name: torch.full_like(t, 3.0) for name, t in flatten("model", ModelState(model).state_dict())[0].items()
     }
     p, requests = protection(TwoRanks(None), model, snapshot)
-    resumed = p._from_memory()
+    resumed = p.restore()
     assert resumed is not None and resumed.step == 4
     assert model.weight is weight and (weight == 3.0).all() and (model.bias == 3.0).all()
     assert requests[-1] == "unpin"
@@ -67,6 +71,6 @@ def test_one_rank_without_its_snapshot_leaves_every_state_untouched(failing: str
     }
     comm = TwoRanks("rank 1: its keeper is gone" if failing == "other" else None)
     p, requests = protection(comm, model, snapshot if failing == "other" else None)
-    assert p._from_memory() is None
+    assert p.restore() is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert requests.count("unpin") == requests.count("read")  # a mapped snapshot is always released
