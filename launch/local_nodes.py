@@ -30,9 +30,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from resurgo.checkpoint.keeper import shm
-from resurgo.checkpoint.keeper.protocol import segment_prefix
-from resurgo.checkpoint.keeper.reclaim import try_lock
+from resurgo.checkpoint.keeper.reclaim import reclaim_stale
 from resurgo.checkpoint.process import process_alive
 
 # Rendezvous settings (torchrun --rdzv-conf) that let the survivors of a lost node train again within
@@ -278,7 +276,7 @@ class LocalCluster:
         left = self.node_pids(index)
         if left:
             raise RuntimeError(f"{node.node_id}: processes {sorted(left)} survived SIGKILL")
-        _reclaim(node.keeper_dir)
+        reclaim_stale(directory=node.keeper_dir)  # a killed keeper's memory: no later keeper of that node frees it here
 
     def freeze_node(self, index: int) -> None:
         """SIGSTOP the node's agent, workers and keeper: a hung machine, whose sockets stay open and
@@ -382,20 +380,6 @@ def _wait_gone(pids: set[int], *, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-
-
-def _reclaim(keeper_dir: Path) -> None:
-    """Free the shared memory a killed keeper left: on this machine no later keeper of that node would."""
-    for lock in keeper_dir.glob("*.lock"):
-        fd = try_lock(lock)
-        if fd is None:
-            continue  # its keeper is alive
-        try:
-            for name, _ in shm.list_segments(segment_prefix(lock.name.removesuffix(".lock"))):
-                shm.unlink(name)
-            lock.unlink(missing_ok=True)
-        finally:
-            os.close(fd)
 
 
 # ---- command line ----------------------------------------------------------------------------------

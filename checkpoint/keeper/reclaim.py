@@ -20,10 +20,11 @@ from .protocol import segment_owner, segment_prefix, socket_dir
 log = logging.getLogger(__name__)
 
 
-def reclaim_stale(*, own: str) -> int:
-    """Remove segments and sockets of runs whose keeper is dead (this run's: always, we hold its lock)."""
+def reclaim_stale(*, own: str = "", directory: Path | None = None) -> int:
+    """Remove segments and sockets of runs whose keeper is dead (run `own`'s: always, we hold its
+    lock), in the keepers' folder `directory` (this user's by default)."""
     reclaimed, nbytes = 0, 0
-    directory = socket_dir()
+    directory = directory or socket_dir()
     for lock in directory.glob("*.lock"):
         rid = lock.name.removesuffix(".lock")
         fd = None if rid == own else try_lock(lock)

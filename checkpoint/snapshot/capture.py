@@ -132,6 +132,7 @@ class StateCapture:
 
     def _build(self) -> None:
         self._sources, self._trees, self._volatile, self._checks, self._in_place = [], {}, [], [], {}
+        self._unmatched = ""  # the first tensor of a model or optimizer that is not a live one
         specs = []
         for key, state in self.states.items():
             tensors, tree = flatten(key, state.state_dict())
@@ -142,6 +143,15 @@ class StateCapture:
             else:
                 sources, build, apply = None, None, None
             if sources is None:
+                if isinstance(state, (ModelState, OptimizerState)):
+                    log.warning(
+                        "state %r: tensor %r of its state_dict() is not one of its live %s, so every snapshot "
+                        "takes a full state_dict() and copies it in the training thread (a custom state_dict or "
+                        "optimizer?); the stall benchmark shows what that costs",
+                        key,
+                        self._unmatched,
+                        "parameters or buffers" if isinstance(state, ModelState) else "optimizer tensors",
+                    )
                 sources, build, apply = *self._volatile_state(key, tensors), None
             self._sources += sources
             self._trees[key] = build
@@ -202,6 +212,7 @@ class StateCapture:
                 module, attr = buffers[ident]
                 sources.append(_Source(name, lambda m=module, a=attr: getattr(m, a), eager=True))
             else:
+                self._unmatched = name
                 return None, None, None
         # Nothing but tensors (no extra state): filled in place, the model has nothing left to load.
         apply = _nothing if _only_tensors(tree) else None
@@ -219,6 +230,7 @@ class StateCapture:
         for name, tensor in tensors.items():
             hit = live.get(_identity(tensor))
             if hit is None:
+                self._unmatched = name
                 return None, None, None
             oi, gi, p, field, value = hit
             sources.append(_Source(name, _const(local_data(tensor)), eager=False))

@@ -208,3 +208,37 @@ def test_external_keeper_missing_is_a_clear_error(tmp_path, monkeypatch):
             device=torch.device("cpu"),
             topology={},
         )
+
+
+def test_an_optimizer_state_that_is_not_live_warns_once_and_is_still_captured(caplog):
+    """A state_dict() that hands out copies cannot be captured lazily: the capture says so as a
+    warning naming the tensor (not an INFO line), and still snapshots the right values."""
+    from resurgo.checkpoint.snapshot.capture import StateCapture
+
+    class CopyingOptimizerState(OptimizerState):
+        def state_dict(self):
+            copy = lambda v: (
+                {k: copy(x) for k, x in v.items()}
+                if isinstance(v, dict)
+                else v.clone()
+                if isinstance(v, torch.Tensor)
+                else v
+            )  # noqa: E731
+            return copy(super().state_dict())
+
+    model = Net()
+    optim = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 8)).sum().backward()
+    optim.step()
+    capture = StateCapture({"model": ModelState(model), "optim": CopyingOptimizerState(model, optim)}, rank=0)
+    with caplog.at_level("INFO", logger="resurgo.checkpoint.snapshot.capture"):
+        capture.current_layout()
+        taken = capture.take(1)
+    warnings = [
+        r for r in caplog.records if r.levelname == "WARNING" and "is not one of its live optimizer" in r.message
+    ]
+    assert len(warnings) == 1 and "'optim'" in warnings[0].message
+    assert capture._volatile == ["optim"]
+    want = flatten("optim", CopyingOptimizerState(model, optim).state_dict())[0]
+    got = {e.name: t for e, t in zip(capture.layout.entries, taken.tensors) if e.name.startswith("optim/")}
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
