@@ -16,6 +16,7 @@ import socket
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,27 @@ from ..errors import CheckpointError
 PROTOCOL_VERSION = 1
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _OWNER = re.compile(r"\.p(\d+)\.r-?\d+\.s\d+\.\d+$")
+
+
+class Op(str, Enum):
+    """Every operation a keeper serves on its socket; the server maps each to one handler."""
+
+    HELLO = "hello"
+    PROTECT = "protect"
+    REACH = "reach"
+    INVENTORY = "inventory"
+    HOLDINGS = "holdings"
+    READ = "read"
+    UNPIN = "unpin"
+    REGISTER = "register"
+    ACQUIRE = "acquire"
+    COMPLETE = "complete"
+    ABORT = "abort"
+    PERSIST = "persist"
+    FINISH = "finish"
+    PROGRESS = "progress"
+    STATUS = "status"
+    PREFETCH = "prefetch"
 
 
 class KeeperError(CheckpointError):

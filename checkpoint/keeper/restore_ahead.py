@@ -76,7 +76,7 @@ class RestoreAhead:
 
     def _op_prefetch(self, msg: dict[str, Any], conn: Any) -> dict[str, Any]:
         """A restarted worker's new rank and topology: fetch what its restore will read from peers now."""
-        if self.protector is None or self.protector.newest_plan() is None:
+        if self.parity is None or self.parity.newest_plan() is None:
             return {"prefetching": False}
         self._prefetch_requests.append((int(msg["rank"]), {str(a): int(n) for a, n in msg["topology"].items()}))
         if not self._prefetching:
@@ -88,14 +88,14 @@ class RestoreAhead:
 
     def _start_rebuild(self) -> None:
         """A worker died: if a peer node died with it, rebuild its ranks here before the restart asks."""
-        if self._rebuilding or self.protector is None or self.protector.newest_plan() is None:
+        if self._rebuilding or self.parity is None or self.parity.newest_plan() is None:
             return
         self._rebuilding = True
         threading.Thread(target=self._rebuild, name="resurgo-keeper-rebuild", daemon=True).start()
 
     def _survivors(self) -> Any:
         """What the reachable keepers of the newest plan hold (this one's too), None if none can say."""
-        plan = self.protector.newest_plan() if self.protector is not None else None
+        plan = self.parity.newest_plan() if self.parity is not None else None
         # A peer hung with its sockets open would hold every request to it until its timeout.
         silent = self.watch.silent(rebuild.PROBE_TIMEOUT_S)
         return rebuild.probe(plan, node=self.node, own=self._inventory(), skip=silent) if plan else None

@@ -16,6 +16,7 @@ memory at once, and a keeper a worker started (`--auto`) exits too: the next wor
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -24,6 +25,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from . import shm
 from .protocol import (
     PROTOCOL_VERSION,
     KeeperError,
+    Op,
     StoreTarget,
     decode,
     encode,
@@ -130,13 +133,14 @@ class Keeper(RestoreAhead):
         # The store code imports torch and zarr (seconds): load it while already answering workers.
         self._persister: Any = None
         self.node = node_id()
-        self.protector: ParityService | None = None
+        self.parity: ParityService | None = None
         self._loading = threading.Thread(target=self._load_persister, name="resurgo-keeper-load", daemon=True)
 
     # ---- life cycle ------------------------------------------------------------------------
 
     def start(self) -> Path:
         """Take the run's lock, reclaim what dead keepers left, listen; returns the socket path."""
+        self._handlers  # noqa: B018  (built now: an operation without a handler fails here, not at a request)
         self._lock_fd = try_lock(lock_path(self.rid))
         if self._lock_fd is None:
             raise KeeperRunning(f"a keeper of run {self.rid} is already running on this node")
@@ -150,7 +154,7 @@ class Keeper(RestoreAhead):
         os.chmod(path, 0o600)
         self._sock.listen(64)
         self._sock.settimeout(0.2)
-        self.protector = ParityService(
+        self.parity = ParityService(
             node=self.node,
             host=advertised_host(),
             slot_source=self._slot_bytes,
@@ -158,7 +162,7 @@ class Keeper(RestoreAhead):
             report=self._inventory,
             on_announced=self._announced,
         )
-        self.protector.start()
+        self.parity.start()
         self._loading.start()
         log.info("keeper %s of run %s listening on %s (pid %d)", self.keeper_id, self.rid, path, os.getpid())
         return path
@@ -205,8 +209,8 @@ class Keeper(RestoreAhead):
         if self._persister is not None:
             self._persister.stop()
         self.watch.stop()
-        if self.protector is not None:
-            self.protector.stop()
+        if self.parity is not None:
+            self.parity.stop()
         if self.target is not None and any(h.rank == 0 for h in self._current()):
             shutil.rmtree(self.target.coord, ignore_errors=True)  # no persist of this keeper's runs is left
         with self._cond:
@@ -295,12 +299,10 @@ class Keeper(RestoreAhead):
     def _worth_keeping(self) -> bool:
         """Whether anything here can serve a restart: a complete snapshot, a rebuilt rank, parity for peers."""
         held = [*self.ranks.values(), *self.rebuilt.values()]
-        return any(h.complete_steps() for h in held) or (
-            self.protector is not None and self.protector.parity_bytes() > 0
-        )
+        return any(h.complete_steps() for h in held) or (self.parity is not None and self.parity.parity_bytes() > 0)
 
     def _held_bytes(self) -> int:
-        parity = self.protector.parity_bytes() if self.protector else 0
+        parity = self.parity.parity_bytes() if self.parity else 0
         return sum(h.nbytes for h in [*self.ranks.values(), *self.rebuilt.values()]) + parity
 
     # ---- connections -----------------------------------------------------------------------
@@ -358,15 +360,42 @@ class Keeper(RestoreAhead):
     # ---- requests --------------------------------------------------------------------------
 
     def handle(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        op = msg.get("op")
-        handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
-        if handler is None:
-            raise KeeperError(f"unknown request {op!r}: the worker and keeper versions differ; restart the keeper")
+        try:
+            op = Op(msg.get("op"))
+        except ValueError:
+            raise KeeperError(
+                f"unknown request {msg.get('op')!r}: the worker and keeper versions differ; restart the keeper"
+            ) from None
         with self._cond:
-            return handler(msg, conn)
+            return self._handlers[op](msg, conn)
+
+    @functools.cached_property
+    def _handlers(self) -> dict[Op, Callable[[dict[str, Any], _Conn], dict[str, Any]]]:
+        """One handler per operation (a missing one fails the keeper's start, not a request)."""
+        table = {
+            Op.HELLO: self._op_hello,
+            Op.PROTECT: self._op_protect,
+            Op.REACH: self._op_reach,
+            Op.INVENTORY: self._op_inventory,
+            Op.HOLDINGS: self._op_holdings,
+            Op.READ: self._op_read,
+            Op.UNPIN: self._op_unpin,
+            Op.REGISTER: self._op_register,
+            Op.ACQUIRE: self._op_acquire,
+            Op.COMPLETE: self._op_complete,
+            Op.ABORT: self._op_abort,
+            Op.PERSIST: self._op_persist,
+            Op.FINISH: self._op_finish,
+            Op.PROGRESS: self._op_progress,
+            Op.STATUS: self._op_status,
+            Op.PREFETCH: self._op_prefetch,
+        }
+        if set(table) != set(Op):
+            raise RuntimeError(f"keeper operations without a handler: {sorted(set(Op) - set(table))}")
+        return table
 
     def _op_hello(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        address = self.protector.address if self.protector else None
+        address = self.parity.address if self.parity else None
         return {
             "keeper_id": self.keeper_id,
             "pid": os.getpid(),
@@ -377,19 +406,19 @@ class Keeper(RestoreAhead):
 
     def _op_protect(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         """The running incarnation's erasure plan (sent by local rank 0 once all ranks agreed on it)."""
-        assert self.protector is not None
+        assert self.parity is not None
         if msg.get("plan") is None:
-            self.protector.pause(secret=str(msg["secret"]))
+            self.parity.pause(secret=str(msg["secret"]))
             self.watch.watch_peers({})
             return {"describe": "no erasure coding: a single node"}
         protect = ErasureSetup.from_json(msg["plan"])
-        plan = self.protector.protect(protect)
+        plan = self.parity.protect(protect)
         self.watch.watch_peers({n: a for n, a in protect.peers.items() if n != self.node})
         return {"describe": plan.describe()}
 
     def _op_reach(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
         """Which of the running plan's peer keepers this one cannot reach, and why (checked once per plan)."""
-        plan = self.protector.newest_plan() if self.protector else None
+        plan = self.parity.newest_plan() if self.parity else None
         peers = {n: a for n, a in (plan.peers.items() if plan else ()) if n != self.node}
         self._cond.release()  # connecting takes up to the timeout: serve the workers meanwhile
         try:
@@ -438,7 +467,7 @@ class Keeper(RestoreAhead):
             "rebuilt": rebuilt,
             "prefetched": prefetched,
             "reads": reads,
-            **(self.protector.inventory() if self.protector else {"node": self.node}),
+            **(self.parity.inventory() if self.parity else {"node": self.node}),
         }
 
     def _op_holdings(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
@@ -533,7 +562,7 @@ class Keeper(RestoreAhead):
         # protected one when the group's parity completes). While a step newer than the protected one
         # is being coded or awaits its parity, it stays whole on every local rank, so the newest
         # complete one may go: snapshots go on when coding falls behind the steps.
-        p = self.protector
+        p = self.parity
         protected, coded, coding = (p.protected_step(), p.coded_step(), p.coding_step()) if p else (-1, -1, -1)
         anchor = max(coding, coded) if max(coding, coded) > protected else -1
         keep = [anchor if anchor >= 0 else newest_common(self._current()), protected, coded]
@@ -639,9 +668,9 @@ class Keeper(RestoreAhead):
         """Where and how the worker scales this slot's parity shares before handing it back
         (fault.erasure.encode=device), None when the holders scale them."""
         current = self._current()
-        if self.protector is None or held.token != self.token or len(current) < (self.local_world or 0):
+        if self.parity is None or held.token != self.token or len(current) < (self.local_world or 0):
             return None
-        recipe = self.protector.share_recipe(held.rank, {h.rank: h.layout.nbytes for h in current})
+        recipe = self.parity.share_recipe(held.rank, {h.rank: h.layout.nbytes for h in current})
         if recipe is None or not recipe.rows:
             return None
         need = recipe.rows * held.layout.nbytes  # a slot's shares; every slot gets them or none does
@@ -691,7 +720,7 @@ class Keeper(RestoreAhead):
     def _maybe_protect(self, step: int) -> None:
         """Hand `step` to the erasure coder once every local rank holds it (skipped while it is busy)."""
         current = self._current()
-        if self.protector is None or self.protector.current is None or len(current) < (self.local_world or 0):
+        if self.parity is None or self.parity.current is None or len(current) < (self.local_world or 0):
             return
         slots = [held.find(step) for held in current]
         if any(s is None for s in slots):
@@ -710,7 +739,7 @@ class Keeper(RestoreAhead):
                     slot.pins -= 1
                 self._cond.notify_all()
 
-        if not self.protector.submit(step, ranks, release, shares, sums=sums):
+        if not self.parity.submit(step, ranks, release, shares, sums=sums):
             for slot in slots:
                 slot.pins -= 1
 
@@ -764,7 +793,7 @@ class Keeper(RestoreAhead):
             "backlog": len(self._jobs),
             "host_bytes": sum(h.nbytes for h in self.ranks.values()),
             "skipped": self.skipped,
-            "protected": self.protector.protected_step() if self.protector else -1,
-            "parity_bytes": self.protector.parity_bytes() if self.protector else 0,
-            "protect_cpu_s": round(self.protector.cpu_s(), 4) if self.protector else 0.0,
+            "protected": self.parity.protected_step() if self.parity else -1,
+            "parity_bytes": self.parity.parity_bytes() if self.parity else 0,
+            "protect_cpu_s": round(self.parity.cpu_s(), 4) if self.parity else 0.0,
         }

@@ -3,7 +3,9 @@ budgets, and persisting a snapshot to a committed universal checkpoint."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from resurgo.checkpoint.keeper import shm
 from resurgo.checkpoint.keeper.protocol import (
     Client,
     KeeperError,
+    Op,
     lock_path,
     run_id,
     segment_name,
@@ -362,7 +365,7 @@ def test_scaled_shares_live_within_the_memory_budget(serve, caplog, snapshots_in
     budget too; otherwise the snapshots keep their slots and the holders scale."""
     nbytes = layout_of(TENSORS).nbytes
     keeper = serve(host_memory_bytes=snapshots_in_budget * nbytes)
-    keeper.protector = DeviceSitePlan()
+    keeper.parity = DeviceSitePlan()
     worker = FakeWorker(keeper)
     replies = [worker.client.request("acquire", rank=0, step=step) for step in (1, 2)]
     assert all(r["slot"] is not None for r in replies) and len(worker.segments) == 3
@@ -521,3 +524,21 @@ def test_a_keeper_whose_lease_ends_frees_its_memory_and_exits(serve):
     worker.client.close()
     assert wait_stopped(keeper, timeout=15) >= 1.0
     assert not shm.list_segments(segment_prefix(keeper.rid))
+
+
+def test_unknown_operations_and_malformed_frames_get_an_error_reply_and_the_keeper_serves_on(serve):
+    keeper = serve()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(30)
+    sock.connect(str(socket_path(keeper.rid)))
+    stream = sock.makefile("rwb")
+    for line in (b'{"op": "launch_missiles"}\n', b"not json\n", b"[1, 2]\n", b'{"op": "read"}\n', b'{"op": 7}\n'):
+        stream.write(line)
+        stream.flush()
+        reply = json.loads(stream.readline())
+        assert reply["ok"] is False and reply["error"], (line, reply)
+    stream.write(b'{"op": "status"}\n')
+    stream.flush()
+    assert json.loads(stream.readline())["ok"] is True
+    sock.close()
+    assert {op.value for op in Op} >= {"hello", "status", "read", "persist", "prefetch"}
