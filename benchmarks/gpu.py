@@ -211,7 +211,7 @@ def snapshots(size: Size, device: torch.device) -> list[Row]:
 
 def copier(size: Size, device: torch.device) -> list[Row]:
     from resurgo.checkpoint.keeper import shm
-    from resurgo.checkpoint.keeper.client import _pin, _unpin
+    from resurgo.checkpoint.keeper.client import pin_for_dma, unpin_for_dma
     from resurgo.checkpoint.snapshot.engine import CudaCopier, HostCopier
 
     cuda = device.type == "cuda"
@@ -220,7 +220,7 @@ def copier(size: Size, device: torch.device) -> list[Row]:
     srcs = [torch.randn(numel, device=device, dtype=torch.bfloat16, generator=generator) for _ in range(16)]
     nbytes = sum(s.nbytes for s in srcs)
     segment = shm.Segment.create(f"{shm.PREFIX}gpucheck.{os.getpid()}", nbytes)
-    _pin(segment)
+    pin_for_dma(segment)
     try:
         targets = {
             "page-locked": torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda),
@@ -236,7 +236,7 @@ def copier(size: Size, device: torch.device) -> list[Row]:
             if not all(torch.equal(v, s.cpu()) for v, s in zip(views, srcs)):
                 raise SystemExit(f"the copier's copy into {name} memory differs from the device tensors")
     finally:
-        _unpin(segment)
+        unpin_for_dma(segment)
         segment.close()
         shm.unlink(segment.name)
     kind = "CudaCopier, side stream" if cuda else "HostCopier"

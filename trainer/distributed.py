@@ -19,6 +19,7 @@ class DistEnv:
     local_rank: int
     world_size: int
     device: torch.device
+    local_world_size: int = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -67,7 +68,10 @@ def init_distributed(device: str, *, timeout_s: float = 1800.0) -> DistEnv:
             )
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return DistEnv(
+        rank=rank, local_rank=local_rank, world_size=world_size, device=dev, local_world_size=local_world_size
+    )
 
 
 def shutdown() -> None:

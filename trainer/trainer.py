@@ -7,7 +7,6 @@ there), `after_optimizer_step` the first moment the new ones exist (a snapshot b
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -148,7 +147,7 @@ class Trainer:
             run_dir=self.run_dir,
             rank=env.rank,
             local_rank=env.local_rank,
-            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+            local_world_size=env.local_world_size,
             device=env.device,
             topology=self.dims.as_dict(),
             warmed=warmed,

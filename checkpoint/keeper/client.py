@@ -103,14 +103,14 @@ class KeeperLink:
         for name in names:
             if name not in self._maps:
                 segment = Segment.attach(name)
-                _pin(segment)
+                pin_for_dma(segment)
                 self._maps[name] = segment
             out.append(self._maps[name])
         return out
 
     def unmap(self) -> None:
         for segment in self._maps.values():
-            _unpin(segment)
+            unpin_for_dma(segment)
             segment.close()
         self._maps.clear()
 
@@ -227,7 +227,7 @@ class HeldSlots:
                 self.link.close()
 
 
-def _pin(segment: Segment) -> None:
+def pin_for_dma(segment: Segment) -> None:
     """cudaHostRegister the mapping so device-to-host copies into it run asynchronously at full speed."""
     if not segment.size or not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return
@@ -241,7 +241,7 @@ def _pin(segment: Segment) -> None:
         )
 
 
-def _unpin(segment: Segment) -> None:
+def unpin_for_dma(segment: Segment) -> None:
     if segment.size and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.cudart().cudaHostUnregister(segment.address)
 
