@@ -248,7 +248,9 @@ class Resurgo(Timed):
     def pause(self) -> None:
         self.run.engine.fence()
         self.turn_steps = 0
-        while self.run.engine.link.request("status")["backlog"]:
+        from resurgo.checkpoint.keeper.messages import StatusRequest
+
+        while self.run.engine.link.call(StatusRequest()).backlog:
             time.sleep(0.05)
 
     def close(self) -> None:

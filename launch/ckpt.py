@@ -18,11 +18,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from resurgo.checkpoint.errors import CheckpointError
-from resurgo.checkpoint.store.commit import latest
-from resurgo.checkpoint.store.reader import Checkpoint, verify
-from resurgo.checkpoint.store.safetensors_io import DEFAULT_MAX_SHARD_BYTES, DTYPES, export_safetensors
-from resurgo.checkpoint.store.tools import describe, diff, plan_for_layouts
+from resurgo.checkpoint import (
+    DEFAULT_MAX_SHARD_BYTES,
+    DTYPES,
+    Checkpoint,
+    CheckpointError,
+    describe,
+    diff,
+    export_safetensors,
+    latest,
+    plan_for_layouts,
+    verify,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,10 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from resurgo.checkpoint.keeper.protocol import run_id
-from resurgo.checkpoint.keeper.reclaim import node_keepers, reclaim_stale
-from resurgo.checkpoint.keeper.server import Keeper, KeeperRunning
-from resurgo.checkpoint.process import process_alive
+from resurgo.checkpoint import Keeper, KeeperRunning, node_keepers, process_alive, reclaim_stale, run_id
 
 STOP_WAIT_S = 30.0  # a stopping keeper finishes the persists under way; then it is killed
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from hydra import compose, initialize_config_module
 from torch.distributed.tensor import DTensor
 
-from resurgo.checkpoint.state.layout import layout_of
+from resurgo.checkpoint import layout_of
 from resurgo.parallel.dims import ParallelDims
 from resurgo.parallel.parallelize import build_model_parts
 from resurgo.trainer.config import JobConfig, load_config

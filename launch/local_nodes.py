@@ -30,8 +30,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from resurgo.checkpoint.keeper.reclaim import reclaim_stale
-from resurgo.checkpoint.process import process_alive
+from resurgo.checkpoint import process_alive, reclaim_stale
 
 # Rendezvous settings (torchrun --rdzv-conf) that let the survivors of a lost node train again within
 # seconds instead of the defaults' ~45 s:

@@ -18,10 +18,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from resurgo.checkpoint.comm import Comm
-from resurgo.checkpoint.errors import NothingToResume, PeerUnreachable, SaveFailed
-from resurgo.checkpoint.keeper.client import HeldSlots
-from resurgo.checkpoint.recovery.peers import prefetch_ahead, previous_topology
+from resurgo.checkpoint import (
+    Comm,
+    HeldSlots,
+    NothingToResume,
+    PeerUnreachable,
+    SaveFailed,
+    prefetch_ahead,
+    previous_topology,
+)
 from resurgo.parallel.dims import ParallelDims
 from resurgo.parallel.elastic import fit_topology
 from resurgo.trainer.config import JobConfig, load_config

@@ -11,13 +11,11 @@ reads in flight at once, so the survivors' memories are read in parallel.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -28,10 +26,8 @@ from ..bulk_copy import copy_into
 from ..errors import CheckpointError
 from ..scratch import scratch
 from ..state import checksum
-from ..state.dtypes import storage_dtype
 from ..state.flatten import merge_trees
-from ..state.layout import Box, Fragment, pieces
-from ..state.slot_layout import Entry, SlotLayout
+from ..state.slot_layout import SlotLayout
 from . import code as erasure
 from .coding import NodeCoding, segment_read
 from .peer_plan import Inventory, MemoryPlan
@@ -396,176 +392,6 @@ def _deliver(data: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         return data.copy()
     copy_into(out, data)
     return out
-
-
-@dataclass(frozen=True)
-class Copy:
-    """Old rank `rank`'s entry fills regions of target `name`: (intersection key, destination slices in
-    the new local data, source slices in the old local data) each."""
-
-    name: str
-    rank: int
-    entry: Entry
-    work: tuple[tuple[tuple, tuple, tuple], ...]
-
-    def span(self) -> tuple[int, int]:
-        """[start, stop) of the old slot's bytes this copy reads at most: the run covering its regions."""
-        size = storage_dtype(self.entry.dtype).itemsize
-        first, last = _covering(self.entry.shape, [src for _, _, src in self.work])
-        return self.entry.offset + first * size, self.entry.offset + last * size
-
-
-def plan_copies(layouts: Mapping[int, SlotLayout], fragments: Mapping[str, Fragment]) -> tuple[list[Copy], list[str]]:
-    """Which old rank's entry fills which regions of each target fragment (the lowest old rank of
-    those holding an element), and a line per target the old ranks cannot cover in full."""
-    by_name: dict[str, list[tuple[int, Entry]]] = {}
-    for rank in sorted(layouts):
-        for entry in layouts[rank].entries:
-            by_name.setdefault(entry.name, []).append((rank, entry))
-    copies, problems = [], []
-    for name, fragment in fragments.items():
-        wanted, covered = list(fragment.pieces()), set[tuple]()
-        for rank, entry in by_name.get(name, []):
-            work = _overlaps(entry.fragment["segments"], wanted, covered)
-            if work:
-                covered.update(key for key, _, _ in work)
-                copies.append(Copy(name, rank, entry, tuple(work)))
-        need = sum(box.numel for box in fragment.boxes())
-        have = sum(_numel(key) for key in covered)
-        if have != need:
-            problems.append(f"{name}: the old ranks' memory covers {have} of the {need} elements this rank needs")
-    return copies, problems
-
-
-def fill_targets(
-    reader: PeerReader, targets: Mapping[str, tuple[Fragment, np.ndarray]], *, ranks: Sequence[int] | None = None
-) -> None:
-    """Copy into every target (its fragment, a local numpy buffer) the boxes the old ranks held.
-
-    `ranks`: the old ranks expected to cover the targets (as this node's keeper planned them when
-    prefetching), whose layouts alone are then read; all old ranks when they do not. The whole plan is
-    checked first (every element of every target covered), then read in parallel.
-    """
-    fragments = {name: fragment for name, (fragment, _) in targets.items()}
-    every = sorted(reader.chosen.sources)
-    some = sorted(set(ranks) & set(every)) if ranks is not None else every
-    copies, problems = _plan(reader, some, fragments)
-    if problems and some != every:
-        copies, problems = _plan(reader, every, fragments)
-    if problems:
-        raise CheckpointError("memory cannot rebuild this rank's state:\n  " + "\n  ".join(problems[:10]))
-    reads, here = [], []
-    for copy in copies:
-        out, entry = targets[copy.name][1], copy.entry
-        spans = [_byte_span(entry.shape, src) for _, _, src in copy.work]
-        if all(
-            span is not None and _region(out, dst).flags.c_contiguous for span, (_, dst, _) in zip(spans, copy.work)
-        ):
-            # each region is one run of bytes on both sides: copy or read it straight into place
-            itemsize = storage_dtype(entry.dtype).itemsize
-            for (_, dst, _), (first, _last) in zip(copy.work, spans):
-                view, base = _region(out, dst).reshape(-1).view(np.uint8), entry.offset + first * itemsize
-                if (source := reader.here(copy.rank, base, view.size)) is not None:
-                    here.append(partial(copy_into, view, source))
-                    continue
-                for a in range(0, view.size, READ_BYTES):  # pieces spread a tensor over the reading threads
-                    piece = view[a : a + READ_BYTES]
-                    reads.append(partial(reader.read, copy.rank, base + a, piece.size, out=piece))
-        else:
-            start, stop = copy.span()
-            (here if reader.holds(copy.rank, start, stop - start) else reads).append(
-                partial(_copy_regions, reader, copy, out)
-            )
-    reader.run(reads, here=here)
-
-
-def _plan(reader: PeerReader, ranks: Sequence[int], fragments: Mapping[str, Fragment]) -> tuple[list[Copy], list[str]]:
-    reader.describe(ranks)
-    return plan_copies({rank: reader.layout(rank) for rank in ranks}, fragments)
-
-
-def _copy_regions(reader: PeerReader, copy: Copy, out: np.ndarray) -> None:
-    data = _read_span(reader, copy)
-    for _, dst, src in copy.work:
-        copy_into(_region(out, dst), data[src])
-
-
-def _byte_span(shape: tuple[int, ...], region: tuple[slice, ...]) -> tuple[int, int] | None:
-    """[first, last) element of `region` in row-major order when it is one contiguous run, else None."""
-    if not shape:
-        return (0, 1)
-    sizes = [s.stop - s.start for s in region]
-    split = next((d for d, n in enumerate(sizes) if n > 1), len(shape) - 1)
-    if any(sizes[d] != shape[d] for d in range(split + 1, len(shape))):
-        return None  # a run needs single indices before one dim and whole dims after it
-    first = _flat_index([s.start for s in region], shape)
-    return first, first + math.prod(sizes)
-
-
-def _flat_index(index: list[int], shape: tuple[int, ...]) -> int:
-    """The row-major position of `index` in `shape` (numpy's ravel_multi_index costs more than a copy's planning)."""
-    flat = 0
-    for i, n in zip(index, shape):
-        flat = flat * n + i
-    return flat
-
-
-def _region(out: np.ndarray, where: tuple[slice, ...]) -> np.ndarray:
-    """A view of `out` (indexing a 0-d array with () would give a scalar copy)."""
-    return out[where] if out.ndim else out
-
-
-def _covering(shape: tuple[int, ...], regions: list[tuple[slice, ...]]) -> tuple[int, int]:
-    """[first, last) element, in row-major order, of the one run that covers every region."""
-    if not shape:
-        return 0, 1
-    first = min(_flat_index([s.start for s in r], shape) for r in regions)
-    last = max(_flat_index([s.stop - 1 for s in r], shape) for r in regions) + 1
-    return first, last
-
-
-def _read_span(reader: PeerReader, copy: Copy) -> np.ndarray:
-    """The old entry as an array of its local shape, with (at least) the copy's regions read: only
-    the contiguous byte span that covers them travels (a row range, when dim 0 is what was split)."""
-    entry = copy.entry
-    dtype = storage_dtype(entry.dtype)
-    start, stop = copy.span()
-    flat = np.empty(max(1, int(np.prod(entry.shape))), dtype=dtype)  # only the span is ever read
-    first = (start - entry.offset) // dtype.itemsize
-    reader.read(
-        copy.rank, start, stop - start, out=flat[first : first + (stop - start) // dtype.itemsize].view(np.uint8)
-    )
-    return flat.reshape(entry.shape)
-
-
-def _overlaps(
-    old: list, wanted: list[tuple[Box, tuple[slice, ...]]], covered: set[tuple]
-) -> list[tuple[tuple, tuple, tuple]]:
-    """(intersection key, destination slices in the new local data, source slices in the old local
-    data) for each of `wanted` (the new fragment's pieces) that the old fragment (its `segments`,
-    as stored) holds part of."""
-    work = []
-    held = list(pieces(old))
-    for nbox, nslices in wanted:
-        for obox, oslices in held:
-            inter = nbox.intersect(obox)
-            if inter is None or (key := (inter.offsets, inter.sizes)) in covered:
-                continue
-            dst = _compose(nslices, inter.slices(nbox.offsets))
-            src = _compose(oslices, inter.slices(obox.offsets))
-            work.append((key, dst, src))
-    return work
-
-
-def _compose(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:
-    return tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner))
-
-
-def _numel(key: tuple) -> int:
-    n = 1
-    for size in key[1]:
-        n *= size
-    return n
 
 
 def merged_trees(

@@ -21,8 +21,9 @@ import torch
 
 from ..errors import CheckpointError
 from ..state.slot_layout import SlotLayout
+from . import messages as m
 from .prefetch import Prefetched
-from .protocol import Client, KeeperError, KeeperGone, lock_path, run_id, socket_path
+from .protocol import Client, KeeperError, KeeperGone, call, lock_path, run_id, socket_path
 from .shm import Segment
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class KeeperLink:
         while True:
             try:
                 client = Client(self.path)
-                hello = client.request("hello")
+                hello = client.call(m.Hello())
                 break
             except KeeperGone:
                 if self.may_start and not started:
@@ -62,9 +63,9 @@ class KeeperLink:
                 if time.monotonic() >= deadline:
                     return False
                 time.sleep(0.05)
-        if self.keeper_id is not None and hello["keeper_id"] != self.keeper_id:
+        if self.keeper_id is not None and hello.keeper_id != self.keeper_id:
             self.unmap()  # a new keeper: the old one's memory is gone
-        self.client, self.keeper_id = client, hello["keeper_id"]
+        self.client, self.keeper_id = client, hello.keeper_id
         return True
 
     def start_keeper(self) -> None:
@@ -82,6 +83,10 @@ class KeeperLink:
                 close_fds=True,
             )
         log.info("started a keeper (pid %d) for %s", self.spawned.pid, self.run_dir)
+
+    def call(self, request: m.Request) -> Any:
+        """The typed reply; KeeperGone (and the connection dropped) when the keeper is gone."""
+        return call(self, request)
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         if self.client is None:
@@ -156,7 +161,7 @@ class HeldSlots:
         entry per page, work better done while the model is built. Returns once the prefetch finished."""
         with self._lock:  # a restore asking meanwhile waits for these maps rather than racing on the link
             try:
-                reads = self.link.request("inventory", compact=True).get("reads", {}).get(str(rank))
+                reads = call(self.link, m.Inventory(compact=True)).reads.get(str(rank))
             except (KeeperGone, KeeperError):
                 return
             for old in reads["ranks"] if reads else ():
@@ -185,23 +190,24 @@ class HeldSlots:
 
     def _map(self, rank: int, step: int) -> _Held:
         try:
-            reply = self.link.request("read", rank=rank, step=step)
+            reply: m.ReadReply = call(self.link, m.Read(rank, step))
         except (KeeperGone, KeeperError):
             return _Held()
         try:
-            layout = SlotLayout.from_json(reply["layout"])
-            if "prefetched" in reply:
-                held = _Held(layout=layout, tree=reply["tree"], sums=reply.get("checksums"))
-                for piece in reply["prefetched"]:
+            layout = SlotLayout.from_json(reply.layout)
+            if reply.prefetched is not None:
+                held = _Held(layout=layout, tree=reply.tree, sums=reply.checksums)
+                for piece in reply.prefetched:
                     segment = Segment.attach(piece["segment"])
                     self._segments.append(segment)
                     held.prefetched.append((Prefetched.from_json(rank, step, piece["spans"]), segment.array()))
                 return held
-            segment = Segment.attach(reply["segment"])
+            assert reply.segment is not None, "a read reply holds a segment or prefetched pieces"
+            segment = Segment.attach(reply.segment)
         except CheckpointError:
             return _Held()
         self._segments.append(segment)
-        return _Held(segment.array()[: layout.nbytes], layout=layout, tree=reply["tree"], sums=reply.get("checksums"))
+        return _Held(segment.array()[: layout.nbytes], layout=layout, tree=reply.tree, sums=reply.checksums)
 
     def close_soon(self) -> None:
         """Close, on a thread of its own when this has a connection of its own: unpinning and unmapping
@@ -216,7 +222,7 @@ class HeldSlots:
             for (rank, step), held in self._open.items():
                 if held.whole is not None or held.prefetched:
                     try:
-                        self.link.request("unpin", rank=rank, step=step)
+                        call(self.link, m.Unpin(rank, step))
                     except (KeeperGone, KeeperError):
                         pass
             self._open.clear()

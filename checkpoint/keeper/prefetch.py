@@ -22,7 +22,8 @@ from functools import cached_property, lru_cache, partial
 
 import numpy as np
 
-from ..erasure.peer_read import READ_BYTES, PeerReader, plan_copies
+from ..erasure.peer_read import READ_BYTES, PeerReader
+from ..erasure.reshard import plan_copies
 from ..state import checksum
 from ..state.layout import Fragment, MeshSpec, TensorLayout
 

@@ -2,7 +2,8 @@
 
 Messages are JSON objects, one per line, over a Unix stream socket in a directory only this user can
 open (0700). A request names its `op`; a reply has `ok` and, when false, an `error` that says what
-to do. Tensor bytes never travel over the socket: they go through shared memory laid out by
+to do. What each operation takes and returns is in messages.py; `call` sends one typed request and
+types its reply, and `ask` is the same for callers to whom a keeper is optional (None: none answers). Tensor bytes never travel over the socket: they go through shared memory laid out by
 `state.slot_layout.SlotLayout`, which both sides derive from the same JSON.
 """
 
@@ -16,36 +17,16 @@ import socket
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import CheckpointError
+from .messages import Op as Op  # re-exported: clients name operations here
+from .messages import Reply, Request
 
 PROTOCOL_VERSION = 1
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _OWNER = re.compile(r"\.p(\d+)\.r-?\d+\.s\d+\.\d+$")
-
-
-class Op(str, Enum):
-    """Every operation a keeper serves on its socket; the server maps each to one handler."""
-
-    HELLO = "hello"
-    PROTECT = "protect"
-    REACH = "reach"
-    INVENTORY = "inventory"
-    HOLDINGS = "holdings"
-    READ = "read"
-    UNPIN = "unpin"
-    REGISTER = "register"
-    ACQUIRE = "acquire"
-    COMPLETE = "complete"
-    ABORT = "abort"
-    PERSIST = "persist"
-    FINISH = "finish"
-    PROGRESS = "progress"
-    STATUS = "status"
-    PREFETCH = "prefetch"
 
 
 class KeeperError(CheckpointError):
@@ -182,8 +163,13 @@ class Client:
         self._sock = sock
         self._file = sock.makefile("rwb")
 
+    def call(self, request: Request) -> Any:
+        """The typed reply (of type `request.reply`); KeeperError if the keeper refused, KeeperGone if
+        the connection broke."""
+        return call(self, request)
+
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        """The keeper's reply; KeeperError if it refused, KeeperGone if the connection broke."""
+        """The raw reply to one frame (code sends typed requests by `call`, which comes through here)."""
         try:
             self._file.write(encode({"op": op, **fields}))
             self._file.flush()
@@ -203,3 +189,24 @@ class Client:
                 closing()
             except OSError:
                 pass
+
+
+class Requester(Protocol):
+    def request(self, op: str, **fields: Any) -> dict[str, Any]: ...
+
+
+def call(client: Requester, request: Request) -> Any:
+    """Send a typed request through `client`'s raw `request` and type its reply."""
+    frame = request.to_json()
+    reply: type[Reply] = request.reply
+    return reply.from_json(client.request(frame.pop("op"), **frame))
+
+
+def ask(client: Requester | None, request: Request) -> Any:
+    """`call`, or None when no keeper answers or it refused: for callers to whom a keeper is optional."""
+    if client is None:
+        return None
+    try:
+        return call(client, request)
+    except (KeeperGone, KeeperError, OSError):
+        return None

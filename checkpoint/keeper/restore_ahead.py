@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from ..erasure.peer_plan import choose
 from ..erasure.peer_read import PeerReader
 from ..erasure.service import ParityService
 from ..state.slot_layout import SlotLayout
+from . import messages as m
 from . import prefetch, rebuild, shm
 from .slots import COMPLETE, RankSlots, Slot, free
 from .watch import HangWatch
@@ -47,11 +49,11 @@ class _Prefetched:
 
 
 class RestoreAhead:
-    """The keeper's rebuilds and prefetches, mixed into `Keeper`: they share its lock (`_cond`), its
-    protector, ranks and peer watch, and use its `_held`, `_inventory`, `_name` and `_slot_bytes`."""
+    """The keeper's inventory, rebuilds and prefetches, mixed into `Keeper`: they share its lock
+    (`_cond`), its parity service, ranks and peer watch, and use its `_held`, `_name` and `_slot_bytes`."""
 
     _cond: threading.Condition
-    protector: ParityService | None
+    parity: ParityService | None
     watch: HangWatch
     node: str
     ranks: dict[int, RankSlots]
@@ -65,24 +67,66 @@ class RestoreAhead:
         self._prefetch_requests: list[tuple[int, dict[str, int]]] = []
         self._prefetching = False
 
-    def _prefetched(self, msg: dict[str, Any]) -> _Prefetched | None:
+    def _prefetched(self, rank: int, step: int) -> _Prefetched | None:
         """The spans prefetched here of an old rank's step that this keeper does not hold whole."""
-        rank, step = int(msg["rank"]), int(msg["step"])
         held = self._held(rank)
         if held is not None and held.find(step) is not None:
             return None
         prefetched = self.prefetched.get(rank)
         return prefetched if prefetched is not None and prefetched.pieces and prefetched.step == step else None
 
-    def _op_prefetch(self, msg: dict[str, Any], conn: Any) -> dict[str, Any]:
+    def _op_prefetch(self, req: m.Prefetch, conn: Any) -> m.PrefetchReply:
         """A restarted worker's new rank and topology: fetch what its restore will read from peers now."""
         if self.parity is None or self.parity.newest_plan() is None:
-            return {"prefetching": False}
-        self._prefetch_requests.append((int(msg["rank"]), {str(a): int(n) for a, n in msg["topology"].items()}))
+            return m.PrefetchReply(False)
+        self._prefetch_requests.append((req.rank, {str(a): int(n) for a, n in req.topology.items()}))
         if not self._prefetching:
             self._prefetching = True
             threading.Thread(target=self._prefetch_loop, name="resurgo-keeper-prefetch", daemon=True).start()
-        return {"prefetching": True}
+        return m.PrefetchReply(True)
+
+    def _op_inventory(self, req: m.Inventory, conn: Any) -> m.InventoryReply:
+        """What this node holds for a recovery, once a rebuild or prefetch under way has finished
+        (unless `wait` is false: a worker asking only for the plans)."""
+        deadline = time.monotonic() + (REBUILD_WAIT_S if req.wait else 0.0)
+        while (self._rebuilding or self._prefetching) and time.monotonic() < deadline:
+            self._cond.wait(timeout=1.0)
+        return m.InventoryReply.from_json(self._inventory(compact=req.compact, ranks=req.ranks, step=req.step))
+
+    def _inventory(
+        self, *, compact: bool = False, ranks: list[int] | None = None, step: int | None = None
+    ) -> dict[str, Any]:
+        """(Also what a peer keeper's recovery is told: the same document over the peer wire.) Every held rank's complete steps and layout digest (rebuilt ones too), plans, parity; unless
+        `compact`, also each rank's layout and JSON states (only of `ranks`, and of `step`, when given).
+        A restore agrees on a step from compact inventories, then asks only for the ranks it reads."""
+        with self._cond:
+            held = {**self.rebuilt, **self.ranks}  # a rank registered here is served from its own slots
+            held = {r: h for r, h in held.items() if ranks is None or r in ranks}
+            ranks_json = {str(r): {"steps": h.complete_steps(), "digest": h.layout.digest} for r, h in held.items()}
+            for r, h in held.items() if not compact else ():
+                steps = [s for s in h.slots if s.status == COMPLETE and step in (None, s.step)]
+                ranks_json[str(r)].update(
+                    layout=h.layout.to_json(),
+                    trees={str(s.step): s.tree for s in steps},
+                    sums={str(s.step): s.checksums for s in steps},
+                )
+            rebuilt = {str(r): round(self._rebuild_s[r], 3) for r in self.rebuilt if r not in self.ranks}
+            prefetched = (
+                {
+                    "mb": sum(s.nbytes for h in self.prefetched.values() for s, _ in h.pieces) / 1e6,
+                    "seconds": sum(h.seconds for h in self.prefetched.values()),
+                }
+                if self.prefetched
+                else {}
+            )
+            reads = {str(r): dict(v) for r, v in self.reads.items()}
+        return {
+            "ranks": ranks_json,
+            "rebuilt": rebuilt,
+            "prefetched": prefetched,
+            "reads": reads,
+            **(self.parity.inventory() if self.parity else {"node": self.node}),
+        }
 
     # ---- rebuilding lost ranks (called with the lock held) ----------------------------------
 

@@ -5,7 +5,8 @@ rank), durable (its chunks fsynced) and committed (the checkpoint sealed on ever
 persists steps the workers flag to the universal store from a background thread, so no training
 process pays for disk I/O or holds the GIL for it. One keeper per run and node is ensured by a lock
 file; whatever a dead keeper left (segments, socket) is reclaimed at start, also for other runs
-whose keepers are gone. What it does ahead of a restore after a node loss is in keeper_ahead.py.
+whose keepers are gone. Its slot operations are in holding.py; its inventory, and what it does
+ahead of a restore after a node loss, in restore_ahead.py.
 
 It never outlives its job: with no worker connected it holds its snapshots for the lease
 (`fault.keeper_lease_s`) only while a process that can restart the workers lives (their torchrun
@@ -26,17 +27,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..erasure.coding import ErasureSetup
-from ..erasure.service import ParityService, report_fields
+from ..erasure.service import ParityService
 from ..erasure.wire import advertised_host, unreachable
-from ..errors import CheckpointError
 from ..process import process_alive
-from ..state.slot_layout import SlotLayout
-from . import shm
+from . import messages as m
+from .holding import Conn, SlotHolding
 from .protocol import (
     PROTOCOL_VERSION,
     KeeperError,
@@ -47,28 +46,15 @@ from .protocol import (
     lock_path,
     node_id,
     run_id,
-    segment_name,
     socket_path,
 )
 from .reclaim import reclaim_stale, try_lock
-from .restore_ahead import REBUILD_WAIT_S, RestoreAhead
-from .slots import (
-    COMPLETE,
-    DEFAULT_SLOTS,
-    WRITING,
-    PersistJob,
-    RankData,
-    RankSlots,
-    Slot,
-    choose_slot,
-    free,
-    newest_common,
-)
+from .restore_ahead import RestoreAhead
+from .slots import DEFAULT_SLOTS, WRITING, PersistJob, RankSlots, Slot, free
 from .watch import HangWatch
 
 log = logging.getLogger(__name__)
 
-WAIT_S = 900.0  # longest a required snapshot or a finishing worker waits for a persist
 REACH_TIMEOUT_S = 10.0  # for a peer keeper to accept a connection at start
 ORPHAN_GRACE_S = 5.0  # how long a keeper nobody can come back to waits before it exits
 
@@ -77,15 +63,10 @@ class KeeperRunning(RuntimeError):
     """Another keeper of this run already serves this node."""
 
 
-@dataclass
-class _Conn:
-    """What one worker connection holds, released when it drops (the worker died)."""
+class Keeper(SlotHolding, RestoreAhead):
+    """The server: its socket, one thread per connection, one table from operation to handler (the
+    slot operations are in holding.py, the restore's in restore_ahead.py), and its life cycle."""
 
-    ranks: set[int] = field(default_factory=set)
-    reads: list[Slot] = field(default_factory=list)
-
-
-class Keeper(RestoreAhead):
     def __init__(
         self,
         *,
@@ -308,13 +289,13 @@ class Keeper(RestoreAhead):
     # ---- connections -----------------------------------------------------------------------
 
     def _serve(self, sock: socket.socket) -> None:
-        conn = _Conn()
+        conn = Conn()
         stream = sock.makefile("rwb")
         try:
             for line in stream:
                 try:
-                    reply = {"ok": True, **self.handle(decode(line), conn)}
-                except (KeeperError, ValueError, KeyError, TypeError) as e:
+                    reply = {"ok": True, **self.handle(decode(line), conn).to_json()}
+                except (KeeperError, ValueError) as e:  # MalformedMessage is a ValueError
                     reply = {
                         "ok": False,
                         "error": f"{type(e).__name__}: {e}" if not isinstance(e, KeeperError) else str(e),
@@ -332,7 +313,7 @@ class Keeper(RestoreAhead):
                 except OSError:
                     pass
 
-    def _drop(self, conn: _Conn) -> None:
+    def _drop(self, conn: Conn) -> None:
         """A worker went away: its unfinished copies are garbage, its reads end; complete snapshots stay."""
         with self._cond:
             self._conns -= 1
@@ -359,18 +340,14 @@ class Keeper(RestoreAhead):
 
     # ---- requests --------------------------------------------------------------------------
 
-    def handle(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        try:
-            op = Op(msg.get("op"))
-        except ValueError:
-            raise KeeperError(
-                f"unknown request {msg.get('op')!r}: the worker and keeper versions differ; restart the keeper"
-            ) from None
+    def handle(self, msg: dict[str, Any], conn: Conn) -> m.Reply:
+        """The reply to one decoded frame; MalformedMessage (a ValueError) when it is no request."""
+        request = m.parse(msg)
         with self._cond:
-            return self._handlers[op](msg, conn)
+            return self._handlers[request.op](request, conn)
 
     @functools.cached_property
-    def _handlers(self) -> dict[Op, Callable[[dict[str, Any], _Conn], dict[str, Any]]]:
+    def _handlers(self) -> dict[Op, Callable[[Any, Conn], m.Reply]]:
         """One handler per operation (a missing one fails the keeper's start, not a request)."""
         table = {
             Op.HELLO: self._op_hello,
@@ -394,29 +371,23 @@ class Keeper(RestoreAhead):
             raise RuntimeError(f"keeper operations without a handler: {sorted(set(Op) - set(table))}")
         return table
 
-    def _op_hello(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+    def _op_hello(self, req: m.Hello, conn: Conn) -> m.HelloReply:
         address = self.parity.address if self.parity else None
-        return {
-            "keeper_id": self.keeper_id,
-            "pid": os.getpid(),
-            "protocol": PROTOCOL_VERSION,
-            "node": self.node,
-            "peer_address": address,
-        }
+        return m.HelloReply(self.keeper_id, os.getpid(), PROTOCOL_VERSION, self.node, address)
 
-    def _op_protect(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+    def _op_protect(self, req: m.Protect, conn: Conn) -> m.ProtectReply:
         """The running incarnation's erasure plan (sent by local rank 0 once all ranks agreed on it)."""
         assert self.parity is not None
-        if msg.get("plan") is None:
-            self.parity.pause(secret=str(msg["secret"]))
+        if req.plan is None:
+            self.parity.pause(secret=req.secret)
             self.watch.watch_peers({})
-            return {"describe": "no erasure coding: a single node"}
-        protect = ErasureSetup.from_json(msg["plan"])
+            return m.ProtectReply("no erasure coding: a single node")
+        protect = ErasureSetup.from_json(req.plan)
         plan = self.parity.protect(protect)
         self.watch.watch_peers({n: a for n, a in protect.peers.items() if n != self.node})
-        return {"describe": plan.describe()}
+        return m.ProtectReply(plan.describe())
 
-    def _op_reach(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
+    def _op_reach(self, req: m.Reach, conn: Conn) -> m.ReachReply:
         """Which of the running plan's peer keepers this one cannot reach, and why (checked once per plan)."""
         plan = self.parity.newest_plan() if self.parity else None
         peers = {n: a for n, a in (plan.peers.items() if plan else ()) if n != self.node}
@@ -425,375 +396,4 @@ class Keeper(RestoreAhead):
             found = {node: unreachable(address, timeout=REACH_TIMEOUT_S) for node, address in peers.items()}
         finally:
             self._cond.acquire()
-        return {"node": self.node, "unreachable": {n: f"{peers[n]}: {why}" for n, why in found.items() if why}}
-
-    def _op_inventory(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        """What this node holds for a recovery, once a rebuild or prefetch under way has finished
-        (unless `wait` is false: a worker asking only for the plans)."""
-        deadline = time.monotonic() + (REBUILD_WAIT_S if msg.get("wait", True) else 0.0)
-        while (self._rebuilding or self._prefetching) and time.monotonic() < deadline:
-            self._cond.wait(timeout=1.0)
-        return self._inventory(**report_fields(msg))
-
-    def _inventory(
-        self, *, compact: bool = False, ranks: list[int] | None = None, step: int | None = None
-    ) -> dict[str, Any]:
-        """Every held rank's complete steps and layout digest (rebuilt ones too), plans, parity; unless
-        `compact`, also each rank's layout and JSON states (only of `ranks`, and of `step`, when given).
-        A restore agrees on a step from compact inventories, then asks only for the ranks it reads."""
-        with self._cond:
-            held = {**self.rebuilt, **self.ranks}  # a rank registered here is served from its own slots
-            held = {r: h for r, h in held.items() if ranks is None or r in ranks}
-            ranks_json = {str(r): {"steps": h.complete_steps(), "digest": h.layout.digest} for r, h in held.items()}
-            for r, h in held.items() if not compact else ():
-                steps = [s for s in h.slots if s.status == COMPLETE and step in (None, s.step)]
-                ranks_json[str(r)].update(
-                    layout=h.layout.to_json(),
-                    trees={str(s.step): s.tree for s in steps},
-                    sums={str(s.step): s.checksums for s in steps},
-                )
-            rebuilt = {str(r): round(self._rebuild_s[r], 3) for r in self.rebuilt if r not in self.ranks}
-            prefetched = (
-                {
-                    "mb": sum(s.nbytes for h in self.prefetched.values() for s, _ in h.pieces) / 1e6,
-                    "seconds": sum(h.seconds for h in self.prefetched.values()),
-                }
-                if self.prefetched
-                else {}
-            )
-            reads = {str(r): dict(v) for r, v in self.reads.items()}
-        return {
-            "ranks": ranks_json,
-            "rebuilt": rebuilt,
-            "prefetched": prefetched,
-            "reads": reads,
-            **(self.parity.inventory() if self.parity else {"node": self.node}),
-        }
-
-    def _op_holdings(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        held = self.ranks.get(int(msg["rank"]))
-        return {"steps": held.complete_steps() if held else [], "digest": held.layout.digest if held else None}
-
-    def _op_read(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        """A held snapshot's segment (pinned until unpinned), else the spans of it prefetched here."""
-        prefetched = self._prefetched(msg)
-        if prefetched is not None:
-            for _, slot in prefetched.pieces:
-                slot.pins += 1
-                conn.reads.append(slot)
-            pieces = [{"segment": slot.segment.name, "spans": s.to_json()} for s, slot in prefetched.pieces]
-            return {
-                "prefetched": pieces,
-                "layout": prefetched.layout.to_json(),
-                "tree": prefetched.tree,
-                "checksums": prefetched.checksums,
-            }
-        held, slot = self._complete(msg)
-        slot.pins += 1
-        conn.reads.append(slot)
-        return {
-            "segment": slot.segment.name,
-            "layout": held.layout.to_json(),
-            "tree": slot.tree,
-            "checksums": slot.checksums,
-        }
-
-    def _op_unpin(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        prefetched = self._prefetched(msg)
-        for slot in [slot for _, slot in prefetched.pieces] if prefetched is not None else [self._complete(msg)[1]]:
-            if slot in conn.reads:
-                conn.reads.remove(slot)
-                slot.pins -= 1
-        self._cond.notify_all()
-        return {}
-
-    def _op_register(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        rank, layout, token = int(msg["rank"]), SlotLayout.from_json(msg["layout"]), str(msg["token"])
-        if token != self.token:
-            self.token, self.finished = token, set()
-            self.failed, self.failure = -1, ""
-            self.launchers, self.pids = set(), {}
-            self.watch.forget()
-            for stale in [r for r in self.ranks if r >= int(msg["world_size"])]:
-                free(self.ranks.pop(stale).slots)
-            # A new incarnation snapshots only after every rank resumed: nobody reads rebuilt ranks now.
-            for lost in [r for r, h in self.rebuilt.items() if not any(s.pins for s in h.slots)]:
-                self._drop_rebuilt(lost)
-            self._drop_prefetched()
-            self.reads.clear()
-        self.local_world = int(msg["local_world_size"])
-        if msg.get("pid"):
-            self.pids[rank] = int(msg["pid"])
-        if msg.get("hang_timeout_s") is not None:
-            self.watch.timeout_s = float(msg["hang_timeout_s"])
-        if msg.get("launcher"):
-            self.launchers.add(int(msg["launcher"]))
-        if msg.get("lease_s") and float(msg["lease_s"]) != self.idle_timeout_s:
-            self.idle_timeout_s = float(msg["lease_s"])
-            log.info(
-                "lease: snapshots are held for up to %.0f s without workers (fault.keeper_lease_s)", self.idle_timeout_s
-            )
-        self.target = StoreTarget.from_json(msg["store"]) if msg.get("store") else None
-        held = self.ranks.get(rank)
-        if held is None or held.layout.digest != layout.digest:
-            if held is not None:
-                log.info("rank %d changed its snapshot layout: its held snapshots are dropped", rank)
-                free(held.slots)
-            self.ranks[rank] = held = RankSlots(rank, layout, token)
-            self._budget = self.host_memory_bytes or int(msg.get("host_memory_bytes", 0))
-            count = self._slot_count(layout, budget=self._budget)
-            held.slots = [Slot(i, self._segment(rank, i, layout.nbytes)) for i in range(count)]
-        elif held.token != token:
-            # A new incarnation of the run: what it did not resume from belongs to another timeline.
-            for slot in held.slots:
-                if slot.status == COMPLETE and slot.step > int(msg.get("resumed_from", 0)) and not slot.pins:
-                    slot.reset()
-        held.token = token
-        conn.ranks.add(rank)
-        self.finished.discard(rank)
-        return {"segments": [s.segment.name for s in held.slots], **self._status()}
-
-    def _op_acquire(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        held, step, required = self._rank(msg), int(msg["step"]), bool(msg.get("required"))
-        if held.find(step) is not None:
-            return {"slot": None, "reason": "held", **self._status()}  # a replayed step: the same bytes are in
-        deadline = time.monotonic() + WAIT_S
-        # Kept: the newest protected step, and the newest this node sent its shares of (it becomes the
-        # protected one when the group's parity completes). While a step newer than the protected one
-        # is being coded or awaits its parity, it stays whole on every local rank, so the newest
-        # complete one may go: snapshots go on when coding falls behind the steps.
-        p = self.parity
-        protected, coded, coding = (p.protected_step(), p.coded_step(), p.coding_step()) if p else (-1, -1, -1)
-        anchor = max(coding, coded) if max(coding, coded) > protected else -1
-        keep = [anchor if anchor >= 0 else newest_common(self._current()), protected, coded]
-        while (slot := choose_slot(held, keep=keep, keep_newest=anchor < 0)) is None:
-            if not required or time.monotonic() > deadline:
-                self.skipped += 1
-                return {"slot": None, "reason": "busy", **self._status()}
-            self.watch.excuse(held.rank)
-            self._cond.wait(timeout=1.0)
-        slot.reset(WRITING, step)
-        return {"slot": slot.index, "shares": self._share_space(held, slot)}
-
-    def _op_complete(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        held, index, step = self._rank(msg), int(msg["slot"]), int(msg["step"])
-        slot = held.slots[index]
-        if slot.status != WRITING or slot.step != step:
-            raise KeeperError(f"rank {held.rank} completed slot {index} for step {step}, which it was not writing")
-        slot.status, slot.tree, slot.persist = COMPLETE, msg["tree"], bool(msg.get("persist"))
-        slot.checksums = [int(c) for c in msg["checksums"]] if msg.get("checksums") is not None else None
-        slot.scaled = str(msg.get("scaled") or "") if slot.shares is not None else ""
-        self._maybe_persist(step)
-        self._maybe_protect(step)
-        self._cond.notify_all()
-        return self._status()
-
-    def _op_abort(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        slot = self._rank(msg).slots[int(msg["slot"])]
-        if slot.status == WRITING:
-            slot.reset()
-            self._cond.notify_all()
-        return {}
-
-    def _op_persist(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        """Persist a held step although it is not a multiple of checkpoint.every (the final step)."""
-        _, slot = self._complete(msg)
-        slot.persist = True
-        self._maybe_persist(slot.step)
-        return self._status()
-
-    def _op_finish(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        """The rank's run ended; answered once every queued persist is done, so the run ends durable."""
-        rank = self._rank(msg).rank
-        self.finished.add(rank)
-        self.watch.forget({rank})
-        deadline = time.monotonic() + WAIT_S
-        while self._jobs and time.monotonic() < deadline:
-            self._cond.wait(timeout=1.0)
-        return self._status()
-
-    def _op_progress(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        """A local rank finished a step (sent after every optimizer step)."""
-        self.watch.beat(int(msg["rank"]), int(msg["step"]))
-        return {}
-
-    def _op_status(self, msg: dict[str, Any], conn: _Conn) -> dict[str, Any]:
-        return self._status()
-
-    # ---- helpers (called with the lock held) ------------------------------------------------
-
-    def _rank(self, msg: dict[str, Any], *, rebuilt: bool = False) -> RankSlots:
-        """A rank registered here (or, with `rebuilt`, a lost node's rank rebuilt here)."""
-        held = self._held(int(msg["rank"])) if rebuilt else self.ranks.get(int(msg["rank"]))
-        if held is None:
-            raise KeeperError(
-                f"rank {msg['rank']} is not registered with this keeper (it was restarted): register again"
-            )
-        return held
-
-    def _held(self, rank: int) -> RankSlots | None:
-        """A rank's slots: its own registration here, else a rebuilt copy of a lost node's rank."""
-        return self.ranks.get(rank) or self.rebuilt.get(rank)
-
-    def _complete(self, msg: dict[str, Any]) -> tuple[RankSlots, Slot]:
-        """A complete snapshot of a held rank (its own or, for a recovery, a rebuilt one)."""
-        held = self._rank(msg, rebuilt=True)
-        slot = held.find(int(msg["step"]))
-        if slot is None:
-            raise KeeperError(
-                f"rank {held.rank} has no complete snapshot of step {msg['step']} (held: {held.complete_steps()})"
-            )
-        return held, slot
-
-    def _current(self) -> list[RankSlots]:
-        """The ranks registered by the running incarnation (older ones only serve restores)."""
-        return [held for held in self.ranks.values() if held.token == self.token]
-
-    def _slot_count(self, layout: SlotLayout, *, budget: int) -> int:
-        if self.fixed_slots:
-            return self.fixed_slots
-        if not budget or not layout.nbytes:
-            return DEFAULT_SLOTS
-        fits = budget // max(self.local_world or 1, 1) // layout.nbytes
-        if fits < 2:
-            need = 2 * layout.nbytes * (self.local_world or 1)
-            raise KeeperError(
-                f"checkpoint.host_memory_gb={budget / 2**30:.3g} holds {fits} snapshot(s) per local rank of "
-                f"{layout.nbytes / 2**30:.3g} GiB; at least 2 are needed: raise it to {need / 2**30:.3g} or more, "
-                "or set checkpoint.snapshot_every=0"
-            )
-        return min(fits, DEFAULT_SLOTS)
-
-    def _share_space(self, held: RankSlots, slot: Slot) -> dict[str, Any] | None:
-        """Where and how the worker scales this slot's parity shares before handing it back
-        (fault.erasure.encode=device), None when the holders scale them."""
-        current = self._current()
-        if self.parity is None or held.token != self.token or len(current) < (self.local_world or 0):
-            return None
-        recipe = self.parity.share_recipe(held.rank, {h.rank: h.layout.nbytes for h in current})
-        if recipe is None or not recipe.rows:
-            return None
-        need = recipe.rows * held.layout.nbytes  # a slot's shares; every slot gets them or none does
-        per_rank = self._budget // max(self.local_world or 1, 1)
-        if self._budget and sum(s.segment.size + need for s in held.slots) > per_rank:
-            if held.rank not in self._shares_over_budget:  # snapshot slots come first: the holders can scale
-                self._shares_over_budget.add(held.rank)
-                log.warning(
-                    "rank %d's scaled shares (%.3g GiB a slot) do not fit checkpoint.host_memory_gb=%.3g beside "
-                    "its snapshots: the holders scale them; raise it to let the workers scale",
-                    held.rank,
-                    need / 2**30,
-                    self._budget / 2**30,
-                )
-            return None
-        try:
-            segment = slot.share_space(lambda: self._name(held.rank, slot.index), need)
-        except CheckpointError as e:  # a full /dev/shm costs the holders' CPU, never a snapshot
-            log.warning("rank %d's scaled shares find no memory, the holders scale them: %s", held.rank, e)
-            return None
-        return {"segment": segment.name, "recipe": recipe.to_json()}
-
-    def _name(self, rank: int, index: int) -> str:
-        self._serial += 1
-        return segment_name(self.rid, keeper_id=self.keeper_id, rank=rank, slot=index, serial=self._serial)
-
-    def _segment(self, rank: int, index: int, nbytes: int) -> shm.Segment:
-        return shm.Segment.create(self._name(rank, index), nbytes)
-
-    def _maybe_persist(self, step: int) -> None:
-        """Queue `step` once every local rank holds it complete and flagged for persisting."""
-        current = self._current()
-        if self.target is None or self.local_world is None or len(current) < self.local_world:
-            return
-        key = (self.target.token, step)
-        slots = [held.find(step) for held in current]
-        if key in self._persisted or any(s is None or not s.persist for s in slots):
-            return
-        self._persisted.add(key)
-        ranks = {h.rank: RankData(h.layout, s.segment.array(), s.tree) for h, s in zip(current, slots)}
-        job = PersistJob(step, self.target, ranks, committer=any(h.rank == 0 for h in current))
-        for slot in slots:
-            slot.pins += 1
-        self._jobs[key] = (job, slots)
-        self._submit(job)
-
-    def _maybe_protect(self, step: int) -> None:
-        """Hand `step` to the erasure coder once every local rank holds it (skipped while it is busy)."""
-        current = self._current()
-        if self.parity is None or self.parity.current is None or len(current) < (self.local_world or 0):
-            return
-        slots = [held.find(step) for held in current]
-        if any(s is None for s in slots):
-            return
-        ranks = {h.rank: (h.layout, s.segment.array()[: h.layout.nbytes], s.tree) for h, s in zip(current, slots)}
-        sums = {h.rank: s.checksums for h, s in zip(current, slots)}
-        shares = {
-            h.rank: (s.scaled, s.shares.array()) for h, s in zip(current, slots) if s.scaled and s.shares is not None
-        }
-        for slot in slots:
-            slot.pins += 1
-
-        def release() -> None:
-            with self._cond:
-                for slot in slots:
-                    slot.pins -= 1
-                self._cond.notify_all()
-
-        if not self.parity.submit(step, ranks, release, shares, sums=sums):
-            for slot in slots:
-                slot.pins -= 1
-
-    def _announced(self, step: int) -> None:
-        """The group's leader codes `step`: code it here too if every local rank holds it (else on completion)."""
-        with self._cond:
-            self._maybe_protect(step)
-
-    def _slot_bytes(self, rank: int, step: int) -> Any:
-        """A held rank's complete snapshot of `step` (for a peer's recovery), None if not held."""
-        with self._cond:
-            held = self._held(rank)
-            slot = held.find(step) if held else None
-            return slot.segment.array()[: held.layout.nbytes] if slot is not None and held is not None else None
-
-    def _notify(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-    def _persist_done(self, job: PersistJob, phase: str, error: str | None) -> None:
-        with self._cond:
-            if phase == "durable":
-                self.durable = max(self.durable, job.step)
-            elif phase == "committed":
-                self.committed = max(self.committed, job.step)
-            elif phase == "failed" and job.target.token == self.token and job.step > self.failed:
-                self.failed, self.failure = job.step, error or "unknown error"
-            if phase == "failed" or phase == "committed" or (phase == "durable" and not job.committer):
-                _, slots = self._jobs.pop((job.target.token, job.step), (None, []))
-                for slot in slots:
-                    slot.pins -= 1
-                self._idle_since = time.monotonic()
-            self._cond.notify_all()
-
-    def _status(self) -> dict[str, Any]:
-        """copied: newest step complete on every local rank; durable / committed: newest persisted."""
-        # Commits by another node's keeper show on disk; look once the store code is loaded (never
-        # import it here: the lock is held).
-        if self.target is not None and self._persister is not None and time.monotonic() - self._disk_checked > 1.0:
-            from ..store.commit import committed
-
-            found = committed(Path(self.target.root))
-            self.committed = max([self.committed] + [step for step, _ in found])
-            self._disk_checked = time.monotonic()
-        return {
-            "copied": newest_common(self._current()),
-            "durable": self.durable,
-            "committed": self.committed,
-            "failed": self.failed,
-            "failure": self.failure,
-            "backlog": len(self._jobs),
-            "host_bytes": sum(h.nbytes for h in self.ranks.values()),
-            "skipped": self.skipped,
-            "protected": self.parity.protected_step() if self.parity else -1,
-            "parity_bytes": self.parity.parity_bytes() if self.parity else 0,
-            "protect_cpu_s": round(self.parity.cpu_s(), 4) if self.parity else 0.0,
-        }
+        return m.ReachReply(self.node, {n: f"{peers[n]}: {why}" for n, why in found.items() if why})

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..comm import Comm
+from ..keeper import messages as m
 from ..keeper.client import KeeperLink
 from ..keeper.protocol import KeeperError, KeeperGone
 from ..snapshot.capture import StateCapture
@@ -29,9 +30,9 @@ class KeeperMemory:
         self.comm, self.rank, self.keeper, self.link, self.capture = comm, rank, keeper, link, capture
 
     def restore(self) -> Resumed | None:
-        reply = self.keeper("holdings")
+        reply = self.keeper(m.Holdings(self.rank))
         # Snapshots of another layout (the topology changed) are for the peers' path, not this one.
-        held = reply.get("steps", []) if reply and reply.get("digest") == self.capture.current_layout().digest else []
+        held = reply.steps if reply and reply.digest == self.capture.current_layout().digest else []
         common = set.intersection(*[set(h) for h in self.comm.all_gather(held)])
         if not common:
             return None
@@ -56,26 +57,28 @@ class KeeperMemory:
                 targets.tensors[name].copy_(view)
         finally:
             if mapped is not None:
-                self.keeper("unpin", step=step)
+                self.keeper(m.Unpin(self.rank, step))
         self.capture.load(targets, trees)
         return Resumed(self.name, step, f"newest step held by every rank's keeper; held here {sorted(held)}")
 
     def _map_snapshot(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """This rank's tensors of `step` as views of the keeper's memory (pinned until "unpin"), and its JSON state."""
-        reply = self.keeper("read", step=step, strict=True)
+        reply: m.ReadReply = self.keeper(m.Read(self.rank, step), strict=True)
         try:
-            layout = SlotLayout.from_json(reply["layout"])
+            layout = SlotLayout.from_json(reply.layout)
             current = self.capture.current_layout()
             if layout.digest != current.digest:
                 raise KeeperError(
                     f"rank {self.rank}'s snapshot layout differs from its state now (the topology or model changed)"
                 )
-            segment = self.link.map([reply["segment"]])[0]
-            if reply.get("checksums") is not None:
+            if reply.segment is None:
+                raise KeeperError(f"rank {self.rank}'s keeper holds only prefetched pieces of step {step}")
+            segment = self.link.map([reply.segment])[0]
+            if reply.checksums is not None:
                 what = f"rank {self.rank}'s snapshot of step {step} in its keeper's memory"
-                checksum.verify(segment.array(), layout, reply["checksums"], what=what)
+                checksum.verify(segment.array(), layout, reply.checksums, what=what)
             views = slot_views(segment, layout)
         except BaseException:
-            self.keeper("unpin", step=step)
+            self.keeper(m.Unpin(self.rank, step))
             raise
-        return {entry.name: view for entry, view in zip(layout.entries, views)}, reply["tree"]
+        return {entry.name: view for entry, view in zip(layout.entries, views)}, reply.tree

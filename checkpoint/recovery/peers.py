@@ -23,12 +23,14 @@ import torch
 from ..comm import Comm
 from ..erasure.coding import ErasureSetup
 from ..erasure.peer_plan import Inventory, choose
-from ..erasure.peer_read import PeerReader, fill_targets, merged_trees
+from ..erasure.peer_read import PeerReader, merged_trees
+from ..erasure.reshard import fill_targets
 from ..erasure.share_site import decide_site
 from ..erasure.wire import PeerError
 from ..errors import CheckpointError, PeerUnreachable
+from ..keeper import messages as m
 from ..keeper.client import HeldSlots
-from ..keeper.protocol import Client, KeeperError, KeeperGone, node_id, run_id, socket_path
+from ..keeper.protocol import Client, KeeperGone, ask, node_id, run_id, socket_path
 from ..snapshot.capture import StateCapture
 from ..state.dtypes import as_numpy, dtype_name, storage_dtype, to_torch
 from .sources import KeeperRequest, Resumed
@@ -71,7 +73,7 @@ def code_shape(nodes: int, *, data: str, parity: int, degrade: bool) -> tuple[in
 def agree_plan(
     *,
     comm: Comm,
-    keeper: Callable[..., dict[str, Any]],
+    keeper: KeeperRequest,
     local_rank: int,
     token: str,
     data: str,
@@ -86,8 +88,8 @@ def agree_plan(
     """The erasure plan of this incarnation (None on one node), installed in every node's keeper, and
     the incarnation's secret, which keepers ask of whoever reads their memory. Where the shares are
     scaled (`encode`, encode_site.py) is decided on rank 0, on its device, for every node."""
-    hello = keeper("hello")
-    mine = {"node": hello.get("node"), "address": hello.get("peer_address"), "local_rank": local_rank}
+    hello = keeper(m.Hello())
+    mine = {"node": hello and hello.node, "address": hello and hello.peer_address, "local_rank": local_rank}
     everyone = comm.all_gather(mine)
     if any(e["node"] is None for e in everyone):
         return None, ""  # some rank has no keeper: nothing to code with
@@ -98,7 +100,7 @@ def agree_plan(
     secret, created = comm.all_gather((secrets.token_hex(16), time.time()))[0]
     if len(nodes) < 2:
         if local_rank == 0:
-            keeper("protect", plan=None, secret=secret)  # one node: nothing to code; earlier plans stay readable
+            keeper(m.Protect(None, secret))  # one node: nothing to code; earlier plans stay readable
         return None, secret
     ranks = {n: tuple(r for r, e in enumerate(everyone) if e["node"] == n) for n in nodes}
     peers = {e["node"]: e["address"] for e in everyone if e["local_rank"] == 0}
@@ -123,10 +125,11 @@ def agree_plan(
         site=site,
     )
     plan.erasure()  # refuses a node count the code cannot use, on every rank alike
-    reply = keeper("protect", plan=plan.to_json()) if local_rank == 0 else {}
-    _check_reach(comm, keeper("reach") if local_rank == 0 else None)
+    reply = keeper(m.Protect(plan.to_json())) if local_rank == 0 else None
+    reach = keeper(m.Reach()) if local_rank == 0 else None
+    _check_reach(comm, reach.to_json() if reach else None)
     if comm.rank == 0:
-        log.info("erasure plan, %d nodes:\n%s", len(nodes), reply.get("describe", ""))
+        log.info("erasure plan, %d nodes:\n%s", len(nodes), reply.describe if reply else "")
     if comm.rank == 0 and parity >= 2:
         where = "by each worker on its device, before the copy to host" if site == "device" else "by the parity holders"
         log.info("shares of parity rows 1..m-1 are scaled %s (%s)", where, why)
@@ -210,7 +213,7 @@ class PeersMemory:
 def resume_from_peers(
     *,
     comm: Comm,
-    keeper: Callable[..., dict[str, Any]],
+    keeper: KeeperRequest,
     local_rank: int,
     token: str,
     secret: str,
@@ -224,7 +227,8 @@ def resume_from_peers(
     start = time.perf_counter()
     # Compact: every rank receives every node's report, so it carries no layouts and no JSON states;
     # each rank then asks the holders for those of the old ranks it reads (PeerReader.describe).
-    report = keeper("inventory", compact=True) if local_rank == 0 else None
+    reply = keeper(m.Inventory(compact=True)) if local_rank == 0 else None
+    report = reply.to_json() if reply else None
     inventories = {i.node: i for i in (Inventory(r) for r in comm.all_gather(report) if r)}
     chosen, why = choose(list(inventories.values()), current=token)
     if chosen is None:
@@ -323,7 +327,8 @@ def prefetch_ahead(run_dir: Any, *, rank: int, topology: Mapping[str, int]) -> H
     client = _keeper_client(run_dir, timeout=900.0)  # it waits for the prefetch
     if client is None:
         return None
-    if not _request(client, "prefetch", rank=rank, topology=dict(topology)).get("prefetching"):
+    reply = ask(client, m.Prefetch(rank, dict(topology)))
+    if reply is None or not reply.prefetching:
         client.close()
         return None
     held = HeldSlots(client, owned=True)
@@ -338,9 +343,8 @@ def previous_topology(run_dir: Any, *, comm: Comm) -> dict[str, int] | None:
     from the one it resumes (`parallel.elastic`); None when no keeper answers or knows a plan.
     """
     newest = None
-    plans = [
-        ErasureSetup.from_json(p) for p in _ask_keeper(run_dir, "inventory", wait=False, compact=True).get("plans", [])
-    ]
+    reply = _ask_keeper(run_dir, m.Inventory(compact=True, wait=False))
+    plans = [ErasureSetup.from_json(p) for p in (reply.plans if reply else [])]
     if plans:
         plan = max(plans, key=lambda p: p.created)
         newest = (plan.created, {**{k: int(v) for k, v in plan.topology.items()}, "world_size": plan.world_size})
@@ -348,15 +352,14 @@ def previous_topology(run_dir: Any, *, comm: Comm) -> dict[str, int] | None:
     return max(found, key=lambda n: n[0])[1] if found else None
 
 
-def _ask_keeper(run_dir: Any, op: str, **fields: Any) -> dict[str, Any]:
-    """One request to this node's keeper before the worker's own link exists; {} when none answers."""
+def _ask_keeper(run_dir: Any, request: m.Request) -> Any:
+    """One request to this node's keeper before the worker's own link exists; None when none answers."""
     client = _keeper_client(run_dir, timeout=30.0)
-    if client is None:
-        return {}
     try:
-        return _request(client, op, **fields)
+        return ask(client, request)
     finally:
-        client.close()
+        if client is not None:
+            client.close()
 
 
 def _keeper_client(run_dir: Any, *, timeout: float) -> Client | None:
@@ -365,11 +368,3 @@ def _keeper_client(run_dir: Any, *, timeout: float) -> Client | None:
         return Client(socket_path(run_id(run_dir)), timeout=timeout)
     except (KeeperGone, OSError):
         return None
-
-
-def _request(client: Client, op: str, **fields: Any) -> dict[str, Any]:
-    """The keeper's reply, {} when it gives none."""
-    try:
-        return client.request(op, **fields)
-    except (KeeperGone, KeeperError, OSError):
-        return {}

@@ -24,8 +24,9 @@ import torch
 from ..config import CheckpointConfig, FaultConfig
 from ..erasure.coding import ErasureSetup
 from ..errors import CheckpointError, NothingToResume, SaveFailed
+from ..keeper import messages as m
 from ..keeper.client import EXTERNAL, OFF, HeldSlots, KeeperLink
-from ..keeper.protocol import Client, KeeperError, KeeperGone, StoreTarget
+from ..keeper.protocol import Client, KeeperError, KeeperGone, StoreTarget, ask
 from ..snapshot.capture import StateCapture
 from ..snapshot.engine import Registration, SnapshotEngine
 from ..store import commit as commits
@@ -141,7 +142,7 @@ class Protection:
         if erasure.parity > 0:
             self.plan, self.secret = agree_plan(
                 comm=self.comm,
-                keeper=self._keeper,
+                keeper=self._ask,
                 local_rank=local_rank,
                 token=self.token,
                 data=erasure.data,
@@ -206,7 +207,7 @@ class Protection:
         ladder: list[RecoverySource] = []
         if self.link is not None:
             ladder.append(
-                KeeperMemory(comm=self.comm, rank=self.rank, keeper=self._keeper, link=self.link, capture=self.capture)
+                KeeperMemory(comm=self.comm, rank=self.rank, keeper=self._ask, link=self.link, capture=self.capture)
             )
         if peers is not None:
             ladder.append(peers)
@@ -224,7 +225,7 @@ class Protection:
             return None
         return PeersMemory(
             comm=self.comm,
-            keeper=self._keeper,
+            keeper=self._ask,
             local_rank=self.local_rank,
             token=self.token,
             secret=self.secret,
@@ -248,18 +249,17 @@ class Protection:
         model.load_state_dict(weights)
         return Resumed("safetensors", 0, str(source))
 
-    def _keeper(self, op: str, *, strict: bool = False, **fields: Any) -> dict[str, Any]:
-        """A request for this rank; without `strict`, a missing keeper answers {} (there is nothing to use)."""
-        if self.link is None:
-            return {}
-        try:
-            if self.link.client is None and not self.link.connect(wait_s=0.0):
-                raise KeeperGone(f"no keeper answers at {self.link.path}")
-            return self.link.request(op, rank=self.rank, **fields)
-        except (KeeperGone, KeeperError):
-            if strict:
-                raise
-            return {}
+    def _ask(self, request: m.Request, *, strict: bool = False) -> Any:
+        """The keeper's typed reply; without `strict`, None when no keeper answers or it refuses (there
+        is nothing to use), with it KeeperGone or KeeperError."""
+        link = self.link
+        if link is not None and link.client is None and not link.connect(wait_s=0.0):
+            link = None
+        if strict:
+            if link is None:
+                raise KeeperGone(f"no keeper answers at {self.link.path if self.link else 'this node'}")
+            return link.call(request)
+        return ask(link, request)
 
     # ---- end ----------------------------------------------------------------------------------
 
@@ -280,9 +280,9 @@ class Protection:
                     engine.begin(step, persist=True)
                     engine.fence()
                 elif not engine.persist_due(step):
-                    self._keeper("persist", step=step)
+                    self._ask(m.Persist(self.rank, step))
             if ok:
-                engine.update_status(self._keeper("finish"))
+                engine.update_status(self._ask(m.Finish(self.rank)))
                 if self.checkpoint.every and step > 0:
                     self._await_commit(step)
         finally:
@@ -302,7 +302,7 @@ class Protection:
                     f"(newest committed: step {stats.committed}): see the keeper's log in {self.run_dir}"
                 )
             try:
-                self.engine.update_status(self._keeper("status", strict=True))
+                self.engine.update_status(self._ask(m.StatusRequest(self.rank), strict=True))
             except (KeeperGone, KeeperError) as e:
                 # A keeper exits once its last local rank's finish is answered and its part is written:
                 # the committing keeper (maybe another node's) may still be sealing the step.
@@ -338,7 +338,7 @@ class ProgressBeat:
         try:
             if self.client is None:
                 self.client = Client(self.path, timeout=BEAT_TIMEOUT_S)
-            self.client.request("progress", rank=self.rank, step=step)
+            self.client.call(m.Progress(self.rank, step))
         except (KeeperGone, KeeperError):
             self.close()  # no keeper, no watch: the process-group timeout still bounds a hang
 

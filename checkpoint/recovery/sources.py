@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-KeeperRequest = Callable[..., dict[str, Any]]  # (op, *, strict=False, **fields) -> reply; {} when no keeper answers
+# (request, *, strict=False) -> its typed reply (keeper/messages.py); None when no keeper answers, unless strict
+KeeperRequest = Callable[..., Any]
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import torch
 from ..erasure import code as erasure
 from ..erasure.coding import ShareRecipe
 from ..errors import SaveFailed
+from ..keeper import messages as m
 from ..keeper.client import KeeperLink
 from ..keeper.protocol import KeeperGone, StoreTarget
 from ..keeper.shm import Segment
@@ -53,21 +54,21 @@ class Registration:
         0.0  # a rank without a finished step for this long is hung: the keeper ends the node's ranks
     )
 
-    def message(self, layout: SlotLayout) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "local_world_size": self.local_world_size,
-            "world_size": self.world_size,
-            "token": self.token,
-            "store": self.store.to_json() if self.store else None,
-            "host_memory_bytes": self.host_memory_bytes,
-            "resumed_from": self.resumed_from,
-            "layout": layout.to_json(),
-            "launcher": self.launcher,
-            "lease_s": self.lease_s,
-            "pid": os.getpid(),
-            "hang_timeout_s": self.hang_timeout_s,
-        }
+    def message(self, layout: SlotLayout) -> m.Register:
+        return m.Register(
+            rank=self.rank,
+            local_world_size=self.local_world_size,
+            world_size=self.world_size,
+            token=self.token,
+            layout=layout.to_json(),
+            store=self.store.to_json() if self.store else None,
+            host_memory_bytes=self.host_memory_bytes,
+            resumed_from=self.resumed_from,
+            launcher=self.launcher,
+            lease_s=self.lease_s,
+            pid=os.getpid(),
+            hang_timeout_s=self.hang_timeout_s,
+        )
 
 
 @dataclass
@@ -199,33 +200,34 @@ class SnapshotEngine:
             self.stats.skipped += 1
             return
         rank, step = self.registration.rank, captured.step
-        reply = self.link.request("acquire", rank=rank, step=step, required=persist)
-        self.update_status(reply)
-        slot = reply["slot"]
+        reply: m.AcquireReply = self.link.call(m.Acquire(rank, step, required=persist))
+        self.update_status(reply.status)
+        slot = reply.slot
         if slot is None:
-            if reply.get("reason") == "held":
+            if reply.reason == "held":
                 self.stats.copied = step
             else:
                 self.stats.skipped += 1
             return
-        shares = self._shares(slot, reply.get("shares"))
+        shares = self._shares(slot, reply.shares)
         try:
             self.copier.copy(self._views[slot], captured.tensors, ready, shares=shares)
             # Checked by every restore from memory, from peers or from parity (checksum.py).
             sums = checksum.checksums(self._slots[slot].numpy(), self.capture.layout)
         except BaseException:
-            self.link.request("abort", rank=rank, slot=slot)
+            self.link.call(m.Abort(rank, slot))
             raise
         self.update_status(
-            self.link.request(
-                "complete",
-                rank=rank,
-                slot=slot,
-                step=step,
-                tree=captured.tree,
-                persist=persist,
-                scaled=shares.recipe.token if shares else "",
-                checksums=sums,
+            self.link.call(
+                m.Complete(
+                    rank,
+                    slot,
+                    step,
+                    tree=captured.tree,
+                    persist=persist,
+                    scaled=shares.recipe.token if shares else "",
+                    checksums=sums,
+                )
             )
         )
         self.stats.copied = step
@@ -248,12 +250,12 @@ class SnapshotEngine:
         layout = self.capture.layout
         assert layout is not None, "take() builds the layout before the first copy"
         if self._registered != (self.link.keeper_id, layout.digest):
-            reply = self.link.request("register", **self.registration.message(layout))
-            segments = self.link.map(reply["segments"])
+            reply: m.RegisterReply = self.link.call(self.registration.message(layout))
+            segments = self.link.map(reply.segments)
             self._views = [slot_views(s, layout) for s in segments]
             self._slots = [torch.from_numpy(s.array()) for s in segments]
             self._registered = (self.link.keeper_id, layout.digest)
-            self.update_status(reply)
+            self.update_status(reply.status)
             if self._lost_since is not None:
                 log.warning(
                     "rank %d: memory snapshots resume with keeper %s at step %d",
@@ -280,15 +282,16 @@ class SnapshotEngine:
         self._registered = None
         self.stats.copied = -1
 
-    def update_status(self, status: dict[str, Any]) -> None:
+    def update_status(self, status: m.Status | None) -> None:
+        """Take the keeper's persist and parity status (None: the reply carried none)."""
+        if status is None:
+            return
         s = self.stats
-        s.durable, s.committed = int(status.get("durable", s.durable)), int(status.get("committed", s.committed))
-        s.protected = int(status.get("protected", s.protected))
-        s.parity_bytes = int(status.get("parity_bytes", s.parity_bytes))
-        s.protect_cpu_s = float(status.get("protect_cpu_s", s.protect_cpu_s))
-        s.backlog, s.host_bytes = int(status.get("backlog", s.backlog)), int(status.get("host_bytes", s.host_bytes))
-        if int(status.get("failed", -1)) > s.failed:
-            s.failed, s.failure = int(status["failed"]), str(status.get("failure", ""))
+        s.durable, s.committed, s.protected = status.durable, status.committed, status.protected
+        s.parity_bytes, s.protect_cpu_s = status.parity_bytes, status.protect_cpu_s
+        s.backlog, s.host_bytes = status.backlog, status.host_bytes
+        if status.failed > s.failed:
+            s.failed, s.failure = status.failed, status.failure
             log.error("rank %d: the keeper could not persist step %d: %s", self.registration.rank, s.failed, s.failure)
 
 

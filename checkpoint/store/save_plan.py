@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import CheckpointError, join_problems
 from ..state.dtypes import storage_dtype
 from ..state.layout import Box, Fragment, TensorLayout
+from ..state.regions import place
 from .codec import CRC_BYTES, ChunkCodec
 from .grid import (
     DEFAULT_MAX_CHUNK_BYTES,
@@ -245,11 +246,7 @@ def chunk_reads(array: ArrayPlan, fragment: Fragment) -> tuple[ShardRead, ...]:
             overlap = array.chunk_box(index).intersect(box) if box.sizes else box
             if overlap is None:
                 continue
-            dest = tuple(
-                slice(l.start + o - b, l.start + o - b + s)
-                for l, o, b, s in zip(local, overlap.offsets, box.offsets, overlap.sizes)
-            )
-            targets[index].append((overlap, dest))
+            targets[index].append((overlap, place(local, box, overlap)))
     shards: dict[ChunkIndex, list[ChunkRead]] = defaultdict(list)
     for index, t in sorted(targets.items()):
         shards[array.shard_shape.locate(index)[0]].append(ChunkRead(index, tuple(t)))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from resurgo.checkpoint.keeper.messages import Holdings, HoldingsReply
 from resurgo.checkpoint.keeper.protocol import KeeperError
 from resurgo.checkpoint.recovery.keeper_memory import KeeperMemory
 from resurgo.checkpoint.snapshot.capture import StateCapture
@@ -32,9 +33,9 @@ def protection(
     capture = StateCapture(states, rank=0)
     digest = capture.current_layout().digest
 
-    def keeper(op, **_):
-        requests.append(op)
-        return {"steps": [4], "digest": digest} if op == "holdings" else {}
+    def keeper(request, **_):
+        requests.append(request.op.value)
+        return HoldingsReply([4], digest) if isinstance(request, Holdings) else None
 
     source = KeeperMemory(comm=comm, rank=0, keeper=keeper, link=None, capture=capture)
     tree = flatten("model", states["model"].state_dict())[1]

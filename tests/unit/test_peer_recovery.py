@@ -15,7 +15,8 @@ from resurgo.checkpoint.erasure import code as erasure
 from resurgo.checkpoint.erasure import service
 from resurgo.checkpoint.erasure.coding import ErasureSetup
 from resurgo.checkpoint.erasure.peer_plan import Inventory, choose
-from resurgo.checkpoint.erasure.peer_read import PeerReader, fill_targets, merged_trees
+from resurgo.checkpoint.erasure.peer_read import PeerReader, merged_trees
+from resurgo.checkpoint.erasure.reshard import fill_targets
 from resurgo.checkpoint.erasure.service import Pace, ParityService, _Parity
 from resurgo.checkpoint.erasure.wire import PeerClient, PeerError
 from resurgo.checkpoint.keeper.prefetch import (
