@@ -18,81 +18,27 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..state.slot_layout import SlotLayout
-from . import code as erasure
-from .coding import ErasureSetup, NodeCoding, ShareRecipe, segment_read, share_recipe, stream_read
+from .coding import ErasureSetup, NodeCoding, ShareRecipe, share_recipe, stream_read
+from .parity_buffer import PIECE_BYTES, Pace, ParityBuffer
+from .peer_serving import PeerServing
 from .plan import ErasurePlan
 from .wire import PeerClient, PeerError, PeerServer, background_priority
 
 log = logging.getLogger(__name__)
 
-PIECE_BYTES = 4 * 2**20  # per message: bounds the memory a holder spends on one incoming piece
 KEEP_PLANS = 2  # the running incarnation's plan and the one it may be recovering from
 PROTECT_WAIT_S = 120.0  # longest a group's leader waits for a step's parity before coding another
-
-
-@dataclass
-class _Parity:
-    """One parity buffer being summed from its k shares, piece by piece (every sender cuts its share
-    at the same PIECE_BYTES grid). The first piece to reach a grid cell is stored, scaled, and the
-    rest of the cell cleared; later ones are added. So the buffer is never zero-filled first, and
-    the first share costs a copy, not a read-modify-write."""
-
-    data: np.ndarray  # its bytes are garbage outside the cells in `filled`
-    filled: set[int] = field(default_factory=set)  # offsets of the grid cells written so far
-    lengths: dict[int, int] = field(default_factory=dict)  # data index -> its segment length
-    received: dict[int, int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def complete(self, k: int) -> bool:
-        return len(self.lengths) == k and all(self.received.get(t, 0) == n for t, n in self.lengths.items())
-
-    def add(self, offset: int, piece: np.ndarray, *, k: int, m: int, parity: int, index: int) -> None:
-        """Add data buffer `index`'s share piece at `offset` (a grid cell's start)."""
-        if offset % PIECE_BYTES or piece.size > PIECE_BYTES:
-            raise ValueError(f"a {piece.size}-byte share piece at offset {offset} is off the {PIECE_BYTES}-byte grid")
-        first = offset not in self.filled
-        if piece.size:
-            erasure.accumulate(self.data[offset:], piece, k=k, m=m, parity=parity, index=index, store=first)
-        if first:
-            self.data[offset + piece.size : offset + PIECE_BYTES] = 0  # past a shorter share's end
-            self.filled.add(offset)
-
-    def grow(self, length: int) -> None:
-        """Extend to a longer segment than the first one seen; what no share has reached reads as zero."""
-        if length <= self.data.size:
-            return
-        grown = np.zeros(length, dtype=np.uint8)
-        grown[: self.data.size] = self.data
-        self.data = grown
-
-
-class Pace:
-    """Spaces sends so that they average at most a given rate: each waits until the one before it
-    would have taken its share of the time at that rate."""
-
-    def __init__(self) -> None:
-        self.due = 0.0
-
-    def wait(self, nbytes: int, *, bytes_per_s: float) -> None:
-        if bytes_per_s <= 0:
-            return
-        now = time.monotonic()
-        if self.due > now:
-            time.sleep(self.due - now)
-            now = self.due
-        self.due = now + nbytes / bytes_per_s
 
 
 SlotSource = Callable[[int, int], "np.ndarray | None"]  # (rank, step) -> the slot's bytes, None if not held
 
 
-class ParityService:
+class ParityService(PeerServing):
     """One per keeper; `serve` starts its TCP server, `protect` takes a plan, `submit` codes a step."""
 
     def __init__(
@@ -114,7 +60,7 @@ class ParityService:
         self.plans: dict[str, tuple[ErasureSetup, ErasurePlan]] = {}
         self.current: str | None = None
         self.secret = ""  # the running incarnation's: what peers and workers must present
-        self._parity: dict[tuple[str, int, int, int], _Parity] = {}
+        self._parity: dict[tuple[str, int, int, int], ParityBuffer] = {}
         self._spare: list[np.ndarray] = []  # evicted parity buffers: a step reuses them, not fresh pages
         self._done: dict[tuple[str, int], set[tuple[int, int]]] = {}
         self._meta: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}  # (token, step) -> node -> meta
@@ -409,140 +355,6 @@ class ParityService:
             self._sent = {key: d for key, d in self._sent.items() if key[1] != node}  # it may come back empty
             raise
 
-    # ---- serving peers ----------------------------------------------------------------------
-
-    def _secrets(self) -> set[str]:
-        """The running incarnation's secret and those of the earlier ones kept: a survivor still
-        prefetching an earlier incarnation's memory reads on after its peers adopted the next plan."""
-        with self._lock:
-            return {self.secret, *(p.secret for p, _ in self.plans.values())}
-
-    def _handle(self, header: dict[str, Any], payload: memoryview) -> tuple[dict[str, Any], Any]:
-        op = header.get("op")
-        if op == "contribute":
-            return self._contribute(header, payload), None
-        if op == "meta":
-            return self._store_meta(header), None
-        if op == "parity_done":
-            return self._parity_done(
-                str(header["token"]), int(header["step"]), int(header["stripe"]), int(header["parity"])
-            ), None
-        if op == "fetch":
-            return {}, self._fetch(header)
-        if op == "inventory":
-            return {"inventory": self.report(**report_fields(header))}, None
-        if op == "meta_of":
-            return {"meta": self.meta_of(str(header["token"]), int(header["step"]), str(header["node"]))}, None
-        raise ValueError(f"unknown peer request {op!r}")
-
-    def _contribute(self, h: dict[str, Any], payload: memoryview) -> dict[str, Any]:
-        token, step, stripe, p, t = str(h["token"]), int(h["step"]), int(h["stripe"]), int(h["parity"]), int(h["index"])
-        offset, length = int(h["offset"]), int(h["length"])
-        with self._lock:
-            plan, _ = self.plans[token]
-            key = (token, step, stripe, p)
-            buf = self._parity.get(key)
-            if buf is None:
-                buf = self._parity[key] = self._new_parity(length)
-        piece = np.frombuffer(payload, dtype=np.uint8)
-        with buf.lock:  # outside the keeper's lock: shares for other buffers are added meanwhile
-            buf.grow(length)
-            # A scaled share is added as parity 0's are, with coefficient 1.
-            buf.add(offset, piece, k=plan.k, m=plan.m, parity=0 if h.get("scaled") else p, index=t)
-            buf.lengths[t] = length
-            buf.received[t] = buf.received.get(t, 0) + piece.size
-            complete = buf.complete(plan.k)
-        if complete:
-            group = self.plans[token][1].group_of(self.node)
-            for node in group.nodes if group else ():
-                self._notices.put(
-                    (node, {"op": "parity_done", "token": token, "step": step, "stripe": stripe, "parity": p})
-                )
-        return {}
-
-    def _store_meta(self, h: dict[str, Any]) -> dict[str, Any]:
-        meta, token, step = dict(h["meta"]), str(h["token"]), int(h["step"])
-        with self._lock:
-            for rank, layout in meta.pop("layouts", {}).items():
-                self._layouts[(token, int(rank))] = layout
-            self._meta.setdefault((token, step), {})[str(meta["node"])] = meta
-            plan = self.plans.get(token)
-            group = plan[1].group_of(self.node) if plan else None
-            announced = group is not None and meta["node"] == group.nodes[0] != self.node and token == self.current
-            if announced:
-                self._announced[token] = max(self._announced.get(token, -1), step)
-        if announced:
-            self.on_announced(step)
-        return {}
-
-    def _parity_done(self, token: str, step: int, stripe: int, p: int) -> dict[str, Any]:
-        with self._lock:
-            if token not in self.plans:
-                return {}
-            plan, erasure_plan = self.plans[token]
-            group = erasure_plan.group_of(self.node)
-            done = self._done.setdefault((token, step), set())
-            done.add((stripe, p))
-            newly = (
-                group is not None and len(done) == len(group.stripes) * plan.m and step > self.protected.get(token, -1)
-            )
-            if newly:
-                self.protected[token] = step
-                self._evict(token, step)
-                self._changed.notify_all()
-        if newly:
-            self.on_protected()
-        return {}
-
-    def _notice_loop(self) -> None:
-        background_priority()
-        while (notice := self._notices.get()) is not None:
-            start = time.thread_time()
-            node, message = notice
-            with self._lock:
-                entry = self.plans.get(message["token"])
-            if entry is None:
-                continue
-            try:
-                self._send(node, entry[0], message.pop("op"), **message)
-            except PeerError as e:
-                log.info("parity notice to %s not delivered: %s", node, e)
-            self._add_cpu(time.thread_time() - start)
-
-    def _fetch(self, h: dict[str, Any]) -> np.ndarray:
-        kind, step, offset, nbytes = str(h["kind"]), int(h["step"]), int(h["offset"]), int(h["nbytes"])
-        if kind == "slot":
-            data = self.slot_source(int(h["rank"]), step)
-            if data is None:
-                raise LookupError(f"rank {h['rank']}'s snapshot of step {step} is not held on {self.node}")
-            return stream_read([data], offset, nbytes)
-        token = str(h["token"])
-        if kind == "parity":
-            with self._lock:
-                buf = self._parity.get((token, step, int(h["stripe"]), int(h["parity"])))
-            if buf is None:
-                raise LookupError(f"no parity {h['stripe']}/{h['parity']} of step {step} on {self.node}")
-            return stream_read([buf.data], offset, nbytes)
-        if kind == "segment":
-            with self._lock:
-                plan, erasure_plan = self.plans[token]
-            coded = erasure_plan.coded_on(self.node)
-            parts = [self.slot_source(r, step) for r in coded]
-            if any(p is None for p in parts):
-                raise LookupError(f"{self.node} no longer holds every coded rank of step {step}")
-            coding = NodeCoding(plan.k, tuple((r, int(p.size)) for r, p in zip(coded, parts)))
-            return segment_read(coding, parts, int(h["index"]), offset, nbytes)
-        raise ValueError(f"unknown fetch kind {kind!r}")
-
-    def meta_of(self, token: str, step: int, node: str) -> dict[str, Any] | None:
-        """A node's meta of `step` (its ranks' JSON state and slot layouts), None if not held here."""
-        with self._lock:
-            meta = self._meta.get((token, step), {}).get(node)
-            if meta is None:
-                return None
-            ranks = [int(r) for r in meta["trees"]]
-            return {**meta, "layouts": {str(r): self._layouts.get((token, r)) for r in ranks}}
-
     # ---- memory bounds ----------------------------------------------------------------------
 
     def _evict(self, token: str, step: int) -> None:
@@ -565,12 +377,12 @@ class ParityService:
         for key in [k for k in self._layouts if k[0] != token]:
             del self._layouts[key]
 
-    def _new_parity(self, length: int) -> _Parity:
+    def _new_parity(self, length: int) -> ParityBuffer:
         """A parity buffer of `length` bytes: a spare one of that size, else new (its first shares fill it)."""
         for i, spare in enumerate(self._spare):
             if spare.size == length:
-                return _Parity(self._spare.pop(i))
-        return _Parity(np.empty(length, dtype=np.uint8))
+                return ParityBuffer(self._spare.pop(i))
+        return ParityBuffer(np.empty(length, dtype=np.uint8))
 
     def _drop_parity(self, key: tuple[str, int, int, int], *, keep: int, sizes: set[int]) -> None:
         """Evict one parity buffer, kept as a spare while fewer than `keep` are and its size is in use."""
@@ -590,13 +402,3 @@ class ParityService:
         """Host memory parity takes here: buffers held and spares."""
         with self._lock:
             return sum(b.data.size for b in self._parity.values()) + sum(s.size for s in self._spare)
-
-
-def report_fields(msg: dict[str, Any]) -> dict[str, Any]:
-    """The `inventory` request's options: `compact`, and the `ranks` and `step` to describe."""
-    fields: dict[str, Any] = {"compact": bool(msg.get("compact", False))}
-    if msg.get("ranks") is not None:
-        fields["ranks"] = [int(r) for r in msg["ranks"]]
-    if msg.get("step") is not None:
-        fields["step"] = int(msg["step"])
-    return fields

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from resurgo.checkpoint.erasure import code as erasure
-from resurgo.checkpoint.erasure import service
+from resurgo.checkpoint.erasure import parity_buffer
 from resurgo.checkpoint.erasure.coding import ErasureSetup
+from resurgo.checkpoint.erasure.parity_buffer import Pace, ParityBuffer
 from resurgo.checkpoint.erasure.peer_plan import Inventory, choose
 from resurgo.checkpoint.erasure.peer_read import PeerReader, merged_trees
 from resurgo.checkpoint.erasure.reshard import fill_targets
-from resurgo.checkpoint.erasure.service import Pace, ParityService, _Parity
+from resurgo.checkpoint.erasure.service import ParityService
 from resurgo.checkpoint.erasure.wire import PeerClient, PeerError
 from resurgo.checkpoint.keeper.prefetch import (
     merge,
@@ -401,7 +402,7 @@ def test_spares_of_an_earlier_layout_give_way_to_buffers_the_next_step_fits():
     p = ParityService(node="node0", host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
     p._spare = [np.zeros(5, dtype=np.uint8)]  # the size an earlier incarnation's segments had
     for step in (1, 2):
-        p._parity[("t", step, 0, 0)] = _Parity(np.zeros(20, dtype=np.uint8))
+        p._parity[("t", step, 0, 0)] = ParityBuffer(np.zeros(20, dtype=np.uint8))
     step1 = p._parity[("t", 1, 0, 0)].data
     p._evict("t", 2)
     assert [s.size for s in p._spare] == [20]  # step 1's buffer, for step 3 to fill
@@ -413,7 +414,7 @@ def test_spares_of_an_earlier_layout_give_way_to_buffers_the_next_step_fits():
 def test_a_parity_summed_piece_by_piece_in_any_order_equals_the_encoded_one(monkeypatch, m):
     """Shares of unequal lengths, their pieces interleaved at random, added into a buffer holding an
     earlier step's bytes (never cleared first), and a longer share arriving after a shorter one."""
-    monkeypatch.setattr(service, "PIECE_BYTES", 8)
+    monkeypatch.setattr(parity_buffer, "PIECE_BYTES", 8)
     rng = np.random.default_rng(3)
     k, lengths = 3, (29, 40, 17)
     data = [rng.integers(0, 256, n, dtype=np.uint8) for n in lengths]
@@ -422,7 +423,7 @@ def test_a_parity_summed_piece_by_piece_in_any_order_equals_the_encoded_one(monk
         pieces = [(t, o) for t, d in enumerate(data) for o in range(0, d.size, 8)]
         order = [pieces[i] for i in rng.permutation(len(pieces))]
         order.sort(key=lambda tp: tp[0] == 1)  # segment 1 (the longest) last: the buffer grows
-        buf = _Parity(rng.integers(0, 256, lengths[order[0][0]], dtype=np.uint8))  # stale bytes
+        buf = ParityBuffer(rng.integers(0, 256, lengths[order[0][0]], dtype=np.uint8))  # stale bytes
         for t, offset in order:
             if lengths[t] > buf.data.size:
                 buf.grow(lengths[t])
