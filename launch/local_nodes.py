@@ -32,6 +32,8 @@ from pathlib import Path
 
 from resurgo.checkpoint import process_alive, reclaim_stale
 
+from .process_tree import all_pids, descendants, signal_all, wait_gone
+
 # Rendezvous settings (torchrun --rdzv-conf) that let the survivors of a lost node train again within
 # seconds instead of the defaults' ~45 s:
 # - keep_alive_interval=2, keep_alive_max_attempt=3: a node without a heartbeat for 6 s is dead and
@@ -266,10 +268,10 @@ class LocalCluster:
             if not pids:
                 break
             # Stop first, so that no process forks or restarts a worker between being found and being killed.
-            _signal(pids, signal.SIGSTOP)
+            signal_all(pids, signal.SIGSTOP)
             pids |= self.node_pids(index)
-            _signal(pids, signal.SIGKILL)
-            _wait_gone(pids, timeout=10.0)
+            signal_all(pids, signal.SIGKILL)
+            wait_gone(pids, timeout=10.0)
         for proc in (node.agent, node.keeper):
             proc.wait(timeout=10.0)
         left = self.node_pids(index)
@@ -281,22 +283,22 @@ class LocalCluster:
         """SIGSTOP the node's agent, workers and keeper: a hung machine, whose sockets stay open and
         whose peers see no error, only silence. `kill_node` (or `stop`) ends it later."""
         pids = self.node_pids(index)
-        _signal(pids, signal.SIGSTOP)
-        _signal(self.node_pids(index) - pids, signal.SIGSTOP)  # forked meanwhile
+        signal_all(pids, signal.SIGSTOP)
+        signal_all(self.node_pids(index) - pids, signal.SIGSTOP)  # forked meanwhile
 
     def node_pids(self, index: int) -> set[int]:
         """The live processes of a node: its agent, keeper, workers and whatever they started."""
         node = self._nodes[index]
         marker = f"RESURGO_KEEPER_DIR={node.keeper_dir}".encode()
         found = {p.pid for p in (node.agent, node.keeper) if p.poll() is None}
-        for pid in _all_pids():
+        for pid in all_pids():
             try:
                 environ = Path(f"/proc/{pid}/environ").read_bytes()
             except OSError:
                 continue  # gone, or another user's
             if marker in environ.split(b"\0"):
                 found.add(pid)
-        return {pid for pid in found | _descendants(found) if pid != os.getpid() and process_alive(pid)}
+        return {pid for pid in found | descendants(found) if pid != os.getpid() and process_alive(pid)}
 
     def output(self, index: int) -> str:
         """Everything node `index`'s keeper and agent (with its workers) printed so far."""
@@ -336,49 +338,6 @@ def _listening(port: int) -> bool:
             if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
                 return True
     return False
-
-
-def _all_pids() -> list[int]:
-    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
-
-
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) of a process, None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
-    return fields[0], int(fields[1])
-
-
-def _descendants(roots: set[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid in _all_pids():
-        stat = _stat(pid)
-        if stat is not None:
-            children.setdefault(stat[1], []).append(pid)
-    found, todo = set(), list(roots)
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _signal(pids: set[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _wait_gone(pids: set[int], *, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 # ---- command line ----------------------------------------------------------------------------------
