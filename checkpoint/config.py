@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from .store.codec import ChunkCodec
 
 KEEPER_MODES = ("auto", "off", "external")
+CHECKFREE_MODES = ("off", "fallback", "always")
+SIMULATE_MODES = ("drop", "kill")
 
 
 @dataclass
@@ -56,6 +58,46 @@ class ErasureConfig:
 
 
 @dataclass
+class SimulateConfig:
+    """Stage failures on purpose, to measure what CheckFree's rebuilds cost in loss. The draw is seeded and
+    the same on every rank whatever the topology: after optimizer step s, stage i fails when a generator
+    seeded with (seed, s) draws below the rate for it."""
+
+    stage_failure_rate: float = 0.0  # probability that a stage fails after a step, per stage; 0: none drawn
+    # drop: in the training process, the stage's parameters are overwritten with noise and its optimizer
+    # state cleared, then it is rebuilt from its neighbours by the same code as after a real loss.
+    # kill: the stage's ranks are really killed and recovery rebuilds it; the training process draws
+    # nothing itself in this mode (whatever kills the ranks uses the same draw).
+    mode: str = "drop"
+    seed: int = 0
+    at: list[str] = field(default_factory=list)  # failures at fixed points as well, 'stage@step' ('2@10'): tests, demos
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.stage_failure_rate <= 1.0:
+            raise ValueError(
+                f"fault.simulate.stage_failure_rate={self.stage_failure_rate} must be within 0..1 "
+                "(a probability per stage and step)"
+            )
+        if self.mode not in SIMULATE_MODES:
+            raise ValueError(f"fault.simulate.mode={self.mode!r}: choose one of {SIMULATE_MODES}")
+        self.forced()  # a malformed entry fails at start
+
+    @property
+    def active(self) -> bool:
+        return self.stage_failure_rate > 0 or bool(self.at)
+
+    def forced(self) -> dict[int, list[int]]:
+        """The fixed failures of `at`, as step -> stages."""
+        out: dict[int, list[int]] = {}
+        for entry in self.at:
+            stage, _, step = str(entry).partition("@")
+            if not (stage.isdigit() and step.isdigit()):
+                raise ValueError(f"fault.simulate.at entry {entry!r} must be 'stage@step', such as '2@10'")
+            out.setdefault(int(step), []).append(int(stage))
+        return out
+
+
+@dataclass
 class FaultConfig:
     keeper: str = "auto"  # auto: local rank 0 starts one if none runs | off | external
     erasure: ErasureConfig = field(default_factory=ErasureConfig)
@@ -68,6 +110,14 @@ class FaultConfig:
     # this with a keeper (a backstop; the keeper acts first and says why), at this without one.
     # Longer than the slowest step, checkpoint save included. 0: no watch, collectives at 30 minutes.
     hang_timeout_s: float = 600.0
+    # CheckFree: a pipeline stage lost with every replica is rebuilt from its two neighbours' weights
+    # (weighted by their last gradient norms), with a fresh optimizer state. off: never. fallback: only
+    # when neither memory, peers nor the store can restore it. always: no snapshot or checkpoint of stage
+    # state is relied on; a lost stage is always rebuilt (first and last stages: not yet, CheckFree+).
+    checkfree: str = "fallback"
+    checkfree_lr_scale: float = 1.1  # a rebuilt stage's learning rate is the schedule's times this, from then on
+    checkfree_lr_decay_steps: int = 0  # 0: the scale stays; N: it falls linearly back to 1 over N steps
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
 
     @property
     def collective_timeout_s(self) -> float:
@@ -84,3 +134,19 @@ class FaultConfig:
             )
         if self.keeper_lease_s <= 0:
             raise ValueError(f"fault.keeper_lease_s={self.keeper_lease_s} must be > 0 (seconds)")
+        if self.checkfree not in CHECKFREE_MODES:
+            raise ValueError(f"fault.checkfree={self.checkfree!r}: choose one of {CHECKFREE_MODES}")
+        if self.checkfree_lr_scale <= 0:
+            raise ValueError(
+                f"fault.checkfree_lr_scale={self.checkfree_lr_scale} must be > 0 (1: a rebuilt stage keeps the "
+                "schedule's learning rate)"
+            )
+        if self.checkfree_lr_decay_steps < 0:
+            raise ValueError(
+                f"fault.checkfree_lr_decay_steps={self.checkfree_lr_decay_steps} must be >= 0 (0: the scale stays)"
+            )
+        if self.simulate.active and self.simulate.mode == "drop" and self.checkfree == "off":
+            raise ValueError(
+                "fault.simulate drops stages and rebuilds them with CheckFree, but fault.checkfree=off: "
+                "set fault.checkfree=fallback (or always), or simulate nothing (fault.simulate.stage_failure_rate=0, at=[])"
+            )

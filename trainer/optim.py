@@ -1,10 +1,12 @@
-"""AdamW and its learning-rate schedule (linear warmup, cosine decay)."""
+"""AdamW and its learning-rate schedule (linear warmup, cosine decay), and what a pipeline stage rebuilt by
+CheckFree needs of it: a fresh state and a scaled learning rate."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from .config import OptimConfig
 
@@ -48,3 +50,27 @@ def lr_at(step: int, *, cfg: OptimConfig, total_steps: int) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def lr_scale_at(step: int, *, scale: float, since: int, decay_steps: int) -> float:
+    """A boost of `scale` that began at optimizer step `since`: constant with `decay_steps`=0, else
+    linear back to 1 over `decay_steps` steps."""
+    if not decay_steps:
+        return scale
+    left = max(0.0, 1.0 - (step - since) / decay_steps)
+    return 1.0 + (scale - 1.0) * left
+
+
+@torch.no_grad()
+def reset_state_(optimizer: torch.optim.Optimizer) -> None:
+    """Give `optimizer` the state a new one starts from (AdamW: zero moments, step 0), in the same tensors.
+
+    In place rather than cleared, so that whatever holds references to the live state (a snapshot in
+    progress) sees the new values, and the next step runs exactly as a new optimizer's first step.
+    """
+    for state in optimizer.state.values():
+        for field, value in state.items():
+            if isinstance(value, torch.Tensor):
+                (value.to_local() if isinstance(value, DTensor) else value).zero_()
+            elif isinstance(value, (int, float)):
+                state[field] = type(value)(0)

@@ -3,12 +3,15 @@
 Checkpointing plugs in through `StepHook`s: `before_optimizer_step` is the last moment the
 parameters and optimizer state of the previous step are still unchanged (a lazy snapshot fences
 there), `after_optimizer_step` the first moment the new ones exist (a snapshot begins there).
+A pipeline stage lost without a copy is rebuilt from its neighbours (`rebuild_stages`, CheckFree)
+between the two, where a simulated failure also strikes.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,17 +24,22 @@ from resurgo.checkpoint.config import CheckpointConfig
 from resurgo.checkpoint.keeper.client import HeldSlots
 from resurgo.checkpoint.recovery.protection import Protection
 from resurgo.checkpoint.state.stateful import ModelState, OptimizerState
-from resurgo.parallel.clip import clip_grad_norm_
+from resurgo.parallel.checkfree import CheckFreeRefused, Rebuilt, check_topology, plan_rebuild, rebuild_stages
+from resurgo.parallel.clip import GradNorms, clip_grad_norms_
 from resurgo.parallel.dims import ParallelDims
 from resurgo.parallel.parallelize import ModelParts, build_model_parts
+from resurgo.parallel.pipeline import stage_ids_of, stage_layers
 
+from .checkfree import FailureSimulator, destroy_stage_, rebuild_message, rebuild_norms
 from .config import JobConfig
 from .data import GlobalSampler, load_tokens, make_tokenizer
 from .distributed import DistEnv
 from .metrics import MetricsLogger
 from .model import Transformer, count_params
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import build_optimizer, lr_at, reset_state_, set_lr
 from .state import TrainProgress
+
+log = logging.getLogger(__name__)
 
 
 class StepHook(Protocol):
@@ -78,10 +86,25 @@ class Trainer:
         self.optimizers = [
             build_optimizer(list(m.parameters()), cfg.optim, device=env.device) for m in self.parts.modules
         ]
-        self.progress = TrainProgress(seed=t.seed, rank=env.rank, topology=self.dims.as_dict(), model=asdict(cfg.model))
+        self.n_stages = self.dims.pp * (p.n_stages_per_rank if self.dims.pp > 1 else 1)
+        self.stage_ids = (
+            stage_ids_of(self.mesh["pp"].get_local_rank(), pp=self.dims.pp, stages_per_rank=p.n_stages_per_rank)
+            if self.dims.pp > 1
+            else [0]
+        )
+        self.stage_layers = stage_layers(cfg.model.n_layers, self.n_stages)
+        self.progress = TrainProgress(
+            seed=t.seed,
+            rank=env.rank,
+            topology=self.dims.as_dict(),
+            model=asdict(cfg.model),
+            n_stages=self.n_stages,
+        )
+        self.grad_norms: GradNorms | None = None  # the last step's, global and per stage
+        self.simulator = self._build_simulator()
         self.hooks: list[StepHook] = []
         self._last_step_end: float | None = None  # when the previous step's record was taken
-        self.metric_sources: list[Callable[[], dict[str, float]]] = []  # more numbers for each logged record
+        self.metric_sources: list[Callable[[], dict[str, float]]] = [self._stage_metrics]  # more for each record
         flops_per_token = 6 * count_params(cfg.model) + 12 * cfg.model.n_layers * cfg.model.dim * t.seq_len
         self.metrics = MetricsLogger(
             run_dir=run_dir,
@@ -115,6 +138,18 @@ class Trainer:
             )
         tokens = load_tokens(self.cfg.data, tokenizer)
         return GlobalSampler(tokens, seq_len=self.cfg.train.seq_len, seed=self.cfg.data.seed)
+
+    def _build_simulator(self) -> FailureSimulator | None:
+        """In-process stage failures (`fault.simulate.mode=drop`); with `kill` the ranks are killed from
+        outside, so nothing is simulated here."""
+        sim = self.cfg.fault.simulate
+        if not (sim.active and sim.mode == "drop"):
+            return None
+        try:
+            check_topology(n_stages=self.n_stages, stages_per_rank=len(self.stage_ids))
+        except CheckFreeRefused as e:
+            raise ValueError(f"fault.simulate cannot rebuild what it drops: {e}") from e
+        return FailureSimulator(sim, n_stages=self.n_stages)
 
     def _param_dtype(self) -> torch.dtype:
         precision = self.cfg.train.precision
@@ -167,13 +202,15 @@ class Trainer:
         start = self._last_step_end if self._last_step_end is not None else time.perf_counter()
         inputs, targets = self.next_batch()
         loss = self.forward_backward(inputs, targets)
-        grad_norm = clip_grad_norm_(self.parts.parameters(), max_norm=self.cfg.optim.grad_clip, pp=self.dims.pp)
+        self.grad_norms = self.clip_gradients()
         lr = self.optimizer_step()
+        if self.simulator is not None:
+            self.simulate_failures()
         self._last_step_end = time.perf_counter()
         result = StepResult(
             step=self.progress.step,
             loss=self.global_mean(loss),
-            grad_norm=grad_norm.item(),
+            grad_norm=self.grad_norms.total.item(),
             lr=lr,
             step_time_s=self._last_step_end - start,
         )
@@ -207,16 +244,103 @@ class Trainer:
                     total += torch.stack(losses).mean().detach()
         return total
 
+    def clip_gradients(self) -> GradNorms:
+        """Clip to the global norm; keep each stage's norm for a CheckFree rebuild (and a restart)."""
+        norms = clip_grad_norms_(
+            {stage: list(m.parameters()) for stage, m in zip(self.stage_ids, self.parts.modules)},
+            n_stages=self.n_stages,
+            max_norm=self.cfg.optim.grad_clip,
+            pp=self.dims.pp,
+        )
+        self.progress.stage_grad_norms = rebuild_norms(norms)
+        return norms
+
     def optimizer_step(self) -> float:
+        """One step of every stage's optimizer at the schedule's learning rate (a rebuilt stage's scaled)."""
         for hook in self.hooks:
             hook.before_optimizer_step()
         lr = lr_at(self.progress.step, cfg=self.cfg.optim, total_steps=self.cfg.train.steps)
-        for optimizer in self.optimizers:
-            set_lr(optimizer, lr)
+        decay = self.cfg.fault.checkfree_lr_decay_steps
+        for stage, optimizer in zip(self.stage_ids, self.optimizers):
+            set_lr(optimizer, lr * self.progress.lr_scale(stage, decay_steps=decay))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
+        self.progress.drop_spent_boosts(decay_steps=decay)
         return lr
+
+    # ---- CheckFree ------------------------------------------------------------------------------
+
+    def rebuild_stages(self, lost: Sequence[int]) -> list[Rebuilt]:
+        """Rebuild lost interior pipeline stages from their neighbours (collective: every rank calls it,
+        between optimizer steps). Each gets a fresh optimizer state and its learning rate scaled by
+        `fault.checkfree_lr_scale` from the next step on. Raises `CheckFreeRefused` with the reason
+        when CheckFree cannot rebuild them (`checkfree_refusal` says so beforehand)."""
+        refusal = self.checkfree_refusal(lost)
+        if refusal:
+            raise CheckFreeRefused(refusal)
+        fault = self.cfg.fault
+        rebuilt = rebuild_stages(
+            self.parts.modules[0],
+            stage=self.stage_ids[0],
+            lost=lost,
+            stage_layers=self.stage_layers,
+            norms=dict(enumerate(self.progress.stage_grad_norms)),
+            pp_group=self.mesh["pp"].get_group(),
+        )
+        for r in rebuilt:
+            if r.stage in self.stage_ids:
+                reset_state_(self.optimizers[self.stage_ids.index(r.stage)])
+            self.progress.lr_boosts[r.stage] = (fault.checkfree_lr_scale, self.progress.step)
+            if self.env.is_main:
+                log.info("checkfree: %s", rebuild_message(r, step=self.progress.step, fault=fault))
+        return rebuilt
+
+    def checkfree_refusal(self, lost: Sequence[int]) -> str | None:
+        """Why CheckFree cannot rebuild the `lost` stages of this run, or None when it can. Pure (no
+        communication), so every rank answers the same."""
+        if self.cfg.fault.checkfree == "off":
+            return f"stages {sorted(lost)} were lost and fault.checkfree=off: nothing rebuilds them"
+        try:
+            plan_rebuild(lost, stage_layers=self.stage_layers, stages_per_rank=len(self.stage_ids))
+        except CheckFreeRefused as e:
+            return str(e)
+        return None
+
+    def simulate_failures(self) -> list[int]:
+        """Drop the stages the simulator draws for this step and rebuild them; a draw CheckFree would
+        refuse is skipped (and logged). Returns the stages dropped."""
+        assert self.simulator is not None
+        step, lost = self.progress.step, self.simulator.draw(self.progress.step)
+        refusal = self.checkfree_refusal(lost) if lost else None
+        if refusal:
+            self.simulator.skipped += 1
+            if self.env.is_main:
+                log.info("checkfree: simulated failure of stages %s after step %d skipped: %s", lost, step, refusal)
+        if not lost or refusal:
+            return []
+        for index, stage in enumerate(self.stage_ids):
+            if stage in lost:
+                seed = self.cfg.fault.simulate.seed * 1_000_003 + step * 4099 + self.env.rank
+                destroy_stage_(self.parts.modules[index], self.optimizers[index], seed=seed)
+        self.rebuild_stages(lost)
+        self.simulator.failures += len(lost)
+        return lost
+
+    def _stage_metrics(self) -> dict[str, float]:
+        """Per-stage gradient norms (before and after clipping) under pipeline parallelism, the learning
+        rate factors of rebuilt stages, and the simulator's counts."""
+        out: dict[str, float] = {}
+        if self.grad_norms is not None and self.n_stages > 1:
+            for stage, (pre, post) in enumerate(zip(self.grad_norms.stages, self.grad_norms.clipped)):
+                out[f"grad_norm_stage{stage}"] = pre
+                out[f"grad_norm_clipped_stage{stage}"] = post
+        decay = self.cfg.fault.checkfree_lr_decay_steps
+        for stage in sorted(self.progress.lr_boosts):
+            out[f"lr_scale_stage{stage}"] = self.progress.lr_scale(stage, decay_steps=decay)
+        if self.simulator is not None:
+            out.update(self.simulator.metrics())
+        return out
 
     def log(self, result: StepResult) -> None:
         every = self.cfg.train.log_every
