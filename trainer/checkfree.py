@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from resurgo.checkpoint.config import FaultConfig, SimulateConfig
+from resurgo.checkpoint import FaultConfig, SimulateConfig
 from resurgo.parallel.checkfree import Rebuilt
 from resurgo.parallel.clip import GradNorms
 

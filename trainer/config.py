@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
-from resurgo.checkpoint.config import CheckpointConfig, ErasureConfig, FaultConfig
+from resurgo.checkpoint import CheckpointConfig, ErasureConfig, FaultConfig
 from resurgo.parallel.config import ParallelConfig
 
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -20,10 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from resurgo.checkpoint.config import CheckpointConfig
-from resurgo.checkpoint.keeper.client import HeldSlots
-from resurgo.checkpoint.recovery.protection import Protection
-from resurgo.checkpoint.state.stateful import ModelState, OptimizerState
+from resurgo.checkpoint import CheckpointConfig, HeldSlots, ModelState, OptimizerState, Protection
 from resurgo.parallel.checkfree import CheckFreeRefused, Rebuilt, check_topology, plan_rebuild, rebuild_stages
 from resurgo.parallel.clip import GradNorms, clip_grad_norms_
 from resurgo.parallel.dims import ParallelDims
