@@ -26,6 +26,7 @@ _EXPORTS = {
     "layout_of": "state.layout",
     "Comm": "comm",
     "Protection": "recovery.protection",
+    "StageRebuild": "recovery.checkfree",
     "HeldSlots": "keeper.client",
     "prefetch_ahead": "recovery.peers",
     "previous_topology": "recovery.peers",

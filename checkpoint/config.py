@@ -9,7 +9,7 @@ from .store.codec import ChunkCodec
 
 KEEPER_MODES = ("auto", "off", "external")
 CHECKFREE_MODES = ("off", "fallback", "always")
-SIMULATE_MODES = ("drop", "kill")
+SIMULATE_MODES = ("drop", "crash", "kill")
 
 
 @dataclass
@@ -66,8 +66,9 @@ class SimulateConfig:
     stage_failure_rate: float = 0.0  # probability that a stage fails after a step, per stage; 0: none drawn
     # drop: in the training process, the stage's parameters are overwritten with noise and its optimizer
     # state cleared, then it is rebuilt from its neighbours by the same code as after a real loss.
-    # kill: the stage's ranks are really killed and recovery rebuilds it; the training process draws
-    # nothing itself in this mode (whatever kills the ranks uses the same draw).
+    # crash: the stage's ranks SIGKILL themselves (their keeper keeps their snapshots): the restart
+    # restores them from memory. kill: their machines are lost: they drop their snapshots from their
+    # keeper first, so the restart rebuilds the stage from its neighbours (fault.checkfree).
     mode: str = "drop"
     seed: int = 0
     at: list[str] = field(default_factory=list)  # failures at fixed points as well, 'stage@step' ('2@10'): tests, demos

@@ -3,7 +3,10 @@ in the training process (`fault.simulate.mode=drop`) to measure what rebuilds co
 
 from __future__ import annotations
 
+import json
+import os
 import random
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,8 +41,10 @@ class FailureSimulator:
     """Draws which stages fail after each step: seeded by (seed, step) alone, so every rank, on any
     topology with as many stages, draws the same; plus the fixed failures of `at`."""
 
-    def __init__(self, cfg: SimulateConfig, *, n_stages: int) -> None:
+    def __init__(self, cfg: SimulateConfig, *, n_stages: int, record: Path | None = None) -> None:
         self.cfg, self.n_stages = cfg, n_stages
+        self.record = record  # crash and kill: the steps whose failures happened, kept across the restarts they cause
+        self.happened_through = self._read_record()  # read once, at start: other ranks write it as they fail
         self.forced = cfg.forced()
         self.failures = 0  # stages dropped and rebuilt since this process started
         self.skipped = 0  # draws CheckFree refused (an edge stage, adjacent stages), not simulated
@@ -52,6 +57,22 @@ class FailureSimulator:
             draws = [rng.random() for _ in range(self.n_stages)]
             lost |= {stage for stage, u in enumerate(draws) if u < self.cfg.stage_failure_rate}
         return sorted(lost)
+
+    def _read_record(self) -> int:
+        """The newest step whose simulated failure already happened in an earlier attempt (-1: none): a
+        run that resumes from an earlier step must not fail the same stage again when it passes it."""
+        try:
+            return int(json.loads(self.record.read_text())["killed_through"]) if self.record else -1
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    def note_kill(self, step: int) -> None:
+        """Every rank writes the same, each through its own temporary file, so any one rename wins whole."""
+        assert self.record is not None
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.record.with_name(f".{self.record.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"killed_through": step}))
+        os.replace(tmp, self.record)
 
     def metrics(self) -> dict[str, float]:
         return {"checkfree_failures": self.failures, "checkfree_skipped": self.skipped}

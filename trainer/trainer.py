@@ -10,17 +10,20 @@ between the two, where a simulated failure also strikes.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from resurgo.checkpoint import CheckpointConfig, HeldSlots, ModelState, OptimizerState, Protection
+from resurgo.checkpoint import CheckpointConfig, HeldSlots, ModelState, OptimizerState, Protection, StageRebuild
 from resurgo.parallel.checkfree import CheckFreeRefused, Rebuilt, check_topology, plan_rebuild, rebuild_stages
 from resurgo.parallel.clip import GradNorms, clip_grad_norms_
 from resurgo.parallel.dims import ParallelDims
@@ -99,6 +102,7 @@ class Trainer:
         )
         self.grad_norms: GradNorms | None = None  # the last step's, global and per stage
         self.simulator = self._build_simulator()
+        self.lose_memory: Callable[[], None] | None = None  # drops this rank's snapshots (a simulated machine loss)
         self.hooks: list[StepHook] = []
         self._last_step_end: float | None = None  # when the previous step's record was taken
         self.metric_sources: list[Callable[[], dict[str, float]]] = [self._stage_metrics]  # more for each record
@@ -137,16 +141,16 @@ class Trainer:
         return GlobalSampler(tokens, seq_len=self.cfg.train.seq_len, seed=self.cfg.data.seed)
 
     def _build_simulator(self) -> FailureSimulator | None:
-        """In-process stage failures (`fault.simulate.mode=drop`); with `kill` the ranks are killed from
-        outside, so nothing is simulated here."""
+        """Stage failures on purpose (`fault.simulate`): dropped in this process, or its ranks killed."""
         sim = self.cfg.fault.simulate
-        if not (sim.active and sim.mode == "drop"):
+        if not sim.active:
             return None
         try:
             check_topology(n_stages=self.n_stages, stages_per_rank=len(self.stage_ids))
         except CheckFreeRefused as e:
             raise ValueError(f"fault.simulate cannot rebuild what it drops: {e}") from e
-        return FailureSimulator(sim, n_stages=self.n_stages)
+        record = self.run_dir / "simulated_kills.json" if sim.mode != "drop" else None
+        return FailureSimulator(sim, n_stages=self.n_stages, record=record)
 
     def _param_dtype(self) -> torch.dtype:
         precision = self.cfg.train.precision
@@ -172,7 +176,7 @@ class Trainer:
         """This rank's checkpointing (collective: every rank builds it before `resume`): snapshots,
         saves and recovery of `states`. `checkpoint` overrides the job's `checkpoint.*`."""
         env = self.env
-        return Protection(
+        protection = Protection(
             checkpoint or self.cfg.checkpoint,
             self.cfg.fault,
             states=self.states,
@@ -183,7 +187,10 @@ class Trainer:
             device=env.device,
             topology=self.dims.as_dict(),
             warmed=warmed,
+            stages=self.stage_rebuild(),
         )
+        self.lose_memory = protection.forget_memory
+        return protection
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -201,7 +208,7 @@ class Trainer:
         loss = self.forward_backward(inputs, targets)
         self.grad_norms = self.clip_gradients()
         lr = self.optimizer_step()
-        if self.simulator is not None:
+        if self.simulator is not None and self.simulator.record is None:
             self.simulate_failures()
         self._last_step_end = time.perf_counter()
         result = StepResult(
@@ -214,6 +221,8 @@ class Trainer:
         self.log(result)
         for hook in self.hooks:
             hook.after_optimizer_step(self.progress.step)
+        if self.simulator is not None and self.simulator.record is not None:
+            self.simulate_kill()  # after the hooks: the survivors' snapshots of this step are under way
         return result
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,6 +243,9 @@ class Trainer:
                 total += loss.detach()
             else:
                 losses: list[torch.Tensor] = []
+                # torch's schedules divide every .grad by their micro-batch count after each step():
+                # only after the last pass, or the earlier passes' gradients are divided again.
+                self.parts.schedule.scale_grads = index == accum - 1
                 args = (x,) if self.parts.has_first_stage else ()
                 target = y if self.parts.has_last_stage else None
                 self.parts.schedule.step(*args, target=target, losses=losses)
@@ -323,6 +335,51 @@ class Trainer:
         self.rebuild_stages(lost)
         self.simulator.failures += len(lost)
         return lost
+
+    def simulate_kill(self) -> None:
+        """`fault.simulate.mode=crash|kill`: the ranks of the stages drawn for this step SIGKILL
+        themselves, with `kill` after dropping their snapshots from their keeper (their machines'
+        memory is gone, so the restart rebuilds them from their neighbours: recovery's CheckFree rung).
+        Each step's failures happen once, however often a restart replays the step."""
+        assert self.simulator is not None
+        step, lost = self.progress.step, self.simulator.draw(self.progress.step)
+        if not lost or step <= self.simulator.happened_through:
+            return
+        refusal = self.checkfree_refusal(lost)
+        if refusal:
+            self.simulator.skipped += 1
+            if self.env.is_main:
+                log.info("checkfree: simulated failure of stages %s after step %d skipped: %s", lost, step, refusal)
+            return
+        self.simulator.note_kill(step)
+        if not set(lost) & set(self.stage_ids):
+            return
+        mode = self.cfg.fault.simulate.mode
+        what = "memory dropped, killed" if mode == "kill" else "killed"
+        log.warning(
+            "rank %d: simulated failure of stage %s after step %d: %s", self.env.rank, self.stage_ids, step, what
+        )
+        if mode == "kill" and self.lose_memory is not None:
+            self.lose_memory()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def stage_rebuild(self) -> StageRebuild | None:
+        """What recovery needs to rebuild lost pipeline stages from their neighbours (CheckFree), None
+        where this run has fewer than 3 stages or CheckFree is off."""
+        if self.n_stages < 3 or self.cfg.fault.checkfree == "off":
+            return None
+        grid = self.mesh.mesh.cpu().numpy()
+        axis = self.mesh.mesh_dim_names.index("pp")
+        stage_of_rank = [0] * self.env.world_size
+        for coordinate, rank in np.ndenumerate(grid):
+            stage_of_rank[int(rank)] = int(coordinate[axis])
+        return StageRebuild(
+            stage_of_rank=tuple(stage_of_rank),
+            refusal=self.checkfree_refusal,
+            rebuild=lambda lost: [
+                rebuild_message(r, step=self.progress.step, fault=self.cfg.fault) for r in self.rebuild_stages(lost)
+            ],
+        )
 
     def _stage_metrics(self) -> dict[str, float]:
         """Per-stage gradient norms (before and after clipping) under pipeline parallelism, the learning

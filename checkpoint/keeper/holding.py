@@ -194,6 +194,15 @@ class SlotHolding:
         self.watch.beat(req.rank, req.step)
         return m.Empty()
 
+    def _op_forget(self, req: m.Forget, conn: Conn) -> m.Empty:
+        held = self.ranks.pop(req.rank, None)
+        if held is not None:
+            free(held.slots)
+            log.warning("rank %d's snapshots are dropped at its request (a simulated loss of its memory)", req.rank)
+        conn.ranks.discard(req.rank)
+        self._cond.notify_all()
+        return m.Empty()
+
     def _op_status(self, req: m.StatusRequest, conn: Conn) -> m.Status:
         return self._status()
 

@@ -37,6 +37,7 @@ class Op(str, Enum):
     PROGRESS = "progress"
     STATUS = "status"
     PREFETCH = "prefetch"
+    FORGET = "forget"
 
 
 class MalformedMessage(ValueError):
@@ -352,6 +353,13 @@ class StatusRequest(Request):
 class Prefetch(Request):
     rank: int
     topology: dict[str, int]
+
+
+@_request(Op.FORGET, Empty)
+class Forget(Request):
+    """Drop every snapshot of this rank: its machine's memory is lost (a simulated failure)."""
+
+    rank: int
 
 
 REQUESTS: dict[Op, type[Request]] = {cls.op: cls for cls in Request.__subclasses__()}

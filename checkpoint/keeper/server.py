@@ -366,6 +366,7 @@ class Keeper(SlotHolding, RestoreAhead):
             Op.PROGRESS: self._op_progress,
             Op.STATUS: self._op_status,
             Op.PREFETCH: self._op_prefetch,
+            Op.FORGET: self._op_forget,
         }
         if set(table) != set(Op):
             raise RuntimeError(f"keeper operations without a handler: {sorted(set(Op) - set(table))}")

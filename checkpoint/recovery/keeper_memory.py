@@ -30,27 +30,40 @@ class KeeperMemory:
         self.comm, self.rank, self.keeper, self.link, self.capture = comm, rank, keeper, link, capture
 
     def restore(self) -> Resumed | None:
-        reply = self.keeper(m.Holdings(self.rank))
-        # Snapshots of another layout (the topology changed) are for the peers' path, not this one.
-        held = reply.steps if reply and reply.digest == self.capture.current_layout().digest else []
+        held = self.held()
         common = set.intersection(*[set(h) for h in self.comm.all_gather(held)])
         if not common:
             return None
         step = max(common)
+        if self.restore_step(step) is None:
+            return None
+        return Resumed(self.name, step, f"newest step held by every rank's keeper; held here {sorted(held)}")
+
+    def held(self) -> list[int]:
+        """The steps this rank's keeper holds complete in this rank's layout now."""
+        reply = self.keeper(m.Holdings(self.rank))
+        # Snapshots of another layout (the topology changed) are for the peers' path, not this one.
+        return reply.steps if reply and reply.digest == self.capture.current_layout().digest else []
+
+    def restore_step(self, step: int, *, holds: bool = True) -> dict[str, Any] | None:
+        """Collective: each rank that `holds` copies its snapshot of `step` into its live state and gets
+        its JSON states back ({} on a rank that does not hold and only takes part). Every snapshot is
+        mapped and checked before any tensor is overwritten: a rank that cannot read its own leaves
+        every rank's state untouched (None on every rank) for the next source."""
         mapped, error = None, None
+        if holds:
+            try:
+                mapped = self._map_snapshot(step)
+            except (KeeperError, KeeperGone, checksum.ChecksumMismatch) as e:
+                error = str(e)
         try:
-            mapped = self._map_snapshot(step)
-        except (KeeperError, KeeperGone, checksum.ChecksumMismatch) as e:
-            error = str(e)
-        try:
-            # Every rank's snapshot is mapped and checked before any tensor is overwritten: a rank that
-            # cannot read its own then leaves every rank's state untouched for the next source.
             errors = [e for e in self.comm.all_gather(error) if e]
             if errors:
                 if self.rank == 0:
-                    log.warning("memory snapshot of step %d is unusable (%s): trying peers, then disk", step, errors[0])
+                    log.warning("memory snapshot of step %d is unusable (%s): trying the next source", step, errors[0])
                 return None
-            assert mapped is not None
+            if mapped is None:
+                return {}
             views, trees = mapped
             targets = self.capture.restore_targets()
             for name, view in views.items():  # the layouts' digests agree: the same tensors, dtypes and shapes
@@ -59,7 +72,7 @@ class KeeperMemory:
             if mapped is not None:
                 self.keeper(m.Unpin(self.rank, step))
         self.capture.load(targets, trees)
-        return Resumed(self.name, step, f"newest step held by every rank's keeper; held here {sorted(held)}")
+        return trees
 
     def _map_snapshot(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """This rank's tensors of `step` as views of the keeper's memory (pinned until "unpin"), and its JSON state."""

@@ -32,6 +32,7 @@ from ..snapshot.engine import Registration, SnapshotEngine
 from ..store import commit as commits
 from ..store.checkpointer import Checkpointer, Stateful
 from ..store.safetensors_io import load_safetensors
+from .checkfree import StageNeighbours, StageRebuild
 from .keeper_memory import KeeperMemory
 from .peers import PeersMemory, agree_plan
 from .sources import RecoverySource, Resumed, first_restored
@@ -66,9 +67,11 @@ class Protection:
         device: torch.device,
         topology: Mapping[str, Any],
         warmed: HeldSlots | None = None,
+        stages: StageRebuild | None = None,
     ) -> None:
         """Collective: every rank builds it before `resume`; `warmed` is this node's memory mapped
-        ahead for a restore from peers (`recovery.peers.prefetch_ahead`)."""
+        ahead for a restore from peers (`recovery.peers.prefetch_ahead`); `stages`, where the trainer
+        can rebuild lost pipeline stages from their neighbours (CheckFree, `fault.checkfree`)."""
         ck = self.checkpoint = checkpoint
         self.fault = fault
         self.states, self.rank = dict(states), rank
@@ -85,6 +88,7 @@ class Protection:
         self.secret = ""  # set when the keepers code across nodes or may hold an earlier incarnation's memory
         self.local_rank, self.topology = local_rank, dict(topology)
         self.warmed = warmed  # closed once resumed, whatever the source
+        self.stages = stages if fault.checkfree != "off" else None
         self.hooks: list[Any] = []
         if fault.keeper == OFF or not (ck.snapshot_every or ck.every):
             if ck.every:
@@ -169,6 +173,7 @@ class Protection:
         restarted = self.restarted
         found, label = None, ""
         peers = self._peers_memory()
+        ladder: list[RecoverySource] = []
         if restarted or spec == "latest":
             ladder = self._sources(peers)
             if (walked := first_restored(ladder)) is not None:
@@ -178,6 +183,13 @@ class Protection:
             self.warmed = None
         if found is None and spec not in ("none", "latest"):
             found, label = Resumed("disk", self.checkpointer.load(Path(spec)), spec), StoreCheckpoints.label
+        refused = next((s.refused for s in ladder if getattr(s, "refused", "")), "") if ladder else ""
+        if found is None and refused:
+            raise NothingToResume(
+                f"{refused}; nothing else holds their state (no committed checkpoint under {self.root}): refusing "
+                "to start fresh. Restart with checkpoint.resume=none to start over deliberately (set "
+                "checkpoint.every or fault.erasure to keep a copy)"
+            )
         if found is None and peers is not None and peers.loss:
             raise NothingToResume(
                 f"the nodes left cannot rebuild the run's state from memory ({peers.loss}) and no committed "
@@ -203,12 +215,16 @@ class Protection:
         return found
 
     def _sources(self, peers: PeersMemory | None) -> list[RecoverySource]:
-        """The ladder, cheapest first: this node's keeper, the peers' keepers, the store."""
+        """The ladder, cheapest first: this node's keeper, the peers' keepers, the store; rebuilding
+        lost pipeline stages from their neighbours comes last (`fault.checkfree=fallback`: only when
+        nothing holds a copy), or right after the keeper (`always`: a lost stage is never read back)."""
         ladder: list[RecoverySource] = []
+        memory = None
         if self.link is not None:
-            ladder.append(
-                KeeperMemory(comm=self.comm, rank=self.rank, keeper=self._ask, link=self.link, capture=self.capture)
+            memory = KeeperMemory(
+                comm=self.comm, rank=self.rank, keeper=self._ask, link=self.link, capture=self.capture
             )
+            ladder.append(memory)
         if peers is not None:
             ladder.append(peers)
 
@@ -217,7 +233,19 @@ class Protection:
             return f"memory cannot rebuild a step: {loss}" if loss else "no step held in memory by every rank"
 
         ladder.append(StoreCheckpoints(self.checkpointer, why_not_memory=why_not_memory))
+        if memory is not None and self.stages is not None:
+            rebuild = StageNeighbours(
+                comm=self.comm, rank=self.rank, memory=memory, stages=self.stages, capture=self.capture
+            )
+            ladder.insert(1 if self.fault.checkfree == "always" else len(ladder), rebuild)
         return ladder
+
+    def forget_memory(self) -> None:
+        """Drop this rank's snapshots from its keeper, as if its machine's memory were lost (the
+        stage failures `fault.simulate.mode=kill` makes real)."""
+        if self.engine is not None:
+            self.engine.fence()
+        self._ask(m.Forget(self.rank))
 
     def _peers_memory(self) -> PeersMemory | None:
         """The peers' rung, where keepers code across nodes (or may hold an earlier incarnation's memory)."""

@@ -86,3 +86,46 @@ def test_a_rebuilt_stages_learning_rate_scale_survives_a_resume(tmp_path):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[5:]]
     assert [r["lr_scale_stage2"] for r in resumed] == [r["lr_scale_stage2"] for r in straight[5:]]
     assert straight[4]["lr_scale_stage2"] == pytest.approx(1.0 + 0.1 * (1 - 2 / 8))  # step 6, the boost's 3rd
+
+
+# Real kills: stage 2's rank drops its snapshots from its keeper and SIGKILLs itself after step 6;
+# torchrun restarts the job. Snapshots every step; no disk checkpoint, no erasure: nothing holds a copy of
+# stage 2, so the ladder's last rung rebuilds it from stages 1 and 3.
+KILLED = [*PP4, "train.steps=12", "checkpoint.snapshot_every=1", "checkpoint.every=0", "fault.keeper=auto"]
+
+
+def test_a_killed_stage_is_rebuilt_from_its_neighbours_after_the_restart(tmp_path):
+    launch([*KILLED], nproc=4, root=tmp_path, name="straight", timeout=180)
+    kill = ["fault.simulate.mode=kill", "fault.simulate.at=[2@6]"]
+    proc = launch(
+        [*KILLED, *kill], nproc=4, root=tmp_path, name="killed", timeout=300, extra_torchrun=["--max-restarts=1"]
+    )
+    log = proc.stdout + proc.stderr
+    assert "failed (exitcode: -9) local_rank: 2" in log  # torchrun saw stage 2's rank die (its own log is off)
+    assert "resume: CheckFree: lost pipeline stages rebuilt from their neighbours at step" in log, log[-3000:]
+    assert "stages [2] (ranks [2]) lost their memory; after step" in log
+    assert "stage 2 rebuilt from stages 1 (w=" in log
+    straight, killed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+    by_step = {r["step"]: r["loss"] for r in killed}  # the restart logs the replayed steps again: the newest wins
+    gaps = [by_step[s["step"]] - s["loss"] for s in straight]
+    assert gaps[:6] == [0.0] * 6, gaps  # bit-exact up to the kill
+    assert max(gaps) < LOSS_JUMP and abs(gaps[-1]) < LOSS_END, gaps
+    assert not (tmp_path / "killed" / "checkpoints").exists() or not any(
+        (tmp_path / "killed" / "checkpoints").glob("step-*")
+    )
+
+
+def test_with_memory_intact_a_crashed_stage_comes_back_exactly_from_memory(tmp_path):
+    """fault.checkfree=fallback prefers a copy: stage 2's rank killed with its keeper's snapshots intact
+    resumes bit-exactly from memory, and CheckFree is not used."""
+    launch([*KILLED], nproc=4, root=tmp_path, name="straight", timeout=180)
+    crash = ["fault.simulate.mode=crash", "fault.simulate.at=[2@6]"]
+    proc = launch(
+        [*KILLED, *crash], nproc=4, root=tmp_path, name="crashed", timeout=300, extra_torchrun=["--max-restarts=1"]
+    )
+    log = proc.stdout + proc.stderr
+    assert "failed (exitcode: -9) local_rank: 2" in log
+    assert "resume: from keeper memory at step" in log and "rebuilt from stages" not in log
+    straight, crashed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "crashed")
+    by_step = {r["step"]: r["loss"] for r in crashed}
+    assert [by_step[s["step"]] for s in straight] == [s["loss"] for s in straight]

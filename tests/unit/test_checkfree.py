@@ -191,7 +191,7 @@ def test_fault_config_refuses_bad_checkfree_values(kwargs, message):
     "kwargs, message",
     [
         ({"stage_failure_rate": 1.5}, "stage_failure_rate=1.5 must be within 0..1"),
-        ({"mode": "crash"}, "fault.simulate.mode='crash'"),
+        ({"mode": "explode"}, "fault.simulate.mode='explode'"),
         ({"at": ["2-10"]}, "'stage@step'"),
     ],
 )
