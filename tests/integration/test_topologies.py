@@ -47,8 +47,19 @@ def test_topology_matches_single_process(name, reference, tmp_path):
     assert_follows(read_metrics(tmp_path / "run"), reference)
 
 
-def test_grad_accumulation_matches(reference, tmp_path):
-    launch(BASE + ["train.grad_accum=2", "parallel.dp_shard=2"], nproc=2, root=tmp_path)
+ACCUMULATING = {
+    "dp_shard=2": (2, ["parallel.dp_shard=2"]),
+    "pp=2": (2, ["parallel.pp=2"]),
+    "pp=2 x dp_shard=2": (4, ["parallel.pp=2", "parallel.dp_shard=2", "parallel.microbatches=2"]),
+}
+
+
+@pytest.mark.parametrize("name", list(ACCUMULATING))
+def test_grad_accumulation_matches(name, reference, tmp_path):
+    """Under pipeline parallelism too: the schedule scales gradients by its micro-batch count only
+    once every accumulation pass added its share."""
+    nproc, overrides = ACCUMULATING[name]
+    launch(BASE + ["train.grad_accum=2", *overrides], nproc=nproc, root=tmp_path)
     assert_follows(read_metrics(tmp_path / "run"), reference)
 
 
