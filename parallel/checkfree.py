@@ -10,13 +10,15 @@ shard of rank (dp, tp, pp=i) is exactly the weighted average of the local shards
 and (dp, tp, pp=i+1); so each rank of the lost stage receives its two neighbours' local tensors over
 the pipeline process group and nothing is ever gathered whole.
 
-The first and last stages hold the embedding and the output head, which no neighbour has: those
-are CheckFree+'s (swapped stage order in training, then a copy from the partner stage), not here.
+The first and last stages hold the embedding and the output head, which no neighbour has. Under
+CheckFree+ (`parallel.pp_route=checkfree_plus`) each of the first two and the last two stages was
+trained to stand in for its swap partner, whose rank also holds a copy of the embedding or the head:
+such a stage is rebuilt by copying its partner, every tensor (layers, embedding, head) as it is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor
 
+StateOf = Callable[[nn.Parameter], list[torch.Tensor]]  # a parameter's optimizer state tensors, created if absent
 EPS = 1e-4  # added to each neighbour's norm, so two zero norms give the plain average
 # Wrapper modules that insert a component into parameter names without changing what they are.
 WRAPPER_NAMES = frozenset({"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"})
@@ -37,16 +40,25 @@ class CheckFreeRefused(RuntimeError):
 
 @dataclass(frozen=True)
 class StagePlan:
-    """One lost stage and the neighbours it is rebuilt from."""
+    """One lost stage and where it comes from: the average of its neighbours `prev` and `next`, or,
+    when they are the same stage (its CheckFree+ swap partner), a copy of it."""
 
     stage: int
     prev: int
     next: int
 
+    @property
+    def copy(self) -> bool:
+        return self.prev == self.next
+
+    @property
+    def sources(self) -> list[int]:
+        return [self.prev] if self.copy else [self.prev, self.next]
+
 
 @dataclass(frozen=True)
 class Rebuilt:
-    """What one rebuild used: the neighbours and their gradient norms."""
+    """What one rebuild used: the neighbours (or the partner copied) and their gradient norms."""
 
     stage: int
     prev: int
@@ -60,6 +72,8 @@ class Rebuilt:
         return neighbour_weights(norm_prev=self.norm_prev, norm_next=self.norm_next)
 
     def describe(self) -> str:
+        if self.prev == self.next:
+            return f"stage {self.stage} copied from its swap partner, stage {self.prev} (CheckFree+)"
         w_prev, w_next = self.weights
         return f"stage {self.stage} rebuilt from stages {self.prev} (w={w_prev:.2f}) and {self.next} (w={w_next:.2f})"
 
@@ -94,35 +108,42 @@ def check_topology(*, n_stages: int, stages_per_rank: int) -> None:
 
 
 def plan_rebuild(
-    lost: Iterable[int], *, stage_layers: Sequence[Sequence[int]], stages_per_rank: int = 1
+    lost: Iterable[int],
+    *,
+    stage_layers: Sequence[Sequence[int]],
+    stages_per_rank: int = 1,
+    partners: Mapping[int, int] | None = None,
 ) -> list[StagePlan]:
-    """Which neighbours rebuild each lost stage; refuses what CheckFree cannot do. Pure, so every rank
-    decides the same before anything is sent."""
-    n_stages = len(stage_layers)
+    """Which neighbours rebuild each lost stage; refuses what CheckFree cannot do. `partners`: under
+    CheckFree+, the stages that copy their swap partner. Pure, so every rank decides the same before
+    anything is sent."""
+    n_stages, partners = len(stage_layers), dict(partners or {})
     check_topology(n_stages=n_stages, stages_per_rank=stages_per_rank)
     stages = sorted(set(lost))
     for stage in stages:
         if not 0 <= stage < n_stages:
             raise CheckFreeRefused(f"stage {stage} does not exist: this pipeline has stages 0..{n_stages - 1}")
-        if stage in (0, n_stages - 1):
+        if stage in (0, n_stages - 1) and stage not in partners:
             raise CheckFreeRefused(
                 f"stage {stage} is an edge stage (it holds the {'embedding' if stage == 0 else 'output head'}, "
-                "which no neighbour has): CheckFree rebuilds interior stages only; edge stages need CheckFree+"
+                "which no neighbour has): CheckFree rebuilds interior stages only; edge stages need CheckFree+ "
+                "(parallel.pp_route=checkfree_plus)"
             )
-    for a, b in zip(stages, stages[1:]):
-        if b == a + 1:
+    plans = [StagePlan(s, partners[s], partners[s]) if s in partners else StagePlan(s, s - 1, s + 1) for s in stages]
+    for plan in plans:
+        if lost_too := [source for source in plan.sources if source in stages]:
             raise CheckFreeRefused(
-                f"stages {a} and {b} were lost together: CheckFree rebuilds a stage from both of its "
-                "neighbours, so two adjacent lost stages cannot be rebuilt; restore from a checkpoint"
+                f"stages {plan.stage} and {lost_too[0]} were lost together: stage {plan.stage} is rebuilt from "
+                f"stage{'s' if not plan.copy else ''} {' and '.join(map(str, plan.sources))}, so it cannot be "
+                "rebuilt; restore from a checkpoint"
             )
-    for stage in stages:
-        counts = {s: len(stage_layers[s]) for s in (stage - 1, stage, stage + 1)}
+        counts = {s: len(stage_layers[s]) for s in (plan.prev, plan.stage, plan.next)}
         if len(set(counts.values())) != 1:
             raise CheckFreeRefused(
-                f"stage {stage} cannot be rebuilt: its neighbours' shapes differ from its own (layers per stage "
+                f"stage {plan.stage} cannot be rebuilt: its neighbours' shapes differ from its own (layers per stage "
                 f"{counts}); choose model.n_layers divisible by the number of stages"
             )
-    return [StagePlan(stage=s, prev=s - 1, next=s + 1) for s in stages]
+    return plans
 
 
 def layer_key(name: str, layers: Sequence[int]) -> tuple[int, str] | None:
@@ -182,10 +203,19 @@ def average_neighbours(
 # ---- the live rebuild -----------------------------------------------------------------------------
 
 
-def local_layer_tensors(module: nn.Module, layers: Sequence[int]) -> list[torch.Tensor]:
-    """This rank's local data of the stage's layer parameters, in position order (DTensor: its shard)."""
+def local_layer_tensors(
+    module: nn.Module, layers: Sequence[int], *, whole: bool = False, state: StateOf | None = None
+) -> list[torch.Tensor]:
+    """This rank's local data of the stage's layer parameters, in position order (DTensor: its shard);
+    with `whole`, then every other parameter (embedding, head) by name, each followed by its optimizer
+    state (`state`): what a copy takes, so that the embedding or head it copies stays equal to the
+    partner's own copy step after step."""
     params = dict(module.named_parameters())
-    return [_local(params[name]) for name in layer_tensors(params.items(), layers).values()]
+    keyed = list(layer_tensors(params.items(), layers).values())
+    if not whole:
+        return [_local(params[name]) for name in keyed]
+    keyed += sorted(name for name in params if layer_key(name, layers) is None)
+    return [_local(t) for name in keyed for t in [params[name], *(state(params[name]) if state else [])]]
 
 
 @torch.no_grad()
@@ -198,6 +228,8 @@ def rebuild_stages(
     norms: Mapping[int, float],
     pp_group: ProcessGroup,
     stages_per_rank: int = 1,
+    partners: Mapping[int, int] | None = None,
+    state: StateOf | None = None,
 ) -> list[Rebuilt]:
     """Rebuild the `lost` stages in place on a running job (collective: every rank calls it).
 
@@ -208,29 +240,33 @@ def rebuild_stages(
     DTensor, into its local shard). What was used comes back, the same on every rank. The optimizer
     state is the caller's business.
     """
-    plans = plan_rebuild(lost, stage_layers=stage_layers, stages_per_rank=stages_per_rank)
+    plans = plan_rebuild(lost, stage_layers=stage_layers, stages_per_rank=stages_per_rank, partners=partners)
     if not plans:
         return []
     assert dist.get_rank(pp_group) == stage, "with one stage per rank, a stage's id is its pipeline rank"
-    own = local_layer_tensors(module, stage_layers[stage])
+    receiving = next((p for p in plans if p.stage == stage), None)
+    targets = [p for p in plans if stage in p.sources]
+    # A copy takes every tensor, an average the layers; a stage sends what its receivers need.
+    whole = receiving.copy if receiving is not None else any(p.copy for p in targets)
+    if targets and receiving is None and len({p.copy for p in targets}) > 1:
+        raise CheckFreeRefused(f"stage {stage} would feed both a copy and an average: rebuild one at a time")
+    own = local_layer_tensors(module, stage_layers[stage], whole=whole, state=state)
     numel = sum(t.numel() for t in own)
     header = torch.tensor([norms.get(stage, 0.0), len(own), numel], dtype=torch.float64, device=own[0].device)
-    receiving = next((p for p in plans if p.stage == stage), None)
-    to, sources = [p.stage for p in plans if stage in (p.prev, p.next)], _senders(receiving)
+    to, sources = [p.stage for p in targets], receiving.sources if receiving is not None else []
     received = _exchange(header, to=to, sources=sources, group=pp_group, tag=_HEADER_TAG)
-    used = _agree(plans, receiving, received, own)
+    used = _agree(plans, receiving, [*received, *received[:1]] if receiving and receiving.copy else received, own)
     payload = _pack(own) if to else own[0].new_empty(numel)  # a receiver needs only the shape
     got = _exchange(payload, to=to, sources=sources, group=pp_group, tag=_PAYLOAD_TAG)
-    if receiving is not None:
+    if receiving is not None and receiving.copy:
+        for target, source in zip(own, _unpack(got[0], own)):
+            target.copy_(source)
+    elif receiving is not None:
         rebuilt = next(r for r in used if r.stage == stage)
         prev, next_ = (_unpack(g, own) for g in got)
         for target, a, b in zip(own, prev, next_):
             target.copy_(blend(a, b, norm_prev=rebuilt.norm_prev, norm_next=rebuilt.norm_next))
     return used
-
-
-def _senders(receiving: StagePlan | None) -> list[int]:
-    return [] if receiving is None else [receiving.prev, receiving.next]
 
 
 def _exchange(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -13,6 +14,8 @@ from .activation import apply_activation_checkpointing
 from .dims import ParallelDims
 from .fsdp import apply_ddp, apply_fsdp, precision_policy
 from .pipeline import build_schedule, cut_stage, stage_ids_of
+from .routed import build_routed_schedule, cut_routed_stage
+from .routing import embedding_holders, head_holders
 from .tp import apply_tp
 
 
@@ -22,11 +25,16 @@ class ModelParts:
 
     modules: list[nn.Module]
     schedule: object | None
-    has_first_stage: bool
-    has_last_stage: bool
+    has_first_stage: bool  # this rank's schedule step takes the batch's inputs
+    has_last_stage: bool  # and its targets
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for m in self.modules for p in m.parameters()]
+
+    def copies(self) -> set[nn.Parameter]:
+        """Parameters that copy another rank's (CheckFree+): a global gradient norm counts them once."""
+        copy_parameters = getattr(self.schedule, "copy_parameters", None)
+        return set(copy_parameters()) if copy_parameters is not None else set()
 
 
 def parallelize(
@@ -64,6 +72,7 @@ def build_model_parts(
     microbatches: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
     materialize: bool = True,
+    route: str = "identity",
 ) -> ModelParts:
     """Build on meta, cut into this rank's stages, parallelize, then materialize and init.
 
@@ -75,10 +84,12 @@ def build_model_parts(
     else:
         n_stages = dims.pp * stages_per_rank
         stage_ids = stage_ids_of(mesh["pp"].get_local_rank(), pp=dims.pp, stages_per_rank=stages_per_rank)
+    copies = route != "identity"
+    cut = partial(cut_routed_stage, copies=True) if copies else cut_stage
     modules = []
     for stage_id in stage_ids:
         with torch.device("meta"):
-            module = cut_stage(build(), stage_id=stage_id, n_stages=n_stages)
+            module = cut(build(), stage_id=stage_id, n_stages=n_stages)
         parallelize(module, mesh=mesh, dims=dims, param_dtype=param_dtype, activation_checkpoint=activation_checkpoint)
         if materialize:
             module.to_empty(device=device)
@@ -86,7 +97,7 @@ def build_model_parts(
         modules.append(module)
     schedule = None
     if dims.pp > 1 and materialize:
-        schedule = build_schedule(
+        schedule = (partial(build_routed_schedule, route=route) if copies else build_schedule)(
             modules,
             stage_ids=stage_ids,
             n_stages=n_stages,
@@ -96,6 +107,10 @@ def build_model_parts(
             microbatches=microbatches,
             loss_fn=loss_fn,
         )
+    first, last = (embedding_holders(n_stages, copies=copies), head_holders(n_stages, copies=copies))
     return ModelParts(
-        modules=modules, schedule=schedule, has_first_stage=0 in stage_ids, has_last_stage=n_stages - 1 in stage_ids
+        modules=modules,
+        schedule=schedule,
+        has_first_stage=bool(set(first) & set(stage_ids)),
+        has_last_stage=bool(set(last) & set(stage_ids)),
     )

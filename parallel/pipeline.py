@@ -47,6 +47,14 @@ def cut_stage(model: nn.Module, *, stage_id: int, n_stages: int) -> nn.Module:
     return model
 
 
+def set_accumulation(schedule: object, *, last: bool) -> None:
+    """Before each of a step's accumulation passes: torch's schedules divide every `.grad` by their
+    micro-batch count after each `step()`, so only the last pass may (else the earlier passes' gradients
+    are divided again). A routed schedule scales through the loss instead and needs nothing."""
+    if not getattr(schedule, "scales_through_loss", False):
+        schedule.scale_grads = last  # type: ignore[attr-defined]
+
+
 def build_schedule(
     modules: list[nn.Module],
     *,

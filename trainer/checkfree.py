@@ -29,6 +29,8 @@ def rebuild_norms(norms: GradNorms) -> list[float]:
 
 def rebuild_message(rebuilt: Rebuilt, *, step: int, fault: FaultConfig) -> str:
     """One log line: which stage, from which neighbours with which weights, and the learning rate after."""
+    if rebuilt.prev == rebuilt.next:
+        return f"after step {step}, {rebuilt.describe()}, its optimizer state too"
     decay = fault.checkfree_lr_decay_steps
     boost = f"decaying to x1 over {decay} steps" if decay else "from now on"
     return (

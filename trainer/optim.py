@@ -74,3 +74,18 @@ def reset_state_(optimizer: torch.optim.Optimizer) -> None:
                 (value.to_local() if isinstance(value, DTensor) else value).zero_()
             elif isinstance(value, (int, float)):
                 state[field] = type(value)(0)
+
+
+def adam_state(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter) -> list[torch.Tensor]:
+    """`param`'s AdamW state tensors (first and second moments, step), created as a new optimizer's
+    first step would find them when absent: what a stage copied from its partner takes over."""
+    state = optimizer.state[param]
+    if not state:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=_local(param).device)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return [state["exp_avg"], state["exp_avg_sq"], state["step"]]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

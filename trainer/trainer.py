@@ -28,7 +28,8 @@ from resurgo.parallel.checkfree import CheckFreeRefused, Rebuilt, check_topology
 from resurgo.parallel.clip import GradNorms, clip_grad_norms_
 from resurgo.parallel.dims import ParallelDims
 from resurgo.parallel.parallelize import ModelParts, build_model_parts
-from resurgo.parallel.pipeline import stage_ids_of, stage_layers
+from resurgo.parallel.pipeline import set_accumulation, stage_ids_of, stage_layers
+from resurgo.parallel.routing import swap_partner
 
 from .checkfree import FailureSimulator, destroy_stage_, rebuild_message, rebuild_norms
 from .config import JobConfig
@@ -36,7 +37,7 @@ from .data import GlobalSampler, load_tokens, make_tokenizer
 from .distributed import DistEnv
 from .metrics import MetricsLogger
 from .model import Transformer, count_params
-from .optim import build_optimizer, lr_at, reset_state_, set_lr
+from .optim import adam_state, build_optimizer, lr_at, reset_state_, set_lr
 from .state import TrainProgress
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Trainer:
             stages_per_rank=p.n_stages_per_rank,
             microbatches=p.n_microbatches,
             loss_fn=self._pipeline_loss,
+            route=p.pp_route,
         )
         # One optimizer per stage module: state stays keyed by the module that owns the parameter.
         self.optimizers = [
@@ -243,9 +245,7 @@ class Trainer:
                 total += loss.detach()
             else:
                 losses: list[torch.Tensor] = []
-                # torch's schedules divide every .grad by their micro-batch count after each step():
-                # only after the last pass, or the earlier passes' gradients are divided again.
-                self.parts.schedule.scale_grads = index == accum - 1
+                set_accumulation(self.parts.schedule, last=index == accum - 1)
                 args = (x,) if self.parts.has_first_stage else ()
                 target = y if self.parts.has_last_stage else None
                 self.parts.schedule.step(*args, target=target, losses=losses)
@@ -255,8 +255,12 @@ class Trainer:
 
     def clip_gradients(self) -> GradNorms:
         """Clip to the global norm; keep each stage's norm for a CheckFree rebuild (and a restart)."""
+        copies = self.parts.copies()  # CheckFree+'s embedding and head copies count once, as their originals
         norms = clip_grad_norms_(
-            {stage: list(m.parameters()) for stage, m in zip(self.stage_ids, self.parts.modules)},
+            {
+                stage: [p for p in m.parameters() if p not in copies]
+                for stage, m in zip(self.stage_ids, self.parts.modules)
+            },
             n_stages=self.n_stages,
             max_norm=self.cfg.optim.grad_clip,
             pp=self.dims.pp,
@@ -289,6 +293,7 @@ class Trainer:
         if refusal:
             raise CheckFreeRefused(refusal)
         fault = self.cfg.fault
+        optimizer = self.optimizers[0]
         rebuilt = rebuild_stages(
             self.parts.modules[0],
             stage=self.stage_ids[0],
@@ -296,14 +301,27 @@ class Trainer:
             stage_layers=self.stage_layers,
             norms=dict(enumerate(self.progress.stage_grad_norms)),
             pp_group=self.mesh["pp"].get_group(),
+            partners=self.swap_partners(),
+            state=lambda param: adam_state(optimizer, param),
         )
         for r in rebuilt:
-            if r.stage in self.stage_ids:
-                reset_state_(self.optimizers[self.stage_ids.index(r.stage)])
-            self.progress.lr_boosts[r.stage] = (fault.checkfree_lr_scale, self.progress.step)
+            if r.prev != r.next:  # a copy of its partner took its optimizer state too: a trained stand-in, no boost
+                if r.stage in self.stage_ids:
+                    reset_state_(self.optimizers[self.stage_ids.index(r.stage)])
+                self.progress.lr_boosts[r.stage] = (fault.checkfree_lr_scale, self.progress.step)
             if self.env.is_main:
                 log.info("checkfree: %s", rebuild_message(r, step=self.progress.step, fault=fault))
         return rebuilt
+
+    def swap_partners(self) -> dict[int, int]:
+        """Under CheckFree+, the stages rebuilt by copying their swap partner: the first and last, and
+        (as the reference does) the second and second-to-last where they are not also interior
+        neighbours of both (4 stages or more)."""
+        if self.cfg.parallel.pp_route != "checkfree_plus":
+            return {}
+        n = self.n_stages
+        copied = {0, n - 1} | ({1, n - 2} if n >= 4 else set())
+        return {s: p for s in sorted(copied) if (p := swap_partner(s, n_stages=n)) is not None}
 
     def checkfree_refusal(self, lost: Sequence[int]) -> str | None:
         """Why CheckFree cannot rebuild the `lost` stages of this run, or None when it can. Pure (no
@@ -311,7 +329,9 @@ class Trainer:
         if self.cfg.fault.checkfree == "off":
             return f"stages {sorted(lost)} were lost and fault.checkfree=off: nothing rebuilds them"
         try:
-            plan_rebuild(lost, stage_layers=self.stage_layers, stages_per_rank=len(self.stage_ids))
+            plan_rebuild(
+                lost, stage_layers=self.stage_layers, stages_per_rank=len(self.stage_ids), partners=self.swap_partners()
+            )
         except CheckFreeRefused as e:
             return str(e)
         return None

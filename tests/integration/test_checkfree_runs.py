@@ -129,3 +129,53 @@ def test_with_memory_intact_a_crashed_stage_comes_back_exactly_from_memory(tmp_p
     straight, crashed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "crashed")
     by_step = {r["step"]: r["loss"] for r in crashed}
     assert [by_step[s["step"]] for s in straight] == [s["loss"] for s in straight]
+
+
+PLUS = [*PP4, "parallel.pp_route=checkfree_plus"]
+
+
+def test_checkfree_plus_rebuilds_an_edge_stage_as_a_copy_of_its_swap_partner(tmp_path):
+    """pp=4 trained with swapped routes on odd micro-batches: stage 0 dropped after step 4 and stage 3
+    after step 6 come back as copies of stages 1 and 2 (layers by position, the embedding or head copy,
+    optimizer state too), read back from the checkpoints written right after."""
+    overrides = [*PLUS, "train.steps=6", "fault.simulate.at=[0@4,3@6]", "checkpoint.every=2"]
+    proc = launch([*overrides, f"checkpoint.dir={tmp_path}/ckpt"], nproc=4, root=tmp_path, timeout=180)
+    log = proc.stdout + proc.stderr
+    assert "after step 4, stage 0 copied from its swap partner, stage 1 (CheckFree+), its optimizer state too" in log
+    assert "after step 6, stage 3 copied from its swap partner, stage 2 (CheckFree+)" in log
+    for step, pairs in ((4, ((0, 2), (1, 3))), (6, ((6, 4), (7, 5)))):
+        ckpt = tmp_path / "ckpt" / f"step-{step:08d}"
+        names = [n for n, _ in zip_arrays(ckpt / "model") if n.startswith("layers.0.")]
+        for rebuilt, partner in pairs:
+            for name in names:
+                for root in ("model/", "optim/state/"):
+                    suffix = "" if root == "model/" else "/exp_avg"
+                    got = array(ckpt, root + name.replace("layers.0.", f"layers.{rebuilt}.") + suffix)
+                    want = array(ckpt, root + name.replace("layers.0.", f"layers.{partner}.") + suffix)
+                    assert torch.equal(got, want), (step, rebuilt, name)
+    assert all("3" not in t["checkfree"]["lr_boosts"] for t in train_states(tmp_path / "ckpt" / "step-00000006"))
+
+
+def zip_arrays(group: Path):
+    return zarr.open_group(str(group), mode="r").arrays()
+
+
+def test_a_killed_edge_stage_is_copied_from_its_partner_after_the_restart(tmp_path):
+    """CheckFree+ after a real loss: the last stage's rank drops its memory and dies after step 6; the
+    restart copies it from stage 2 and training goes on near an uninterrupted run."""
+    plus = [*KILLED, "parallel.pp_route=checkfree_plus"]
+    launch(plus, nproc=4, root=tmp_path, name="straight", timeout=180)
+    kill = ["fault.simulate.mode=kill", "fault.simulate.at=[3@6]"]
+    proc = launch(
+        [*plus, *kill], nproc=4, root=tmp_path, name="killed", timeout=300, extra_torchrun=["--max-restarts=1"]
+    )
+    log = proc.stdout + proc.stderr
+    assert "failed (exitcode: -9) local_rank: 3" in log
+    assert (
+        "stages [3] (ranks [3]) lost their memory; after step 6, stage 3 copied from its swap partner, stage 2" in log
+    )
+    straight, killed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+    by_step = {r["step"]: r["loss"] for r in killed}
+    gaps = [by_step[s["step"]] - s["loss"] for s in straight]
+    assert gaps[:6] == [0.0] * 6, gaps
+    assert max(gaps) < LOSS_JUMP and abs(gaps[-1]) < LOSS_END, gaps
