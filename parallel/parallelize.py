@@ -14,7 +14,8 @@ from .activation import apply_activation_checkpointing
 from .dims import ParallelDims
 from .fsdp import apply_ddp, apply_fsdp, precision_policy
 from .pipeline import build_schedule, cut_stage, stage_ids_of
-from .routed import build_routed_schedule, cut_routed_stage
+from .routed import build_routed_schedule
+from .routed_stage import cut_routed_stage
 from .routing import embedding_holders, head_holders
 from .tp import apply_tp
 

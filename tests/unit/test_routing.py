@@ -22,7 +22,8 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from resurgo.parallel.fsdp import apply_fsdp
 from resurgo.parallel.pipeline import cut_stage, stage_layers
-from resurgo.parallel.routed import RoutedSchedule, RoutedStage, build_routed_schedule, cut_routed_stage
+from resurgo.parallel.routed import RoutedSchedule, build_routed_schedule
+from resurgo.parallel.routed_stage import RoutedStage, cut_routed_stage
 from resurgo.parallel.routing import (
     PLANS,
     ROUTES,
