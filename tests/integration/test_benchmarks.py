@@ -108,3 +108,17 @@ def test_recovery_measures_a_node_loss_from_memory_and_from_disk():
         timeout=1200,
     )
     assert "from peer keepers' memory" in out and "from disk" in out
+
+
+def test_checkfree_compares_every_strategy_and_measures_the_restarts(tmp_path):
+    png = tmp_path / "checkfree.png"
+    out = bench(
+        "checkfree.py",
+        *("--steps", "14", "--rates", "0.16", "--hour-steps", "4", "--restart-at", "2", "--png", str(png)),
+        timeout=900,
+    )
+    assert "restart measured (kill -> next step, less a step): memory" in out and "rebuild" in out, out
+    for strategy in ("none", "disk", "memory", "CheckFree", "CheckFree+"):
+        assert f"16% {strategy} " in out, out
+    assert "CheckFree+ step time" in out and "copies (embedding on stage 1" in out, out
+    assert png.stat().st_size > 10_000
