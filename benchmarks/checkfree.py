@@ -7,6 +7,7 @@ paper's rates of 5, 10 and 16 % per stage per hour, with one simulated hour comp
 meets the same draws. Strategies:
 
 - none: no failures (the reference curve, and the target: its smoothed loss at 80 % of the steps);
+  none+: no failures either, on CheckFree+'s swapped routes (what training to stand in costs alone);
 - CheckFree: the failed stage is dropped in the training process and rebuilt from its neighbours by
   the trainer's own rebuild (`fault.simulate.mode=drop`: the code path a real loss takes after the
   restart); a draw CheckFree refuses (an edge stage, adjacent stages) rolls back to the disk checkpoint;
@@ -230,6 +231,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
 
         cs = [
             curve("none", straight, {}),
+            curve("none+", plus_straight, {}),  # CheckFree+'s routes, no failure: what the swaps cost alone
             curve(
                 "disk",
                 straight,

@@ -132,10 +132,11 @@ def plan_rebuild(
     plans = [StagePlan(s, partners[s], partners[s]) if s in partners else StagePlan(s, s - 1, s + 1) for s in stages]
     for plan in plans:
         if lost_too := [source for source in plan.sources if source in stages]:
+            a, b = sorted((plan.stage, lost_too[0]))
             raise CheckFreeRefused(
-                f"stages {plan.stage} and {lost_too[0]} were lost together: stage {plan.stage} is rebuilt from "
-                f"stage{'s' if not plan.copy else ''} {' and '.join(map(str, plan.sources))}, so it cannot be "
-                "rebuilt; restore from a checkpoint"
+                f"stages {a} and {b} were lost together: stage {plan.stage} is rebuilt from "
+                f"stage{'s' if not plan.copy else ''} {' and '.join(map(str, plan.sources))}, and adjacent or "
+                "partnered stages cannot rebuild each other; restore from a checkpoint"
             )
         counts = {s: len(stage_layers[s]) for s in (plan.prev, plan.stage, plan.next)}
         if len(set(counts.values())) != 1:

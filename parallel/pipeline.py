@@ -47,6 +47,11 @@ def cut_stage(model: nn.Module, *, stage_id: int, n_stages: int) -> nn.Module:
     return model
 
 
+def check_microbatches(microbatches: int, *, pp: int) -> None:
+    if microbatches < pp:
+        raise ValueError(f"parallel.microbatches={microbatches} < parallel.pp={pp} leaves stages idle; raise it")
+
+
 def set_accumulation(schedule: object, *, last: bool) -> None:
     """Before each of a step's accumulation passes: torch's schedules divide every `.grad` by their
     micro-batch count after each `step()`, so only the last pass may (else the earlier passes' gradients
@@ -67,10 +72,7 @@ def build_schedule(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ):
     """Wrap each local stage module and build the schedule that runs them."""
-    if microbatches < pp_mesh.size():
-        raise ValueError(
-            f"parallel.microbatches={microbatches} < parallel.pp={pp_mesh.size()} leaves stages idle; raise it"
-        )
+    check_microbatches(microbatches, pp=pp_mesh.size())
     group = pp_mesh.get_group()
     stages = [
         PipelineStage(module, stage_id, n_stages, device, group=group) for module, stage_id in zip(modules, stage_ids)

@@ -45,6 +45,7 @@ from torch.distributed.pipelining.schedules import (
 )
 from torch.distributed.tensor import DTensor
 
+from .pipeline import check_microbatches
 from .routed_stage import CPU_WAIT_TIMEOUT, RoutedStage
 from .routing import (
     PLANS,
@@ -391,10 +392,7 @@ def build_routed_schedule(
     """`pipeline.build_schedule`'s counterpart for routed pipelines (one stage per rank)."""
     if len(modules) != 1 or len(stage_ids) != 1:
         raise ValueError(f"a routed pipeline runs one stage per rank, got stages {stage_ids}: set stages_per_rank=1")
-    if microbatches < pp_mesh.size():
-        raise ValueError(
-            f"parallel.microbatches={microbatches} < parallel.pp={pp_mesh.size()} leaves stages idle; raise it"
-        )
+    check_microbatches(microbatches, pp=pp_mesh.size())
     stage = RoutedStage(modules[0], stage_ids[0], n_stages, device, group=pp_mesh.get_group())
     return RoutedSchedule(
         stage,

@@ -179,3 +179,28 @@ def test_a_killed_edge_stage_is_copied_from_its_partner_after_the_restart(tmp_pa
     gaps = [by_step[s["step"]] - s["loss"] for s in straight]
     assert gaps[:6] == [0.0] * 6, gaps
     assert max(gaps) < LOSS_JUMP and abs(gaps[-1]) < LOSS_END, gaps
+
+
+def test_a_killed_tensor_parallel_stage_is_rebuilt_on_every_replica(tmp_path):
+    """pp=3 x tp=2: both ranks of stage 1 drop their memory and die after step 4; the restart rebuilds
+    each tensor-parallel shard from the same shards of stages 0 and 2, and training goes on."""
+    overrides = [
+        *BASE,
+        "parallel.pp=3",
+        "parallel.tp=2",
+        "parallel.microbatches=4",
+        "model.n_layers=6",
+        "train.steps=8",
+    ]
+    overrides += [
+        "checkpoint.snapshot_every=1",
+        "fault.keeper=auto",
+        "fault.simulate.mode=kill",
+        "fault.simulate.at=[1@4]",
+    ]
+    proc = launch(overrides, nproc=6, root=tmp_path, timeout=300, extra_torchrun=["--max-restarts=1"])
+    log = proc.stdout + proc.stderr
+    assert "stages [1] (ranks [2, 3]) lost their memory; after step 4, stage 1 rebuilt from stages 0 (w=" in log, log[
+        -3000:
+    ]
+    assert [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 8
