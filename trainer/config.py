@@ -15,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from resurgo.checkpoint import CheckpointConfig, ErasureConfig, FaultConfig
 from resurgo.parallel.config import ParallelConfig
 
+from .offload_config import OffloadConfig
+
 PRECISIONS = ("auto", "fp32", "bf16")
 __all__ = ["CheckpointConfig", "ErasureConfig", "FaultConfig", "JobConfig", "ParallelConfig", "load_config"]
 
@@ -76,8 +78,11 @@ class OptimConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)  # optimizer state in host memory
 
     def __post_init__(self) -> None:
+        if self.offload.enabled and self.name != "adamw":
+            raise ValueError(f"optim.offload.mode={self.offload.mode!r} supports optim.name=adamw only")
         if self.name != "adamw":
             raise ValueError(f"optim.name={self.name!r}: only 'adamw' is available")
 

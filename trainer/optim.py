@@ -9,16 +9,28 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from .config import OptimConfig
+from .offload import OffloadedAdamW
 
 
 def build_optimizer(
     params: list[torch.nn.Parameter], cfg: OptimConfig, *, device: torch.device
 ) -> torch.optim.Optimizer:
-    """AdamW with the fused kernel, one parameter group per mesh.
+    """AdamW with the fused kernel, one parameter group per mesh; with `optim.offload` its state in
+    host memory (`OffloadedAdamW`), with the same groups, state names and numbers.
 
     A fused (or foreach) kernel takes all tensors of a group at once and refuses to mix plain
     tensors with DTensors or DTensors of different meshes, so parameters are grouped by mesh.
     """
+    if cfg.offload.enabled:
+        return OffloadedAdamW(
+            mesh_groups(params),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            offload=cfg.offload,
+            device=device,
+        )
     return torch.optim.AdamW(
         mesh_groups(params),
         lr=cfg.lr,
@@ -45,6 +57,16 @@ def lr_at(step: int, *, cfg: OptimConfig, total_steps: int) -> float:
     progress = min((step - sched.warmup_steps) / decay_steps, 1.0)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.lr * (sched.min_lr_ratio + (1.0 - sched.min_lr_ratio) * cosine)
+
+
+def offload_metrics(optimizers: list[torch.optim.Optimizer]) -> dict[str, float]:
+    """Subgroups updated on the device in the last step, over this rank's offloaded optimizers."""
+    out: dict[str, float] = {}
+    for optimizer in optimizers:
+        if isinstance(optimizer, OffloadedAdamW):
+            for key, value in optimizer.metrics().items():
+                out[key] = out.get(key, 0.0) + value
+    return out
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -79,6 +101,8 @@ def reset_state_(optimizer: torch.optim.Optimizer) -> None:
 def adam_state(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter) -> list[torch.Tensor]:
     """`param`'s AdamW state tensors (first and second moments, step), created as a new optimizer's
     first step would find them when absent: what a stage copied from its partner takes over."""
+    if isinstance(optimizer, OffloadedAdamW):
+        optimizer.ensure_state()  # its state lives in its host buffers, created for every parameter at once
     state = optimizer.state[param]
     if not state:
         state["step"] = torch.zeros((), dtype=torch.float32, device=_local(param).device)

@@ -32,7 +32,7 @@ from .data import GlobalSampler, load_tokens, make_tokenizer
 from .distributed import DistEnv
 from .metrics import MetricsLogger
 from .model import Transformer, count_params
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import build_optimizer, lr_at, offload_metrics, set_lr
 from .stage_failures import StageFailures
 from .state import TrainProgress
 
@@ -104,6 +104,8 @@ class Trainer(StageFailures):
         self.hooks: list[StepHook] = []
         self._last_step_end: float | None = None  # when the previous step's record was taken
         self.metric_sources: list[Callable[[], dict[str, float]]] = [self._stage_metrics]  # more for each record
+        if cfg.optim.offload.enabled:
+            self.metric_sources.append(lambda: offload_metrics(self.optimizers))
         flops_per_token = 6 * count_params(cfg.model) + 12 * cfg.model.n_layers * cfg.model.dim * t.seq_len
         self.metrics = MetricsLogger(
             run_dir=run_dir,
