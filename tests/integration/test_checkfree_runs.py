@@ -94,6 +94,7 @@ def test_a_rebuilt_stages_learning_rate_scale_survives_a_resume(tmp_path):
 KILLED = [*PP4, "train.steps=12", "checkpoint.snapshot_every=1", "checkpoint.every=0", "fault.keeper=auto"]
 
 
+@pytest.mark.slow  # about a minute; the pp=3 x tp=2 kill below runs the same rung in the default run
 def test_a_killed_stage_is_rebuilt_from_its_neighbours_after_the_restart(tmp_path):
     launch([*KILLED], nproc=4, root=tmp_path, name="straight", timeout=180)
     kill = ["fault.simulate.mode=kill", "fault.simulate.at=[2@6]"]
