@@ -91,6 +91,11 @@ class Trainer(StageFailures):
             else [0]
         )
         self.stage_layers = stage_layers(cfg.model.n_layers, self.n_stages)
+        copies = self.parts.copies()  # CheckFree+'s embedding and head copies count once, as their originals
+        self._clipped = {  # each stage's parameters in a gradient norm, listed once rather than every step
+            stage: [p for p in m.parameters() if p not in copies]
+            for stage, m in zip(self.stage_ids, self.parts.modules)
+        }
         self.progress = TrainProgress(
             seed=t.seed,
             rank=env.rank,
@@ -241,12 +246,8 @@ class Trainer(StageFailures):
 
     def clip_gradients(self) -> GradNorms:
         """Clip to the global norm; keep each stage's norm for a CheckFree rebuild (and a restart)."""
-        copies = self.parts.copies()  # CheckFree+'s embedding and head copies count once, as their originals
         norms = clip_grad_norms_(
-            {
-                stage: [p for p in m.parameters() if p not in copies]
-                for stage, m in zip(self.stage_ids, self.parts.modules)
-            },
+            self._clipped,
             n_stages=self.n_stages,
             max_norm=self.cfg.optim.grad_clip,
             pp=self.dims.pp,
