@@ -47,6 +47,12 @@ _EXPORTS = {
     "export_safetensors": "store.safetensors_io",
     "DEFAULT_MAX_SHARD_BYTES": "store.safetensors_io",
     "DTYPES": "store.safetensors_io",
+    # other frameworks' formats, in and out
+    "NameMap": "store.name_map",
+    "export_hf": "store.hf_io",
+    "export_dcp": "store.dcp_io",
+    "convert_dcp": "store.dcp_io",
+    "convert_deepspeed": "store.deepspeed_io",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -3,6 +3,9 @@
     resurgo-ckpt inspect CKPT
     resurgo-ckpt verify CKPT                      # exit 1 and list every problem if damaged
     resurgo-ckpt export --to safetensors CKPT OUT [--dtype bf16] [--max-shard-size 5GB]
+    resurgo-ckpt export --to hf CKPT OUT [--dtype bf16]        # a Hugging Face LlamaForCausalLM folder
+    resurgo-ckpt export --to dcp CKPT OUT                      # torch.distributed.checkpoint, any topology
+    resurgo-ckpt convert --from deepspeed|dcp SRC OUT [--name-map FILE]   # into a universal checkpoint
     resurgo-ckpt diff A B                         # max |a - b| per tensor
     resurgo-ckpt plan CKPT --layouts FILE         # chunks and bytes each target rank would read
 
@@ -25,6 +28,10 @@ from resurgo.checkpoint import (
     CheckpointError,
     describe,
     diff,
+    convert_dcp,
+    convert_deepspeed,
+    export_dcp,
+    export_hf,
     export_safetensors,
     latest,
     plan_for_layouts,
@@ -72,6 +79,21 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.to == "hf":
+        files = export_hf(
+            _open(args.checkpoint),
+            Path(args.out),
+            dtype=args.dtype,
+            max_shard_bytes=args.max_shard_size,
+            progress=True,
+            overwrite=args.overwrite,
+        )
+        print(f"wrote {len(files)} file(s), config.json and the index to {args.out}")
+        return 0
+    if args.to == "dcp":
+        export_dcp(_open(args.checkpoint), Path(args.out), dtype=args.dtype, progress=True, overwrite=args.overwrite)
+        print(f"wrote a torch.distributed.checkpoint to {args.out}")
+        return 0
     files = export_safetensors(
         _open(args.checkpoint),
         Path(args.out),
@@ -81,6 +103,19 @@ def _export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"wrote {len(files)} file(s) and model.safetensors.index.json to {args.out}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    convert = {"deepspeed": convert_deepspeed, "dcp": convert_dcp}[args.source_format]
+    written = convert(
+        Path(args.source),
+        Path(args.out),
+        name_map=Path(args.name_map) if args.name_map else None,
+        progress=True,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {written}")
     return 0
 
 
@@ -126,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=4)
     p.set_defaults(run=_verify)
     p = sub.add_parser("export", help="write the model tensors in another format")
-    p.add_argument("--to", choices=["safetensors"], required=True)
+    p.add_argument("--to", choices=["safetensors", "hf", "dcp"], required=True)
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.add_argument("--dtype", choices=sorted(DTYPES))
@@ -135,6 +170,13 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a non-empty OUT (only once the new export is complete)"
     )
     p.set_defaults(run=_export)
+    p = sub.add_parser("convert", help="bring another framework's checkpoint in as a universal checkpoint")
+    p.add_argument("--from", dest="source_format", choices=["deepspeed", "dcp"], required=True)
+    p.add_argument("source")
+    p.add_argument("out", help="a checkpoint root; the converted step is written under it")
+    p.add_argument("--name-map", help='JSON {"names": {regex: resurgo name}, "rotary": "halves"|"pairs"}')
+    p.add_argument("--overwrite", action="store_true", help="replace that step if OUT already holds it")
+    p.set_defaults(run=_convert)
     p = sub.add_parser("diff", help="max absolute difference per tensor")
     p.add_argument("a")
     p.add_argument("b")
