@@ -23,6 +23,7 @@ class GradNorms:
     total: torch.Tensor  # global L2 norm before clipping, a 0-d float32 tensor
     stages: list[float]  # by stage id, before clipping
     clipped: list[float]  # by stage id, after clipping
+    scale: torch.Tensor  # the factor clipping multiplies every gradient by (1 when nothing is clipped), 0-d
 
 
 def _copies(grad: torch.Tensor, world_size: int, pp: int) -> int:
@@ -45,9 +46,17 @@ def _local(grad: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def clip_grad_norms_(
-    stage_params: Mapping[int, Iterable[torch.nn.Parameter]], *, n_stages: int, max_norm: float, pp: int
+    stage_params: Mapping[int, Iterable[torch.nn.Parameter]],
+    *,
+    n_stages: int,
+    max_norm: float,
+    pp: int,
+    in_place: bool = True,
 ) -> GradNorms:
     """Clip in place to `max_norm` (0: only measure) and return the global and per-stage L2 norms.
+
+    `in_place=False` leaves the gradients as they are and only returns the factor (`GradNorms.scale`):
+    an optimizer that already copied the gradients elsewhere applies it there.
 
     `stage_params` holds this rank's parameters by the pipeline stage they belong to. One all-reduce
     over the whole world of [total, stage 0, ..., stage n-1]: each rank adds its local squares weighted
@@ -70,14 +79,14 @@ def clip_grad_norms_(
         dist.all_reduce(sums)
     norm = sums[0].sqrt().float()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm > 0 else torch.ones_like(norm)
-    if max_norm > 0:
+    if max_norm > 0 and in_place:
         for stage_grads in grads.values():
             for grad in stage_grads:
                 local = _local(grad)
                 local.mul_(scale.to(local.dtype))
     stages = sums[1:].sqrt().tolist()
     factor = scale.item()
-    return GradNorms(total=norm, stages=stages, clipped=[s * factor for s in stages])
+    return GradNorms(total=norm, stages=stages, clipped=[s * factor for s in stages], scale=scale)
 
 
 def clip_grad_norm_(params: Iterable[torch.nn.Parameter], *, max_norm: float, pp: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from .offload_config import OffloadConfig
+from .offload_grads import EarlyGradients
 from .offload_kernels import Update, cpu_updates, fixed, torch_update
 from .offload_model import Costs, Plan, choose, fits_staging, measure
 
@@ -101,6 +102,10 @@ class OffloadedAdamW(torch.optim.Optimizer):
         cuda = device.type == "cuda"
         self._d2h, self._h2d = (torch.cuda.Stream(device) if cuda else None for _ in range(2))
         self.plan = self._choose()
+        self._scale: torch.Tensor | None = None  # the clip factor for this step's gradients (None: 1)
+        self._host_scale: torch.Tensor | None = None
+        self.early = EarlyGradients([[m.param for m in sg.members] for sg in self.subgroups], self._copy_early)
+        self.early.set_enabled([not d for d in self.plan.on_device])
         log.info(
             "optimizer offload: %d subgroups (%s elements), mode=%s device_fraction=%s; costs %s; "
             "plan: %d on the device, modelled %.4f s per step",
@@ -173,6 +178,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
             self.costs = dataclasses.replace(self.costs, free_device_bytes=float(free))
             if self.cfg.mode == "auto" and self.cfg.device_fraction < 0:
                 self.plan = self._choose()
+                self.early.set_enabled([not d for d in self.plan.on_device])
                 log.info(
                     "optimizer offload: %.1f GiB free on the device, now %d subgroups on it",
                     free / 2**30,
@@ -211,8 +217,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
         if cuda:
             self._d2h.wait_stream(torch.cuda.current_stream(self.device))
             self._h2d.wait_stream(torch.cuda.current_stream(self.device))
-        # Gradients of the CPU's subgroups leave first, so the host can start while the device works.
-        arrived = [self._grads_to_host(sg) if not d else None for sg, d in zip(self.subgroups, on_device)]
+        # Gradients of the CPU's subgroups leave first (most already left during the backward pass),
+        # so the host can start while the device works.
+        arrived = [self._arrival(i) if not d else None for i, d in enumerate(on_device)]
         if any(on_device):
             self._staging = self._staging or [
                 _Staging(max(s.numel for s in self.subgroups), self.device) for _ in range(2)
@@ -230,7 +237,14 @@ class OffloadedAdamW(torch.optim.Optimizer):
             for buf in self._staging or []:
                 buf.free.synchronize()  # host state final before a snapshot or the next step reads it
         self._grads = {}  # only now: side-stream copies may have read them
+        self._scale = self._host_scale = None
+        self.early.next_step()
         return loss
+
+    def scale_gradients(self, scale: torch.Tensor) -> None:
+        """Clip this step's gradients by `scale` (0-d): applied to the copies the update reads, since
+        most gradients already left the device when the global norm became known."""
+        self._scale, self._host_scale = scale.detach(), scale.detach().cpu()
 
     def _local_grads(self) -> dict[int, torch.Tensor]:
         """Each gradient's shard as its parameter's: a gradient placed otherwise (a replicated gradient of
@@ -251,14 +265,27 @@ class OffloadedAdamW(torch.optim.Optimizer):
         """Members with a gradient, as (member, local parameter, local gradient); AdamW skips the rest."""
         return [(m, _local(m.param), self._grads[id(m.param)]) for m in sg.members if id(m.param) in self._grads]
 
-    def _grads_to_host(self, sg: _Subgroup) -> torch.cuda.Event | None:
+    def _arrival(self, index: int) -> torch.cuda.Event | None:
+        """Subgroup `index`'s gradients on their way to host memory: the copy made during the backward
+        pass if none of them moved since, else a copy now."""
+        sg = self.subgroups[index]
+        grads = {id(m.param): grad for m, _, grad in self._live(sg)}
+        taken, handle = self.early.take(index, grads)
+        return handle if taken else self._copy_early(index, grads)
+
+    def _copy_early(self, index: int, grads: dict[int, torch.Tensor]) -> torch.cuda.Event | None:
+        """Copy the local gradients `grads` (by id of parameter) into subgroup `index`'s host buffer."""
+        sg = self.subgroups[index]
+        pairs = [(sg.view(sg.grad, m), grads[id(m.param)]) for m in sg.members if id(m.param) in grads]
         if self.device.type != "cuda":
-            for m, _, grad in self._live(sg):
-                sg.view(sg.grad, m).copy_(grad)
+            for dst, grad in pairs:
+                dst.copy_(grad)
             return None
+        self._d2h.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._d2h):
-            for m, _, grad in self._live(sg):
-                sg.view(sg.grad, m).copy_(grad, non_blocking=True)
+            for dst, grad in pairs:
+                dst.copy_(grad, non_blocking=True)
+                grad.record_stream(self._d2h)  # its memory is not reused before the copy is done
             event = torch.cuda.Event()
             event.record()
         return event
@@ -282,6 +309,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
         if not members:
             return
         self._refresh(sg, sg.master, members)
+        if self._host_scale is not None:
+            for m, _, grad in members:
+                _scale_as(sg.view(sg.grad, m), self._host_scale, grad.dtype)
         self._cpu_update(
             [sg.view(sg.master, m) for m, _, _ in members],
             [sg.view(sg.grad, m) for m, _, _ in members],
@@ -314,7 +344,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         steps = [self.state[m.param]["step"].to(self.device) for m, _, _ in members]
         torch_update(
             [sg.view(buf.master, m) for m, _, _ in members],
-            [grad if grad.dtype == torch.float32 else grad.float() for _, _, grad in members],
+            [self._scaled(grad).float() for _, _, grad in members],
             [sg.view(buf.exp_avg, m) for m, _, _ in members],
             [sg.view(buf.exp_avg_sq, m) for m, _, _ in members],
             steps,
@@ -336,6 +366,9 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 src.copy_(dst[:n])
             for (m, _, _), s in zip(members, steps):
                 self.state[m.param]["step"].copy_(s)
+
+    def _scaled(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad if self._scale is None else grad * self._scale.to(grad.dtype)
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -363,7 +396,17 @@ class OffloadedAdamW(torch.optim.Optimizer):
         return {
             "offload_device_subgroups": float(self.plan.device_count),
             "offload_subgroups": float(len(self.subgroups)),
+            "offload_early_subgroups": float(self.early.early),  # gradients copied during the backward pass
         }
+
+
+def _scale_as(host: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
+    """`host` (fp32, a copy of a `dtype` gradient) multiplied as the gradient itself would have been in
+    place: in `dtype`. A product of two bf16 or fp16 values is exact in fp32, so rounding it once to
+    `dtype` gives the very bits the in-place multiply gives."""
+    host.mul_(scale.to(dtype).float())
+    if dtype != torch.float32:
+        host.copy_(host.to(dtype))
 
 
 def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch.optim.adamw import adamw
@@ -70,12 +71,25 @@ class DeepSpeedUpdate:
             )
 
 
+def deepspeed_built() -> bool:
+    """DeepSpeedCPUAdam loads without compiling: built when DeepSpeed was installed (DS_BUILD_CPU_ADAM=1),
+    or compiled once before into torch's extension cache."""
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return (
+        bool(installed_ops.get("cpu_adam")) or (Path(_get_build_directory("cpu_adam", False)) / "cpu_adam.so").exists()
+    )
+
+
 def cpu_updates(impl: str) -> dict[str, Update]:
-    """The CPU updates that `impl` allows, by name; 'auto' picks among them by measured rate."""
+    """The CPU updates that `impl` allows, by name; 'auto' picks among them by measured rate. 'auto'
+    leaves DeepSpeed out while its kernel is not built: compiling it would stall the start by a minute
+    or more ('deepspeed' compiles it once, into a cache that 'auto' then uses)."""
     out: dict[str, Update] = {}
     if impl in ("auto", "torch"):
         out["torch-fused"] = torch_update
-    if impl in ("auto", "deepspeed") and deepspeed_available():
+    if impl == "deepspeed" or (impl == "auto" and deepspeed_available() and deepspeed_built()):
         out["deepspeed"] = DeepSpeedUpdate()
     if not out:
         raise ValueError("optim.offload.cpu_impl=deepspeed needs DeepSpeed (pip install deepspeed)")

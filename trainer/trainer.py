@@ -54,6 +54,23 @@ class StepResult:
     step_time_s: float  # since the previous step ended: its end-of-step hooks (snapshot start, a save) count here
 
 
+class FromStep:
+    """A Stateful that a checkpoint converted from another framework lacks (it holds tensors and a
+    step): resuming from one derives it from the step rather than refusing to resume."""
+
+    def __init__(self, state: Any, derive: Callable[[int], None]) -> None:
+        self.state, self.derive = state, derive
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.state.load_state_dict(state_dict)
+
+    def derive_from_step(self, step: int) -> None:
+        self.derive(step)
+
+
 class Trainer(StageFailures):
     def __init__(self, cfg: JobConfig, *, env: DistEnv, run_dir: Path) -> None:
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
@@ -159,9 +176,17 @@ class Trainer(StageFailures):
         return {
             "model": ModelState(parts),
             "optim": OptimizerState(parts, self.optimizers),
-            "data": self.sampler,
-            "train": self.progress,
+            "data": FromStep(self.sampler, self._data_at),
+            "train": FromStep(self.progress, self._progress_at),
         }
+
+    def _data_at(self, step: int) -> None:
+        """The data position after `step` optimizer steps of this run's global batch."""
+        self.sampler.consumed = step * self.cfg.train.batch_size
+
+    def _progress_at(self, step: int) -> None:
+        """`step`, with the RNG re-derived as after a resume on another topology."""
+        self.progress.load_state_dict({"step": step, "topology": {}, "rank": -1})
 
     def build_protection(
         self, *, checkpoint: CheckpointConfig | None = None, warmed: HeldSlots | None = None
@@ -246,12 +271,17 @@ class Trainer(StageFailures):
 
     def clip_gradients(self) -> GradNorms:
         """Clip to the global norm; keep each stage's norm for a CheckFree rebuild (and a restart)."""
+        offloaded = self.cfg.optim.offload.enabled  # its gradients may have left already: it applies the factor
         norms = clip_grad_norms_(
             self._clipped,
             n_stages=self.n_stages,
             max_norm=self.cfg.optim.grad_clip,
             pp=self.dims.pp,
+            in_place=not offloaded,
         )
+        if offloaded and self.cfg.optim.grad_clip > 0:
+            for optimizer in self.optimizers:
+                optimizer.scale_gradients(norms.scale)
         self.progress.stage_grad_norms = rebuild_norms(norms)
         return norms
 

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 
 from resurgo.checkpoint import ModelState, OptimizerState
 from resurgo.checkpoint.snapshot.capture import StateCapture
+from resurgo.parallel.clip import clip_grad_norms_
 from resurgo.trainer.config import ModelConfig, OptimConfig, ScheduleConfig
 from resurgo.trainer.model import Transformer
 from resurgo.trainer.offload import OffloadedAdamW
 from resurgo.trainer.offload_config import OffloadConfig
+from resurgo.trainer.offload_kernels import deepspeed_available
 from resurgo.trainer.optim import build_optimizer, lr_at, set_lr
 
 STEPS = 6
@@ -69,7 +71,7 @@ def assert_same(got, want) -> None:
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
 def test_offloaded_equals_adamw_bit_for_bit(reference, fraction):
     """Small subgroups (several per model): the CPU path, the device path and any mix of them."""
-    got = train(OffloadConfig(mode="cpu", subgroup_mb=0.05, device_fraction=fraction, cpu_impl="torch"))
+    got = train(OffloadConfig(cpu_impl="torch", mode="cpu", subgroup_mb=0.05, device_fraction=fraction))
     assert isinstance(got[2], OffloadedAdamW)
     assert len(got[2].subgroups) > 3
     assert got[2].plan.device_count == round(fraction * len(got[2].subgroups))
@@ -77,14 +79,14 @@ def test_offloaded_equals_adamw_bit_for_bit(reference, fraction):
 
 
 def test_auto_mode_equals_adamw(reference):
-    got = train(OffloadConfig(mode="auto", subgroup_mb=0.05))
+    got = train(OffloadConfig(cpu_impl="torch", mode="auto", subgroup_mb=0.05))
     assert got[2].plan.device_count == 0  # the "device" is the CPU here: streaming through it only adds copies
     assert_same(got, reference)
 
 
 def test_checkpoint_sees_the_same_state(reference):
     """Same names, shapes, dtypes and values as AdamW's, in the flattened form checkpoints store."""
-    _, model, opt = train(OffloadConfig(mode="cpu", subgroup_mb=0.05, device_fraction=0.5))
+    _, model, opt = train(OffloadConfig(cpu_impl="torch", mode="cpu", subgroup_mb=0.05, device_fraction=0.5))
     got = OptimizerState(model, opt).state_dict()
     want = OptimizerState(reference[1], reference[2]).state_dict()
     assert got["param_groups"] == want["param_groups"]
@@ -99,8 +101,8 @@ def test_checkpoint_sees_the_same_state(reference):
 @pytest.mark.parametrize(
     "first, second",
     [
-        (OffloadConfig(), OffloadConfig(mode="cpu", subgroup_mb=0.05)),
-        (OffloadConfig(mode="cpu", subgroup_mb=0.05, device_fraction=1.0), OffloadConfig()),
+        (OffloadConfig(), OffloadConfig(cpu_impl="torch", mode="cpu", subgroup_mb=0.05)),
+        (OffloadConfig(cpu_impl="torch", mode="cpu", subgroup_mb=0.05, device_fraction=1.0), OffloadConfig()),
     ],
     ids=["off -> on", "on -> off"],
 )
@@ -124,7 +126,7 @@ def test_memory_snapshot_restores_in_place_bit_exact(reference, caplog):
     model = build()
     opt = build_optimizer(
         list(model.parameters()),
-        optim_cfg(OffloadConfig(mode="cpu", subgroup_mb=0.05, device_fraction=0.5)),
+        optim_cfg(OffloadConfig(cpu_impl="torch", mode="cpu", subgroup_mb=0.05, device_fraction=0.5)),
         device=CPU,
     )
     losses = run(model, opt, range(3))
@@ -166,3 +168,67 @@ def test_deepspeed_without_deepspeed_is_refused(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
     with pytest.raises(ValueError, match="needs DeepSpeed"):
         OffloadConfig(mode="cpu", cpu_impl="deepspeed")
+
+
+def run_accumulating(offload: OffloadConfig, *, accum: int) -> tuple[list[float], Transformer, torch.optim.Optimizer]:
+    """STEPS steps of `accum` backward passes each, clipped as the trainer clips: an offloaded optimizer
+    gets the clip factor and leaves the gradients on the device untouched."""
+    model = build()
+    opt = build_optimizer(list(model.parameters()), optim_cfg(offload), device=CPU)
+    offloaded = isinstance(opt, OffloadedAdamW)
+    losses, early = [], []
+    for step in range(STEPS):
+        tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(step))
+        for x in tokens.chunk(accum):
+            loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()) / accum
+            loss.backward()
+        norms = clip_grad_norms_({0: model.parameters()}, n_stages=1, max_norm=0.5, pp=1, in_place=not offloaded)
+        if offloaded:
+            opt.scale_gradients(norms.scale)
+        set_lr(opt, lr_at(step, cfg=optim_cfg(OffloadConfig()), total_steps=STEPS))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        early.append(opt.metrics()["offload_early_subgroups"] if offloaded else 0)
+    return losses, model, early
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize("fraction", [0.0, 0.5])
+def test_gradients_leave_during_backward_and_the_clip_applies_to_the_copies(accum, fraction):
+    """From the second step on, every CPU-updated subgroup's gradients were copied to host memory by the
+    backward pass itself (after its last accumulation pass); the numbers stay AdamW's bit for bit."""
+    want = run_accumulating(OffloadConfig(), accum=accum)
+    got = run_accumulating(
+        OffloadConfig(cpu_impl="torch", mode="cpu", subgroup_mb=0.05, device_fraction=fraction), accum=accum
+    )
+    assert_same(got[:2] + (None,), want[:2] + (None,))
+    model = build()
+    on_cpu = sum(
+        not d
+        for d in build_optimizer(
+            list(model.parameters()),
+            optim_cfg(OffloadConfig(cpu_impl="torch", mode="cpu", subgroup_mb=0.05, device_fraction=fraction)),
+            device=CPU,
+        ).plan.on_device
+    )
+    assert on_cpu > 1 and got[2] == [0] + [on_cpu] * (STEPS - 1)
+
+
+def test_a_gradient_changed_after_its_early_copy_is_copied_again(reference):
+    """In-place clipping after the backward pass (torch's own clip_grad_norm_) moves the gradients the
+    early copies were taken of: the step notices by their versions and copies them again."""
+    got = train(OffloadConfig(cpu_impl="torch", mode="cpu", subgroup_mb=0.05))
+    assert_same(got, reference)
+
+
+@pytest.mark.skipif(not deepspeed_available(), reason="DeepSpeed is not installed")
+def test_deepspeed_cpu_adam_follows_adamw():
+    """DeepSpeedCPUAdam's AVX kernel updates the offloaded buffers (compiled on first use): its own
+    arithmetic, so equal to torch's AdamW within fp32 rounding rather than bit for bit."""
+    losses, model, opt = train(OffloadConfig(cpu_impl="deepspeed", mode="cpu", subgroup_mb=0.05))
+    assert "deepspeed" in type(opt._cpu_update).__name__.lower()
+    ref_losses, ref_model, _ = train(OffloadConfig())
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
