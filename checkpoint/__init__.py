@@ -37,6 +37,8 @@ _EXPORTS = {
     "node_keepers": "keeper.reclaim",
     "reclaim_stale": "keeper.reclaim",
     "process_alive": "process",
+    "incarnation": "process",
+    "GENERATION_ENV": "process",
     # the store, for the command-line tools
     "Checkpoint": "store.reader",
     "verify": "store.reader",

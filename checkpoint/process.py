@@ -20,3 +20,11 @@ def process_alive(pid: int) -> bool:
         return False  # gone between the two looks
     except (OSError, IndexError):
         return True  # no /proc: kill(0) answered
+
+
+GENERATION_ENV = "RESURGO_GENERATION"  # set by a warm restart's supervisor in the workers it forks
+
+
+def incarnation() -> tuple[int, int]:
+    """(torchrun's restart count, the warm-restart generation) of this worker: (0, 0) for a first start."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), int(os.environ.get(GENERATION_ENV, "0"))

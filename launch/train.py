@@ -27,6 +27,7 @@ from resurgo.checkpoint import (
     prefetch_ahead,
     previous_topology,
 )
+from resurgo.launch import warm
 from resurgo.parallel.dims import ParallelDims
 from resurgo.parallel.elastic import fit_topology
 from resurgo.trainer.config import JobConfig, load_config
@@ -131,6 +132,8 @@ def _torchrun_safe_argv(argv: list[str], rank: int) -> list[str]:
 
 def main() -> None:
     sys.argv = [sys.argv[0]] + _torchrun_safe_argv(sys.argv[1:], int(os.environ.get("RANK", 0)))
+    if warm.enabled():
+        sys.exit(warm.supervise(_hydra_main))  # this process stays; the rank runs in forked workers
     _hydra_main()
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from resurgo.checkpoint import incarnation
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -49,11 +51,13 @@ def init_distributed(device: str, *, timeout_s: float = 1800.0) -> DistEnv:
     if not dist.is_initialized():
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # torchrun reuses its store across restarts without a per-attempt prefix, so restarted
-            # gloo workers would find their dead predecessors' addresses; prefix by attempt.
+            # gloo workers would find their dead predecessors' addresses; prefix by torchrun's attempt
+            # and the warm restart's generation (a worker of an older one can never join a newer group).
             agent = dist.TCPStore(
                 os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
             )
-            store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
+            attempt, generation = incarnation()
+            store = dist.PrefixStore(f"attempt_{attempt}_gen_{generation}", agent)
             dist.init_process_group(
                 backend,
                 store=store,

@@ -27,10 +27,12 @@ from ..errors import CheckpointError, NothingToResume, SaveFailed
 from ..keeper import messages as m
 from ..keeper.client import EXTERNAL, OFF, HeldSlots, KeeperLink
 from ..keeper.protocol import Client, KeeperError, KeeperGone, StoreTarget, ask
+from ..process import incarnation
 from ..snapshot.capture import StateCapture
 from ..snapshot.engine import Registration, SnapshotEngine
 from ..store import commit as commits
 from ..store.checkpointer import Checkpointer, Stateful
+from ..store.hf_io import hf_folder, load_hf, model_record
 from ..store.safetensors_io import load_safetensors
 from .checkfree import StageNeighbours, StageRebuild
 from .keeper_memory import KeeperMemory
@@ -81,7 +83,7 @@ class Protection:
         self.comm = self.checkpointer.comm
         self.token = self.comm.all_gather(secrets.token_hex(4))[0]  # names this incarnation's persists
         # Collective: a replacement node starts at restart count 0 while the survivors do not.
-        self.restarted = any(self.comm.all_gather(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0))
+        self.restarted = any(self.comm.all_gather(incarnation() != (0, 0)))
         self.link: KeeperLink | None = None
         self.engine: SnapshotEngine | None = None
         self.plan: ErasureSetup | None = None
@@ -197,10 +199,7 @@ class Protection:
                 "with checkpoint.resume=none to start over deliberately (set checkpoint.every to protect on disk too)"
             )
         if found is None and self.checkpoint.init_from:
-            found, label = (
-                self._from_safetensors(Path(self.checkpoint.init_from)),
-                "weights from safetensors, fresh optimizer",
-            )
+            found, label = self._init_from(self.checkpoint.init_from), "initial weights, fresh optimizer"
         if found is None:
             why = "nothing in memory or on disk" if restarted or spec == "latest" else "checkpoint.resume=none"
             found, label = Resumed("fresh", 0, why), "fresh start"
@@ -269,13 +268,20 @@ class Protection:
             held = HeldSlots(self.link)
         return held
 
-    def _from_safetensors(self, source: Path) -> Resumed:
-        """A fresh run whose weights come from safetensors files (each rank reads only its slices)."""
+    def _init_from(self, source: str) -> Resumed:
+        """A fresh run whose weights come from safetensors files, resurgo's names or a Hugging Face
+        Llama folder (`hf:PATH`); each rank reads only its slices."""
         model = self.states["model"]
         weights = model.state_dict()
-        load_safetensors(source, weights)
+        folder = hf_folder(source)
+        if folder is None:
+            load_safetensors(Path(source), weights)
+        else:
+            # The small JSON states (not the tensors') say which model runs, to check against config.json.
+            small = {k: s.state_dict() for k, s in self.states.items() if k not in ("model", "optim")}
+            load_hf(folder, weights, model=model_record(small))
         model.load_state_dict(weights)
-        return Resumed("safetensors", 0, str(source))
+        return Resumed("hf" if folder else "safetensors", 0, source)
 
     def _ask(self, request: m.Request, *, strict: bool = False) -> Any:
         """The keeper's typed reply; without `strict`, None when no keeper answers or it refuses (there

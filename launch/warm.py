@@ -1,0 +1,201 @@
+"""Warm restarts: the process torchrun starts for a rank stays up; its training runs in a forked child.
+
+A cold restart pays for the interpreter, `import torch`, the lazy imports of FSDP2's first call and
+the rendezvous, once per failure: seconds, where the restore from memory takes a tenth of one. Here
+the process torchrun starts (the supervisor) pays them once: it imports everything training needs,
+then forks the rank's real process (the worker). When a worker dies (a crash, or its keeper ending
+it because it or a peer hung), its supervisor opens a new generation in torchrun's store; every
+supervisor that sees the new generation kills its own worker (a worker left in a collective with a
+dead peer would wait there for the process-group timeout) and forks a fresh one, which joins a
+process group under the new generation's store prefix, restores from memory and goes on. A worker of
+an older generation is reaped before its successor starts, and the groups of two generations never
+share a key, so an older worker can neither join nor write into a newer one.
+
+torchrun's own restart stays the last resort: a worker that ends with an error while no generation
+opened (a wrong config, nothing to resume) ends its supervisor with the same code, as do more than
+`RESURGO_MAX_WARM_RESTARTS` warm restarts; a dead supervisor takes its worker with it (the worker
+asks the kernel for SIGKILL on its parent's death). RESURGO_WARM_RESTARTS=0 turns this off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+
+from resurgo.checkpoint import GENERATION_ENV, incarnation
+
+POLL_S = 0.02  # how often a supervisor looks at its worker and at the generation
+GRACE_S = 1.5  # after a worker's error exit, how long to wait for a peer's failure to open a generation
+STORE_TIMEOUT_S = 30.0
+PR_SET_PDEATHSIG = 1
+
+
+def enabled() -> bool:
+    """Under torchrun (its agent's store is there to coordinate in), unless RESURGO_WARM_RESTARTS=0."""
+    return (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and os.environ.get("RESURGO_WARM_RESTARTS", "1") != "0"
+        and sys.platform == "linux"
+    )
+
+
+class Generations:
+    """The job's current generation, a counter in torchrun's store that any supervisor may advance."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            int(os.environ["WORLD_SIZE"]),
+            is_master=False,
+            timeout=timedelta(seconds=STORE_TIMEOUT_S),
+        )
+        self.key = f"resurgo/warm/attempt_{incarnation()[0]}/generation"
+        self.store.compare_set(self.key, "", "0")  # the first supervisor to get here creates it
+
+    def current(self) -> int:
+        return int(self.store.get(self.key))
+
+    def advance(self, past: int) -> int:
+        """Open the generation after `past` (unless someone did already) and return the current one."""
+        return int(self.store.compare_set(self.key, str(past), str(past + 1)))
+
+
+def supervise(run: Callable[[], None]) -> int:
+    """Run `run` (the whole training entry point) in forked workers until one ends for good; the code."""
+    preload()
+    generations = Generations()
+    most = int(os.environ.get("RESURGO_MAX_WARM_RESTARTS", "100"))
+    gen, restarts = generations.current(), 0
+    child = None
+    signal.signal(signal.SIGTERM, lambda *_: _stop(child))
+    while True:
+        child = _fork(run, gen)
+        outcome = _watch(child, gen, generations)
+        if outcome.code is not None:
+            return outcome.code
+        restarts += 1
+        if restarts > most:
+            _say(f"more than {most} warm restarts: leaving it to torchrun (RESURGO_MAX_WARM_RESTARTS)")
+            return 1
+        gen = outcome.generation
+        _say(f"warm restart {restarts}, generation {gen}: {outcome.why}")
+
+
+def preload() -> None:
+    """Import, once, what every worker would otherwise import after each failure."""
+    import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401  FSDP2's first fully_shard imports it lazily (about 2 s)
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.pipelining  # noqa: F401
+    import torch.distributed.tensor.parallel  # noqa: F401
+
+
+class _Outcome:
+    def __init__(self, *, code: int | None = None, generation: int = 0, why: str = "") -> None:
+        self.code, self.generation, self.why = code, generation, why
+
+
+def _fork(run: Callable[[], None], gen: int) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        _die_with_parent()
+        os.environ[GENERATION_ENV] = str(gen)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        run()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the supervisor died before the request took effect
+        os._exit(1)
+
+
+def _watch(child: int, gen: int, generations: Generations) -> _Outcome:
+    """Wait until the worker ends or a new generation opens; fence and reap the worker in both cases."""
+    while True:
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            return _ended(status, gen, generations)
+        now = generations.current()
+        if now != gen:
+            _kill(child)
+            return _Outcome(generation=now, why="a rank of another node or process failed: this one was fenced")
+        time.sleep(POLL_S)
+
+
+def _ended(status: int, gen: int, generations: Generations) -> _Outcome:
+    if os.WIFSIGNALED(status):
+        sig = signal.Signals(os.WTERMSIG(status)).name
+        return _Outcome(generation=generations.advance(gen), why=f"this node's worker ended by {sig}")
+    code = os.WEXITSTATUS(status)
+    if code == 0:
+        return _Outcome(code=0)
+    # An error exit is this worker's own verdict, unless a peer's failure caused it (a collective
+    # with a dead peer fails): that peer's supervisor opens a generation within milliseconds.
+    deadline = time.monotonic() + GRACE_S
+    while time.monotonic() < deadline:
+        now = generations.current()
+        if now != gen:
+            return _Outcome(generation=now, why=f"the worker exited with {code} after another rank failed")
+        time.sleep(POLL_S)
+    return _Outcome(code=code)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)  # a stopped or hung process takes no other signal
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+
+
+def _stop(child: int | None) -> None:
+    """torchrun stops its workers: stop this one's worker too, then go."""
+    if child is not None:
+        try:
+            os.kill(child, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and os.waitpid(child, os.WNOHANG)[0] == 0:
+                time.sleep(POLL_S)
+        except ChildProcessError:
+            pass
+        except ProcessLookupError:
+            pass
+        else:
+            _kill_quietly(child)
+    os._exit(128 + signal.SIGTERM)
+
+
+def _say(message: str) -> None:
+    """The supervisor configures no logging (its workers' Hydra does): one line on stderr."""
+    print(f"[resurgo] rank {os.environ.get('RANK', '?')}: {message}", file=sys.stderr, flush=True)
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
