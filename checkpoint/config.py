@@ -4,6 +4,7 @@ hang watch), owned here and composed into the job's config by the trainer."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .store.codec import ChunkCodec
 
@@ -20,7 +21,9 @@ class CheckpointConfig:
     keep: int = 3  # committed checkpoints kept on disk
     resume: str = "none"  # none | latest | a checkpoint path
     compression: str = "none"  # none | a numcodecs codec id such as 'lz4' or 'zstd'
-    init_from: str = ""  # safetensors file or folder: initial weights of a fresh run (fresh optimizer)
+    # Initial weights of a fresh run (fresh optimizer): a safetensors file or folder under resurgo's
+    # names, or hf:PATH, a Hugging Face Llama folder whose config.json also sets the model.* fields.
+    init_from: str = ""
     load_optimizer: bool = True  # false: weights only (fine-tuning)
     exclude: list[str] = field(default_factory=list)  # glob patterns of tensors not to load
     host_memory_gb: float = 0.0  # keeper budget per node for snapshots and the shares workers scale; 0: three snapshots per rank (one being written, one complete everywhere, one persisting)
@@ -29,6 +32,15 @@ class CheckpointConfig:
         if self.every < 0 or self.snapshot_every < 0 or self.keep < 1:
             raise ValueError("checkpoint.every >= 0, checkpoint.snapshot_every >= 0, checkpoint.keep >= 1")
         ChunkCodec.parse(self.compression)  # at start, not at the first save
+        if self.init_from.strip() == "hf:":
+            raise ValueError("checkpoint.init_from=hf:PATH needs the path of a Hugging Face model folder")
+
+    def init_model(self) -> dict[str, Any]:
+        """The `model.*` fields that `init_from` fixes: a Hugging Face folder's config.json says
+        which model its weights are for ({} for every other source)."""
+        from .store.hf_io import hf_model_fields  # reads files and imports torch: only when asked
+
+        return hf_model_fields(self.init_from)
 
 
 @dataclass

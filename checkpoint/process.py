@@ -28,3 +28,11 @@ GENERATION_ENV = "RESURGO_GENERATION"  # set by a warm restart's supervisor in t
 def incarnation() -> tuple[int, int]:
     """(torchrun's restart count, the warm-restart generation) of this worker: (0, 0) for a first start."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), int(os.environ.get(GENERATION_ENV, "0"))
+
+
+def parent_of(pid: int) -> int:
+    """`pid`'s parent process (0 when it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0

@@ -8,8 +8,11 @@ once with `OmegaConf.to_object`. Every value a user can type lives here, with it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from resurgo.checkpoint import CheckpointConfig, ErasureConfig, FaultConfig
@@ -136,6 +139,51 @@ class JobConfig:
 
 
 def load_config(cfg: DictConfig | dict) -> JobConfig:
-    """Validate a composed config against the schema and convert it once to dataclasses."""
+    """Validate a composed config against the schema and convert it once to dataclasses.
+
+    With `checkpoint.init_from=hf:PATH` the model section comes from the folder's config.json, so a
+    user need not restate the model; a model field the user set explicitly must agree with it."""
     merged = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
-    return OmegaConf.to_object(merged)
+    job = OmegaConf.to_object(merged)
+    fixed = job.checkpoint.init_model()
+    if not fixed:
+        return job
+    explicit = _explicit_model_fields(cfg)
+    _check_explicit(job.model, fixed, explicit=explicit, source=job.checkpoint.init_from)
+    # An explicit max_seq_len only sizes the RoPE table: the user's wins.
+    keep = {"max_seq_len"} & explicit
+    return replace(job, model=replace(job.model, **{k: v for k, v in fixed.items() if k not in keep}))
+
+
+def _explicit_model_fields(cfg: DictConfig | Mapping[str, Any]) -> set[str]:
+    """The model fields the user chose: under Hydra, those named on the command line (`model.dim=`;
+    all of them for a preset, `model=8b`); for a config given as a mapping, those it holds."""
+    every = {f.name for f in fields(ModelConfig)} - {"name"}
+    if HydraConfig.initialized():
+        chosen: set[str] = set()
+        for override in HydraConfig.get().overrides.task:
+            key = override.split("=", 1)[0].lstrip("+~")
+            if key == "model":
+                return every
+            if key.startswith("model."):
+                chosen.add(key[len("model.") :])
+        return chosen & every
+    model = cfg.get("model") if isinstance(cfg, (Mapping, DictConfig)) else None
+    return set(model or {}) & every
+
+
+def _check_explicit(model: ModelConfig, fixed: Mapping[str, Any], *, explicit: set[str], source: str) -> None:
+    """A clear error naming every explicitly set model field that contradicts config.json."""
+    ours = {k: getattr(model, k) for k in fixed}
+    ours["ffn_hidden"] = model.hidden_dim  # ffn_multiple_of derives it when ffn_hidden is 0
+    hidden_set = bool(explicit & {"ffn_hidden", "ffn_multiple_of"})
+    differ = [
+        f"model.{k}={ours[k]} (config.json: {v})"
+        for k, v in fixed.items()
+        if k != "max_seq_len" and (k in explicit or (k == "ffn_hidden" and hidden_set)) and ours[k] != v
+    ]
+    if differ:
+        raise ValueError(
+            f"checkpoint.init_from={source} fixes the model, but the model fields set here differ: "
+            f"{', '.join(differ)}; drop these overrides (the model comes from config.json) or set them as it says"
+        )

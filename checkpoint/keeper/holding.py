@@ -89,7 +89,7 @@ class SlotHolding:
         if token != self.token:
             self.token, self.finished = token, set()
             self.failed, self.failure = -1, ""
-            self.launchers, self.pids = set(), {}
+            self.launchers, self.pids, self.supervisors = set(), {}, {}
             self.watch.forget()
             for stale in [r for r in self.ranks if r >= req.world_size]:
                 free(self.ranks.pop(stale).slots)
@@ -101,6 +101,8 @@ class SlotHolding:
         self.local_world = req.local_world_size
         if req.pid:
             self.pids[rank] = req.pid
+        if req.supervisor:
+            self.supervisors[rank] = req.supervisor
         if req.hang_timeout_s is not None:
             self.watch.timeout_s = req.hang_timeout_s
         if req.launcher:

@@ -87,6 +87,7 @@ class Keeper(SlotHolding, RestoreAhead):
         self.launchers: set[int] = set()  # processes that can restart this node's workers (from their registrations)
         self._idle_noted = False
         self.pids: dict[int, int] = {}  # the running incarnation's local ranks' processes
+        self.supervisors: dict[int, int] = {}  # their warm-restart supervisors, where they have one
         self.watch = HangWatch()  # their progress and the peer keepers; its timeout comes with the registrations
         self.ranks: dict[int, RankSlots] = {}
         self._init_ahead()
@@ -255,12 +256,16 @@ class Keeper(SlotHolding, RestoreAhead):
     def _check_hang(self) -> None:
         """End this node's ranks when one of them or a peer node hangs: the launcher restarts them and
         they resume from memory, instead of waiting in a collective for its timeout."""
-        reason = self.watch.trouble()
-        if reason is None:
+        trouble = self.watch.trouble()
+        if trouble is None:
             return
+        reason = trouble.reason
         with self._cond:
-            pids = {r: p for r, p in self.pids.items() if process_alive(p)}
-            self.pids = {}
+            # A hung rank: its worker goes, and a warm restart forks another. A lost peer node: the
+            # world shrinks, which only torchrun's re-rendezvous can do: the supervisors go too.
+            ending = {**self.pids, **self.supervisors} if trouble.peer_lost else self.pids
+            pids = {r: p for r, p in ending.items() if process_alive(p)}
+            self.pids, self.supervisors = {}, {}
         self.watch.forget()
         if not pids:
             log.warning("%s; no rank of this node runs now", reason)

@@ -15,10 +15,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from ..erasure.wire import unreachable
 
 PING_S = 1.0  # between pings of each peer keeper
+
+
+class Trouble(NamedTuple):
+    reason: str
+    peer_lost: bool  # a peer node, not a local rank: the world must shrink
 
 
 class HangWatch:
@@ -72,7 +78,7 @@ class HangWatch:
 
     # ---- verdict --------------------------------------------------------------------------------
 
-    def trouble(self) -> str | None:
+    def trouble(self) -> Trouble | None:
         """Why the local ranks must be ended now, None while all is well."""
         if self.timeout_s <= 0:
             return None
@@ -80,13 +86,18 @@ class HangWatch:
         with self._lock:
             for rank, (when, step) in sorted(self._beats.items()):
                 if now - when > self.timeout_s:
-                    return f"rank {rank} made no progress for {now - when:.0f} s after step {step} (fault.hang_timeout_s={self.timeout_s:g})"
+                    return Trouble(
+                        f"rank {rank} made no progress for {now - when:.0f} s after step {step} "
+                        f"(fault.hang_timeout_s={self.timeout_s:g})",
+                        peer_lost=False,
+                    )
             for node, when in sorted(self._answered.items()):
                 if now - when > self.timeout_s and node not in self._reported:
                     self._reported.add(node)
-                    return (
+                    return Trouble(
                         f"the keeper of {node} has not answered for {now - when:.0f} s (fault.hang_timeout_s="
-                        f"{self.timeout_s:g}): that node is dead or hung"
+                        f"{self.timeout_s:g}): that node is dead or hung",
+                        peer_lost=True,
                     )
         return None
 

@@ -27,7 +27,7 @@ from ..errors import CheckpointError, NothingToResume, SaveFailed
 from ..keeper import messages as m
 from ..keeper.client import EXTERNAL, OFF, HeldSlots, KeeperLink
 from ..keeper.protocol import Client, KeeperError, KeeperGone, StoreTarget, ask
-from ..process import incarnation
+from ..process import GENERATION_ENV, incarnation, parent_of
 from ..snapshot.capture import StateCapture
 from ..snapshot.engine import Registration, SnapshotEngine
 from ..store import commit as commits
@@ -48,9 +48,18 @@ COMMIT_POLL_S = 0.2
 BEAT_TIMEOUT_S = 10.0  # a keeper that takes longer to note a step is itself stuck: beat again next step
 
 
+def supervisor_pid() -> int:
+    """The warm-restart supervisor that forked this worker, 0 when none did."""
+    return os.getppid() if GENERATION_ENV in os.environ else 0
+
+
 def launcher_pid() -> int:
-    """The process that restarts this worker when it fails: its torchrun agent, else nobody but itself."""
-    return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
+    """The process that restarts this worker when it fails: its torchrun agent (the supervisor's parent
+    under warm restarts), else nobody but itself."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return os.getpid()
+    supervisor = supervisor_pid()
+    return parent_of(supervisor) if supervisor else os.getppid()
 
 
 class Protection:
@@ -128,6 +137,7 @@ class Protection:
             launcher=launcher_pid(),
             lease_s=fault.keeper_lease_s,
             hang_timeout_s=fault.hang_timeout_s,
+            supervisor=supervisor_pid(),
         )
         self.capture = StateCapture(self.states, rank=rank)
         # The state's layout, and with it the optimizer's state (created by a zero step), exist from the

@@ -53,6 +53,7 @@ class Registration:
     hang_timeout_s: float = (
         0.0  # a rank without a finished step for this long is hung: the keeper ends the node's ranks
     )
+    supervisor: int = 0  # the warm-restart supervisor that forked this worker (0: none)
 
     def message(self, layout: SlotLayout) -> m.Register:
         return m.Register(
@@ -68,6 +69,7 @@ class Registration:
             lease_s=self.lease_s,
             pid=os.getpid(),
             hang_timeout_s=self.hang_timeout_s,
+            supervisor=self.supervisor or None,
         )
 
 

@@ -57,7 +57,9 @@ def load_pickle(path: Path, allowed: Mapping[str, Any], *, what: str) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: the {what} is incomplete") from None
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable {what} ({type(e).__name__}: {e}); it may be truncated") from None
+        raise CheckpointError(
+            f"{path} is not a readable {what} ({type(e).__name__}: {e}); it may be truncated"
+        ) from None
 
 
 def load_torch(path: Path, allowed: Mapping[str, Any], *, what: str) -> Any:

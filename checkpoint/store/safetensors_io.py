@@ -1,12 +1,17 @@
 """Interop with Hugging Face-style safetensors: export a checkpoint's model tensors, and initialize
-(possibly sharded) targets from safetensors weights, each rank reading only its own slices."""
+(possibly sharded) targets from safetensors weights, each rank reading only its own slices.
+
+A `NameMap` renames tensors on the way out and in, and carries the one tensor change a name needs
+(the query/key row permutation between RoPE conventions), so other frameworks' layouts reuse this
+code rather than a copy of it."""
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -15,9 +20,10 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, join_problems
 from ..state.dtypes import as_numpy, torch_dtype
-from ..state.layout import TensorLayout, fragment_of
+from ..state.layout import Box, TensorLayout, fragment_of
 from . import commit as commits
 from .fsio import fsync_dir
+from .name_map import NameMap
 from .reader import Checkpoint, ReadRequest, read_fragments
 from .writer import io_error
 
@@ -42,17 +48,23 @@ def export_safetensors(
     prefix: str = "model/",
     progress: bool = False,
     overwrite: bool = False,
+    name_map: NameMap | None = None,
+    exclude: Collection[str] = (),
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> list[Path]:
     """Write the tensors under `prefix` (names without it) as shards of at most `max_shard_bytes`
     plus `model.safetensors.index.json`; floating tensors are cast to `dtype` when given.
 
+    `name_map` gives each tensor the other side's name and convention, `exclude` leaves out names
+    (without `prefix`), and `extra_files` (file name -> content) are written beside the shards.
     Written into a temporary folder beside `out`, renamed into place once complete: a failed export
-    leaves `out` as it was, and an export never mixes with an older one's shards. A non-empty `out`
-    is replaced only with `overwrite`."""
+    leaves `out` as it was, and an export never mixes with an older one's shards or files. A
+    non-empty `out` is replaced only with `overwrite`."""
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r} is not known: choose one of {sorted(DTYPES)}")
     cast = torch_dtype(DTYPES[dtype]) if dtype else None
-    names = sorted(n for n in checkpoint.meta.arrays if n.startswith(prefix))
+    left_out = set(exclude)
+    names = sorted(n for n in checkpoint.meta.arrays if n.startswith(prefix) and n[len(prefix) :] not in left_out)
     if not names:
         raise CheckpointError(f"{checkpoint.path} has no tensors under {prefix!r}: nothing to export")
     shards = _shards(checkpoint, names, cast=cast, max_bytes=max_shard_bytes)
@@ -64,7 +76,12 @@ def export_safetensors(
     tmp = out.parent / f".{out.name}.tmp-{commits.new_token()}"
     try:
         tmp.mkdir(parents=True)
-        files = _write_shards(checkpoint, shards, tmp, names=names, cast=cast, prefix=prefix, progress=progress)
+        rename = name_map or NameMap.identity()
+        files = _write_shards(
+            checkpoint, shards, tmp, names=names, cast=cast, prefix=prefix, rename=rename, progress=progress
+        )
+        for file_name, content in (extra_files or {}).items():
+            (tmp / file_name).write_bytes(content)
         old = out.parent / f".{out.name}.old-{commits.new_token()}"
         if out.exists():
             out.rename(old)
@@ -91,6 +108,7 @@ def _write_shards(
     names: list[str],
     cast: torch.dtype | None,
     prefix: str,
+    rename: NameMap,
     progress: bool,
 ) -> list[Path]:
     weight_map, files, total = {}, [], 0
@@ -102,7 +120,8 @@ def _write_shards(
                 tensor = _read_whole(checkpoint, name)
                 if cast is not None and tensor.is_floating_point():
                     tensor = tensor.to(cast)
-                tensors[name[len(prefix) :]] = tensor
+                theirs, tensor = rename.from_resurgo(name[len(prefix) :], tensor)
+                tensors[theirs] = tensor
                 total += tensor.numel() * tensor.element_size()
                 bar.update()
             save_file(tensors, str(path), metadata={"format": "pt", "step": str(checkpoint.meta.step)})
@@ -113,26 +132,37 @@ def _write_shards(
     return files
 
 
-def load_safetensors(source: Path, targets: Mapping[str, torch.Tensor], *, strict: bool = True) -> list[str]:
-    """Fill `targets` (plain tensors or DTensors, by name) from safetensors weights; returns the
-    names not found when not strict. Targets change only after every slice was read."""
+def load_safetensors(
+    source: Path,
+    targets: Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    name_map: NameMap | None = None,
+) -> list[str]:
+    """Fill `targets` (plain tensors or DTensors, by resurgo name) from safetensors weights; returns
+    the names not found when not strict. `name_map` translates the files' names and conventions.
+    Targets change only after every slice was read."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rename = name_map or NameMap.identity()
     where = _weight_files(Path(source))
     problems, missing, loaded = [], [], {}
     for name, target in targets.items():
-        if name not in where:
-            (problems if strict else missing).append(f"{name}: not in {source}")
+        theirs = rename.other_name(name)
+        if theirs not in where:
+            shown = name if theirs == name else f"{theirs} (resurgo's {name})"
+            (problems if strict else missing).append(f"{shown}: not in {source}")
             continue
         fragment = fragment_of(name, target, rank=rank)
-        with safe_open(str(where[name]), framework="pt") as f:
-            view = f.get_slice(name)
+        with safe_open(str(where[theirs]), framework="pt") as f:
+            view = f.get_slice(theirs)
             shape = tuple(view.get_shape())
             if shape != tuple(target.shape):
-                problems.append(f"{name}: shape {shape} in {where[name].name}, expected {tuple(target.shape)}")
+                problems.append(f"{theirs}: shape {shape} in {where[theirs].name}, expected {tuple(target.shape)}")
                 continue
+            rows = _row_order(rename, theirs, shape)
             buf = torch.empty(fragment.local_shape, dtype=target.dtype)
             for box, local in fragment.pieces():
-                buf[local] = view[box.slices()] if box.sizes else f.get_tensor(name)
+                buf[local] = _read_box(f, view, theirs, box, rows)
         loaded[name] = buf
     if problems:
         raise CheckpointError(f"cannot initialize from {source}:\n{join_problems(problems)}")
@@ -142,6 +172,26 @@ def load_safetensors(source: Path, targets: Mapping[str, torch.Tensor], *, stric
             local = target.to_local() if hasattr(target, "to_local") else target
             local.copy_(buf)
     return missing
+
+
+def _row_order(rename: NameMap, theirs: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """Which of the file's rows each of resurgo's rows is, when the map reorders them (else None):
+    the map applied to the row numbers, so a rank reads only the rows its slice needs."""
+    if not shape:
+        return None
+    rows = rename.to_resurgo(theirs, torch.arange(shape[0]).unsqueeze(1))[1][:, 0]
+    return None if torch.equal(rows, torch.arange(shape[0])) else rows
+
+
+def _read_box(f: Any, view: Any, name: str, box: Box, rows: torch.Tensor | None) -> torch.Tensor:
+    """`box` of resurgo's tensor from the file: the rows it needs (one span), then reordered."""
+    if not box.sizes:
+        return f.get_tensor(name)
+    if rows is None:
+        return view[box.slices()]
+    wanted = rows[box.offsets[0] : box.stops[0]]
+    low, high = int(wanted.min()), int(wanted.max()) + 1
+    return view[(slice(low, high), *box.slices()[1:])][wanted - low]
 
 
 def _read_whole(checkpoint: Checkpoint, name: str) -> torch.Tensor:
@@ -178,6 +228,11 @@ def _weight_files(source: Path) -> dict[str, Path]:
         outside = [n for n, p in files.items() if p.resolve().parent != source.resolve()]
         if outside:
             raise CheckpointError(f"{index} points outside its folder for {outside[:3]}: refusing to read it")
+        absent = sorted({p.name for p in files.values() if not p.is_file()})
+        if absent:
+            raise CheckpointError(
+                f"{index} lists {', '.join(absent)}, missing from {source}: copy the complete folder (every shard)"
+            )
         return files
     single = source / "model.safetensors"
     if single.is_file():

@@ -139,6 +139,7 @@ def torchrun(tmp_path: Path, *, name: str, fault: tuple[str, int, int] | None = 
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
+        "RESURGO_WARM_RESTARTS": "0",  # torchrun's own restart: the faults are injected on its first attempt
         "FAULT_POINT": point,
         "FAULT_STEP": str(step),
         "FAULT_RANK": str(rank),
