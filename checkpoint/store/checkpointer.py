@@ -41,6 +41,13 @@ class Stateful(Protocol):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
+class DerivedState(Protocol):
+    """A state that a checkpoint may lack and that rebuilds itself from the step instead: a checkpoint
+    converted from another framework holds tensors and a step, not this trainer's data position."""
+
+    def derive_from_step(self, step: int) -> None: ...
+
+
 class Checkpointer:
     """Universal checkpoints of `states` under `root`; every method is collective over all ranks."""
 
@@ -189,7 +196,8 @@ class Checkpointer:
         all_targets = {n for g in gathered for n in g["names"]}
         problems = _mismatches(ckpt.meta, targets, all_targets=all_targets, prefixes=keys, excluded=self._excluded)
         saved_trees = self._saved_trees(ckpt.meta)
-        problems += [f"state {k!r} is not in the checkpoint" for k in keys if k not in saved_trees]
+        derived = [k for k in keys if k not in saved_trees and hasattr(self.states[k], "derive_from_step")]
+        problems += [f"state {k!r} is not in the checkpoint" for k in keys if k not in saved_trees and k not in derived]
         if problems and self.strict:
             error = f"checkpoint {path} does not match the state being loaded:\n{join_problems(problems)}\n" + _ADVICE
         else:
@@ -215,8 +223,12 @@ class Checkpointer:
                 self.states[key].load_state_dict(
                     restore(saved_trees[key], tensors=targets, template=templates[key], prefix=key)
                 )
+            elif key in derived:
+                self.states[key].derive_from_step(ckpt.meta.step)
         if rank == 0:
             log.info("loaded step %d from %s", ckpt.meta.step, path)
+            if derived:
+                log.info("%s: not in the checkpoint, derived from step %d", ", ".join(derived), ckpt.meta.step)
         return ckpt.meta.step
 
     def _templates(self, keys: list[str], templates: dict[str, Any], targets: dict[str, torch.Tensor]) -> None:
