@@ -52,3 +52,28 @@ def wait_gone(pids: set[int], *, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def with_environment(*entries: str) -> set[int]:
+    """The live processes whose environment holds every `NAME=value` of `entries`."""
+    want = {e.encode() for e in entries}
+    found = set()
+    for pid in all_pids():
+        try:
+            environ = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if want <= environ and (state_and_parent(pid) or ("Z", 0))[0] not in ("Z", "X"):
+            found.add(pid)
+    return found
+
+
+def rank_process(marker: str, rank: int) -> int | None:
+    """The process that trains `rank` in a run whose processes carry the environment entry `marker`:
+    under warm restarts the worker its supervisor forked (the one whose parent is of the rank too),
+    else the process torchrun started. None while there is none."""
+    procs = with_environment(marker, f"RANK={rank}")
+    workers = [pid for pid in procs if (state_and_parent(pid) or ("", 0))[1] in procs]
+    if workers:
+        return workers[0]
+    return next(iter(procs)) if len(procs) == 1 else None

@@ -117,7 +117,10 @@ class Transformer(nn.Module):
         Each parameter is drawn at its global shape from a generator seeded by (seed, name) and
         each rank keeps its own slice, so sharding, pipeline splits and tensor parallelism never
         change the values. Norm weights start at one; output projections are scaled by depth.
+        Tied embeddings are tied again first: `to_empty` gives each module its own new parameter.
         """
+        if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            self.output.weight = self.tok_embeddings.weight
         self.rope.copy_(
             rope_tables(
                 head_dim=self.cfg.head_dim,

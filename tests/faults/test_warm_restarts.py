@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import launch, read_metrics
-from resurgo.launch.process_tree import all_pids, state_and_parent
+from resurgo.launch.process_tree import rank_process
 
 STEPS = 14
 KILL_AT = 6
@@ -37,19 +37,9 @@ def start(root: Path, overrides: list[str]) -> subprocess.Popen:
 
 
 def worker_of(root: Path, rank: int) -> int:
-    """The pid of `rank`'s worker: a process of this run with that rank whose parent (its supervisor) has it too."""
-    mark = {f"RESURGO_TEST_RUN={root}".encode(), f"RANK={rank}".encode()}
-    ours = set()
-    for pid in all_pids():
-        try:
-            environ = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
-        except OSError:
-            continue
-        if mark <= environ:
-            ours.add(pid)
-    workers = [pid for pid in ours if (state_and_parent(pid) or ("", 0))[1] in ours]
-    assert len(workers) == 1, f"rank {rank}: processes {sorted(ours)}, workers {workers}"
-    return workers[0]
+    pid = rank_process(f"RESURGO_TEST_RUN={root}", rank)
+    assert pid is not None, f"no worker of rank {rank}"
+    return pid
 
 
 def wait_for_step(root: Path, step: int, proc: subprocess.Popen) -> None:
@@ -102,4 +92,6 @@ def test_a_hung_worker_is_ended_by_its_keeper_and_forked_again(tmp_path, referen
     assert "[resurgo] rank 0: warm restart 1, generation 1: this node's worker ended by SIGKILL" in output
     assert losses_by_step(tmp_path) == reference
     redone = min(r["time"] for r in read_metrics(tmp_path / "run") if r["time"] > stopped and r["step"] > 1)
-    assert HANG_S <= redone - stopped <= HANG_S + 30, redone - stopped  # loose: a loaded machine; the bar is benchmarked
+    assert HANG_S <= redone - stopped <= HANG_S + 30, (
+        redone - stopped
+    )  # loose: a loaded machine; the bar is benchmarked
