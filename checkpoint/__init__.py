@@ -38,6 +38,7 @@ _EXPORTS = {
     "reclaim_stale": "keeper.reclaim",
     "process_alive": "process",
     "incarnation": "process",
+    "launcher_pid": "process",
     "GENERATION_ENV": "process",
     # the store, for the command-line tools
     "Checkpoint": "store.reader",

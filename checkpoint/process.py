@@ -36,3 +36,17 @@ def parent_of(pid: int) -> int:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def supervisor_pid() -> int:
+    """The warm-restart supervisor that forked this worker, 0 when none did."""
+    return os.getppid() if GENERATION_ENV in os.environ else 0
+
+
+def launcher_pid() -> int:
+    """The process that restarts this worker when it fails: its torchrun agent (the supervisor's parent
+    under warm restarts), else nobody but itself."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return os.getpid()
+    supervisor = supervisor_pid()
+    return parent_of(supervisor) if supervisor else os.getppid()

@@ -68,12 +68,25 @@ def with_environment(*entries: str) -> set[int]:
     return found
 
 
+TRAIN_ENTRY = b"resurgo.launch.train"
+
+
 def rank_process(marker: str, rank: int) -> int | None:
     """The process that trains `rank` in a run whose processes carry the environment entry `marker`:
-    under warm restarts the worker its supervisor forked (the one whose parent is of the rank too),
-    else the process torchrun started. None while there is none."""
-    procs = with_environment(marker, f"RANK={rank}")
-    workers = [pid for pid in procs if (state_and_parent(pid) or ("", 0))[1] in procs]
-    if workers:
-        return workers[0]
-    return next(iter(procs)) if len(procs) == 1 else None
+    the process torchrun started, or under warm restarts the worker it forked (the keeper a rank starts
+    inherits the environment too, and outlives its parent, but runs another module). None while there
+    is none."""
+    procs = {pid for pid in with_environment(marker, f"RANK={rank}") if TRAIN_ENTRY in _cmdline(pid)}
+    parents = {pid: (state_and_parent(pid) or ("", 0))[1] for pid in procs}
+    tops = [pid for pid in procs if parents[pid] not in procs]
+    if len(tops) != 1:
+        return None
+    forks = [pid for pid in procs if parents[pid] == tops[0]]
+    return forks[0] if forks else tops[0]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

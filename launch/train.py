@@ -92,7 +92,18 @@ def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> tuple[JobCon
 @hydra.main(version_base="1.3", config_path="pkg://resurgo.recipes", config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
-        train(load_config(cfg))
+        job = load_config(cfg)
+    except (ValueError, OmegaConfBaseException) as e:
+        user_error(e)
+    if warm.enabled():
+        # The config is composed and logging set up once, here; each worker forked inherits both.
+        sys.exit(warm.supervise(lambda: _train_or_explain(job)))
+    _train_or_explain(job)
+
+
+def _train_or_explain(job: JobConfig) -> None:
+    try:
+        train(job)
     except (
         NothingToResume,
         PeerUnreachable,
@@ -132,8 +143,6 @@ def _torchrun_safe_argv(argv: list[str], rank: int) -> list[str]:
 
 def main() -> None:
     sys.argv = [sys.argv[0]] + _torchrun_safe_argv(sys.argv[1:], int(os.environ.get("RANK", 0)))
-    if warm.enabled():
-        sys.exit(warm.supervise(_hydra_main))  # this process stays; the rank runs in forked workers
     _hydra_main()
 
 

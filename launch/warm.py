@@ -2,8 +2,8 @@
 
 A cold restart pays for the interpreter, `import torch`, the lazy imports of FSDP2's first call and
 the rendezvous, once per failure: seconds, where the restore from memory takes a tenth of one. Here
-the process torchrun starts (the supervisor) pays them once: it imports everything training needs,
-then forks the rank's real process (the worker). When a worker dies (a crash, or its keeper ending
+the process torchrun starts (the supervisor) pays them once: it imports everything training needs and
+composes the config (Hydra, half a second), then forks the rank's real process (the worker). When a worker dies (a crash, or its keeper ending
 it because it or a peer hung), its supervisor opens a new generation in torchrun's store; every
 supervisor that sees the new generation kills its own worker (a worker left in a collective with a
 dead peer would wait there for the process-group timeout) and forks a fresh one, which joins a
@@ -189,8 +189,10 @@ def _stop(child: int | None) -> None:
 
 
 def _say(message: str) -> None:
-    """The supervisor configures no logging (its workers' Hydra does): one line on stderr."""
-    print(f"[resurgo] rank {os.environ.get('RANK', '?')}: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, from every rank (a worker's logging is rank 0's alone), with the time to the ms."""
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
+    print(f"[{stamp}][resurgo.warm] rank {os.environ.get('RANK', '?')}: {message}", file=sys.stderr, flush=True)
 
 
 def _kill_quietly(pid: int) -> None:

@@ -57,7 +57,7 @@ def launch(
 def rank_killed(log: str, rank: int) -> bool:
     """Whether a launch's output tells that `rank`'s process died by SIGKILL: torchrun says it when it
     restarts cold, a warm restart's supervisor when it forks a new worker."""
-    warm = f"[resurgo] rank {rank}: warm restart" in log and "ended by SIGKILL" in log
+    warm = f"[resurgo.warm] rank {rank}: warm restart" in log and "ended by SIGKILL" in log
     return warm or f"failed (exitcode: -9) local_rank: {rank}" in log
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from resurgo.checkpoint import incarnation
+from resurgo.checkpoint import incarnation, launcher_pid
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def stop_restarts() -> bool:
     the agent stop its workers and exit, as a scheduler's cancel would. This process ignores the
     signal the agent relays, so it finishes its own exit (error file, message) first.
     """
-    parent = os.getppid()
+    parent = launcher_pid()  # under warm restarts, not the supervisor but its parent
     if "TORCHELASTIC_RUN_ID" not in os.environ or not _is_torchrun(parent):
         return False
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -11,7 +11,6 @@ committed checkpoint on disk, else nothing (a fresh start); it logs which, in on
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import time
 from collections.abc import Mapping
@@ -27,7 +26,7 @@ from ..errors import CheckpointError, NothingToResume, SaveFailed
 from ..keeper import messages as m
 from ..keeper.client import EXTERNAL, OFF, HeldSlots, KeeperLink
 from ..keeper.protocol import Client, KeeperError, KeeperGone, StoreTarget, ask
-from ..process import GENERATION_ENV, incarnation, parent_of
+from ..process import incarnation, launcher_pid, supervisor_pid
 from ..snapshot.capture import StateCapture
 from ..snapshot.engine import Registration, SnapshotEngine
 from ..store import commit as commits
@@ -46,20 +45,6 @@ CONNECT_WAIT_S = 120.0  # a keeper starting on a busy node
 COMMIT_WAIT_S = 600.0  # longest the end of a run waits for its final checkpoint's commit
 COMMIT_POLL_S = 0.2
 BEAT_TIMEOUT_S = 10.0  # a keeper that takes longer to note a step is itself stuck: beat again next step
-
-
-def supervisor_pid() -> int:
-    """The warm-restart supervisor that forked this worker, 0 when none did."""
-    return os.getppid() if GENERATION_ENV in os.environ else 0
-
-
-def launcher_pid() -> int:
-    """The process that restarts this worker when it fails: its torchrun agent (the supervisor's parent
-    under warm restarts), else nobody but itself."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return os.getpid()
-    supervisor = supervisor_pid()
-    return parent_of(supervisor) if supervisor else os.getppid()
 
 
 class Protection:

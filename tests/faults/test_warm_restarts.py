@@ -71,8 +71,8 @@ def test_a_killed_worker_is_forked_again_and_the_run_goes_on_from_memory(tmp_pat
     wait_for_step(tmp_path, KILL_AT, proc)
     os.kill(worker_of(tmp_path, 1), signal.SIGKILL)
     output = finish(proc)
-    assert "[resurgo] rank 1: warm restart 1, generation 1: this node's worker ended by SIGKILL" in output
-    assert "[resurgo] rank 0: warm restart 1, generation 1: a rank of another node or process failed" in output
+    assert "rank 1: warm restart 1, generation 1: this node's worker ended by SIGKILL" in output
+    assert "rank 0: warm restart 1, generation 1: a rank of another node or process failed" in output
     assert "resume: from keeper memory at step" in output
     assert losses_by_step(tmp_path) == reference
 
@@ -89,7 +89,7 @@ def test_a_hung_worker_is_ended_by_its_keeper_and_forked_again(tmp_path, referen
     os.kill(worker_of(tmp_path, 0), signal.SIGSTOP)
     output = finish(proc)
     assert "made no progress for" in (tmp_path / "run" / "keeper.log").read_text()
-    assert "[resurgo] rank 0: warm restart 1, generation 1: this node's worker ended by SIGKILL" in output
+    assert "rank 0: warm restart 1, generation 1: this node's worker ended by SIGKILL" in output
     assert losses_by_step(tmp_path) == reference
     redone = min(r["time"] for r in read_metrics(tmp_path / "run") if r["time"] > stopped and r["step"] > 1)
     assert HANG_S <= redone - stopped <= HANG_S + 30, (
