@@ -104,7 +104,7 @@ def killing_run(root: Path, name: str, nproc: int, overrides: list[str], *, warm
         at = every * (i + 1)
         wait(proc, lambda: any(r["step"] >= at for r in records(run_dir)), f"step {at}")
         before = len(resumes(run_dir))
-        pid = rank_process(marker, i % nproc)
+        pid = rank_process(marker, f"RANK={i % nproc}")
         killed = time.time()
         os.kill(pid, signal.SIGKILL)
         # The first step the restarted job completes: the one the kill interrupted (or, when a step ended

@@ -300,6 +300,13 @@ class LocalCluster:
                 found.add(pid)
         return {pid for pid in found | descendants(found) if pid != os.getpid() and process_alive(pid)}
 
+    def node(self, index: int) -> Node:
+        return self._nodes[index]
+
+    def alive(self, *, every: bool = False) -> list[int]:
+        """The indices of the nodes that run (of every node started, with `every`)."""
+        return [n.index for n in self._nodes if every or self.node_pids(n.index)]
+
     def output(self, index: int) -> str:
         """Everything node `index`'s keeper and agent (with its workers) printed so far."""
         return self._nodes[index].log.read_text(errors="replace")

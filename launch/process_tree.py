@@ -71,12 +71,13 @@ def with_environment(*entries: str) -> set[int]:
 TRAIN_ENTRY = b"resurgo.launch.train"
 
 
-def rank_process(marker: str, rank: int) -> int | None:
-    """The process that trains `rank` in a run whose processes carry the environment entry `marker`:
+def rank_process(*entries: str) -> int | None:
+    """The process that trains the rank whose environment holds every `NAME=value` of `entries` (a
+    marker of the run and `RANK=r`, say):
     the process torchrun started, or under warm restarts the worker it forked (the keeper a rank starts
     inherits the environment too, and outlives its parent, but runs another module). None while there
     is none."""
-    procs = {pid for pid in with_environment(marker, f"RANK={rank}") if TRAIN_ENTRY in _cmdline(pid)}
+    procs = {pid for pid in with_environment(*entries) if TRAIN_ENTRY in _cmdline(pid)}
     parents = {pid: (state_and_parent(pid) or ("", 0))[1] for pid in procs}
     tops = [pid for pid in procs if parents[pid] not in procs]
     if len(tops) != 1:

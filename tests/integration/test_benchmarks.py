@@ -122,3 +122,18 @@ def test_checkfree_compares_every_strategy_and_measures_the_restarts(tmp_path):
         assert f"16% {strategy} " in out, out
     assert "CheckFree+ step time" in out and "copies (embedding on stage 1" in out, out
     assert png.stat().st_size > 10_000
+
+
+def test_rank_crash_compares_warm_restarts_with_torchruns():
+    out = bench("rank_crash.py", "--kills", "1", "--every", "4", "--layouts", "2 ranks", timeout=600)
+    assert "warm restart      median" in out and "torchrun restart  median" in out and "x faster" in out, out
+    assert out.count("losses bit-exact: True") == 2, out
+
+
+def test_goodput_soaks_through_every_kind_of_failure(tmp_path):
+    png = tmp_path / "goodput.png"
+    args = ["--nodes", "3", "--steps", "24", "--rank-kill-every", "6", "--rank-stop-every", "12"]
+    args += ["--keeper-kill-every", "18", "--node-kill-every", "15", "--png", str(png)]
+    out = bench("goodput.py", *args, timeout=900)
+    assert "goodput " in out and out.count("kill -> first step median") == 4, out
+    assert png.stat().st_size > 10_000

@@ -19,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import launch, read_metrics
 from resurgo.checkpoint.errors import CheckpointError
 from resurgo.checkpoint.state.dtypes import as_numpy, torch_dtype
 from resurgo.checkpoint.state.layout import TensorLayout
@@ -330,3 +331,25 @@ def test_the_adam_step_is_read_from_a_tensor_an_int_or_the_group():
         assert torch.equal(_adam(optimizer, 0, Path("shard.pt"))["step"], torch.tensor(3.0))
     with pytest.raises(CheckpointError, match="shard.pt: param group 0 has no Adam state"):
         _adam({"state": {}, "param_groups": [{"params": [0]}]}, 0, Path("shard.pt"))
+
+
+def test_the_trainer_resumes_from_a_converted_checkpoint(ds, tmp_path):
+    """The real launch path: `checkpoint.resume=` a converted ZeRO checkpoint, the data position and
+    progress derived from its step, and training goes on from there."""
+    main(["convert", "--from", "deepspeed", str(ds.zero("resurgo", 2)), str(tmp_path / "ckpt")])
+    model = [f"model.{k}={v}" for k, v in dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64).items()]
+    proc = launch(
+        [
+            *model,
+            "model.max_seq_len=16",
+            "train.seq_len=8",
+            "train.steps=4",
+            "train.log_every=1",
+            "fault.keeper=off",
+            f"checkpoint.resume={tmp_path / 'ckpt' / 'step-00000002'}",
+        ],
+        nproc=1,
+        root=tmp_path,
+    )
+    assert "resume: from disk at step 2" in proc.stdout + proc.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [3, 4]

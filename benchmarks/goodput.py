@@ -1,0 +1,233 @@
+"""Goodput under failures: a soak on simulated nodes with failures injected on a schedule.
+
+Simulated nodes on this machine (`LocalCluster`: a keeper and a torchrun agent each), the tiny model
+(or `--dim`/`--layers` for longer steps), snapshots to memory every step with parity across nodes.
+Failures, each every N steps (0: never): a rank's training process SIGKILLed (`--rank-kill-every`),
+SIGSTOPped (`--rank-stop-every`; its keeper ends it after `--hang-timeout` s), a node's keeper
+SIGKILLed (`--keeper-kill-every`), a whole node SIGKILLed and a replacement started
+(`--node-kill-every`; never node 0, whose agent holds the c10d rendezvous store). Victims rotate.
+
+Printed: goodput (the steps the run finished times its median step time, over the wall time from the
+first step to the last: redone steps, restarts and slow steps all count as waste), each failure's
+timeline (kill -> detected by a supervisor -> restore done -> first step), and, with `--reference`,
+the losses against an uninterrupted run (bit-exact up to the first node loss, within --rtol after).
+`--png` draws loss against wall-clock time with each failure marked.
+
+    python benchmarks/goodput.py --steps 1000 --rank-kill-every 100 --node-kill-every 500 --dim 512 --layers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from resurgo.launch.local_nodes import LocalCluster
+from resurgo.launch.process_tree import rank_process
+
+KINDS = ("rank-kill", "rank-stop", "keeper-kill", "node-kill")
+STAMP = r"\[([\d-]+ [\d:]+),(\d+)\]"
+DEADLINE_S = 900.0
+
+
+@dataclass
+class Failure:
+    kind: str
+    victim: str
+    at_step: int
+    killed: float
+    detected: float | None = None
+    restored: float | None = None
+    first_step: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--per-node", type=int, default=1, help="ranks per node")
+    parser.add_argument("--steps", type=int, default=200)
+    for kind in KINDS:
+        parser.add_argument(f"--{kind}-every", type=int, default=0, help=f"steps between {kind} failures (0: none)")
+    parser.add_argument("--hang-timeout", type=float, default=3.0, help="fault.hang_timeout_s")
+    parser.add_argument("--dim", type=int, default=64, help="model.dim (the tiny model's by default)")
+    parser.add_argument("--layers", type=int, default=4, help="model.n_layers")
+    parser.add_argument("--reference", action="store_true", help="also run without failures and compare losses")
+    parser.add_argument("--rtol", type=float, default=1e-4, help="loss tolerance once the world changed size")
+    parser.add_argument("--png", default=None, help="draw loss against wall-clock time here")
+    parser.add_argument("--dir", default=None, help="where runs go (default: a temporary folder)")
+    return parser.parse_args()
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    return [
+        "experiment=smoke",
+        f"train.steps={args.steps}",
+        "train.precision=fp32",
+        "train.log_every=1",
+        "train.device=cpu",
+        f"model.dim={args.dim}",
+        f"model.n_layers={args.layers}",
+        f"fault.hang_timeout_s={args.hang_timeout:g}",
+    ]
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written
+    return out
+
+
+def stamps(text: str, pattern: str) -> list[float]:
+    """When each line of `text` matching `pattern` (after its time stamp) was written."""
+    found = re.finditer(STAMP + r"[^\n]*?" + pattern, text)
+    return [time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000 for m in found]
+
+
+def schedule(args: argparse.Namespace) -> dict[int, str]:
+    """Step -> the failure injected once that step is logged (a node loss wins a tie, then the rest in order)."""
+    out: dict[int, str] = {}
+    for kind in reversed(KINDS):
+        every = getattr(args, f"{kind.replace('-', '_')}_every")
+        for step in range(every, args.steps - 2, every) if every else ():
+            out.setdefault(step, kind)
+    return out
+
+
+def inject(cluster: LocalCluster, kind: str, count: int) -> str:
+    """Cause one failure of `kind` (the `count`-th of its kind picks the victim); returns the victim's name."""
+    if kind == "node-kill":
+        index = [i for i in cluster.alive() if i != 0][count % (len(cluster.alive()) - 1)]
+        cluster.kill_node(index)
+        return f"node{index} (replaced by node{cluster.add_node()})"
+    node = cluster.node(cluster.alive()[count % len(cluster.alive())])
+    if kind == "keeper-kill":
+        os.kill(node.keeper.pid, signal.SIGKILL)
+        return f"{node.node_id}'s keeper"
+    pid = rank_process(f"RESURGO_KEEPER_DIR={node.keeper_dir}", "LOCAL_RANK=0")
+    if pid is None:
+        raise RuntimeError(f"no training process found on {node.node_id}")
+    os.kill(pid, signal.SIGKILL if kind == "rank-kill" else signal.SIGSTOP)
+    return f"{node.node_id}'s rank (pid {pid})"
+
+
+def soak(args: argparse.Namespace, root: Path, name: str, *, failures: bool) -> tuple[list[Failure], list[dict], str]:
+    plan = schedule(args) if failures else {}
+    counts = dict.fromkeys(KINDS, 0)
+    injected: list[Failure] = []
+    with LocalCluster(
+        nodes=args.nodes,
+        nproc_per_node=args.per_node,
+        min_nodes=max(1, args.nodes - 1),
+        max_nodes=args.nodes + len([k for k in plan.values() if k == "node-kill"]),
+        max_restarts=100,
+        overrides=overrides(args),
+        run_root=root,
+        name=name,
+    ) as cluster:
+        cluster.start()
+        deadline = time.monotonic() + DEADLINE_S + args.steps * 5
+        pending = sorted(plan)
+        while any(code is None for code in cluster.poll()[:1]):
+            assert time.monotonic() < deadline, "the soak ran past its deadline"
+            logged = max((r["step"] for r in records(cluster.run_dir)), default=0)
+            if pending and logged >= pending[0]:
+                step = pending.pop(0)
+                kind = plan[step]
+                killed = time.time()
+                victim = inject(cluster, kind, counts[kind])
+                counts[kind] += 1
+                injected.append(Failure(kind, victim, logged, killed))
+                print(f"  step {logged}: {kind} of {victim}", flush=True)
+            time.sleep(0.02)
+        codes = cluster.wait(timeout=120)
+        output = "\n".join(cluster.output(i) for i in range(len(cluster.alive(every=True))))
+        if codes[0] != 0:
+            raise RuntimeError(f"the soak failed ({codes}):\n{output[-4000:]}")
+        log = (cluster.run_dir / "train.log").read_text() if (cluster.run_dir / "train.log").exists() else ""
+    return injected, records(cluster.run_dir), output + "\n" + log
+
+
+def timeline(failures: list[Failure], metrics: list[dict], text: str) -> None:
+    detected = sorted(stamps(text, r"warm restart \d+") + stamps(text, r"ending this node's ranks"))
+    restored = sorted(stamps(text, r"resume: "))
+    for f in failures:
+        f.detected = next((t for t in detected if t >= f.killed), None)
+        f.restored = next((t for t in restored if t >= f.killed), None)
+        f.first_step = min((r["time"] for r in metrics if f.restored and r["time"] > f.restored), default=None)
+
+
+def goodput(metrics: list[dict]) -> tuple[float, float, float]:
+    """(goodput, median step time, wall time) from the run's step records."""
+    steps = sorted({r["step"] for r in metrics})
+    median = statistics.median(r["step_time_s"] for r in metrics)
+    wall = max(r["time"] for r in metrics) - min(r["time"] for r in metrics) + median
+    return len(steps) * median / wall, median, wall
+
+
+def draw(png: Path, metrics: list[dict], failures: list[Failure]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = min(r["time"] for r in metrics)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.plot([r["time"] - start for r in metrics], [r["loss"] for r in metrics], lw=0.8, color="black")
+    colors = dict(zip(KINDS, ("tab:red", "tab:orange", "tab:purple", "tab:blue")))
+    for kind in KINDS:
+        times = [f.killed - start for f in failures if f.kind == kind]
+        for i, t in enumerate(times):
+            ax.axvline(t, color=colors[kind], lw=0.8, ls="--", label=kind if i == 0 else None)
+    ax.set_xlabel("wall-clock time (s)")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    root = Path(args.dir or tempfile.mkdtemp(prefix="resurgo-goodput-"))
+    print(f"soak: {args.nodes} nodes x {args.per_node}, {args.steps} steps, runs in {root}", flush=True)
+    failures, metrics, text = soak(args, root, "soak", failures=True)
+    timeline(failures, metrics, text)
+    value, median, wall = goodput(metrics)
+    print(f"goodput {value:.1%}: {len({r['step'] for r in metrics})} steps x {median:.3f} s median over {wall:.1f} s")
+    print("failure           victim                                at step  detect  restore  first step (s after)")
+    for f in failures:
+        cells = [f"{t - f.killed:7.2f}" if t else "      -" for t in (f.detected, f.restored, f.first_step)]
+        print(f"  {f.kind:15} {f.victim:38} {f.at_step:7}  {'  '.join(cells)}")
+    by_kind = {}
+    for f in failures:
+        if f.first_step:
+            by_kind.setdefault(f.kind, []).append(f.first_step - f.killed)
+    for kind, times in by_kind.items():
+        print(f"  {kind}: kill -> first step median {statistics.median(times):.2f} s over {len(times)}")
+    if args.reference:
+        _, straight, _ = soak(args, root, "reference", failures=False)
+        want = {r["step"]: r["loss"] for r in straight}
+        got = {r["step"]: r["loss"] for r in metrics}  # a redone step: its newest record
+        first_loss = min((f.at_step for f in failures if f.kind == "node-kill"), default=args.steps + 1)
+        exact = all(got[s] == want[s] for s in want if s <= first_loss)
+        worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
+        print(f"losses: bit-exact up to step {min(first_loss, args.steps)}: {exact}; largest relative gap {worst:.2e}")
+    if args.png:
+        draw(Path(args.png), metrics, failures)
+        print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()
