@@ -70,6 +70,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
     return [
         "experiment=smoke",
         f"train.steps={args.steps}",
+        f"train.batch_size={12 * args.per_node}",  # divisible by every data-parallel degree of 3, 2 or 1 nodes
         "train.precision=fp32",
         "train.log_every=1",
         "train.device=cpu",
@@ -137,7 +138,6 @@ def soak(args: argparse.Namespace, root: Path, name: str, *, failures: bool) -> 
         run_root=root,
         name=name,
     ) as cluster:
-        cluster.start()
         deadline = time.monotonic() + DEADLINE_S + args.steps * 5
         pending = sorted(plan)
         while any(code is None for code in cluster.poll()[:1]):

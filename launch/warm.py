@@ -37,7 +37,11 @@ PR_SET_PDEATHSIG = 1
 
 
 def enabled() -> bool:
-    """Under torchrun (its agent's store is there to coordinate in), unless RESURGO_WARM_RESTARTS=0."""
+    """Under torchrun with its agent's store shared with the workers (one node, `--standalone` or a
+    static rendezvous), unless RESURGO_WARM_RESTARTS=0. Under the multi-node c10d rendezvous the
+    workers' store lives in rank 0's process and dies with it; a store hosted by rank 0's supervisor
+    works for a worker's crash, but a torchrun restart after a lost node then stalled in it, so
+    there torchrun restarts every failure, as before."""
     return (
         os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         and os.environ.get("RESURGO_WARM_RESTARTS", "1") != "0"
@@ -45,8 +49,12 @@ def enabled() -> bool:
     )
 
 
+class StoreGone(Exception):
+    """The job's store stopped answering: its host went with the job's other processes."""
+
+
 class Generations:
-    """The job's current generation, a counter in torchrun's store that any supervisor may advance."""
+    """The job's current generation, a counter in torchrun's agent's store that any supervisor may advance."""
 
     def __init__(self) -> None:
         import torch.distributed as dist
@@ -62,7 +70,11 @@ class Generations:
         self.store.compare_set(self.key, "", "0")  # the first supervisor to get here creates it
 
     def current(self) -> int:
-        return int(self.store.get(self.key))
+        """The generation now; StoreGone when the store went away (torchrun is stopping the job)."""
+        try:
+            return int(self.store.get(self.key))
+        except (RuntimeError, OSError) as e:  # torch's DistNetworkError and DistStoreError are RuntimeErrors
+            raise StoreGone(str(e)) from None
 
     def advance(self, past: int) -> int:
         """Open the generation after `past` (unless someone did already) and return the current one."""
@@ -79,7 +91,12 @@ def supervise(run: Callable[[], None]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: _stop(child))
     while True:
         child = _fork(run, gen)
-        outcome = _watch(child, gen, generations)
+        try:
+            outcome = _watch(child, gen, generations)
+        except StoreGone as e:
+            _kill(child)
+            _say(f"the job's store is gone ({e}): leaving the restart to torchrun")
+            return 1
         if outcome.code is not None:
             return outcome.code
         restarts += 1
@@ -164,11 +181,12 @@ def _ended(status: int, gen: int, generations: Generations) -> _Outcome:
 
 
 def _kill(pid: int) -> None:
+    """SIGKILL (a stopped or hung process takes no other signal) and reap, if not done already."""
     try:
-        os.kill(pid, signal.SIGKILL)  # a stopped or hung process takes no other signal
-    except ProcessLookupError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
         pass
-    os.waitpid(pid, 0)
 
 
 def _stop(child: int | None) -> None:
@@ -179,12 +197,9 @@ def _stop(child: int | None) -> None:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and os.waitpid(child, os.WNOHANG)[0] == 0:
                 time.sleep(POLL_S)
-        except ChildProcessError:
+        except (ProcessLookupError, ChildProcessError):
             pass
-        except ProcessLookupError:
-            pass
-        else:
-            _kill_quietly(child)
+        _kill(child)
     os._exit(128 + signal.SIGTERM)
 
 
@@ -193,11 +208,3 @@ def _say(message: str) -> None:
     now = time.time()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
     print(f"[{stamp}][resurgo.warm] rank {os.environ.get('RANK', '?')}: {message}", file=sys.stderr, flush=True)
-
-
-def _kill_quietly(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
-        pass

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from resurgo.checkpoint import incarnation, launcher_pid
+from resurgo.checkpoint import GENERATION_ENV, incarnation, launcher_pid
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,11 @@ def init_distributed(device: str, *, timeout_s: float = 1800.0) -> DistEnv:
     else:
         dev, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            # torchrun reuses its store across restarts without a per-attempt prefix, so restarted
-            # gloo workers would find their dead predecessors' addresses; prefix by torchrun's attempt
-            # and the warm restart's generation (a worker of an older one can never join a newer group).
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or GENERATION_ENV in os.environ:
+            # The store outlives this worker: torchrun's agent's, or (warm restarts) the one rank 0's
+            # supervisor hosts. It keeps keys across restarts, so restarted gloo workers would find their
+            # dead predecessors' addresses: prefix by torchrun's attempt and the warm restart's
+            # generation (a worker of an older one can never join a newer group).
             agent = dist.TCPStore(
                 os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
             )
