@@ -19,9 +19,7 @@ the losses against an uninterrupted run (bit-exact up to the first node loss, wi
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import signal
 import statistics
 import tempfile
@@ -29,11 +27,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from run_logs import failures_seen, records, resumes, stamped
+
 from resurgo.launch.local_nodes import LocalCluster
 from resurgo.launch.process_tree import rank_process
 
 KINDS = ("rank-kill", "rank-stop", "keeper-kill", "node-kill")
-STAMP = r"\[([\d-]+ [\d:]+),(\d+)\]"
 DEADLINE_S = 900.0
 
 
@@ -78,23 +77,6 @@ def overrides(args: argparse.Namespace) -> list[str]:
         f"model.n_layers={args.layers}",
         f"fault.hang_timeout_s={args.hang_timeout:g}",
     ]
-
-
-def records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line being written
-    return out
-
-
-def stamps(text: str, pattern: str) -> list[float]:
-    """When each line of `text` matching `pattern` (after its time stamp) was written."""
-    found = re.finditer(STAMP + r"[^\n]*?" + pattern, text)
-    return [time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000 for m in found]
 
 
 def schedule(args: argparse.Namespace) -> dict[int, str]:
@@ -161,8 +143,9 @@ def soak(args: argparse.Namespace, root: Path, name: str, *, failures: bool) -> 
 
 
 def timeline(failures: list[Failure], metrics: list[dict], text: str) -> None:
-    detected = sorted(stamps(text, r"warm restart \d+") + stamps(text, r"ending this node's ranks"))
-    restored = sorted(stamps(text, r"resume: "))
+    # a supervisor's warm restart, a keeper ending hung ranks, or torchrun seeing a worker fail
+    detected = sorted(stamped(text, r"warm restart \d+|ending this node's ranks") + failures_seen(text))
+    restored = resumes(text)
     for f in failures:
         f.detected = next((t for t in detected if t >= f.killed), None)
         f.restored = next((t for t in restored if t >= f.killed), None)
@@ -185,7 +168,8 @@ def draw(png: Path, metrics: list[dict], failures: list[Failure]) -> None:
 
     start = min(r["time"] for r in metrics)
     fig, ax = plt.subplots(figsize=(10, 4))
-    ax.plot([r["time"] - start for r in metrics], [r["loss"] for r in metrics], lw=0.8, color="black")
+    # points, not a line: a line would draw training across the gaps the failures left
+    ax.plot([r["time"] - start for r in metrics], [r["loss"] for r in metrics], ".", ms=3, color="black")
     colors = dict(zip(KINDS, ("tab:red", "tab:orange", "tab:purple", "tab:blue")))
     for kind in KINDS:
         times = [f.killed - start for f in failures if f.kind == kind]

@@ -14,9 +14,7 @@ and whether the losses equal an uninterrupted run's bit for bit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -25,6 +23,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import run_logs
+from run_logs import records
 
 from resurgo.launch.process_tree import rank_process
 
@@ -61,27 +62,9 @@ def launch(root: Path, name: str, nproc: int, overrides: list[str], *, warm: boo
     return subprocess.Popen([*cmd, *BASE, *overrides], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
 
 
-def records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line being written
-    return out
-
-
-RESUME = re.compile(r"^\[([\d-]+ [\d:]+),(\d+)\]\[[\w.]+\]\[INFO\] - resume: ", re.MULTILINE)
-
-
 def resumes(run_dir: Path) -> list[float]:
-    """When each start of the job finished its restore (rank 0's log)."""
     log = run_dir / "train.log"
-    text = log.read_text() if log.exists() else ""
-    return [time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000 for m in RESUME.finditer(text)]
+    return run_logs.resumes(log.read_text() if log.exists() else "")
 
 
 def wait(proc: subprocess.Popen, ready, what: str) -> None:

@@ -40,8 +40,9 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
+
+from run_logs import GLOG_FAIL, RESUME, glog_time, py_time
 
 from resurgo.launch.local_nodes import LocalCluster
 
@@ -161,11 +162,8 @@ def compare(args: argparse.Namespace, root: Path, *, split: bool) -> tuple[str, 
     return f"{each}; median ratio {statistics.median(ratios):.3f}", pairs[-1][1]
 
 
-_PY_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", re.M)
-_GLOG_FAIL = re.compile(r"^E(\d\d)(\d\d) (\d\d:\d\d:\d\d\.\d+) .*failed \(exitcode", re.M)
 _REBUILT = re.compile(r"rebuilt from peers' memory while the job restarted: ([^;]*)")
 _PREFETCHED = re.compile(r"prefetched from peers while the workers started: ([^;]*)")
-_RESUME = re.compile(r"^\[(?P<t>[^\]]+)\]\[[^\]]+\]\[INFO\] - resume: (?P<what>.*) in (?P<s>[\d.]+) s$", re.M)
 
 
 @dataclass
@@ -207,11 +205,11 @@ def kill_run(args: argparse.Namespace, root: Path, *, memory: bool) -> Recovery:
         failed = [i for i, code in enumerate(codes[:-1]) if code != 0]  # the last node is the one killed
         if failed:
             raise RuntimeError(f"{name}: node {failed[0]} failed:\n{cluster.output(failed[0])[-3000:]}")
-    resumed = [m for m in _RESUME.finditer(log) if not m["what"].startswith("fresh")][-1]
-    t_resumed = _py_time(resumed["t"])
+    resumed = [m for m in RESUME.finditer(log) if not m["what"].startswith("fresh")][-1]
+    t_resumed = py_time(resumed["t"])
     restore_s = float(resumed["s"])
     step = int(re.search(r"at step (\d+)", resumed["what"])[1])
-    t_detect = min(_glog_time(m) for m in _GLOG_FAIL.finditer(log) if _glog_time(m) > t_kill)
+    t_detect = min(glog_time(m) for m in GLOG_FAIL.finditer(log) if glog_time(m) > t_kill)
     after = metrics(cluster.run_dir)[killed_at:]
     first = next(r for r in after if r["step"] == step + 1)
     regained = next(r for r in after if r["step"] == killed_at)
@@ -238,15 +236,6 @@ def drop_page_cache() -> None:
 
 
 CACHE = "not measured"
-
-
-def _py_time(stamp: str) -> float:
-    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-def _glog_time(m: re.Match) -> float:
-    year = datetime.now().year
-    return datetime.strptime(f"{year}-{m[1]}-{m[2]} {m[3]}", "%Y-%m-%d %H:%M:%S.%f").timestamp()
 
 
 def main() -> None:

@@ -135,5 +135,7 @@ def test_goodput_soaks_through_every_kind_of_failure(tmp_path):
     args = ["--nodes", "3", "--steps", "24", "--rank-kill-every", "6", "--rank-stop-every", "12"]
     args += ["--keeper-kill-every", "18", "--node-kill-every", "15", "--png", str(png)]
     out = bench("goodput.py", *args, timeout=900)
-    assert "goodput " in out and out.count("kill -> first step median") == 4, out
+    assert "goodput " in out and "keeper-kill" in out, out
+    for kind in ("rank-kill", "rank-stop", "node-kill"):  # a killed keeper costs no restart
+        assert f"{kind}: kill -> first step median" in out, out
     assert png.stat().st_size > 10_000

@@ -12,7 +12,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import rank_killed, launch, read_metrics
+from conftest import launch, rank_killed, read_metrics
 from resurgo.parallel.checkfree import blend
 
 BASE = ["experiment=smoke", "train.precision=fp32", "fault.keeper=off", "optim.schedule.decay_steps=30"]
