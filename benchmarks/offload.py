@@ -72,6 +72,30 @@ def state_bytes(trainer: Trainer) -> tuple[int, int]:
     return host, device
 
 
+def snapshot_copy_s(trainer: Trainer, repeats: int = 5) -> tuple[float, int]:
+    """Seconds to copy the offloaded master weights and moments into a shared-memory buffer, as the lazy
+    snapshot copies them into its keeper each step (median of `repeats`), and the bytes copied."""
+    sources = [
+        t
+        for o in trainer.optimizers
+        if isinstance(o, OffloadedAdamW)
+        for sg in o.subgroups
+        for t in (sg.master, sg.exp_avg, sg.exp_avg_sq)
+    ]
+    total = sum(t.numel() for t in sources)
+    shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    with tempfile.NamedTemporaryFile(dir=shm) as f:
+        target = torch.from_file(f.name, shared=True, size=total, dtype=torch.float32)
+        times = []
+        for _ in range(repeats):
+            start, offset = time.perf_counter(), 0
+            for t in sources:
+                target[offset : offset + t.numel()].copy_(t)
+                offset += t.numel()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), 4 * total
+
+
 def step_times(model: dict, steps: int, device: str) -> None:
     env = init_distributed(device)
     train = {"batch_size": 8, "seq_len": 64, "log_every": 0, "device": device, "precision": "fp32", "steps": 10**6}
@@ -103,6 +127,11 @@ def step_times(model: dict, steps: int, device: str) -> None:
                 f"  offload {name:4s} {median * 1e3:8.2f} ms/step  x{base / median:5.2f} vs off  "
                 f"optimizer host {host / 2**20:7.2f} MiB device {dev / 2**20:7.2f} MiB {split}"
             )
+        copy_s, nbytes = snapshot_copy_s(trainers["cpu"])
+        print(
+            f"  snapshot copy of the offloaded state ({nbytes / 2**20:.1f} MiB) into shared memory: {copy_s * 1e3:.2f} ms "
+            f"= {copy_s / statistics.median(times['cpu']):.1%} of an offloaded step (lazy: beside the next forward/backward)"
+        )
         if device == "cpu":
             print(
                 "  (no GPU here: the 'device' is the CPU, so device memory is host memory and auto keeps all on the CPU)"

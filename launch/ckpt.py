@@ -79,30 +79,16 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    if args.to == "hf":
-        files = export_hf(
-            _open(args.checkpoint),
-            Path(args.out),
-            dtype=args.dtype,
-            max_shard_bytes=args.max_shard_size,
-            progress=True,
-            overwrite=args.overwrite,
-        )
-        print(f"wrote {len(files)} file(s), config.json and the index to {args.out}")
-        return 0
+    checkpoint, out = _open(args.checkpoint), Path(args.out)
+    common = dict(dtype=args.dtype, progress=True, overwrite=args.overwrite)
     if args.to == "dcp":
-        export_dcp(_open(args.checkpoint), Path(args.out), dtype=args.dtype, progress=True, overwrite=args.overwrite)
-        print(f"wrote a torch.distributed.checkpoint to {args.out}")
+        export_dcp(checkpoint, out, **common)
+        print(f"wrote a torch.distributed.checkpoint to {out}")
         return 0
-    files = export_safetensors(
-        _open(args.checkpoint),
-        Path(args.out),
-        dtype=args.dtype,
-        max_shard_bytes=args.max_shard_size,
-        progress=True,
-        overwrite=args.overwrite,
-    )
-    print(f"wrote {len(files)} file(s) and model.safetensors.index.json to {args.out}")
+    export = export_hf if args.to == "hf" else export_safetensors
+    files = export(checkpoint, out, max_shard_bytes=args.max_shard_size, **common)
+    extra = "config.json and the index" if args.to == "hf" else "model.safetensors.index.json"
+    print(f"wrote {len(files)} file(s), {extra} to {out}")
     return 0
 
 

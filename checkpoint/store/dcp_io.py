@@ -48,7 +48,7 @@ from ..state.dtypes import dtype_name, is_floating, torch_dtype
 from ..state.flatten import flatten, merge_trees
 from ..state.layout import TensorLayout
 from . import commit as commits
-from .fsio import fsync_dir
+from .fsio import replace_dir
 from .metadata import CheckpointMeta, StateTrees
 from .name_map import NameMap
 from .reader import Checkpoint
@@ -463,7 +463,7 @@ def export_dcp(
         tmp.mkdir(parents=True)
         with _one_process():
             dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=True), no_dist=True)
-        _replace(tmp, out)
+        replace_dir(tmp, out, token=commits.new_token())
     except OSError as e:
         raise io_error(e, action=f"exporting to {out}") from None
     finally:
@@ -502,18 +502,3 @@ def _saved_groups(checkpoint: Checkpoint) -> dict[str, dict[str, Any]]:
     # A converted checkpoint leaves out how its source computed; a loader's AdamW asks for every key.
     defaults = {k: v for k, v in torch.optim.AdamW([torch.zeros(1)]).defaults.items() if k in RUNTIME_GROUP_KEYS}
     return {fqn: defaults | {k: v for k, v in g.items() if k != "params"} for fqn, g in groups.items()}
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Put the finished `tmp` at `out`; an older `out` stays as it was if the rename fails."""
-    old = out.parent / f".{out.name}.old-{commits.new_token()}"
-    if out.exists():
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except OSError:
-        if old.exists():
-            old.rename(out)
-        raise
-    fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,22 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_dir(tmp: Path, out: Path, *, token: str) -> None:
+    """Put the finished folder `tmp` at `out`; an older `out` stays as it was if the rename fails.
+    `token` names the older one's temporary place beside it (removed once `tmp` is in)."""
+    old = out.parent / f".{out.name}.old-{token}"
+    if out.exists():
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if old.exists():
+            old.rename(out)
+        raise
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def fsync_dir(path: Path) -> None:

@@ -22,7 +22,7 @@ from ..errors import CheckpointError, join_problems
 from ..state.dtypes import as_numpy, torch_dtype
 from ..state.layout import Box, TensorLayout, fragment_of
 from . import commit as commits
-from .fsio import fsync_dir
+from .fsio import replace_dir
 from .name_map import NameMap
 from .reader import Checkpoint, ReadRequest, read_fragments
 from .writer import io_error
@@ -82,17 +82,7 @@ def export_safetensors(
         )
         for file_name, content in (extra_files or {}).items():
             (tmp / file_name).write_bytes(content)
-        old = out.parent / f".{out.name}.old-{commits.new_token()}"
-        if out.exists():
-            out.rename(old)
-        try:
-            tmp.rename(out)
-        except OSError:
-            if old.exists():
-                old.rename(out)  # the older export stays as it was
-            raise
-        fsync_dir(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out, token=commits.new_token())  # the older export stays as it was if this fails
     except OSError as e:
         raise io_error(e, action=f"exporting to {out}") from None
     finally:

@@ -66,6 +66,7 @@ def losses_by_step(root: Path) -> list[float]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+@pytest.mark.slow  # benchmarks/rank_crash.py's tiny run in the default tests kills a worker the same way
 def test_a_killed_worker_is_forked_again_and_the_run_goes_on_from_memory(tmp_path, reference):
     proc = start(tmp_path, [])
     wait_for_step(tmp_path, KILL_AT, proc)
@@ -90,7 +91,8 @@ def test_a_hung_worker_is_ended_by_its_keeper_and_forked_again(tmp_path, referen
     os.kill(worker_of(tmp_path, 0), signal.SIGSTOP)
     output = finish(proc)
     assert "made no progress for" in (tmp_path / "run" / "keeper.log").read_text()
-    assert "rank 0: warm restart 1, generation 1: this node's worker ended by SIGKILL" in output
+    # the keeper ends both of its node's workers; rank 0's supervisor may see rank 1's first and fence its own
+    assert "rank 0: warm restart 1, generation 1: " in output
     assert losses_by_step(tmp_path) == reference
     redone = min(r["time"] for r in read_metrics(tmp_path / "run") if r["time"] > stopped and r["step"] > 1)
     assert HANG_S <= redone - stopped <= HANG_S + 30, (

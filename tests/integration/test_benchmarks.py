@@ -132,10 +132,11 @@ def test_rank_crash_compares_warm_restarts_with_torchruns():
 
 def test_goodput_soaks_through_every_kind_of_failure(tmp_path):
     png = tmp_path / "goodput.png"
-    args = ["--nodes", "3", "--steps", "24", "--rank-kill-every", "6", "--rank-stop-every", "12"]
-    args += ["--keeper-kill-every", "18", "--node-kill-every", "15", "--png", str(png)]
+    # a rank kill and a node loss (each restart costs ~12 s here); a stopped rank and a killed keeper
+    # are the warm-restart and keeper-fault tests' own
+    args = ["--nodes", "3", "--steps", "14", "--rank-kill-every", "5", "--node-kill-every", "10", "--png", str(png)]
     out = bench("goodput.py", *args, timeout=900)
-    assert "goodput " in out and "keeper-kill" in out, out
-    for kind in ("rank-kill", "rank-stop", "node-kill"):  # a killed keeper costs no restart
+    assert "goodput " in out, out
+    for kind in ("rank-kill", "node-kill"):
         assert f"{kind}: kill -> first step median" in out, out
     assert png.stat().st_size > 10_000

@@ -36,7 +36,7 @@ from resurgo.trainer.model import Transformer
 pytest.importorskip("deepspeed")
 
 ADAM = {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
-TINY = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16)
+TINY = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=16)  # the byte tokenizer's
 SEQ = 8
 REPO = Path(__file__).resolve().parents[2]
 
@@ -337,7 +337,7 @@ def test_the_trainer_resumes_from_a_converted_checkpoint(ds, tmp_path):
     """The real launch path: `checkpoint.resume=` a converted ZeRO checkpoint, the data position and
     progress derived from its step, and training goes on from there."""
     main(["convert", "--from", "deepspeed", str(ds.zero("resurgo", 2)), str(tmp_path / "ckpt")])
-    model = [f"model.{k}={v}" for k, v in dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64).items()]
+    model = [f"model.{k}={v}" for k, v in dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256).items()]
     proc = launch(
         [
             *model,

@@ -98,3 +98,13 @@ def test_stage_layers_split_evenly_and_refuse_too_many_stages():
 def test_bad_model_config_is_refused():
     with pytest.raises(ValueError, match="multiple of model.n_kv_heads"):
         ModelConfig(dim=64, n_heads=4, n_kv_heads=3)
+
+
+def test_tied_embeddings_stay_tied_after_materializing():
+    """`to_empty` gives each module a new parameter: the head is tied to the embedding again, so they
+    train as one tensor (one gradient, one optimizer state)."""
+    model = build(ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, tie_embeddings=True))
+    assert model.output.weight is model.tok_embeddings.weight
+    assert len(list(model.parameters())) == len({id(p) for p in model.parameters()})
+    model(torch.randint(0, 256, (2, 5))).sum().backward()
+    assert model.tok_embeddings.weight.grad is not None
