@@ -134,6 +134,9 @@ def _worker(rank: int, world: int, port: int, kind: str, stage: int, out: str) -
         torch.save(reference, Path(out) / "reference.pt")
         if kind == "llama":
             model.config.to_json_file(Path(out) / "config.json")
+    # Both ranks end together and close the group: a rank exiting while gloo's threads still run aborts.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _port() -> int:
