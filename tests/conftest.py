@@ -54,6 +54,19 @@ def launch(
     return proc
 
 
+def import_transformers():
+    """transformers, imported without the repository root on sys.path: `python -m pytest` puts it there,
+    and its `kernels/` folder would shadow the `kernels` package transformers probes for."""
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+    try:
+        import transformers
+        from transformers import LlamaConfig, LlamaForCausalLM  # noqa: F401  (loads the modeling code now)
+    finally:
+        sys.path[:] = saved
+    return transformers
+
+
 def rank_killed(log: str, rank: int) -> bool:
     """Whether a launch's output tells that `rank`'s process died by SIGKILL: torchrun says it when it
     restarts cold, a warm restart's supervisor when it forks a new worker."""

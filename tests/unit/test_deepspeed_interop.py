@@ -19,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import launch, read_metrics
+from conftest import import_transformers, launch, read_metrics
 from resurgo.checkpoint.errors import CheckpointError
 from resurgo.checkpoint.state.dtypes import as_numpy, torch_dtype
 from resurgo.checkpoint.state.layout import TensorLayout
@@ -38,19 +38,11 @@ pytest.importorskip("deepspeed")
 ADAM = {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
 TINY = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=16)  # the byte tokenizer's
 SEQ = 8
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _llama_classes() -> tuple[type, type]:
-    """`python -m pytest` puts the repository root on sys.path, where the `kernels/` folder would
-    shadow the `kernels` package transformers probes for: import Llama's classes without that entry."""
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
-    try:
-        from transformers import LlamaConfig, LlamaForCausalLM
-    finally:
-        sys.path[:] = saved
-    return LlamaConfig, LlamaForCausalLM
+    transformers = import_transformers()
+    return transformers.LlamaConfig, transformers.LlamaForCausalLM
 
 
 def _llama():

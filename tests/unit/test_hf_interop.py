@@ -5,7 +5,6 @@ with the logits of resurgo's own forward; a run started from a Hugging Face fold
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,26 +12,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import import_transformers
 from resurgo.checkpoint import Checkpoint, CheckpointError, export_hf, export_safetensors, latest
 from resurgo.checkpoint.store.hf_io import load_hf
 from resurgo.checkpoint.store.safetensors_io import load_safetensors
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "rope_theta": 500.0, "norm_eps": 1e-6}
 
 
 @pytest.fixture(scope="module")
 def hf():
-    """transformers, imported without the repository root on the path: its `kernels/` folder
-    would shadow the `kernels` package transformers imports."""
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
-    try:
-        import transformers
-        from transformers import LlamaForCausalLM  # noqa: F401  (loads the modeling code now)
-    finally:
-        sys.path[:] = saved
-    return transformers
+    return import_transformers()
 
 
 def _train(root: Path, overrides: dict) -> Checkpoint:
