@@ -123,6 +123,11 @@ class FaultConfig:
     # this with a keeper (a backstop; the keeper acts first and says why), at this without one.
     # Longer than the slowest step, checkpoint save included. 0: no watch, collectives at 30 minutes.
     hang_timeout_s: float = 600.0
+    # A peer node whose keeper answers no heartbeat (every 0.5 s) for this long is dead or hung: its
+    # survivors end their ranks, and the restart leaves it behind. Far shorter than hang_timeout_s: a
+    # keeper greets from a thread of its own, not held up by training, so a long silence is the node's.
+    # 0: hang_timeout_s applies to peers too.
+    peer_timeout_s: float = 10.0
     # CheckFree: a pipeline stage lost with every replica is rebuilt from its two neighbours' weights
     # (weighted by their last gradient norms), with a fresh optimizer state. off: never. fallback: only
     # when neither memory, peers nor the store can restore it. always: no snapshot or checkpoint of stage
@@ -144,6 +149,10 @@ class FaultConfig:
         if self.hang_timeout_s < 0:
             raise ValueError(
                 f"fault.hang_timeout_s={self.hang_timeout_s} must be >= 0 (seconds; 0 turns the watch off)"
+            )
+        if self.peer_timeout_s < 0:
+            raise ValueError(
+                f"fault.peer_timeout_s={self.peer_timeout_s} must be >= 0 (seconds; 0: fault.hang_timeout_s)"
             )
         if self.keeper_lease_s <= 0:
             raise ValueError(f"fault.keeper_lease_s={self.keeper_lease_s} must be > 0 (seconds)")

@@ -43,10 +43,15 @@ def supervisor_pid() -> int:
     return os.getppid() if GENERATION_ENV in os.environ else 0
 
 
+LAUNCHER_ENV = "RESURGO_LAUNCHER_PID"  # set in a rank forked by a warm template: its torchrun agent
+
+
 def launcher_pid() -> int:
     """The process that restarts this worker when it fails: its torchrun agent (the supervisor's parent
-    under warm restarts), else nobody but itself."""
+    under warm restarts; named in the environment of a rank a warm template forked), else nobody but itself."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return os.getpid()
+    if LAUNCHER_ENV in os.environ:
+        return int(os.environ[LAUNCHER_ENV])
     supervisor = supervisor_pid()
     return parent_of(supervisor) if supervisor else os.getppid()

@@ -2,14 +2,17 @@
 
     python -m resurgo.launch.local_nodes --nodes 3 --nproc-per-node 2 --min-nodes 2 -- train.device=cpu
 
-Each simulated node is what `launch/multinode.sh` starts on a real machine: a keeper and a torchrun
-agent, with its own RESURGO_NODE_ID (node<i>), its own private RESURGO_KEEPER_DIR and
+Each simulated node is what `launch/multinode.sh` starts on a real machine: a keeper, a warm template
+the ranks are forked from (`launch/warm_template.py`; `warm_template=False` starts them cold) and a
+torchrun agent, with its own RESURGO_NODE_ID (node<i>), its own private RESURGO_KEEPER_DIR and
 RESURGO_PEER_HOST=127.0.0.1, so that keepers of one run never take each other's socket, lock or
 memory. The keeper and the agent of a node each lead their own process group, so a test can kill a
 whole node with SIGKILL (`LocalCluster.kill_node`) the way a machine dies: nothing runs a handler.
 
-The c10d rendezvous store lives in node 0's agent: killing node 0 ends the rendezvous for every
-node, as losing the rendezvous host does on a cluster. Fault tests kill the other nodes.
+With the c10d rendezvous (the default) the store lives in node 0's agent: killing node 0 ends the
+rendezvous for every node, as losing the rendezvous host does on a cluster. With `rdzv="etcd"`
+(`--rdzv etcd`) the first three nodes each also run an etcd member (`resurgo.launch.etcd`), and any
+one node may die, node 0 included.
 
 Linux only: processes are found through /proc.
 """
@@ -32,7 +35,9 @@ from pathlib import Path
 
 from resurgo.checkpoint import process_alive, reclaim_stale
 
+from . import etcd
 from .process_tree import all_pids, descendants, signal_all, wait_gone
+from .warm_template import TEMPLATE_ENV
 
 # Rendezvous settings (torchrun --rdzv-conf) that let the survivors of a lost node train again within
 # seconds instead of the defaults' ~45 s:
@@ -58,13 +63,15 @@ RDZV_CONF = {
 # rendezvous times out. Without the sharing, rank 0 publishes a fresh address every round.
 NO_SHARED_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 HOST = "127.0.0.1"
+RDZV_BACKENDS = ("c10d", "etcd")
+ETCD_MEMBERS = 3  # Raft: a majority of 3 survives any one node's loss
 READY_S = 120.0  # longest node 0 may take to host the rendezvous store (torch imports on a busy machine)
 STOP_GRACE_S = 10.0  # a keeper asked to stop finishes its queued persists first
 
 
 @dataclass
 class Node:
-    """One simulated node: its identity, its private keeper folder, its log and its two processes."""
+    """One simulated node: its identity, its private keeper folder, its log and its processes."""
 
     index: int
     node_id: str
@@ -72,13 +79,15 @@ class Node:
     log: Path
     keeper: subprocess.Popen
     agent: subprocess.Popen
+    etcd: subprocess.Popen | None = None  # its etcd member, under the etcd rendezvous
+    template: subprocess.Popen | None = None  # its warm template
 
 
 class LocalCluster:
     """N simulated nodes training one run; a context manager, so no process outlives a test.
 
     with LocalCluster(nodes=3, nproc_per_node=1, min_nodes=2, overrides=["train.device=cpu"]) as cluster:
-        cluster.kill_node(2)      # SIGKILL a whole node; node 0 hosts the rendezvous, never kill it
+        cluster.kill_node(2)      # SIGKILL a whole node; under c10d node 0 hosts the rendezvous: not that one
         cluster.add_node()        # a replacement joins at the next re-rendezvous
         codes = cluster.wait(timeout=600)
     """
@@ -99,7 +108,11 @@ class LocalCluster:
         rdzv_conf: Mapping[str, object] = RDZV_CONF,
         keeper_cpus: Collection[int] | None = None,
         worker_cpus: Collection[int] | None = None,
+        rdzv: str = "c10d",
+        warm_template: bool = True,
     ) -> None:
+        if rdzv not in RDZV_BACKENDS:
+            raise ValueError(f"rdzv={rdzv!r}: expected one of {RDZV_BACKENDS}")
         self.max_nodes = nodes if max_nodes is None else max_nodes
         self.min_nodes = nodes if min_nodes is None else min_nodes
         if not 1 <= self.min_nodes <= nodes <= self.max_nodes:
@@ -119,7 +132,13 @@ class LocalCluster:
         # CPUs the keepers, and the agents with their workers, may run on (all when None): the nodes
         # share this machine's cores, real nodes' keepers code on host cores training leaves free.
         self.keeper_cpus, self.worker_cpus = keeper_cpus, worker_cpus
+        self.rdzv, self.warm_template = rdzv, warm_template
         self.port = free_port()
+        self.etcd_members = (
+            [etcd.Member(f"node{i}", HOST, free_port(), free_port()) for i in range(min(nodes, ETCD_MEMBERS))]
+            if rdzv == "etcd"
+            else []
+        )
         # Short: a Unix socket path must stay under ~100 characters, pytest's tmp paths do not.
         self.keeper_root = Path("/tmp") / f"resurgo-{os.getuid()}" / f"lc-{uuid.uuid4().hex[:8]}"
         self._nodes: list[Node] = []
@@ -131,32 +150,35 @@ class LocalCluster:
     # ---- life cycle ----------------------------------------------------------------------------
 
     def start(self) -> LocalCluster:
-        """Start every node, node 0 first: its agent hosts the rendezvous store the others connect to."""
+        """Start every node, node 0 first: its agent hosts the c10d rendezvous store the others
+        connect to; under etcd, the members first, every one healthy before an agent starts."""
         if self._nodes:
             raise RuntimeError("the cluster is already started: add_node() adds one more")
         try:
-            for _ in range(self.nodes):
-                self.add_node()
-            self._wait_for_store()
+            members = {i: self._start_etcd_member(i) for i in range(len(self.etcd_members))}
+            templates = {i: self._start_template(i) for i in range(self.nodes) if self.warm_template}
+            if members:
+                etcd.wait_healthy(self.etcd_members, log=self.run_dir / "logs" / "node0.log")
+            for index in range(self.nodes):
+                self.add_node(etcd_member=members.get(index), template=templates.get(index))
+            if not members:
+                self._wait_for_store()
         except BaseException:
             self.stop()  # a context manager's exit does not run when entering fails
             raise
         return self
 
-    def add_node(self) -> int:
+    def add_node(self, *, etcd_member: subprocess.Popen | None = None, template: subprocess.Popen | None = None) -> int:
         """Start one more node (a replacement joining later); returns its index."""
         index = len(self._nodes)
-        node_id = f"node{index}"
-        keeper_dir = self.keeper_root / node_id
-        for folder in (self.keeper_root.parent, self.keeper_root, keeper_dir):
-            folder.mkdir(mode=0o700, exist_ok=True)
-        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        log = self.run_dir / "logs" / f"{node_id}.log"
-        env = {**self.env, "RESURGO_NODE_ID": node_id, "RESURGO_KEEPER_DIR": str(keeper_dir), "RESURGO_PEER_HOST": HOST}
+        node_id, keeper_dir, log = self._node_paths(index)
         with open(log, "ab") as out:  # append mode: the keeper's and the agent's lines interleave, never overwrite
-            spawn = dict(
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=self.run_root, start_new_session=True
-            )
+            spawn = self._spawn_args(index, out)
+            if template is None and self.warm_template:
+                template = self._start_template(index)
+            if template is not None:
+                spawn["env"][TEMPLATE_ENV] = str(self._template_socket(index))
+                _wait_for_socket(self._template_socket(index), template, log)
             keeper = subprocess.Popen(
                 [
                     *_on_cpus(self.keeper_cpus),
@@ -169,15 +191,69 @@ class LocalCluster:
                 ],
                 **spawn,
             )
-            agent = subprocess.Popen([*_on_cpus(self.worker_cpus), *self._agent_cmd(host=index == 0)], **spawn)
-        self._nodes.append(Node(index, node_id, keeper_dir, log, keeper, agent))
+            agent = subprocess.Popen([*_on_cpus(self.worker_cpus), *self._agent_cmd(index)], **spawn)
+        self._nodes.append(Node(index, node_id, keeper_dir, log, keeper, agent, etcd_member, template))
         return index
 
-    def _agent_cmd(self, *, host: bool) -> list[str]:
-        # is_host explicitly: the other agents then wait for node 0's store instead of racing to host one.
+    def _node_paths(self, index: int) -> tuple[str, Path, Path]:
+        """Node `index`'s identity, private keeper folder and log, the folders made."""
+        node_id = f"node{index}"
+        keeper_dir = self.keeper_root / node_id
+        for folder in (self.keeper_root.parent, self.keeper_root, keeper_dir):
+            folder.mkdir(mode=0o700, exist_ok=True)
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        return node_id, keeper_dir, self.run_dir / "logs" / f"{node_id}.log"
+
+    def _spawn_args(self, index: int, out) -> dict:
+        """Popen arguments of a node's process: its environment (which `node_pids` finds it by), its log."""
+        node_id, keeper_dir, _ = self._node_paths(index)
+        env = {**self.env, "RESURGO_NODE_ID": node_id, "RESURGO_KEEPER_DIR": str(keeper_dir), "RESURGO_PEER_HOST": HOST}
+        return dict(
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=self.run_root, start_new_session=True
+        )
+
+    def _start_etcd_member(self, index: int) -> subprocess.Popen:
+        _, keeper_dir, log = self._node_paths(index)
+        with open(log, "ab") as out:
+            member = self.etcd_members[index]
+            return etcd.spawn(
+                member, self.etcd_members, keeper_dir / "etcd", self.keeper_root.name, **self._spawn_args(index, out)
+            )
+
+    def _template_socket(self, index: int) -> Path:
+        return self._node_paths(index)[1] / "template.sock"
+
+    def _start_template(self, index: int) -> subprocess.Popen:
+        sock = self._template_socket(index)
+        cmd = [
+            sys.executable,
+            "-m",
+            "resurgo.launch.warm_template",
+            "--socket",
+            str(sock),
+            "--parent",
+            str(os.getpid()),
+        ]
+        with open(self._node_paths(index)[2], "ab") as out:
+            return subprocess.Popen([*_on_cpus(self.worker_cpus), *cmd], **self._spawn_args(index, out))
+
+    def _agent_cmd(self, index: int) -> list[str]:
+        # c10d: is_host explicitly, so the other agents wait for node 0's store instead of racing to
+        # host one. etcd: the node's own member, else (a node beyond the members, a replacement) the
+        # first member whose node still runs.
         # --local-addr: the address the workers' store is published at (the default, the fully
         # qualified hostname, may not resolve).
-        conf = ",".join(f"{k}={v}" for k, v in {**self.rdzv_conf, "is_host": int(host)}.items())
+        if self.rdzv == "etcd":
+            if index < len(self.etcd_members):
+                member = self.etcd_members[index]
+            else:
+                live = (m for i, m in enumerate(self.etcd_members) if self.node_pids(i))
+                member = next(live, self.etcd_members[0])
+            rdzv = ["--rdzv-backend=etcd-v2", f"--rdzv-endpoint={member.endpoint}"]
+            conf = ",".join(f"{k}={v}" for k, v in self.rdzv_conf.items())
+        else:
+            rdzv = ["--rdzv-backend=c10d", f"--rdzv-endpoint={HOST}:{self.port}"]
+            conf = ",".join(f"{k}={v}" for k, v in {**self.rdzv_conf, "is_host": int(index == 0)}.items())
         return [
             sys.executable,
             "-m",
@@ -185,8 +261,7 @@ class LocalCluster:
             f"--nnodes={self.min_nodes}:{self.max_nodes}",
             f"--nproc-per-node={self.nproc_per_node}",
             f"--max-restarts={self.max_restarts}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={HOST}:{self.port}",
+            *rdzv,
             f"--rdzv-id={self.name}",
             f"--rdzv-conf={conf}",
             f"--local-addr={HOST}",
@@ -272,8 +347,9 @@ class LocalCluster:
             pids |= self.node_pids(index)
             signal_all(pids, signal.SIGKILL)
             wait_gone(pids, timeout=10.0)
-        for proc in (node.agent, node.keeper):
-            proc.wait(timeout=10.0)
+        for proc in (node.agent, node.keeper, node.etcd, node.template):
+            if proc is not None:
+                proc.wait(timeout=10.0)
         left = self.node_pids(index)
         if left:
             raise RuntimeError(f"{node.node_id}: processes {sorted(left)} survived SIGKILL")
@@ -327,6 +403,17 @@ def _on_cpus(cpus: Collection[int] | None) -> list[str]:
     return ["taskset", "-c", ",".join(str(c) for c in sorted(cpus))]
 
 
+def _wait_for_socket(path: Path, proc: subprocess.Popen, log: Path) -> None:
+    """Until a node's template listens (it imports torch first: seconds on a loaded machine)."""
+    deadline = time.monotonic() + READY_S
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the warm template exited ({proc.returncode}) before listening: see {log}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the warm template did not listen at {path} within {READY_S:.0f} s: see {log}")
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -372,14 +459,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="SIGKILL node NODE (agent, workers, keeper) once step STEP is logged; repeatable",
     )
     parser.add_argument("--replace", action="store_true", help="start a replacement node after each kill")
+    parser.add_argument(
+        "--rdzv",
+        choices=RDZV_BACKENDS,
+        default="c10d",
+        help="the rendezvous: c10d (its store in node 0) or etcd (members on the first 3 nodes; any node may die)",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every worker")
     args = parser.parse_args(argv)
     try:
         args.kill = sorted((int(step), int(node)) for node, step in (k.split("@") for k in args.kill))
     except ValueError:
         parser.error(f"--kill takes NODE@STEP, e.g. 2@20; got {args.kill}")
-    if any(node == 0 for _, node in args.kill):
-        parser.error("node 0 hosts the rendezvous: kill another one")
+    if args.rdzv == "c10d" and any(node == 0 for _, node in args.kill):
+        parser.error("node 0 hosts the c10d rendezvous: kill another one, or use --rdzv etcd")
     return args
 
 
@@ -404,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         max_restarts=args.max_restarts,
         run_root=args.run_root,
         name=args.name,
+        rdzv=args.rdzv,
     )
     with cluster:
         print(f"{args.nodes} nodes training {cluster.run_dir}; logs in {cluster.run_dir / 'logs'}", flush=True)

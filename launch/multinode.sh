@@ -9,7 +9,11 @@
 # the other nodes' keepers know it by. Options:
 #   --nnodes MIN:MAX         elastic: training goes on while at least MIN nodes are up (or N: exactly N)
 #   --nproc-per-node N       workers on this node (usually its number of GPUs)
-#   --rdzv-endpoint H:P      the rendezvous store, hosted by the agent on host H (the same on every node)
+#   --rdzv-endpoint H:P      c10d: the rendezvous store, hosted by the agent on host H (the same on every node);
+#                            etcd-v2: an etcd member's client address (default: this node's member)
+#   --rdzv-backend B         c10d (default: the store dies with host H, and the job with it) or etcd-v2
+#   --etcd-cluster N=H,...   etcd-v2: the members (3 or 5 node ids and hosts); a node named there runs its
+#                            member (resurgo.launch.etcd), so the job survives any one node's loss (two with 5)
 #   --rdzv-id ID             the job's id; also run.name unless an override sets it
 #   --max-restarts R         worker group restarts after failures before the job fails (default 3)
 #   --rdzv-conf K=V,...      torchrun rendezvous settings (default: $RDZV_CONF below)
@@ -17,6 +21,7 @@
 #   --node-id ID             this node's identity (default: $RESURGO_NODE_ID, else the hostname)
 #   --peer-host ADDR         where other nodes' keepers reach this one (default: $RESURGO_PEER_HOST, else this host's address)
 #   --keeper-arg ARG         passed on to the keeper (repeatable), e.g. --keeper-arg --host-memory-gb=64
+#   --no-warm-template       start every rank cold (by default a warm template forks them: no imports per restart)
 # Everything after -- goes to resurgo.launch.train as Hydra overrides. $PYTHON picks the interpreter.
 set -euo pipefail
 
@@ -28,16 +33,19 @@ die() { echo "multinode.sh: $*" >&2; exit 2; }
 # keep torch's defaults (a node is dead after 3 x 5 s): lower ones add store traffic that grows with
 # the number of nodes, and a live node declared dead restarts every node.
 RDZV_CONF="last_call_timeout=10"
-NNODES="" NPROC="" ENDPOINT="" RDZV_ID="" MAX_RESTARTS=3 RUN_DIR=""
+NNODES="" NPROC="" ENDPOINT="" RDZV_ID="" MAX_RESTARTS=3 RUN_DIR="" BACKEND="c10d" ETCD_CLUSTER="" WARM=1
 NODE_ID="${RESURGO_NODE_ID:-}" PEER_HOST="${RESURGO_PEER_HOST:-}"
 KEEPER_ARGS=()
 while [[ $# -gt 0 ]]; do
-  [[ "$1" == -- || "$1" == -h || "$1" == --help || $# -ge 2 ]] || die "$1 needs a value"
+  [[ "$1" == -- || "$1" == -h || "$1" == --help || "$1" == --no-warm-template || $# -ge 2 ]] || die "$1 needs a value"
   case "$1" in
     --nnodes) NNODES="$2"; shift 2 ;;
     --nproc-per-node) NPROC="$2"; shift 2 ;;
     --rdzv-endpoint) ENDPOINT="$2"; shift 2 ;;
     --rdzv-id) RDZV_ID="$2"; shift 2 ;;
+    --rdzv-backend) BACKEND="$2"; shift 2 ;;
+    --etcd-cluster) ETCD_CLUSTER="$2"; shift 2 ;;
+    --no-warm-template) WARM=""; shift ;;
     --max-restarts) MAX_RESTARTS="$2"; shift 2 ;;
     --rdzv-conf) RDZV_CONF="$2"; shift 2 ;;
     --run-dir) RUN_DIR="$2"; shift 2 ;;
@@ -50,8 +58,13 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 OVERRIDES=("$@")
-[[ -n "$NNODES" && -n "$NPROC" && -n "$ENDPOINT" && -n "$RDZV_ID" ]] ||
-  die "--nnodes, --nproc-per-node, --rdzv-endpoint and --rdzv-id are required (--help lists the options)"
+[[ -n "$NNODES" && -n "$NPROC" && -n "$RDZV_ID" ]] ||
+  die "--nnodes, --nproc-per-node and --rdzv-id are required (--help lists the options)"
+case "$BACKEND" in
+  c10d) [[ -n "$ENDPOINT" ]] || die "--rdzv-endpoint is required with the c10d rendezvous" ;;
+  etcd-v2) [[ -n "$ENDPOINT" || -n "$ETCD_CLUSTER" ]] || die "etcd-v2 needs --etcd-cluster, or --rdzv-endpoint of a running etcd" ;;
+  *) die "--rdzv-backend $BACKEND: use c10d or etcd-v2" ;;
+esac
 PYTHON="${PYTHON:-python}"
 
 # The run folder the workers will use (Hydra: the last override of a key wins), for the keeper.
@@ -92,12 +105,39 @@ KEEPER_LOG="$RUN_DIR/logs/keeper-$RESURGO_NODE_ID.log"
 "$PYTHON" -m resurgo.launch.keeper --run-dir "$RUN_DIR" "${KEEPER_ARGS[@]}" >>"$KEEPER_LOG" 2>&1 &
 KEEPER_PID=$!
 echo "multinode.sh: node $RESURGO_NODE_ID ($RESURGO_PEER_HOST): keeper pid $KEEPER_PID for $RUN_DIR, log $KEEPER_LOG" >&2
+PRIVATE="${RESURGO_KEEPER_DIR:-/tmp/resurgo-$(id -u)}"
+mkdir -p -m 700 "$PRIVATE"
+
+# This node's etcd member, when the cluster names it; the agent then talks to it.
+if [[ -n "$ETCD_CLUSTER" ]]; then
+  MEMBER="$("$PYTHON" -m resurgo.launch.etcd --cluster "$ETCD_CLUSTER" --endpoint-of "$RESURGO_NODE_ID")" ||
+    die "--etcd-cluster $ETCD_CLUSTER: see the message above"
+  if [[ -n "$MEMBER" ]]; then
+    "$PYTHON" -m resurgo.launch.etcd --name "$RESURGO_NODE_ID" --cluster "$ETCD_CLUSTER" \
+      --data-dir "$PRIVATE/etcd-$RDZV_ID-$RESURGO_NODE_ID" --token "$RDZV_ID" >>"$RUN_DIR/logs/etcd-$RESURGO_NODE_ID.log" 2>&1 &
+    HELPER_PIDS="${HELPER_PIDS:-} $!"
+    ENDPOINT="${ENDPOINT:-$MEMBER}"
+  fi
+  [[ -n "$ENDPOINT" ]] || die "$RESURGO_NODE_ID runs no etcd member: give --rdzv-endpoint of one that does"
+  "$PYTHON" -m resurgo.launch.etcd --wait "$ENDPOINT" || die "no healthy etcd at $ENDPOINT (log: $RUN_DIR/logs/etcd-*.log)"
+fi
+
+# The warm template the ranks are forked from (launch/warm_template.py); it ends with this script.
+if [[ -n "$WARM" ]]; then
+  export RESURGO_WARM_TEMPLATE="$PRIVATE/template-$RESURGO_NODE_ID-$$.sock"
+  "$PYTHON" -m resurgo.launch.warm_template --socket "$RESURGO_WARM_TEMPLATE" --parent $$ \
+    >>"$RUN_DIR/logs/template-$RESURGO_NODE_ID.log" 2>&1 &
+  HELPER_PIDS="${HELPER_PIDS:-} $!"
+fi
 
 AGENT_PID=""
 # SIGTERM (scancel, a preemption) reaches torchrun, which stops its workers; the keeper is asked to
 # stop last, after the workers, so it can finish the persists they queued.
 on_signal() { [[ -n "$AGENT_PID" ]] && kill -TERM "$AGENT_PID" 2>/dev/null || true; }
-stop_keeper() { kill -TERM "$KEEPER_PID" 2>/dev/null && wait "$KEEPER_PID" 2>/dev/null || true; }
+stop_keeper() {
+  [[ -z "${HELPER_PIDS:-}" ]] || kill -TERM $HELPER_PIDS 2>/dev/null || true
+  kill -TERM "$KEEPER_PID" 2>/dev/null && wait "$KEEPER_PID" 2>/dev/null || true
+}
 trap on_signal TERM INT
 trap stop_keeper EXIT
 
@@ -105,7 +145,7 @@ trap stop_keeper EXIT
 # torch's default, the fully qualified hostname, does not resolve on every cluster.
 "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" \
-  --rdzv-backend c10d --rdzv-endpoint "$ENDPOINT" --rdzv-id "$RDZV_ID" --rdzv-conf "$RDZV_CONF" \
+  --rdzv-backend "$BACKEND" --rdzv-endpoint "$ENDPOINT" --rdzv-id "$RDZV_ID" --rdzv-conf "$RDZV_CONF" \
   --local-addr "$RESURGO_PEER_HOST" \
   -m resurgo.launch.train "${RUN_ARGS[@]}" fault.keeper=external "${OVERRIDES[@]}" &
 AGENT_PID=$!

@@ -105,6 +105,8 @@ class SlotHolding:
             self.supervisors[rank] = req.supervisor
         if req.hang_timeout_s is not None:
             self.watch.timeout_s = req.hang_timeout_s
+        if req.peer_timeout_s is not None:
+            self.watch.peer_timeout_s = req.peer_timeout_s
         if req.launcher:
             self.launchers.add(req.launcher)
         if req.lease_s and req.lease_s != self.idle_timeout_s:

@@ -299,6 +299,7 @@ class Register(Request):
     lease_s: float | None = None
     pid: int | None = None
     hang_timeout_s: float | None = None
+    peer_timeout_s: float | None = None
     supervisor: int | None = None  # the warm-restart supervisor that forked `pid`, when there is one
 
 

@@ -4,7 +4,8 @@ A hung rank (a stopped process, a deadlock, a collective waiting for a node that
 closing its sockets) fails nothing by itself: its sockets stay open, so its peers wait in their
 collectives. The keeper sees it without taking part in them. Every local rank tells it the step it
 finished (`beat`); a rank silent for `timeout_s` since its last step, or a peer node's keeper that
-has not answered a ping for as long, is reported by `trouble()`, and the keeper ends its local ranks
+has not answered a ping for `peer_timeout_s` (seconds: a keeper answers from a thread of its own, so
+its silence is its node's), is reported by `trouble()`, and the keeper ends its local ranks
 so that the launcher's restart and the recovery from memory take over. A rank is watched from its
 first step (start-up and restores wait in collectives that the process-group timeout bounds), and a
 peer once a plan names it; a peer reported once is not reported again until it answers.
@@ -19,7 +20,7 @@ from typing import NamedTuple
 
 from ..erasure.wire import unreachable
 
-PING_S = 1.0  # between pings of each peer keeper
+PING_S = 0.5  # between pings of each peer keeper
 
 
 class Trouble(NamedTuple):
@@ -28,8 +29,9 @@ class Trouble(NamedTuple):
 
 
 class HangWatch:
-    def __init__(self, *, timeout_s: float = 0.0) -> None:
-        self.timeout_s = timeout_s  # 0: watch nothing
+    def __init__(self, *, timeout_s: float = 0.0, peer_timeout_s: float = 0.0) -> None:
+        self.timeout_s = timeout_s  # ranks; 0: watch nothing
+        self.peer_timeout_s = peer_timeout_s  # peer keepers; 0: timeout_s
         self._beats: dict[int, tuple[float, int]] = {}  # rank -> (when, step) of its last finished step
         self._lock = threading.Lock()
         self._peers: dict[str, str] = {}  # node -> keeper address, of the running plan
@@ -80,23 +82,22 @@ class HangWatch:
 
     def trouble(self) -> Trouble | None:
         """Why the local ranks must be ended now, None while all is well."""
-        if self.timeout_s <= 0:
-            return None
+        peer_timeout_s = self.peer_timeout_s or self.timeout_s
         now = time.monotonic()
         with self._lock:
             for rank, (when, step) in sorted(self._beats.items()):
-                if now - when > self.timeout_s:
+                if 0 < self.timeout_s < now - when:
                     return Trouble(
                         f"rank {rank} made no progress for {now - when:.0f} s after step {step} "
                         f"(fault.hang_timeout_s={self.timeout_s:g})",
                         peer_lost=False,
                     )
             for node, when in sorted(self._answered.items()):
-                if now - when > self.timeout_s and node not in self._reported:
+                if 0 < peer_timeout_s < now - when and node not in self._reported:
                     self._reported.add(node)
                     return Trouble(
-                        f"the keeper of {node} has not answered for {now - when:.0f} s (fault.hang_timeout_s="
-                        f"{self.timeout_s:g}): that node is dead or hung",
+                        f"the keeper of {node} has not answered for {now - when:.1f} s (fault.peer_timeout_s="
+                        f"{peer_timeout_s:g}): that node is dead or hung",
                         peer_lost=True,
                     )
         return None

@@ -122,6 +122,7 @@ class Protection:
             launcher=launcher_pid(),
             lease_s=fault.keeper_lease_s,
             hang_timeout_s=fault.hang_timeout_s,
+            peer_timeout_s=fault.peer_timeout_s,
             supervisor=supervisor_pid(),
         )
         self.capture = StateCapture(self.states, rank=rank)

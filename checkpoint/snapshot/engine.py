@@ -53,6 +53,7 @@ class Registration:
     hang_timeout_s: float = (
         0.0  # a rank without a finished step for this long is hung: the keeper ends the node's ranks
     )
+    peer_timeout_s: float = 0.0  # a peer keeper silent for this long: its node is lost (0: hang_timeout_s)
     supervisor: int = 0  # the warm-restart supervisor that forked this worker (0: none)
 
     def message(self, layout: SlotLayout) -> m.Register:
@@ -69,6 +70,7 @@ class Registration:
             lease_s=self.lease_s,
             pid=os.getpid(),
             hang_timeout_s=self.hang_timeout_s,
+            peer_timeout_s=self.peer_timeout_s,
             supervisor=self.supervisor or None,
         )
 

@@ -27,7 +27,7 @@ def hf():
 
 def _train(root: Path, overrides: dict) -> Checkpoint:
     """A real run in this process (one rank, no keeper); its newest checkpoint."""
-    from resurgo.launch.train import train
+    from resurgo.launch.training import train
     from resurgo.trainer.config import load_config
 
     base = {

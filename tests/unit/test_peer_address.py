@@ -12,6 +12,7 @@ from resurgo.checkpoint.erasure.coding import ErasureSetup
 from resurgo.checkpoint.erasure.wire import PeerServer, advertised_host, unreachable
 from resurgo.checkpoint.errors import PeerUnreachable
 from resurgo.checkpoint.keeper.protocol import Client, node_id, socket_path
+from resurgo.checkpoint.keeper.watch import HangWatch
 from resurgo.checkpoint.recovery.peers import _check_reach
 
 
@@ -84,3 +85,27 @@ def test_a_keeper_reports_the_peers_of_its_plan_it_cannot_reach(serve):  # noqa:
     reply = client.request("reach")
     assert reply["node"] == me and list(reply["unreachable"]) == ["gone"]
     client.close()
+
+
+def test_a_silent_peer_keeper_is_reported_after_the_peer_timeout_not_the_hang_timeout():
+    """A greeting peer keeps quiet; one that stops greeting (hung: its port still accepts) is reported
+    once fault.peer_timeout_s passed, while the ranks' hang timeout is ten minutes."""
+    server = PeerServer(host="127.0.0.1", handler=lambda h, p: ({}, None), secrets=lambda: {"s3cret"})
+    server.start()
+    watch = HangWatch(timeout_s=600.0, peer_timeout_s=1.5)
+    try:
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            watch.watch_peers({"node1": server.address, "node2": f"127.0.0.1:{silent.getsockname()[1]}"})
+            started = time.monotonic()
+            while (trouble := watch.trouble()) is None:
+                assert time.monotonic() - started < 10, "the silent peer was never reported"
+                time.sleep(0.05)
+            waited = time.monotonic() - started
+        assert trouble.peer_lost and "node2" in trouble.reason and "fault.peer_timeout_s=1.5" in trouble.reason
+        assert 1.5 <= waited < 4.0, waited
+        assert watch.trouble() is None  # reported once; node1 still greets
+    finally:
+        watch.stop()
+        server.stop()

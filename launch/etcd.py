@@ -1,0 +1,174 @@
+"""etcd members for the rendezvous: a store that survives the loss of any one node.
+
+torchrun's c10d rendezvous keeps its state in a TCPStore inside one agent, on the node the launch
+command names: when that node dies, every other agent loses the rendezvous and the whole job ends.
+With `--rdzv-backend etcd-v2` the state lives in etcd instead, replicated by Raft across members on
+several nodes; a majority of the members keeps it going, so with three members any one node may die,
+the first included (five members: any two). Each member's node points its agent at its own member;
+other nodes (more than the members, or a replacement joining later) at any live one.
+
+Debian's `etcd-server` package (etcd 3.4) serves the v2 API, which torch's etcd-v2 backend speaks
+through python-etcd, when started with --enable-v2. etcd's own defaults (a heartbeat every 100 ms,
+a new leader elected within a second of the old one's loss) are kept.
+
+    python -m resurgo.launch.etcd --name node0 --cluster node0=10.0.0.1,node1=10.0.0.2,node2=10.0.0.3 \\
+        --data-dir /var/tmp/etcd-demo --token demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+CLIENT_PORT, PEER_PORT = 2379, 2380
+READY_S = 60.0
+INSTALL_HINT = "install it (Debian/Ubuntu: apt-get install etcd-server) or put its folder on PATH"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One etcd member: its name (the node's identity) and where clients and the other members reach it."""
+
+    name: str
+    host: str
+    client_port: int = CLIENT_PORT
+    peer_port: int = PEER_PORT
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+    @property
+    def endpoint(self) -> str:
+        """What torchrun's `--rdzv-endpoint` takes."""
+        return f"{self.host}:{self.client_port}"
+
+
+def parse_cluster(text: str) -> list[Member]:
+    """`name=host[:client_port:peer_port],...` -> members; a clear ValueError for anything else."""
+    members = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, where = item.partition("=")
+        parts = where.split(":")
+        if not sep or not name or not parts[0] or len(parts) not in (1, 3) or not all(p.isdigit() for p in parts[1:]):
+            raise ValueError(f"etcd cluster entry {item!r}: expected NAME=HOST or NAME=HOST:CLIENT_PORT:PEER_PORT")
+        ports = (int(parts[1]), int(parts[2])) if len(parts) == 3 else (CLIENT_PORT, PEER_PORT)
+        members.append(Member(name, parts[0], *ports))
+    names = [m.name for m in members]
+    if not members or len(set(names)) != len(names):
+        raise ValueError(f"etcd cluster {text!r}: give one entry per member, with distinct names")
+    return members
+
+
+def format_cluster(members: Sequence[Member]) -> str:
+    return ",".join(f"{m.name}={m.host}:{m.client_port}:{m.peer_port}" for m in members)
+
+
+def etcd_binary() -> str:
+    found = shutil.which("etcd")
+    if found is None:
+        raise FileNotFoundError(f"the etcd rendezvous needs the etcd server, which is not on PATH: {INSTALL_HINT}")
+    return found
+
+
+def command(member: Member, members: Sequence[Member], data_dir: Path | str, token: str) -> list[str]:
+    """The etcd command line for `member` of the cluster `members`, its v2 API on.
+
+    A data folder that already holds this member's state (the node restarted) rejoins the cluster
+    with it; etcd then ignores the initial-cluster flags."""
+    return [
+        etcd_binary(),
+        f"--name={member.name}",
+        f"--data-dir={data_dir}",
+        "--enable-v2=true",
+        f"--listen-client-urls={member.client_url}",
+        f"--advertise-client-urls={member.client_url}",
+        f"--listen-peer-urls={member.peer_url}",
+        f"--initial-advertise-peer-urls={member.peer_url}",
+        "--initial-cluster=" + ",".join(f"{m.name}={m.peer_url}" for m in members),
+        "--initial-cluster-state=new",
+        f"--initial-cluster-token={token}",
+        "--log-level=warn",
+    ]
+
+
+def healthy(member: Member, timeout: float = 1.0) -> bool:
+    """Whether the member answers and its cluster has a leader (etcd's /health)."""
+    try:
+        with urllib.request.urlopen(f"{member.client_url}/health", timeout=timeout) as reply:
+            return b'"true"' in reply.read()
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def wait_healthy(members: Sequence[Member], *, timeout: float = READY_S, log: Path | None = None) -> None:
+    """Return once every member answers healthy; TimeoutError naming the silent ones otherwise."""
+    deadline = time.monotonic() + timeout
+    waiting = list(members)
+    while waiting:
+        waiting = [m for m in waiting if not healthy(m)]
+        if waiting and time.monotonic() > deadline:
+            where = f"; see {log}" if log else ""
+            raise TimeoutError(
+                f"etcd members {[m.name for m in waiting]} not healthy within {timeout:.0f} s "
+                f"(a member needs a majority of the cluster up to elect a leader){where}"
+            )
+        if waiting:
+            time.sleep(0.1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Become this node's etcd member (exec); or, for launch scripts, name a member's endpoint or wait for one."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cluster", help="NAME=HOST[:CLIENT_PORT:PEER_PORT],... every member")
+    parser.add_argument("--name", help="run this member, one of --cluster's")
+    parser.add_argument("--data-dir", help="this member's state (reused when the node restarts)")
+    parser.add_argument("--token", help="unique per job: members of two jobs never join each other")
+    parser.add_argument("--endpoint-of", metavar="NAME", help="print NAME's client endpoint (nothing if no member)")
+    parser.add_argument(
+        "--wait", metavar="HOST:PORT", help=f"wait up to {READY_S:.0f} s for the member there to be healthy"
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.wait:
+            host, _, port = args.wait.rpartition(":")
+            wait_healthy([Member(args.wait, host, int(port))])
+            return 0
+        members = parse_cluster(args.cluster or "")
+        if args.endpoint_of:
+            print(next((m.endpoint for m in members if m.name == args.endpoint_of), ""))
+            return 0
+        if not (args.name and args.data_dir and args.token):
+            parser.error("running a member needs --name, --data-dir and --token")
+        member = next((m for m in members if m.name == args.name), None)
+        if member is None:
+            parser.error(f"--name {args.name} is not in --cluster {args.cluster}")
+        cmd = command(member, members, args.data_dir, args.token)
+    except (ValueError, FileNotFoundError, TimeoutError) as e:
+        print(f"resurgo.launch.etcd: {e}", file=sys.stderr)
+        return 2
+    Path(args.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.execv(cmd[0], cmd)
+
+
+def spawn(member: Member, members: Sequence[Member], data_dir: Path, token: str, **popen) -> subprocess.Popen:
+    """Start `member` as a child process (the tests' and LocalCluster's form of `main`)."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return subprocess.Popen(command(member, members, data_dir, token), **popen)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

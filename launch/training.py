@@ -1,0 +1,151 @@
+"""One training run, Hydra in: what `resurgo-train` / `python -m resurgo.launch.train` runs, cold or warm.
+
+Safe under torchrun: the run folder never depends on the time, only rank 0 writes Hydra's output,
+Hydra never changes directory, and torchelastic's `@record` sits inside `@hydra.main` so the
+error file is written before Hydra turns an exception into `sys.exit(1)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from resurgo.checkpoint import (
+    Comm,
+    HeldSlots,
+    NothingToResume,
+    PeerUnreachable,
+    SaveFailed,
+    prefetch_ahead,
+    previous_topology,
+)
+from resurgo.launch import warm
+from resurgo.parallel.dims import ParallelDims
+from resurgo.parallel.elastic import fit_topology
+from resurgo.trainer.config import JobConfig, load_config
+from resurgo.trainer.distributed import init_distributed, shutdown, stop_restarts
+from resurgo.trainer.trainer import Trainer
+
+
+def run_name(name: str) -> str:
+    """The configured name, else torchrun's rendezvous id, else 'default'."""
+    return name or os.environ.get("TORCHELASTIC_RUN_ID", "") or "default"
+
+
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+
+
+@record
+def train(cfg: JobConfig) -> list[float]:
+    env = init_distributed(cfg.train.device, timeout_s=cfg.fault.collective_timeout_s)
+    trainer = protection = None
+    finished = False
+    run_dir = Path(cfg.run.root) / run_name(cfg.run.name)
+    try:
+        cfg, warmed = fit_world(cfg, world_size=env.world_size, run_dir=run_dir)
+        trainer = Trainer(cfg, env=env, run_dir=run_dir)
+        protection = trainer.build_protection(warmed=warmed)
+        protection.resume()
+        trainer.hooks += protection.hooks
+        trainer.metric_sources.append(protection.metrics)
+        losses = trainer.fit()
+        finished = True
+        return losses
+    finally:
+        if protection is not None:
+            # After a failure the keeper keeps its snapshots for the restart; after success it persists the end.
+            protection.close(step=trainer.progress.step, ok=finished)
+        if trainer is not None:
+            trainer.close()
+        shutdown()
+
+
+def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> tuple[JobConfig, HeldSlots | None]:
+    """The config with parallel degrees fitted to this world (collective): on a restart after nodes
+    were lost or added, the elastic policy resizes data parallelism from the topology being resumed.
+    With erasure protection, also this node's memory being readied for the restore (`prefetch_ahead`)."""
+    # Asked on every start, not only on restarts: a replacement node joins with restart count 0.
+    previous = previous_topology(run_dir, comm=Comm.create()) if cfg.fault.keeper != "off" else None
+    if previous is None:
+        return cfg, None  # a first start: the degrees are the user's, and wrong ones get ParallelDims' message
+    fitted = fit_topology(cfg.parallel, cfg.train, world_size=world_size, previous=previous)
+    rank = int(os.environ.get("RANK", 0))
+    if fitted.note and rank == 0:
+        logging.getLogger(__name__).info("elastic: %s", fitted.note)
+    p = fitted.parallel
+    dims = ParallelDims.resolve(
+        pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, world_size=world_size
+    )
+    # The keeper fetches, and this process maps, what the restore reads while the model is built.
+    warmed = prefetch_ahead(run_dir, rank=rank, topology=dims.as_dict()) if cfg.fault.erasure.parity > 0 else None
+    return replace(cfg, parallel=fitted.parallel, train=replace(cfg.train, grad_accum=fitted.grad_accum)), warmed
+
+
+@hydra.main(version_base="1.3", config_path="pkg://resurgo.recipes", config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        job = load_config(cfg)
+    except (ValueError, OmegaConfBaseException) as e:
+        user_error(e)
+    if warm.enabled():
+        # The config is composed and logging set up once, here; each worker forked inherits both.
+        sys.exit(warm.supervise(lambda: _train_or_explain(job)))
+    _train_or_explain(job)
+
+
+def _train_or_explain(job: JobConfig) -> None:
+    try:
+        train(job)
+    except (
+        NothingToResume,
+        PeerUnreachable,
+        SaveFailed,
+    ) as e:  # cleaned up and recorded by now: no restart can change it, so stop
+        logging.getLogger(__name__).error("%s", e)  # before the agent stops: its signal may cut Hydra's report short
+        stop_restarts()
+        user_error(e)
+    except (
+        ValueError,
+        OmegaConfBaseException,
+    ) as e:  # a wrong config or a damaged checkpoint: the message says what to do
+        user_error(e)
+
+
+def user_error(e: BaseException) -> None:
+    """Exit 1 with the message alone; RESURGO_DEBUG=1 (or Hydra's HYDRA_FULL_ERROR=1) shows the traceback."""
+    if os.environ.get("RESURGO_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise e
+    print(f"error: {e}\n(RESURGO_DEBUG=1 shows where it was raised)", file=sys.stderr)
+    sys.exit(1)
+
+
+def _torchrun_safe_argv(argv: list[str], rank: int) -> list[str]:
+    """Drop `--local_rank` (from torch.distributed.launch) and keep Hydra's files to rank 0."""
+    kept = []
+    for arg in argv:
+        if arg.startswith(("--local_rank", "--local-rank")):
+            if "=" in arg:
+                os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            continue
+        kept.append(arg)
+    if rank != 0:
+        kept += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return kept
+
+
+def main() -> None:
+    """Train with the arguments in sys.argv (a template's forked rank sets them before calling this)."""
+    sys.argv = [sys.argv[0]] + _torchrun_safe_argv(sys.argv[1:], int(os.environ.get("RANK", 0)))
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
