@@ -1,11 +1,15 @@
 """Goodput under failures: a soak on simulated nodes with failures injected on a schedule.
 
-Simulated nodes on this machine (`LocalCluster`: a keeper and a torchrun agent each), the tiny model
-(or `--dim`/`--layers` for longer steps), snapshots to memory every step with parity across nodes.
-Failures, each every N steps (0: never): a rank's training process SIGKILLed (`--rank-kill-every`),
-SIGSTOPped (`--rank-stop-every`; its keeper ends it after `--hang-timeout` s), a node's keeper
-SIGKILLed (`--keeper-kill-every`), a whole node SIGKILLed and a replacement started
-(`--node-kill-every`; never node 0, whose agent holds the c10d rendezvous store). Victims rotate.
+Simulated nodes on this machine (`LocalCluster`: a keeper, a warm template and a torchrun agent each,
+an etcd member on the first three with `--rdzv etcd`), the tiny model (or `--dim`/`--layers` for longer
+steps), snapshots to memory every step with parity across nodes. Failures, each every N steps (0:
+never): a rank's training process SIGKILLed (`--rank-kill-every`), SIGSTOPped (`--rank-stop-every`;
+its keeper ends it after `--hang-timeout` s), a node's keeper SIGKILLed (`--keeper-kill-every`), a
+whole node SIGKILLed (`--node-kill-every`) or SIGSTOPped (`--node-stop-every`; its peers' keepers
+leave it behind after `--peer-timeout` s), with a replacement node started after each. Victims
+rotate; node 0, whose agent holds the c10d rendezvous store, is among them only under etcd.
+`--baseline` runs the same schedule again the way a job ran before etcd and the warm templates
+(c10d, every rank started cold) and prints the ratio of the node-loss times.
 
 Printed: goodput (the steps the run finished times its median step time, over the wall time from the
 first step to the last: redone steps, restarts and slow steps all count as waste), each failure's
@@ -32,7 +36,8 @@ from run_logs import failures_seen, records, resumes, stamped
 from resurgo.launch.local_nodes import LocalCluster
 from resurgo.launch.process_tree import rank_process
 
-KINDS = ("rank-kill", "rank-stop", "keeper-kill", "node-kill")
+KINDS = ("rank-kill", "rank-stop", "keeper-kill", "node-kill", "node-stop")
+NODE_LOSSES = ("node-kill", "node-stop")
 DEADLINE_S = 900.0
 
 
@@ -56,6 +61,10 @@ def parse_args() -> argparse.Namespace:
     for kind in KINDS:
         parser.add_argument(f"--{kind}-every", type=int, default=0, help=f"steps between {kind} failures (0: none)")
     parser.add_argument("--hang-timeout", type=float, default=3.0, help="fault.hang_timeout_s")
+    parser.add_argument("--peer-timeout", type=float, default=2.0, help="fault.peer_timeout_s")
+    parser.add_argument("--rdzv", choices=("c10d", "etcd"), default="etcd", help="the rendezvous backend")
+    parser.add_argument("--cold", action="store_true", help="no warm templates: torchrun starts every rank cold")
+    parser.add_argument("--baseline", action="store_true", help="also run the schedule with c10d and cold ranks")
     parser.add_argument("--dim", type=int, default=64, help="model.dim (the tiny model's by default)")
     parser.add_argument("--layers", type=int, default=4, help="model.n_layers")
     parser.add_argument("--reference", action="store_true", help="also run without failures and compare losses")
@@ -76,6 +85,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
         f"model.dim={args.dim}",
         f"model.n_layers={args.layers}",
         f"fault.hang_timeout_s={args.hang_timeout:g}",
+        f"fault.peer_timeout_s={args.peer_timeout:g}",
     ]
 
 
@@ -89,13 +99,17 @@ def schedule(args: argparse.Namespace) -> dict[int, str]:
     return out
 
 
-def inject(cluster: LocalCluster, kind: str, count: int) -> str:
-    """Cause one failure of `kind` (the `count`-th of its kind picks the victim); returns the victim's name."""
-    if kind == "node-kill":
-        index = [i for i in cluster.alive() if i != 0][count % (len(cluster.alive()) - 1)]
-        cluster.kill_node(index)
+def inject(cluster: LocalCluster, kind: str, count: int, lost: set[int]) -> str:
+    """Cause one failure of `kind` (the `count`-th of its kind picks the victim); returns the victim's
+    name. A node lost is added to `lost` (a stopped one's processes still exist)."""
+    running = [i for i in cluster.alive() if i not in lost]
+    if kind in NODE_LOSSES:
+        candidates = [i for i in running if i != 0 or cluster.rdzv == "etcd"]
+        index = candidates[count % len(candidates)]
+        (cluster.kill_node if kind == "node-kill" else cluster.freeze_node)(index)
+        lost.add(index)
         return f"node{index} (replaced by node{cluster.add_node()})"
-    node = cluster.node(cluster.alive()[count % len(cluster.alive())])
+    node = cluster.node(running[count % len(running)])
     if kind == "keeper-kill":
         os.kill(node.keeper.pid, signal.SIGKILL)
         return f"{node.node_id}'s keeper"
@@ -106,37 +120,44 @@ def inject(cluster: LocalCluster, kind: str, count: int) -> str:
     return f"{node.node_id}'s rank (pid {pid})"
 
 
-def soak(args: argparse.Namespace, root: Path, name: str, *, failures: bool) -> tuple[list[Failure], list[dict], str]:
+def soak(
+    args: argparse.Namespace, root: Path, name: str, *, failures: bool, rdzv: str, warm: bool
+) -> tuple[list[Failure], list[dict], str]:
     plan = schedule(args) if failures else {}
     counts = dict.fromkeys(KINDS, 0)
     injected: list[Failure] = []
+    lost: set[int] = set()  # the nodes killed or stopped
     with LocalCluster(
         nodes=args.nodes,
         nproc_per_node=args.per_node,
         min_nodes=max(1, args.nodes - 1),
-        max_nodes=args.nodes + len([k for k in plan.values() if k == "node-kill"]),
+        max_nodes=args.nodes + len([k for k in plan.values() if k in NODE_LOSSES]),
         max_restarts=100,
         overrides=overrides(args),
         run_root=root,
         name=name,
+        rdzv=rdzv,
+        warm_template=warm,
     ) as cluster:
         deadline = time.monotonic() + DEADLINE_S + args.steps * 5
         pending = sorted(plan)
-        while any(code is None for code in cluster.poll()[:1]):
+        while any(code is None for i, code in enumerate(cluster.poll()) if i not in lost):
             assert time.monotonic() < deadline, "the soak ran past its deadline"
             logged = max((r["step"] for r in records(cluster.run_dir)), default=0)
             if pending and logged >= pending[0]:
                 step = pending.pop(0)
                 kind = plan[step]
                 killed = time.time()
-                victim = inject(cluster, kind, counts[kind])
+                victim = inject(cluster, kind, counts[kind], lost)
                 counts[kind] += 1
                 injected.append(Failure(kind, victim, logged, killed))
                 print(f"  step {logged}: {kind} of {victim}", flush=True)
             time.sleep(0.02)
+        for index in lost:
+            cluster.kill_node(index)  # the stopped ones: they would never exit
         codes = cluster.wait(timeout=120)
         output = "\n".join(cluster.output(i) for i in range(len(cluster.alive(every=True))))
-        if codes[0] != 0:
+        if any(code != 0 for i, code in enumerate(codes) if i not in lost):
             raise RuntimeError(f"the soak failed ({codes}):\n{output[-4000:]}")
         log = (cluster.run_dir / "train.log").read_text() if (cluster.run_dir / "train.log").exists() else ""
     return injected, records(cluster.run_dir), output + "\n" + log
@@ -182,11 +203,11 @@ def draw(png: Path, metrics: list[dict], failures: list[Failure]) -> None:
     fig.savefig(png, dpi=120)
 
 
-def main() -> None:
-    args = parse_args()
-    root = Path(args.dir or tempfile.mkdtemp(prefix="resurgo-goodput-"))
-    print(f"soak: {args.nodes} nodes x {args.per_node}, {args.steps} steps, runs in {root}", flush=True)
-    failures, metrics, text = soak(args, root, "soak", failures=True)
+def report(args: argparse.Namespace, root: Path, name: str, *, rdzv: str, warm: bool) -> tuple[list, list, dict]:
+    """One soak with failures, printed: goodput, each failure's timeline, the median per kind."""
+    how = f"{rdzv} rendezvous, ranks {'forked from warm templates' if warm else 'started cold'}"
+    print(f"soak: {args.nodes} nodes x {args.per_node}, {args.steps} steps, {how}, runs in {root / name}", flush=True)
+    failures, metrics, text = soak(args, root, name, failures=True, rdzv=rdzv, warm=warm)
     timeline(failures, metrics, text)
     value, median, wall = goodput(metrics)
     print(f"goodput {value:.1%}: {len({r['step'] for r in metrics})} steps x {median:.3f} s median over {wall:.1f} s")
@@ -194,17 +215,30 @@ def main() -> None:
     for f in failures:
         cells = [f"{t - f.killed:7.2f}" if t else "      -" for t in (f.detected, f.restored, f.first_step)]
         print(f"  {f.kind:15} {f.victim:38} {f.at_step:7}  {'  '.join(cells)}")
-    by_kind = {}
-    for f in failures:
-        if f.first_step:
-            by_kind.setdefault(f.kind, []).append(f.first_step - f.killed)
-    for kind, times in by_kind.items():
-        print(f"  {kind}: kill -> first step median {statistics.median(times):.2f} s over {len(times)}")
+    by_kind: dict[str, float] = {}
+    for kind in KINDS:
+        times = [f.first_step - f.killed for f in failures if f.kind == kind and f.first_step]
+        if times:
+            by_kind[kind] = statistics.median(times)
+            print(f"  {kind}: kill -> first step median {by_kind[kind]:.2f} s over {len(times)}")
+    return failures, metrics, by_kind
+
+
+def main() -> None:
+    args = parse_args()
+    root = Path(args.dir or tempfile.mkdtemp(prefix="resurgo-goodput-"))
+    failures, metrics, medians = report(args, root, "soak", rdzv=args.rdzv, warm=not args.cold)
+    if args.baseline:
+        _, _, before = report(args, root, "baseline", rdzv="c10d", warm=False)
+        for kind in set(medians) & set(before):
+            print(
+                f"  {kind}: {before[kind]:.2f} s before (c10d, cold) / {medians[kind]:.2f} s now = {before[kind] / medians[kind]:.1f}x"
+            )
     if args.reference:
-        _, straight, _ = soak(args, root, "reference", failures=False)
+        _, straight, _ = soak(args, root, "reference", failures=False, rdzv=args.rdzv, warm=not args.cold)
         want = {r["step"]: r["loss"] for r in straight}
         got = {r["step"]: r["loss"] for r in metrics}  # a redone step: its newest record
-        first_loss = min((f.at_step for f in failures if f.kind == "node-kill"), default=args.steps + 1)
+        first_loss = min((f.at_step for f in failures if f.kind in NODE_LOSSES), default=args.steps + 1)
         exact = all(got[s] == want[s] for s in want if s <= first_loss)
         worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
         print(f"losses: bit-exact up to step {min(first_loss, args.steps)}: {exact}; largest relative gap {worst:.2e}")
