@@ -7,7 +7,8 @@ never): a rank's training process SIGKILLed (`--rank-kill-every`), SIGSTOPped (`
 its keeper ends it after `--hang-timeout` s), a node's keeper SIGKILLed (`--keeper-kill-every`), a
 whole node SIGKILLed (`--node-kill-every`) or SIGSTOPped (`--node-stop-every`; its peers' keepers
 leave it behind after `--peer-timeout` s), with a replacement node started after each. Victims
-rotate; node 0, whose agent holds the c10d rendezvous store, is among them only under etcd.
+rotate; node 0, whose agent holds the c10d rendezvous store, is among them only under etcd, and
+etcd's members only while a majority of them would survive.
 `--baseline` runs the same schedule again the way a job ran before etcd and the warm templates
 (c10d, every rank started cold) and prints the ratio of the node-loss times.
 
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from run_logs import failures_seen, records, resumes, stamped
 
-from resurgo.launch.local_nodes import LocalCluster
+from resurgo.launch.local_nodes import RDZV_CONF, LocalCluster
 from resurgo.launch.process_tree import rank_process
 
 KINDS = ("rank-kill", "rank-stop", "keeper-kill", "node-kill", "node-stop")
@@ -65,6 +66,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rdzv", choices=("c10d", "etcd"), default="etcd", help="the rendezvous backend")
     parser.add_argument("--cold", action="store_true", help="no warm templates: torchrun starts every rank cold")
     parser.add_argument("--baseline", action="store_true", help="also run the schedule with c10d and cold ranks")
+    parser.add_argument(
+        "--no-replace", action="store_true", help="no replacement nodes: the job shrinks by one node per loss"
+    )
+    parser.add_argument(
+        "--rdzv-conf",
+        default="keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=1",
+        help="torchrun --rdzv-conf of the soak (the baseline keeps LocalCluster's RDZV_CONF): a lost node's "
+        "heartbeats expire after interval x attempts, and a round waits last_call_timeout for late nodes",
+    )
     parser.add_argument("--dim", type=int, default=64, help="model.dim (the tiny model's by default)")
     parser.add_argument("--layers", type=int, default=4, help="model.n_layers")
     parser.add_argument("--reference", action="store_true", help="also run without failures and compare losses")
@@ -99,16 +109,20 @@ def schedule(args: argparse.Namespace) -> dict[int, str]:
     return out
 
 
-def inject(cluster: LocalCluster, kind: str, count: int, lost: set[int]) -> str:
+def inject(cluster: LocalCluster, kind: str, count: int, lost: set[int], *, replace: bool) -> str:
     """Cause one failure of `kind` (the `count`-th of its kind picks the victim); returns the victim's
     name. A node lost is added to `lost` (a stopped one's processes still exist)."""
     running = [i for i in cluster.alive() if i not in lost]
     if kind in NODE_LOSSES:
-        candidates = [i for i in running if i != 0 or cluster.rdzv == "etcd"]
+        # Under etcd, members too while Raft keeps a majority of them after the loss.
+        spare = (len(cluster.etcd_nodes) - 1) // 2 - len(lost & cluster.etcd_nodes)
+        candidates = [
+            i for i in running if (i != 0 or cluster.rdzv == "etcd") and (i not in cluster.etcd_nodes or spare > 0)
+        ]
         index = candidates[count % len(candidates)]
         (cluster.kill_node if kind == "node-kill" else cluster.freeze_node)(index)
         lost.add(index)
-        return f"node{index} (replaced by node{cluster.add_node()})"
+        return f"node{index} (replaced by node{cluster.add_node()})" if replace else f"node{index}"
     node = cluster.node(running[count % len(running)])
     if kind == "keeper-kill":
         os.kill(node.keeper.pid, signal.SIGKILL)
@@ -121,16 +135,17 @@ def inject(cluster: LocalCluster, kind: str, count: int, lost: set[int]) -> str:
 
 
 def soak(
-    args: argparse.Namespace, root: Path, name: str, *, failures: bool, rdzv: str, warm: bool
+    args: argparse.Namespace, root: Path, name: str, *, failures: bool, rdzv: str, warm: bool, conf: dict
 ) -> tuple[list[Failure], list[dict], str]:
     plan = schedule(args) if failures else {}
     counts = dict.fromkeys(KINDS, 0)
     injected: list[Failure] = []
     lost: set[int] = set()  # the nodes killed or stopped
+    losses = sum(kind in NODE_LOSSES for kind in plan.values())
     with LocalCluster(
         nodes=args.nodes,
         nproc_per_node=args.per_node,
-        min_nodes=max(1, args.nodes - 1),
+        min_nodes=max(1, args.nodes - (losses if args.no_replace else 1)),
         max_nodes=args.nodes + len([k for k in plan.values() if k in NODE_LOSSES]),
         max_restarts=100,
         overrides=overrides(args),
@@ -138,6 +153,7 @@ def soak(
         name=name,
         rdzv=rdzv,
         warm_template=warm,
+        rdzv_conf=conf,
     ) as cluster:
         deadline = time.monotonic() + DEADLINE_S + args.steps * 5
         pending = sorted(plan)
@@ -148,7 +164,7 @@ def soak(
                 step = pending.pop(0)
                 kind = plan[step]
                 killed = time.time()
-                victim = inject(cluster, kind, counts[kind], lost)
+                victim = inject(cluster, kind, counts[kind], lost, replace=not args.no_replace)
                 counts[kind] += 1
                 injected.append(Failure(kind, victim, logged, killed))
                 print(f"  step {logged}: {kind} of {victim}", flush=True)
@@ -203,11 +219,15 @@ def draw(png: Path, metrics: list[dict], failures: list[Failure]) -> None:
     fig.savefig(png, dpi=120)
 
 
-def report(args: argparse.Namespace, root: Path, name: str, *, rdzv: str, warm: bool) -> tuple[list, list, dict]:
+def report(
+    args: argparse.Namespace, root: Path, name: str, *, rdzv: str, warm: bool, conf: dict
+) -> tuple[list, list, dict]:
     """One soak with failures, printed: goodput, each failure's timeline, the median per kind."""
-    how = f"{rdzv} rendezvous, ranks {'forked from warm templates' if warm else 'started cold'}"
+    how = f"{rdzv} rendezvous {','.join(f'{k}={v}' for k, v in conf.items())}, ranks " + (
+        "forked from warm templates" if warm else "started cold"
+    )
     print(f"soak: {args.nodes} nodes x {args.per_node}, {args.steps} steps, {how}, runs in {root / name}", flush=True)
-    failures, metrics, text = soak(args, root, name, failures=True, rdzv=rdzv, warm=warm)
+    failures, metrics, text = soak(args, root, name, failures=True, rdzv=rdzv, warm=warm, conf=conf)
     timeline(failures, metrics, text)
     value, median, wall = goodput(metrics)
     print(f"goodput {value:.1%}: {len({r['step'] for r in metrics})} steps x {median:.3f} s median over {wall:.1f} s")
@@ -227,15 +247,16 @@ def report(args: argparse.Namespace, root: Path, name: str, *, rdzv: str, warm: 
 def main() -> None:
     args = parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="resurgo-goodput-"))
-    failures, metrics, medians = report(args, root, "soak", rdzv=args.rdzv, warm=not args.cold)
+    conf = {**RDZV_CONF, **dict(item.split("=", 1) for item in args.rdzv_conf.split(",") if item)}
+    failures, metrics, medians = report(args, root, "soak", rdzv=args.rdzv, warm=not args.cold, conf=conf)
     if args.baseline:
-        _, _, before = report(args, root, "baseline", rdzv="c10d", warm=False)
+        _, _, before = report(args, root, "baseline", rdzv="c10d", warm=False, conf=RDZV_CONF)
         for kind in set(medians) & set(before):
             print(
                 f"  {kind}: {before[kind]:.2f} s before (c10d, cold) / {medians[kind]:.2f} s now = {before[kind] / medians[kind]:.1f}x"
             )
     if args.reference:
-        _, straight, _ = soak(args, root, "reference", failures=False, rdzv=args.rdzv, warm=not args.cold)
+        _, straight, _ = soak(args, root, "reference", failures=False, rdzv=args.rdzv, warm=not args.cold, conf=conf)
         want = {r["step"]: r["loss"] for r in straight}
         got = {r["step"]: r["loss"] for r in metrics}  # a redone step: its newest record
         first_loss = min((f.at_step for f in failures if f.kind in NODE_LOSSES), default=args.steps + 1)

@@ -114,6 +114,15 @@ def healthy(member: Member, timeout: float = 1.0) -> bool:
         return False
 
 
+def answers(member: Member, timeout: float = 1.0) -> bool:
+    """Whether the member's process answers at all (a leaderless but live member does)."""
+    try:
+        with urllib.request.urlopen(f"{member.client_url}/version", timeout=timeout):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def wait_healthy(members: Sequence[Member], *, timeout: float = READY_S, log: Path | None = None) -> None:
     """Return once every member answers healthy; TimeoutError naming the silent ones otherwise."""
     deadline = time.monotonic() + timeout

@@ -139,6 +139,7 @@ class LocalCluster:
             if rdzv == "etcd"
             else []
         )
+        self._member_of = dict(enumerate(self.etcd_members))  # node index -> its etcd member
         # Short: a Unix socket path must stay under ~100 characters, pytest's tmp paths do not.
         self.keeper_root = Path("/tmp") / f"resurgo-{os.getuid()}" / f"lc-{uuid.uuid4().hex[:8]}"
         self._nodes: list[Node] = []
@@ -237,6 +238,12 @@ class LocalCluster:
         with open(self._node_paths(index)[2], "ab") as out:
             return subprocess.Popen([*_on_cpus(self.worker_cpus), *cmd], **self._spawn_args(index, out))
 
+    @property
+    def etcd_nodes(self) -> set[int]:
+        """The nodes that run an etcd member: Raft survives the loss of fewer than half of them.
+        Members are fixed at start; a replacement node talks to a live one and adds none."""
+        return set(self._member_of)
+
     def _agent_cmd(self, index: int) -> list[str]:
         # c10d: is_host explicitly, so the other agents wait for node 0's store instead of racing to
         # host one. etcd: the node's own member, else (a node beyond the members, a replacement) the
@@ -244,12 +251,10 @@ class LocalCluster:
         # --local-addr: the address the workers' store is published at (the default, the fully
         # qualified hostname, may not resolve).
         if self.rdzv == "etcd":
-            if index < len(self.etcd_members):
-                member = self.etcd_members[index]
-            else:
-                live = (m for i, m in enumerate(self.etcd_members) if self.node_pids(i))
-                member = next(live, self.etcd_members[0])
-            rdzv = ["--rdzv-backend=etcd-v2", f"--rdzv-endpoint={member.endpoint}"]
+            member = self._member_of.get(index) or next(
+                (m for i, m in self._member_of.items() if etcd.answers(m)), self.etcd_members[0]
+            )
+            rdzv = ["--rdzv-backend=resurgo-etcd", f"--rdzv-endpoint={member.endpoint}"]
             conf = ",".join(f"{k}={v}" for k, v in self.rdzv_conf.items())
         else:
             rdzv = ["--rdzv-backend=c10d", f"--rdzv-endpoint={HOST}:{self.port}"]
