@@ -24,7 +24,9 @@ the losses against an uninterrupted run (bit-exact up to the first node loss, wi
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shutil
 import signal
 import statistics
 import tempfile
@@ -63,7 +65,12 @@ def parse_args() -> argparse.Namespace:
         parser.add_argument(f"--{kind}-every", type=int, default=0, help=f"steps between {kind} failures (0: none)")
     parser.add_argument("--hang-timeout", type=float, default=3.0, help="fault.hang_timeout_s")
     parser.add_argument("--peer-timeout", type=float, default=2.0, help="fault.peer_timeout_s")
-    parser.add_argument("--rdzv", choices=("c10d", "etcd"), default="etcd", help="the rendezvous backend")
+    parser.add_argument(
+        "--rdzv",
+        choices=("c10d", "etcd"),
+        default="etcd" if shutil.which("etcd") else "c10d",
+        help="the rendezvous backend (default: etcd where its server is installed)",
+    )
     parser.add_argument("--cold", action="store_true", help="no warm templates: torchrun starts every rank cold")
     parser.add_argument("--baseline", action="store_true", help="also run the schedule with c10d and cold ranks")
     parser.add_argument(
@@ -71,7 +78,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--rdzv-conf",
-        default="keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=1",
+        default="keep_alive_interval=1,keep_alive_max_attempt=2,last_call_timeout=1",
         help="torchrun --rdzv-conf of the soak (the baseline keeps LocalCluster's RDZV_CONF): a lost node's "
         "heartbeats expire after interval x attempts, and a round waits last_call_timeout for late nodes",
     )
@@ -88,7 +95,8 @@ def overrides(args: argparse.Namespace) -> list[str]:
     return [
         "experiment=smoke",
         f"train.steps={args.steps}",
-        f"train.batch_size={12 * args.per_node}",  # divisible by every data-parallel degree of 3, 2 or 1 nodes
+        # divisible by every data-parallel degree the job passes through
+        f"train.batch_size={math.lcm(12, *range(1, args.nodes + 1)) * args.per_node}",
         "train.precision=fp32",
         "train.log_every=1",
         "train.device=cpu",

@@ -65,6 +65,7 @@ NO_SHARED_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 HOST = "127.0.0.1"
 RDZV_BACKENDS = ("c10d", "etcd")
 ETCD_MEMBERS = 3  # Raft: a majority of 3 survives any one node's loss
+ETCD_READ_TIMEOUT_S = 2
 READY_S = 120.0  # longest node 0 may take to host the rendezvous store (torch imports on a busy machine)
 STOP_GRACE_S = 10.0  # a keeper asked to stop finishes its queued persists first
 
@@ -255,7 +256,9 @@ class LocalCluster:
                 (m for i, m in self._member_of.items() if etcd.answers(m)), self.etcd_members[0]
             )
             rdzv = ["--rdzv-backend=resurgo-etcd", f"--rdzv-endpoint={member.endpoint}"]
-            conf = ",".join(f"{k}={v}" for k, v in self.rdzv_conf.items())
+            # read_timeout: a request lost with etcd's leader is given up after 2 s and sent again
+            # (resurgo-etcd retries), rather than answered "timed out" by etcd after 5 to 7 s.
+            conf = ",".join(f"{k}={v}" for k, v in {"read_timeout": ETCD_READ_TIMEOUT_S, **self.rdzv_conf}.items())
         else:
             rdzv = ["--rdzv-backend=c10d", f"--rdzv-endpoint={HOST}:{self.port}"]
             conf = ",".join(f"{k}={v}" for k, v in {**self.rdzv_conf, "is_host": int(index == 0)}.items())

@@ -10,9 +10,10 @@
 #   --nnodes MIN:MAX         elastic: training goes on while at least MIN nodes are up (or N: exactly N)
 #   --nproc-per-node N       workers on this node (usually its number of GPUs)
 #   --rdzv-endpoint H:P      c10d: the rendezvous store, hosted by the agent on host H (the same on every node);
-#                            etcd-v2: an etcd member's client address (default: this node's member)
-#   --rdzv-backend B         c10d (default: the store dies with host H, and the job with it) or etcd-v2
-#   --etcd-cluster N=H,...   etcd-v2: the members (3 or 5 node ids and hosts); a node named there runs its
+#                            etcd: an etcd member's client address (default: this node's member)
+#   --rdzv-backend B         c10d (default: the store dies with host H, and the job with it) or etcd
+#                            (torchrun's etcd-v2 rendezvous, retried through a lost etcd leader: resurgo-etcd)
+#   --etcd-cluster N=H,...   etcd: the members (3 or 5 node ids and hosts); a node named there runs its
 #                            member (resurgo.launch.etcd), so the job survives any one node's loss (two with 5)
 #   --rdzv-id ID             the job's id; also run.name unless an override sets it
 #   --max-restarts R         worker group restarts after failures before the job fails (default 3)
@@ -62,8 +63,10 @@ OVERRIDES=("$@")
   die "--nnodes, --nproc-per-node and --rdzv-id are required (--help lists the options)"
 case "$BACKEND" in
   c10d) [[ -n "$ENDPOINT" ]] || die "--rdzv-endpoint is required with the c10d rendezvous" ;;
-  etcd-v2) [[ -n "$ENDPOINT" || -n "$ETCD_CLUSTER" ]] || die "etcd-v2 needs --etcd-cluster, or --rdzv-endpoint of a running etcd" ;;
-  *) die "--rdzv-backend $BACKEND: use c10d or etcd-v2" ;;
+  etcd | etcd-v2 | resurgo-etcd)
+    BACKEND="resurgo-etcd"
+    [[ -n "$ENDPOINT" || -n "$ETCD_CLUSTER" ]] || die "etcd needs --etcd-cluster, or --rdzv-endpoint of a running etcd" ;;
+  *) die "--rdzv-backend $BACKEND: use c10d or etcd" ;;
 esac
 PYTHON="${PYTHON:-python}"
 

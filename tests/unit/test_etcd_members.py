@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from torch.distributed.elastic.rendezvous import RendezvousConnectionError
+from torch.distributed.elastic.rendezvous.etcd_rendezvous_backend import EtcdRendezvousBackend
 
-from resurgo.launch import etcd
+from resurgo.launch import etcd, etcd_rendezvous
 from resurgo.launch.local_nodes import free_port
 
 
@@ -64,3 +66,42 @@ def test_three_members_keep_the_rendezvous_state_through_the_loss_of_any_one(tmp
         for proc in procs:
             proc.kill()
             proc.wait(timeout=10)
+
+
+class _FlakyEtcd:
+    """torch's etcd-v2 backend as seen while etcd elects a leader: the first calls fail."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls = failures, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RendezvousConnectionError("The connection to etcd has failed.")
+        return (b"state", 7)
+
+
+@pytest.mark.parametrize("failures, retry_s, survives", [(3, 30.0, True), (10**9, 0.3, False)])
+def test_the_rendezvous_backend_rides_out_a_leader_election_but_not_a_lost_majority(
+    monkeypatch, failures, retry_s, survives
+):
+    flaky = _FlakyEtcd(failures)
+    monkeypatch.setattr(EtcdRendezvousBackend, "get_state", lambda self: flaky())
+    monkeypatch.setattr(EtcdRendezvousBackend, "set_state", lambda self, state, token=None: flaky(state, token))
+    monkeypatch.setattr(etcd_rendezvous, "PAUSE_S", 0.01)
+    inner = EtcdRendezvousBackend.__new__(EtcdRendezvousBackend)
+    backend = etcd_rendezvous.RetryingEtcdBackend(inner, retry_s)
+    if survives:
+        assert backend.get_state() == (b"state", 7) and flaky.calls == failures + 1
+        assert backend.set_state(b"new", 7) == (b"state", 7)
+    else:
+        with pytest.raises(RendezvousConnectionError):
+            backend.set_state(b"new", 7)
+        assert flaky.calls > 3
+
+
+def test_torchrun_finds_the_retrying_backend_by_its_name():
+    from importlib.metadata import entry_points
+
+    (entry,) = [e for e in entry_points(group="torchrun.handlers") if e.name == "resurgo-etcd"]
+    assert entry.load()() is etcd_rendezvous.create_rendezvous_handler
