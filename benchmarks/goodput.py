@@ -10,7 +10,8 @@ leave it behind after `--peer-timeout` s), with a replacement node started after
 rotate; node 0, whose agent holds the c10d rendezvous store, is among them only under etcd, and
 etcd's members only while a majority of them would survive.
 `--baseline` runs the same schedule again the way a job ran before etcd and the warm templates
-(c10d, every rank started cold) and prints the ratio of the node-loss times.
+(c10d, every rank started cold, the rendezvous settings of then) and prints the ratio of the
+node-loss times.
 
 Printed: goodput (the steps the run finished times its median step time, over the wall time from the
 first step to the last: redone steps, restarts and slow steps all count as waste), each failure's
@@ -39,6 +40,8 @@ from run_logs import failures_seen, records, resumes, stamped
 from resurgo.launch.local_nodes import RDZV_CONF, LocalCluster
 from resurgo.launch.process_tree import rank_process
 
+# The rendezvous settings of the path before etcd and the warm templates, for --baseline.
+BEFORE_CONF = {**RDZV_CONF, "last_call_timeout": 5, "keep_alive_interval": 2, "keep_alive_max_attempt": 3}
 KINDS = ("rank-kill", "rank-stop", "keeper-kill", "node-kill", "node-stop")
 NODE_LOSSES = ("node-kill", "node-stop")
 DEADLINE_S = 900.0
@@ -79,7 +82,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--rdzv-conf",
         default="keep_alive_interval=1,keep_alive_max_attempt=2,last_call_timeout=1",
-        help="torchrun --rdzv-conf of the soak (the baseline keeps LocalCluster's RDZV_CONF): a lost node's "
+        help="torchrun --rdzv-conf of the soak (the baseline's are those used before, BEFORE_CONF): a lost node's "
         "heartbeats expire after interval x attempts, and a round waits last_call_timeout for late nodes",
     )
     parser.add_argument("--dim", type=int, default=64, help="model.dim (the tiny model's by default)")
@@ -260,7 +263,7 @@ def main() -> None:
     conf = {**RDZV_CONF, **dict(item.split("=", 1) for item in args.rdzv_conf.split(",") if item)}
     failures, metrics, medians = report(args, root, "soak", rdzv=args.rdzv, warm=not args.cold, conf=conf)
     if args.baseline:
-        _, _, before = report(args, root, "baseline", rdzv="c10d", warm=False, conf=RDZV_CONF)
+        _, _, before = report(args, root, "baseline", rdzv="c10d", warm=False, conf=BEFORE_CONF)
         for kind in set(medians) & set(before):
             print(
                 f"  {kind}: {before[kind]:.2f} s before (c10d, cold) / {medians[kind]:.2f} s now = {before[kind] / medians[kind]:.1f}x"

@@ -41,21 +41,22 @@ from .warm_template import TEMPLATE_ENV
 
 # Rendezvous settings (torchrun --rdzv-conf) that let the survivors of a lost node train again within
 # seconds instead of the defaults' ~45 s:
-# - keep_alive_interval=2, keep_alive_max_attempt=3: a node without a heartbeat for 6 s is dead and
-#   leaves the rendezvous (default 5 s x 3). Not lower: on a loaded machine a heartbeat can be late,
-#   and a live node declared dead costs a needless restart of every node.
-# - last_call_timeout=5: once the minimum number of nodes is in, wait 5 s more for the others
-#   (default 30 s). All nodes start together, so 5 s covers their start-up skew; a node later than
-#   that joins at the next re-rendezvous, which the agents start as soon as it waits.
+# - keep_alive_interval=1, keep_alive_max_attempt=3: a node without a heartbeat for 3 s is dead and
+#   leaves the rendezvous (default 5 s x 3); the survivors' next round waits for that. Not lower: on a
+#   loaded machine a heartbeat can be late, and a live node declared dead restarts every node.
+# - last_call_timeout=3: once the minimum number of nodes is in, wait 3 s more for the others
+#   (default 30 s). Every node's template is up before any agent starts, so the agents start
+#   together; a node later than that joins at the next re-rendezvous, which the agents start as
+#   soon as it waits.
 # - join_timeout=120: how long an agent waits for the minimum number of nodes before it gives up
 #   (default 600 s): long enough for a replacement node to start, short enough that a test fails
 #   quickly when one never comes.
 # - close_timeout=10: how long closing the rendezvous at the end may take (default 30 s).
 RDZV_CONF = {
     "join_timeout": 120,
-    "last_call_timeout": 5,
+    "last_call_timeout": 3,
     "close_timeout": 10,
-    "keep_alive_interval": 2,
+    "keep_alive_interval": 1,
     "keep_alive_max_attempt": 3,
 }
 # torch 2.13's agents share one store with the workers, but the rank-0 agent publishes its address only

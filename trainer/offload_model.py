@@ -80,15 +80,15 @@ EXHAUSTIVE_UP_TO = 12  # subgroups: every subset is tried up to here (4096 layou
 
 def choose(sizes: Sequence[int], costs: Costs, *, fraction: float = -1.0) -> Plan:
     """The split: `fraction` of the subgroups when given (>= 0), else the modelled fastest (the fewest
-    on the device among equals), none when the staging buffers do not fit. A few subgroups are
+    on the device among equals), none when the device is the CPU or the staging buffers do not fit. A few subgroups are
     searched exhaustively; many are nearly all of one size, where only their count matters."""
     n = len(sizes)
     if fraction >= 0:
         layout = spread(n, round(fraction * n))
         return Plan(layout, step_time(sizes, layout, costs))
     best = Plan(spread(n, 0), step_time(sizes, spread(n, 0), costs))
-    if not fits_staging(sizes, costs.free_device_bytes):
-        return best
+    if costs.shared or not fits_staging(sizes, costs.free_device_bytes):
+        return best  # the device is the CPU itself (moving a subgroup only adds copies), or too full
     if n <= EXHAUSTIVE_UP_TO:
         layouts = ([bool(mask >> i & 1) for i in range(n)] for mask in sorted(range(1, 2**n), key=int.bit_count))
     else:

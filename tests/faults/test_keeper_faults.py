@@ -79,6 +79,7 @@ WRAPPER = textwrap.dedent(
                     if point == "forward":
                         die()
                     if point == "flip":  # one bit of every snapshot this rank's keeper holds goes bad, then the rank dies
+                        time.sleep(1.0)  # the previous step's lazy copy lands first: it would overwrite the flip
                         from resurgo.checkpoint.keeper import shm
                         from resurgo.checkpoint.keeper.protocol import run_id, segment_prefix
                         for name, _ in shm.list_segments(segment_prefix(run_id(run_dir))):

@@ -45,9 +45,9 @@ TOPOLOGIES = {
 
 
 @pytest.mark.parametrize(
-    # tp=2 alone runs with the slow tests: tp=2 x dp_shard=2 covers it
+    # tp=2 x dp_shard=2 (4 ranks) runs with the slow tests: tp=2 and dp_shard=2 cover each of its dimensions
     "name",
-    [pytest.param(n, marks=pytest.mark.slow) if n == "tp=2" else n for n in TOPOLOGIES],
+    [pytest.param(n, marks=pytest.mark.slow) if n == "tp=2 x dp_shard=2" else n for n in TOPOLOGIES],
 )
 def test_offloaded_run_equals_adamw(tmp_path, name):
     """fp32, with clipping: losses and the whole checkpoint (parameters, moments, steps) equal bit for bit."""

@@ -40,7 +40,14 @@ def assert_follows(records: list[dict], reference: list[dict]) -> None:
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-3)
 
 
-@pytest.mark.parametrize("name", list(TOPOLOGIES))
+# Eight ranks on two cores take long: the 3-D mesh runs with the slow tests, each of its pairs
+# (pp x tp, tp x dp_shard, pp x dp_shard) in the default run.
+SLOW_TOPOLOGIES = {"pp=2 x tp=2 x dp_shard=2"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TOPOLOGIES else n for n in TOPOLOGIES]
+)
 def test_topology_matches_single_process(name, reference, tmp_path):
     nproc, overrides = TOPOLOGIES[name]
     launch(BASE + overrides, nproc=nproc, root=tmp_path)
