@@ -2,7 +2,7 @@
 
 torchrun's c10d rendezvous keeps its state in a TCPStore inside one agent, on the node the launch
 command names: when that node dies, every other agent loses the rendezvous and the whole job ends.
-With `--rdzv-backend etcd-v2` the state lives in etcd instead, replicated by Raft across members on
+With the etcd rendezvous (`--rdzv-backend resurgo-etcd`, launch/etcd_rendezvous.py) the state lives in etcd instead, replicated by Raft across members on
 several nodes; a majority of the members keeps it going, so with three members any one node may die,
 the first included (five members: any two). Each member's node points its agent at its own member;
 other nodes (more than the members, or a replacement joining later) at any live one.
@@ -107,20 +107,20 @@ def command(member: Member, members: Sequence[Member], data_dir: Path | str, tok
 
 def healthy(member: Member, timeout: float = 1.0) -> bool:
     """Whether the member answers and its cluster has a leader (etcd's /health)."""
-    try:
-        with urllib.request.urlopen(f"{member.client_url}/health", timeout=timeout) as reply:
-            return b'"true"' in reply.read()
-    except (urllib.error.URLError, OSError):
-        return False
+    return b'"true"' in (_get(member, "/health", timeout) or b"")
 
 
 def answers(member: Member, timeout: float = 1.0) -> bool:
     """Whether the member's process answers at all (a leaderless but live member does)."""
+    return _get(member, "/version", timeout) is not None
+
+
+def _get(member: Member, path: str, timeout: float) -> bytes | None:
     try:
-        with urllib.request.urlopen(f"{member.client_url}/version", timeout=timeout):
-            return True
+        with urllib.request.urlopen(f"{member.client_url}{path}", timeout=timeout) as reply:
+            return reply.read()
     except (urllib.error.URLError, OSError):
-        return False
+        return None
 
 
 def wait_healthy(members: Sequence[Member], *, timeout: float = READY_S, log: Path | None = None) -> None:

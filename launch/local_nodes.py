@@ -141,7 +141,6 @@ class LocalCluster:
             if rdzv == "etcd"
             else []
         )
-        self._member_of = dict(enumerate(self.etcd_members))  # node index -> its etcd member
         # Short: a Unix socket path must stay under ~100 characters, pytest's tmp paths do not.
         self.keeper_root = Path("/tmp") / f"resurgo-{os.getuid()}" / f"lc-{uuid.uuid4().hex[:8]}"
         self._nodes: list[Node] = []
@@ -244,7 +243,7 @@ class LocalCluster:
     def etcd_nodes(self) -> set[int]:
         """The nodes that run an etcd member: Raft survives the loss of fewer than half of them.
         Members are fixed at start; a replacement node talks to a live one and adds none."""
-        return set(self._member_of)
+        return set(range(len(self.etcd_members)))
 
     def _agent_cmd(self, index: int) -> list[str]:
         # c10d: is_host explicitly, so the other agents wait for node 0's store instead of racing to
@@ -253,9 +252,10 @@ class LocalCluster:
         # --local-addr: the address the workers' store is published at (the default, the fully
         # qualified hostname, may not resolve).
         if self.rdzv == "etcd":
-            member = self._member_of.get(index) or next(
-                (m for i, m in self._member_of.items() if etcd.answers(m)), self.etcd_members[0]
-            )
+            if index < len(self.etcd_members):
+                member = self.etcd_members[index]
+            else:
+                member = next((m for m in self.etcd_members if etcd.answers(m)), self.etcd_members[0])
             rdzv = ["--rdzv-backend=resurgo-etcd", f"--rdzv-endpoint={member.endpoint}"]
             # read_timeout: a request lost with etcd's leader is given up after 2 s and sent again
             # (resurgo-etcd retries), rather than answered "timed out" by etcd after 5 to 7 s.

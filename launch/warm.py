@@ -30,6 +30,8 @@ from datetime import timedelta
 
 from resurgo.checkpoint import GENERATION_ENV, incarnation
 
+from .warm_template import say
+
 POLL_S = 0.02  # how often a supervisor looks at its worker and at the generation
 GRACE_S = 1.5  # after a worker's error exit, how long to wait for a peer's failure to open a generation
 STORE_TIMEOUT_S = 30.0
@@ -204,7 +206,5 @@ def _stop(child: int | None) -> None:
 
 
 def _say(message: str) -> None:
-    """One line on stderr, from every rank (a worker's logging is rank 0's alone), with the time to the ms."""
-    now = time.time()
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
-    print(f"[{stamp}][resurgo.warm] rank {os.environ.get('RANK', '?')}: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, from every rank (a worker's logging is rank 0's alone)."""
+    say("resurgo.warm", f"rank {os.environ.get('RANK', '?')}: {message}")

@@ -87,8 +87,9 @@ def _pass_on(pid: int, number: int) -> None:
         pass
 
 
-def _read_message(conn: socket.socket) -> dict:
-    size = int.from_bytes(_read_exactly(conn, 4), "big")
+def _read_message(conn: socket.socket, head: bytes | None = None) -> dict:
+    """One length-prefixed JSON message; `head`: its 4-byte length, when already read."""
+    size = int.from_bytes(_read_exactly(conn, 4) if head is None else head, "big")
     if size > MAX_REQUEST:
         raise ValueError(f"a message of {size} bytes: not the template's protocol")
     return json.loads(_read_exactly(conn, size))
@@ -155,7 +156,7 @@ def _accept(listener: socket.socket, ranks: dict[int, socket.socket]) -> None:
         head, fds, _, _ = socket.recv_fds(conn, 4, 3)
         if len(head) != 4 or len(fds) != 3:
             raise ValueError("no request")
-        request = json.loads(_read_exactly_after(conn, head))
+        request = _read_message(conn, head)
     except (OSError, ValueError) as e:
         _say(f"a request that did not follow the protocol was dropped ({e})")
         conn.close()
@@ -174,13 +175,6 @@ def _accept(listener: socket.socket, ranks: dict[int, socket.socket]) -> None:
     except OSError:
         pass  # the thin process is gone: its rank sees the connection closed and ends
     ranks[pid] = conn
-
-
-def _read_exactly_after(conn: socket.socket, head: bytes) -> bytes:
-    size = int.from_bytes(head, "big")
-    if size > MAX_REQUEST:
-        raise ValueError(f"a request of {size} bytes")
-    return _read_exactly(conn, size)
 
 
 def _reap(ranks: dict[int, socket.socket]) -> None:
@@ -258,10 +252,15 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _say(message: str) -> None:
+def say(source: str, message: str) -> None:
+    """One line on stderr, stamped to the ms like the logs' lines (the benchmarks read the times)."""
     now = time.time()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
-    print(f"[{stamp}][resurgo.warm_template] {message}", file=sys.stderr, flush=True)
+    print(f"[{stamp}][{source}] {message}", file=sys.stderr, flush=True)
+
+
+def _say(message: str) -> None:
+    say("resurgo.warm_template", message)
 
 
 def main(argv: list[str] | None = None) -> int:
