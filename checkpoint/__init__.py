@@ -20,6 +20,7 @@ _EXPORTS = {
     "NothingToResume": "errors",
     "PeerUnreachable": "errors",
     "SaveFailed": "errors",
+    "WorldIncomplete": "errors",
     # what the trainer hands over, and the worker's side of every level
     "ModelState": "state.stateful",
     "OptimizerState": "state.stateful",

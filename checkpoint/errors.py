@@ -21,6 +21,12 @@ class PeerUnreachable(CheckpointError):
     """Keepers of different nodes cannot connect: a setup error no restart changes."""
 
 
+class WorldIncomplete(RuntimeError):
+    """Nodes whose keepers answer were left out of this world (they reached the rendezvous after it
+    closed) and memory cannot rebuild the run without them: a restart of the round brings them in,
+    so this is the one resume failure that asks for a restart rather than stopping."""
+
+
 def join_problems(problems: list[str], *, limit: int = 50) -> str:
     """One problem per line, capped so a badly damaged checkpoint still gives a readable error."""
     shown = [f"  - {p}" for p in problems[:limit]]

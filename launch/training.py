@@ -19,11 +19,13 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from resurgo.checkpoint import (
+    CheckpointError,
     Comm,
     HeldSlots,
     NothingToResume,
     PeerUnreachable,
     SaveFailed,
+    WorldIncomplete,
     prefetch_ahead,
     previous_topology,
 )
@@ -31,7 +33,7 @@ from resurgo.launch import warm
 from resurgo.parallel.dims import ParallelDims
 from resurgo.parallel.elastic import fit_topology
 from resurgo.trainer.config import JobConfig, load_config
-from resurgo.trainer.distributed import init_distributed, shutdown, stop_restarts
+from resurgo.trainer.distributed import DistEnv, init_distributed, shutdown, stop_restarts
 from resurgo.trainer.trainer import Trainer
 
 
@@ -50,8 +52,7 @@ def train(cfg: JobConfig) -> list[float]:
     finished = False
     run_dir = Path(cfg.run.root) / run_name(cfg.run.name)
     try:
-        cfg, warmed = fit_world(cfg, world_size=env.world_size, run_dir=run_dir)
-        trainer = Trainer(cfg, env=env, run_dir=run_dir)
+        trainer, warmed = build(cfg, env=env, run_dir=run_dir)
         protection = trainer.build_protection(warmed=warmed)
         protection.resume()
         trainer.hooks += protection.hooks
@@ -66,6 +67,22 @@ def train(cfg: JobConfig) -> list[float]:
         if trainer is not None:
             trainer.close()
         shutdown()
+
+
+def build(cfg: JobConfig, *, env: DistEnv, run_dir: Path) -> tuple[Trainer, HeldSlots | None]:
+    """The trainer for this world (collective); a config it cannot run becomes WrongForThisWorld."""
+    try:
+        cfg, warmed = fit_world(cfg, world_size=env.world_size, run_dir=run_dir)
+        return Trainer(cfg, env=env, run_dir=run_dir), warmed
+    except CheckpointError:
+        raise  # the run's saved state, not the config: recorded and handled as such
+    except (ValueError, OmegaConfBaseException) as e:
+        raise WrongForThisWorld(str(e)) from e
+
+
+class WrongForThisWorld(ValueError):
+    """The config cannot run on this world (degrees, batch, model): every restart would fail the
+    same way, so the job stops rather than spend its restarts on it."""
 
 
 def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> tuple[JobConfig, HeldSlots | None]:
@@ -94,6 +111,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         job = load_config(cfg)
     except (ValueError, OmegaConfBaseException) as e:
+        stop_restarts()  # the same config fails every restart the same way
         user_error(e)
     if warm.enabled():
         # The config is composed and logging set up once, here; each worker forked inherits both.
@@ -108,6 +126,7 @@ def _train_or_explain(job: JobConfig) -> None:
         NothingToResume,
         PeerUnreachable,
         SaveFailed,
+        WrongForThisWorld,
     ) as e:  # cleaned up and recorded by now: no restart can change it, so stop
         logging.getLogger(__name__).error("%s", e)  # before the agent stops: its signal may cut Hydra's report short
         stop_restarts()
@@ -115,7 +134,8 @@ def _train_or_explain(job: JobConfig) -> None:
     except (
         ValueError,
         OmegaConfBaseException,
-    ) as e:  # a wrong config or a damaged checkpoint: the message says what to do
+        WorldIncomplete,  # torchrun's restart takes the nodes left out into the next round
+    ) as e:  # a damaged checkpoint, or a failure a restart may mend: the message says what to do
         user_error(e)
 
 

@@ -81,6 +81,17 @@ def choose(inventories: Sequence[Inventory], *, current: str) -> tuple[MemoryPla
     return None, "; ".join(reasons) or "no keeper holds an earlier incarnation's snapshots"
 
 
+def absent(inventories: Sequence[Inventory], *, current: str) -> dict[str, str]:
+    """Node -> keeper address, for the nodes of the newest earlier incarnation that no inventory
+    comes from: lost, or alive but left out of this world (they joined the rendezvous late)."""
+    plans = [p for inv in inventories for p in inv.plans() if p.token != current]
+    if not plans:
+        return {}
+    newest = max(plans, key=lambda p: p.created)
+    here = {inv.node for inv in inventories}
+    return {node: newest.peers[node] for node in newest.nodes if node not in here and node in newest.peers}
+
+
 def _choose_step(plan: ErasureSetup, inventories: Sequence[Inventory]) -> tuple[MemoryPlan | None, str]:
     erasure = plan.erasure()
     alive = {inv.node: inv for inv in inventories}

@@ -22,12 +22,12 @@ import torch
 
 from ..comm import Comm
 from ..erasure.coding import ErasureSetup
-from ..erasure.peer_plan import Inventory, choose
+from ..erasure.peer_plan import Inventory, absent, choose
 from ..erasure.peer_read import PeerReader, merged_trees
 from ..erasure.reshard import fill_targets
 from ..erasure.share_site import decide_site
-from ..erasure.wire import PeerError
-from ..errors import CheckpointError, PeerUnreachable
+from ..erasure.wire import PeerError, unreachable
+from ..errors import CheckpointError, PeerUnreachable, WorldIncomplete
 from ..keeper import messages as m
 from ..keeper.client import HeldSlots
 from ..keeper.protocol import Client, KeeperGone, ask, node_id, run_id, socket_path
@@ -210,6 +210,23 @@ class PeersMemory:
         return None
 
 
+def _refuse_without_answering_nodes(comm: Comm, inventories: Any, *, token: str, why: str) -> None:
+    """Raise WorldIncomplete (collective) when some node memory needs is left out of this world
+    but its keeper answers: the node is alive (it joined the rendezvous after the round closed, as
+    survivors that notice a hung node a moment apart can), so a new round rebuilds the run, where a
+    verdict from this world alone would refuse it."""
+    answering = None
+    if comm.rank == 0:
+        left_out = absent(list(inventories), current=token)
+        answering = sorted(n for n, address in left_out.items() if unreachable(address, timeout=1.0) is None)
+    answering = comm.all_gather(answering)[0]  # rank 0's look, on every rank
+    if answering:
+        raise WorldIncomplete(
+            f"memory cannot rebuild the run without {', '.join(answering)}, whose keepers answer but which "
+            f"are not in this world ({why}): restarting so that the next rendezvous round takes them in"
+        )
+
+
 def resume_from_peers(
     *,
     comm: Comm,
@@ -233,6 +250,8 @@ def resume_from_peers(
     chosen, why = choose(list(inventories.values()), current=token)
     if chosen is None:
         protected = any(t != token for inv in inventories.values() for t in inv.data.get("protected", {}))
+        if protected:
+            _refuse_without_answering_nodes(comm, inventories.values(), token=token, why=why)
         if comm.rank == 0 and protected:
             log.warning("peer memory cannot rebuild a step: %s", why)
         return PeerResume(None, why, lost=protected)

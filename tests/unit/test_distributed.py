@@ -36,3 +36,29 @@ def test_stop_restarts_terminates_a_torchrun_parent(tmp_path):
         env=dict(os.environ),
     )
     assert done.stdout.split() == ["True", "True"], done.stderr
+
+
+def test_a_config_that_cannot_run_here_stops_torchrun_and_a_late_node_does_not(monkeypatch, capsys):
+    """A config that fails on this world fails every restart the same way: stop. A node left out of
+    the world while alive is mended by the next round: leave the restart to torchrun."""
+    import pytest
+
+    from resurgo.checkpoint import WorldIncomplete
+    from resurgo.launch import training
+
+    stopped = []
+    monkeypatch.setattr(training, "stop_restarts", lambda: stopped.append(True) or True)
+    for error, stops in (
+        (training.WrongForThisWorld("train.batch_size=12 is not divisible by 5 ranks"), True),
+        (WorldIncomplete("memory cannot rebuild the run without node2"), False),
+    ):
+        stopped.clear()
+
+        def fail(job, error=error):
+            raise error
+
+        monkeypatch.setattr(training, "train", fail)
+        with pytest.raises(SystemExit) as ended:
+            training._train_or_explain(None)
+        assert ended.value.code == 1 and stopped == ([True] if stops else [])
+        assert str(error) in capsys.readouterr().err

@@ -15,11 +15,12 @@ from resurgo.checkpoint.erasure import code as erasure
 from resurgo.checkpoint.erasure import parity_buffer
 from resurgo.checkpoint.erasure.coding import ErasureSetup
 from resurgo.checkpoint.erasure.parity_buffer import Pace, ParityBuffer
-from resurgo.checkpoint.erasure.peer_plan import Inventory, choose
+from resurgo.checkpoint.erasure.peer_plan import Inventory, absent, choose
 from resurgo.checkpoint.erasure.peer_read import PeerReader, merged_trees
 from resurgo.checkpoint.erasure.reshard import fill_targets
 from resurgo.checkpoint.erasure.service import ParityService
 from resurgo.checkpoint.erasure.wire import PeerClient, PeerError
+from resurgo.checkpoint.errors import WorldIncomplete
 from resurgo.checkpoint.keeper.prefetch import (
     merge,
     new_fragment,
@@ -29,7 +30,7 @@ from resurgo.checkpoint.keeper.prefetch import (
     subtract,
 )
 from resurgo.checkpoint.keeper.rebuild import plan_rebuild, probe, rebuild_rank, rebuilder
-from resurgo.checkpoint.recovery.peers import replica_sets
+from resurgo.checkpoint.recovery.peers import _refuse_without_answering_nodes, replica_sets
 from resurgo.checkpoint.state import checksum
 from resurgo.checkpoint.state.layout import MeshSpec, Placement, TensorLayout
 from resurgo.checkpoint.state.slot_layout import SlotLayout
@@ -255,6 +256,23 @@ def test_more_lost_than_parity_is_refused_with_the_ranks(cluster):
     chosen, why = choose(list(c.inventories().values()), current="bbbb")
     assert chosen is None
     assert "ranks [0, 2] cannot be rebuilt" in why and "node0, node2" in why
+
+
+def test_a_node_left_out_of_the_world_whose_keeper_answers_asks_for_a_new_round(cluster):
+    """Survivors of a hung node can reach a rendezvous a moment apart, and a round may close
+    without one of them: memory then cannot rebuild the run from the world alone, but the node
+    left out is alive, so the verdict is a restart of the round, not a refusal to go on."""
+    c = cluster(nodes=3, per_node=1, k=2, m=1)
+    c.snapshot(1)
+    c.lose("node0")  # hung or dead: its keeper does not answer
+    here = [c.inventories()["node1"]]  # node2 is alive but missed the round
+    assert choose(here, current="bbbb")[0] is None
+    assert absent(here, current="bbbb") == {n: c.plan.peers[n] for n in ("node0", "node2")}
+    world_of_one = type("One", (), {"rank": 0, "all_gather": lambda self, mine: [mine]})()
+    with pytest.raises(WorldIncomplete, match="without node2, whose keepers answer"):
+        _refuse_without_answering_nodes(world_of_one, here, token="bbbb", why="ranks [0, 2] cannot be rebuilt")
+    c.lose("node2")  # now both are gone: the refusal is memory's verdict, with no restart asked
+    _refuse_without_answering_nodes(world_of_one, here, token="bbbb", why="")
 
 
 def test_a_node_lost_during_the_exchange_falls_back_to_the_newest_protected_step(cluster):
