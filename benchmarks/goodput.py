@@ -32,13 +32,16 @@ import signal
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from run_logs import failures_seen, records, resumes, stamped
 
+from resurgo.checkpoint.keeper.protocol import run_id, segment_prefix
+from resurgo.checkpoint.keeper.shm import list_segments
 from resurgo.launch.local_nodes import RDZV_CONF, LocalCluster
-from resurgo.launch.process_tree import rank_process
+from resurgo.launch.process_tree import all_pids, rank_process
 
 # The rendezvous settings of the path before etcd and the warm templates, for --baseline.
 BEFORE_CONF = {**RDZV_CONF, "last_call_timeout": 5, "keep_alive_interval": 2, "keep_alive_max_attempt": 3}
@@ -57,6 +60,11 @@ class Failure:
     restored: float | None = None
     first_step: float | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def node(self) -> int:
+        """The victim node's index (a node loss's)."""
+        return int(self.victim.removeprefix("node"))
 
 
 def parse_args() -> argparse.Namespace:
@@ -120,7 +128,7 @@ def schedule(args: argparse.Namespace) -> dict[int, str]:
     return out
 
 
-def inject(cluster: LocalCluster, kind: str, count: int, lost: set[int], *, replace: bool) -> str:
+def inject(cluster: LocalCluster, kind: str, count: int, lost: set[int]) -> str:
     """Cause one failure of `kind` (the `count`-th of its kind picks the victim); returns the victim's
     name. A node lost is added to `lost` (a stopped one's processes still exist)."""
     running = [i for i in cluster.alive() if i not in lost]
@@ -131,9 +139,9 @@ def inject(cluster: LocalCluster, kind: str, count: int, lost: set[int], *, repl
             i for i in running if (i != 0 or cluster.rdzv == "etcd") and (i not in cluster.etcd_nodes or spare > 0)
         ]
         index = candidates[count % len(candidates)]
-        (cluster.kill_node if kind == "node-kill" else cluster.freeze_node)(index)
         lost.add(index)
-        return f"node{index} (replaced by node{cluster.add_node()})" if replace else f"node{index}"
+        (cluster.kill_node if kind == "node-kill" else cluster.freeze_node)(index)
+        return f"node{index}"
     node = cluster.node(running[count % len(running)])
     if kind == "keeper-kill":
         os.kill(node.keeper.pid, signal.SIGKILL)
@@ -168,18 +176,39 @@ def soak(
     ) as cluster:
         deadline = time.monotonic() + DEADLINE_S + args.steps * 5
         pending = sorted(plan)
+        frozen: list[Failure] = []  # stopped nodes, until the others train again
+        # Replacements start one after another beside the soak: a node's start takes seconds, in
+        # which the schedule goes on.
+        replacing, started = ThreadPoolExecutor(max_workers=1), []
+
+        def replace(failure: Failure) -> None:
+            if not args.no_replace:
+                started.append(replacing.submit(lambda: failure.notes.append(f"replaced by node{cluster.add_node()}")))
+
         while any(code is None for i, code in enumerate(cluster.poll()) if i not in lost):
             assert time.monotonic() < deadline, "the soak ran past its deadline"
             logged = max((r["step"] for r in records(cluster.run_dir)), default=0)
+            # A stopped node holds every collective, so two steps past it mean the others left it behind.
+            for failure in [f for f in frozen if logged >= f.at_step + 2]:
+                frozen.remove(failure)
+                cluster.kill_node(failure.node)  # a hung machine is powered off before its replacement starts
+                replace(failure)
             if pending and logged >= pending[0]:
                 step = pending.pop(0)
                 kind = plan[step]
                 killed = time.time()
-                victim = inject(cluster, kind, counts[kind], lost, replace=not args.no_replace)
+                victim = inject(cluster, kind, counts[kind], lost)
                 counts[kind] += 1
                 injected.append(Failure(kind, victim, logged, killed))
+                if kind == "node-stop":
+                    frozen.append(injected[-1])
+                elif kind == "node-kill":
+                    replace(injected[-1])
                 print(f"  step {logged}: {kind} of {victim}", flush=True)
             time.sleep(0.02)
+        replacing.shutdown(wait=True)
+        for replacement in started:
+            replacement.result()  # a replacement that failed to start says why
         for index in lost:
             cluster.kill_node(index)  # the stopped ones: they would never exit
         codes = cluster.wait(timeout=120)
@@ -189,7 +218,26 @@ def soak(
         if any(code != 0 for i, code in enumerate(codes) if i not in lost | late):
             raise RuntimeError(f"the soak failed ({codes}):\n{output[-4000:]}")
         log = (cluster.run_dir / "train.log").read_text() if (cluster.run_dir / "train.log").exists() else ""
+    if leaked := leftovers(cluster):
+        raise RuntimeError(f"the soak left behind {leaked}")
     return injected, records(cluster.run_dir), output + "\n" + log
+
+
+def leftovers(cluster: LocalCluster) -> list[str]:
+    """What a stopped cluster left behind: its nodes' processes (found by the keeper folder in their
+    environment, as `LocalCluster.node_pids` finds them) and shared-memory segments of its run."""
+    marker = f"RESURGO_KEEPER_DIR={cluster.keeper_root}/".encode()
+    pids = []
+    for pid in all_pids():
+        try:
+            if any(e.startswith(marker) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")):
+                pids.append(f"process {pid}")
+        except OSError:
+            continue
+    prefixes = tuple(
+        segment_prefix(run_id(cluster.run_dir, node=f"node{i}")) for i in range(len(cluster.alive(every=True)))
+    )
+    return pids + [f"segment {name}" for name, _ in list_segments() if name.startswith(prefixes)]
 
 
 def timeline(failures: list[Failure], metrics: list[dict], text: str) -> None:
@@ -247,7 +295,8 @@ def report(
     print("failure           victim                                at step  detect  restore  first step (s after)")
     for f in failures:
         cells = [f"{t - f.killed:7.2f}" if t else "      -" for t in (f.detected, f.restored, f.first_step)]
-        print(f"  {f.kind:15} {f.victim:38} {f.at_step:7}  {'  '.join(cells)}")
+        victim = f"{f.victim} ({', '.join(f.notes)})" if f.notes else f.victim
+        print(f"  {f.kind:15} {victim:38} {f.at_step:7}  {'  '.join(cells)}")
     by_kind: dict[str, float] = {}
     for kind in KINDS:
         times = [f.first_step - f.killed for f in failures if f.kind == kind and f.first_step]

@@ -12,7 +12,8 @@ whole node with SIGKILL (`LocalCluster.kill_node`) the way a machine dies: nothi
 With the c10d rendezvous (the default) the store lives in node 0's agent: killing node 0 ends the
 rendezvous for every node, as losing the rendezvous host does on a cluster. With `rdzv="etcd"`
 (`--rdzv etcd`) the first three nodes each also run an etcd member (`resurgo.launch.etcd`), and any
-one node may die, node 0 included.
+one node may die, node 0 included; the replacement of a member's node runs that member again, so
+that the next node may die too.
 
 Linux only: processes are found through /proc.
 """
@@ -27,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Collection, Mapping, Sequence
@@ -144,6 +146,8 @@ class LocalCluster:
         # Short: a Unix socket path must stay under ~100 characters, pytest's tmp paths do not.
         self.keeper_root = Path("/tmp") / f"resurgo-{os.getuid()}" / f"lc-{uuid.uuid4().hex[:8]}"
         self._nodes: list[Node] = []
+        self._member_of: dict[int, etcd.Member] = {}  # node index -> the etcd member it runs
+        self._members_lock = threading.Lock()  # a soak starts replacements beside its failures
 
     @property
     def run_dir(self) -> Path:
@@ -157,7 +161,7 @@ class LocalCluster:
         if self._nodes:
             raise RuntimeError("the cluster is already started: add_node() adds one more")
         try:
-            members = {i: self._start_etcd_member(i) for i in range(len(self.etcd_members))}
+            members = {i: self._start_etcd_member(i, member) for i, member in enumerate(self.etcd_members)}
             templates = {i: self._start_template(i) for i in range(self.nodes) if self.warm_template}
             if members:
                 etcd.wait_healthy(self.etcd_members, log=self.run_dir / "logs" / "node0.log")
@@ -171,8 +175,11 @@ class LocalCluster:
         return self
 
     def add_node(self, *, etcd_member: subprocess.Popen | None = None, template: subprocess.Popen | None = None) -> int:
-        """Start one more node (a replacement joining later); returns its index."""
+        """Start one more node (a replacement joining later); returns its index. Under etcd a
+        replacement takes over the member of a node that died, if one did (`_revive_member`)."""
         index = len(self._nodes)
+        if etcd_member is None and self._nodes:
+            etcd_member = self._revive_member(index)
         node_id, keeper_dir, log = self._node_paths(index)
         with open(log, "ab") as out:  # append mode: the keeper's and the agent's lines interleave, never overwrite
             spawn = self._spawn_args(index, out)
@@ -214,13 +221,30 @@ class LocalCluster:
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd=self.run_root, start_new_session=True
         )
 
-    def _start_etcd_member(self, index: int) -> subprocess.Popen:
-        _, keeper_dir, log = self._node_paths(index)
-        with open(log, "ab") as out:
-            member = self.etcd_members[index]
+    def _start_etcd_member(self, index: int, member: etcd.Member) -> subprocess.Popen:
+        with self._members_lock:
+            self._member_of[index] = member
+        with open(self._node_paths(index)[2], "ab") as out:
+            data_dir = self.keeper_root / f"etcd-{member.name}"
             return etcd.spawn(
-                member, self.etcd_members, keeper_dir / "etcd", self.keeper_root.name, **self._spawn_args(index, out)
+                member, self.etcd_members, data_dir, self.keeper_root.name, **self._spawn_args(index, out)
             )
+
+    def _revive_member(self, index: int) -> subprocess.Popen | None:
+        """Run, on new node `index`, the etcd member of a node that died (its processes all gone),
+        under the member's name and address and on its data folder, as the machine itself would on
+        a reboot from its disk: the member rejoins Raft, restoring the majority that lets the next
+        node die. A stopped (hung) node's member still holds its address: it is revived only once
+        that node is killed. None when no member is free."""
+        with self._members_lock:
+            held = {member for holder, member in self._member_of.items() if self.node_pids(holder)}
+            free = next((m for m in self.etcd_members if m not in held), None)
+            if free is None:
+                return None
+            self._member_of = {h: m for h, m in self._member_of.items() if m != free}
+        proc = self._start_etcd_member(index, free)
+        etcd.wait_healthy([free], log=self._node_paths(index)[2])
+        return proc
 
     def _template_socket(self, index: int) -> Path:
         return self._node_paths(index)[1] / "template.sock"
@@ -241,20 +265,19 @@ class LocalCluster:
 
     @property
     def etcd_nodes(self) -> set[int]:
-        """The nodes that run an etcd member: Raft survives the loss of fewer than half of them.
-        Members are fixed at start; a replacement node talks to a live one and adds none."""
-        return set(range(len(self.etcd_members)))
+        """The nodes that run (or ran, until a replacement took it over) an etcd member: Raft
+        survives the loss of fewer than half of the members."""
+        with self._members_lock:
+            return set(self._member_of)
 
     def _agent_cmd(self, index: int) -> list[str]:
         # c10d: is_host explicitly, so the other agents wait for node 0's store instead of racing to
-        # host one. etcd: the node's own member, else (a node beyond the members, a replacement) the
-        # first member whose node still runs.
+        # host one. etcd: the node's own member, else (a node beyond the members, or a replacement
+        # with no member to take over) the first member that answers.
         # --local-addr: the address the workers' store is published at (the default, the fully
         # qualified hostname, may not resolve).
         if self.rdzv == "etcd":
-            if index < len(self.etcd_members):
-                member = self.etcd_members[index]
-            else:
+            if (member := self._member_of.get(index)) is None:
                 member = next((m for m in self.etcd_members if etcd.answers(m)), self.etcd_members[0])
             rdzv = ["--rdzv-backend=resurgo-etcd", f"--rdzv-endpoint={member.endpoint}"]
             # read_timeout: a request lost with etcd's leader is given up after 2 s and sent again

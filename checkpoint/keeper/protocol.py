@@ -42,14 +42,14 @@ def node_id() -> str:
     return os.environ.get("RESURGO_NODE_ID") or socket.gethostname()
 
 
-def run_id(run_dir: Path | str) -> str:
+def run_id(run_dir: Path | str, *, node: str | None = None) -> str:
     """A short id for a run folder, safe in file and segment names, unique per absolute path and node.
 
-    The node counts only when RESURGO_NODE_ID is set: nodes simulated on one machine then never take
-    each other's shared memory for their own.
+    The node (`node`, else RESURGO_NODE_ID) counts only when set: nodes simulated on one machine then
+    never take each other's shared memory for their own.
     """
     path = os.path.abspath(run_dir)
-    node = os.environ.get("RESURGO_NODE_ID", "")
+    node = os.environ.get("RESURGO_NODE_ID", "") if node is None else node
     digest = hashlib.sha1((path + ("\0" + node if node else "")).encode()).hexdigest()[:10]
     return f"{_UNSAFE.sub('_', os.path.basename(path))[:24]}-{digest}"
 

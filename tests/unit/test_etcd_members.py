@@ -40,7 +40,8 @@ def test_the_command_line_names_what_is_wrong(tmp_path):
 
 @pytest.mark.skipif(shutil.which("etcd") is None, reason=f"the etcd server is not installed: {etcd.INSTALL_HINT}")
 def test_three_members_keep_the_rendezvous_state_through_the_loss_of_any_one(tmp_path):
-    """Raft: what one member wrote, the other two still serve, and accept writes, after it was SIGKILLed."""
+    """Raft: what one member wrote, the other two still serve, and accept writes, after it was
+    SIGKILLed; run again on its data folder, it rejoins, and the loss of another is survived too."""
     etcd_client = pytest.importorskip("etcd")  # python-etcd, what torch's etcd-v2 rendezvous speaks
     members = [etcd.Member(f"node{i}", "127.0.0.1", free_port(), free_port()) for i in range(3)]
     procs = [
@@ -62,6 +63,17 @@ def test_three_members_keep_the_rendezvous_state_through_the_loss_of_any_one(tmp
         )
         with pytest.raises(TimeoutError, match=r"\['node0'\] not healthy"):
             etcd.wait_healthy(members, timeout=0.5)
+        # A replacement runs the lost member on its data folder: it catches up, and the next loss is survived.
+        procs[0] = etcd.spawn(
+            members[0], members, tmp_path / "node0", "test", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        etcd.wait_healthy(members, timeout=30)
+        procs[1].kill()
+        procs[1].wait(timeout=10)
+        etcd.wait_healthy([members[0], members[2]], timeout=30)
+        revived = etcd_client.Client(host="127.0.0.1", port=members[0].client_port)
+        assert revived.read("/rendezvous", quorum=True).value == "round 2"
+        revived.write("/rendezvous", "round 3")
     finally:
         for proc in procs:
             proc.kill()
