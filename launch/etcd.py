@@ -139,14 +139,33 @@ def wait_healthy(members: Sequence[Member], *, timeout: float = READY_S, log: Pa
             time.sleep(0.1)
 
 
+def first_healthy(members: Sequence[Member], *, timeout: float = READY_S) -> Member:
+    """The first member that answers healthy (a node that runs none, or a replacement, talks to it:
+    the client learns the other members from it); TimeoutError when none does within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = next((m for m in members if healthy(m)), None)
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no etcd member of {format_cluster(members)} healthy within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Become this node's etcd member (exec); or, for launch scripts, name a member's endpoint or wait for one."""
+    """Become this node's etcd member (exec); or, for launch scripts, name a member's endpoint, find a
+    healthy one or wait for one."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cluster", help="NAME=HOST[:CLIENT_PORT:PEER_PORT],... every member")
     parser.add_argument("--name", help="run this member, one of --cluster's")
     parser.add_argument("--data-dir", help="this member's state (reused when the node restarts)")
     parser.add_argument("--token", help="unique per job: members of two jobs never join each other")
     parser.add_argument("--endpoint-of", metavar="NAME", help="print NAME's client endpoint (nothing if no member)")
+    parser.add_argument(
+        "--first-healthy",
+        action="store_true",
+        help=f"print the endpoint of a healthy member (waits up to {READY_S:.0f} s)",
+    )
     parser.add_argument(
         "--wait", metavar="HOST:PORT", help=f"wait up to {READY_S:.0f} s for the member there to be healthy"
     )
@@ -159,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         members = parse_cluster(args.cluster or "")
         if args.endpoint_of:
             print(next((m.endpoint for m in members if m.name == args.endpoint_of), ""))
+            return 0
+        if args.first_healthy:
+            print(first_healthy(members).endpoint)
             return 0
         if not (args.name and args.data_dir and args.token):
             parser.error("running a member needs --name, --data-dir and --token")

@@ -273,12 +273,12 @@ class LocalCluster:
     def _agent_cmd(self, index: int) -> list[str]:
         # c10d: is_host explicitly, so the other agents wait for node 0's store instead of racing to
         # host one. etcd: the node's own member, else (a node beyond the members, or a replacement
-        # with no member to take over) the first member that answers.
+        # with no member to take over) a healthy one.
         # --local-addr: the address the workers' store is published at (the default, the fully
         # qualified hostname, may not resolve).
         if self.rdzv == "etcd":
             if (member := self._member_of.get(index)) is None:
-                member = next((m for m in self.etcd_members if etcd.answers(m)), self.etcd_members[0])
+                member = etcd.first_healthy(self.etcd_members)
             rdzv = ["--rdzv-backend=resurgo-etcd", f"--rdzv-endpoint={member.endpoint}"]
             # read_timeout: a request lost with etcd's leader is given up after 2 s and sent again
             # (resurgo-etcd retries), rather than answered "timed out" by etcd after 5 to 7 s.

@@ -14,12 +14,13 @@
 #   --rdzv-backend B         c10d (default: the store dies with host H, and the job with it) or etcd
 #                            (torchrun's etcd-v2 rendezvous, retried through a lost etcd leader: resurgo-etcd)
 #   --etcd-cluster N=H,...   etcd: the members (3 or 5 node ids and hosts); a node named there runs its
-#                            member (resurgo.launch.etcd), so the job survives any one node's loss (two with 5)
+#                            member (resurgo.launch.etcd), so the job survives any one node's loss (two with 5);
+#                            the other nodes talk to a healthy one
 #   --rdzv-id ID             the job's id; also run.name unless an override sets it
 #   --max-restarts R         worker group restarts after failures before the job fails (default 3)
 #   --rdzv-conf K=V,...      torchrun rendezvous settings (default: $RDZV_CONF below)
 #   --run-dir DIR            the run folder, instead of run.root=... run.name=... overrides
-#   --node-id ID             this node's identity (default: $RESURGO_NODE_ID, else the hostname)
+#   --node-id ID             this node's identity (default: $RESURGO_NODE_ID, else SLURM's node name, else the hostname)
 #   --peer-host ADDR         where other nodes' keepers reach this one (default: $RESURGO_PEER_HOST, else this host's address)
 #   --keeper-arg ARG         passed on to the keeper (repeatable), e.g. --keeper-arg --host-memory-gb=64
 #   --no-warm-template       start every rank cold (by default a warm template forks them: no imports per restart)
@@ -35,7 +36,7 @@ die() { echo "multinode.sh: $*" >&2; exit 2; }
 # the number of nodes, and a live node declared dead restarts every node.
 RDZV_CONF="last_call_timeout=10"
 NNODES="" NPROC="" ENDPOINT="" RDZV_ID="" MAX_RESTARTS=3 RUN_DIR="" BACKEND="c10d" ETCD_CLUSTER="" WARM=1
-NODE_ID="${RESURGO_NODE_ID:-}" PEER_HOST="${RESURGO_PEER_HOST:-}"
+NODE_ID="${RESURGO_NODE_ID:-${SLURMD_NODENAME:-}}" PEER_HOST="${RESURGO_PEER_HOST:-}"
 KEEPER_ARGS=()
 while [[ $# -gt 0 ]]; do
   [[ "$1" == -- || "$1" == -h || "$1" == --help || "$1" == --no-warm-template || $# -ge 2 ]] || die "$1 needs a value"
@@ -121,7 +122,9 @@ if [[ -n "$ETCD_CLUSTER" ]]; then
     HELPER_PIDS="${HELPER_PIDS:-} $!"
     ENDPOINT="${ENDPOINT:-$MEMBER}"
   fi
-  [[ -n "$ENDPOINT" ]] || die "$RESURGO_NODE_ID runs no etcd member: give --rdzv-endpoint of one that does"
+  # A node that runs no member (or a replacement for one): any healthy member, the client learns the rest from it.
+  [[ -n "$ENDPOINT" ]] || ENDPOINT="$("$PYTHON" -m resurgo.launch.etcd --cluster "$ETCD_CLUSTER" --first-healthy)" ||
+    die "no member of --etcd-cluster $ETCD_CLUSTER is healthy: see the message above"
   "$PYTHON" -m resurgo.launch.etcd --wait "$ENDPOINT" || die "no healthy etcd at $ENDPOINT (log: $RUN_DIR/logs/etcd-*.log)"
 fi
 

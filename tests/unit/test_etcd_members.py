@@ -54,6 +54,7 @@ def test_three_members_keep_the_rendezvous_state_through_the_loss_of_any_one(tmp
         procs[0].kill()
         procs[0].wait(timeout=10)
         etcd.wait_healthy(members[1:], timeout=30)  # a new leader, if the lost member led
+        assert etcd.first_healthy(members, timeout=30) == members[1]  # where a node with no member turns
         survivor = etcd_client.Client(host="127.0.0.1", port=members[1].client_port)
         assert survivor.read("/rendezvous", quorum=True).value == "round 1"
         survivor.write("/rendezvous", "round 2")
