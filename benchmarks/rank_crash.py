@@ -48,6 +48,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kills", type=int, default=10, help="kills per run")
     parser.add_argument("--every", type=int, default=6, help="steps between kills")
     parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument(
+        "--stop",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="SIGSTOP the rank instead (a hung rank), with fault.hang_timeout_s=S: its keeper ends it after S s",
+    )
     parser.add_argument("--dir", default=None, help="where runs go (default: a temporary folder)")
     return parser.parse_args()
 
@@ -78,7 +85,9 @@ def wait(proc: subprocess.Popen, ready, what: str) -> None:
         time.sleep(0.01)
 
 
-def killing_run(root: Path, name: str, nproc: int, overrides: list[str], *, warm: bool, kills: int, every: int) -> Run:
+def killing_run(
+    root: Path, name: str, nproc: int, overrides: list[str], *, warm: bool, kills: int, every: int, sig: int
+) -> Run:
     steps = every * (kills + 1)
     proc = launch(root, name, nproc, [*overrides, f"train.steps={steps}"], warm=warm, restarts=0 if warm else kills)
     run_dir, marker = root / name, f"RESURGO_BENCH_RUN={root / name}"
@@ -89,7 +98,7 @@ def killing_run(root: Path, name: str, nproc: int, overrides: list[str], *, warm
         before = len(resumes(run_dir))
         pid = rank_process(marker, f"RANK={i % nproc}")
         killed = time.time()
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
         # The first step the restarted job completes: the one the kill interrupted (or, when a step ended
         # between the kill and the others noticing, the one after it). A step logged by the old job
         # right after the kill is not a recovery.
@@ -114,15 +123,26 @@ def main() -> None:
     args = parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="resurgo-crash-"))
     root.mkdir(parents=True, exist_ok=True)
-    print(f"a rank SIGKILLed {args.kills} times, every {args.every} steps (runs in {root})", flush=True)
+    how = f"SIGSTOPped (fault.hang_timeout_s={args.stop:g})" if args.stop else "SIGKILLed"
+    print(f"a rank {how} {args.kills} times, every {args.every} steps (runs in {root})", flush=True)
+    target = args.stop + 2 if args.stop else 2
     for layout in args.layouts:
         nproc, overrides = LAYOUTS[layout]
+        if args.stop:
+            overrides = [*overrides, f"fault.hang_timeout_s={args.stop:g}"]
         slug = layout.split()[0]
         straight = straight_run(root, f"straight-{slug}", nproc, overrides, args.every * (args.kills + 1))
         runs = {}
         for mode in ("warm", "cold"):
             runs[mode] = killing_run(
-                root, f"{mode}-{slug}", nproc, overrides, warm=mode == "warm", kills=args.kills, every=args.every
+                root,
+                f"{mode}-{slug}",
+                nproc,
+                overrides,
+                warm=mode == "warm",
+                kills=args.kills,
+                every=args.every,
+                sig=signal.SIGSTOP if args.stop else signal.SIGKILL,
             )
         warm, cold = (statistics.median(runs[m].recoveries) for m in ("warm", "cold"))
         print(f"{layout}:")
@@ -134,7 +154,9 @@ def main() -> None:
                 f"  {label:17} median {statistics.median(runs[mode].recoveries):6.2f} s   [{times}]   "
                 f"losses bit-exact: {exact}"
             )
-        print(f"  warm / torchrun: {cold / warm:.1f}x faster  (targets: warm median <= 2 s, >= 4x)", flush=True)
+        print(
+            f"  warm / torchrun: {cold / warm:.1f}x faster  (targets: warm median <= {target:g} s, >= 4x)", flush=True
+        )
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ def test_a_lost_node_comes_back_from_memory_on_fewer_nodes(tmp_path, reference):
     assert read_metrics(cluster.run_dir)[-1]["protected_step"] >= STEPS - 4
 
 
+@pytest.mark.slow  # the decoding of two lost nodes: test_peer_recovery's; one node lost end to end: above
 def test_two_nodes_lost_at_once_with_two_parities(tmp_path, reference):
     """The workers scale parity 1's shares themselves (encode=device, on the CPU here): the holders
     only add them, and the lost nodes come back from that parity."""
@@ -177,6 +178,7 @@ def test_a_second_failure_during_recovery_starts_it_over(tmp_path, reference):
     assert_matches(latest_losses(cluster.run_dir), reference)
 
 
+@pytest.mark.slow  # the choice of step: test_peer_recovery's; a loss mid-recovery end to end: above
 def test_a_node_lost_during_the_parity_exchange_resumes_from_the_newest_protected_step(tmp_path, reference):
     """The parity traffic capped so that coding a step takes seconds: the node dies while the keepers
     exchange a newer step's parity, and the job resumes from the newest step already protected."""

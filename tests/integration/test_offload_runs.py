@@ -64,7 +64,7 @@ def test_offloaded_run_equals_adamw(tmp_path, name):
 @pytest.mark.parametrize(
     "first, then",
     [
-        (OFFLOAD, []),
+        pytest.param(OFFLOAD, [], marks=pytest.mark.slow),  # "on at pp=2 -> off at tp=2" switches off too
         (
             ["parallel.dp_shard=2"],
             ["optim.offload.mode=cpu", "optim.offload.cpu_impl=torch", "optim.offload.subgroup_mb=0.05"],

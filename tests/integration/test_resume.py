@@ -74,10 +74,14 @@ def test_resume_same_topology_is_bit_exact(uninterrupted, tmp_path):
         assert np.array_equal(final_resumed[name], value), name
 
 
-# Eight ranks on this machine's two cores take long: the 3-D save runs with the slow tests, and so does
-# pp x tp -> dp_shard=4; the other pairs cover resharding across each of pp, tp and dp_shard and from
-# two of them at once (dp_shard x tp -> 1).
-SLOW_PAIRS = {"pp=2 x tp=2 x dp_shard=2 -> pp=2 x dp_shard=2", "pp=2 x tp=2 -> dp_shard=4"}
+# Eight ranks on this machine's two cores take long: the 3-D save runs with the slow tests, and so do
+# pp x tp -> dp_shard=4 and dp_shard=2 -> 4 (4 -> 2 reshards the same dimension); the other pairs cover
+# resharding across each of pp, tp and dp_shard and from two of them at once (dp_shard x tp -> 1).
+SLOW_PAIRS = {
+    "pp=2 x tp=2 x dp_shard=2 -> pp=2 x dp_shard=2",
+    "pp=2 x tp=2 -> dp_shard=4",
+    "dp_shard=2 -> dp_shard=4",
+}
 
 
 @pytest.mark.parametrize("pair", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PAIRS else p for p in PAIRS])
