@@ -128,16 +128,24 @@ def schedule(args: argparse.Namespace) -> dict[int, str]:
     return out
 
 
-def inject(cluster: LocalCluster, kind: str, count: int, lost: set[int]) -> str:
+def inject(cluster: LocalCluster, kind: str, count: int, lost: set[int]) -> str | None:
     """Cause one failure of `kind` (the `count`-th of its kind picks the victim); returns the victim's
-    name. A node lost is added to `lost` (a stopped one's processes still exist)."""
+    name, None when no node may be lost now. A node lost is added to `lost` (a stopped one's processes
+    still exist)."""
     running = [i for i in cluster.alive() if i not in lost]
     if kind in NODE_LOSSES:
-        # Under etcd, members too while Raft keeps a majority of them after the loss.
+        # Nodes that train (a replacement still starting is not in the job yet); under etcd, members
+        # too while Raft keeps a majority of them after the loss.
         spare = (len(cluster.etcd_nodes) - 1) // 2 - len(lost & cluster.etcd_nodes)
         candidates = [
-            i for i in running if (i != 0 or cluster.rdzv == "etcd") and (i not in cluster.etcd_nodes or spare > 0)
+            i
+            for i in running
+            if (i != 0 or cluster.rdzv == "etcd")
+            and (i not in cluster.etcd_nodes or spare > 0)
+            and training_process(cluster, i) is not None
         ]
+        if not candidates:
+            return None
         index = candidates[count % len(candidates)]
         lost.add(index)
         (cluster.kill_node if kind == "node-kill" else cluster.freeze_node)(index)
@@ -146,11 +154,16 @@ def inject(cluster: LocalCluster, kind: str, count: int, lost: set[int]) -> str:
     if kind == "keeper-kill":
         os.kill(node.keeper.pid, signal.SIGKILL)
         return f"{node.node_id}'s keeper"
-    pid = rank_process(f"RESURGO_KEEPER_DIR={node.keeper_dir}", "LOCAL_RANK=0")
+    pid = training_process(cluster, node.index)
     if pid is None:
         raise RuntimeError(f"no training process found on {node.node_id}")
     os.kill(pid, signal.SIGKILL if kind == "rank-kill" else signal.SIGSTOP)
     return f"{node.node_id}'s rank (pid {pid})"
+
+
+def training_process(cluster: LocalCluster, index: int) -> int | None:
+    """Node `index`'s local rank 0 training process, None while it has none."""
+    return rank_process(f"RESURGO_KEEPER_DIR={cluster.node(index).keeper_dir}", "LOCAL_RANK=0")
 
 
 def soak(
@@ -198,6 +211,9 @@ def soak(
                 kind = plan[step]
                 killed = time.time()
                 victim = inject(cluster, kind, counts[kind], lost)
+                if victim is None:
+                    print(f"  step {logged}: no {kind}: every node that may be lost is still joining", flush=True)
+                    continue
                 counts[kind] += 1
                 injected.append(Failure(kind, victim, logged, killed))
                 if kind == "node-stop":
