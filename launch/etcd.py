@@ -110,11 +110,6 @@ def healthy(member: Member, timeout: float = 1.0) -> bool:
     return b'"true"' in (_get(member, "/health", timeout) or b"")
 
 
-def answers(member: Member, timeout: float = 1.0) -> bool:
-    """Whether the member's process answers at all (a leaderless but live member does)."""
-    return _get(member, "/version", timeout) is not None
-
-
 def _get(member: Member, path: str, timeout: float) -> bytes | None:
     try:
         with urllib.request.urlopen(f"{member.client_url}{path}", timeout=timeout) as reply:

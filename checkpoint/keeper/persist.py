@@ -213,8 +213,11 @@ def _failed_file(target: StoreTarget, step: int, attempt: int) -> Path:
 
 
 def _coord_files(target: StoreTarget, prefix: str) -> list[Path]:
-    """The ready, done and failed files of a step ("<step>") or of one attempt ("<step>.<attempt>")."""
-    return [p for kind in ("ready", "done", "failed") for p in target.coord.glob(f"{kind}-{prefix}.*")]
+    """The ready, done and failed files of a step ("<step>") or of one attempt ("<step>.<attempt>"); not
+    another keeper's file still being written (`_write_json`'s partial: removing it would fail that
+    keeper's write with a missing file instead of the failure being reported)."""
+    found = (p for kind in ("ready", "done", "failed") for p in target.coord.glob(f"{kind}-{prefix}.*"))
+    return [p for p in found if p.suffix == ".json"]
 
 
 def _write_json(path: Path, obj: Any) -> None:
