@@ -41,7 +41,7 @@ from run_logs import failures_seen, records, resumes, stamped
 from resurgo.checkpoint.keeper.protocol import run_id, segment_prefix
 from resurgo.checkpoint.keeper.shm import list_segments
 from resurgo.launch.local_nodes import RDZV_CONF, LocalCluster
-from resurgo.launch.process_tree import all_pids, rank_process
+from resurgo.launch.process_tree import rank_process
 
 # The rendezvous settings of the path before etcd and the warm templates, for --baseline.
 BEFORE_CONF = {**RDZV_CONF, "last_call_timeout": 5, "keep_alive_interval": 2, "keep_alive_max_attempt": 3}
@@ -240,20 +240,13 @@ def soak(
 
 
 def leftovers(cluster: LocalCluster) -> list[str]:
-    """What a stopped cluster left behind: its nodes' processes (found by the keeper folder in their
-    environment, as `LocalCluster.node_pids` finds them) and shared-memory segments of its run."""
-    marker = f"RESURGO_KEEPER_DIR={cluster.keeper_root}/".encode()
-    pids = []
-    for pid in all_pids():
-        try:
-            if any(e.startswith(marker) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")):
-                pids.append(f"process {pid}")
-        except OSError:
-            continue
-    prefixes = tuple(
-        segment_prefix(run_id(cluster.run_dir, node=f"node{i}")) for i in range(len(cluster.alive(every=True)))
-    )
-    return pids + [f"segment {name}" for name, _ in list_segments() if name.startswith(prefixes)]
+    """What a stopped cluster left behind: its nodes' processes and its run's shared-memory segments."""
+    nodes = cluster.alive(every=True)
+    pids = sorted(set().union(*(cluster.node_pids(i) for i in nodes)))
+    prefixes = tuple(segment_prefix(run_id(cluster.run_dir, node=f"node{i}")) for i in nodes)
+    return [f"process {pid}" for pid in pids] + [
+        f"segment {name}" for name, _ in list_segments() if name.startswith(prefixes)
+    ]
 
 
 def timeline(failures: list[Failure], metrics: list[dict], text: str) -> None:

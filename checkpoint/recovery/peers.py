@@ -13,7 +13,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,7 +210,7 @@ class PeersMemory:
         return None
 
 
-def _refuse_without_answering_nodes(comm: Comm, inventories: Any, *, token: str, why: str) -> None:
+def _refuse_without_answering_nodes(comm: Comm, inventories: Iterable[Inventory], *, token: str, why: str) -> None:
     """Raise WorldIncomplete (collective) when some node memory needs is left out of this world
     but its keeper answers: the node is alive (it joined the rendezvous after the round closed, as
     survivors that notice a hung node a moment apart can), so a new round rebuilds the run, where a
