@@ -163,7 +163,7 @@ def inject(cluster: LocalCluster, kind: str, count: int, lost: set[int]) -> str 
 
 def training_process(cluster: LocalCluster, index: int) -> int | None:
     """Node `index`'s local rank 0 training process, None while it has none."""
-    return rank_process(f"RESURGO_KEEPER_DIR={cluster.node(index).keeper_dir}", "LOCAL_RANK=0")
+    return rank_process(f"RESURGO_KEEPER_DIR={cluster.node(index).keeper_dir}", local_rank=0)
 
 
 def soak(
@@ -277,7 +277,7 @@ def draw(png: Path, metrics: list[dict], failures: list[Failure]) -> None:
     fig, ax = plt.subplots(figsize=(10, 4))
     # points, not a line: a line would draw training across the gaps the failures left
     ax.plot([r["time"] - start for r in metrics], [r["loss"] for r in metrics], ".", ms=3, color="black")
-    colors = dict(zip(KINDS, ("tab:red", "tab:orange", "tab:purple", "tab:blue")))
+    colors = dict(zip(KINDS, ("tab:red", "tab:orange", "tab:purple", "tab:blue", "tab:green"), strict=True))
     for kind in KINDS:
         times = [f.killed - start for f in failures if f.kind == kind]
         for i, t in enumerate(times):

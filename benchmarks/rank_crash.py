@@ -96,7 +96,7 @@ def killing_run(
         at = every * (i + 1)
         wait(proc, lambda: any(r["step"] >= at for r in records(run_dir)), f"step {at}")
         before = len(resumes(run_dir))
-        pid = rank_process(marker, f"RANK={i % nproc}")
+        pid = rank_process(marker, f"RANK={i % nproc}", local_rank=i % nproc)
         killed = time.time()
         os.kill(pid, sig)
         # The first step the restarted job completes: the one the kill interrupted (or, when a step ended

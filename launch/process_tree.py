@@ -4,6 +4,7 @@ to kill or freeze a simulated node as a machine failure would: every process of 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from pathlib import Path
@@ -69,21 +70,42 @@ def with_environment(*entries: str) -> set[int]:
 
 
 TRAIN_ENTRY = b"resurgo.launch.train"
+WORKER_NAME = "rsg-worker"  # a warm worker's process name, with its local rank (`ps -e` shows it)
+STORE_NAME = "rsg-store"  # the process that serves a warm job's store beside rank 0's supervisor
+PR_SET_NAME = 15
 
 
-def rank_process(*entries: str) -> int | None:
-    """The process that trains the rank whose environment holds every `NAME=value` of `entries` (a
-    marker of the run and `RANK=r`, say):
-    the process torchrun started, or under warm restarts the worker it forked (the keeper a rank starts
-    inherits the environment too, and outlives its parent, but runs another module). None while there
-    is none."""
-    procs = {pid for pid in with_environment(*entries) if TRAIN_ENTRY in _cmdline(pid)}
-    parents = {pid: (state_and_parent(pid) or ("", 0))[1] for pid in procs}
-    tops = [pid for pid in procs if parents[pid] not in procs]
-    if len(tops) != 1:
-        return None
-    forks = [pid for pid in procs if parents[pid] == tops[0]]
-    return forks[0] if forks else tops[0]
+def worker_name(local_rank: int) -> str:
+    return f"{WORKER_NAME}{local_rank}"[:15]  # the kernel keeps 15 characters
+
+
+def name_this_process(name: str) -> None:
+    """Set this process's name as `ps` and /proc/PID/comm show it (its command line stays)."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_NAME, name.encode()[:15])
+
+
+def rank_process(*entries: str, local_rank: int) -> int | None:
+    """The process that trains local rank `local_rank` among those whose environment holds every
+    `NAME=value` of `entries` (a marker of the run or the node, say). Under warm restarts, the worker a
+    supervisor forked, found by its name (one a warm template forked shows the template's environment,
+    not the rank's); else the process torchrun started (the keeper a rank starts inherits the
+    environment too, and outlives its parent, but runs another module). None while there is not
+    exactly one."""
+    procs = with_environment(*entries)
+    workers = [pid for pid in procs if _comm(pid) == worker_name(local_rank)]
+    if workers:
+        return workers[0] if len(workers) == 1 else None
+    started = with_environment(*entries, f"LOCAL_RANK={local_rank}")
+    tops = [pid for pid in started if TRAIN_ENTRY in _cmdline(pid)]
+    return tops[0] if len(tops) == 1 else None
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _cmdline(pid: int) -> bytes:

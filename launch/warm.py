@@ -4,12 +4,15 @@ A cold restart pays for the interpreter, `import torch`, the lazy imports of FSD
 the rendezvous, once per failure: seconds, where the restore from memory takes a tenth of one. Here
 the process torchrun starts (the supervisor) pays them once: it imports everything training needs and
 composes the config (Hydra, half a second), then forks the rank's real process (the worker). When a worker dies (a crash, or its keeper ending
-it because it or a peer hung), its supervisor opens a new generation in torchrun's store; every
+it because it or a peer hung), its supervisor opens a new generation in the workers' store; every
 supervisor that sees the new generation kills its own worker (a worker left in a collective with a
 dead peer would wait there for the process-group timeout) and forks a fresh one, which joins a
 process group under the new generation's store prefix, restores from memory and goes on. A worker of
 an older generation is reaped before its successor starts, and the groups of two generations never
 share a key, so an older worker can neither join nor write into a newer one.
+
+On several nodes, a lost node changes the world, which only torchrun's re-rendezvous can agree on:
+the keepers that notice it end the supervisors too, and torchrun restarts them.
 
 torchrun's own restart stays the last resort: a worker that ends with an error while no generation
 opened (a wrong config, nothing to resume) ends its supervisor with the same code, as do more than
@@ -30,22 +33,21 @@ from datetime import timedelta
 
 from resurgo.checkpoint import GENERATION_ENV, incarnation
 
+from .process_tree import STORE_NAME, name_this_process, worker_name
 from .warm_template import say
 
 POLL_S = 0.02  # how often a supervisor looks at its worker and at the generation
 GRACE_S = 1.5  # after a worker's error exit, how long to wait for a peer's failure to open a generation
 STORE_TIMEOUT_S = 30.0
+FINISH_S = 60.0  # at the end, how long the store's host waits for the other ranks' workers to finish
 PR_SET_PDEATHSIG = 1
 
 
 def enabled() -> bool:
-    """Under torchrun with its agent's store shared with the workers (one node, `--standalone` or a
-    static rendezvous), unless RESURGO_WARM_RESTARTS=0. Under the multi-node c10d rendezvous the
-    workers' store lives in rank 0's process and dies with it; a store hosted by rank 0's supervisor
-    works for a worker's crash, but a torchrun restart after a lost node then stalled in it, so
-    there torchrun restarts every failure, as before."""
+    """Under torchrun on Linux, unless RESURGO_WARM_RESTARTS=0."""
     return (
-        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        "TORCHELASTIC_RUN_ID" in os.environ
+        and "MASTER_ADDR" in os.environ
         and os.environ.get("RESURGO_WARM_RESTARTS", "1") != "0"
         and sys.platform == "linux"
     )
@@ -56,15 +58,24 @@ class StoreGone(Exception):
 
 
 class Generations:
-    """The job's current generation, a counter in torchrun's agent's store that any supervisor may advance."""
+    """The job's current generation, a counter in the workers' store that any supervisor may advance.
+
+    That store must outlive every worker: torchrun's agent's where the agent shares it (one node),
+    else (several nodes, each round's store published afresh) a process rank 0's supervisor forks
+    for it at the address torchrun gave the workers, which lives as long as that supervisor does.
+    """
 
     def __init__(self) -> None:
         import torch.distributed as dist
 
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        self.host = 0
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and int(os.environ.get("RANK", "0")) == 0:
+            self.host = _host_store(int(os.environ["MASTER_PORT"]))
         self.store = dist.TCPStore(
             os.environ["MASTER_ADDR"],
             int(os.environ["MASTER_PORT"]),
-            int(os.environ["WORLD_SIZE"]),
+            self.world_size,
             is_master=False,
             timeout=timedelta(seconds=STORE_TIMEOUT_S),
         )
@@ -81,6 +92,46 @@ class Generations:
     def advance(self, past: int) -> int:
         """Open the generation after `past` (unless someone did already) and return the current one."""
         return int(self.store.compare_set(self.key, str(past), str(past + 1)))
+
+    def finished(self) -> None:
+        """This rank's worker finished: the store host waits for every rank's before it goes, since a
+        supervisor whose worker still runs would take the store's going for a failure."""
+        key = f"{self.key}/finished"
+        try:
+            self.store.add(key, 1)
+            deadline = time.monotonic() + FINISH_S
+            while self.host and self.store.add(key, 0) < self.world_size and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+        except (RuntimeError, OSError):
+            pass  # the store is gone already: nothing left to wait for
+        if self.host:
+            _kill(self.host)
+
+
+def _host_store(port: int) -> int:
+    """Fork the process that serves the workers' store on `port`; it dies with this one."""
+    import torch.distributed as dist
+
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        _die_with_parent()
+        name_this_process(STORE_NAME)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        store = dist.TCPStore(  # noqa: F841  served by its own thread while referenced
+            os.environ["MASTER_ADDR"],
+            port,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=STORE_TIMEOUT_S),
+        )
+        while True:
+            signal.pause()
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(1)
 
 
 def supervise(run: Callable[[], None]) -> int:
@@ -100,6 +151,8 @@ def supervise(run: Callable[[], None]) -> int:
             _say(f"the job's store is gone ({e}): leaving the restart to torchrun")
             return 1
         if outcome.code is not None:
+            if outcome.code == 0:
+                generations.finished()
             return outcome.code
         restarts += 1
         if restarts > most:
@@ -130,6 +183,7 @@ def _fork(run: Callable[[], None], gen: int) -> int:
     code = 0
     try:
         _die_with_parent()
+        name_this_process(worker_name(int(os.environ.get("LOCAL_RANK", "0"))))
         os.environ[GENERATION_ENV] = str(gen)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         run()
@@ -184,6 +238,8 @@ def _ended(status: int, gen: int, generations: Generations) -> _Outcome:
 
 def _kill(pid: int) -> None:
     """SIGKILL (a stopped or hung process takes no other signal) and reap, if not done already."""
+    if pid <= 0:
+        raise ValueError(f"pid {pid} names a process group, not a child")
     try:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

@@ -37,7 +37,7 @@ def start(root: Path, overrides: list[str]) -> subprocess.Popen:
 
 
 def worker_of(root: Path, rank: int) -> int:
-    pid = rank_process(f"RESURGO_TEST_RUN={root}", f"RANK={rank}")
+    pid = rank_process(f"RESURGO_TEST_RUN={root}", f"RANK={rank}", local_rank=rank)
     assert pid is not None, f"no worker of rank {rank}"
     return pid
 
