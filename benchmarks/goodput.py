@@ -130,8 +130,8 @@ def schedule(args: argparse.Namespace) -> dict[int, str]:
 
 def inject(cluster: LocalCluster, kind: str, count: int, lost: set[int]) -> str | None:
     """Cause one failure of `kind` (the `count`-th of its kind picks the victim); returns the victim's
-    name, None when no node may be lost now. A node lost is added to `lost` (a stopped one's processes
-    still exist)."""
+    name, None when no node may be lost now or no rank trains (a replacement still joining does not).
+    A node lost is added to `lost` (a stopped one's processes still exist)."""
     running = [i for i in cluster.alive() if i not in lost]
     if kind in NODE_LOSSES:
         # Nodes that train (a replacement still starting is not in the job yet); under etcd, members
@@ -150,15 +150,16 @@ def inject(cluster: LocalCluster, kind: str, count: int, lost: set[int]) -> str 
         lost.add(index)
         (cluster.kill_node if kind == "node-kill" else cluster.freeze_node)(index)
         return f"node{index}"
-    node = cluster.node(running[count % len(running)])
     if kind == "keeper-kill":
+        node = cluster.node(running[count % len(running)])
         os.kill(node.keeper.pid, signal.SIGKILL)
         return f"{node.node_id}'s keeper"
-    pid = training_process(cluster, node.index)
-    if pid is None:
-        raise RuntimeError(f"no training process found on {node.node_id}")
-    os.kill(pid, signal.SIGKILL if kind == "rank-kill" else signal.SIGSTOP)
-    return f"{node.node_id}'s rank (pid {pid})"
+    ranks = {i: pid for i in running if (pid := training_process(cluster, i)) is not None}
+    if not ranks:
+        return None
+    index = sorted(ranks)[count % len(ranks)]
+    os.kill(ranks[index], signal.SIGKILL if kind == "rank-kill" else signal.SIGSTOP)
+    return f"node{index}'s rank, pid {ranks[index]}"
 
 
 def training_process(cluster: LocalCluster, index: int) -> int | None:
@@ -212,7 +213,7 @@ def soak(
                 killed = time.time()
                 victim = inject(cluster, kind, counts[kind], lost)
                 if victim is None:
-                    print(f"  step {logged}: no {kind}: every node that may be lost is still joining", flush=True)
+                    print(f"  step {logged}: no {kind}: every node it may hit is still joining", flush=True)
                     continue
                 counts[kind] += 1
                 injected.append(Failure(kind, victim, logged, killed))
@@ -251,12 +252,16 @@ def leftovers(cluster: LocalCluster) -> list[str]:
 
 def timeline(failures: list[Failure], metrics: list[dict], text: str) -> None:
     # a supervisor's warm restart, a keeper ending hung ranks, or torchrun seeing a worker fail
-    detected = sorted(stamped(text, r"warm restart \d+|ending this node's ranks") + failures_seen(text))
+    restarted_by_torchrun = failures_seen(text)
+    detected = sorted(stamped(text, r"warm restart \d+|ending this node's ranks") + restarted_by_torchrun)
     restored = resumes(text)
     for f in failures:
         f.detected = next((t for t in detected if t >= f.killed), None)
         f.restored = next((t for t in restored if t >= f.killed), None)
         f.first_step = min((r["time"] for r in metrics if f.restored and r["time"] > f.restored), default=None)
+        if f.restored:  # how the job came back: torchrun restarted a worker in between, or nobody did
+            torchrun = any(f.killed <= t <= f.restored for t in restarted_by_torchrun)
+            f.notes.insert(0, "torchrun restart" if torchrun else "warm restart")
 
 
 def goodput(metrics: list[dict]) -> tuple[float, float, float]:
@@ -301,11 +306,11 @@ def report(
     timeline(failures, metrics, text)
     value, median, wall = goodput(metrics)
     print(f"goodput {value:.1%}: {len({r['step'] for r in metrics})} steps x {median:.3f} s median over {wall:.1f} s")
-    print("failure           victim                                at step  detect  restore  first step (s after)")
+    print(f"  {'failure':15} {'victim (how it came back)':58} at step  detect  restore  first step (s after)")
     for f in failures:
         cells = [f"{t - f.killed:7.2f}" if t else "      -" for t in (f.detected, f.restored, f.first_step)]
         victim = f"{f.victim} ({', '.join(f.notes)})" if f.notes else f.victim
-        print(f"  {f.kind:15} {victim:38} {f.at_step:7}  {'  '.join(cells)}")
+        print(f"  {f.kind:15} {victim:58} {f.at_step:7}  {'  '.join(cells)}")
     by_kind: dict[str, float] = {}
     for kind in KINDS:
         times = [f.first_step - f.killed for f in failures if f.kind == kind and f.first_step]

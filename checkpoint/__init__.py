@@ -39,6 +39,7 @@ _EXPORTS = {
     "reclaim_stale": "keeper.reclaim",
     "process_alive": "process",
     "incarnation": "process",
+    "store_attempt": "process",
     "launcher_pid": "process",
     "GENERATION_ENV": "process",
     # the store, for the command-line tools

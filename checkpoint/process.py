@@ -30,6 +30,14 @@ def incarnation() -> tuple[int, int]:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), int(os.environ.get(GENERATION_ENV, "0"))
 
 
+def store_attempt() -> int:
+    """The attempt that keeps this worker's keys apart from its predecessors' in the workers' store:
+    torchrun's restart count where that store outlives a restart (the agent's own, shared: one
+    node, one count), else 0 (each round's store is new, and each node's agent counts its own
+    restarts, so the counts of two nodes differ)."""
+    return incarnation()[0] if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
+
+
 def parent_of(pid: int) -> int:
     """`pid`'s parent process (0 when it is gone)."""
     try:

@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Callable
 from datetime import timedelta
 
-from resurgo.checkpoint import GENERATION_ENV, incarnation
+from resurgo.checkpoint import GENERATION_ENV, store_attempt
 
 from .process_tree import STORE_NAME, name_this_process, worker_name
 from .warm_template import say
@@ -79,7 +79,7 @@ class Generations:
             is_master=False,
             timeout=timedelta(seconds=STORE_TIMEOUT_S),
         )
-        self.key = f"resurgo/warm/attempt_{incarnation()[0]}/generation"
+        self.key = f"resurgo/warm/attempt_{store_attempt()}/generation"
         self.store.compare_set(self.key, "", "0")  # the first supervisor to get here creates it
 
     def current(self) -> int:

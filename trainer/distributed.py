@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from resurgo.checkpoint import GENERATION_ENV, incarnation, launcher_pid
+from resurgo.checkpoint import GENERATION_ENV, incarnation, launcher_pid, store_attempt
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,7 @@ def init_distributed(device: str, *, timeout_s: float = 1800.0) -> DistEnv:
             agent = dist.TCPStore(
                 os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
             )
-            attempt, generation = incarnation()
-            store = dist.PrefixStore(f"attempt_{attempt}_gen_{generation}", agent)
+            store = dist.PrefixStore(f"attempt_{store_attempt()}_gen_{incarnation()[1]}", agent)
             dist.init_process_group(
                 backend,
                 store=store,
