@@ -23,6 +23,7 @@ asks the kernel for SIGKILL on its parent's death). RESURGO_WARM_RESTARTS=0 turn
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import sys
@@ -30,6 +31,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 from resurgo.checkpoint import GENERATION_ENV, store_attempt
 
@@ -153,13 +155,38 @@ def supervise(run: Callable[[], None]) -> int:
         if outcome.code is not None:
             if outcome.code == 0:
                 generations.finished()
+            else:
+                _hand_over_error_file()
             return outcome.code
         restarts += 1
         if restarts > most:
             _say(f"more than {most} warm restarts: leaving it to torchrun (RESURGO_MAX_WARM_RESTARTS)")
             return 1
         gen = outcome.generation
+        _worker_error_file().unlink(missing_ok=True)  # a fenced worker's, not the next one's
         _say(f"warm restart {restarts}, generation {gen}: {outcome.why}")
+
+
+ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # where torchrun reads a failed worker's error (`@record`)
+
+
+def _worker_error_file() -> Path:
+    """Where a worker records its error: beside torchrun's file, never in it. A worker killed while
+    writing leaves the file empty, and torchrun's agent dies on an error file it cannot parse; the
+    supervisor hands torchrun the file only when it ends, and only whole."""
+    return Path(os.environ.get(ERROR_FILE_ENV, os.devnull) + ".worker")
+
+
+def _hand_over_error_file() -> None:
+    """Give torchrun the last worker's error, if it recorded one and the record is whole."""
+    if ERROR_FILE_ENV not in os.environ:
+        return
+    worker = _worker_error_file()
+    try:
+        json.loads(worker.read_text())
+        os.replace(worker, os.environ[ERROR_FILE_ENV])
+    except (OSError, ValueError):
+        worker.unlink(missing_ok=True)
 
 
 def preload() -> None:
@@ -185,6 +212,8 @@ def _fork(run: Callable[[], None], gen: int) -> int:
         _die_with_parent()
         name_this_process(worker_name(int(os.environ.get("LOCAL_RANK", "0"))))
         os.environ[GENERATION_ENV] = str(gen)
+        if ERROR_FILE_ENV in os.environ:
+            os.environ[ERROR_FILE_ENV] = str(_worker_error_file())
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         run()
     except SystemExit as e:
