@@ -39,7 +39,10 @@ from .process_tree import STORE_NAME, name_this_process, worker_name
 from .warm_template import say
 
 POLL_S = 0.02  # how often a supervisor looks at its worker and at the generation
-GRACE_S = 1.5  # after a worker's error exit, how long to wait for a peer's failure to open a generation
+# After a worker's error exit, how long to wait for a peer's failure to open a generation: a dead
+# peer's supervisor opens one within a poll or two of its death, before a survivor's failed collective
+# has unwound and exited. Nothing opens one after a lost node, whose wait delays torchrun's restart.
+GRACE_S = 0.5
 STORE_TIMEOUT_S = 30.0
 FINISH_S = 60.0  # at the end, how long the store's host waits for the other ranks' workers to finish
 PR_SET_PDEATHSIG = 1

@@ -1,0 +1,61 @@
+"""The warm-restart supervisors' own parts, without torchrun: the store that outlives every worker
+on several nodes, and the error record handed to torchrun only whole."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from resurgo.checkpoint import process_alive
+from resurgo.launch import warm
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def several_nodes(monkeypatch):
+    """The environment torchrun gives a worker when each round's store is new (several nodes)."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "3")  # this node's own count: not in the keys
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    return monkeypatch
+
+
+def test_rank_0s_supervisor_serves_the_store_until_every_worker_finished(several_nodes):
+    several_nodes.setenv("RANK", "0")
+    host = warm.Generations()
+    assert host.host and process_alive(host.host)
+    several_nodes.setenv("RANK", "1")
+    several_nodes.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # another node restarted less often
+    peer = warm.Generations()
+    assert peer.host == 0 and peer.key == host.key
+    assert peer.advance(0) == 1 and host.current() == 1  # a warm restart seen by both
+    assert host.advance(0) == 1  # opened once, whoever asks second
+    peer.finished()  # returns at once: it serves nothing
+    assert process_alive(host.host)
+    host.finished()  # both finished: the host goes
+    assert not process_alive(host.host)
+    with pytest.raises(warm.StoreGone):
+        peer.current()
+
+
+@pytest.mark.parametrize("record", ['{"message": "boom"}', '{"mess'], ids=["whole", "cut short"])
+def test_only_a_whole_error_record_reaches_torchrun(monkeypatch, tmp_path, record):
+    torchrun_file = tmp_path / "error.json"
+    monkeypatch.setenv(warm.ERROR_FILE_ENV, str(torchrun_file))
+    warm._worker_error_file().write_text(record)
+    warm._hand_over_error_file()
+    assert not warm._worker_error_file().exists()
+    if record.endswith("}"):
+        assert json.loads(torchrun_file.read_text()) == {"message": "boom"}
+    else:
+        assert not torchrun_file.exists()  # torchrun's agent dies on a record it cannot parse
