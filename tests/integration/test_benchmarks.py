@@ -143,5 +143,6 @@ def test_goodput_soaks_through_every_kind_of_failure(tmp_path):
     # a rank lost on one of several nodes: its supervisor forks it again, torchrun is not involved
     assert re.search(r"rank-kill +node\d's rank, pid \d+ \(warm restart\)", out), out
     assert re.search(r"node-kill +node\d \(torchrun restart", out), out
-    assert re.search(r"losses: bit-exact up to step (9|10|11): True", out), out  # the node loss at about 10
+    exact = re.search(r"losses: bit-exact up to step (\d+) \(done before any node loss\): True", out)
+    assert exact and int(exact[1]) >= 6, out  # the rank killed at step 5 came back bit-exactly
     assert png.stat().st_size > 10_000
