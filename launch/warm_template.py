@@ -2,8 +2,9 @@
 
 Every rank torchrun starts, first or after a failure, pays for an interpreter, `import torch`, FSDP2's
 lazy imports and resurgo's own: seconds per restart, where restoring from memory takes a tenth of
-one. On several nodes torchrun's restart cannot be avoided (a lost node changes the world, and only
-its re-rendezvous agrees on the new one), but its cost can: each node runs one template
+one. After a lost node torchrun's restart cannot be avoided (the world changes, and only its
+re-rendezvous agrees on the new one; a crashed rank is restarted warm, `launch/warm.py`), but its cost
+can: each node runs one template
 (`python -m resurgo.launch.warm_template`, started beside the keeper by `launch/multinode.sh` and
 `LocalCluster`), which imports everything once and waits. The process torchrun starts for a rank
 (`python -m resurgo.launch.train`, unchanged) finds the template's socket (RESURGO_WARM_TEMPLATE),
