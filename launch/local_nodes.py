@@ -65,6 +65,10 @@ RDZV_CONF = {
 # in the first round it is rank 0: a node joining later (a replacement) waits for it until the
 # rendezvous times out. Without the sharing, rank 0 publishes a fresh address every round.
 NO_SHARED_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+# Every node runs the same number of ranks, so each agent computes its ranks from its place in the
+# round; otherwise rank 0's agent hands them out through the store, and an agent whose rank 0 was
+# lost right then waited for them for 300 s, then died (a node lost during a restart).
+IDENTICAL_NODES = {"TORCH_ELASTIC_WORKER_IDENTICAL": "1"}
 HOST = "127.0.0.1"
 RDZV_BACKENDS = ("c10d", "etcd")
 ETCD_MEMBERS = 3  # Raft: a majority of 3 survives any one node's loss
@@ -131,7 +135,7 @@ class LocalCluster:
         self.nodes, self.nproc_per_node, self.max_restarts = nodes, nproc_per_node, max_restarts
         self.overrides, self.keeper_args = list(overrides), list(keeper_args)
         self.run_root, self.name = Path(run_root).absolute(), name
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1", **NO_SHARED_STORE, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", **NO_SHARED_STORE, **IDENTICAL_NODES, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.rdzv_conf = dict(rdzv_conf)
         # CPUs the keepers, and the agents with their workers, may run on (all when None): the nodes
         # share this machine's cores, real nodes' keepers code on host cores training leaves free.

@@ -103,6 +103,10 @@ export RESURGO_PEER_HOST="$PEER_HOST"
 # in the first round it is rank 0: a node joining later (a replacement) waits for it until the
 # rendezvous times out. Without the sharing, rank 0 publishes a fresh address every round.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+# Every node runs --nproc-per-node ranks, so each agent computes its ranks from its place in the round;
+# otherwise rank 0's agent hands them out through the store, and an agent whose rank 0 was lost right
+# then waits for them for 300 s, then dies. Set it to 0 for nodes with different numbers of ranks.
+export TORCH_ELASTIC_WORKER_IDENTICAL="${TORCH_ELASTIC_WORKER_IDENTICAL:-1}"
 
 mkdir -p "$RUN_DIR/logs"
 KEEPER_LOG="$RUN_DIR/logs/keeper-$RESURGO_NODE_ID.log"
