@@ -135,7 +135,14 @@ class LocalCluster:
         self.nodes, self.nproc_per_node, self.max_restarts = nodes, nproc_per_node, max_restarts
         self.overrides, self.keeper_args = list(overrides), list(keeper_args)
         self.run_root, self.name = Path(run_root).absolute(), name
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1", **NO_SHARED_STORE, **IDENTICAL_NODES, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            **NO_SHARED_STORE,
+            **IDENTICAL_NODES,
+            **(env or {}),
+            "PYTHONUNBUFFERED": "1",
+        }
         self.rdzv_conf = dict(rdzv_conf)
         # CPUs the keepers, and the agents with their workers, may run on (all when None): the nodes
         # share this machine's cores, real nodes' keepers code on host cores training leaves free.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def with_environment(*entries: str) -> set[int]:
 TRAIN_ENTRY = b"resurgo.launch.train"
 WORKER_NAME = "rsg-worker"  # a warm worker's process name, with its local rank (`ps -e` shows it)
 STORE_NAME = "rsg-store"  # the process that serves a warm job's store beside rank 0's supervisor
-PR_SET_NAME = 15
+PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
 
 
 def worker_name(local_rank: int) -> str:
@@ -81,8 +82,18 @@ def worker_name(local_rank: int) -> str:
 
 def name_this_process(name: str) -> None:
     """Set this process's name as `ps` and /proc/PID/comm show it (its command line stays)."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_NAME, name.encode()[:15])
+    _prctl(PR_SET_NAME, name.encode()[:15])
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this (forked) process when its parent dies; exit now if it already did."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _prctl(option: int, arg: object) -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, arg)
 
 
 def rank_process(*entries: str, local_rank: int) -> int | None:

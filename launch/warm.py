@@ -22,7 +22,6 @@ asks the kernel for SIGKILL on its parent's death). RESURGO_WARM_RESTARTS=0 turn
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -35,9 +34,10 @@ from pathlib import Path
 
 from resurgo.checkpoint import GENERATION_ENV, store_attempt
 
-from .process_tree import STORE_NAME, name_this_process, worker_name
+from .process_tree import STORE_NAME, die_with_parent, name_this_process, worker_name
 from .warm_template import say
 
+ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # where torchrun reads a failed worker's error (`@record`)
 POLL_S = 0.02  # how often a supervisor looks at its worker and at the generation
 # After a worker's error exit, how long to wait for a peer's failure to open a generation: a dead
 # peer's supervisor opens one within a poll or two of its death, before a survivor's failed collective
@@ -45,7 +45,6 @@ POLL_S = 0.02  # how often a supervisor looks at its worker and at the generatio
 GRACE_S = 0.5
 STORE_TIMEOUT_S = 30.0
 FINISH_S = 60.0  # at the end, how long the store's host waits for the other ranks' workers to finish
-PR_SET_PDEATHSIG = 1
 
 
 def enabled() -> bool:
@@ -121,7 +120,7 @@ def _host_store(port: int) -> int:
     if pid:
         return pid
     try:
-        _die_with_parent()
+        die_with_parent()
         name_this_process(STORE_NAME)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         store = dist.TCPStore(  # noqa: F841  served by its own thread while referenced
@@ -166,18 +165,16 @@ def supervise(run: Callable[[], None]) -> int:
             _say(f"more than {most} warm restarts: leaving it to torchrun (RESURGO_MAX_WARM_RESTARTS)")
             return 1
         gen = outcome.generation
-        _worker_error_file().unlink(missing_ok=True)  # a fenced worker's, not the next one's
+        if ERROR_FILE_ENV in os.environ:
+            _worker_error_file().unlink(missing_ok=True)  # a fenced worker's, not the next one's
         _say(f"warm restart {restarts}, generation {gen}: {outcome.why}")
-
-
-ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # where torchrun reads a failed worker's error (`@record`)
 
 
 def _worker_error_file() -> Path:
     """Where a worker records its error: beside torchrun's file, never in it. A worker killed while
     writing leaves the file empty, and torchrun's agent dies on an error file it cannot parse; the
     supervisor hands torchrun the file only when it ends, and only whole."""
-    return Path(os.environ.get(ERROR_FILE_ENV, os.devnull) + ".worker")
+    return Path(os.environ[ERROR_FILE_ENV] + ".worker")
 
 
 def _hand_over_error_file() -> None:
@@ -212,7 +209,7 @@ def _fork(run: Callable[[], None], gen: int) -> int:
         return pid
     code = 0
     try:
-        _die_with_parent()
+        die_with_parent()
         name_this_process(worker_name(int(os.environ.get("LOCAL_RANK", "0"))))
         os.environ[GENERATION_ENV] = str(gen)
         if ERROR_FILE_ENV in os.environ:
@@ -228,13 +225,6 @@ def _fork(run: Callable[[], None], gen: int) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the supervisor died before the request took effect
-        os._exit(1)
 
 
 def _watch(child: int, gen: int, generations: Generations) -> _Outcome:
