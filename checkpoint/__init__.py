@@ -42,6 +42,9 @@ _EXPORTS = {
     "store_attempt": "process",
     "launcher_pid": "process",
     "GENERATION_ENV": "process",
+    "FENCED_ENV": "process",
+    "exit_begun": "process",
+    "wait_released": "process",
     # the store, for the command-line tools
     "Checkpoint": "store.reader",
     "verify": "store.reader",

@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+
+PF_EXITING = 0x4  # a thread's kernel flag (/proc/PID/stat's 9th field): it is in the exit path
+ENDED = ("Z", "X")  # a zombie (dead, not yet reaped) or being reaped
+
+
+def _stat(path: str) -> list[str] | None:
+    """The fields of a /proc/.../stat file from the state on (the 3rd field), None if it is gone."""
+    try:
+        return Path(path).read_text().rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+    except (OSError, IndexError):
+        return None
 
 
 def process_alive(pid: int) -> bool:
@@ -14,12 +26,43 @@ def process_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False  # gone between the two looks
-    except (OSError, IndexError):
-        return True  # no /proc: kill(0) answered
+    fields = _stat(f"/proc/{pid}/stat")
+    if fields is None:  # gone between the two looks, unless there is no /proc to look in
+        return not Path("/proc/self").exists()
+    return fields[0] not in ENDED
+
+
+def exit_begun(pid: int) -> int | None:
+    """`pid`'s wait status (as `waitpid` gives it) once none of its threads can run its code again:
+    each is in the kernel's exit path, or the process is a zombie. The kernel frees a dead process's
+    memory before `waitpid` returns (about 0.1 s per GiB); a fence needs only this. None while a
+    thread still runs or the process is gone."""
+    main = _stat(f"/proc/{pid}/stat")
+    if main is None or (main[0] not in ENDED and not int(main[6]) & PF_EXITING):
+        return None
+    if main[0] not in ENDED:
+        try:
+            threads = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return None
+        for tid in threads:
+            fields = _stat(f"/proc/{pid}/task/{tid}/stat")
+            if fields is not None and fields[0] not in ENDED and not int(fields[6]) & PF_EXITING:
+                return None
+    return int(main[49]) if len(main) > 49 else None  # exit_code, Linux 3.5 on
+
+
+FENCED_ENV = "RESURGO_FENCED_PIDS"  # a warm worker's predecessors, fenced but maybe still freeing memory
+
+
+def wait_released(pids: list[int], *, timeout_s: float, why: str) -> None:
+    """Wait until each of `pids` is gone or a zombie (its memory, and its device's, freed); a
+    TimeoutError naming them after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while held := [pid for pid in pids if (f := _stat(f"/proc/{pid}/stat")) is not None and f[0] not in ENDED]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pids {held} still hold their memory {timeout_s:.0f} s after they were ended ({why})")
+        time.sleep(0.01)
 
 
 GENERATION_ENV = "RESURGO_GENERATION"  # set by a warm restart's supervisor in the workers it forks
@@ -40,10 +83,8 @@ def store_attempt() -> int:
 
 def parent_of(pid: int) -> int:
     """`pid`'s parent process (0 when it is gone)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
+    fields = _stat(f"/proc/{pid}/stat")
+    return int(fields[1]) if fields is not None else 0
 
 
 def supervisor_pid() -> int:

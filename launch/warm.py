@@ -8,8 +8,10 @@ it because it or a peer hung), its supervisor opens a new generation in the work
 supervisor that sees the new generation kills its own worker (a worker left in a collective with a
 dead peer would wait there for the process-group timeout) and forks a fresh one, which joins a
 process group under the new generation's store prefix, restores from memory and goes on. A worker of
-an older generation is reaped before its successor starts, and the groups of two generations never
-share a key, so an older worker can neither join nor write into a newer one.
+an older generation runs no more code when its successor starts (every thread of it is in the
+kernel's exit path; the kernel then frees its memory, about 0.1 s per GiB, while the successor
+starts, and it is reaped after), and the groups of two generations never share a key, so an older
+worker can neither join nor write into a newer one.
 
 On several nodes, a lost node changes the world, which only torchrun's re-rendezvous can agree on:
 the keepers that notice it end the supervisors too, and torchrun restarts them.
@@ -32,7 +34,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from resurgo.checkpoint import GENERATION_ENV, store_attempt
+from resurgo.checkpoint import FENCED_ENV, GENERATION_ENV, exit_begun, store_attempt
 
 from .process_tree import STORE_NAME, die_with_parent, name_this_process, worker_name
 from .warm_template import say
@@ -44,6 +46,7 @@ POLL_S = 0.02  # how often a supervisor looks at its worker and at the generatio
 # has unwound and exited. Nothing opens one after a lost node, whose wait delays torchrun's restart.
 GRACE_S = 0.5
 STORE_TIMEOUT_S = 30.0
+FENCE_S = 10.0  # how long a SIGKILLed worker may take to stop running (a thread in an uninterruptible wait)
 FINISH_S = 60.0  # at the end, how long the store's host waits for the other ranks' workers to finish
 
 
@@ -145,16 +148,18 @@ def supervise(run: Callable[[], None]) -> int:
     most = int(os.environ.get("RESURGO_MAX_WARM_RESTARTS", "100"))
     gen, restarts = generations.current(), 0
     child = None
+    dying: set[int] = set()  # fenced workers the kernel is still freeing; reaped as they end
     signal.signal(signal.SIGTERM, lambda *_: _stop(child))
     while True:
-        child = _fork(run, gen)
+        child = _fork(run, gen, dying)
         try:
-            outcome = _watch(child, gen, generations)
+            outcome = _watch(child, gen, generations, dying)
         except StoreGone as e:
             _kill(child)
             _say(f"the job's store is gone ({e}): leaving the restart to torchrun")
             return 1
         if outcome.code is not None:
+            _reap(dying, wait_s=FENCE_S)
             if outcome.code == 0:
                 generations.finished()
             else:
@@ -203,7 +208,7 @@ class _Outcome:
         self.code, self.generation, self.why = code, generation, why
 
 
-def _fork(run: Callable[[], None], gen: int) -> int:
+def _fork(run: Callable[[], None], gen: int, dying: set[int]) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -212,6 +217,7 @@ def _fork(run: Callable[[], None], gen: int) -> int:
         die_with_parent()
         name_this_process(worker_name(int(os.environ.get("LOCAL_RANK", "0"))))
         os.environ[GENERATION_ENV] = str(gen)
+        os.environ[FENCED_ENV] = ",".join(map(str, sorted(dying)))  # a CUDA worker waits for their memory
         if ERROR_FILE_ENV in os.environ:
             os.environ[ERROR_FILE_ENV] = str(_worker_error_file())
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -227,15 +233,21 @@ def _fork(run: Callable[[], None], gen: int) -> int:
         os._exit(code)
 
 
-def _watch(child: int, gen: int, generations: Generations) -> _Outcome:
-    """Wait until the worker ends or a new generation opens; fence and reap the worker in both cases."""
+def _watch(child: int, gen: int, generations: Generations, dying: set[int]) -> _Outcome:
+    """Wait until the worker ends or a new generation opens; in both cases the worker runs no more
+    code on return (it joins `dying` until reaped)."""
     while True:
+        _reap(dying)
         pid, status = os.waitpid(child, os.WNOHANG)
         if pid:
             return _ended(status, gen, generations)
+        status = exit_begun(child)  # ended, its memory still being freed: no need to wait for that
+        if status is not None:
+            dying.add(child)
+            return _ended(status, gen, generations)
         now = generations.current()
         if now != gen:
-            _kill(child)
+            _fence(child, dying)
             return _Outcome(generation=now, why="a rank of another node or process failed: this one was fenced")
         time.sleep(POLL_S)
 
@@ -256,6 +268,37 @@ def _ended(status: int, gen: int, generations: Generations) -> _Outcome:
             return _Outcome(generation=now, why=f"the worker exited with {code} after another rank failed")
         time.sleep(POLL_S)
     return _Outcome(code=code)
+
+
+def _fence(pid: int, dying: set[int]) -> None:
+    """SIGKILL a worker and return once it runs no more code, not once the kernel freed its memory."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    dying.add(pid)
+    deadline = time.monotonic() + FENCE_S
+    while pid in dying and exit_begun(pid) is None:
+        if time.monotonic() > deadline:  # SIGKILL is pending: it can never run its own code again
+            _say(f"worker pid {pid} has not begun to exit {FENCE_S:.0f} s after SIGKILL (a wait in the kernel)")
+            return
+        time.sleep(0.001)
+        _reap(dying)
+
+
+def _reap(dying: set[int], *, wait_s: float = 0.0) -> None:
+    """Reap the workers of `dying` that ended, waiting up to `wait_s` for the rest."""
+    deadline = time.monotonic() + wait_s
+    while dying:
+        for pid in list(dying):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    dying.discard(pid)
+            except ChildProcessError:
+                dying.discard(pid)
+        if not dying or time.monotonic() >= deadline:
+            return
+        time.sleep(POLL_S)
 
 
 def _kill(pid: int) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from resurgo.checkpoint import GENERATION_ENV, incarnation, launcher_pid, store_attempt
+from resurgo.checkpoint import FENCED_ENV, GENERATION_ENV, incarnation, launcher_pid, store_attempt, wait_released
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ def init_distributed(device: str, *, timeout_s: float = 1800.0) -> DistEnv:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
     if use_cuda:
+        # A warm restart forks this worker as soon as its predecessor stopped running, before the
+        # kernel freed that one's memory: its device memory must be back before this one takes any.
+        fenced = [int(pid) for pid in os.environ.get(FENCED_ENV, "").split(",") if pid]
+        wait_released(fenced, timeout_s=timeout_s, why="a warm restart's predecessors of this worker")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
         backend = "cpu:gloo,cuda:nccl"

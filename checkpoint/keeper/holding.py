@@ -55,6 +55,7 @@ class SlotHolding:
     watch: HangWatch
     ranks: dict[int, RankSlots]
     rebuilt: dict[int, RankSlots]
+    registered: dict[int, Conn]
 
     def _op_holdings(self, req: m.Holdings, conn: Conn) -> m.HoldingsReply:
         held = self.ranks.get(req.rank)
@@ -131,6 +132,8 @@ class SlotHolding:
                     slot.reset()
         held.token = token
         conn.ranks.add(rank)
+        self.registered[rank] = conn
+        self.watch.forget({rank})  # a restarted rank beats anew, from its first step
         self.finished.discard(rank)
         return m.RegisterReply([s.segment.name for s in held.slots], self._status())
 
@@ -204,6 +207,8 @@ class SlotHolding:
             free(held.slots)
             log.warning("rank %d's snapshots are dropped at its request (a simulated loss of its memory)", req.rank)
         conn.ranks.discard(req.rank)
+        if self.registered.get(req.rank) is conn:
+            del self.registered[req.rank]
         self._cond.notify_all()
         return m.Empty()
 

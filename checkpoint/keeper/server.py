@@ -90,6 +90,9 @@ class Keeper(SlotHolding, RestoreAhead):
         self.supervisors: dict[int, int] = {}  # their warm-restart supervisors, where they have one
         self.watch = HangWatch()  # their progress and the peer keepers; its timeout comes with the registrations
         self.ranks: dict[int, RankSlots] = {}
+        # The connection that registered each rank last: a warm restart's successor may register before
+        # its fenced predecessor's connection is seen closing, and what the successor began is its own.
+        self.registered: dict[int, Conn] = {}
         self._init_ahead()
         self._serial = 0  # numbers every segment this keeper makes
         self._budget = 0  # bytes of snapshots (and scaled shares) per node; 0: unbounded
@@ -322,16 +325,18 @@ class Keeper(SlotHolding, RestoreAhead):
         """A worker went away: its unfinished copies are garbage, its reads end; complete snapshots stay."""
         with self._cond:
             self._conns -= 1
-            for rank in conn.ranks:
+            owned = {rank for rank in conn.ranks if self.registered.get(rank) is conn}
+            for rank in owned:
+                del self.registered[rank]
                 held = self.ranks.get(rank)
                 for slot in held.slots if held else ():
                     if slot.status == WRITING:
                         slot.reset()
             for slot in conn.reads:
                 slot.pins -= 1
-            self.watch.forget(conn.ranks)  # a dead rank is its launcher's business; a restarted one beats anew
+            self.watch.forget(owned)  # a dead rank is its launcher's business; a restarted one beats anew
             self._idle_since = time.monotonic()
-            if conn.ranks - self.finished:
+            if owned - self.finished:
                 self._start_rebuild()
             self._cond.notify_all()
 

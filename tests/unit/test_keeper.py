@@ -542,3 +542,22 @@ def test_unknown_operations_and_malformed_frames_get_an_error_reply_and_the_keep
     assert json.loads(stream.readline())["ok"] is True
     sock.close()
     assert {op.value for op in Op} >= {"hello", "status", "read", "persist", "prefetch"}
+
+
+def test_a_fenced_workers_late_close_leaves_what_its_successor_began(serve):
+    """A warm restart forks the successor once its predecessor runs no more code, so the successor may
+    register and begin a copy before the keeper sees the predecessor's connection close."""
+    keeper = serve(slots=3)
+    fenced = FakeWorker(keeper)
+    fenced.snapshot(1)
+    assert fenced.client.request("acquire", rank=0, step=2)["slot"] is not None  # killed mid-copy
+    successor = FakeWorker(keeper, token="cd34", resumed_from=1)
+    begun = successor.client.request("acquire", rank=0, step=2)["slot"]
+    assert begun is not None
+    fenced.client.close()
+    deadline = time.monotonic() + 10
+    while keeper._conns > 1:
+        assert time.monotonic() < deadline, "the keeper never saw the fenced worker's connection close"
+        time.sleep(0.01)
+    successor.client.request("complete", rank=0, slot=begun, step=2, tree={"train": {"step": 2}}, persist=False)
+    assert successor.client.request("holdings", rank=0)["steps"] == [1, 2]

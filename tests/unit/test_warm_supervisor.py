@@ -1,14 +1,18 @@
 """The warm-restart supervisors' own parts, without torchrun: the store that outlives every worker
-on several nodes, and the error record handed to torchrun only whole."""
+on several nodes, the error record handed to torchrun only whole, and the fence that returns once a
+worker runs no more code rather than once the kernel has freed its memory."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import time
 
 import pytest
 
-from resurgo.checkpoint import process_alive
+from resurgo.checkpoint import exit_begun, process_alive
 from resurgo.launch import warm
 
 
@@ -59,3 +63,45 @@ def test_only_a_whole_error_record_reaches_torchrun(monkeypatch, tmp_path, recor
         assert json.loads(torchrun_file.read_text()) == {"message": "boom"}
     else:
         assert not torchrun_file.exists()  # torchrun's agent dies on a record it cannot parse
+
+
+def _child(body) -> int:
+    """Fork a child that runs `body` and exits; returns once it runs."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            body(write)
+        finally:
+            os._exit(3)
+    os.close(write)
+    assert os.read(read, 1) == b"r"
+    os.close(read)
+    return pid
+
+
+def _hold_memory_and_wait(ready: int) -> None:
+    held = b"\1" * (256 * 2**20)  # memory the kernel frees after the fence has returned
+    os.write(ready, b"r")
+    while held:
+        time.sleep(1)
+
+
+def test_a_fenced_worker_runs_no_more_code_at_once_and_is_reaped_later():
+    pid = _child(_hold_memory_and_wait)
+    assert exit_begun(pid) is None  # it runs
+    dying: set[int] = set()
+    warm._fence(pid, dying)
+    assert pid not in dying or exit_begun(pid) == signal.SIGKILL  # reaped already, or every thread exits
+    warm._reap(dying, wait_s=10)
+    assert not dying and not process_alive(pid)
+
+
+def test_how_a_worker_ended_is_known_before_it_is_reaped():
+    pid = _child(lambda ready: os.write(ready, b"r"))
+    deadline = time.monotonic() + 10
+    while (status := exit_begun(pid)) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3
+    assert os.waitpid(pid, 0) == (pid, status)  # the kernel's own word agrees
