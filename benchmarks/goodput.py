@@ -13,11 +13,14 @@ etcd's members only while a majority of them would survive.
 (c10d, every rank started cold, the rendezvous settings of then) and prints the ratio of the
 node-loss times.
 
-Printed: goodput (the steps the run finished times its median step time, over the wall time from the
-first step to the last: redone steps, restarts and slow steps all count as waste), each failure's
-timeline (kill -> detected by a supervisor -> restore done -> first step), and, with `--reference`,
-the losses against an uninterrupted run (bit-exact for the steps done before the first node loss,
-within --rtol for all).
+Printed: goodput, the useful step time over the wall time from the start of the first step to the end
+of the last: useful is each step's time as last done (the time of a step that was lost and redone,
+and every restart, count as waste); beside it the same with each step counted at the median step
+time, which also counts the steps slower than the median as waste (on simulated nodes that share
+this machine's cores, the jitter alone costs a few percent there). Also each failure's timeline
+(kill -> detected by a supervisor -> restore done -> first step), and, with `--reference`, both
+goodputs of an uninterrupted run and the losses against it (bit-exact for the steps done before the
+first node loss, within --rtol for all).
 `--png` draws loss against wall-clock time with each failure marked.
 
     python benchmarks/goodput.py --steps 1000 --rank-kill-every 100 --node-kill-every 500 --dim 512 --layers 8
@@ -129,10 +132,10 @@ def schedule(args: argparse.Namespace) -> dict[int, str]:
     return out
 
 
-def inject(cluster: LocalCluster, kind: str, count: int, lost: set[int]) -> str | None:
+def inject(cluster: LocalCluster, kind: str, count: int, lost: set[int]) -> tuple[str, float] | None:
     """Cause one failure of `kind` (the `count`-th of its kind picks the victim); returns the victim's
-    name, None when no node may be lost now or no rank trains (a replacement still joining does not).
-    A node lost is added to `lost` (a stopped one's processes still exist)."""
+    name and when it was hit, None when no node may be lost now or no rank trains (a replacement
+    still joining does not). A node lost is added to `lost` (a stopped one's processes still exist)."""
     running = [i for i in cluster.alive() if i not in lost]
     if kind in NODE_LOSSES:
         # Nodes that train (a replacement still starting is not in the job yet); under etcd, members
@@ -149,18 +152,21 @@ def inject(cluster: LocalCluster, kind: str, count: int, lost: set[int]) -> str 
             return None
         index = candidates[count % len(candidates)]
         lost.add(index)
+        hit = time.time()  # before the node's processes are looked up, stopped and killed
         (cluster.kill_node if kind == "node-kill" else cluster.freeze_node)(index)
-        return f"node{index}"
+        return f"node{index}", hit
     if kind == "keeper-kill":
         node = cluster.node(running[count % len(running)])
+        hit = time.time()
         os.kill(node.keeper.pid, signal.SIGKILL)
-        return f"{node.node_id}'s keeper"
+        return f"{node.node_id}'s keeper", hit
     ranks = {i: pid for i in running if (pid := training_process(cluster, i)) is not None}
     if not ranks:
         return None
     index = sorted(ranks)[count % len(ranks)]
+    hit = time.time()  # not before the search of /proc for the victim, which takes tens of ms
     os.kill(ranks[index], signal.SIGKILL if kind == "rank-kill" else signal.SIGSTOP)
-    return f"node{index}'s rank, pid {ranks[index]}"
+    return f"node{index}'s rank, pid {ranks[index]}", hit
 
 
 def training_process(cluster: LocalCluster, index: int) -> int | None:
@@ -211,11 +217,11 @@ def soak(
             if pending and logged >= pending[0]:
                 step = pending.pop(0)
                 kind = plan[step]
-                killed = time.time()
-                victim = inject(cluster, kind, counts[kind], lost)
-                if victim is None:
+                hit = inject(cluster, kind, counts[kind], lost)
+                if hit is None:
                     print(f"  step {logged}: no {kind}: every node it may hit is still joining", flush=True)
                     continue
+                victim, killed = hit
                 counts[kind] += 1
                 injected.append(Failure(kind, victim, logged, killed))
                 if kind == "node-stop":
@@ -265,12 +271,36 @@ def timeline(failures: list[Failure], metrics: list[dict], text: str) -> None:
             f.notes.insert(0, "torchrun restart" if torchrun else "warm restart")
 
 
-def goodput(metrics: list[dict]) -> tuple[float, float, float]:
-    """(goodput, median step time, wall time) from the run's step records."""
-    steps = sorted({r["step"] for r in metrics})
+@dataclass
+class Goodput:
+    useful: float  # seconds: each step's time as last done
+    steps: int
+    median: float  # seconds per step
+    wall: float  # seconds from the start of the first step to the end of the last
+
+    @property
+    def value(self) -> float:
+        return self.useful / self.wall
+
+    @property
+    def by_median(self) -> float:
+        """With every step counted at the median: steps slower than it are waste too."""
+        return self.steps * self.median / self.wall
+
+    def __str__(self) -> str:
+        return (
+            f"goodput {self.value:.1%}: {self.useful:.1f} s of useful steps over {self.wall:.1f} s; "
+            f"{self.by_median:.1%} counting each step at the median ({self.steps} steps x {self.median:.3f} s)"
+        )
+
+
+def goodput(metrics: list[dict]) -> Goodput:
+    """From the run's step records (a redone step's newest record is the one that counts)."""
+    kept = {r["step"]: r for r in sorted(metrics, key=lambda r: r["time"])}
+    first = min(metrics, key=lambda r: r["time"])
+    wall = max(r["time"] for r in metrics) - (first["time"] - first["step_time_s"])
     median = statistics.median(r["step_time_s"] for r in metrics)
-    wall = max(r["time"] for r in metrics) - min(r["time"] for r in metrics) + median
-    return len(steps) * median / wall, median, wall
+    return Goodput(sum(r["step_time_s"] for r in kept.values()), len(kept), median, wall)
 
 
 def draw(png: Path, metrics: list[dict], failures: list[Failure]) -> None:
@@ -305,8 +335,7 @@ def report(
     print(f"soak: {args.nodes} nodes x {args.per_node}, {args.steps} steps, {how}, runs in {root / name}", flush=True)
     failures, metrics, text = soak(args, root, name, failures=True, rdzv=rdzv, warm=warm, conf=conf)
     timeline(failures, metrics, text)
-    value, median, wall = goodput(metrics)
-    print(f"goodput {value:.1%}: {len({r['step'] for r in metrics})} steps x {median:.3f} s median over {wall:.1f} s")
+    print(goodput(metrics))
     print(f"  {'failure':15} {'victim (how it came back)':58} at step  detect  restore  first step (s after)")
     for f in failures:
         cells = [f"{t - f.killed:7.2f}" if t else "      -" for t in (f.detected, f.restored, f.first_step)]
@@ -334,6 +363,7 @@ def main() -> None:
             )
     if args.reference:
         _, straight, _ = soak(args, root, "reference", failures=False, rdzv=args.rdzv, warm=not args.cold, conf=conf)
+        print(f"reference, no failures: {goodput(straight)}")
         want = {r["step"]: r["loss"] for r in straight}
         newest = {r["step"]: r for r in metrics}  # a redone step: its newest record
         # Exact on the topology it started with: the steps last done before the first node loss (the

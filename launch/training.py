@@ -33,6 +33,7 @@ from resurgo.launch import warm
 from resurgo.parallel.dims import ParallelDims
 from resurgo.parallel.elastic import fit_topology
 from resurgo.trainer.config import JobConfig, load_config
+from resurgo.trainer.data import read_ahead
 from resurgo.trainer.distributed import DistEnv, init_distributed, shutdown, stop_restarts
 from resurgo.trainer.trainer import Trainer
 
@@ -114,7 +115,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         stop_restarts()  # the same config fails every restart the same way
         user_error(e)
     if warm.enabled():
-        # The config is composed and logging set up once, here; each worker forked inherits both.
+        # The config is composed, logging set up and the tokens read once, here; each worker forked inherits them.
+        read_ahead(job.data)
         sys.exit(warm.supervise(lambda: _train_or_explain(job)))
     _train_or_explain(job)
 

@@ -52,6 +52,28 @@ def make_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
     return ByteTokenizer() if spec == "bytes" else HFTokenizer(spec)
 
 
+_STREAMS: dict[tuple[str, ...], np.ndarray] = {}  # token streams this process read, by what they were read from
+
+
+def token_stream(cfg: DataConfig, tokenizer: ByteTokenizer | HFTokenizer) -> np.ndarray:
+    """`load_tokens`, once per process: a warm restart's worker is forked from a supervisor that read
+    the stream already (`read_ahead`), and decompressing or tokenizing a text again after each
+    failure costs a tenth of a second (the embedded corpus) to minutes (a large text, a real tokenizer)."""
+    key = (cfg.source, cfg.tokenizer, cfg.token_dtype, cfg.jsonl_key)
+    if key not in _STREAMS:
+        _STREAMS[key] = load_tokens(cfg, tokenizer)
+    return _STREAMS[key]
+
+
+def read_ahead(cfg: DataConfig) -> None:
+    """Read the token stream now, for the processes this one will fork. A source that cannot be read
+    is left for the worker, which reports it where a run's errors are reported."""
+    try:
+        token_stream(cfg, make_tokenizer(cfg.tokenizer))
+    except Exception:  # the worker meets it again, and reports it
+        pass
+
+
 def load_tokens(cfg: DataConfig, tokenizer: ByteTokenizer | HFTokenizer) -> np.ndarray:
     """The whole token stream as a 1-D array (a memmap for pre-tokenized files)."""
     if cfg.source == "embedded":

@@ -28,7 +28,7 @@ from resurgo.parallel.pipeline import set_accumulation, stage_ids_of, stage_laye
 
 from .checkfree import rebuild_norms
 from .config import JobConfig
-from .data import GlobalSampler, load_tokens, make_tokenizer
+from .data import GlobalSampler, make_tokenizer, token_stream
 from .distributed import DistEnv
 from .metrics import MetricsLogger
 from .model import Transformer, count_params
@@ -159,7 +159,7 @@ class Trainer(StageFailures):
             raise ValueError(
                 f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size={self.cfg.model.vocab_size}"
             )
-        tokens = load_tokens(self.cfg.data, tokenizer)
+        tokens = token_stream(self.cfg.data, tokenizer)
         return GlobalSampler(tokens, seq_len=self.cfg.train.seq_len, seed=self.cfg.data.seed)
 
     def _param_dtype(self) -> torch.dtype:

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from resurgo.trainer import data
 from resurgo.trainer.config import DataConfig
-from resurgo.trainer.data import ByteTokenizer, GlobalSampler, load_tokens
+from resurgo.trainer.data import ByteTokenizer, GlobalSampler, load_tokens, read_ahead, token_stream
 
 
 def make(seed: int = 7) -> GlobalSampler:
@@ -68,3 +69,12 @@ def test_sources(tmp_path):
     assert load_tokens(DataConfig(source=str(tmp_path / "t.npy")), tok).tolist() == list(range(5))
     with pytest.raises(ValueError, match="not a file"):
         load_tokens(DataConfig(source=str(tmp_path / "missing.txt")), tok)
+
+
+def test_the_token_stream_read_ahead_is_what_workers_get_without_reading_again(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("warm")
+    cfg = DataConfig(source=str(tmp_path / "a.txt"))
+    read_ahead(DataConfig(source=str(tmp_path / "missing.txt")))  # left for the worker to report
+    read_ahead(cfg)
+    monkeypatch.setattr(data, "load_tokens", lambda *_: pytest.fail("read again"))
+    assert token_stream(cfg, ByteTokenizer()).tolist() == list(b"warm")
