@@ -5,7 +5,10 @@ command names: when that node dies, every other agent loses the rendezvous and t
 With the etcd rendezvous (`--rdzv-backend resurgo-etcd`, launch/etcd_rendezvous.py) the state lives in etcd instead, replicated by Raft across members on
 several nodes; a majority of the members keeps it going, so with three members any one node may die,
 the first included (five members: any two). Each member's node points its agent at its own member;
-other nodes (more than the members, or a replacement joining later) at any live one.
+other nodes (more than the members, or a replacement joining later) at any live one. A member that
+starts on its data folder rejoins with it (the machine rebooted); one that starts on an empty folder
+while the others run is a new machine in a lost one's place: it takes over the lost member's seat
+(etcd's member remove, then add) and catches up from the others.
 
 Debian's `etcd-server` package (etcd 3.4) serves the v2 API, which torch's etcd-v2 backend speaks
 through python-etcd, when started with --enable-v2. etcd's own defaults (a heartbeat every 100 ms,
@@ -18,6 +21,7 @@ a new leader elected within a second of the old one's loss) are kept.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -84,11 +88,21 @@ def etcd_binary() -> str:
     return found
 
 
-def command(member: Member, members: Sequence[Member], data_dir: Path | str, token: str) -> list[str]:
+def command(
+    member: Member,
+    members: Sequence[Member],
+    data_dir: Path | str,
+    token: str,
+    *,
+    seats: Sequence[tuple[str, str]] | None = None,
+) -> list[str]:
     """The etcd command line for `member` of the cluster `members`, its v2 API on.
 
     A data folder that already holds this member's state (the node restarted) rejoins the cluster
-    with it; etcd then ignores the initial-cluster flags."""
+    with it; etcd then ignores the initial-cluster flags. `seats`: the running cluster's (name, peer
+    URL) pairs, this member's included, which it joins instead of founding the cluster (`take_seat`)."""
+    founding = seats is None
+    seats = [(m.name, m.peer_url) for m in members] if seats is None else seats
     return [
         etcd_binary(),
         f"--name={member.name}",
@@ -98,11 +112,62 @@ def command(member: Member, members: Sequence[Member], data_dir: Path | str, tok
         f"--advertise-client-urls={member.client_url}",
         f"--listen-peer-urls={member.peer_url}",
         f"--initial-advertise-peer-urls={member.peer_url}",
-        "--initial-cluster=" + ",".join(f"{m.name}={m.peer_url}" for m in members),
-        "--initial-cluster-state=new",
+        "--initial-cluster=" + ",".join(f"{name}={url}" for name, url in seats),
+        f"--initial-cluster-state={'new' if founding else 'existing'}",
         f"--initial-cluster-token={token}",
         "--log-level=warn",
     ]
+
+
+def member_command(member: Member, members: Sequence[Member], data_dir: Path, token: str) -> list[str]:
+    """How `member` starts: on its data folder, as it was; on an empty one, in the seat of the member of
+    its name if that one ran before and the others run now (a new machine in a lost one's place),
+    else as a founder (the cluster is starting, maybe with some founders up already)."""
+    if data_dir.is_dir() and any(data_dir.iterdir()):
+        return command(member, members, data_dir, token)
+    running = next((m for m in members if m.name != member.name and healthy(m)), None)
+    seats = take_seat(member, running) if running is not None else None
+    return command(member, members, data_dir, token, seats=seats)
+
+
+def take_seat(member: Member, running: Member) -> list[tuple[str, str]] | None:
+    """Through the running cluster's member `running`: remove the member that held `member`'s name or
+    address (lost with its machine) and add `member` in its place; the cluster's seats after that.
+    None when that seat was never taken (a founder not started yet: it publishes its client URLs
+    when it first runs), which `member` takes as a founder."""
+    listed = json.loads(_call(running, "GET", "/v2/members"))["members"]
+    held = [m for m in listed if m.get("name") == member.name or member.peer_url in m.get("peerURLs", [])]
+    if not any(m.get("clientURLs") for m in held):
+        return None
+    for lost in held:
+        _call(running, "DELETE", f"/v2/members/{lost['id']}")
+    # A member added but never started has no name yet; etcd matches seats by address.
+    seats = [(m.get("name") or f"unstarted-{m['id']}", m["peerURLs"][0]) for m in listed if m not in held]
+    # etcd adds a member only once the cluster has been whole for 5 s since the last change
+    # ("unhealthy cluster", strict reconfiguration): asked again until then.
+    deadline = time.monotonic() + READY_S
+    while True:
+        try:
+            _call(running, "POST", "/v2/members", {"peerURLs": [member.peer_url]})
+            return [*seats, (member.name, member.peer_url)]
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _call(member: Member, method: str, path: str, body: dict | None = None) -> bytes:
+    """One request to etcd's v2 members API; a RuntimeError saying what etcd answered when it refuses."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{member.client_url}{path}", data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=READY_S) as reply:
+            return reply.read()
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"etcd member {member.name} refused {method} {path}: {e.code} {e.read()!r}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise RuntimeError(f"etcd member {member.name} did not answer {method} {path}: {e}") from None
 
 
 def healthy(member: Member, timeout: float = 1.0) -> bool:
@@ -182,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         member = next((m for m in members if m.name == args.name), None)
         if member is None:
             parser.error(f"--name {args.name} is not in --cluster {args.cluster}")
-        cmd = command(member, members, args.data_dir, args.token)
-    except (ValueError, FileNotFoundError, TimeoutError) as e:
+        cmd = member_command(member, members, Path(args.data_dir), args.token)
+    except (ValueError, FileNotFoundError, TimeoutError, RuntimeError) as e:
         print(f"resurgo.launch.etcd: {e}", file=sys.stderr)
         return 2
     Path(args.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -192,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def spawn(member: Member, members: Sequence[Member], data_dir: Path, token: str, **popen) -> subprocess.Popen:
     """Start `member` as a child process (the tests' and LocalCluster's form of `main`)."""
+    cmd = member_command(member, members, data_dir, token)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return subprocess.Popen(command(member, members, data_dir, token), **popen)
+    return subprocess.Popen(cmd, **popen)
 
 
 if __name__ == "__main__":

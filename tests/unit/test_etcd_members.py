@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -118,3 +119,33 @@ def test_torchrun_finds_the_retrying_backend_by_its_name():
 
     (entry,) = [e for e in entry_points(group="torchrun.handlers") if e.name == "resurgo-etcd"]
     assert entry.load()() is etcd_rendezvous.create_rendezvous_handler
+
+
+@pytest.mark.skipif(shutil.which("etcd") is None, reason=f"the etcd server is not installed: {etcd.INSTALL_HINT}")
+def test_a_new_machine_takes_a_lost_members_seat_and_the_next_loss_is_survived(tmp_path):
+    """A member started on an empty data folder while the others run: it replaces the lost member of
+    its name (etcd's member remove, then add), at its own new address, and catches up."""
+    etcd_client = pytest.importorskip("etcd")
+    members = [etcd.Member(f"node{i}", "127.0.0.1", free_port(), free_port()) for i in range(3)]
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs = [etcd.spawn(m, members, tmp_path / m.name, "test", **quiet) for m in members]
+    try:
+        etcd.wait_healthy(members, timeout=60)
+        etcd_client.Client(host="127.0.0.1", port=members[1].client_port).write("/rendezvous", "round 1")
+        procs[0].kill()
+        procs[0].wait(timeout=10)
+        new = etcd.Member("node0", "127.0.0.1", free_port(), free_port())  # another machine, its disk empty
+        cluster = [new, *members[1:]]
+        procs[0] = etcd.spawn(new, cluster, tmp_path / "new-machine", "test", **quiet)
+        etcd.wait_healthy(cluster, timeout=30)
+        seats = json.loads(etcd._call(new, "GET", "/v2/members"))["members"]
+        assert sorted((m["name"], m["peerURLs"][0]) for m in seats) == [(m.name, m.peer_url) for m in cluster]
+        procs[1].kill()  # Raft's majority is the new machine's and node2's now
+        procs[1].wait(timeout=10)
+        etcd.wait_healthy([new, members[2]], timeout=30)
+        joined = etcd_client.Client(host="127.0.0.1", port=new.client_port)
+        assert joined.read("/rendezvous", quorum=True).value == "round 1"
+        joined.write("/rendezvous", "round 2")
+    finally:
+        for proc in procs:
+            proc.kill()
