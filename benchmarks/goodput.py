@@ -18,7 +18,8 @@ of the last: useful is each step's time as last done (the time of a step that wa
 and every restart, count as waste); beside it the same with each step counted at the median step
 time, which also counts the steps slower than the median as waste (on simulated nodes that share
 this machine's cores, the jitter alone costs a few percent there). Also each failure's timeline
-(kill -> detected by a supervisor -> restore done -> first step), and, with `--reference`, both
+(kill -> detected -> the old world's last worker fenced, its successor forked at once -> process
+group re-formed -> restore done -> first step), and, with `--reference`, both
 goodputs of an uninterrupted run and the losses against it (bit-exact for the steps done before the
 first node loss, within --rtol for all).
 `--png` draws loss against wall-clock time with each failure marked.
@@ -61,6 +62,8 @@ class Failure:
     at_step: int
     killed: float
     detected: float | None = None
+    fenced: float | None = None
+    formed: float | None = None
     restored: float | None = None
     first_step: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -261,10 +264,15 @@ def timeline(failures: list[Failure], metrics: list[dict], text: str) -> None:
     # a supervisor's warm restart, a keeper ending hung ranks, or torchrun seeing a worker fail
     restarted_by_torchrun = failures_seen(text)
     detected = sorted(stamped(text, r"warm restart \d+|ending this node's ranks") + restarted_by_torchrun)
+    # a supervisor that fenced its worker (and forks the next at once), or gave it up to torchrun
+    fenced = stamped(text, r"warm restart \d+|ending this node's ranks|the job's store is gone") + restarted_by_torchrun
+    formed = stamped(text, r"process group of \d+ ranks formed")
     restored = resumes(text)
     for f in failures:
         f.detected = next((t for t in detected if t >= f.killed), None)
         f.restored = next((t for t in restored if t >= f.killed), None)
+        f.fenced = max((t for t in fenced if f.killed <= t <= (f.restored or math.inf)), default=None)
+        f.formed = next((t for t in formed if t >= (f.fenced or f.killed)), None)
         f.first_step = min((r["time"] for r in metrics if f.restored and r["time"] > f.restored), default=None)
         if f.restored:  # how the job came back: torchrun restarted a worker in between, or nobody did
             torchrun = any(f.killed <= t <= f.restored for t in restarted_by_torchrun)
@@ -297,8 +305,9 @@ class Goodput:
 def goodput(metrics: list[dict]) -> Goodput:
     """From the run's step records (a redone step's newest record is the one that counts)."""
     kept = {r["step"]: r for r in sorted(metrics, key=lambda r: r["time"])}
-    first = min(metrics, key=lambda r: r["time"])
-    wall = max(r["time"] for r in metrics) - (first["time"] - first["step_time_s"])
+    # by the steps' own ends (a record is stamped later, after the loss's all-reduce and the metrics)
+    first = min(metrics, key=lambda r: r["ended"])
+    wall = max(r["ended"] for r in metrics) - (first["ended"] - first["step_time_s"])
     median = statistics.median(r["step_time_s"] for r in metrics)
     return Goodput(sum(r["step_time_s"] for r in kept.values()), len(kept), median, wall)
 
@@ -336,9 +345,12 @@ def report(
     failures, metrics, text = soak(args, root, name, failures=True, rdzv=rdzv, warm=warm, conf=conf)
     timeline(failures, metrics, text)
     print(goodput(metrics))
-    print(f"  {'failure':15} {'victim (how it came back)':58} at step  detect  restore  first step (s after)")
+    print(
+        f"  {'failure':15} {'victim (how it came back)':58} at step  detect   fenced   formed  restore  first step (s after)"
+    )
     for f in failures:
-        cells = [f"{t - f.killed:7.2f}" if t else "      -" for t in (f.detected, f.restored, f.first_step)]
+        times = (f.detected, f.fenced, f.formed, f.restored, f.first_step)
+        cells = [f"{t - f.killed:7.2f}" if t else "      -" for t in times]
         victim = f"{f.victim} ({', '.join(f.notes)})" if f.notes else f.victim
         print(f"  {f.kind:15} {victim:58} {f.at_step:7}  {'  '.join(cells)}")
     by_kind: dict[str, float] = {}

@@ -49,6 +49,7 @@ OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 @record
 def train(cfg: JobConfig) -> list[float]:
     env = init_distributed(cfg.train.device, timeout_s=cfg.fault.collective_timeout_s)
+    logging.getLogger(__name__).info("process group of %d ranks formed", env.world_size)
     trainer = protection = None
     finished = False
     run_dir = Path(cfg.run.root) / run_name(cfg.run.name)

@@ -52,6 +52,7 @@ class StepResult:
     grad_norm: float
     lr: float
     step_time_s: float  # since the previous step ended: its end-of-step hooks (snapshot start, a save) count here
+    ended: float  # when it ended (Unix time); the record's `time` comes later, after the loss's all-reduce
 
 
 class FromStep:
@@ -235,6 +236,7 @@ class Trainer(StageFailures):
             grad_norm=self.grad_norms.total.item(),
             lr=lr,
             step_time_s=self._last_step_end - start,
+            ended=time.time(),
         )
         self.log(result)
         for hook in self.hooks:

@@ -144,7 +144,8 @@ def test_goodput_soaks_through_every_kind_of_failure(tmp_path):
     for kind in ("rank-kill", "node-kill"):
         assert f"{kind}: kill -> first step median" in out, out
     # a rank lost on one of several nodes: its supervisor forks it again, torchrun is not involved
-    assert re.search(r"rank-kill +node\d's rank, pid \d+ \(warm restart\)", out), out
+    # ... and its timeline has every stage: detected, fenced, re-formed, restored, first step
+    assert re.search(r"rank-kill +node\d's rank, pid \d+ \(warm restart\) +\d+( +\d+\.\d\d){5}", out), out
     assert re.search(r"node-kill +node\d \(torchrun restart", out), out
     exact = re.search(r"losses: bit-exact up to step (\d+) \(done before any node loss\): True", out)
     assert exact and int(exact[1]) >= 6, out  # the rank killed at step 5 came back bit-exactly
