@@ -59,7 +59,7 @@ def wait_released(pids: list[int], *, timeout_s: float, why: str) -> None:
     """Wait until each of `pids` is gone or a zombie (its memory, and its device's, freed); a
     TimeoutError naming them after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    while held := [pid for pid in pids if (f := _stat(f"/proc/{pid}/stat")) is not None and f[0] not in ENDED]:
+    while held := [pid for pid in pids if process_alive(pid)]:
         if time.monotonic() > deadline:
             raise TimeoutError(f"pids {held} still hold their memory {timeout_s:.0f} s after they were ended ({why})")
         time.sleep(0.01)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from resurgo.checkpoint import exit_begun, process_alive
+from resurgo.checkpoint import exit_begun, process_alive, wait_released
 from resurgo.launch import warm
 
 
@@ -105,3 +105,13 @@ def test_how_a_worker_ended_is_known_before_it_is_reaped():
         time.sleep(0.01)
     assert status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3
     assert os.waitpid(pid, 0) == (pid, status)  # the kernel's own word agrees
+
+
+def test_a_cuda_successor_waits_until_its_predecessors_memory_is_back():
+    pid = _child(_hold_memory_and_wait)
+    with pytest.raises(TimeoutError, match=f"pids \\[{pid}\\] still hold their memory"):
+        wait_released([pid], timeout_s=0.2, why="a test")
+    dying: set[int] = set()
+    warm._fence(pid, dying)
+    wait_released([pid], timeout_s=10, why="a test")  # returns once it is a zombie, reaped or not
+    warm._reap(dying, wait_s=10)
