@@ -125,7 +125,9 @@ def member_command(member: Member, members: Sequence[Member], data_dir: Path, to
     else as a founder (the cluster is starting, maybe with some founders up already)."""
     if data_dir.is_dir() and any(data_dir.iterdir()):
         return command(member, members, data_dir, token)
-    running = next((m for m in members if m.name != member.name and healthy(m)), None)
+    # Any member that answers: its list of members is its own (no leader needed), while one that has
+    # just lost its leader answers /health false for a second or two, and the cluster exists all the same.
+    running = next((m for m in members if m.name != member.name and _get(m, "/v2/members", 1.0)), None)
     seats = take_seat(member, running) if running is not None else None
     return command(member, members, data_dir, token, seats=seats)
 
@@ -139,18 +141,26 @@ def take_seat(member: Member, running: Member) -> list[tuple[str, str]] | None:
     held = [m for m in listed if m.get("name") == member.name or member.peer_url in m.get("peerURLs", [])]
     if not any(m.get("clientURLs") for m in held):
         return None
+    deadline = time.monotonic() + READY_S
     for lost in held:
-        _call(running, "DELETE", f"/v2/members/{lost['id']}")
+        _until(deadline, running, "DELETE", f"/v2/members/{lost['id']}", gone_ok=True)
     # A member added but never started has no name yet; etcd matches seats by address.
     seats = [(m.get("name") or f"unstarted-{m['id']}", m["peerURLs"][0]) for m in listed if m not in held]
-    # etcd adds a member only once the cluster has been whole for 5 s since the last change
-    # ("unhealthy cluster", strict reconfiguration): asked again until then.
-    deadline = time.monotonic() + READY_S
+    _until(deadline, running, "POST", "/v2/members", {"peerURLs": [member.peer_url]})
+    return [*seats, (member.name, member.peer_url)]
+
+
+def _until(deadline: float, member: Member, method: str, path: str, body: dict | None = None, *, gone_ok=False):
+    """A change of members, asked again until `deadline`: etcd refuses one while its cluster elects a
+    leader (the lost member may have led it), and adds a member only once the cluster has been whole
+    for 5 s since the last change ("unhealthy cluster", strict reconfiguration). `gone_ok`: a removal
+    answered 404 was done by an earlier try whose answer was lost."""
     while True:
         try:
-            _call(running, "POST", "/v2/members", {"peerURLs": [member.peer_url]})
-            return [*seats, (member.name, member.peer_url)]
-        except RuntimeError:
+            return _call(member, method, path, body)
+        except RuntimeError as e:
+            if gone_ok and ": 404 " in str(e):
+                return b""
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)

@@ -229,14 +229,14 @@ class Trainer(StageFailures):
         lr = self.optimizer_step()
         if self.simulator is not None and self.simulator.record is None:
             self.simulate_failures()
-        self._last_step_end = time.perf_counter()
+        self._last_step_end, ended = time.perf_counter(), time.time()  # before the loss's all-reduce
         result = StepResult(
             step=self.progress.step,
             loss=self.global_mean(loss),
             grad_norm=self.grad_norms.total.item(),
             lr=lr,
             step_time_s=self._last_step_end - start,
-            ended=time.time(),
+            ended=ended,
         )
         self.log(result)
         for hook in self.hooks:

@@ -124,25 +124,28 @@ def test_torchrun_finds_the_retrying_backend_by_its_name():
 @pytest.mark.skipif(shutil.which("etcd") is None, reason=f"the etcd server is not installed: {etcd.INSTALL_HINT}")
 def test_a_new_machine_takes_a_lost_members_seat_and_the_next_loss_is_survived(tmp_path):
     """A member started on an empty data folder while the others run: it replaces the lost member of
-    its name (etcd's member remove, then add), at its own new address, and catches up."""
+    its name (etcd's member remove, then add), at its own new address, and catches up. The lost member
+    is the leader, so the new one starts while the others elect another (no member answers healthy)."""
     etcd_client = pytest.importorskip("etcd")
     members = [etcd.Member(f"node{i}", "127.0.0.1", free_port(), free_port()) for i in range(3)]
     quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs = [etcd.spawn(m, members, tmp_path / m.name, "test", **quiet) for m in members]
     try:
         etcd.wait_healthy(members, timeout=60)
-        etcd_client.Client(host="127.0.0.1", port=members[1].client_port).write("/rendezvous", "round 1")
-        procs[0].kill()
-        procs[0].wait(timeout=10)
-        new = etcd.Member("node0", "127.0.0.1", free_port(), free_port())  # another machine, its disk empty
-        cluster = [new, *members[1:]]
-        procs[0] = etcd.spawn(new, cluster, tmp_path / "new-machine", "test", **quiet)
+        lost = next(i for i, m in enumerate(members) if b"StateLeader" in etcd._call(m, "GET", "/v2/stats/self"))
+        survivor = members[(lost + 1) % 3]
+        etcd_client.Client(host="127.0.0.1", port=survivor.client_port).write("/rendezvous", "round 1")
+        procs[lost].kill()
+        procs[lost].wait(timeout=10)
+        new = etcd.Member(members[lost].name, "127.0.0.1", free_port(), free_port())  # another machine, its disk empty
+        cluster = [new if i == lost else m for i, m in enumerate(members)]
+        procs[lost] = etcd.spawn(new, cluster, tmp_path / "new-machine", "test", **quiet)
         etcd.wait_healthy(cluster, timeout=30)
         seats = json.loads(etcd._call(new, "GET", "/v2/members"))["members"]
         assert sorted((m["name"], m["peerURLs"][0]) for m in seats) == [(m.name, m.peer_url) for m in cluster]
-        procs[1].kill()  # Raft's majority is the new machine's and node2's now
-        procs[1].wait(timeout=10)
-        etcd.wait_healthy([new, members[2]], timeout=30)
+        procs[(lost + 1) % 3].kill()  # Raft's majority is the new machine's and the third member's now
+        procs[(lost + 1) % 3].wait(timeout=10)
+        etcd.wait_healthy([new, members[(lost + 2) % 3]], timeout=30)
         joined = etcd_client.Client(host="127.0.0.1", port=new.client_port)
         assert joined.read("/rendezvous", quorum=True).value == "round 1"
         joined.write("/rendezvous", "round 2")
