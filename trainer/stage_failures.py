@@ -145,15 +145,20 @@ class StageFailures:
                 log.info("checkfree: simulated failure of stages %s after step %d skipped: %s", lost, step, refusal)
             return
         self.simulator.note_kill(step)
-        if not set(lost) & set(self.stage_ids):
-            return
+        mine = bool(set(lost) & set(self.stage_ids))
         mode = self.cfg.fault.simulate.mode
+        if mode == "kill" and self.lose_memory is not None:
+            if mine:
+                self.lose_memory()
+            # Every lost rank's memory is gone before the first of them dies: the others would be
+            # fenced at that death, some perhaps before they dropped theirs (a partly lost stage).
+            torch.distributed.barrier()
+        if not mine:
+            return
         what = "memory dropped, killed" if mode == "kill" else "killed"
         log.warning(
             "rank %d: simulated failure of stage %s after step %d: %s", self.env.rank, self.stage_ids, step, what
         )
-        if mode == "kill" and self.lose_memory is not None:
-            self.lose_memory()
         os.kill(os.getpid(), signal.SIGKILL)
 
     def stage_rebuild(self) -> StageRebuild | None:
