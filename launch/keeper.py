@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from resurgo.checkpoint import Keeper, KeeperRunning, node_keepers, process_alive, reclaim_stale, run_id
+from resurgo.launch.process_tree import exit_now
 
 STOP_WAIT_S = 30.0  # a stopping keeper finishes the persists under way; then it is killed
 
@@ -128,4 +129,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # its memory and socket are freed by now: the teardown would only collect garbage

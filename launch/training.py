@@ -30,6 +30,7 @@ from resurgo.checkpoint import (
     previous_topology,
 )
 from resurgo.launch import warm
+from resurgo.launch.process_tree import exit_now
 from resurgo.parallel.dims import ParallelDims
 from resurgo.parallel.elastic import fit_topology
 from resurgo.trainer.config import JobConfig, load_config
@@ -118,7 +119,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     if warm.enabled():
         # The config is composed, logging set up and the tokens read once, here; each worker forked inherits them.
         read_ahead(job.data)
-        sys.exit(warm.supervise(lambda: _train_or_explain(job)))
+        exit_now(warm.supervise(lambda: _train_or_explain(job)))
     _train_or_explain(job)
 
 
@@ -167,7 +168,11 @@ def _torchrun_safe_argv(argv: list[str], rank: int) -> list[str]:
 def main() -> None:
     """Train with the arguments in sys.argv (a template's forked rank sets them before calling this)."""
     sys.argv = [sys.argv[0]] + _torchrun_safe_argv(sys.argv[1:], int(os.environ.get("RANK", 0)))
-    _hydra_main()
+    try:
+        _hydra_main()
+    except SystemExit as e:
+        exit_now(e.code)
+    exit_now(0)
 
 
 if __name__ == "__main__":

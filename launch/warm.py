@@ -36,7 +36,7 @@ from pathlib import Path
 
 from resurgo.checkpoint import FENCED_ENV, GENERATION_ENV, exit_begun, store_attempt
 
-from .process_tree import STORE_NAME, die_with_parent, name_this_process, worker_name
+from .process_tree import STORE_NAME, die_with_parent, exit_now, name_this_process, worker_name
 from .warm_template import say
 
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # where torchrun reads a failed worker's error (`@record`)
@@ -223,14 +223,12 @@ def _fork(run: Callable[[], None], gen: int, dying: set[int]) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         run()
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code = e.code
     except BaseException:
         traceback.print_exc()
         code = 1
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_now(code)
 
 
 def _watch(child: int, gen: int, generations: Generations, dying: set[int]) -> _Outcome:

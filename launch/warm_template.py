@@ -214,15 +214,15 @@ def _become_rank(conn: socket.socket, fds: list[int], request: dict) -> None:
         importlib.import_module(request["module"]).main()
         code = 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code = e.code
     except BaseException:
         import traceback
 
         traceback.print_exc()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        from .process_tree import exit_now  # here: a thin process imports this module, and no more
+
+        exit_now(code)
 
 
 def _watch_thin_process(conn: socket.socket) -> None:
