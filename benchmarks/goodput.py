@@ -96,9 +96,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--rdzv-conf",
-        default="keep_alive_interval=1,keep_alive_max_attempt=2,last_call_timeout=1",
-        help="torchrun --rdzv-conf of the soak (the baseline's are those used before, BEFORE_CONF): a lost node's "
-        "heartbeats expire after interval x attempts, and a round waits last_call_timeout for late nodes",
+        default="last_call_timeout=1",
+        help="torchrun --rdzv-conf of the soak (the baseline's are those used before, BEFORE_CONF): a round waits "
+        "last_call_timeout for late nodes; under etcd a lost node's key lapses alive_ttl (1 s) after it died",
     )
     parser.add_argument("--dim", type=int, default=64, help="model.dim (the tiny model's by default)")
     parser.add_argument("--layers", type=int, default=4, help="model.n_layers")

@@ -152,3 +152,49 @@ def test_a_new_machine_takes_a_lost_members_seat_and_the_next_loss_is_survived(t
     finally:
         for proc in procs:
             proc.kill()
+
+
+@pytest.mark.skipif(shutil.which("etcd") is None, reason=f"the etcd server is not installed: {etcd.INSTALL_HINT}")
+def test_a_node_is_alive_while_its_key_is_kept_and_only_the_dead_are_dropped(tmp_path):
+    """Heartbeats in the rendezvous state are judged by each node's key in etcd: a live node's is
+    fresh however long ago it wrote the state (torch would drop it), a node whose key lapsed is
+    dropped at once, and nobody is judged dead before this node's own key has been kept a while."""
+    import pickle
+    import time
+    from datetime import datetime, timedelta, timezone
+
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import _NodeDesc, _RendezvousState
+    from torch.distributed.elastic.rendezvous.etcd_rendezvous_backend import create_backend
+
+    member = etcd.Member("node0", "127.0.0.1", free_port(), free_port())
+    proc = etcd.spawn(member, [member], tmp_path / "etcd", "test", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        etcd.wait_healthy([member], timeout=60)
+
+        def backend() -> etcd_rendezvous.RetryingEtcdBackend:
+            params = RendezvousParameters("etcd-v2", member.endpoint, "job", min_nodes=1, max_nodes=3)
+            return etcd_rendezvous.RetryingEtcdBackend(create_backend(params)[0], retry_s=10.0)
+
+        here, peer, dead = (_NodeDesc("127.0.0.1", pid, 0) for pid in (1, 2, 3))
+        state = _RendezvousState()
+        stale = datetime.now(timezone.utc) - timedelta(minutes=1)
+        state.participants = {here: 0, peer: 1, dead: 2}
+        state.last_heartbeats = dict.fromkeys(state.participants, stale)
+        mine, theirs = backend(), backend()
+        mine.keep_alive(repr(here))
+        theirs.keep_alive(repr(peer))
+        written = mine.set_state(pickle.dumps(state))
+        assert written is not None and written[2]
+
+        def heartbeats() -> dict:
+            now = datetime.now(timezone.utc)
+            seen = pickle.loads(mine.get_state()[0]).last_heartbeats
+            return {node.pid: (now - at).total_seconds() < 5 for node, at in seen.items()}
+
+        assert heartbeats() == {1: True, 2: True, 3: True}  # too soon to judge anyone dead
+        time.sleep(mine.alive_ttl_s + 3 * etcd_rendezvous.REFRESH_S)
+        assert heartbeats() == {1: True, 2: True, 3: False}
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
