@@ -15,12 +15,12 @@ drops a node whose last heartbeat there is older than `keep_alive_interval x kee
 and a node that finds itself dropped from its own copy of the state never sends one again. Set short
 enough to notice a lost node in about a second, a node that has just joined a round (its heartbeat
 a second or two old already) drops itself, and a replacement then finds no participant left, starts
-a round of its own and is never admitted. Here each agent keeps a key of its own in etcd, refreshed
-every REFRESH_S and expiring `alive_ttl` seconds (a --rdzv-conf key, default 1) after its last refresh,
-whether its agent died or its machine; every state this backend reads has the heartbeats of the
-nodes whose key lives set to now, and of those whose key is gone set to long ago, so torch's own
-sanitizing removes exactly the dead. A node judges others dead only while its own key has been kept
-for a while: after etcd lost its leader every key may have lapsed at once.
+a round of its own and is never admitted. Here each agent rewrites a key of its own in etcd every
+REFRESH_S and reads everyone's: a node whose key did not change over the last STILL_REFRESHES of this
+node's own successful refreshes (or has no key) is dead. Counted in this node's own refreshes, not in
+seconds, so that while etcd elects a leader, when nobody's refresh lands, nobody is judged dead. Every
+state this backend reads has the heartbeats of the live set to now and of the dead to long ago, so
+torch's own sanitizing removes exactly the dead. The keys expire after KEY_TTL_S, for tidiness only.
 """
 
 from __future__ import annotations
@@ -39,18 +39,20 @@ from torch.distributed.elastic.rendezvous.etcd_rendezvous_backend import EtcdRen
 log = logging.getLogger(__name__)
 RETRY_S = 60.0
 PAUSE_S = 0.2
-ALIVE_TTL_S = 1  # etcd's leader expires keys on a 0.5 s tick: a dead node's key lapses 1 to 1.5 s after it died
 REFRESH_S = 0.2
+STILL_REFRESHES = 4  # a node silent for this many of this node's own refreshes (0.8 s) is dead
+KEY_TTL_S = 30
 LONG_AGO = datetime.min.replace(tzinfo=timezone.utc)
 
 
 class RetryingEtcdBackend(EtcdRendezvousBackend):
-    def __init__(self, inner: EtcdRendezvousBackend, retry_s: float, alive_ttl_s: int = ALIVE_TTL_S) -> None:
+    def __init__(self, inner: EtcdRendezvousBackend, retry_s: float) -> None:
         self.__dict__.update(inner.__dict__)  # torch's backend: its client, key and ttl
         self.retry_s = retry_s
-        self.alive_ttl_s = alive_ttl_s
         self._node: str | None = None  # this node, once its key is kept (`keep_alive`)
-        self._kept_since: float | None = None  # since when this node's own key has been refreshed without a miss
+        self._refreshes = 0  # this node's successful refreshes so far
+        self._seen: dict[str, tuple[int, int]] = {}  # node -> (its key's etcd index, self._refreshes when first seen)
+        self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -58,7 +60,7 @@ class RetryingEtcdBackend(EtcdRendezvousBackend):
 
     @property
     def alive_dir(self) -> str:
-        """Beside the rendezvous state's key: one key per live node under it."""
+        """Beside the rendezvous state's key: one key per node under it, rewritten while it lives."""
         return f"{self._key}-alive"
 
     def get_state(self):
@@ -70,52 +72,66 @@ class RetryingEtcdBackend(EtcdRendezvousBackend):
     def keep_alive(self, node: str) -> None:
         """Keep `node`'s key alive from a daemon thread for as long as this process lives; the first
         refresh is done before returning, so the key exists before the node joins a round."""
-        key = f"{self.alive_dir}/{node}"
-        self._refresh(key)
         self._node = node
-        threading.Thread(target=self._refresh_forever, args=(key,), name="resurgo-rdzv-alive", daemon=True).start()
+        self.refresh()
+        threading.Thread(target=self._refresh_forever, name="resurgo-rdzv-alive", daemon=True).start()
 
-    def _refresh_forever(self, key: str) -> None:
+    def _refresh_forever(self) -> None:
         while True:
             time.sleep(REFRESH_S)
-            self._refresh(key)
+            self.refresh()
 
-    def _refresh(self, key: str) -> None:
+    def refresh(self) -> None:
+        """Rewrite this node's key, then note whose keys changed since (one refresh of this node's)."""
         try:
-            self._client.write(key, "alive", ttl=self.alive_ttl_s)
+            # A request lost with etcd's leader would hang for the client's read timeout: given up sooner.
+            self._client.write(f"{self.alive_dir}/{self._node}", "alive", ttl=KEY_TTL_S, timeout=2 * REFRESH_S)
+            indices = self._indices(timeout=2 * REFRESH_S)
         except Exception as e:  # noqa: BLE001 -- etcd electing a leader, or unreachable: the next refresh tries again
-            if self._kept_since is not None:
-                log.warning("could not refresh this node's key in etcd (%s): trying again", e)
-            self._kept_since = None
-        else:
-            if self._kept_since is None:
-                self._kept_since = time.monotonic()
+            log.debug("could not refresh this node's key in etcd (%s): trying again", e)
+            return
+        with self._lock:
+            self._refreshes += 1
+            self._note(indices)
 
-    def alive(self) -> set[str] | None:
-        """The nodes whose key lives; None when etcd does not say."""
+    def _indices(self, **timeout: float) -> dict[str, int]:
+        """Every node's key and the etcd index it was last written at."""
         try:
-            found = self._client.read(self.alive_dir, recursive=True)
+            found = self._client.read(self.alive_dir, recursive=True, **timeout)
         except etcd.EtcdKeyNotFound:
-            return set()
-        except Exception:  # noqa: BLE001 -- unreachable: the state is then passed on as read
-            return None
+            return {}
         prefix = found.key.rstrip("/") + "/"
-        return {leaf.key[len(prefix) :] for leaf in found.leaves if leaf.key.startswith(prefix)}
+        return {leaf.key[len(prefix) :]: leaf.modifiedIndex for leaf in found.leaves if leaf.key.startswith(prefix)}
+
+    def _note(self, indices: dict[str, int]) -> None:
+        for node, index in indices.items():
+            if self._seen.get(node, (None, 0))[0] != index:
+                self._seen[node] = (index, self._refreshes)
+
+    def dead(self, nodes: list[str]) -> set[str] | None:
+        """Those of `nodes` whose key did not change over this node's last STILL_REFRESHES refreshes,
+        or that have none; None while that cannot be told (etcd does not answer)."""
+        try:
+            indices = self._indices()  # read now: a node that wrote its key since the last refresh joins as alive
+        except Exception:  # noqa: BLE001 -- unreachable: nobody is judged
+            return None
+        with self._lock:
+            self._note(indices)
+            if self._refreshes < STILL_REFRESHES:
+                return set()  # too soon after this node's start to say of any other
+            return {n for n in nodes if n not in indices or self._refreshes - self._seen[n][1] >= STILL_REFRESHES}
 
     def _judged(self, result):
-        """`result` (a state read or written, with its token) with every node's heartbeat set from
-        its key: now where the key lives; long ago where it is gone, if this node's own key has been
-        kept long enough for the others' to have been refreshed too and etcd answered. Where that
-        cannot be told, every node is taken as alive: a dead one is then dropped later, never a live one."""
+        """`result` (a state read or written, with its token) with every node's heartbeat set from its
+        key: long ago for the dead, now for the others. Where that cannot be told, every node is taken
+        as alive: a dead one is then dropped later, never a live one."""
         if result is None or self._node is None:
             return result
-        alive, kept_since = self.alive(), self._kept_since
-        steady = alive is not None and kept_since is not None
-        steady = steady and time.monotonic() - kept_since > self.alive_ttl_s  # the others' refreshers caught up too
         state = pickle.loads(result[0])  # torch's own rendezvous state, which torch pickles
+        dead = self.dead([repr(node) for node in state.last_heartbeats]) or set()
         now = datetime.now(timezone.utc)
         for node in list(state.last_heartbeats):
-            state.last_heartbeats[node] = LONG_AGO if steady and repr(node) not in alive else now
+            state.last_heartbeats[node] = LONG_AGO if repr(node) in dead else now
         return (pickle.dumps(state), *result[1:])
 
     def _retried(self, call):
@@ -132,9 +148,7 @@ class RetryingEtcdBackend(EtcdRendezvousBackend):
 
 def create_rendezvous_handler(params: RendezvousParameters):
     backend, store = create_backend(params)
-    retrying = RetryingEtcdBackend(
-        backend, float(params.get("retry_s", RETRY_S)), params.get_as_int("alive_ttl", ALIVE_TTL_S) or ALIVE_TTL_S
-    )
+    retrying = RetryingEtcdBackend(backend, float(params.get("retry_s", RETRY_S)))
     handler = create_handler(store, retrying, params)
     retrying.keep_alive(repr(handler._this_node))  # torch's name for this node: address, agent pid, local id
     return handler

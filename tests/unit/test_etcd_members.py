@@ -155,10 +155,11 @@ def test_a_new_machine_takes_a_lost_members_seat_and_the_next_loss_is_survived(t
 
 
 @pytest.mark.skipif(shutil.which("etcd") is None, reason=f"the etcd server is not installed: {etcd.INSTALL_HINT}")
-def test_a_node_is_alive_while_its_key_is_kept_and_only_the_dead_are_dropped(tmp_path):
+def test_a_node_is_alive_while_its_key_changes_and_only_the_dead_are_dropped(tmp_path):
     """Heartbeats in the rendezvous state are judged by each node's key in etcd: a live node's is
-    fresh however long ago it wrote the state (torch would drop it), a node whose key lapsed is
-    dropped at once, and nobody is judged dead before this node's own key has been kept a while."""
+    fresh however long ago it wrote the state (torch would drop it), a node whose key stopped
+    changing is dropped within a second, and nobody is judged dead before this node has refreshed
+    its own key a few times."""
     import pickle
     import time
     from datetime import datetime, timedelta, timezone
@@ -173,28 +174,30 @@ def test_a_node_is_alive_while_its_key_is_kept_and_only_the_dead_are_dropped(tmp
         etcd.wait_healthy([member], timeout=60)
 
         def backend() -> etcd_rendezvous.RetryingEtcdBackend:
-            params = RendezvousParameters("etcd-v2", member.endpoint, "job", min_nodes=1, max_nodes=3)
+            params = RendezvousParameters("etcd-v2", member.endpoint, "job", min_nodes=1, max_nodes=4)
             return etcd_rendezvous.RetryingEtcdBackend(create_backend(params)[0], retry_s=10.0)
 
-        here, peer, dead = (_NodeDesc("127.0.0.1", pid, 0) for pid in (1, 2, 3))
+        here, peer, gone, never = (_NodeDesc("127.0.0.1", pid, 0) for pid in (1, 2, 3, 4))
         state = _RendezvousState()
         stale = datetime.now(timezone.utc) - timedelta(minutes=1)
-        state.participants = {here: 0, peer: 1, dead: 2}
+        state.participants = {here: 0, peer: 1, gone: 2, never: 3}
         state.last_heartbeats = dict.fromkeys(state.participants, stale)
-        mine, theirs = backend(), backend()
-        mine.keep_alive(repr(here))
-        theirs.keep_alive(repr(peer))
+        mine, theirs, lost = backend(), backend(), backend()
+        for kept, node in ((mine, here), (theirs, peer)):
+            kept.keep_alive(repr(node))
+        lost._node = repr(gone)
+        lost.refresh()  # wrote its key once, then died
         written = mine.set_state(pickle.dumps(state))
         assert written is not None and written[2]
 
-        def heartbeats() -> dict:
+        def alive() -> dict:
             now = datetime.now(timezone.utc)
             seen = pickle.loads(mine.get_state()[0]).last_heartbeats
             return {node.pid: (now - at).total_seconds() < 5 for node, at in seen.items()}
 
-        assert heartbeats() == {1: True, 2: True, 3: True}  # too soon to judge anyone dead
-        time.sleep(mine.alive_ttl_s + 3 * etcd_rendezvous.REFRESH_S)
-        assert heartbeats() == {1: True, 2: True, 3: False}
+        assert alive() == {1: True, 2: True, 3: True, 4: True}  # too soon to judge anyone dead
+        time.sleep((etcd_rendezvous.STILL_REFRESHES + 3) * etcd_rendezvous.REFRESH_S)
+        assert alive() == {1: True, 2: True, 3: False, 4: False}
     finally:
         proc.kill()
         proc.wait(timeout=10)
