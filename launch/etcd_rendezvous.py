@@ -32,16 +32,17 @@ import time
 from datetime import datetime, timezone
 
 import etcd
-from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousParameters
+from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousParameters, dynamic_rendezvous
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
 from torch.distributed.elastic.rendezvous.etcd_rendezvous_backend import EtcdRendezvousBackend, create_backend
 
 log = logging.getLogger(__name__)
 RETRY_S = 60.0
 PAUSE_S = 0.2
-REFRESH_S = 0.2
-STILL_REFRESHES = 4  # a node silent for this many of this node's own refreshes (0.8 s) is dead
+REFRESH_S = 0.125
+STILL_REFRESHES = 4  # a node silent for this many of this node's own refreshes (0.5 s) is dead
 KEY_TTL_S = 30
+POLL_S = 0.1  # how often a waiting node reads the rendezvous state (torch: once a second)
 LONG_AGO = datetime.min.replace(tzinfo=timezone.utc)
 
 
@@ -151,7 +152,20 @@ def create_rendezvous_handler(params: RendezvousParameters):
     retrying = RetryingEtcdBackend(backend, float(params.get("retry_s", RETRY_S)))
     handler = create_handler(store, retrying, params)
     retrying.keep_alive(repr(handler._this_node))  # torch's name for this node: address, agent pid, local id
+    # torch reads the state of a rendezvous it waits on once a second, and serves reads from a copy
+    # for a second: every step of a round (the lost node dropped, the survivors in, the last call
+    # over, each node seeing it) waited up to that second. Polled more often here.
+    handler._state_holder._cache_duration = POLL_S
+    dynamic_rendezvous._delay = _polling_delay
     return handler
+
+
+_torch_delay = dynamic_rendezvous._delay
+
+
+def _polling_delay(seconds) -> None:
+    """torch's pause between reads of the state it waits on (its one second), shortened to POLL_S."""
+    _torch_delay(POLL_S if seconds == 1 else seconds)
 
 
 def handler():
