@@ -98,7 +98,7 @@ def parse_args() -> argparse.Namespace:
         "--rdzv-conf",
         default="last_call_timeout=1",
         help="torchrun --rdzv-conf of the soak (the baseline's are those used before, BEFORE_CONF): a round waits "
-        "last_call_timeout for late nodes; under etcd a lost node's key lapses alive_ttl (1 s) after it died",
+        "last_call_timeout for late nodes; under etcd a lost node is dead once its key in etcd stood still for 0.5 s",
     )
     parser.add_argument("--dim", type=int, default=64, help="model.dim (the tiny model's by default)")
     parser.add_argument("--layers", type=int, default=4, help="model.n_layers")
