@@ -263,9 +263,10 @@ def leftovers(cluster: LocalCluster) -> list[str]:
 def timeline(failures: list[Failure], metrics: list[dict], text: str) -> None:
     # a supervisor's warm restart, a keeper ending hung ranks, or torchrun seeing a worker fail
     restarted_by_torchrun = failures_seen(text)
-    detected = sorted(stamped(text, r"warm restart \d+|ending this node's ranks") + restarted_by_torchrun)
+    seen = r"warm restart \d+|ending this node's ranks"
+    detected = sorted(stamped(text, seen) + restarted_by_torchrun)
     # a supervisor that fenced its worker (and forks the next at once), or gave it up to torchrun
-    fenced = stamped(text, r"warm restart \d+|ending this node's ranks|the job's store is gone") + restarted_by_torchrun
+    fenced = stamped(text, seen + r"|the job's store is gone") + restarted_by_torchrun
     formed = stamped(text, r"process group of \d+ ranks formed")
     restored = resumes(text)
     for f in failures:

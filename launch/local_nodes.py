@@ -46,7 +46,7 @@ from .warm_template import TEMPLATE_ENV
 # - keep_alive_interval=1, keep_alive_max_attempt=3 (c10d): a node without a heartbeat for 3 s is dead
 #   and leaves the rendezvous (default 5 s x 3); the survivors' next round waits for that. Not lower:
 #   on a loaded machine a heartbeat can be late, and a node dropped while alive never sends one again.
-#   Under etcd a node is alive while its key in etcd is (launch/etcd_rendezvous.py), whatever these say.
+#   Under etcd a node is alive while it keeps rewriting its key in etcd (launch/etcd_rendezvous.py), whatever these say.
 # - last_call_timeout=3: once the minimum number of nodes is in, wait 3 s more for the others
 #   (default 30 s). Every node's template is up before any agent starts, so the agents start
 #   together; a node later than that joins at the next re-rendezvous, which the agents start as
