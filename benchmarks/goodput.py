@@ -96,9 +96,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--rdzv-conf",
-        default="last_call_timeout=1",
+        default="",
         help="torchrun --rdzv-conf of the soak (the baseline's are those used before, BEFORE_CONF): a round waits "
-        "last_call_timeout for late nodes; under etcd a lost node is dead once its key in etcd stood still for 0.5 s",
+        "last_call_timeout for late nodes (default 0.5 s under etcd, 1 s under c10d, which takes whole seconds); "
+        "under etcd a lost node is dead once its key in etcd stood still for 0.5 s",
     )
     parser.add_argument("--dim", type=int, default=64, help="model.dim (the tiny model's by default)")
     parser.add_argument("--layers", type=int, default=4, help="model.n_layers")
@@ -366,7 +367,12 @@ def report(
 def main() -> None:
     args = parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="resurgo-goodput-"))
-    conf = {**RDZV_CONF, **dict(item.split("=", 1) for item in args.rdzv_conf.split(",") if item)}
+    last_call = 0.5 if args.rdzv == "etcd" else 1
+    conf = {
+        **RDZV_CONF,
+        "last_call_timeout": last_call,
+        **dict(i.split("=", 1) for i in args.rdzv_conf.split(",") if i),
+    }
     failures, metrics, medians = report(args, root, "soak", rdzv=args.rdzv, warm=not args.cold, conf=conf)
     if args.baseline:
         _, _, before = report(args, root, "baseline", rdzv="c10d", warm=False, conf=BEFORE_CONF)

@@ -11,8 +11,11 @@ while the others run is a new machine in a lost one's place: it takes over the l
 (etcd's member remove, then add) and catches up from the others.
 
 Debian's `etcd-server` package (etcd 3.4) serves the v2 API, which torch's etcd-v2 backend speaks
-through python-etcd, when started with --enable-v2. etcd's own defaults (a heartbeat every 100 ms,
-a new leader elected within a second of the old one's loss) are kept.
+through python-etcd, when started with --enable-v2. While the members have no leader nobody can
+join a rendezvous, so the loss of the leader's node waits for an election: the members here send
+heartbeats every HEARTBEAT_MS and elect a new leader ELECTION_MS after the last one they heard
+(etcd's defaults, 100 ms and 1 s, are made for networks with up to ~10 ms between members; within one
+cluster's network half of them is still ten times the round trip).
 
     python -m resurgo.launch.etcd --name node0 --cluster node0=10.0.0.1,node1=10.0.0.2,node2=10.0.0.3 \\
         --data-dir /var/tmp/etcd-demo --token demo
@@ -35,6 +38,7 @@ from pathlib import Path
 
 CLIENT_PORT, PEER_PORT = 2379, 2380
 READY_S = 60.0
+HEARTBEAT_MS, ELECTION_MS = 50, 500
 INSTALL_HINT = "install it (Debian/Ubuntu: apt-get install etcd-server) or put its folder on PATH"
 
 
@@ -115,6 +119,8 @@ def command(
         "--initial-cluster=" + ",".join(f"{name}={url}" for name, url in seats),
         f"--initial-cluster-state={'new' if founding else 'existing'}",
         f"--initial-cluster-token={token}",
+        f"--heartbeat-interval={HEARTBEAT_MS}",
+        f"--election-timeout={ELECTION_MS}",
         "--log-level=warn",
     ]
 

@@ -21,15 +21,20 @@ node's own successful refreshes (or has no key) is dead. Counted in this node's 
 seconds, so that while etcd elects a leader, when nobody's refresh lands, nobody is judged dead. Every
 state this backend reads has the heartbeats of the live set to now and of the dead to long ago, so
 torch's own sanitizing removes exactly the dead. The keys expire after KEY_TTL_S, for tidiness only.
+
+Two --rdzv-conf keys take fractions of a second here, where torch takes whole seconds: `read_timeout`
+(a request to etcd given up and sent again; one lost with the leader waits this long) and
+`last_call_timeout` (how long a round that has its minimum waits for more nodes).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import etcd
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousParameters, dynamic_rendezvous
@@ -148,9 +153,15 @@ class RetryingEtcdBackend(EtcdRendezvousBackend):
 
 
 def create_rendezvous_handler(params: RendezvousParameters):
+    # torch reads these two as whole seconds; here they may be fractions (`last_call_timeout=0.25`).
+    read_timeout, last_call = (_fractional_seconds(params, key) for key in ("read_timeout", "last_call_timeout"))
     backend, store = create_backend(params)
+    if read_timeout is not None:
+        backend._client._read_timeout = read_timeout
     retrying = RetryingEtcdBackend(backend, float(params.get("retry_s", RETRY_S)))
     handler = create_handler(store, retrying, params)
+    if last_call is not None:
+        handler._settings.timeout._set_timeouts(last_call=timedelta(seconds=last_call))
     retrying.keep_alive(repr(handler._this_node))  # torch's name for this node: address, agent pid, local id
     # torch reads the state of a rendezvous it waits on once a second, and serves reads from a copy
     # for a second: every step of a round (the lost node dropped, the survivors in, the last call
@@ -158,6 +169,21 @@ def create_rendezvous_handler(params: RendezvousParameters):
     handler._state_holder._cache_duration = POLL_S
     dynamic_rendezvous._delay = _polling_delay
     return handler
+
+
+def _fractional_seconds(params: RendezvousParameters, key: str) -> float | None:
+    """`key` of the --rdzv-conf in seconds, fractions allowed; torch is left a whole number to parse."""
+    value = params.config.get(key)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"--rdzv-conf {key}={value}: not a number of seconds") from None
+    if seconds <= 0:
+        raise ValueError(f"--rdzv-conf {key}={value}: must be positive")
+    params.config[key] = str(math.ceil(seconds))
+    return seconds
 
 
 _torch_delay = dynamic_rendezvous._delay

@@ -73,7 +73,7 @@ IDENTICAL_NODES = {"TORCH_ELASTIC_WORKER_IDENTICAL": "1"}
 HOST = "127.0.0.1"
 RDZV_BACKENDS = ("c10d", "etcd")
 ETCD_MEMBERS = 3  # Raft: a majority of 3 survives any one node's loss
-ETCD_READ_TIMEOUT_S = 2
+ETCD_READ_TIMEOUT_S = 0.5
 READY_S = 120.0  # longest node 0 may take to host the rendezvous store (torch imports on a busy machine)
 STOP_GRACE_S = 10.0  # a keeper asked to stop finishes its queued persists first
 
@@ -292,8 +292,8 @@ class LocalCluster:
             if (member := self._member_of.get(index)) is None:
                 member = etcd.first_healthy(self.etcd_members)
             rdzv = ["--rdzv-backend=resurgo-etcd", f"--rdzv-endpoint={member.endpoint}"]
-            # read_timeout: a request lost with etcd's leader is given up after 2 s and sent again
-            # (resurgo-etcd retries), rather than answered "timed out" by etcd after 5 to 7 s.
+            # read_timeout: a request lost with etcd's leader is given up after half a second and sent
+            # again (resurgo-etcd retries), rather than answered "timed out" by etcd after 5 to 7 s.
             conf = ",".join(f"{k}={v}" for k, v in {"read_timeout": ETCD_READ_TIMEOUT_S, **self.rdzv_conf}.items())
         else:
             rdzv = ["--rdzv-backend=c10d", f"--rdzv-endpoint={HOST}:{self.port}"]

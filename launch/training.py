@@ -45,6 +45,7 @@ def run_name(name: str) -> str:
 
 
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+HYDRA_VERSION, RECIPES, CONFIG_NAME = "1.3", "resurgo.recipes", "train"  # where the job's config is composed from
 
 
 @record
@@ -109,7 +110,7 @@ def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> tuple[JobCon
     return replace(cfg, parallel=fitted.parallel, train=replace(cfg.train, grad_accum=fitted.grad_accum)), warmed
 
 
-@hydra.main(version_base="1.3", config_path="pkg://resurgo.recipes", config_name="train")
+@hydra.main(version_base=HYDRA_VERSION, config_path=f"pkg://{RECIPES}", config_name=CONFIG_NAME)
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         job = load_config(cfg)

@@ -201,3 +201,34 @@ def test_a_node_is_alive_while_its_key_changes_and_only_the_dead_are_dropped(tmp
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1"])
+def test_a_rendezvous_timeout_that_is_no_positive_number_of_seconds_is_refused(value):
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+    params = RendezvousParameters("resurgo-etcd", "127.0.0.1:1", "job", 1, 3, last_call_timeout=value)
+    with pytest.raises(ValueError, match=f"last_call_timeout={value}"):
+        etcd_rendezvous.create_rendezvous_handler(params)
+
+
+@pytest.mark.skipif(shutil.which("etcd") is None, reason=f"the etcd server is not installed: {etcd.INSTALL_HINT}")
+def test_the_rendezvous_waits_fractions_of_a_second_where_torch_takes_whole_ones(tmp_path):
+    """A last call and an etcd request timeout under a second: torch parses both as whole seconds."""
+    from datetime import timedelta
+
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+    member = etcd.Member("node0", "127.0.0.1", free_port(), free_port())
+    proc = etcd.spawn(member, [member], tmp_path / "etcd", "test", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        etcd.wait_healthy([member], timeout=60)
+        params = RendezvousParameters(
+            "resurgo-etcd", member.endpoint, "job", 1, 3, read_timeout="0.5", last_call_timeout="0.25"
+        )
+        handler = etcd_rendezvous.create_rendezvous_handler(params)
+        assert handler.settings.timeout.last_call == timedelta(seconds=0.25)
+        assert handler._state_holder._backend._client.read_timeout == 0.5
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
