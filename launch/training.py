@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import hydra
@@ -56,8 +56,8 @@ def train(cfg: JobConfig) -> list[float]:
     finished = False
     run_dir = Path(cfg.run.root) / run_name(cfg.run.name)
     try:
-        trainer, warmed = build(cfg, env=env, run_dir=run_dir)
-        protection = trainer.build_protection(warmed=warmed)
+        trainer, prior = build(cfg, env=env, run_dir=run_dir)
+        protection = trainer.build_protection(warmed=prior.warmed, ran_before=prior.ran_before)
         protection.resume()
         trainer.hooks += protection.hooks
         trainer.metric_sources.append(protection.metrics)
@@ -73,11 +73,11 @@ def train(cfg: JobConfig) -> list[float]:
         shutdown()
 
 
-def build(cfg: JobConfig, *, env: DistEnv, run_dir: Path) -> tuple[Trainer, HeldSlots | None]:
+def build(cfg: JobConfig, *, env: DistEnv, run_dir: Path) -> tuple[Trainer, Prior]:
     """The trainer for this world (collective); a config it cannot run becomes WrongForThisWorld."""
     try:
-        cfg, warmed = fit_world(cfg, world_size=env.world_size, run_dir=run_dir)
-        return Trainer(cfg, env=env, run_dir=run_dir), warmed
+        cfg, prior = fit_world(cfg, world_size=env.world_size, run_dir=run_dir)
+        return Trainer(cfg, env=env, run_dir=run_dir), prior
     except CheckpointError:
         raise  # the run's saved state, not the config: recorded and handled as such
     except (ValueError, OmegaConfBaseException) as e:
@@ -89,14 +89,24 @@ class WrongForThisWorld(ValueError):
     same way, so the job stops rather than spend its restarts on it."""
 
 
-def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> tuple[JobConfig, HeldSlots | None]:
+@dataclass(frozen=True)
+class Prior:
+    """What the keepers know of this run before it starts (collective): whether it ran before, and
+    this node's memory readied for the restore. torchrun's restart counts cannot tell: a replacement
+    node starts at 0, and so do survivors whose workers were restarted only because nodes joined."""
+
+    ran_before: bool = False
+    warmed: HeldSlots | None = None
+
+
+def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> tuple[JobConfig, Prior]:
     """The config with parallel degrees fitted to this world (collective): on a restart after nodes
     were lost or added, the elastic policy resizes data parallelism from the topology being resumed.
     With erasure protection, also this node's memory being readied for the restore (`prefetch_ahead`)."""
     # Asked on every start, not only on restarts: a replacement node joins with restart count 0.
     previous = previous_topology(run_dir, comm=Comm.create()) if cfg.fault.keeper != "off" else None
     if previous is None:
-        return cfg, None  # a first start: the degrees are the user's, and wrong ones get ParallelDims' message
+        return cfg, Prior()  # a first start: the degrees are the user's, and wrong ones get ParallelDims' message
     fitted = fit_topology(cfg.parallel, cfg.train, world_size=world_size, previous=previous)
     rank = int(os.environ.get("RANK", 0))
     if fitted.note and rank == 0:
@@ -107,7 +117,8 @@ def fit_world(cfg: JobConfig, *, world_size: int, run_dir: Path) -> tuple[JobCon
     )
     # The keeper fetches, and this process maps, what the restore reads while the model is built.
     warmed = prefetch_ahead(run_dir, rank=rank, topology=dims.as_dict()) if cfg.fault.erasure.parity > 0 else None
-    return replace(cfg, parallel=fitted.parallel, train=replace(cfg.train, grad_accum=fitted.grad_accum)), warmed
+    fitted_cfg = replace(cfg, parallel=fitted.parallel, train=replace(cfg.train, grad_accum=fitted.grad_accum))
+    return fitted_cfg, Prior(ran_before=True, warmed=warmed)
 
 
 @hydra.main(version_base=HYDRA_VERSION, config_path=f"pkg://{RECIPES}", config_name=CONFIG_NAME)

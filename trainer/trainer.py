@@ -190,10 +190,11 @@ class Trainer(StageFailures):
         self.progress.load_state_dict({"step": step, "topology": {}, "rank": -1})
 
     def build_protection(
-        self, *, checkpoint: CheckpointConfig | None = None, warmed: HeldSlots | None = None
+        self, *, checkpoint: CheckpointConfig | None = None, warmed: HeldSlots | None = None, ran_before: bool = False
     ) -> Protection:
         """This rank's checkpointing (collective: every rank builds it before `resume`): snapshots,
-        saves and recovery of `states`. `checkpoint` overrides the job's `checkpoint.*`."""
+        saves and recovery of `states`. `checkpoint` overrides the job's `checkpoint.*`; `ran_before`:
+        the keepers hold an earlier incarnation of this run, so it resumes whatever the restart counts."""
         env = self.env
         protection = Protection(
             checkpoint or self.cfg.checkpoint,
@@ -207,6 +208,7 @@ class Trainer(StageFailures):
             topology=self.dims.as_dict(),
             warmed=warmed,
             stages=self.stage_rebuild(),
+            ran_before=ran_before,
         )
         self.lose_memory = protection.forget_memory
         return protection

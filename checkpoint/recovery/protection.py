@@ -64,10 +64,12 @@ class Protection:
         topology: Mapping[str, Any],
         warmed: HeldSlots | None = None,
         stages: StageRebuild | None = None,
+        ran_before: bool = False,
     ) -> None:
         """Collective: every rank builds it before `resume`; `warmed` is this node's memory mapped
         ahead for a restore from peers (`recovery.peers.prefetch_ahead`); `stages`, where the trainer
-        can rebuild lost pipeline stages from their neighbours (CheckFree, `fault.checkfree`)."""
+        can rebuild lost pipeline stages from their neighbours (CheckFree, `fault.checkfree`);
+        `ran_before`, that the keepers hold an earlier incarnation of this run (`previous_topology`)."""
         ck = self.checkpoint = checkpoint
         self.fault = fault
         self.states, self.rank = dict(states), rank
@@ -76,8 +78,10 @@ class Protection:
         self.checkpointer = Checkpointer(ck, root=self.root, states=self.states, topology=topology)
         self.comm = self.checkpointer.comm
         self.token = self.comm.all_gather(secrets.token_hex(4))[0]  # names this incarnation's persists
-        # Collective: a replacement node starts at restart count 0 while the survivors do not.
-        self.restarted = any(self.comm.all_gather(incarnation() != (0, 0)))
+        # Collective: a replacement node starts at restart count 0, and so may every node of a world
+        # (replacements, and nodes whose workers torchrun restarted only because nodes joined, which
+        # it does not count): the keepers' memory of the run says it ran before.
+        self.restarted = any(self.comm.all_gather(ran_before or incarnation() != (0, 0)))
         self.link: KeeperLink | None = None
         self.engine: SnapshotEngine | None = None
         self.plan: ErasureSetup | None = None

@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from test_ckpt_workers import WORLD, workers
@@ -17,7 +18,9 @@ from test_keeper import serve  # noqa: F401  (fixture)
 TOPOLOGY = {"tp": 2, "dp_shard": 2}
 
 
-def make_trainer(run_dir: str, *, every: int, restarted: bool = False, keeper: str = "external"):
+def make_trainer(
+    run_dir: str, *, every: int, restarted: bool = False, ran_before: bool = False, keeper: str = "external"
+):
     from resurgo.trainer.config import load_config
     from resurgo.trainer.distributed import init_distributed
     from resurgo.trainer.trainer import Trainer
@@ -43,7 +46,7 @@ def make_trainer(run_dir: str, *, every: int, restarted: bool = False, keeper: s
         )
     )
     trainer = Trainer(cfg, env=init_distributed("cpu"), run_dir=Path(run_dir))
-    protection = trainer.build_protection()
+    protection = trainer.build_protection(ran_before=ran_before)
     return trainer, protection
 
 
@@ -85,7 +88,7 @@ def persist_task(run_dir: str, sync_root: str) -> None:
     trainer.close()
 
 
-def restore_task(run_dir: str) -> list[float]:
+def restore_task(run_dir: str, told_by: str) -> list[float]:
     trainer, protection = make_trainer(run_dir, every=0)
     protection.resume()
     trainer.hooks += protection.hooks
@@ -96,7 +99,11 @@ def restore_task(run_dir: str) -> list[float]:
     expected = [trainer.train_step().loss for _ in range(2)]  # the second depends on the optimizer state
     protection.close(step=3, ok=False)  # as if the worker died: the keeper keeps its snapshots
 
-    restarted, protection = make_trainer(run_dir, every=0, restarted=True)
+    # torchrun's restart count says so, or (a world whose every node never failed: replacements,
+    # survivors of membership changes alone) only the keepers' memory of the run does.
+    restarted, protection = make_trainer(
+        run_dir, every=0, restarted=told_by == "restart count", ran_before=told_by == "keepers"
+    )
     with torch.no_grad():
         for p in restarted.parts.parameters():
             p.mul_(0.5)  # a restart must not depend on the initial weights
@@ -131,9 +138,10 @@ def test_keeper_persist_equals_a_synchronous_save_to_the_bit(serve, tmp_path):  
     assert same_tree(persisted, synchronous) == []
 
 
-def test_restart_from_keeper_memory_continues_bit_exactly(serve, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("told_by", ["restart count", "keepers"])
+def test_restart_from_keeper_memory_continues_bit_exactly(serve, tmp_path, told_by):  # noqa: F811
     serve()
-    for source, step, consumed, got, expected in workers().run(restore_task, str(tmp_path / "run0")):
+    for source, step, consumed, got, expected in workers().run(restore_task, str(tmp_path / "run0"), told_by):
         assert (source, step, consumed) == ("memory", 3, 5 * 4)
         assert got == expected
 
