@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 KEEP_PLANS = 2  # the running incarnation's plan and the one it may be recovering from
 PROTECT_WAIT_S = 120.0  # longest a group's leader waits for a step's parity before coding another
+STALL_SAY_S = 10.0  # a step in coding this long is reported (the protection lag grows meanwhile)
 
 
 SlotSource = Callable[[int, int], "np.ndarray | None"]  # (rank, step) -> the slot's bytes, None if not held
@@ -74,6 +75,9 @@ class ParityService(PeerServing):
         self._announced: dict[str, int] = {}  # token -> the step the group's leader codes now
         self._scaled: set[str] = set()  # incarnations whose workers' scaled shares were used
         self._coding = -1  # the step being coded (until the leader saw it protected): nothing else is taken meanwhile
+        self._coding_since = 0.0  # when it was taken
+        self._stall_said = -1  # the step in coding whose stall was reported
+        self._coding_token: str | None = None
         self._stopping = False
         self._clients: dict[str, PeerClient] = {}
         self._sent: dict[tuple[str, str, int], str] = {}  # (token, peer, rank) -> layout digest the peer holds
@@ -217,13 +221,30 @@ class ParityService(PeerServing):
         comes first), as soon as they hold it."""
         with self._lock:
             token = self.current
+            if self._coding >= 0:
+                self._say_stall(token)
             if token is None or step % self.plans[token][0].every or self._coding >= 0:
                 return False
             if not self._leads(token) and self._announced.get(token) != step:
                 return False
-            self._coding = step
+            self._coding, self._coding_since, self._coding_token = step, time.monotonic(), token
         self._jobs.put((token, step, ranks, release, dict(shares or {}), dict(sums or {})))
         return True
+
+    def _say_stall(self, token: str | None) -> None:
+        """Once per step: the step in coding has held the coder for STALL_SAY_S (under the lock)."""
+        waited = time.monotonic() - self._coding_since
+        if waited > STALL_SAY_S and self._stall_said != self._coding:
+            self._stall_said = self._coding
+            log.warning(
+                "step %d has been in coding for %.0f s (incarnation %s, now %s; this node %s): no newer step is "
+                "protected meanwhile",
+                self._coding,
+                waited,
+                self._coding_token,
+                token,
+                "leads its group" if token is not None and self._leads(token) else "follows its group's leader",
+            )
 
     def _leads(self, token: str) -> bool:
         """Whether this node leads its group in incarnation `token` (False once its plan is forgotten:
