@@ -225,6 +225,8 @@ class ParityService(PeerServing):
                 self._say_stall(token)
             if token is None or step % self.plans[token][0].every or self._coding >= 0:
                 return False
+            if any(r not in ranks for r in self.plans[token][1].coded_on(self.node)):
+                return False  # the ranks of another incarnation than the plan's: its workers are registering now
             if not self._leads(token) and self._announced.get(token) != step:
                 return False
             self._coding, self._coding_since, self._coding_token = step, time.monotonic(), token

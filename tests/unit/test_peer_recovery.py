@@ -451,6 +451,29 @@ def test_a_parity_summed_piece_by_piece_in_any_order_equals_the_encoded_one(monk
         buf.add(4, data[0][:8], k=k, m=m, parity=0, index=0)
 
 
+def test_a_step_of_ranks_the_plan_does_not_code_here_is_not_taken():
+    """A keeper that adopted the new incarnation's plan may still be handed a step of ranks numbered
+    as before (its workers are registering): refused, the coder left free for the next step."""
+    p = ParityService(node="node0", host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
+    p.protect(
+        ErasureSetup(
+            token="02",
+            created=1.0,
+            secret="x",
+            nodes=("node0", "node1"),  # node0 leads: it codes whenever a step is due
+            ranks={"node0": (1,), "node1": (0,)},  # this node's rank was 0 in the incarnation before
+            replicas=(),
+            k=1,
+            m=1,
+            peers={},
+            world_size=2,
+            topology={},
+        )
+    )
+    assert not p.submit(2, {0: (None, np.zeros(8, np.uint8), {})}, lambda: None)
+    assert p.coding_step() == -1
+
+
 def test_a_new_plan_frees_a_leader_waiting_on_the_last_incarnations_parity(cluster):
     """A node dies after the leader sent its shares: that parity never completes. The survivors'
     next plan must be coded at once, not after the leader's wait for the dead one runs out."""
