@@ -133,6 +133,11 @@ class ParityService(PeerServing):
             for stale in [t for t in self.plans if t != plan.token and t not in earlier]:
                 self._forget(stale)
             self._changed.notify_all()  # a leader waiting on the last incarnation's parity codes this one's
+        # A step of the last incarnation may still be waiting on a node this one left out (a hung node
+        # answers nothing until the request's timeout): it fails now, and the coder takes this one's.
+        for node, client in list(self._clients.items()):
+            if node not in plan.nodes:
+                client.abort()
         return erasure_plan
 
     def pause(self, *, secret: str) -> None:
@@ -286,9 +291,21 @@ class ParityService(PeerServing):
                             PROTECT_WAIT_S,
                         )
                 self._coding = -1
-                announced = self._announced.get(token, -1) if not self._leads(token) else -1
-            if announced > step:  # announced while this step was being coded
+                announced = self._missed_announcement(token, step)
+            if announced >= 0:
                 self.on_announced(announced)
+
+    def _missed_announcement(self, token: str, step: int) -> int:
+        """The step this node's leader announced while `step` of incarnation `token` was being coded
+        here, -1 if none (under the lock). The running incarnation may be another by now (a recovery
+        adopted the next plan while a step of the last one was still being sent): its leader's
+        announcement is then as new as any step of it this node sent."""
+        current = self.current
+        if current is None or self._leads(current):
+            return -1
+        announced = self._announced.get(current, -1)
+        done = step if current == token else self._coded.get(current, -1)
+        return announced if announced > done else -1
 
     def _add_cpu(self, seconds: float) -> None:
         with self._lock:

@@ -165,6 +165,13 @@ class PeerClient:
         except OSError:
             pass
 
+    def abort(self) -> None:
+        """End a request another thread waits in (a hung peer may never answer it): it fails at once."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
 
 def advertised_host() -> str:
     """The address this node's keeper listens on for its peers: RESURGO_PEER_HOST when set, else the

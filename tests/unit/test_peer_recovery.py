@@ -474,6 +474,58 @@ def test_a_step_of_ranks_the_plan_does_not_code_here_is_not_taken():
     assert p.coding_step() == -1
 
 
+def two_plans() -> tuple[ErasureSetup, ErasureSetup]:
+    """Two incarnations' plans: three nodes, then the two left after node2's loss; node0 leads both."""
+    base = dict(secret="x", replicas=(), m=1, topology={})
+    old = ErasureSetup(
+        token="01",
+        created=1.0,
+        nodes=("node0", "node1", "node2"),
+        ranks={"node0": (0,), "node1": (1,), "node2": (2,)},
+        k=2,
+        peers={},
+        world_size=3,
+        **base,
+    )
+    new = ErasureSetup(
+        token="02",
+        created=2.0,
+        nodes=("node0", "node1"),
+        ranks={"node0": (0,), "node1": (1,)},
+        k=1,
+        peers={},
+        world_size=2,
+        **base,
+    )
+    return old, new
+
+
+def test_a_follower_codes_the_step_announced_while_it_sent_the_last_incarnations():
+    """A follower still sending a step of the last incarnation when the next one's leader announced
+    its first step codes that step next, though its number is no newer than the one it was sending."""
+    p = ParityService(node="node1", host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
+    old, new = two_plans()
+    p.protect(old)
+    p.protect(new)
+    p._announced[new.token] = 480  # the new leader's first step, announced while step 480 of the old one was sent
+    assert p._missed_announcement(old.token, 480) == 480
+    assert p._missed_announcement(new.token, 480) == -1  # that very step, just coded
+    assert p._missed_announcement(new.token, 479) == 480
+
+
+def test_a_new_plan_aborts_requests_to_the_nodes_it_left_out():
+    """A request to a hung node of the last incarnation would hold the coder until its timeout."""
+    from unittest import mock
+
+    p = ParityService(node="node0", host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
+    old, new = two_plans()
+    p.protect(old)
+    p._clients = {"node1": mock.Mock(), "node2": mock.Mock()}
+    p.protect(new)
+    p._clients["node2"].abort.assert_called_once()
+    p._clients["node1"].abort.assert_not_called()
+
+
 def test_a_new_plan_frees_a_leader_waiting_on_the_last_incarnations_parity(cluster):
     """A node dies after the leader sent its shares: that parity never completes. The survivors'
     next plan must be coded at once, not after the leader's wait for the dead one runs out."""
