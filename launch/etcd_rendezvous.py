@@ -40,6 +40,7 @@ import etcd
 from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousParameters, dynamic_rendezvous
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
 from torch.distributed.elastic.rendezvous.etcd_rendezvous_backend import EtcdRendezvousBackend, create_backend
+from torch.distributed.elastic.rendezvous.etcd_store import EtcdStore
 
 log = logging.getLogger(__name__)
 RETRY_S = 60.0
@@ -48,6 +49,7 @@ REFRESH_S = 0.125
 STILL_REFRESHES = 4  # a node silent for this many of this node's own refreshes (0.5 s) is dead
 KEY_TTL_S = 30
 POLL_S = 0.1  # how often a waiting node reads the rendezvous state (torch: once a second)
+WATCH_S = 0.5  # longest a wait for keys in the store watches before it reads them again
 LONG_AGO = datetime.min.replace(tzinfo=timezone.utc)
 
 
@@ -141,15 +143,53 @@ class RetryingEtcdBackend(EtcdRendezvousBackend):
         return (pickle.dumps(state), *result[1:])
 
     def _retried(self, call):
-        deadline = time.monotonic() + self.retry_s
+        return _retried(call, retry_s=self.retry_s, errors=(RendezvousConnectionError,))
+
+
+class PromptEtcdStore(EtcdStore):
+    """torch's store in etcd, through which the agents of a round learn rank 0's address, with two
+    holes closed. A wait for keys whose folder does not exist yet watches from "now", so keys written
+    between its read and its watch are missed and the wait lasts its whole timeout (a node's agent was
+    seen waiting 300 s for MASTER_ADDR, and the round's other ranks failed without it): here a watch
+    lasts at most WATCH_S before the keys are read again. And a request made while etcd elects a
+    leader fails: retried, as the rendezvous state's are."""
+
+    def __init__(self, client, prefix: str, retry_s: float) -> None:
+        super().__init__(client, prefix)
+        self.retry_s = retry_s
+
+    def set(self, key, value):
+        _retried(lambda: super(PromptEtcdStore, self).set(key, value), retry_s=self.retry_s, errors=_UNANSWERED)
+
+    def _try_wait_get(self, b64_keys, override_timeout=None):
+        timeout = self.timeout if override_timeout is None else override_timeout
+        deadline = time.monotonic() + timeout.total_seconds()
         while True:
+            watch = timedelta(seconds=max(min(WATCH_S, deadline - time.monotonic()), 0.001))
             try:
-                return call()
-            except RendezvousConnectionError as e:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("etcd did not answer (%s: %s): trying again", e, e.__cause__)
+                found = super()._try_wait_get(b64_keys, override_timeout=watch)
+            except _UNANSWERED as e:
+                log.warning("etcd did not answer (%s): trying again", e)
+                found = None
                 time.sleep(PAUSE_S)
+            if found is not None or time.monotonic() >= deadline:
+                return found
+
+
+_UNANSWERED = (etcd.EtcdConnectionFailed,)  # the store's requests fail with python-etcd's own errors
+
+
+def _retried(call, *, retry_s: float, errors: tuple[type[Exception], ...]):
+    """`call()`, tried again for up to `retry_s` while it fails with one of `errors` (etcd unanswering)."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            return call()
+        except errors as e:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("etcd did not answer (%s: %s): trying again", e, e.__cause__)
+            time.sleep(PAUSE_S)
 
 
 def create_rendezvous_handler(params: RendezvousParameters):
@@ -158,7 +198,9 @@ def create_rendezvous_handler(params: RendezvousParameters):
     backend, store = create_backend(params)
     if read_timeout is not None:
         backend._client._read_timeout = read_timeout
-    retrying = RetryingEtcdBackend(backend, float(params.get("retry_s", RETRY_S)))
+    retry_s = float(params.get("retry_s", RETRY_S))
+    store = PromptEtcdStore(backend._client, store.prefix, retry_s)
+    retrying = RetryingEtcdBackend(backend, retry_s)
     handler = create_handler(store, retrying, params)
     if last_call is not None:
         handler._settings.timeout._set_timeouts(last_call=timedelta(seconds=last_call))

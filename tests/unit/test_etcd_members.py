@@ -232,3 +232,36 @@ def test_the_rendezvous_waits_fractions_of_a_second_where_torch_takes_whole_ones
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+@pytest.mark.skipif(shutil.which("etcd") is None, reason=f"the etcd server is not installed: {etcd.INSTALL_HINT}")
+def test_a_key_written_between_the_stores_read_and_its_watch_is_found(tmp_path):
+    """torch's store watches a folder that did not exist from "now": a key written in between is
+    missed until the wait times out (300 s in an agent). Here it is found within a watch's length."""
+    import time
+    from datetime import timedelta
+
+    import etcd as etcd_client
+
+    member = etcd.Member("node0", "127.0.0.1", free_port(), free_port())
+    proc = etcd.spawn(member, [member], tmp_path / "etcd", "test", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        etcd.wait_healthy([member], timeout=60)
+        client = etcd_client.Client(host="127.0.0.1", port=member.client_port)
+        store = etcd_rendezvous.PromptEtcdStore(client, "/torch/elastic/store", retry_s=5.0)
+        store.set_timeout(timedelta(seconds=20))
+        watch, written = client.watch, []
+
+        def write_then_watch(*args, **kwargs):  # rank 0 publishes its address just before the watch starts
+            if not written:
+                written.append(True)
+                store.set("MASTER_ADDR", "10.0.0.1")
+            return watch(*args, **kwargs)
+
+        client.watch = write_then_watch
+        start = time.monotonic()
+        assert store.get("MASTER_ADDR") == b"10.0.0.1"
+        assert time.monotonic() - start < 10 * etcd_rendezvous.WATCH_S
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
