@@ -293,24 +293,28 @@ def test_replicas_need_no_parity(cluster):
     assert chosen.sources[1].kind == "held" and chosen.sources[1].via == 0
 
 
+def lone_service(node: str) -> ParityService:
+    """A node's parity service with no slots and no server: for what it decides, not what it sends."""
+    return ParityService(node=node, host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
+
+
+def plan_of(token: str, created: float, ranks: dict[str, tuple[int, ...]], *, k: int = 1) -> ErasureSetup:
+    """A plan over `ranks` (node -> its ranks; the first node leads), one parity, no peers to reach."""
+    world = sum(len(r) for r in ranks.values())
+    return ErasureSetup(
+        token=token, created=created, secret="x", nodes=tuple(ranks), ranks=ranks, replicas=(), k=k, m=1, peers={},
+        world_size=world, topology={},
+    )  # fmt: skip
+
+
 def test_a_failed_recovery_keeps_the_incarnation_it_read():
     """Plans of incarnations that never protected a step do not push out the one holding the state."""
-    p = ParityService(node="node0", host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
-    base = dict(
-        secret="x",
-        nodes=("node0", "node1"),
-        ranks={"node0": (0,), "node1": (1,)},
-        replicas=(),
-        k=1,
-        m=1,
-        peers={},
-        world_size=2,
-        topology={},
-    )
-    p.protect(ErasureSetup(token="01", created=1.0, **base))
+    p = lone_service("node0")
+    ranks = {"node0": (0,), "node1": (1,)}
+    p.protect(plan_of("01", 1.0, ranks))
     p.protected["01"] = 5
     for i, token in enumerate(["02", "03", "04"]):
-        p.protect(ErasureSetup(token=token, created=2.0 + i, **base))
+        p.protect(plan_of(token, 2.0 + i, ranks))
     assert set(p.plans) == {"01", "04"}
 
 
@@ -417,7 +421,7 @@ def test_spans_merge_and_subtract():
 
 
 def test_spares_of_an_earlier_layout_give_way_to_buffers_the_next_step_fits():
-    p = ParityService(node="node0", host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
+    p = lone_service("node0")
     p._spare = [np.zeros(5, dtype=np.uint8)]  # the size an earlier incarnation's segments had
     for step in (1, 2):
         p._parity[("t", step, 0, 0)] = ParityBuffer(np.zeros(20, dtype=np.uint8))
@@ -454,56 +458,23 @@ def test_a_parity_summed_piece_by_piece_in_any_order_equals_the_encoded_one(monk
 def test_a_step_of_ranks_the_plan_does_not_code_here_is_not_taken():
     """A keeper that adopted the new incarnation's plan may still be handed a step of ranks numbered
     as before (its workers are registering): refused, the coder left free for the next step."""
-    p = ParityService(node="node0", host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
-    p.protect(
-        ErasureSetup(
-            token="02",
-            created=1.0,
-            secret="x",
-            nodes=("node0", "node1"),  # node0 leads: it codes whenever a step is due
-            ranks={"node0": (1,), "node1": (0,)},  # this node's rank was 0 in the incarnation before
-            replicas=(),
-            k=1,
-            m=1,
-            peers={},
-            world_size=2,
-            topology={},
-        )
-    )
+    p = lone_service("node0")
+    # node0 leads (it codes whenever a step is due); its rank was 0 in the incarnation before
+    p.protect(plan_of("02", 1.0, {"node0": (1,), "node1": (0,)}))
     assert not p.submit(2, {0: (None, np.zeros(8, np.uint8), {})}, lambda: None)
     assert p.coding_step() == -1
 
 
 def two_plans() -> tuple[ErasureSetup, ErasureSetup]:
     """Two incarnations' plans: three nodes, then the two left after node2's loss; node0 leads both."""
-    base = dict(secret="x", replicas=(), m=1, topology={})
-    old = ErasureSetup(
-        token="01",
-        created=1.0,
-        nodes=("node0", "node1", "node2"),
-        ranks={"node0": (0,), "node1": (1,), "node2": (2,)},
-        k=2,
-        peers={},
-        world_size=3,
-        **base,
-    )
-    new = ErasureSetup(
-        token="02",
-        created=2.0,
-        nodes=("node0", "node1"),
-        ranks={"node0": (0,), "node1": (1,)},
-        k=1,
-        peers={},
-        world_size=2,
-        **base,
-    )
-    return old, new
+    old = plan_of("01", 1.0, {"node0": (0,), "node1": (1,), "node2": (2,)}, k=2)
+    return old, plan_of("02", 2.0, {"node0": (0,), "node1": (1,)})
 
 
 def test_a_follower_codes_the_step_announced_while_it_sent_the_last_incarnations():
     """A follower still sending a step of the last incarnation when the next one's leader announced
     its first step codes that step next, though its number is no newer than the one it was sending."""
-    p = ParityService(node="node1", host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
+    p = lone_service("node1")
     old, new = two_plans()
     p.protect(old)
     p.protect(new)
@@ -517,7 +488,7 @@ def test_a_new_plan_aborts_requests_to_the_nodes_it_left_out():
     """A request to a hung node of the last incarnation would hold the coder until its timeout."""
     from unittest import mock
 
-    p = ParityService(node="node0", host="127.0.0.1", slot_source=lambda r, s: None, on_protected=lambda: None)
+    p = lone_service("node0")
     old, new = two_plans()
     p.protect(old)
     p._clients = {"node1": mock.Mock(), "node2": mock.Mock()}
