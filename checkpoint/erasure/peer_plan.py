@@ -48,13 +48,34 @@ class Inventory:
 
     def __init__(self, data: Mapping[str, Any]) -> None:
         self.data = data
-        self.node = str(data["node"])
+        self.node = str(data.get("node", ""))
         self.address = str(data.get("address") or "")
-        self.ranks: dict[int, Mapping[str, Any]] = {int(r): v for r, v in data.get("ranks", {}).items()}
+        # A rank number is held twice when the running incarnation registered it anew with another
+        # layout: its entry, and the earlier incarnation's, superseded but kept for a recovery.
+        self.held: tuple[dict[int, Mapping[str, Any]], ...] = tuple(
+            {int(r): v for r, v in data.get(kind, {}).items()} for kind in ("ranks", "superseded")
+        )
 
-    def holds(self, rank: int, step: int, *, digest: str | None = None) -> bool:
-        held = self.ranks.get(rank)
-        return held is not None and step in held["steps"] and digest in (None, held["digest"])
+    @property
+    def ranks(self) -> set[int]:
+        return {r for kind in self.held for r in kind}
+
+    def steps(self) -> set[int]:
+        return {s for kind in self.held for entry in kind.values() for s in entry["steps"]}
+
+    def entry(
+        self, rank: int, step: int, *, digest: str | None = None, superseded: bool = True
+    ) -> Mapping[str, Any] | None:
+        """What this keeper reports of `rank`'s slot of `step` (of layout `digest`, when given; held
+        by the running incarnation only, unless `superseded`)."""
+        for kind in self.held if superseded else self.held[:1]:
+            held = kind.get(rank)
+            if held is not None and step in held["steps"] and digest in (None, held["digest"]):
+                return held
+        return None
+
+    def holds(self, rank: int, step: int, *, digest: str | None = None, superseded: bool = True) -> bool:
+        return self.entry(rank, step, digest=digest, superseded=superseded) is not None
 
     def parity(self, token: str, step: int) -> dict[tuple[int, int], tuple[int, ...]]:
         """(stripe, parity) -> data segment lengths, for the complete parity buffers held here."""
@@ -64,6 +85,15 @@ class Inventory:
     def metas(self, token: str, step: int) -> dict[str, dict[str, str]]:
         """node -> {rank: slot layout digest}, for the nodes whose meta of `step` is held here."""
         return dict(self.data.get("metas", {}).get(token, {}).get(str(step), {}))
+
+    def digests(self, token: str) -> dict[int, str]:
+        """rank -> slot layout digest in incarnation `token`, from the metas of any step held here
+        (a rank's layout is the same for every step of an incarnation)."""
+        found: dict[int, str] = {}
+        for by_node in self.data.get("metas", {}).get(token, {}).values():
+            for by_rank in by_node.values():
+                found.update({int(r): d for r, d in by_rank.items()})
+        return found
 
     def plans(self) -> list[ErasureSetup]:
         return [ErasureSetup.from_json(p) for p in self.data.get("plans", [])]
@@ -95,7 +125,7 @@ def absent(inventories: Sequence[Inventory], *, current: str) -> dict[str, str]:
 def _choose_step(plan: ErasureSetup, inventories: Sequence[Inventory]) -> tuple[MemoryPlan | None, str]:
     erasure = plan.erasure()
     alive = {inv.node: inv for inv in inventories}
-    steps = sorted({s for inv in inventories for r in inv.ranks.values() for s in r["steps"]}, reverse=True)
+    steps = sorted({s for inv in inventories for s in inv.steps()}, reverse=True)
     lost = tuple(n for n in plan.nodes if n not in alive)
     first_reason = ""
     for step in steps:
@@ -114,14 +144,18 @@ def _sources(
     plan: ErasureSetup, erasure: ErasurePlan, alive: Mapping[str, Inventory], step: int
 ) -> tuple[dict[int, Source], list[int]]:
     replica_of = {r: members for members in plan.replicas for r in members}
-    digests: dict[int, str] = {}  # what each rank's slot looked like when it was coded
+    # What each rank's slot looked like in that incarnation: a slot of another layout with the same
+    # rank number is another incarnation's.
+    digests: dict[int, str] = {}
     for inv in alive.values():
-        for by_rank in inv.metas(plan.token, step).values():
-            digests.update({int(r): d for r, d in by_rank.items()})
+        digests.update(inv.digests(plan.token))
     holders: dict[int, str] = {}
     for node, inv in alive.items():
         for rank in inv.ranks:
-            if rank < plan.world_size and inv.holds(rank, step, digest=digests.get(rank)):
+            # A superseded slot is of an incarnation before the running one: taken only for the layout
+            # that the plan's metas name, never for a plan that coded nothing.
+            digest = digests.get(rank)
+            if rank < plan.world_size and inv.holds(rank, step, digest=digest, superseded=digest is not None):
                 holders.setdefault(rank, node)
     sources: dict[int, Source] = {}
     missing: list[int] = []

@@ -129,7 +129,7 @@ class PeerReader:
             if (
                 source.kind == "held"
                 and self._handed(rank) is None
-                and "layout" not in self.inventories[source.node].ranks[source.via]
+                and "layout" not in self._entry(self.inventories[source.node], source.via)
             ):
                 by_node.setdefault(source.node, []).append(source.via)
         with self._lock:
@@ -138,9 +138,9 @@ class PeerReader:
                 if not vias:
                     continue
                 reply, _ = self._client(node).request("inventory", ranks=vias, step=self.chosen.step)
-                found = reply["inventory"].get("ranks", {})
+                found = Inventory(reply["inventory"])
                 for via in vias:
-                    entry = found.get(str(via))
+                    entry = found.entry(via, self.chosen.step)
                     if entry is None or str(self.chosen.step) not in entry.get("trees", {}):
                         raise CheckpointError(
                             f"the keeper on {node} no longer holds step {self.chosen.step} of rank {via}"
@@ -156,7 +156,7 @@ class PeerReader:
                 return self._descriptions[rank]
         found, source, step = self._handed(rank), self.chosen.sources[rank], str(self.chosen.step)
         if found is None and source.kind == "held":
-            entry = self.inventories[source.node].ranks[source.via]
+            entry = self._entry(self.inventories[source.node], source.via)
             if "layout" not in entry:
                 self.describe([rank])
                 entry = self._described[(source.node, source.via)]
@@ -170,6 +170,12 @@ class PeerReader:
             )
         with self._lock:
             return self._descriptions.setdefault(rank, found)
+
+    def _entry(self, inventory: Inventory, via: int) -> Mapping[str, Any]:
+        """What `inventory` reports of old rank `via`'s slot of the chosen step (the plan found it there)."""
+        entry = inventory.entry(via, self.chosen.step)
+        assert entry is not None, "a held source is in its holder's inventory"
+        return entry
 
     def _handed(self, rank: int) -> tuple[SlotLayout, Any, list[int] | None] | None:
         """Old rank `rank`'s layout and JSON state as this node's keeper handed them over with the

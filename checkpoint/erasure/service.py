@@ -157,6 +157,11 @@ class ParityService(PeerServing):
         with self._lock:
             return self.protected.get(self.current, -1) if self.current else -1
 
+    def protected_of(self, token: str) -> int:
+        """The newest step protected in incarnation `token`, -1 if none (or its plan is forgotten)."""
+        with self._lock:
+            return self.protected.get(token, -1)
+
     def coded_step(self) -> int:
         """The newest step of the running incarnation whose shares this node sent: it becomes the
         protected one as soon as the group's parity completes, so its slots must stay whole."""

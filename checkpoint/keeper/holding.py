@@ -55,6 +55,7 @@ class SlotHolding:
     watch: HangWatch
     ranks: dict[int, RankSlots]
     rebuilt: dict[int, RankSlots]
+    superseded: dict[int, RankSlots]  # earlier incarnations' snapshots kept for a recovery (`_supersede`)
     registered: dict[int, Conn]
 
     def _op_holdings(self, req: m.Holdings, conn: Conn) -> m.HoldingsReply:
@@ -93,10 +94,11 @@ class SlotHolding:
             self.launchers, self.pids, self.supervisors = set(), {}, {}
             self.watch.forget()
             for stale in [r for r in self.ranks if r >= req.world_size]:
-                free(self.ranks.pop(stale).slots)
+                self._supersede(self.ranks.pop(stale))
             # A new incarnation snapshots only after every rank resumed: nobody reads rebuilt ranks now.
             for lost in [r for r, h in self.rebuilt.items() if not any(s.pins for s in h.slots)]:
                 self._drop_rebuilt(lost)
+            self._release_superseded()
             self._drop_prefetched()
             self.reads.clear()
         self.local_world = req.local_world_size
@@ -118,18 +120,20 @@ class SlotHolding:
         self.target = StoreTarget.from_json(req.store) if req.store else None
         held = self.ranks.get(rank)
         if held is None or held.layout.digest != layout.digest:
-            if held is not None:
-                log.info("rank %d changed its snapshot layout: its held snapshots are dropped", rank)
-                free(held.slots)
-            self.ranks[rank] = held = RankSlots(rank, layout, token)
+            self.ranks[rank] = RankSlots(rank, layout, token)
             self._budget = self.host_memory_bytes or req.host_memory_bytes
             count = self._slot_count(layout, budget=self._budget)
-            held.slots = [Slot(i, self._segment(rank, i, layout.nbytes)) for i in range(count)]
+            self.ranks[rank].slots = [Slot(i, self._segment(rank, i, layout.nbytes)) for i in range(count)]
+            if held is not None:
+                self._supersede(held)
+            held = self.ranks[rank]
         elif held.token != token:
             # A new incarnation of the run: what it did not resume from belongs to another timeline.
             for slot in held.slots:
                 if slot.status == COMPLETE and slot.step > req.resumed_from and not slot.pins:
                     slot.reset()
+            earlier = self.parity.protected_of(held.token) if self.parity else -1
+            held.earlier = earlier if len(held.slots) > 2 else -1  # with two slots, keeping one would stall
         held.token = token
         conn.ranks.add(rank)
         self.registered[rank] = conn
@@ -150,6 +154,8 @@ class SlotHolding:
         protected, coded, coding = (p.protected_step(), p.coded_step(), p.coding_step()) if p else (-1, -1, -1)
         anchor = max(coding, coded) if max(coding, coded) > protected else -1
         keep = [anchor if anchor >= 0 else newest_common(self._current()), protected, coded]
+        if p and p.protected_of(held.token) < 0:
+            keep.append(held.earlier)
         while (slot := choose_slot(held, keep=keep, keep_newest=anchor < 0)) is None:
             if not required or time.monotonic() > deadline:
                 self.skipped += 1
@@ -217,26 +223,71 @@ class SlotHolding:
 
     # ---- helpers (called with the lock held) ------------------------------------------------
 
-    def _rank(self, rank: int, *, rebuilt: bool = False) -> RankSlots:
-        """A rank registered here (or, with `rebuilt`, a lost node's rank rebuilt here)."""
-        held = self._held(rank) if rebuilt else self.ranks.get(rank)
+    def _rank(self, rank: int) -> RankSlots:
+        """A rank registered here."""
+        held = self.ranks.get(rank)
         if held is None:
             raise KeeperError(f"rank {rank} is not registered with this keeper (it was restarted): register again")
         return held
 
-    def _held(self, rank: int) -> RankSlots | None:
-        """A rank's slots: its own registration here, else a rebuilt copy of a lost node's rank."""
-        return self.ranks.get(rank) or self.rebuilt.get(rank)
+    def _holdings(self) -> list[dict[int, RankSlots]]:
+        """Every rank's slots held here, by kind: registered, rebuilt for a lost node, superseded."""
+        return [self.ranks, self.rebuilt, self.superseded]
+
+    def _holding(self, rank: int, step: int) -> tuple[RankSlots, Slot] | None:
+        """Old rank `rank`'s complete snapshot of `step`, whichever kind holds it, None if none does.
+        A rank number may be held twice (superseded, and registered anew with another layout); the
+        step tells which: the running incarnation snapshots only steps after the one it resumed from."""
+        for kind in self._holdings():
+            held = kind.get(rank)
+            if held is not None and (slot := held.find(step)) is not None:
+                return held, slot
+        return None
 
     def _complete(self, rank: int, step: int) -> tuple[RankSlots, Slot]:
-        """A complete snapshot of a held rank (its own or, for a recovery, a rebuilt one)."""
-        held = self._rank(rank, rebuilt=True)
-        slot = held.find(step)
-        if slot is None:
-            raise KeeperError(
-                f"rank {held.rank} has no complete snapshot of step {step} (held: {held.complete_steps()})"
-            )
-        return held, slot
+        """A complete snapshot held here (of a registered rank or, for a recovery, any held one)."""
+        found = self._holding(rank, step)
+        if found is None:
+            held = [s for kind in self._holdings() if rank in kind for s in kind[rank].complete_steps()]
+            raise KeeperError(f"rank {rank} has no complete snapshot of step {step} (held: {sorted(held)})")
+        return found
+
+    def _supersede(self, held: RankSlots) -> None:
+        """An earlier incarnation's rank that the running one registered anew with another layout (or
+        left out): until the running one protects a step, a node lost meanwhile is rebuilt from the
+        step the earlier one protected, so that step's slot stays (if the memory budget has room for
+        it beside the new slots); the rest is freed."""
+        step = self.parity.protected_of(held.token) if self.parity else -1
+        slot = held.find(step) if step >= 0 else None
+        now = self.ranks.get(held.rank)
+        room = not self._budget or (
+            (now.nbytes if now and now is not held else 0) + (slot.segment.size if slot else 0)
+            <= self._budget // max(self.local_world or 1, 1)
+        )
+        if slot is None or not room:
+            log.info("rank %d changed its snapshot layout: its held snapshots are dropped", held.rank)
+            free(held.slots)
+            return
+        log.info(
+            "rank %d changed its snapshot layout: its snapshot of step %d, protected by the last incarnation, "
+            "is kept until this one protects a step",
+            held.rank,
+            step,
+        )
+        free([s for s in held.slots if s is not slot])
+        if (older := self.superseded.get(held.rank)) is not None:
+            free(older.slots)
+        self.superseded[held.rank] = RankSlots(held.rank, held.layout, held.token, slots=[slot])
+
+    def _release_superseded(self) -> None:
+        """Free the superseded snapshots once the running incarnation protected a step of its own, or
+        their incarnation's plan is forgotten (unless a restore still reads them)."""
+        if self.parity is None:
+            return
+        running = self.parity.protected_of(self.token) >= 0
+        for rank, held in list(self.superseded.items()):
+            if (running or self.parity.protected_of(held.token) < 0) and not any(s.pins for s in held.slots):
+                free(self.superseded.pop(rank).slots)
 
     def _current(self) -> list[RankSlots]:
         """The ranks registered by the running incarnation (older ones only serve restores)."""
@@ -344,12 +395,13 @@ class SlotHolding:
     def _slot_bytes(self, rank: int, step: int) -> Any:
         """A held rank's complete snapshot of `step` (for a peer's recovery), None if not held."""
         with self._cond:
-            held = self._held(rank)
-            slot = held.find(step) if held else None
-            return slot.segment.array()[: held.layout.nbytes] if slot is not None and held is not None else None
+            found = self._holding(rank, step)
+            return found[1].segment.array()[: found[0].layout.nbytes] if found is not None else None
 
-    def _notify(self) -> None:
+    def _protected(self) -> None:
+        """The parity service protected a step."""
         with self._cond:
+            self._release_superseded()
             self._cond.notify_all()
 
     def _persist_done(self, job: PersistJob, phase: str, error: str | None) -> None:

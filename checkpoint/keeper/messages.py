@@ -178,11 +178,13 @@ class ReachReply(Reply):
 @dataclasses.dataclass
 class InventoryReply(Reply):
     """What this node holds for a recovery. `ranks`: rank -> its complete steps, layout digest and
-    (unless compact) layout, JSON states and checksums; `reads`: what each new rank will read here;
-    the rest is the parity service's account (plans, complete parity, metas)."""
+    (unless compact) layout, JSON states and checksums; `superseded`: the same, of the earlier
+    incarnation's snapshots kept until the running one protects a step; `reads`: what each new rank
+    will read here; the rest is the parity service's account (plans, complete parity, metas)."""
 
     node: str = ""
     ranks: Json = dataclasses.field(default_factory=dict)
+    superseded: Json = dataclasses.field(default_factory=dict)
     rebuilt: Json = dataclasses.field(default_factory=dict)
     prefetched: Json = dataclasses.field(default_factory=dict)
     reads: Json = dataclasses.field(default_factory=dict)

@@ -50,13 +50,14 @@ class _Prefetched:
 
 class RestoreAhead:
     """The keeper's inventory, rebuilds and prefetches, mixed into `Keeper`: they share its lock
-    (`_cond`), its parity service, ranks and peer watch, and use its `_held`, `_name` and `_slot_bytes`."""
+    (`_cond`), its parity service, ranks and peer watch, and use its `_holding`, `_name` and `_slot_bytes`."""
 
     _cond: threading.Condition
     parity: ParityService | None
     watch: HangWatch
     node: str
     ranks: dict[int, RankSlots]
+    superseded: dict[int, RankSlots]
 
     def _init_ahead(self) -> None:
         self.rebuilt: dict[int, RankSlots] = {}  # lost nodes' ranks decoded here (rebuild.py), apart from ours
@@ -69,8 +70,7 @@ class RestoreAhead:
 
     def _prefetched(self, rank: int, step: int) -> _Prefetched | None:
         """The spans prefetched here of an old rank's step that this keeper does not hold whole."""
-        held = self._held(rank)
-        if held is not None and held.find(step) is not None:
+        if self._holding(rank, step) is not None:
             return None
         prefetched = self.prefetched.get(rank)
         return prefetched if prefetched is not None and prefetched.pieces and prefetched.step == step else None
@@ -101,15 +101,8 @@ class RestoreAhead:
         A restore agrees on a step from compact inventories, then asks only for the ranks it reads."""
         with self._cond:
             held = {**self.rebuilt, **self.ranks}  # a rank registered here is served from its own slots
-            held = {r: h for r, h in held.items() if ranks is None or r in ranks}
-            ranks_json = {str(r): {"steps": h.complete_steps(), "digest": h.layout.digest} for r, h in held.items()}
-            for r, h in held.items() if not compact else ():
-                steps = [s for s in h.slots if s.status == COMPLETE and step in (None, s.step)]
-                ranks_json[str(r)].update(
-                    layout=h.layout.to_json(),
-                    trees={str(s.step): s.tree for s in steps},
-                    sums={str(s.step): s.checksums for s in steps},
-                )
+            ranks_json = _describe(held, compact=compact, ranks=ranks, step=step)
+            superseded = _describe(self.superseded, compact=compact, ranks=ranks, step=step)
             rebuilt = {str(r): round(self._rebuild_s[r], 3) for r in self.rebuilt if r not in self.ranks}
             prefetched = (
                 {
@@ -122,6 +115,7 @@ class RestoreAhead:
             reads = {str(r): dict(v) for r, v in self.reads.items()}
         return {
             "ranks": ranks_json,
+            "superseded": superseded,
             "rebuilt": rebuilt,
             "prefetched": prefetched,
             "reads": reads,
@@ -148,7 +142,7 @@ class RestoreAhead:
     def _pinned(self, step: int) -> Iterator[None]:
         """This node's own slots of `step` kept from reuse while a background reader decodes from them."""
         with self._cond:
-            pinned = [s for h in self.ranks.values() if (s := h.find(step)) is not None]
+            pinned = [s for kind in (self.ranks, self.superseded) for h in kind.values() if (s := h.find(step))]
             for slot in pinned:
                 slot.pins += 1
         try:
@@ -275,6 +269,26 @@ class RestoreAhead:
             prefetched = self.prefetched[r]
             if force or not any(slot.pins for _, slot in prefetched.pieces):
                 free([slot for _, slot in self.prefetched.pop(r).pieces])
+
+
+def _describe(
+    held: dict[int, RankSlots], *, compact: bool, ranks: list[int] | None, step: int | None
+) -> dict[str, Any]:
+    """Held ranks (of `ranks`, when given) for an inventory: complete steps and layout digest; unless
+    `compact`, also the layout, and the JSON states and checksums of each step (of `step`, when given)."""
+    found = {}
+    for r, h in held.items():
+        if ranks is not None and r not in ranks:
+            continue
+        found[str(r)] = entry = {"steps": h.complete_steps(), "digest": h.layout.digest}
+        if not compact:
+            steps = [s for s in h.slots if s.status == COMPLETE and step in (None, s.step)]
+            entry.update(
+                layout=h.layout.to_json(),
+                trees={str(s.step): s.tree for s in steps},
+                sums={str(s.step): s.checksums for s in steps},
+            )
+    return found
 
 
 class _Allocation:

@@ -90,6 +90,7 @@ class Keeper(SlotHolding, RestoreAhead):
         self.supervisors: dict[int, int] = {}  # their warm-restart supervisors, where they have one
         self.watch = HangWatch()  # their progress and the peer keepers; its timeout comes with the registrations
         self.ranks: dict[int, RankSlots] = {}
+        self.superseded: dict[int, RankSlots] = {}
         # The connection that registered each rank last: a warm restart's successor may register before
         # its fenced predecessor's connection is seen closing, and what the successor began is its own.
         self.registered: dict[int, Conn] = {}
@@ -143,7 +144,7 @@ class Keeper(SlotHolding, RestoreAhead):
             node=self.node,
             host=advertised_host(),
             slot_source=self._slot_bytes,
-            on_protected=self._notify,
+            on_protected=self._protected,
             report=self._inventory,
             on_announced=self._announced,
         )
@@ -199,9 +200,10 @@ class Keeper(SlotHolding, RestoreAhead):
         if self.target is not None and any(h.rank == 0 for h in self._current()):
             shutil.rmtree(self.target.coord, ignore_errors=True)  # no persist of this keeper's runs is left
         with self._cond:
-            for held in self.ranks.values():
+            for held in [*self.ranks.values(), *self.superseded.values()]:
                 free(held.slots)
             self.ranks.clear()
+            self.superseded.clear()
             for lost in list(self.rebuilt):
                 self._drop_rebuilt(lost)
             self._drop_prefetched(force=True)
@@ -287,12 +289,12 @@ class Keeper(SlotHolding, RestoreAhead):
 
     def _worth_keeping(self) -> bool:
         """Whether anything here can serve a restart: a complete snapshot, a rebuilt rank, parity for peers."""
-        held = [*self.ranks.values(), *self.rebuilt.values()]
+        held = [h for kind in self._holdings() for h in kind.values()]
         return any(h.complete_steps() for h in held) or (self.parity is not None and self.parity.parity_bytes() > 0)
 
     def _held_bytes(self) -> int:
         parity = self.parity.parity_bytes() if self.parity else 0
-        return sum(h.nbytes for h in [*self.ranks.values(), *self.rebuilt.values()]) + parity
+        return sum(h.nbytes for kind in self._holdings() for h in kind.values()) + parity
 
     # ---- connections -----------------------------------------------------------------------
 

@@ -69,6 +69,9 @@ class RankSlots:
     layout: SlotLayout
     token: str  # the run incarnation that registered it last
     slots: list[Slot] = field(default_factory=list)
+    # The step the incarnation before `token` protected, when the layout carried over: its slot is not
+    # overwritten while `token` has protected none (a node lost meanwhile is rebuilt from that step).
+    earlier: int = -1
 
     @property
     def nbytes(self) -> int:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -76,11 +77,12 @@ class FakeWorker:
         token: str = "ab12",
         resumed_from: int = 0,
         world: int = 0,
+        tensors: Callable[[int], dict[str, np.ndarray]] = tensors_at,
         **register: object,
     ) -> None:
         world = world or local_world
         self.client = Client(socket_path(keeper.rid), timeout=60)
-        self.rank, self.layout = rank, layout_of(TENSORS, rank=rank)
+        self.rank, self.layout, self.tensors = rank, layout_of(tensors(0), rank=rank), tensors
         store = None
         if root is not None:
             store = {
@@ -109,7 +111,7 @@ class FakeWorker:
         reply = self.client.request("acquire", rank=self.rank, step=step, required=required)
         if reply["slot"] is None:
             return reply
-        data, tensors = self.segments[reply["slot"]].array(), tensors_at(step)
+        data, tensors = self.segments[reply["slot"]].array(), self.tensors(step)
         for entry in self.layout.entries:
             data[entry.offset : entry.offset + entry.nbytes] = np.frombuffer(tensors[entry.name].tobytes(), np.uint8)
         return self.client.request(
@@ -261,6 +263,72 @@ def test_a_new_incarnation_drops_what_it_did_not_resume_from(serve):
     assert restarted.client.request("holdings", rank=0)["steps"] == [1, 2]
 
 
+def halved_at(step: int) -> dict[str, np.ndarray]:
+    """The fake rank's state under another topology: half the rows, so another slot layout."""
+    return {**tensors_at(step), "model/w": tensors_at(step)["model/w"][:2]}
+
+
+def read_held(client: Client, rank: int, step: int) -> tuple[SlotLayout, dict[str, np.ndarray]]:
+    """Rank `rank`'s snapshot of `step` as a recovery reads it from the keeper: layout and tensors."""
+    reply = client.request("read", rank=rank, step=step)
+    layout, segment = SlotLayout.from_json(reply["layout"]), shm.Segment.attach(reply["segment"])
+    data = segment.array()
+    found = {e.name: data[e.offset : e.offset + e.nbytes].copy() for e in layout.entries}
+    del data
+    segment.close()
+    client.request("unpin", rank=rank, step=step)
+    return layout, found
+
+
+@pytest.mark.parametrize("protected", [True, False])
+def test_a_new_layout_keeps_the_last_incarnations_protected_step_until_it_protects_one(serve, protected):
+    """The job re-formed with another layout (it grew back): a node lost before the new incarnation
+    protects a step is rebuilt from the step the last one protected, so that step's slot stays,
+    served and reported as superseded, until the new incarnation's parity completes."""
+    keeper = serve()
+    first = FakeWorker(keeper)
+    for step in (1, 2, 3):
+        first.snapshot(step)
+    if protected:
+        keeper.parity.protected["ab12"] = 2
+    regrown = FakeWorker(keeper, token="cd34", resumed_from=3, tensors=halved_at)
+    assert regrown.client.request("holdings", rank=0)["steps"] == []
+    report = regrown.client.request("inventory", compact=False)
+    assert report["ranks"]["0"]["digest"] == regrown.layout.digest
+    if not protected:
+        assert report["superseded"] == {}
+        return
+    assert report["superseded"]["0"]["steps"] == [2] and report["superseded"]["0"]["digest"] == first.layout.digest
+    assert report["superseded"]["0"]["trees"] == {"2": {"train": {"step": 2}}}
+    layout, found = read_held(regrown.client, 0, 2)
+    assert layout.digest == first.layout.digest
+    for name, expected in tensors_at(2).items():
+        assert found[name].tobytes() == expected.tobytes(), name
+    regrown.snapshot(4)
+    keeper.parity.protected["cd34"] = 4
+    keeper._protected()  # the parity service's call once a step is protected
+    assert regrown.client.request("inventory", compact=True)["superseded"] == {}
+    with pytest.raises(KeeperError, match="no complete snapshot of step 2"):
+        regrown.client.request("read", rank=0, step=2)
+
+
+def test_a_new_incarnation_with_the_same_layout_keeps_the_last_ones_protected_step(serve):
+    """The same holds when the layout carried over (a restart on the same topology): its new
+    snapshots take the other slots until it protects a step of its own."""
+    keeper = serve()
+    first = FakeWorker(keeper)
+    for step in (1, 2, 3):
+        first.snapshot(step)
+    keeper.parity.protected["ab12"] = 1
+    again = FakeWorker(keeper, token="cd34", resumed_from=3)
+    for step in (4, 5, 6):
+        again.snapshot(step)
+    assert again.client.request("holdings", rank=0)["steps"] == [1, 5, 6]
+    keeper.parity.protected["cd34"] = 5
+    again.snapshot(7)
+    assert again.client.request("holdings", rank=0)["steps"] == [5, 6, 7]
+
+
 def test_a_step_already_held_is_not_copied_again(serve):
     keeper = serve()
     worker = FakeWorker(keeper)
@@ -345,6 +413,9 @@ class DeviceSitePlan:
         return -1
 
     coded_step = coding_step = protected_step
+
+    def protected_of(self, token: str) -> int:
+        return -1
 
     def parity_bytes(self) -> int:
         return 0

@@ -86,6 +86,7 @@ class Cluster:
         self.world = nodes * per_node
         self.ranks = {n: tuple(range(i * per_node, (i + 1) * per_node)) for i, n in enumerate(self.names)}
         self.slots: dict[str, dict[tuple[int, int], tuple[SlotLayout, np.ndarray]]] = {n: {} for n in self.names}
+        self.superseded: dict[str, dict[tuple[int, int], tuple[SlotLayout, np.ndarray]]] = {n: {} for n in self.names}
         self.protectors = {
             n: ParityService(
                 node=n,
@@ -117,7 +118,17 @@ class Cluster:
         self.alive = set(self.names)
 
     def _source(self, node):
-        return lambda rank, step: self.slots[node].get((rank, step), (None, None))[1]
+        def held(rank: int, step: int) -> np.ndarray | None:
+            found = self.slots[node].get((rank, step)) or self.superseded[node].get((rank, step))
+            return None if found is None else found[1]
+
+        return held
+
+    def reregister(self, node: str, *, world: int, step: int) -> None:
+        """`node`'s ranks registered anew by an incarnation of `world` ranks (another layout), which
+        took a snapshot of `step`: its keeper keeps the slots of the last one as superseded."""
+        self.superseded[node] = self.slots[node]
+        self.slots[node] = {(r, step): rank_slot(r, world, step) for r in self.ranks[node]}
 
     def snapshot(self, step: int, *, nodes=None, wait: bool = True, shares_token: str | None = None) -> None:
         """Every node (of `nodes`) codes `step`; with a device-site plan its workers scale the shares,
@@ -150,18 +161,26 @@ class Cluster:
             self.alive.discard(node)
 
     def report(self, node: str, *, compact: bool = False, ranks=None, step=None) -> dict:
-        """`node`'s inventory as its keeper reports it (keeper.py `_inventory`)."""
-        held = {}
-        for (r, at), (layout, slot) in self.slots[node].items():
-            if ranks is None or r in ranks:
-                entry = held.setdefault(str(r), {"steps": [], "digest": layout.digest})
-                entry["steps"].append(at)
-                if not compact:
-                    entry["layout"] = layout.to_json()
-                    if step in (None, at):
-                        entry.setdefault("trees", {})[str(at)] = {"train": {"step": at, "rank": r}}
-                        entry.setdefault("sums", {})[str(at)] = checksum.checksums(slot, layout)
-        return {"ranks": held, **self.protectors[node].inventory()}
+        """`node`'s inventory as its keeper reports it (restore_ahead.py `_inventory`)."""
+
+        def describe(slots) -> dict:
+            held = {}
+            for (r, at), (layout, slot) in slots.items():
+                if ranks is None or r in ranks:
+                    entry = held.setdefault(str(r), {"steps": [], "digest": layout.digest})
+                    entry["steps"].append(at)
+                    if not compact:
+                        entry["layout"] = layout.to_json()
+                        if step in (None, at):
+                            entry.setdefault("trees", {})[str(at)] = {"train": {"step": at, "rank": r}}
+                            entry.setdefault("sums", {})[str(at)] = checksum.checksums(slot, layout)
+            return held
+
+        return {
+            "ranks": describe(self.slots[node]),
+            "superseded": describe(self.superseded[node]),
+            **self.protectors[node].inventory(),
+        }
 
     def inventories(self, *, compact: bool = False) -> dict[str, Inventory]:
         return {node: Inventory(self.report(node, compact=compact)) for node in sorted(self.alive)}
@@ -282,6 +301,27 @@ def test_a_node_lost_during_the_exchange_falls_back_to_the_newest_protected_step
     time.sleep(0.3)
     c.lose("node2")
     assert_restores(c, step=1, new_world=2)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_a_node_lost_before_a_regrown_job_protects_a_step_comes_back_from_the_last_ones(cluster, compact):
+    """The job grew back to more nodes (every rank's layout changed) and lost a node before that
+    incarnation protected a step: the survivors' superseded slots of the last one, whose layouts its
+    metas name, and its parity rebuild the step it protected. A plan that coded nothing never takes
+    a superseded slot for its own, although the rank numbers match."""
+    c = cluster(nodes=2, per_node=2, k=1, m=1)
+    c.snapshot(1)
+    grown = plan_of("gggg", 2.0, {"node0": (0, 1), "node1": (2, 3), "node2": (4, 5)})
+    for node in c.names:
+        c.reregister(node, world=6, step=2)
+        c.protectors[node].protect(replace(grown, peers=c.plan.peers))  # it codes nothing before the loss
+    c.lose("node1")
+    assert_restores(c, step=1, new_world=2, on="node0", compact=compact)
+    chosen, _ = choose(list(c.inventories().values()), current="cccc")
+    assert chosen.plan.token == c.plan.token
+    assert [chosen.sources[r].kind for r in range(4)] == ["held", "held", "decoded", "decoded"]
+    node0 = c.inventories()["node0"]
+    assert not node0.holds(0, 1, superseded=False) and node0.holds(0, 1, digest=rank_slot(0, 4, 1)[0].digest)
 
 
 def test_replicas_need_no_parity(cluster):
