@@ -141,32 +141,46 @@ def test_more_lost_than_parity_without_a_disk_checkpoint_stops(tmp_path):
     assert log.count("a restart cannot change this failure") == 1, log[-3000:]  # the first verdict ends the job
 
 
-GROW_STEPS = 150  # long enough for the replacement node to join before the run ends
+GROW_STEPS = 300  # long enough for the replacement node to join, and a loss after it, before the run ends
+
+
+def wait_until(cluster: LocalCluster, condition, *, node: int = 0, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, cluster.output(node)[-4000:]
+        time.sleep(0.1)
 
 
 @pytest.mark.skipif(shutil.which("etcd") is None, reason=f"the etcd server is not installed: {etcd.INSTALL_HINT}")
-def test_a_replacement_node_grows_the_job_back(tmp_path):
-    """Lose one of 3 nodes, recover onto 2 from memory, then a new node joins: every step's loss,
-    on 3, 2 and 3 nodes again, follows one process training the same steps (the learning-rate
-    schedule depends on train.steps, so the reference runs GROW_STEPS too). Under etcd, with torch's
-    heartbeats set to expire after 2 s: a node that had just joined a round used to drop itself from it,
-    and the replacement, finding no participant left, started a round of its own and was never admitted."""
+def test_a_replacement_node_grows_the_job_back_and_a_loss_before_it_protects_a_step_goes_back(tmp_path):
+    """Lose one of 3 nodes, recover onto 2 from memory, then a new node joins; one of the 2 is lost as
+    soon as the grown job took its first snapshot, long before it protected one (its parity traffic is
+    capped): the last incarnation's protected step, kept by the survivor's keeper in its old layout,
+    and that incarnation's parity rebuild it. Every step's loss, on 3, 2, 3 and 2 nodes, follows one
+    process training the same steps (the learning-rate schedule depends on train.steps, so the
+    reference runs GROW_STEPS too). Under etcd, with torch's heartbeats set to expire after 2 s: a
+    node that had just joined a round used to drop itself from it, and the replacement, finding no
+    participant left, started a round of its own and was never admitted."""
     reference = reference_run(tmp_path / "reference", GROW_STEPS)
     quick = {**RDZV_CONF, "keep_alive_max_attempt": 2, "last_call_timeout": 1}
-    with cluster_of(
-        tmp_path, nodes=3, per_node=1, min_nodes=2, extra=[f"train.steps={GROW_STEPS}"], rdzv="etcd", rdzv_conf=quick
-    ) as cluster:
+    extra = [f"train.steps={GROW_STEPS}", "fault.erasure.max_mb_s=0.4"]
+    with cluster_of(tmp_path, nodes=3, per_node=1, min_nodes=2, extra=extra, rdzv="etcd", rdzv_conf=quick) as cluster:
         kill_at(cluster, 6, 2)
-        deadline = time.monotonic() + 180
-        while len(resumes(cluster)) < 2:  # the fresh start, then the recovery onto 2 nodes
-            assert time.monotonic() < deadline, cluster.output(0)[-4000:]
-            time.sleep(0.2)
+        wait_until(cluster, lambda: len(resumes(cluster)) == 2)  # the fresh start, then the recovery onto 2 nodes
+        shrunk = resumes(cluster)[1][1]
+        wait_until(cluster, lambda: any(r["protected_step"] > shrunk for r in read_metrics(cluster.run_dir)))
         cluster.add_node()
-        assert cluster.wait(timeout=300) == [0, 0, -9, 0], cluster.output(0)[-4000:]
-        log = cluster.output(0)
-    recovered = [r[0] for r in resumes(cluster)][1:]
-    assert recovered[:2] == ["peer keepers' memory", "peer keepers' memory"], log[-3000:]
-    assert "world 2 -> 3" in log
+        wait_until(cluster, lambda: len(resumes(cluster)) == 3)  # grown back to 3
+        grown = resumes(cluster)[2][1]
+        wait_until(cluster, lambda: logged_steps(cluster.run_dir) > grown + 1)  # its first snapshots are in
+        cluster.kill_node(0)
+        assert cluster.wait(timeout=300) == [-9, 0, -9, 0], cluster.output(1)[-4000:]
+        before, log = cluster.output(0), cluster.output(1)
+    assert "world 2 -> 3" in before
+    assert [r[0] for r in resumes(cluster)][1:] == ["peer keepers' memory"] * 2, before[-3000:]
+    assert "its snapshot of step" in log and "is kept until this one protects a step" in log, log[-3000:]
+    source, step = resumes(cluster, 1)[-1]
+    assert source == "peer keepers' memory" and shrunk < step <= grown, (resumes(cluster, 1), shrunk, grown)
     assert_matches(latest_losses(cluster.run_dir), reference, steps=GROW_STEPS)
 
 
