@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from run_logs import failures_seen, records, resumes, stamped
+from run_logs import records, restarts_seen, resumes, stamped
 
 from resurgo.checkpoint.keeper.protocol import run_id, segment_prefix
 from resurgo.checkpoint.keeper.shm import list_segments
@@ -262,8 +262,8 @@ def leftovers(cluster: LocalCluster) -> list[str]:
 
 
 def timeline(failures: list[Failure], metrics: list[dict], text: str) -> None:
-    # a supervisor's warm restart, a keeper ending hung ranks, or torchrun seeing a worker fail
-    restarted_by_torchrun = failures_seen(text)
+    # a supervisor's warm restart, a keeper ending hung ranks, or torchrun restarting the workers
+    restarted_by_torchrun = restarts_seen(text)
     seen = r"warm restart \d+|ending this node's ranks"
     detected = sorted(stamped(text, seen) + restarted_by_torchrun)
     # a supervisor that fenced its worker (and forks the next at once), or gave it up to torchrun

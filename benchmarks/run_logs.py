@@ -13,6 +13,7 @@ from pathlib import Path
 PY_STAMP = r"^\[?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]?"
 # "E1206 10:49:46.108000 32382 .../api.py:1002] failed (exitcode: -9) ..."
 GLOG_FAIL = re.compile(r"^E(\d\d)(\d\d) (\d\d:\d\d:\d\d\.\d+) .*failed \(exitcode", re.M)
+GLOG_STOP = re.compile(r"^W(\d\d)(\d\d) (\d\d:\d\d:\d\d\.\d+) .*Sending process \d+ closing signal SIGTERM", re.M)
 RESUME = re.compile(r"^\[(?P<t>[^\]]+)\]\[[^\]]+\]\[INFO\] - resume: (?P<what>.*) in (?P<s>[\d.]+) s$", re.M)
 
 
@@ -42,9 +43,10 @@ def stamped(text: str, pattern: str) -> list[float]:
     return sorted(py_time(m[1]) for m in re.finditer(PY_STAMP + r"[^\n]*?(?:" + pattern + ")", text, re.M))
 
 
-def failures_seen(text: str) -> list[float]:
-    """When torchrun saw a worker fail."""
-    return sorted(glog_time(m) for m in GLOG_FAIL.finditer(text))
+def restarts_seen(text: str) -> list[float]:
+    """When torchrun saw a worker fail, or stopped its workers for a new rendezvous round (the
+    survivors of a lost node can learn of it from the rendezvous before any collective fails)."""
+    return sorted(glog_time(m) for pattern in (GLOG_FAIL, GLOG_STOP) for m in pattern.finditer(text))
 
 
 def resumes(text: str) -> list[float]:

@@ -257,7 +257,7 @@ class SlotHolding:
         left out): until the running one protects a step, a node lost meanwhile is rebuilt from the
         step the earlier one protected, so that step's slot stays (if the memory budget has room for
         it beside the new slots); the rest is freed."""
-        step = self.parity.protected_of(held.token) if self.parity else -1
+        step = self.parity.protected_of(held.token) if self.parity and held.token != self.token else -1
         slot = held.find(step) if step >= 0 else None
         now = self.ranks.get(held.rank)
         room = not self._budget or (
