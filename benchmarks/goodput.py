@@ -202,6 +202,7 @@ def soak(
         deadline = time.monotonic() + DEADLINE_S + args.steps * 5
         pending = sorted(plan)
         frozen: list[Failure] = []  # stopped nodes, until the others train again
+        deferred: set[int] = set()  # scheduled steps whose failure waits for a node it may hit
         # Replacements start one after another beside the soak: a node's start takes seconds, in
         # which the schedule goes on.
         replacing, started = ThreadPoolExecutor(max_workers=1), []
@@ -219,12 +220,16 @@ def soak(
                 cluster.kill_node(failure.node)  # a hung machine is powered off before its replacement starts
                 replace(failure)
             if pending and logged >= pending[0]:
-                step = pending.pop(0)
+                step = pending[0]
                 kind = plan[step]
                 hit = inject(cluster, kind, counts[kind], lost)
-                if hit is None:
-                    print(f"  step {logged}: no {kind}: every node it may hit is still joining", flush=True)
+                if hit is None:  # it waits for the first node it may hit: every scheduled failure happens
+                    if step not in deferred:
+                        deferred.add(step)
+                        print(f"  step {logged}: {kind} deferred: every node it may hit is still joining", flush=True)
+                    time.sleep(0.1)  # looking for a victim reads /proc
                     continue
+                pending.pop(0)
                 victim, killed = hit
                 counts[kind] += 1
                 injected.append(Failure(kind, victim, logged, killed))
