@@ -120,12 +120,12 @@ class SlotHolding:
         self.target = StoreTarget.from_json(req.store) if req.store else None
         held = self.ranks.get(rank)
         if held is None or held.layout.digest != layout.digest:
-            self.ranks[rank] = RankSlots(rank, layout, token)
             self._budget = self.host_memory_bytes or req.host_memory_bytes
             count = self._slot_count(layout, budget=self._budget)
-            self.ranks[rank].slots = [Slot(i, self._segment(rank, i, layout.nbytes)) for i in range(count)]
-            if held is not None:
-                self._supersede(held)
+            slots = [Slot(i, self._segment(rank, i, layout.nbytes)) for i in range(count)]
+            old, self.ranks[rank] = held, RankSlots(rank, layout, token, slots=slots)
+            if old is not None:
+                self._supersede(old)  # after the new slots: what it keeps must fit beside them
             held = self.ranks[rank]
         elif held.token != token:
             # A new incarnation of the run: what it did not resume from belongs to another timeline.
@@ -260,18 +260,19 @@ class SlotHolding:
         step = self.parity.protected_of(held.token) if self.parity and held.token != self.token else -1
         slot = held.find(step) if step >= 0 else None
         now = self.ranks.get(held.rank)
-        room = not self._budget or (
-            (now.nbytes if now and now is not held else 0) + (slot.segment.size if slot else 0)
-            <= self._budget // max(self.local_world or 1, 1)
+        room = not self._budget or (now.nbytes if now else 0) + (slot.segment.size if slot else 0) <= (
+            self._budget // max(self.local_world or 1, 1)
         )
+        why = "registered anew with another layout" if now else "not in the new world"
         if slot is None or not room:
-            log.info("rank %d changed its snapshot layout: its held snapshots are dropped", held.rank)
+            log.info("rank %d is %s: its held snapshots are dropped", held.rank, why)
             free(held.slots)
             return
         log.info(
-            "rank %d changed its snapshot layout: its snapshot of step %d, protected by the last incarnation, "
-            "is kept until this one protects a step",
+            "rank %d is %s: its snapshot of step %d, protected by the last incarnation, is kept until this one "
+            "protects a step",
             held.rank,
+            why,
             step,
         )
         free([s for s in held.slots if s is not slot])
