@@ -140,9 +140,9 @@ class RestoreAhead:
 
     @contextmanager
     def _pinned(self, step: int) -> Iterator[None]:
-        """This node's own slots of `step` kept from reuse while a background reader decodes from them."""
+        """This node's slots of `step`, of every kind held, kept from reuse or release while a background reader decodes from them."""
         with self._cond:
-            pinned = [s for kind in (self.ranks, self.superseded) for h in kind.values() if (s := h.find(step))]
+            pinned = [s for kind in self._holdings() for h in kind.values() if (s := h.find(step)) is not None]
             for slot in pinned:
                 slot.pins += 1
         try:

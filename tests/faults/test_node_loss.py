@@ -36,11 +36,16 @@ def reference(tmp_path_factory) -> dict[int, float]:
     return reference_run(tmp_path_factory.mktemp("reference"))
 
 
-def wait_for_step(cluster: LocalCluster, step: int, *, timeout: float = 180) -> None:
+def wait_until(cluster: LocalCluster, condition, *, node: int = 0, timeout: float = 180, every: float = 0.1) -> None:
+    """Poll `condition` until it holds; past `timeout`, fail with node `node`'s output."""
     deadline = time.monotonic() + timeout
-    while logged_steps(cluster.run_dir) < step:
-        assert time.monotonic() < deadline, cluster.output(0)[-4000:]
-        time.sleep(0.1)
+    while not condition():
+        assert time.monotonic() < deadline, cluster.output(node)[-4000:]
+        time.sleep(every)
+
+
+def wait_for_step(cluster: LocalCluster, step: int, *, timeout: float = 180) -> None:
+    wait_until(cluster, lambda: logged_steps(cluster.run_dir) >= step, timeout=timeout)
 
 
 def latest_losses(run_dir: Path) -> dict[int, float]:
@@ -77,10 +82,7 @@ def kill_at(cluster: LocalCluster, step: int, *nodes: int) -> None:
     """Kill `nodes` once training reached `step` and some step is protected: on a loaded machine the
     keepers' coding (idle priority) can lag that far behind the first steps."""
     wait_for_step(cluster, step)
-    deadline = time.monotonic() + 180
-    while not any(r["protected_step"] >= 0 for r in read_metrics(cluster.run_dir)):
-        assert time.monotonic() < deadline, cluster.output(0)[-4000:]
-        time.sleep(0.1)
+    wait_until(cluster, lambda: any(r["protected_step"] >= 0 for r in read_metrics(cluster.run_dir)))
     for index in nodes:
         cluster.kill_node(index)
 
@@ -144,13 +146,6 @@ def test_more_lost_than_parity_without_a_disk_checkpoint_stops(tmp_path):
 GROW_STEPS = 300  # long enough for the replacement node to join, and a loss after it, before the run ends
 
 
-def wait_until(cluster: LocalCluster, condition, *, node: int = 0, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, cluster.output(node)[-4000:]
-        time.sleep(0.1)
-
-
 @pytest.mark.skipif(shutil.which("etcd") is None, reason=f"the etcd server is not installed: {etcd.INSTALL_HINT}")
 def test_a_replacement_node_grows_the_job_back_and_a_loss_before_it_protects_a_step_goes_back(tmp_path):
     """Lose one of 3 nodes, recover onto 2 from memory, then a new node joins; one of the 2 is lost as
@@ -188,10 +183,8 @@ def test_a_second_failure_during_recovery_starts_it_over(tmp_path, reference):
     """4 nodes, m=2: one node dies, and a second one as soon as the survivors begin to recover."""
     with cluster_of(tmp_path, nodes=4, per_node=1, min_nodes=2, extra=["fault.erasure.parity=2"]) as cluster:
         kill_at(cluster, 8, 3)
-        deadline = time.monotonic() + 180
-        while "erasure plan, 3 nodes" not in cluster.output(0):  # the restarted workers are recovering
-            assert time.monotonic() < deadline, cluster.output(0)[-4000:]
-            time.sleep(0.05)
+        # the restarted workers are recovering
+        wait_until(cluster, lambda: "erasure plan, 3 nodes" in cluster.output(0), every=0.05)
         cluster.kill_node(2)
         assert cluster.wait(timeout=300)[:2] == [0, 0], cluster.output(0)[-4000:]
     recovered = [r[0] for r in resumes(cluster) if r[0] != "fresh start"]
